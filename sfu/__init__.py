@@ -1,0 +1,1 @@
+"""Rallypoint sfu package."""

@@ -1,0 +1,1 @@
+"""Rallypoint signaling server: WebSocket protocol, rooms, presence and durable chat."""

@@ -1,0 +1,231 @@
+"""The ``rallypoint`` command: ``serve``, ``token`` and ``turn``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import ssl
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+
+from .config import Config, ConfigError, load_config
+from .ice import IceServers
+from .tokens import DEFAULT_GRANTS, GRANTS, create_token
+
+log = logging.getLogger("rallypoint")
+
+
+def _config(args: argparse.Namespace, overrides: dict[str, object]) -> Config:
+    path = args.config or os.environ.get("RALLYPOINT_CONFIG") or None
+    return load_config(path, overrides=overrides)
+
+
+def turn_secret(cfg: Config) -> str:
+    """The TURN shared secret: configured, or generated once and kept in the data directory."""
+    if cfg.turn.secret:
+        return cfg.turn.secret
+    path = Path(cfg.server.data_dir) / "turn_secret"
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    return secret
+
+
+def build_app(cfg: Config) -> web.Application:
+    """The full server: signaling, chat store and (unless disabled) the embedded TURN server."""
+    from .server import make_app
+
+    secret = turn_secret(cfg) if cfg.turn.enabled else None
+    extra = []
+    if cfg.turn.enabled and secret:
+
+        async def turn_ctx(app: web.Application) -> AsyncIterator[None]:
+            from turn.server import TurnServer
+            from turn.settings import TurnSettings
+
+            t = cfg.turn
+            server = TurnServer(
+                TurnSettings(
+                    listen_host=t.listen_host,
+                    listen_port=t.port,
+                    secret=secret,
+                    realm=t.realm,
+                    allow_peers=tuple(t.allow_peers),
+                    relay_port_min=t.relay_port_min,
+                    relay_port_max=t.relay_port_max,
+                    external_address=t.external_address,
+                    tcp=t.tcp,
+                    max_allocations=t.max_allocations,
+                    max_allocations_per_user=t.max_allocations_per_user,
+                    tls_cert=cfg.server.tls_cert,
+                    tls_key=cfg.server.tls_key,
+                )
+            )
+            await server.start()
+            log.info(
+                "TURN server on %s:%d (udp%s)", t.listen_host, t.port, ", tcp" if t.tcp else ""
+            )
+            yield
+            await server.close()
+
+        extra.append(turn_ctx)
+    return make_app(cfg, ice=IceServers(cfg, secret), extra_cleanup=extra)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    cfg = _config(
+        args,
+        {
+            "server.host": args.host,
+            "server.port": args.port,
+            "server.data_dir": args.data_dir,
+            "server.tls_cert": args.tls_cert,
+            "server.tls_key": args.tls_key,
+        },
+    )
+    logging.basicConfig(
+        level=cfg.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if cfg.open_mode:
+        log.warning(
+            "OPEN MODE: no API key and secret are configured, so anyone may join any "
+            "room with a display name and no token. Set auth.api_key and "
+            "auth.api_secret to require tokens."
+        )
+    else:
+        log.info("token mode: clients need a token signed with API key %r", cfg.auth.api_key)
+    ssl_ctx = None
+    if cfg.server.tls_cert:
+        ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_ctx.load_cert_chain(cfg.server.tls_cert, cfg.server.tls_key)
+    loop: asyncio.AbstractEventLoop
+    try:
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover - non-Linux
+        loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    app = build_app(cfg)
+    scheme = "https" if ssl_ctx else "http"
+    log.info(
+        "rallypoint listening on %s://%s:%d (data in %s)",
+        scheme,
+        cfg.server.host,
+        cfg.server.port,
+        cfg.server.data_dir,
+    )
+    web.run_app(
+        app,
+        host=cfg.server.host,
+        port=cfg.server.port,
+        ssl_context=ssl_ctx,
+        print=None,
+        shutdown_timeout=5.0,
+        loop=loop,
+        access_log=None,
+    )
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    cfg = _config(args, {})
+    key = args.api_key or cfg.auth.api_key
+    secret = args.api_secret or cfg.auth.api_secret
+    if not key or not secret:
+        print(
+            "rallypoint token: no API key and secret; set auth.api_key/auth.api_secret in the "
+            "config (or RALLYPOINT_AUTH_API_KEY/RALLYPOINT_AUTH_API_SECRET, or --api-key/"
+            "--api-secret)",
+            file=sys.stderr,
+        )
+        return 2
+    grants: list[str] = []
+    for g in args.grant or []:
+        grants.extend(x.strip() for x in g.split(",") if x.strip())
+    grants = grants or list(DEFAULT_GRANTS)
+    ttl = args.ttl if args.ttl is not None else cfg.auth.token_ttl_s
+    try:
+        token = create_token(
+            key,
+            secret,
+            args.identity,
+            rooms={r: grants for r in args.room},
+            name=args.name,
+            ttl_s=ttl,
+            dm=not args.no_dm,
+        )
+    except ValueError as e:
+        print(f"rallypoint token: {e}", file=sys.stderr)
+        return 2
+    print(token)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rallypoint", description="Rallypoint calls and chat server")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the server")
+    s.add_argument("--host", help="listen address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="listen port (default 8080)")
+    s.add_argument("--config", help="TOML config file (default $RALLYPOINT_CONFIG)")
+    s.add_argument("--data-dir", help="where the chat store lives (default ./data)")
+    s.add_argument("--tls-cert", help="PEM certificate chain for HTTPS/WSS")
+    s.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    s.set_defaults(func=cmd_serve)
+    t = sub.add_parser("token", help="print an access token")
+    t.add_argument(
+        "--room",
+        action="append",
+        required=True,
+        help="room the token is for (repeatable; '*' for every room)",
+    )
+    t.add_argument("--identity", required=True, help="user identity")
+    t.add_argument("--name", help="display name (default: the identity)")
+    t.add_argument("--ttl", type=int, help="lifetime in seconds (default auth.token_ttl_s)")
+    t.add_argument(
+        "--grant",
+        action="append",
+        help=f"grants, repeatable or comma-separated, from {', '.join(GRANTS)} "
+        f"(default {','.join(DEFAULT_GRANTS)})",
+    )
+    t.add_argument("--no-dm", action="store_true", help="forbid direct messages")
+    t.add_argument("--config", help="TOML config file with the API key and secret")
+    t.add_argument("--api-key", help="API key (overrides the config)")
+    t.add_argument("--api-secret", help="API secret (overrides the config)")
+    t.set_defaults(func=cmd_token)
+    sub.add_parser(
+        "turn",
+        help="run the STUN/TURN server standalone (see `rallypoint turn -h`)",
+        add_help=False,
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "turn":
+        from turn.cli import main as turn_main
+
+        return turn_main(argv[1:])
+    args = parser().parse_args(argv)
+    try:
+        rc: int = args.func(args)
+    except ConfigError as e:
+        print(f"rallypoint: configuration error: {e}", file=sys.stderr)
+        return 2
+    return rc
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""A small asyncio client for the Rallypoint protocol (aiohttp WebSocket).
+
+``Client.request`` sends a message with a fresh ``id`` and waits for the reply carrying that id as
+``re`` (raising ``ClientError`` for an ``error`` reply); every other server message goes to
+``events`` and can be awaited with ``next_event``. ``send_chat`` retries with the same ``cid``
+so a message is stored once however often it is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import orjson
+
+
+class ClientError(Exception):
+    """An ``error`` reply from the server."""
+
+    def __init__(self, msg: dict[str, Any]) -> None:
+        super().__init__(f"{msg.get('code')}: {msg.get('message')}")
+        self.code: str = msg.get("code", "")
+        self.msg = msg
+
+
+class Client:
+    """One connection to a Rallypoint server."""
+
+    def __init__(self, url: str, *, session: aiohttp.ClientSession | None = None) -> None:
+        self.url = url
+        self._own_http = session is None
+        self._http = session
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.welcome: dict[str, Any] = {}
+        self.close_code: int | None = None
+        self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._ids = itertools.count(1)
+        self._reader: asyncio.Task[None] | None = None
+        self._pinger: asyncio.Task[None] | None = None
+
+    async def connect(self, *, heartbeat: bool = False, origin: str | None = None,
+                      **hello: Any) -> dict[str, Any]:
+        """Open the socket and send `hello` with ``hello`` fields; returns `welcome`."""
+        if self._http is None:
+            self._http = aiohttp.ClientSession()
+        headers = {"Origin": origin} if origin else None
+        self.ws = await self._http.ws_connect(self.url, headers=headers, autoping=True,
+                                              max_msg_size=0)
+        self._reader = asyncio.create_task(self._read())
+        self.welcome = await self.request({"type": "hello", "v": 1, **hello})
+        if heartbeat:
+            self._pinger = asyncio.create_task(self._ping(self.welcome["heartbeat_ms"] / 1000))
+        return self.welcome
+
+    async def _ping(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await self.send_raw({"type": "ping"})
+
+    async def _read(self) -> None:
+        assert self.ws is not None
+        try:
+            async for msg in self.ws:
+                if msg.type is not aiohttp.WSMsgType.TEXT:
+                    continue
+                data = orjson.loads(msg.data)
+                fut = self._pending.pop(data.get("re", ""), None) if "re" in data else None
+                if fut is not None and not fut.done():
+                    fut.set_result(data)
+                else:
+                    self.events.put_nowait(data)
+        finally:
+            self.close_code = self.ws.close_code
+            err = ConnectionError(f"connection closed ({self.ws.close_code})")
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(err)
+            self._pending.clear()
+            self.events.put_nowait({"type": "_closed", "code": self.ws.close_code})
+
+    async def send_raw(self, msg: dict[str, Any] | str | bytes) -> None:
+        """Send a message (or raw text) without waiting for a reply."""
+        assert self.ws is not None
+        if isinstance(msg, dict):
+            await self.ws.send_str(orjson.dumps(msg).decode())
+        elif isinstance(msg, bytes):
+            await self.ws.send_bytes(msg)
+        else:
+            await self.ws.send_str(msg)
+
+    async def request(self, msg: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+        """Send ``msg`` with a fresh id and return the reply; raise ``ClientError`` on error."""
+        rid = f"r{next(self._ids)}"
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        await self.send_raw({**msg, "id": rid})
+        reply = await asyncio.wait_for(fut, timeout)
+        if reply.get("type") == "error":
+            raise ClientError(reply)
+        return reply
+
+    async def next_event(self, type_: str | None = None, *, timeout: float = 10.0,
+                         where: Callable[[dict[str, Any]], bool] | None = None
+                         ) -> dict[str, Any]:
+        """The next event (of ``type_``, matching ``where``), skipping others."""
+        async def wait() -> dict[str, Any]:
+            while True:
+                ev = await self.events.get()
+                if (type_ is None or ev.get("type") == type_) and (where is None or where(ev)):
+                    return ev
+                if ev.get("type") == "_closed" and type_ != "_closed":
+                    raise ConnectionError(f"connection closed ({ev.get('code')})")
+        return await asyncio.wait_for(wait(), timeout)
+
+    def drain(self) -> list[dict[str, Any]]:
+        """Take every event received so far."""
+        out = []
+        while not self.events.empty():
+            out.append(self.events.get_nowait())
+        return out
+
+    async def send_chat(self, conversation: str, text: str, *, cid: str | None = None,
+                        retries: int = 3) -> dict[str, Any]:
+        """Send a chat message; retried with the same cid on timeout. Returns `sent`."""
+        cid = cid or uuid.uuid4().hex
+        for attempt in range(retries + 1):
+            try:
+                return await self.request({"type": "send", "conversation": conversation,
+                                           "cid": cid, "text": text}, timeout=5.0)
+            except TimeoutError:
+                if attempt == retries:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        for task in (self._pinger, self._reader):
+            if task is not None:
+                task.cancel()
+        if self.ws is not None:
+            await self.ws.close()
+        for task in (self._pinger, self._reader):
+            if task is not None:
+                await asyncio.gather(task, return_exceptions=True)
+        if self._own_http and self._http is not None:
+            await self._http.close()
+
+    async def drop(self) -> None:
+        """Simulate a network failure: abort the TCP connection without a close handshake."""
+        assert self.ws is not None
+        for task in (self._pinger,):
+            if task is not None:
+                task.cancel()
+        conn = self.ws._response.connection  # type: ignore[union-attr]
+        if conn is not None and conn.transport is not None:
+            conn.transport.abort()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+        if self._own_http and self._http is not None:
+            await self._http.close()
+            self._http = None

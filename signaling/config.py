@@ -1,0 +1,257 @@
+"""Typed configuration: defaults, then a TOML file, then ``RALLYPOINT_*`` variables, then flags.
+
+Every setting lives in a section dataclass below; ``config.sample.toml`` documents each one, and a
+test keeps the two in step. Unknown sections or keys are an error that names them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A configuration problem, with a message that names the offending key."""
+
+
+@dataclass
+class ServerSection:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: str = "./data"
+    tls_cert: str = ""
+    tls_key: str = ""
+    # Origins allowed to open /ws from a browser. Empty: same host only. ["*"]: any.
+    allowed_origins: list[str] = field(default_factory=list)
+    # permessage-deflate costs ~6x memory per connection and halves fan-out; off by default.
+    compression: bool = False
+    log_level: str = "info"
+
+
+@dataclass
+class AuthSection:
+    api_key: str = ""
+    api_secret: str = ""
+    token_ttl_s: int = 3600  # default lifetime of tokens made by `rallypoint token`
+
+
+@dataclass
+class LimitsSection:
+    max_frame_bytes: int = 65536
+    hard_frame_bytes: int = 1048576  # frames above this close the connection (1009)
+    max_text_chars: int = 8000
+    rate_per_s: float = 20.0
+    burst: int = 60
+    max_outbox_bytes: int = 262144
+    hello_timeout_s: float = 10.0
+    max_sessions: int = 20000
+
+
+@dataclass
+class RoomsSection:
+    max_participants: int = 100
+    empty_room_grace_s: float = 60.0
+    # Open mode only: the first participant of a room becomes its moderator.
+    first_joiner_moderates: bool = True
+
+
+@dataclass
+class SessionSection:
+    heartbeat_interval_s: float = 25.0
+    resume_grace_s: float = 30.0
+
+
+@dataclass
+class ChatSection:
+    edit_window_s: int = 900
+    history_page_default: int = 50
+
+
+@dataclass
+class StoreSection:
+    # "normal": survives a process crash (SQLite WAL); "full": also survives power loss.
+    synchronous: str = "normal"
+
+
+@dataclass
+class IceSection:
+    # Extra STUN/TURN servers for clients, e.g.
+    # {urls = ["turn:turn.example.com:3478"], secret = "..."} (coturn use-auth-secret) or
+    # {urls = ["stun:stun.example.com"]}, or with fixed username/credential.
+    servers: list[dict[str, Any]] = field(default_factory=list)
+    # Clients should use relay candidates only (hides client addresses, tests TURN).
+    relay_only: bool = False
+    credential_ttl_s: int = 86400
+
+
+@dataclass
+class TurnSection:
+    enabled: bool = True
+    listen_host: str = "0.0.0.0"
+    port: int = 3478
+    # Host name or address clients use to reach the TURN server; "" = the server's host.
+    public_host: str = ""
+    realm: str = "rallypoint"
+    secret: str = ""  # "" = generated once and kept in the data directory
+    allow_peers: list[str] = field(default_factory=list)
+    relay_port_min: int = 49152
+    relay_port_max: int = 65535
+    external_address: str = ""
+    tcp: bool = True
+    max_allocations: int = 1000
+    max_allocations_per_user: int = 10
+
+
+@dataclass
+class Config:
+    server: ServerSection = field(default_factory=ServerSection)
+    auth: AuthSection = field(default_factory=AuthSection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
+    rooms: RoomsSection = field(default_factory=RoomsSection)
+    session: SessionSection = field(default_factory=SessionSection)
+    chat: ChatSection = field(default_factory=ChatSection)
+    store: StoreSection = field(default_factory=StoreSection)
+    ice: IceSection = field(default_factory=IceSection)
+    turn: TurnSection = field(default_factory=TurnSection)
+
+    @property
+    def open_mode(self) -> bool:
+        """No API secret: anyone may join with a display name."""
+        return not self.auth.api_secret
+
+    def validate(self) -> None:
+        """Check cross-field rules; raise ``ConfigError``."""
+        if bool(self.auth.api_key) != bool(self.auth.api_secret):
+            raise ConfigError("auth.api_key and auth.api_secret must be set together")
+        if self.auth.api_secret and len(self.auth.api_secret.encode()) < 32:
+            raise ConfigError("auth.api_secret must be at least 32 bytes (HS256 key length)")
+        if bool(self.server.tls_cert) != bool(self.server.tls_key):
+            raise ConfigError("server.tls_cert and server.tls_key must be set together")
+        if self.store.synchronous not in ("normal", "full"):
+            raise ConfigError("store.synchronous must be 'normal' or 'full'")
+        if not 0 < self.server.port < 65536:
+            raise ConfigError("server.port must be 1-65535")
+        if self.limits.max_frame_bytes > self.limits.hard_frame_bytes:
+            raise ConfigError("limits.max_frame_bytes must not exceed limits.hard_frame_bytes")
+        if self.session.heartbeat_interval_s <= 0 or self.limits.rate_per_s <= 0:
+            raise ConfigError("session.heartbeat_interval_s and limits.rate_per_s must be > 0")
+        for s in self.ice.servers:
+            if not isinstance(s.get("urls"), list | str):
+                raise ConfigError("each ice.servers entry needs `urls`")
+            unknown = set(s) - {"urls", "username", "credential", "secret"}
+            if unknown:
+                raise ConfigError(f"unknown key ice.servers[].{sorted(unknown)[0]}")
+
+
+SECTIONS: dict[str, type] = {
+    f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)
+}
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = (
+                json.loads(value)
+                if value.strip().startswith("[")
+                else [v.strip() for v in value.split(",") if v.strip()]
+            )
+        if isinstance(value, list):
+            item_type = typing.get_origin(item) or item
+            if all(isinstance(v, item_type) for v in value):
+                return list(value)
+    raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
+    sect_type = SECTIONS.get(section)
+    if sect_type is None:
+        raise ConfigError(f"{source}: unknown section [{section}]")
+    hints = typing.get_type_hints(sect_type)
+    if key not in hints:
+        raise ConfigError(f"{source}: unknown key {section}.{key}")
+    setattr(getattr(cfg, section), key, _coerce(value, hints[key], f"{source}: {section}.{key}"))
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the configuration: defaults < TOML file < environment < ``overrides``.
+
+    ``overrides`` keys are ``"section.key"`` (from command-line flags); None values are skipped.
+    Environment variables are ``RALLYPOINT_<SECTION>_<KEY>``, e.g. ``RALLYPOINT_SERVER_PORT``.
+    """
+    cfg = Config()
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: unknown key {section} (settings live in sections)")
+            for key, value in values.items():
+                _apply(cfg, section, key, value, str(path))
+    env = os.environ if env is None else env
+    for name, value in env.items():
+        if not name.startswith("RALLYPOINT_") or name == "RALLYPOINT_CONFIG":
+            continue
+        rest = name[len("RALLYPOINT_") :].lower()
+        section, _, key = rest.partition("_")
+        _apply(cfg, section, key, value, f"environment variable {name}")
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            section, _, key = dotted.partition(".")
+            _apply(cfg, section, key, value, "command line")
+    cfg.validate()
+    return cfg
+
+
+def sample_keys() -> set[str]:
+    """Every ``section.key`` the configuration knows (for the sample-file test)."""
+    out: set[str] = set()
+    for section, t in SECTIONS.items():
+        out.update(f"{section}.{k}" for k in typing.get_type_hints(t))
+    return out
+
+
+__all__ = ["Config", "ConfigError", "load_config", "sample_keys"]

@@ -1,0 +1,311 @@
+"""The aiohttp application: the WebSocket endpoint and a few HTTP routes. A thin edge.
+
+Routes: ``GET /ws`` (the protocol), ``GET /healthz``, ``GET /metrics`` (Prometheus text) and the
+bundled web page from ``web/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import WSMsgType, web
+
+from .config import Config
+from .hub import HANDLERS, Hub, IceProvider
+from .protocol import CloseCode, ProtocolError, error_message, parse_client_message
+from .ratelimit import TokenBucket
+from .session import Connection
+from .sqlite_store import SqliteStore
+from .store import ChatStore
+
+log = logging.getLogger("rallypoint.server")
+
+HUB: web.AppKey[Hub] = web.AppKey("hub", Hub)
+CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
+GC_MONITOR: web.AppKey[GcMonitor] = web.AppKey("gc_monitor")
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+_CLOSED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
+
+
+class GcMonitor:
+    """Measures garbage-collection pauses and freezes long-lived objects after connection
+    bursts (a full collection at 10,000 connections takes ~0.5 s otherwise)."""
+
+    def __init__(self) -> None:
+        self.max_pause_s = 0.0
+        self.pauses_over_50ms = 0
+        self.collections = 0
+        self._start = 0.0
+        self._frozen_at = 0
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+            return
+        d = time.perf_counter() - self._start
+        self.collections += 1
+        if d > self.max_pause_s:
+            self.max_pause_s = d
+        if d > 0.05:
+            self.pauses_over_50ms += 1
+
+    def install(self) -> None:
+        gc.callbacks.append(self._callback)
+        gc.freeze()
+
+    def uninstall(self) -> None:
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+        gc.unfreeze()
+
+    def maybe_freeze(self, connections: int) -> None:
+        if abs(connections - self._frozen_at) >= 200:
+            gc.freeze()
+            self._frozen_at = connections
+
+
+def origin_allowed(request: web.Request, allowed: list[str]) -> bool:
+    """Browsers send Origin; other clients may not. Empty list: same host only."""
+    origin = request.headers.get("Origin")
+    if origin is None or "*" in allowed:
+        return True
+    if origin in allowed:
+        return True
+    if not allowed:
+        return urlsplit(origin).netloc.lower() == request.host.lower()
+    return False
+
+
+async def ws_handler(request: web.Request) -> web.StreamResponse:
+    hub = request.app[HUB]
+    cfg = hub.cfg
+    if not origin_allowed(request, cfg.server.allowed_origins):
+        return web.json_response(
+            {"code": "forbidden_origin", "message": "this origin may not connect"}, status=403
+        )
+    if len(hub.connections) >= cfg.limits.max_sessions:
+        return web.json_response(
+            {"code": "server_full", "message": "too many connections, retry later"},
+            status=503,
+            headers={"Retry-After": "5"},
+        )
+    ws = web.WebSocketResponse(
+        max_msg_size=cfg.limits.hard_frame_bytes,
+        compress=cfg.server.compression,
+        decode_text=False,
+        timeout=3.0,
+    )
+    await ws.prepare(request)
+    transport = request.transport
+    if transport is None:  # pragma: no cover - the client vanished during the handshake
+        return ws
+    now = time.monotonic()
+    conn = Connection(
+        ws,
+        transport,
+        cfg.limits.max_outbox_bytes,
+        TokenBucket(cfg.limits.rate_per_s, cfg.limits.burst, now),
+        now,
+        hub.counters,
+    )
+    hub.connections.add(conn)
+    try:
+        if await _hello(hub, conn, request.host):
+            await _serve(hub, conn)
+    except Exception:  # a bug: log it here, never send a traceback to the client
+        hub.counters["internal_errors"] += 1
+        log.exception("connection handler failed")
+    finally:
+        hub.detach(conn)
+        if not ws.closed and not conn.closing:
+            await conn.close(CloseCode.NORMAL, "")
+    return ws
+
+
+def _oversized(hub: Hub, conn: Connection, data: bytes) -> bool:
+    if len(data) > hub.cfg.limits.max_frame_bytes:
+        conn.send(
+            error_message(
+                ProtocolError(
+                    "frame_too_large",
+                    f"frames are limited to {hub.cfg.limits.max_frame_bytes} bytes",
+                )
+            )
+        )
+        return True
+    return False
+
+
+async def _hello(hub: Hub, conn: Connection, host: str) -> bool:
+    """Wait for a good `hello`; returns False if the connection ended instead."""
+    ws = conn.ws
+    deadline = time.monotonic() + hub.cfg.limits.hello_timeout_s
+    while True:
+        try:
+            msg = await asyncio.wait_for(ws.receive(), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            await conn.close(CloseCode.HELLO_TIMEOUT, "no hello in time")
+            return False
+        if msg.type in _CLOSED:
+            return False
+        conn.last_recv = time.monotonic()
+        if msg.type is not WSMsgType.TEXT:
+            conn.send(error_message(ProtocolError("bad_message", "frames must be text")))
+            continue
+        if _oversized(hub, conn, msg.data):
+            continue
+        try:
+            m = parse_client_message(msg.data)
+            if m["type"] != "hello":
+                raise ProtocolError("hello_required", "send `hello` first")
+            hub.welcome(conn, m, host.rsplit(":", 1)[0] if host.count(":") == 1 else host)
+            return True
+        except ProtocolError as e:
+            hub.counters["errors_sent"] += 1
+            conn.send(error_message(e))
+            if e.close is not None:
+                await conn.close(e.close, e.code)
+                return False
+
+
+async def _serve(hub: Hub, conn: Connection) -> None:
+    """The per-connection receive loop after `welcome`."""
+    ws = conn.ws
+    max_frame = hub.cfg.limits.max_frame_bytes
+    handlers = HANDLERS
+    monotonic = time.monotonic
+    while True:
+        msg = await ws.receive()
+        if msg.type is not WSMsgType.TEXT:
+            if msg.type in _CLOSED:
+                return
+            conn.send(error_message(ProtocolError("bad_message", "frames must be text")))
+            continue
+        now = monotonic()
+        conn.last_recv = now
+        data = msg.data
+        session = conn.session
+        if session is None:  # replaced by a resume on another connection
+            return
+        if len(data) > max_frame:
+            _oversized(hub, conn, data)
+            continue
+        m: dict[str, Any] | None = None
+        try:
+            m = parse_client_message(data)
+            t = m["type"]
+            if t != "ping":
+                wait = conn.bucket.take(now)
+                if wait:
+                    hub.counters["rate_limited"] += 1
+                    raise ProtocolError(
+                        "rate_limited", "too many messages", retry_after_ms=int(wait * 1000) + 1
+                    )
+            await handlers[t](hub, session, m)
+        except ProtocolError as e:
+            hub.counters["errors_sent"] += 1
+            conn.send(error_message(e, m.get("id") if m is not None else None))
+            if e.close is not None:
+                await conn.close(e.close, e.code)
+                return
+        except Exception:
+            hub.counters["internal_errors"] += 1
+            log.exception("handler failed")
+            conn.send(
+                error_message(
+                    ProtocolError("internal_error", "the server failed to handle this message"),
+                    m.get("id") if m is not None else None,
+                )
+            )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    hub = request.app[HUB]
+    gcm = request.app[GC_MONITOR]
+    store = hub.store
+    values: dict[str, float] = {
+        "connections": len(hub.connections),
+        "sessions": len(hub.sessions),
+        "rooms": len(hub.rooms.rooms),
+        "gc_max_pause_seconds": gcm.max_pause_s,
+        "gc_pauses_over_50ms_total": gcm.pauses_over_50ms,
+        "gc_collections_total": gcm.collections,
+        **{f"{k}_total": v for k, v in hub.counters.items()},
+    }
+    if isinstance(store, SqliteStore):
+        values["store_commits_total"] = store.commits
+        values["store_writes_total"] = store.batched
+    body = "".join(f"rallypoint_{k} {v}\n" for k, v in values.items())
+    return web.Response(text=body, content_type="text/plain")
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(WEB_DIR / "index.html")
+
+
+def make_app(
+    cfg: Config,
+    *,
+    store: ChatStore | None = None,
+    ice: IceProvider | None = None,
+    extra_cleanup: Sequence[Callable[[web.Application], AsyncIterator[None]]] = (),
+) -> web.Application:
+    """Build the application. The store opens on start-up and is flushed and closed on cleanup
+    (which aiohttp runs after SIGTERM has closed every socket with GOING_AWAY)."""
+    app = web.Application(client_max_size=cfg.limits.max_frame_bytes)
+    app[CONFIG] = cfg
+    st: ChatStore = store or SqliteStore(
+        Path(cfg.server.data_dir) / "chat.sqlite3", cfg.store.synchronous
+    )
+    hub = Hub(cfg, st, ice)
+    app[HUB] = hub
+    app[GC_MONITOR] = GcMonitor()
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await st.open()
+        gcm = app[GC_MONITOR]
+        gcm.install()
+        sweeper = asyncio.create_task(_sweep_forever(hub, gcm))
+        yield
+        sweeper.cancel()
+        await asyncio.gather(sweeper, return_exceptions=True)
+        gcm.uninstall()
+        await st.close()
+
+    async def on_shutdown(app: web.Application) -> None:
+        await asyncio.gather(
+            *(c.close(CloseCode.GOING_AWAY, "server shutting down") for c in list(hub.connections)),
+            return_exceptions=True,
+        )
+
+    app.cleanup_ctx.append(lifecycle)
+    for ctx in extra_cleanup:
+        app.cleanup_ctx.append(ctx)
+    app.on_shutdown.append(on_shutdown)
+    app.router.add_get("/ws", ws_handler)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/", index)
+    if WEB_DIR.is_dir():
+        app.router.add_static("/static/", WEB_DIR)
+    return app
+
+
+async def _sweep_forever(hub: Hub, gcm: GcMonitor) -> None:
+    period = min(5.0, hub.cfg.session.heartbeat_interval_s / 2)
+    while True:
+        await asyncio.sleep(period)
+        hub.sweep(time.monotonic())
+        gcm.maybe_freeze(len(hub.connections))

@@ -1,0 +1,143 @@
+"""The chat store interface and the values it deals in.
+
+``ChatStore`` is what the server needs from durable storage; ``signaling.sqlite_store`` fills it
+with SQLite, and a PostgreSQL implementation can fill it later. The rules that decide whether an
+edit or delete is allowed live here as a pure function so every store applies them the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .protocol import ProtocolError
+
+
+@dataclass(slots=True, frozen=True)
+class StoredMessage:
+    """One event in a conversation's sequence."""
+
+    conversation: str
+    seq: int
+    mid: int
+    cid: str
+    sender: str
+    name: str
+    kind: str  # text | edit | delete | system
+    text: str | None
+    ref: int | None
+    ts: int  # ms since the Unix epoch
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "type": "message",
+            "conversation": self.conversation,
+            "seq": self.seq,
+            "mid": self.mid,
+            "cid": self.cid,
+            "from": self.sender,
+            "name": self.name,
+            "kind": self.kind,
+            "ts": self.ts,
+        }
+        if self.text is not None:
+            out["text"] = self.text
+        if self.ref is not None:
+            out["ref"] = self.ref
+        return out
+
+    def ack(self, duplicate: bool) -> dict[str, Any]:
+        return {
+            "type": "sent",
+            "conversation": self.conversation,
+            "cid": self.cid,
+            "mid": self.mid,
+            "seq": self.seq,
+            "ts": self.ts,
+            "duplicate": duplicate,
+        }
+
+
+@dataclass(slots=True, frozen=True)
+class NewMessage:
+    """A message to append. ``members`` lists a direct conversation's two identities."""
+
+    conversation: str
+    cid: str
+    sender: str
+    name: str
+    kind: str
+    text: str | None
+    ref: int | None = None
+    members: tuple[str, ...] = ()
+    moderator: bool = False
+    edit_window_ms: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class Original:
+    """What the edit/delete rule needs to know about the referenced message."""
+
+    sender: str
+    kind: str
+    ts: int
+    deleted: bool
+
+
+def check_amend(msg: NewMessage, original: Original | None, now_ms: int) -> None:
+    """Whether ``msg`` (an edit or delete) may amend ``original``; raises ``ProtocolError``."""
+    if original is None or original.kind not in ("text", "system"):
+        raise ProtocolError("no_such_message", f"no message {msg.ref} in {msg.conversation}")
+    if original.deleted:
+        raise ProtocolError("already_deleted", f"message {msg.ref} was deleted")
+    if original.sender != msg.sender and not msg.moderator:
+        raise ProtocolError("not_author", "only the author or a moderator may change a message")
+    moderator_delete = msg.moderator and msg.kind == "delete"
+    if not moderator_delete and now_ms - original.ts > msg.edit_window_ms:
+        raise ProtocolError(
+            "edit_window_passed",
+            f"messages can be changed for {msg.edit_window_ms // 1000} s after sending",
+        )
+
+
+@dataclass(slots=True, frozen=True)
+class Page:
+    messages: list[StoredMessage]
+    more: bool
+    last_seq: int
+
+
+class ChatStore(Protocol):
+    """Durable conversations: append with gap-free sequence numbers, read, and read marks."""
+
+    epoch: str
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None:
+        """Flush everything accepted so far and release the store."""
+
+    async def append(self, msg: NewMessage) -> tuple[StoredMessage, bool]:
+        """Store ``msg`` durably; returns it with its sequence and whether it was a duplicate
+        (same conversation, sender and cid as an earlier message, which is returned instead).
+        Raises ``ProtocolError`` for a refused edit or delete; nothing is stored then."""
+        ...
+
+    async def mark_read(self, conversation: str, identity: str, seq: int) -> int | None:
+        """Raise ``identity``'s read watermark to ``seq`` (clamped to the last sequence);
+        returns the new watermark, or None if it did not move."""
+        ...
+
+    async def page(
+        self, conversation: str, *, before: int | None, after: int | None, limit: int
+    ) -> Page:
+        """Messages with seq < before (the newest such), or seq > after (the oldest such)."""
+        ...
+
+    async def last_seq(self, conversation: str) -> int: ...
+
+    async def conversations_of(self, identity: str) -> list[tuple[str, int, int]]:
+        """(conversation, last_seq, read_seq) for each direct conversation of ``identity``."""
+        ...
+
+    async def read_seq(self, conversation: str, identity: str) -> int: ...

@@ -1,0 +1,138 @@
+"""Access tokens: JWT (HS256) with an identity, a display name, an expiry and grants per room.
+
+Claims (see docs/PROTOCOL.md, "Tokens"):
+
+- ``iss``: the API key that signed the token; ``sub``: the identity; ``name``: display name;
+- ``exp`` / ``iat``: expiry and issue time (Unix seconds);
+- ``rooms``: ``{room name or "*": [grant, ...]}`` with grants from ``GRANTS``;
+- ``dm``: whether the identity may use direct messages (default true).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import jwt
+
+from .protocol import IDENTITY_PATTERN, ROOM_PATTERN, ProtocolError, compiled
+
+GRANTS: Final = ("join", "publish", "subscribe", "chat", "moderate")
+DEFAULT_GRANTS: Final = ("join", "publish", "subscribe", "chat")
+LEEWAY_S: Final = 5  # clock skew tolerated on exp/iat
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    """What a verified token (or open mode) allows."""
+
+    identity: str
+    name: str
+    rooms: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    dm: bool = True
+    expires_at: float | None = None
+
+    def grants_for(self, room: str) -> frozenset[str] | None:
+        """Grants in ``room``, or None when the token names neither the room nor ``*``."""
+        g = self.rooms.get(room)
+        if g is None:
+            g = self.rooms.get("*")
+        return g
+
+    def can(self, room: str, grant: str) -> bool:
+        g = self.grants_for(room)
+        return g is not None and grant in g
+
+
+def open_claims(identity: str, name: str) -> Claims:
+    """Claims of a participant in open mode: every grant but moderate, in every room."""
+    return Claims(identity, name, {"*": frozenset(DEFAULT_GRANTS)})
+
+
+def create_token(
+    api_key: str,
+    api_secret: str,
+    identity: str,
+    *,
+    rooms: Mapping[str, Iterable[str]],
+    name: str | None = None,
+    ttl_s: int = 3600,
+    dm: bool = True,
+    now: float | None = None,
+) -> str:
+    """Sign a token. ``rooms`` maps room names (or ``*``) to grants."""
+    if compiled(IDENTITY_PATTERN).match(identity) is None:
+        raise ValueError(f"bad identity {identity!r}")
+    norm: dict[str, list[str]] = {}
+    for room, grants in rooms.items():
+        if room != "*" and compiled(ROOM_PATTERN).match(room) is None:
+            raise ValueError(f"bad room name {room!r}")
+        gl = sorted(set(grants))
+        bad = [g for g in gl if g not in GRANTS]
+        if bad:
+            raise ValueError(f"unknown grant(s) {', '.join(bad)}; known: {', '.join(GRANTS)}")
+        norm[room] = gl
+    t = int(time.time() if now is None else now)
+    payload: dict[str, Any] = {
+        "iss": api_key,
+        "sub": identity,
+        "name": name or identity,
+        "iat": t,
+        "exp": t + ttl_s,
+        "rooms": norm,
+        "dm": dm,
+    }
+    return jwt.encode(payload, api_secret, algorithm="HS256")
+
+
+def verify_token(token: str, api_key: str, api_secret: str, now: float | None = None) -> Claims:
+    """Check a token's signature, issuer, expiry and claims; raise ``ProtocolError``.
+
+    ``token_expired`` for an expired but otherwise genuine token, ``token_invalid`` for anything
+    forged or malformed. (``token_wrong_room`` is decided at ``join``.)
+    """
+    options: Any = {"require": ["exp", "sub", "iss"]}
+    try:
+        if now is None:
+            payload = jwt.decode(
+                token,
+                api_secret,
+                algorithms=["HS256"],
+                issuer=api_key,
+                leeway=LEEWAY_S,
+                options=options,
+            )
+        else:
+            payload = jwt.decode(
+                token,
+                api_secret,
+                algorithms=["HS256"],
+                issuer=api_key,
+                options={**options, "verify_exp": False},
+            )
+            if payload["exp"] + LEEWAY_S < now:
+                raise jwt.ExpiredSignatureError
+    except jwt.ExpiredSignatureError:
+        raise ProtocolError("token_expired", "the token has expired") from None
+    except jwt.PyJWTError as e:
+        raise ProtocolError("token_invalid", f"the token is not valid ({e})") from None
+    sub = payload.get("sub")
+    if not isinstance(sub, str) or compiled(IDENTITY_PATTERN).match(sub) is None:
+        raise ProtocolError("token_invalid", "the token's `sub` is not a valid identity")
+    name = payload.get("name", sub)
+    if not isinstance(name, str) or not 0 < len(name) <= 64:
+        raise ProtocolError("token_invalid", "the token's `name` must be 1-64 characters")
+    raw_rooms = payload.get("rooms", {})
+    if not isinstance(raw_rooms, dict):
+        raise ProtocolError("token_invalid", "the token's `rooms` must be an object")
+    rooms: dict[str, frozenset[str]] = {}
+    for room, grants in raw_rooms.items():
+        if not isinstance(grants, list) or not all(g in GRANTS for g in grants):
+            raise ProtocolError("token_invalid", f"the token's grants for {room!r} are invalid")
+        rooms[room] = frozenset(grants)
+    dm = payload.get("dm", True)
+    if not isinstance(dm, bool):
+        raise ProtocolError("token_invalid", "the token's `dm` must be a boolean")
+    return Claims(sub, name, rooms, dm, float(payload["exp"]))

@@ -1,0 +1,61 @@
+"""Shared fixtures: a real server on loopback and real WebSocket clients."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from signaling.client import Client
+from signaling.config import Config, load_config
+from signaling.server import make_app
+
+ServerFactory = Callable[..., Awaitable[TestServer]]
+
+
+def make_config(tmp_path: Path, **overrides: Any) -> Config:
+    """A config for tests: data in tmp_path, no TURN; overrides as section.key=value."""
+    base = {"server.data_dir": str(tmp_path / "data"), "turn.enabled": False}
+    base.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return load_config(None, env={}, overrides=base)
+
+
+@pytest.fixture
+async def start_server(
+    tmp_path: Path, aiohttp_server: Callable[..., Awaitable[TestServer]]
+) -> ServerFactory:
+    """Start the real app; keyword args override config (``limits__rate_per_s=5``)."""
+
+    async def start(**overrides: Any) -> TestServer:
+        cfg = make_config(tmp_path, **overrides)
+        return await aiohttp_server(make_app(cfg), host="127.0.0.1")
+
+    return start
+
+
+@pytest.fixture
+async def server(start_server: ServerFactory) -> TestServer:
+    return await start_server()
+
+
+def ws_url(server: TestServer) -> str:
+    return f"ws://127.0.0.1:{server.port}/ws"
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[Callable[..., Awaitable[Client]]]:
+    """Factory of connected clients, closed at the end: ``await clients(server, name=...)``."""
+    made: list[Client] = []
+
+    async def connect(server: TestServer, **hello: Any) -> Client:
+        c = Client(ws_url(server))
+        made.append(c)
+        await c.connect(**hello)
+        return c
+
+    yield connect
+    for c in made:
+        await c.close()

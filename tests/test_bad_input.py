@@ -1,0 +1,231 @@
+"""Bad input and overload: each gets a stable error code, nothing rejected is stored, the
+server stays up, and no traceback reaches a client."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from signaling.client import Client, ClientError
+from signaling.server import HUB
+from signaling.tokens import create_token
+
+Connect = Callable[..., Awaitable[Client]]
+Start = Callable[..., Awaitable[TestServer]]
+KEY, SECRET = "test-key", "a-test-secret-of-at-least-32-bytes"
+
+
+def ws_url(server: TestServer) -> str:
+    return f"ws://127.0.0.1:{server.port}/ws"
+
+BAD_FRAMES: list[tuple[str | bytes, str]] = [
+    ("{oops", "bad_json"),
+    ("[]", "bad_message"),
+    ('{"no": "type"}', "bad_message"),
+    ('{"type": "fly"}', "unknown_type"),
+    ('{"type": "join"}', "bad_field"),
+    ('{"type": "join", "room": ["x"]}', "bad_field"),
+    ('{"type": "send", "conversation": "room:t", "cid": "c", "text": "x", "from": "bob"}',
+     "bad_field"),
+    ('{"type": "send", "conversation": "room:t", "cid": "c", "text": ""}', "bad_field"),
+    ('{"type": "send", "conversation": "room:t", "cid": "has space", "text": "x"}',
+     "bad_field"),
+    ('{"type": "send", "conversation": "room:elsewhere", "cid": "c", "text": "x"}',
+     "not_in_room"),
+    ('{"type": "edit", "conversation": "room:t", "cid": "c2", "ref": 99, "text": "x"}',
+     "no_such_message"),
+    ('{"type": "hello", "v": 1}', "already_welcomed"),
+    ('{"type": "kick", "room": "t", "participant": "zz"}', "forbidden"),
+    ('{"type": "update", "room": "nope"}', "not_in_room"),
+    ('{"type": "typing", "conversation": "dm:a|b", "active": true}', "bad_conversation"),
+    (b'{"type": "ping"}', "bad_message"),  # binary frame
+    ("x" * 70_000, "frame_too_large"),
+]
+
+
+async def test_bad_input_table(server: TestServer, clients: Connect) -> None:
+    owner = await clients(server, name="Owner", identity="owner")
+    await owner.request({"type": "join", "room": "t"})
+    c = await clients(server, name="Tester", identity="tester")
+    await c.request({"type": "join", "room": "t"})
+    c.drain()
+    for raw, code in BAD_FRAMES:
+        await c.send_raw(raw)
+        ev = await c.next_event("error")
+        assert ev["code"] == code, (raw[:80], ev)
+        assert ev["message"] and "Traceback" not in ev["message"]
+    # Still connected and working, and nothing refused was stored.
+    await c.request({"type": "ping"})
+    hist = await c.request({"type": "history", "conversation": "room:t"})
+    assert hist["messages"] == [] and hist["last_seq"] == 0
+    assert server.app[HUB].counters["internal_errors"] == 0
+
+
+async def test_errors_answer_the_request_id(server: TestServer, clients: Connect) -> None:
+    c = await clients(server, name="T")
+    await c.send_raw('{"type": "join", "id": "q1"}')
+    ev = await c.next_event("error")
+    assert ev["re"] == "q1" and ev["code"] == "bad_field"
+
+
+async def test_actions_before_hello(server: TestServer) -> None:
+    async with aiohttp.ClientSession() as http, http.ws_connect(ws_url(server)) as ws:
+        await ws.send_str('{"type": "join", "room": "x"}')
+        msg = await ws.receive_json()
+        assert msg["code"] == "hello_required"
+        await ws.send_str('{"type": "hello", "v": 2}')
+        msg = await ws.receive_json()
+        assert msg["code"] == "unsupported_version"
+        closing = await ws.receive()
+        assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 4001
+
+
+async def test_hello_timeout(start_server: Start) -> None:
+    server = await start_server(limits__hello_timeout_s=0.3)
+    async with aiohttp.ClientSession() as http, http.ws_connect(ws_url(server)) as ws:
+        closing = await ws.receive(timeout=5)
+        assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 4003
+
+
+async def test_frame_over_hard_cap_closes_with_1009(start_server: Start,
+                                                    clients: Connect) -> None:
+    server = await start_server(limits__hard_frame_bytes=200_000)
+    c = await clients(server, name="Big")
+    await c.send_raw("y" * 300_000)
+    ev = await c.next_event("_closed", timeout=5)
+    assert ev["code"] == 1009
+    other = await clients(server, name="Fine")  # the server is still up
+    await other.request({"type": "ping"})
+
+
+async def test_token_errors(start_server: Start) -> None:
+    server = await start_server(auth__api_key=KEY, auth__api_secret=SECRET)
+    url = ws_url(server)
+
+    async def hello(**fields: object) -> tuple[str, int | None]:
+        async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
+            await ws.send_json({"type": "hello", "v": 1, **fields})
+            msg = await ws.receive_json()
+            if msg["type"] == "welcome":
+                return "welcome", None
+            closing = await ws.receive()
+            return msg["code"], closing.data
+
+    good = create_token(KEY, SECRET, "alice", rooms={"lobby": ["join", "chat"]})
+    assert await hello(token=good) == ("welcome", None)
+    assert await hello(name="Anon") == ("token_required", 4001)
+    assert await hello(token=create_token(KEY, SECRET, "a", rooms={}, ttl_s=-30)) == \
+        ("token_expired", 4001)
+    forged = create_token(KEY, "forged-secret-also-at-least-32-bytes", "a", rooms={"*": ["join"]})
+    assert await hello(token=forged) == ("token_invalid", 4001)
+    assert await hello(token=good[:-2] + "xx") == ("token_invalid", 4001)
+
+    c = Client(url)
+    await c.connect(token=good)
+    try:
+        with pytest.raises(ClientError) as e:
+            await c.request({"type": "join", "room": "other"})
+        assert e.value.code == "token_wrong_room"
+        await c.request({"type": "join", "room": "lobby"})
+        with pytest.raises(ClientError) as e:
+            await c.request({"type": "lock", "room": "lobby", "locked": True})
+        assert e.value.code == "forbidden"  # no moderate grant, no first-joiner rule
+    finally:
+        await c.close()
+    ro = Client(url)
+    await ro.connect(token=create_token(KEY, SECRET, "reader", rooms={"lobby": ["join"]}))
+    try:
+        await ro.request({"type": "join", "room": "lobby"})
+        with pytest.raises(ClientError) as e:
+            await ro.send_chat("room:lobby", "hi")
+        assert e.value.code == "forbidden"
+    finally:
+        await ro.close()
+
+
+async def test_rate_limit(start_server: Start, clients: Connect) -> None:
+    server = await start_server(limits__rate_per_s=5, limits__burst=5)
+    c = await clients(server, name="Flood", identity="flood")
+    await c.request({"type": "join", "room": "f"})  # uses one token
+    for i in range(30):
+        await c.send_raw({"type": "send", "conversation": "room:f", "cid": f"c{i}",
+                          "text": "spam", "id": f"s{i}"})
+    replies = [await c.next_event(where=lambda e: "re" in e) for _ in range(30)]
+    acked = [r for r in replies if r["type"] == "sent"]
+    limited = [r for r in replies if r["type"] == "error"]
+    assert len(acked) == 4 and len(limited) == 26
+    assert all(r["code"] == "rate_limited" and r["retry_after_ms"] > 0 for r in limited)
+    await asyncio.sleep(limited[-1]["retry_after_ms"] / 1000)
+    await c.request({"type": "ping"})  # pings are never limited
+    ack = await c.send_chat("room:f", "patient")
+    await asyncio.sleep(0.25)  # one more token for the history request
+    hist = await c.request({"type": "history", "conversation": "room:f"})
+    assert [m["seq"] for m in hist["messages"]] == [1, 2, 3, 4, 5]  # only accepted ones stored
+    assert ack["seq"] == 5
+
+
+async def test_slow_reader_is_cut_off(start_server: Start, clients: Connect) -> None:
+    server = await start_server(limits__max_outbox_bytes=64 * 1024, limits__rate_per_s=1000,
+                                limits__burst=1000)
+    # A raw socket that completes the handshake and then never reads.
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    try:
+        sock.sendall(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     b"Sec-WebSocket-Version: 13\r\n\r\n")
+        hello = b'{"type":"hello","v":1,"name":"Slow","identity":"slow"}'
+        join = b'{"type":"join","room":"s"}'
+        for payload in (hello, join):
+            sock.sendall(struct.pack("!BB", 0x81, 0x80 | len(payload)) + b"\0\0\0\0" + payload)
+        await asyncio.sleep(0.2)
+        hub = server.app[HUB]
+        (slow,) = hub.connections
+        assert slow.session is not None and slow.session.identity == "slow"
+        talker = await clients(server, name="Talker", identity="talker")
+        await talker.request({"type": "join", "room": "s"})
+        text = "z" * 7000
+        sent = 0
+        for i in range(3000):  # bounded: at most 21 MB offered to a reader that never reads
+            await talker.send_chat("room:s", text, cid=f"c{i}")
+            sent += 1
+            if slow.closing:
+                break
+        assert slow.closing, "the slow reader was not cut off"
+        assert hub.counters["slow_consumers"] == 1
+        # Its outbox stayed bounded: nothing more is queued after the cut-off.
+        assert slow.transport.get_write_buffer_size() <= 64 * 1024 + 8 * 1024
+        # The talker's messages were all stored and acked; the server is fine.
+        hist = await talker.request({"type": "history", "conversation": "room:s", "limit": 1})
+        assert hist["last_seq"] == sent
+        await asyncio.sleep(2.5)  # the abandoned connection is aborted
+        assert slow not in hub.connections
+    finally:
+        sock.close()
+
+
+async def test_origin_check(start_server: Start) -> None:
+    server = await start_server(server__allowed_origins=["https://app.example"])
+    url = ws_url(server)
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+            await http.ws_connect(url, headers={"Origin": "https://evil.example"})
+        assert e.value.status == 403
+        ws = await http.ws_connect(url, headers={"Origin": "https://app.example"})
+        await ws.close()
+        ws = await http.ws_connect(url)  # non-browser clients send no Origin
+        await ws.close()
+    default = await start_server()
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.WSServerHandshakeError):
+            await http.ws_connect(ws_url(default), headers={"Origin": "https://evil.example"})
+        ws = await http.ws_connect(ws_url(default),
+                                   headers={"Origin": f"http://127.0.0.1:{default.port}"})
+        await ws.close()

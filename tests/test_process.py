@@ -1,0 +1,234 @@
+"""The `rallypoint` command as a process: start-up, tokens, SIGTERM, and durability after
+SIGKILL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from signaling.client import Client, ClientError
+from signaling.tokens import verify_token
+
+SECRET = "a-test-secret-of-at-least-32-bytes"
+RALLYPOINT = [sys.executable, "-m", "signaling"]
+
+
+def free_port() -> int:
+    """A port free for both TCP and UDP on 127.0.0.1."""
+    for _ in range(50):
+        with socket.socket() as t:
+            t.bind(("127.0.0.1", 0))
+            port: int = t.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                try:
+                    u.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port")
+
+
+class Server:
+    def __init__(self, data: Path, env: dict[str, str] | None = None,
+                 args: list[str] | None = None) -> None:
+        self.port = free_port()
+        self.data = data
+        self.env = {**os.environ, "RALLYPOINT_TURN_ENABLED": "false", **(env or {})}
+        self.args = args or []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = data.parent / f"server-{self.port}.log"
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    async def start(self) -> None:
+        self.data.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [*RALLYPOINT, "serve", "--port", str(self.port), "--data-dir", str(self.data),
+                 *self.args],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        for _ in range(200):
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", self.port)
+                w.close()
+                await w.wait_closed()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(self.log.read_text()) from None
+                await asyncio.sleep(0.05)
+        raise RuntimeError("server did not start")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=20)
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[list[Server]]:
+    made: list[Server] = []
+    yield made
+    for s in made:
+        if s.proc is not None and s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait()
+
+
+async def test_open_mode_start_up_and_sigterm(tmp_path: Path, servers: list[Server]) -> None:
+    srv = Server(tmp_path / "data")
+    servers.append(srv)
+    await srv.start()
+    c = Client(srv.url)
+    await c.connect(name="Ann", identity="ann")
+    await c.request({"type": "join", "room": "lobby"})
+    ack = await c.send_chat("room:lobby", "kept")
+    assert srv.stop(signal.SIGTERM) == 0
+    ev = await c.next_event("_closed", timeout=10)
+    assert ev["code"] == 1001  # GOING_AWAY
+    await c.close()
+    assert "OPEN MODE" in srv.log.read_text()
+    srv2 = Server(tmp_path / "data")
+    servers.append(srv2)
+    await srv2.start()
+    c2 = Client(srv2.url)
+    await c2.connect(name="Ann", identity="ann")
+    await c2.request({"type": "join", "room": "lobby"})
+    hist = await c2.request({"type": "history", "conversation": "room:lobby"})
+    assert [(m["seq"], m["text"]) for m in hist["messages"]] == [(ack["seq"], "kept")]
+    await c2.close()
+
+
+async def test_acknowledged_messages_survive_sigkill(tmp_path: Path,
+                                                    servers: list[Server]) -> None:
+    srv = Server(tmp_path / "data", env={"RALLYPOINT_LIMITS_RATE_PER_S": "100000",
+                                         "RALLYPOINT_LIMITS_BURST": "100000"})
+    servers.append(srv)
+    await srv.start()
+    clients = [Client(srv.url) for _ in range(4)]
+    for i, c in enumerate(clients):
+        await c.connect(name=f"u{i}", identity=f"u{i}")
+        await c.request({"type": "join", "room": "crash"})
+    acked: list[dict[str, object]] = []
+    stop = asyncio.Event()
+
+    async def writer(c: Client, n: int) -> None:
+        for k in range(2000):  # bounded; the kill comes long before
+            if stop.is_set():
+                return
+            try:
+                acked.append(await c.send_chat("room:crash", f"{n}-{k}", cid=f"{n}-{k}",
+                                               retries=0))
+            except (ClientError, ConnectionError, TimeoutError):
+                return
+
+    tasks = [asyncio.create_task(writer(c, i)) for i, c in enumerate(clients)]
+    while len(acked) < 300:
+        await asyncio.sleep(0.01)
+    srv.stop(signal.SIGKILL)
+    stop.set()
+    await asyncio.gather(*tasks)
+    for c in clients:
+        await c.close()
+    assert len(acked) >= 300
+
+    srv2 = Server(tmp_path / "data")
+    servers.append(srv2)
+    await srv2.start()
+    c = Client(srv2.url)
+    await c.connect(name="check", identity="check")
+    stored: dict[int, str] = {}
+    after = 0
+    while True:
+        page = await c.request({"type": "history", "conversation": "room:crash", "after": after,
+                                "limit": 200})
+        stored.update({m["seq"]: m["cid"] for m in page["messages"]})
+        if not page["more"]:
+            break
+        after = page["messages"][-1]["seq"]
+    await c.close()
+    assert sorted(stored) == list(range(1, len(stored) + 1))  # gap-free
+    missing = [a for a in acked if stored.get(a["seq"]) != a["cid"]]  # type: ignore[call-overload]
+    assert missing == []
+
+
+def test_token_command(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [*RALLYPOINT, "token", "--room", "lobby", "--room", "side", "--identity", "alice",
+         "--name", "Alice A", "--ttl", "600", "--grant", "join,chat", "--grant", "moderate",
+         "--api-key", "k1", "--api-secret", SECRET],
+        capture_output=True, text=True, check=True)
+    claims = verify_token(out.stdout.strip(), "k1", SECRET)
+    assert claims.identity == "alice" and claims.name == "Alice A"
+    assert claims.rooms == {"lobby": frozenset({"join", "chat", "moderate"}),
+                            "side": frozenset({"join", "chat", "moderate"})}
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[auth]\napi_key = "k2"\napi_secret = "{SECRET}"\n')
+    out = subprocess.run([*RALLYPOINT, "token", "--config", str(cfg), "--room", "*",
+                          "--identity", "bob"], capture_output=True, text=True, check=True)
+    assert verify_token(out.stdout.strip(), "k2", SECRET).can("any", "publish")
+    bad = subprocess.run([*RALLYPOINT, "token", "--room", "r", "--identity", "x"],
+                         capture_output=True, text=True, env={**os.environ, "HOME": "/tmp"},
+                         cwd=tmp_path)
+    assert bad.returncode == 2 and "API key" in bad.stderr
+    bad = subprocess.run([*RALLYPOINT, "token", "--room", "r", "--identity", "x",
+                          "--grant", "fly", "--api-key", "k", "--api-secret", SECRET],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown grant" in bad.stderr
+
+
+def test_serve_refuses_unknown_config_keys(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[server]\nhots = '0.0.0.0'\n")
+    r = subprocess.run([*RALLYPOINT, "serve", "--config", str(cfg)], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 2 and "server.hots" in r.stderr
+    r = subprocess.run([*RALLYPOINT, "serve"], capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "RALLYPOINT_LIMITS_BURTS": "3"})
+    assert r.returncode == 2 and "RALLYPOINT_LIMITS_BURTS" in r.stderr
+
+
+async def test_token_mode_and_tls(tmp_path: Path, servers: list[Server]) -> None:
+    """With a key and secret the server wants tokens; with a certificate it serves WSS."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.private_key_pem.write_to_path(key_file)
+    cert.cert_chain_pems[0].write_to_path(cert_file)
+    srv = Server(tmp_path / "data", env={"RALLYPOINT_AUTH_API_KEY": "k",
+                                         "RALLYPOINT_AUTH_API_SECRET": SECRET},
+                 args=["--tls-cert", str(cert_file), "--tls-key", str(key_file)])
+    servers.append(srv)
+    await srv.start()
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"wss://127.0.0.1:{srv.port}/ws", ssl=ctx) as ws:
+            await ws.send_json({"type": "hello", "v": 1, "name": "anon"})
+            msg = await ws.receive_json()
+            assert msg["code"] == "token_required"
+        token = subprocess.run([*RALLYPOINT, "token", "--room", "x", "--identity", "t",
+                                "--api-key", "k", "--api-secret", SECRET],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        async with http.ws_connect(f"wss://127.0.0.1:{srv.port}/ws", ssl=ctx) as ws:
+            await ws.send_json({"type": "hello", "v": 1, "token": token})
+            msg = await ws.receive_json()
+            assert msg["type"] == "welcome" and msg["open_mode"] is False
+    assert "token mode" in srv.log.read_text()

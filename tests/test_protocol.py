@@ -1,0 +1,116 @@
+"""The message codec: parsing, validation errors, framing, and the JSON Schema file."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import jsonschema
+import orjson
+import pytest
+
+from signaling.protocol import (
+    CLIENT_MESSAGES,
+    ERROR_CODES,
+    ProtocolError,
+    encode,
+    error_message,
+    frame,
+    json_schema,
+    parse_client_message,
+)
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        (b"{not json", "bad_json"),
+        (b"\xff\xfe", "bad_json"),
+        (b"[1,2]", "bad_message"),
+        (b'"hello"', "bad_message"),
+        (b"{}", "bad_message"),
+        (b'{"type": 5}', "bad_message"),
+        (b'{"type": "teleport"}', "unknown_type"),
+        (b'{"type": "join"}', "bad_field"),
+        (b'{"type": "join", "room": 7}', "bad_field"),
+        (b'{"type": "join", "room": "a b"}', "bad_field"),
+        (b'{"type": "join", "room": "' + b"x" * 65 + b'"}', "bad_field"),
+        (b'{"type": "join", "room": "lobby", "extra": 1}', "bad_field"),
+        (b'{"type": "send", "conversation": "room:x", "cid": "c", "text": "t", "from": "b"}',
+         "bad_field"),
+        (b'{"type": "send", "conversation": "chan:x", "cid": "c", "text": "t"}', "bad_field"),
+        (b'{"type": "read", "conversation": "room:x", "seq": true}', "bad_field"),
+        (b'{"type": "read", "conversation": "room:x", "seq": -1}', "bad_field"),
+        (b'{"type": "read", "conversation": "room:x", "seq": 1.5}', "bad_field"),
+        (b'{"type": "lock", "room": "x", "locked": 1}', "bad_field"),
+        (b'{"type": "presence", "status": "invisible"}', "bad_field"),
+        (b'{"type": "watch", "identities": ["ok", "no way"]}', "bad_field"),
+        (b'{"type": "sync", "since": {"room:x": "3"}}', "bad_field"),
+        (b'{"type": "sync", "since": {"nope": 3}}', "bad_field"),
+        (b'{"type": "history", "conversation": "room:x", "limit": 1000}', "bad_field"),
+    ],
+)
+def test_bad_frames_get_stable_codes(raw: bytes, code: str) -> None:
+    with pytest.raises(ProtocolError) as exc:
+        parse_client_message(raw)
+    assert exc.value.code == code
+    assert exc.value.message
+
+
+def test_error_keeps_request_id_when_usable() -> None:
+    with pytest.raises(ProtocolError) as exc:
+        parse_client_message(b'{"type": "join", "id": "q7"}')
+    assert error_message(exc.value)["re"] == "q7"
+
+
+def test_good_messages_parse() -> None:
+    m = parse_client_message(
+        b'{"type":"send","conversation":"dm:alice|bob","cid":"c-1","text":"hi","id":"1"}'
+    )
+    assert m["text"] == "hi"
+    m = parse_client_message(b'{"type":"sync","since":{"room:lobby":4,"dm:a|b":0}}')
+    assert m["since"] == {"room:lobby": 4, "dm:a|b": 0}
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+def test_frame_header_lengths(size: int) -> None:
+    payload = b"a" * size
+    f = frame(payload)
+    assert f[0] == 0x81  # FIN + text
+    if size < 126:
+        assert f[1] == size and f[2:] == payload
+    elif size < 65536:
+        assert f[1] == 126 and struct.unpack("!H", f[2:4])[0] == size and f[4:] == payload
+    else:
+        assert f[1] == 127 and struct.unpack("!Q", f[2:10])[0] == size and f[10:] == payload
+
+
+def test_encode_round_trips() -> None:
+    msg = {"type": "ok", "re": "x", "n": "é"}
+    f = encode(msg)
+    assert orjson.loads(f[2:]) == msg
+
+
+def test_schema_file_is_current() -> None:
+    """docs/protocol.schema.json is generated from the message tables; regenerate with
+    `python -m signaling.protocol > docs/protocol.schema.json`."""
+    on_disk = json.loads((DOCS / "protocol.schema.json").read_text())
+    assert on_disk == json.loads(orjson.dumps(json_schema()))
+
+
+def test_schema_validates_what_the_parser_accepts() -> None:
+    schema = json_schema()
+    validator = jsonschema.Draft202012Validator(schema)
+    good = {"type": "send", "conversation": "room:a", "cid": "c1", "text": "hi", "id": "r"}
+    parse_client_message(orjson.dumps(good))
+    assert validator.is_valid(good)
+    bad = {**good, "from": "mallory"}
+    assert not validator.is_valid(bad)
+
+
+def test_every_error_code_has_a_meaning() -> None:
+    assert all(ERROR_CODES.values())
+    assert set(CLIENT_MESSAGES) >= {"hello", "join", "send", "sync", "read", "typing"}

@@ -1,0 +1,318 @@
+"""The running server with real WebSocket clients: rooms, presence, chat, resume."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from signaling.client import Client, ClientError
+from signaling.server import HUB
+
+Connect = Callable[..., Awaitable[Client]]
+
+
+async def joined(clients: Connect, server: TestServer, room: str, *names: str) -> list[Client]:
+    out = []
+    for n in names:
+        c = await clients(server, name=n.title(), identity=n)
+        await c.request({"type": "join", "room": room})
+        out.append(c)
+    for c in out:
+        c.drain()
+    return out
+
+
+async def test_welcome_describes_the_session(server: TestServer, clients: Connect) -> None:
+    c = await clients(server, name="Alice", identity="alice", device="phone")
+    w = c.welcome
+    assert w["type"] == "welcome" and w["identity"] == "alice" and w["name"] == "Alice"
+    assert w["device"] == "phone" and w["open_mode"] is True and w["resumed"] is False
+    assert w["heartbeat_ms"] == 25000 and w["resume_grace_ms"] == 30000
+    assert len(w["resume"]) >= 32 and w["epoch"] and w["ice_servers"] == []
+    assert w["limits"]["max_frame_bytes"] == 65536
+    assert w["ice_transport_policy"] == "all"
+
+
+async def test_join_and_participant_events(server: TestServer, clients: Connect) -> None:
+    a = await clients(server, name="Alice", identity="alice")
+    b = await clients(server, name="Bob", identity="bob")
+    ja = await a.request({"type": "join", "room": "lobby"})
+    assert ja["participants"] == [] and ja["self"]["moderator"] is True  # first joiner
+    jb = await b.request({"type": "join", "room": "lobby"})
+    assert [p["identity"] for p in jb["participants"]] == ["alice"]
+    assert jb["self"]["moderator"] is False and jb["conversation"] == "room:lobby"
+    ev = await a.next_event("participant_joined")
+    assert ev["participant"]["identity"] == "bob" and ev["room"] == "lobby"
+
+    await b.request({"type": "update", "room": "lobby", "audio_muted": True, "name": "Bobby"})
+    ev = await a.next_event("participant_updated")
+    assert ev["participant"]["audio_muted"] is True and ev["participant"]["name"] == "Bobby"
+
+    await b.request({"type": "leave", "room": "lobby"})
+    ev = await a.next_event("participant_left")
+    assert ev["identity"] == "bob" and ev["reason"] == "left"
+    with pytest.raises(ClientError) as e:
+        await b.request({"type": "leave", "room": "lobby"})
+    assert e.value.code == "not_in_room"
+
+
+async def test_room_limit(start_server: Callable[..., Awaitable[TestServer]],
+                          clients: Connect) -> None:
+    server = await start_server(rooms__max_participants=2)
+    await joined(clients, server, "small", "a", "b")
+    c = await clients(server, name="C")
+    with pytest.raises(ClientError) as e:
+        await c.request({"type": "join", "room": "small"})
+    assert e.value.code == "room_full"
+
+
+async def test_moderation_kick_mute_lock(server: TestServer, clients: Connect) -> None:
+    mod, bob, carol = await joined(clients, server, "r", "mod", "bob", "carol")
+    bob_id = bob.welcome["session"]
+    with pytest.raises(ClientError) as e:
+        await bob.request({"type": "lock", "room": "r", "locked": True})
+    assert e.value.code == "forbidden"
+
+    await mod.request({"type": "mute", "room": "r", "participant": bob_id, "kind": "audio"})
+    ev = await bob.next_event("mute_requested")
+    assert ev["kind"] == "audio" and ev["by"] == mod.welcome["session"]
+
+    await mod.request({"type": "lock", "room": "r", "locked": True})
+    assert (await carol.next_event("room_updated"))["locked"] is True
+    dave = await clients(server, name="Dave")
+    with pytest.raises(ClientError) as e:
+        await dave.request({"type": "join", "room": "r"})
+    assert e.value.code == "room_locked"
+
+    await mod.request({"type": "kick", "room": "r", "participant": bob_id})
+    assert (await bob.next_event("kicked"))["room"] == "r"
+    ev = await carol.next_event("participant_left")
+    assert ev["participant"] == bob_id and ev["reason"] == "kicked"
+    with pytest.raises(ClientError) as e:
+        await bob.send_chat("room:r", "still here?")
+    assert e.value.code == "not_in_room"
+    with pytest.raises(ClientError) as e:
+        await mod.request({"type": "kick", "room": "r", "participant": "nobody"})
+    assert e.value.code == "no_such_participant"
+
+
+async def test_chat_in_order_to_three_clients(server: TestServer, clients: Connect) -> None:
+    a, b, c = await joined(clients, server, "chat", "alice", "bob", "carol")
+    # Everyone sends concurrently; each receiver sees the others' messages in seq order.
+    sends = [cl.send_chat("room:chat", f"{cl.welcome['identity']}-{i}")
+             for i in range(20) for cl in (a, b, c)]
+    acks = await asyncio.gather(*sends)
+    assert sorted(x["seq"] for x in acks) == list(range(1, 61))
+    for cl in (a, b, c):
+        got = [await cl.next_event("message") for _ in range(40)]
+        seqs = [m["seq"] for m in got]
+        assert seqs == sorted(seqs)
+        assert all(m["from"] != cl.welcome["identity"] for m in got)
+        mine = {x["seq"] for x in acks} - set(seqs)
+        assert len(mine) == 20  # its own messages came back only as acks
+
+
+async def test_history_paging(server: TestServer, clients: Connect) -> None:
+    (a,) = await joined(clients, server, "h", "alice")
+    for i in range(1, 13):
+        await a.send_chat("room:h", f"m{i}")
+    latest = await a.request({"type": "history", "conversation": "room:h", "limit": 5})
+    assert [m["text"] for m in latest["messages"]] == [f"m{i}" for i in range(8, 13)]
+    assert latest["more"] is True and latest["last_seq"] == 12
+    older = await a.request({"type": "history", "conversation": "room:h", "before": 8,
+                             "limit": 5})
+    assert [m["seq"] for m in older["messages"]] == [3, 4, 5, 6, 7]
+    fwd = await a.request({"type": "history", "conversation": "room:h", "after": 10})
+    assert [m["seq"] for m in fwd["messages"]] == [11, 12] and fwd["more"] is False
+    # A late joiner reads the history too.
+    (z,) = await joined(clients, server, "h", "zed")
+    page = await z.request({"type": "history", "conversation": "room:h"})
+    assert len(page["messages"]) == 12
+    with pytest.raises(ClientError) as e:
+        await z.request({"type": "history", "conversation": "room:h", "before": 3, "after": 1})
+    assert e.value.code == "bad_field"
+
+
+async def test_direct_messages_reach_every_device(server: TestServer, clients: Connect) -> None:
+    alice = await clients(server, name="Alice", identity="alice", device="laptop")
+    alice_phone = await clients(server, name="Alice", identity="alice", device="phone")
+    bob = await clients(server, name="Bob", identity="bob")
+    eve = await clients(server, name="Eve", identity="eve")
+    ack = await bob.send_chat("dm:alice|bob", "psst")
+    for dev in (alice, alice_phone):
+        m = await dev.next_event("message")
+        assert m["text"] == "psst" and m["from"] == "bob" and m["seq"] == ack["seq"] == 1
+    await alice.send_chat("dm:alice|bob", "hey")
+    assert (await alice_phone.next_event("message"))["text"] == "hey"  # own other device
+    assert (await bob.next_event("message"))["text"] == "hey"
+    await asyncio.sleep(0.05)
+    assert [e for e in eve.drain() if e["type"] == "message"] == []
+    for conv in ("dm:alice|bob", "dm:bob|alice", "dm:alice|alice"):
+        with pytest.raises(ClientError) as e:
+            await eve.send_chat(conv, "let me in")
+        assert e.value.code == "bad_conversation"
+    with pytest.raises(ClientError) as e:
+        await eve.request({"type": "history", "conversation": "dm:alice|bob"})
+    assert e.value.code == "bad_conversation"
+    convs = await bob.request({"type": "conversations"})
+    assert convs["items"] == [{"conversation": "dm:alice|bob", "last_seq": 2, "read_seq": 0}]
+
+
+async def test_read_receipts_and_typing(server: TestServer, clients: Connect) -> None:
+    a, b = await joined(clients, server, "rr", "alice", "bob")
+    for i in range(3):
+        await a.send_chat("room:rr", f"m{i}")
+    await b.request({"type": "typing", "conversation": "room:rr", "active": True})
+    t = await a.next_event("typing")
+    assert t["identity"] == "bob" and t["active"] is True
+    await b.request({"type": "read", "conversation": "room:rr", "seq": 2})
+    r = await a.next_event("receipt")
+    assert r == {"type": "receipt", "conversation": "room:rr", "identity": "bob", "seq": 2}
+    await b.request({"type": "read", "conversation": "room:rr", "seq": 1})  # no move, no event
+    await b.request({"type": "read", "conversation": "room:rr", "seq": 3})
+    assert (await a.next_event("receipt"))["seq"] == 3
+    items = (await b.request({"type": "conversations"}))["items"]
+    assert items == [{"conversation": "room:rr", "last_seq": 3, "read_seq": 3}]
+
+
+async def test_edit_and_delete(server: TestServer, clients: Connect) -> None:
+    mod, a, b = await joined(clients, server, "ed", "mod", "alice", "bob")
+    orig = await a.send_chat("room:ed", "helo")
+    await a.request({"type": "edit", "conversation": "room:ed", "cid": "e1",
+                     "ref": orig["seq"], "text": "hello"})
+    msgs = [await b.next_event("message") for _ in range(2)]
+    assert msgs[1]["kind"] == "edit" and msgs[1]["ref"] == orig["seq"]
+    assert msgs[1]["text"] == "hello"
+    with pytest.raises(ClientError) as e:
+        await b.request({"type": "delete", "conversation": "room:ed", "cid": "d0",
+                         "ref": orig["seq"]})
+    assert e.value.code == "not_author"
+    await mod.request({"type": "delete", "conversation": "room:ed", "cid": "d1",
+                       "ref": orig["seq"]})
+    d = await b.next_event("message")
+    assert d["kind"] == "delete" and "text" not in d
+    with pytest.raises(ClientError) as e:
+        await a.request({"type": "edit", "conversation": "room:ed", "cid": "e2",
+                         "ref": orig["seq"], "text": "again"})
+    assert e.value.code == "already_deleted"
+    hist = await b.request({"type": "history", "conversation": "room:ed"})
+    assert [m["kind"] for m in hist["messages"]] == ["text", "edit", "delete"]
+    assert "text" not in hist["messages"][0]
+
+
+async def test_duplicate_sends_are_stored_once(server: TestServer, clients: Connect) -> None:
+    a, b = await joined(clients, server, "dup", "alice", "bob")
+    first = await a.send_chat("room:dup", "once", cid="same-cid")
+    again = await a.send_chat("room:dup", "once", cid="same-cid")
+    assert again["duplicate"] is True and first["duplicate"] is False
+    assert {k: again[k] for k in ("cid", "mid", "seq", "ts")} == \
+        {k: first[k] for k in ("cid", "mid", "seq", "ts")}
+    await a.send_chat("room:dup", "next")
+    got = [await b.next_event("message") for _ in range(2)]
+    assert [m["text"] for m in got] == ["once", "next"]  # the retry was not delivered again
+    hist = await a.request({"type": "history", "conversation": "room:dup"})
+    assert [m["text"] for m in hist["messages"]] == ["once", "next"]
+
+
+async def test_presence_across_devices_for_watchers(server: TestServer,
+                                                    clients: Connect) -> None:
+    w = await clients(server, name="Watcher", identity="watcher")
+    state = await w.request({"type": "watch", "identities": ["alice"]})
+    assert state["presence"] == [{"identity": "alice", "status": "offline"}]
+    phone = await clients(server, name="Alice", identity="alice")
+    assert (await w.next_event("presence"))["status"] == "online"
+    laptop = await clients(server, name="Alice", identity="alice")
+    await laptop.request({"type": "presence", "status": "away"})  # phone still online
+    await phone.request({"type": "presence", "status": "busy"})
+    assert (await w.next_event("presence"))["status"] == "busy"
+    await phone.request({"type": "bye"})
+    assert (await w.next_event("presence"))["status"] == "away"
+    await laptop.request({"type": "bye"})
+    assert (await w.next_event("presence"))["status"] == "offline"
+    assert laptop.close_code is None or laptop.close_code == 1000
+
+
+async def test_resume_after_dropped_socket(start_server: Callable[..., Awaitable[TestServer]],
+                                           clients: Connect) -> None:
+    server = await start_server()
+    a, b = await joined(clients, server, "res", "alice", "bob")
+    await a.send_chat("room:res", "before")
+    await b.next_event("message")
+    token = b.welcome["resume"]
+    last_seq = 1
+    await b.drop()
+    await asyncio.sleep(0.1)
+    for i in range(5):  # sent while bob is away
+        await a.send_chat("room:res", f"missed-{i}")
+    b2 = await clients(server, name="Bob", resume=token)
+    assert b2.welcome["resumed"] is True and b2.welcome["session"] == b.welcome["session"]
+    assert b2.welcome["rooms"] == ["res"] and b2.welcome["resume"] != token
+    state = await b2.next_event("room_state")
+    assert sorted(p["identity"] for p in state["participants"]) == ["alice", "bob"]
+    synced = await b2.request({"type": "sync", "since": {"room:res": last_seq}, "limit": 3})
+    page = synced["conversations"][0]
+    assert [m["text"] for m in page["messages"]] == ["missed-0", "missed-1", "missed-2"]
+    assert page["more"] is True and synced["epoch"] == b.welcome["epoch"]
+    synced = await b2.request({"type": "sync", "since": {"room:res": page["messages"][-1]["seq"]}})
+    assert [m["text"] for m in synced["conversations"][0]["messages"]] == ["missed-3", "missed-4"]
+    assert synced["conversations"][0]["more"] is False
+    # Alice saw no leave or join flapping, and bob can chat again at once.
+    await b2.send_chat("room:res", "back")
+    assert (await a.next_event("message"))["text"] == "back"
+    assert [e["type"] for e in a.drain() if e["type"].startswith("participant")] == []
+    # The old resume token is spent.
+    b3 = await clients(server, name="Bob", identity="bob", resume=token)
+    assert b3.welcome["resumed"] is False
+
+
+async def test_session_ends_after_resume_grace(
+        start_server: Callable[..., Awaitable[TestServer]], clients: Connect) -> None:
+    server = await start_server(session__resume_grace_s=0.3)
+    a, b = await joined(clients, server, "g", "alice", "bob")
+    await b.drop()
+    ev = await a.next_event("participant_left", timeout=3)
+    assert ev["identity"] == "bob" and ev["reason"] == "disconnected"
+    b2 = await clients(server, name="Bob", identity="bob", resume=b.welcome["resume"])
+    assert b2.welcome["resumed"] is False and b2.welcome["rooms"] == []
+
+
+async def test_resume_replaces_a_half_open_connection(server: TestServer,
+                                                      clients: Connect) -> None:
+    a = await clients(server, name="A", identity="a")
+    a2 = await clients(server, name="A", identity="a", resume=a.welcome["resume"])
+    assert a2.welcome["resumed"] is True
+    ev = await a.next_event("_closed", timeout=5)
+    assert ev["code"] == 4004
+
+
+async def test_heartbeat_timeout(start_server: Callable[..., Awaitable[TestServer]],
+                                 clients: Connect) -> None:
+    server = await start_server(session__heartbeat_interval_s=0.2)
+    quiet = await clients(server, name="Q")
+    pinging = await clients(server, name="P")
+    for _ in range(8):
+        await asyncio.sleep(0.1)
+        pong = await pinging.request({"type": "ping", "ts": 42})
+        assert pong["ts"] == 42
+    ev = await quiet.next_event("_closed", timeout=5)
+    assert ev["code"] == 4002
+    await pinging.request({"type": "ping"})  # still up
+
+
+async def test_shutdown_closes_with_going_away(
+        start_server: Callable[..., Awaitable[TestServer]], clients: Connect) -> None:
+    server = await start_server()
+    c = await clients(server, name="C")
+    hub = server.app[HUB]
+    assert len(hub.connections) == 1
+    await server.close()
+    ev = await c.next_event("_closed", timeout=5)
+    assert ev["code"] == 1001
+
+
+def _hub_stats(server: TestServer) -> dict[str, Any]:
+    return dict(server.app[HUB].counters)

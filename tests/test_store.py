@@ -1,0 +1,157 @@
+"""The SQLite chat store: gap-free sequences, duplicates, amend rules, paging, read marks."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from signaling.protocol import ProtocolError
+from signaling.sqlite_store import MIGRATIONS, SqliteStore
+from signaling.store import NewMessage
+
+
+def msg(conv: str, cid: str, sender: str = "alice", text: str | None = "hi", kind: str = "text",
+        ref: int | None = None, moderator: bool = False, window_ms: int = 60_000,
+        members: tuple[str, ...] = ()) -> NewMessage:
+    return NewMessage(conv, cid, sender, sender.title(), kind, text, ref, members, moderator,
+                      window_ms)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> SqliteStore:
+    s = SqliteStore(tmp_path / "chat.sqlite3")
+    await s.open()
+    yield s  # type: ignore[misc]
+    await s.close()
+
+
+async def test_concurrent_appends_get_gap_free_sequences(store: SqliteStore) -> None:
+    results = await asyncio.gather(*(
+        store.append(msg(f"room:r{i % 3}", f"c{i}")) for i in range(300)))
+    for r in range(3):
+        seqs = sorted(m.seq for m, dup in results if m.conversation == f"room:r{r}")
+        assert seqs == list(range(1, 101))
+    assert len({m.mid for m, _ in results}) == 300
+    assert not any(dup for _, dup in results)
+    assert await store.last_seq("room:r0") == 100
+
+
+async def test_duplicate_cid_returns_the_original(store: SqliteStore) -> None:
+    first, dup1 = await store.append(msg("room:r", "same"))
+    again, dup2 = await store.append(msg("room:r", "same", text="changed"))
+    assert (dup1, dup2) == (False, True)
+    assert again == first
+    other, _ = await store.append(msg("room:r", "same", sender="bob"))  # cids are per sender
+    assert other.seq == 2
+    page = await store.page("room:r", before=None, after=None, limit=10)
+    assert [m.text for m in page.messages] == ["hi", "hi"]
+
+
+async def test_duplicates_within_one_batch(store: SqliteStore) -> None:
+    a, b = await asyncio.gather(store.append(msg("room:r", "x")), store.append(msg("room:r", "x")))
+    assert a[0] == b[0] and sorted([a[1], b[1]]) == [False, True]
+    assert await store.last_seq("room:r") == 1
+
+
+async def test_paging_both_ways(store: SqliteStore) -> None:
+    for i in range(25):
+        await store.append(msg("room:p", f"c{i}", text=f"m{i + 1}"))
+    newest = await store.page("room:p", before=None, after=None, limit=10)
+    assert [m.seq for m in newest.messages] == list(range(16, 26)) and newest.more
+    older = await store.page("room:p", before=16, after=None, limit=10)
+    assert [m.seq for m in older.messages] == list(range(6, 16)) and older.more
+    oldest = await store.page("room:p", before=6, after=None, limit=10)
+    assert [m.seq for m in oldest.messages] == list(range(1, 6)) and not oldest.more
+    fwd = await store.page("room:p", before=None, after=20, limit=3)
+    assert [m.seq for m in fwd.messages] == [21, 22, 23] and fwd.more and fwd.last_seq == 25
+    end = await store.page("room:p", before=None, after=23, limit=3)
+    assert [m.seq for m in end.messages] == [24, 25] and not end.more
+    empty = await store.page("room:none", before=None, after=0, limit=3)
+    assert empty.messages == [] and empty.last_seq == 0
+
+
+async def test_edit_and_delete_rules(store: SqliteStore) -> None:
+    orig, _ = await store.append(msg("room:e", "o1"))
+    edit, _ = await store.append(msg("room:e", "e1", kind="edit", ref=orig.seq, text="fixed"))
+    assert edit.seq == 2 and edit.ref == 1 and edit.kind == "edit"
+
+    async def refused(m: NewMessage) -> str:
+        with pytest.raises(ProtocolError) as e:
+            await store.append(m)
+        return e.value.code
+
+    assert await refused(msg("room:e", "e2", sender="bob", kind="edit", ref=1)) == "not_author"
+    assert await refused(msg("room:e", "e3", kind="edit", ref=99)) == "no_such_message"
+    assert await refused(msg("room:e", "e4", kind="edit", ref=2)) == "no_such_message"  # an edit
+    assert await refused(msg("room:e", "e5", kind="edit", ref=1, window_ms=-1)) == \
+        "edit_window_passed"
+    # A moderator may delete someone else's message, even after the window.
+    d, _ = await store.append(msg("room:e", "d1", sender="mod", kind="delete", text=None, ref=1,
+                                  moderator=True, window_ms=-1))
+    assert d.seq == 3
+    assert await refused(msg("room:e", "e6", kind="edit", ref=1)) == "already_deleted"
+    page = await store.page("room:e", before=None, after=0, limit=10)
+    assert page.messages[0].text is None  # the deleted text is gone from the store
+    assert [m.kind for m in page.messages] == ["text", "edit", "delete"]
+    assert page.last_seq == 3  # refusals took no sequence numbers
+
+
+async def test_read_marks_only_move_forward(store: SqliteStore) -> None:
+    for i in range(5):
+        await store.append(msg("dm:alice|bob", f"c{i}", members=("alice", "bob")))
+    assert await store.mark_read("dm:alice|bob", "bob", 3) == 3
+    assert await store.mark_read("dm:alice|bob", "bob", 2) is None
+    assert await store.mark_read("dm:alice|bob", "bob", 50) == 5  # clamped to the last seq
+    assert await store.read_seq("dm:alice|bob", "bob") == 5
+    assert await store.conversations_of("bob") == [("dm:alice|bob", 5, 5)]
+    assert await store.conversations_of("alice") == [("dm:alice|bob", 5, 0)]
+    assert await store.conversations_of("carol") == []
+
+
+async def test_reopen_keeps_sequence_and_epoch(tmp_path: Path) -> None:
+    s = SqliteStore(tmp_path / "c.db")
+    await s.open()
+    await s.append(msg("room:r", "a"))
+    epoch = s.epoch
+    await s.close()
+    s2 = SqliteStore(tmp_path / "c.db")
+    await s2.open()
+    m, _ = await s2.append(msg("room:r", "b"))
+    assert m.seq == 2 and s2.epoch == epoch and len(epoch) == 16
+    await s2.close()
+    db = sqlite3.connect(tmp_path / "c.db")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.close()
+
+
+async def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "c.db")
+    db.execute(f"PRAGMA user_version={len(MIGRATIONS) + 1}")
+    db.close()
+    s = SqliteStore(tmp_path / "c.db")
+    with pytest.raises(RuntimeError, match="newer"):
+        await s.open()
+    await s.close()
+
+
+async def test_store_failure_is_reported_and_sequence_not_burnt(store: SqliteStore) -> None:
+    await store.append(msg("room:f", "a"))
+    # Make the next insert fail inside SQLite: a trigger that aborts once.
+    db = sqlite3.connect(store.path)
+    db.execute("CREATE TABLE fail_once (n INTEGER)")
+    db.execute("INSERT INTO fail_once VALUES (1)")
+    db.execute("CREATE TRIGGER boom BEFORE INSERT ON messages WHEN (SELECT n FROM fail_once) = 1 "
+               "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END")
+    db.commit()
+    with pytest.raises(ProtocolError) as e:
+        await store.append(msg("room:f", "b"))
+    assert e.value.code == "internal_error"
+    db.execute("UPDATE fail_once SET n = 0")
+    db.commit()
+    db.close()
+    m, _ = await store.append(msg("room:f", "b"))
+    assert m.seq == 2

@@ -43,14 +43,16 @@ class Client:
         self._reader: asyncio.Task[None] | None = None
         self._pinger: asyncio.Task[None] | None = None
 
-    async def connect(self, *, heartbeat: bool = False, origin: str | None = None,
-                      **hello: Any) -> dict[str, Any]:
+    async def connect(
+        self, *, heartbeat: bool = False, origin: str | None = None, **hello: Any
+    ) -> dict[str, Any]:
         """Open the socket and send `hello` with ``hello`` fields; returns `welcome`."""
         if self._http is None:
             self._http = aiohttp.ClientSession()
         headers = {"Origin": origin} if origin else None
-        self.ws = await self._http.ws_connect(self.url, headers=headers, autoping=True,
-                                              max_msg_size=0)
+        self.ws = await self._http.ws_connect(
+            self.url, headers=headers, autoping=True, max_msg_size=0
+        )
         self._reader = asyncio.create_task(self._read())
         self.welcome = await self.request({"type": "hello", "v": 1, **hello})
         if heartbeat:
@@ -104,10 +106,15 @@ class Client:
             raise ClientError(reply)
         return reply
 
-    async def next_event(self, type_: str | None = None, *, timeout: float = 10.0,
-                         where: Callable[[dict[str, Any]], bool] | None = None
-                         ) -> dict[str, Any]:
+    async def next_event(
+        self,
+        type_: str | None = None,
+        *,
+        timeout: float = 10.0,
+        where: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> dict[str, Any]:
         """The next event (of ``type_``, matching ``where``), skipping others."""
+
         async def wait() -> dict[str, Any]:
             while True:
                 ev = await self.events.get()
@@ -115,6 +122,7 @@ class Client:
                     return ev
                 if ev.get("type") == "_closed" and type_ != "_closed":
                     raise ConnectionError(f"connection closed ({ev.get('code')})")
+
         return await asyncio.wait_for(wait(), timeout)
 
     def drain(self) -> list[dict[str, Any]]:
@@ -124,14 +132,17 @@ class Client:
             out.append(self.events.get_nowait())
         return out
 
-    async def send_chat(self, conversation: str, text: str, *, cid: str | None = None,
-                        retries: int = 3) -> dict[str, Any]:
+    async def send_chat(
+        self, conversation: str, text: str, *, cid: str | None = None, retries: int = 3
+    ) -> dict[str, Any]:
         """Send a chat message; retried with the same cid on timeout. Returns `sent`."""
         cid = cid or uuid.uuid4().hex
         for attempt in range(retries + 1):
             try:
-                return await self.request({"type": "send", "conversation": conversation,
-                                           "cid": cid, "text": text}, timeout=5.0)
+                return await self.request(
+                    {"type": "send", "conversation": conversation, "cid": cid, "text": text},
+                    timeout=5.0,
+                )
             except TimeoutError:
                 if attempt == retries:
                     raise

@@ -54,6 +54,9 @@ class Hub:
         self.rooms = RoomRegistry(cfg.rooms.max_participants, cfg.rooms.empty_room_grace_s)
         self.presence = PresenceBook()
         self.watchers: dict[str, set[Session]] = {}
+        # Feature modules (calls, media) hook session starts and ends here.
+        self.on_session_start: list[Callable[[Session], None]] = []
+        self.on_session_end: list[Callable[[Session, str], None]] = []
         self.counters: dict[str, int] = {
             "messages_stored": 0,
             "errors_sent": 0,
@@ -116,6 +119,8 @@ class Hub:
             self.sessions[session.id] = session
             self.bus.subscribe(f"user:{session.identity}", session.id, session)
             self._set_presence(session, "online")
+            for hook in self.on_session_start:
+                hook(session)
             resumed = False
         else:
             resumed = True
@@ -160,6 +165,16 @@ class Hub:
         if "id" in hello:
             msg["re"] = hello["id"]
         conn.send(msg)
+        if resumed and session.watching:
+            conn.send(
+                {
+                    "type": "presence_state",
+                    "presence": [
+                        {"identity": i, "status": self.presence.status(i)}
+                        for i in sorted(session.watching)
+                    ],
+                }
+            )
         for name in session.rooms:
             room = self.rooms.get(name)
             if room is not None:
@@ -194,6 +209,8 @@ class Hub:
             session.expiry.cancel()
             session.expiry = None
         self.by_resume.pop(session.resume_token, None)
+        for hook in self.on_session_end:
+            hook(session, reason)
         now = time.monotonic()
         for name in list(session.rooms):
             self._leave(session, name, reason, now)
@@ -590,6 +607,7 @@ async def on_sync(hub: Hub, s: Session, m: dict[str, Any]) -> None:
                 "messages": [x.to_wire() for x in page.messages],
                 "more": page.more,
                 "last_seq": page.last_seq,
+                "reads": await hub.store.read_marks(conv),
             }
         )
     _reply(s, {"type": "synced", "conversations": pages, "epoch": hub.store.epoch}, m)

@@ -693,12 +693,17 @@ _DEFINITIONS: Final[dict[str, Any]] = {
     },
     "SyncPage": {
         "type": "object",
-        "required": ["conversation", "messages", "more", "last_seq"],
+        "required": ["conversation", "messages", "more", "last_seq", "reads"],
         "properties": {
             "conversation": {"type": "string"},
             "messages": {"type": "array", "items": {"$ref": "#/$defs/server/message"}},
             "more": {"type": "boolean"},
             "last_seq": {"type": "integer"},
+            "reads": {
+                "type": "object",
+                "description": "Read watermark of each identity that has read something.",
+                "additionalProperties": {"type": "integer"},
+            },
         },
     },
     "ConversationInfo": {

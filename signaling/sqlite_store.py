@@ -194,16 +194,13 @@ class SqliteStore:
             try:
                 db.execute("BEGIN IMMEDIATE")
                 for op, args, fut in batch:
-                    db.execute("SAVEPOINT m")
+                    # Ops raise ProtocolError only before they write anything, so a refusal
+                    # needs no savepoint (which would cost two statements per message).
                     try:
                         results.append((fut, True, op(w, *args)))
-                        db.execute("RELEASE m")
                     except ProtocolError as e:
-                        # Refusals are raised before the op writes anything or touches
-                        # ``pending``; rolling back to the savepoint is belt and braces.
-                        db.execute("ROLLBACK TO m")
-                        db.execute("RELEASE m")
                         results.append((fut, False, e))
+                w.flush()
                 db.execute("COMMIT")
                 w.committed()
                 self.commits += 1
@@ -310,6 +307,18 @@ class SqliteStore:
         result: list[tuple[str, int, int]] = await self._read(self._conversations_sync, identity)
         return result
 
+    def _read_marks_sync(self, conversation: str) -> dict[str, int]:
+        rows = (
+            self._rconn()
+            .execute("SELECT identity, seq FROM read_marks WHERE conversation=?", (conversation,))
+            .fetchall()
+        )
+        return {str(i): int(s) for i, s in rows}
+
+    async def read_marks(self, conversation: str) -> dict[str, int]:
+        result: dict[str, int] = await self._read(self._read_marks_sync, conversation)
+        return result
+
     def _read_seq_sync(self, conversation: str, identity: str) -> int:
         r = (
             self._rconn()
@@ -344,6 +353,13 @@ class _Writer:
         self.last: dict[str, int] = {}
         self.pending: dict[str, int] = {}  # changed in the open transaction
 
+    def flush(self) -> None:
+        """Write the last sequence of every conversation changed in this transaction."""
+        self.db.executemany(
+            "UPDATE conversations SET last_seq=? WHERE id=?",
+            [(seq, conv) for conv, seq in self.pending.items()],
+        )
+
     def committed(self) -> None:
         self.last.update(self.pending)
         self.pending.clear()
@@ -371,16 +387,22 @@ class _Writer:
         self.pending[conversation] = 0
         return 0
 
-    def append(self, msg: NewMessage) -> tuple[StoredMessage, bool]:
-        db = self.db
-        now = int(time.time() * 1000)
-        dup = db.execute(
+    def _duplicate(self, msg: NewMessage) -> tuple[StoredMessage, bool] | None:
+        dup = self.db.execute(
             f"SELECT {_COLUMNS} FROM messages WHERE conversation=? AND sender=? AND cid=?",
             (msg.conversation, msg.sender, msg.cid),
         ).fetchone()
-        if dup is not None:
-            return _row(dup), True
+        return None if dup is None else (_row(dup), True)
+
+    def append(self, msg: NewMessage) -> tuple[StoredMessage, bool]:
+        db = self.db
+        now = int(time.time() * 1000)
         if msg.kind in ("edit", "delete"):
+            # A retried edit or delete must get its first acknowledgement, not a refusal
+            # because the first attempt already changed the original: look for it first.
+            found = self._duplicate(msg)
+            if found is not None:
+                return found
             r = db.execute(
                 "SELECT sender, kind, ts, deleted FROM messages WHERE conversation=? AND seq=?",
                 (msg.conversation, msg.ref),
@@ -394,22 +416,29 @@ class _Writer:
                     (msg.conversation, msg.ref),
                 )
         seq = self._last(msg.conversation, msg.members, now) + 1
-        cur = db.execute(
-            "INSERT INTO messages (conversation, seq, sender, name, cid, kind, text, ref, ts) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                msg.conversation,
-                seq,
-                msg.sender,
-                msg.name,
-                msg.cid,
-                msg.kind,
-                msg.text,
-                msg.ref,
-                now,
-            ),
-        )
-        db.execute("UPDATE conversations SET last_seq=? WHERE id=?", (seq, msg.conversation))
+        try:
+            cur = db.execute(
+                "INSERT INTO messages (conversation, seq, sender, name, cid, kind, text, ref, ts) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    msg.conversation,
+                    seq,
+                    msg.sender,
+                    msg.name,
+                    msg.cid,
+                    msg.kind,
+                    msg.text,
+                    msg.ref,
+                    now,
+                ),
+            )
+        except sqlite3.IntegrityError:
+            # The unique (conversation, sender, cid) index caught a retry; SQLite undid only
+            # this statement, so the transaction goes on.
+            found = self._duplicate(msg)
+            if found is None:
+                raise
+            return found
         self.pending[msg.conversation] = seq
         mid = cur.lastrowid
         assert mid is not None

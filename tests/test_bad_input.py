@@ -24,6 +24,7 @@ KEY, SECRET = "test-key", "a-test-secret-of-at-least-32-bytes"
 def ws_url(server: TestServer) -> str:
     return f"ws://127.0.0.1:{server.port}/ws"
 
+
 BAD_FRAMES: list[tuple[str | bytes, str]] = [
     ("{oops", "bad_json"),
     ("[]", "bad_message"),
@@ -31,15 +32,17 @@ BAD_FRAMES: list[tuple[str | bytes, str]] = [
     ('{"type": "fly"}', "unknown_type"),
     ('{"type": "join"}', "bad_field"),
     ('{"type": "join", "room": ["x"]}', "bad_field"),
-    ('{"type": "send", "conversation": "room:t", "cid": "c", "text": "x", "from": "bob"}',
-     "bad_field"),
+    (
+        '{"type": "send", "conversation": "room:t", "cid": "c", "text": "x", "from": "bob"}',
+        "bad_field",
+    ),
     ('{"type": "send", "conversation": "room:t", "cid": "c", "text": ""}', "bad_field"),
-    ('{"type": "send", "conversation": "room:t", "cid": "has space", "text": "x"}',
-     "bad_field"),
-    ('{"type": "send", "conversation": "room:elsewhere", "cid": "c", "text": "x"}',
-     "not_in_room"),
-    ('{"type": "edit", "conversation": "room:t", "cid": "c2", "ref": 99, "text": "x"}',
-     "no_such_message"),
+    ('{"type": "send", "conversation": "room:t", "cid": "has space", "text": "x"}', "bad_field"),
+    ('{"type": "send", "conversation": "room:elsewhere", "cid": "c", "text": "x"}', "not_in_room"),
+    (
+        '{"type": "edit", "conversation": "room:t", "cid": "c2", "ref": 99, "text": "x"}',
+        "no_such_message",
+    ),
     ('{"type": "hello", "v": 1}', "already_welcomed"),
     ('{"type": "kick", "room": "t", "participant": "zz"}', "forbidden"),
     ('{"type": "update", "room": "nope"}', "not_in_room"),
@@ -93,8 +96,7 @@ async def test_hello_timeout(start_server: Start) -> None:
         assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 4003
 
 
-async def test_frame_over_hard_cap_closes_with_1009(start_server: Start,
-                                                    clients: Connect) -> None:
+async def test_frame_over_hard_cap_closes_with_1009(start_server: Start, clients: Connect) -> None:
     server = await start_server(limits__hard_frame_bytes=200_000)
     c = await clients(server, name="Big")
     await c.send_raw("y" * 300_000)
@@ -120,8 +122,10 @@ async def test_token_errors(start_server: Start) -> None:
     good = create_token(KEY, SECRET, "alice", rooms={"lobby": ["join", "chat"]})
     assert await hello(token=good) == ("welcome", None)
     assert await hello(name="Anon") == ("token_required", 4001)
-    assert await hello(token=create_token(KEY, SECRET, "a", rooms={}, ttl_s=-30)) == \
-        ("token_expired", 4001)
+    assert await hello(token=create_token(KEY, SECRET, "a", rooms={}, ttl_s=-30)) == (
+        "token_expired",
+        4001,
+    )
     forged = create_token(KEY, "forged-secret-also-at-least-32-bytes", "a", rooms={"*": ["join"]})
     assert await hello(token=forged) == ("token_invalid", 4001)
     assert await hello(token=good[:-2] + "xx") == ("token_invalid", 4001)
@@ -154,8 +158,15 @@ async def test_rate_limit(start_server: Start, clients: Connect) -> None:
     c = await clients(server, name="Flood", identity="flood")
     await c.request({"type": "join", "room": "f"})  # uses one token
     for i in range(30):
-        await c.send_raw({"type": "send", "conversation": "room:f", "cid": f"c{i}",
-                          "text": "spam", "id": f"s{i}"})
+        await c.send_raw(
+            {
+                "type": "send",
+                "conversation": "room:f",
+                "cid": f"c{i}",
+                "text": "spam",
+                "id": f"s{i}",
+            }
+        )
     replies = [await c.next_event(where=lambda e: "re" in e) for _ in range(30)]
     acked = [r for r in replies if r["type"] == "sent"]
     limited = [r for r in replies if r["type"] == "error"]
@@ -171,16 +182,19 @@ async def test_rate_limit(start_server: Start, clients: Connect) -> None:
 
 
 async def test_slow_reader_is_cut_off(start_server: Start, clients: Connect) -> None:
-    server = await start_server(limits__max_outbox_bytes=64 * 1024, limits__rate_per_s=1000,
-                                limits__burst=1000)
+    server = await start_server(
+        limits__max_outbox_bytes=64 * 1024, limits__rate_per_s=1000, limits__burst=1000
+    )
     # A raw socket that completes the handshake and then never reads.
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", server.port))
     try:
-        sock.sendall(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                     b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                     b"Sec-WebSocket-Version: 13\r\n\r\n")
+        sock.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
         hello = b'{"type":"hello","v":1,"name":"Slow","identity":"slow"}'
         join = b'{"type":"join","room":"s"}'
         for payload in (hello, join):
@@ -226,6 +240,7 @@ async def test_origin_check(start_server: Start) -> None:
     async with aiohttp.ClientSession() as http:
         with pytest.raises(aiohttp.WSServerHandshakeError):
             await http.ws_connect(ws_url(default), headers={"Origin": "https://evil.example"})
-        ws = await http.ws_connect(ws_url(default),
-                                   headers={"Origin": f"http://127.0.0.1:{default.port}"})
+        ws = await http.ws_connect(
+            ws_url(default), headers={"Origin": f"http://127.0.0.1:{default.port}"}
+        )
         await ws.close()

@@ -93,30 +93,53 @@ def test_tokens_round_trip_and_grants() -> None:
     assert claims.identity == "alice" and claims.name == "Alice"
     assert claims.can("lobby", "chat") and not claims.can("lobby", "moderate")
     assert claims.grants_for("elsewhere") is None
-    star = verify_token(create_token("key", SECRET, "bob", rooms={"*": ["join"]}), "key",
-                        SECRET)
+    star = verify_token(create_token("key", SECRET, "bob", rooms={"*": ["join"]}), "key", SECRET)
     assert star.can("anything", "join")
 
 
 @pytest.mark.parametrize(
     ("make", "code"),
     [
-        (lambda: create_token("key", SECRET, "a", rooms={"r": ["join"]}, ttl_s=-60),
-         "token_expired"),
-        (lambda: create_token("key", "another-secret-of-at-least-32-bytes!!", "a", rooms={"r": ["join"]}),
-         "token_invalid"),
-        (lambda: create_token("other-key", SECRET, "a", rooms={"r": ["join"]}),
-         "token_invalid"),
+        (
+            lambda: create_token("key", SECRET, "a", rooms={"r": ["join"]}, ttl_s=-60),
+            "token_expired",
+        ),
+        (
+            lambda: create_token(
+                "key", "another-secret-of-at-least-32-bytes!!", "a", rooms={"r": ["join"]}
+            ),
+            "token_invalid",
+        ),
+        (lambda: create_token("other-key", SECRET, "a", rooms={"r": ["join"]}), "token_invalid"),
         (lambda: "not.a.token", "token_invalid"),
-        (lambda: jwt.encode({"iss": "key", "sub": "a", "exp": int(time.time()) + 60,
-                             "rooms": {"r": ["fly"]}}, SECRET, algorithm="HS256"),
-         "token_invalid"),
-        (lambda: jwt.encode({"iss": "key", "sub": "a b", "exp": int(time.time()) + 60},
-                            SECRET, algorithm="HS256"), "token_invalid"),
-        (lambda: jwt.encode({"iss": "key", "sub": "a", "exp": int(time.time()) + 60},
-                            SECRET * 2, algorithm="HS512"), "token_invalid"),
-        (lambda: jwt.encode({"iss": "key", "sub": "a"}, SECRET, algorithm="HS256"),
-         "token_invalid"),
+        (
+            lambda: jwt.encode(
+                {"iss": "key", "sub": "a", "exp": int(time.time()) + 60, "rooms": {"r": ["fly"]}},
+                SECRET,
+                algorithm="HS256",
+            ),
+            "token_invalid",
+        ),
+        (
+            lambda: jwt.encode(
+                {"iss": "key", "sub": "a b", "exp": int(time.time()) + 60},
+                SECRET,
+                algorithm="HS256",
+            ),
+            "token_invalid",
+        ),
+        (
+            lambda: jwt.encode(
+                {"iss": "key", "sub": "a", "exp": int(time.time()) + 60},
+                SECRET * 2,
+                algorithm="HS512",
+            ),
+            "token_invalid",
+        ),
+        (
+            lambda: jwt.encode({"iss": "key", "sub": "a"}, SECRET, algorithm="HS256"),
+            "token_invalid",
+        ),
     ],
 )
 def test_bad_tokens(make: object, code: str) -> None:
@@ -133,9 +156,11 @@ def test_create_token_refuses_unknown_grants() -> None:
 def test_config_layers(tmp_path: Path) -> None:
     f = tmp_path / "c.toml"
     f.write_text('[server]\nport = 9000\nhost = "0.0.0.0"\n[limits]\nrate_per_s = 5\n')
-    cfg = load_config(f, env={"RALLYPOINT_SERVER_PORT": "9100",
-                              "RALLYPOINT_ICE_RELAY_ONLY": "true"},
-                      overrides={"server.host": "127.0.0.2", "server.data_dir": None})
+    cfg = load_config(
+        f,
+        env={"RALLYPOINT_SERVER_PORT": "9100", "RALLYPOINT_ICE_RELAY_ONLY": "true"},
+        overrides={"server.host": "127.0.0.2", "server.data_dir": None},
+    )
     assert cfg.server.port == 9100  # env beats file
     assert cfg.server.host == "127.0.0.2"  # flags beat env
     assert cfg.limits.rate_per_s == 5.0
@@ -157,8 +182,9 @@ def test_config_layers(tmp_path: Path) -> None:
         ("[server\n", {}, "not valid TOML"),
     ],
 )
-def test_config_errors_name_the_key(tmp_path: Path, toml: str, env: dict[str, str],
-                                    needle: str) -> None:
+def test_config_errors_name_the_key(
+    tmp_path: Path, toml: str, env: dict[str, str], needle: str
+) -> None:
     f = tmp_path / "c.toml"
     f.write_text(toml)
     with pytest.raises(ConfigError) as e:

@@ -30,7 +30,8 @@ def _headings(section: str) -> set[str]:
 def test_client_messages_documented_and_handled() -> None:
     documented = _headings(_section("Client messages"))
     assert documented == set(HANDLERS), (
-        f"undocumented: {set(HANDLERS) - documented}, not handled: {documented - set(HANDLERS)}")
+        f"undocumented: {set(HANDLERS) - documented}, not handled: {documented - set(HANDLERS)}"
+    )
     assert set(HANDLERS) == set(CLIENT_MESSAGES)
 
 
@@ -42,8 +43,9 @@ def test_error_and_close_codes_documented() -> None:
     errors = _section("Error codes")
     assert set(re.findall(r"^\|\s*`([a-z_]+)`", errors, re.M)) == set(ERROR_CODES)
     closes = _section("Close codes")
-    assert {int(c) for c in re.findall(r"^\|\s*`?(\d{4})`?", closes, re.M)} >= \
-        {int(c) for c in CloseCode}
+    assert {int(c) for c in re.findall(r"^\|\s*`?(\d{4})`?", closes, re.M)} >= {
+        int(c) for c in CloseCode
+    }
 
 
 def _examples() -> list[tuple[str, dict[str, object]]]:
@@ -63,8 +65,9 @@ def test_every_type_has_an_example() -> None:
     assert want <= seen, f"types without examples: {sorted(want - seen)}"
 
 
-@pytest.mark.parametrize(("side", "example"), EXAMPLES,
-                         ids=[f"{s}-{e['type']}-{i}" for i, (s, e) in enumerate(EXAMPLES)])
+@pytest.mark.parametrize(
+    ("side", "example"), EXAMPLES, ids=[f"{s}-{e['type']}-{i}" for i, (s, e) in enumerate(EXAMPLES)]
+)
 def test_examples_validate(side: str, example: dict[str, object]) -> None:
     schema = json_schema()
     kinds = schema["$defs"][side]

@@ -37,8 +37,9 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, data: Path, env: dict[str, str] | None = None,
-                 args: list[str] | None = None) -> None:
+    def __init__(
+        self, data: Path, env: dict[str, str] | None = None, args: list[str] | None = None
+    ) -> None:
         self.port = free_port()
         self.data = data
         self.env = {**os.environ, "RALLYPOINT_TURN_ENABLED": "false", **(env or {})}
@@ -54,9 +55,19 @@ class Server:
         self.data.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
-                [*RALLYPOINT, "serve", "--port", str(self.port), "--data-dir", str(self.data),
-                 *self.args],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT)
+                [
+                    *RALLYPOINT,
+                    "serve",
+                    "--port",
+                    str(self.port),
+                    "--data-dir",
+                    str(self.data),
+                    *self.args,
+                ],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         for _ in range(200):
             try:
                 _, w = await asyncio.open_connection("127.0.0.1", self.port)
@@ -110,10 +121,11 @@ async def test_open_mode_start_up_and_sigterm(tmp_path: Path, servers: list[Serv
     await c2.close()
 
 
-async def test_acknowledged_messages_survive_sigkill(tmp_path: Path,
-                                                    servers: list[Server]) -> None:
-    srv = Server(tmp_path / "data", env={"RALLYPOINT_LIMITS_RATE_PER_S": "100000",
-                                         "RALLYPOINT_LIMITS_BURST": "100000"})
+async def test_acknowledged_messages_survive_sigkill(tmp_path: Path, servers: list[Server]) -> None:
+    srv = Server(
+        tmp_path / "data",
+        env={"RALLYPOINT_LIMITS_RATE_PER_S": "100000", "RALLYPOINT_LIMITS_BURST": "100000"},
+    )
     servers.append(srv)
     await srv.start()
     clients = [Client(srv.url) for _ in range(4)]
@@ -128,8 +140,7 @@ async def test_acknowledged_messages_survive_sigkill(tmp_path: Path,
             if stop.is_set():
                 return
             try:
-                acked.append(await c.send_chat("room:crash", f"{n}-{k}", cid=f"{n}-{k}",
-                                               retries=0))
+                acked.append(await c.send_chat("room:crash", f"{n}-{k}", cid=f"{n}-{k}", retries=0))
             except (ClientError, ConnectionError, TimeoutError):
                 return
 
@@ -151,8 +162,9 @@ async def test_acknowledged_messages_survive_sigkill(tmp_path: Path,
     stored: dict[int, str] = {}
     after = 0
     while True:
-        page = await c.request({"type": "history", "conversation": "room:crash", "after": after,
-                                "limit": 200})
+        page = await c.request(
+            {"type": "history", "conversation": "room:crash", "after": after, "limit": 200}
+        )
         stored.update({m["seq"]: m["cid"] for m in page["messages"]})
         if not page["more"]:
             break
@@ -165,37 +177,90 @@ async def test_acknowledged_messages_survive_sigkill(tmp_path: Path,
 
 def test_token_command(tmp_path: Path) -> None:
     out = subprocess.run(
-        [*RALLYPOINT, "token", "--room", "lobby", "--room", "side", "--identity", "alice",
-         "--name", "Alice A", "--ttl", "600", "--grant", "join,chat", "--grant", "moderate",
-         "--api-key", "k1", "--api-secret", SECRET],
-        capture_output=True, text=True, check=True)
+        [
+            *RALLYPOINT,
+            "token",
+            "--room",
+            "lobby",
+            "--room",
+            "side",
+            "--identity",
+            "alice",
+            "--name",
+            "Alice A",
+            "--ttl",
+            "600",
+            "--grant",
+            "join,chat",
+            "--grant",
+            "moderate",
+            "--api-key",
+            "k1",
+            "--api-secret",
+            SECRET,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     claims = verify_token(out.stdout.strip(), "k1", SECRET)
     assert claims.identity == "alice" and claims.name == "Alice A"
-    assert claims.rooms == {"lobby": frozenset({"join", "chat", "moderate"}),
-                            "side": frozenset({"join", "chat", "moderate"})}
+    assert claims.rooms == {
+        "lobby": frozenset({"join", "chat", "moderate"}),
+        "side": frozenset({"join", "chat", "moderate"}),
+    }
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[auth]\napi_key = "k2"\napi_secret = "{SECRET}"\n')
-    out = subprocess.run([*RALLYPOINT, "token", "--config", str(cfg), "--room", "*",
-                          "--identity", "bob"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [*RALLYPOINT, "token", "--config", str(cfg), "--room", "*", "--identity", "bob"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert verify_token(out.stdout.strip(), "k2", SECRET).can("any", "publish")
-    bad = subprocess.run([*RALLYPOINT, "token", "--room", "r", "--identity", "x"],
-                         capture_output=True, text=True, env={**os.environ, "HOME": "/tmp"},
-                         cwd=tmp_path)
+    bad = subprocess.run(
+        [*RALLYPOINT, "token", "--room", "r", "--identity", "x"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HOME": "/tmp"},
+        cwd=tmp_path,
+    )
     assert bad.returncode == 2 and "API key" in bad.stderr
-    bad = subprocess.run([*RALLYPOINT, "token", "--room", "r", "--identity", "x",
-                          "--grant", "fly", "--api-key", "k", "--api-secret", SECRET],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            *RALLYPOINT,
+            "token",
+            "--room",
+            "r",
+            "--identity",
+            "x",
+            "--grant",
+            "fly",
+            "--api-key",
+            "k",
+            "--api-secret",
+            SECRET,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "unknown grant" in bad.stderr
 
 
 def test_serve_refuses_unknown_config_keys(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text("[server]\nhots = '0.0.0.0'\n")
-    r = subprocess.run([*RALLYPOINT, "serve", "--config", str(cfg)], capture_output=True,
-                       text=True, timeout=30)
+    r = subprocess.run(
+        [*RALLYPOINT, "serve", "--config", str(cfg)], capture_output=True, text=True, timeout=30
+    )
     assert r.returncode == 2 and "server.hots" in r.stderr
-    r = subprocess.run([*RALLYPOINT, "serve"], capture_output=True, text=True, timeout=30,
-                       env={**os.environ, "RALLYPOINT_LIMITS_BURTS": "3"})
+    r = subprocess.run(
+        [*RALLYPOINT, "serve"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "RALLYPOINT_LIMITS_BURTS": "3"},
+    )
     assert r.returncode == 2 and "RALLYPOINT_LIMITS_BURTS" in r.stderr
 
 
@@ -210,9 +275,11 @@ async def test_token_mode_and_tls(tmp_path: Path, servers: list[Server]) -> None
     cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert.private_key_pem.write_to_path(key_file)
     cert.cert_chain_pems[0].write_to_path(cert_file)
-    srv = Server(tmp_path / "data", env={"RALLYPOINT_AUTH_API_KEY": "k",
-                                         "RALLYPOINT_AUTH_API_SECRET": SECRET},
-                 args=["--tls-cert", str(cert_file), "--tls-key", str(key_file)])
+    srv = Server(
+        tmp_path / "data",
+        env={"RALLYPOINT_AUTH_API_KEY": "k", "RALLYPOINT_AUTH_API_SECRET": SECRET},
+        args=["--tls-cert", str(cert_file), "--tls-key", str(key_file)],
+    )
     servers.append(srv)
     await srv.start()
     ctx = ssl.create_default_context()
@@ -224,9 +291,23 @@ async def test_token_mode_and_tls(tmp_path: Path, servers: list[Server]) -> None
             await ws.send_json({"type": "hello", "v": 1, "name": "anon"})
             msg = await ws.receive_json()
             assert msg["code"] == "token_required"
-        token = subprocess.run([*RALLYPOINT, "token", "--room", "x", "--identity", "t",
-                                "--api-key", "k", "--api-secret", SECRET],
-                               capture_output=True, text=True, check=True).stdout.strip()
+        token = subprocess.run(
+            [
+                *RALLYPOINT,
+                "token",
+                "--room",
+                "x",
+                "--identity",
+                "t",
+                "--api-key",
+                "k",
+                "--api-secret",
+                SECRET,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         async with http.ws_connect(f"wss://127.0.0.1:{srv.port}/ws", ssl=ctx) as ws:
             await ws.send_json({"type": "hello", "v": 1, "token": token})
             msg = await ws.receive_json()

@@ -39,8 +39,10 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
         (b'{"type": "join", "room": "a b"}', "bad_field"),
         (b'{"type": "join", "room": "' + b"x" * 65 + b'"}', "bad_field"),
         (b'{"type": "join", "room": "lobby", "extra": 1}', "bad_field"),
-        (b'{"type": "send", "conversation": "room:x", "cid": "c", "text": "t", "from": "b"}',
-         "bad_field"),
+        (
+            b'{"type": "send", "conversation": "room:x", "cid": "c", "text": "t", "from": "b"}',
+            "bad_field",
+        ),
         (b'{"type": "send", "conversation": "chan:x", "cid": "c", "text": "t"}', "bad_field"),
         (b'{"type": "read", "conversation": "room:x", "seq": true}', "bad_field"),
         (b'{"type": "read", "conversation": "room:x", "seq": -1}', "bad_field"),

@@ -60,8 +60,9 @@ async def test_join_and_participant_events(server: TestServer, clients: Connect)
     assert e.value.code == "not_in_room"
 
 
-async def test_room_limit(start_server: Callable[..., Awaitable[TestServer]],
-                          clients: Connect) -> None:
+async def test_room_limit(
+    start_server: Callable[..., Awaitable[TestServer]], clients: Connect
+) -> None:
     server = await start_server(rooms__max_participants=2)
     await joined(clients, server, "small", "a", "b")
     c = await clients(server, name="C")
@@ -103,8 +104,11 @@ async def test_moderation_kick_mute_lock(server: TestServer, clients: Connect) -
 async def test_chat_in_order_to_three_clients(server: TestServer, clients: Connect) -> None:
     a, b, c = await joined(clients, server, "chat", "alice", "bob", "carol")
     # Everyone sends concurrently; each receiver sees the others' messages in seq order.
-    sends = [cl.send_chat("room:chat", f"{cl.welcome['identity']}-{i}")
-             for i in range(20) for cl in (a, b, c)]
+    sends = [
+        cl.send_chat("room:chat", f"{cl.welcome['identity']}-{i}")
+        for i in range(20)
+        for cl in (a, b, c)
+    ]
     acks = await asyncio.gather(*sends)
     assert sorted(x["seq"] for x in acks) == list(range(1, 61))
     for cl in (a, b, c):
@@ -123,8 +127,7 @@ async def test_history_paging(server: TestServer, clients: Connect) -> None:
     latest = await a.request({"type": "history", "conversation": "room:h", "limit": 5})
     assert [m["text"] for m in latest["messages"]] == [f"m{i}" for i in range(8, 13)]
     assert latest["more"] is True and latest["last_seq"] == 12
-    older = await a.request({"type": "history", "conversation": "room:h", "before": 8,
-                             "limit": 5})
+    older = await a.request({"type": "history", "conversation": "room:h", "before": 8, "limit": 5})
     assert [m["seq"] for m in older["messages"]] == [3, 4, 5, 6, 7]
     fwd = await a.request({"type": "history", "conversation": "room:h", "after": 10})
     assert [m["seq"] for m in fwd["messages"]] == [11, 12] and fwd["more"] is False
@@ -182,22 +185,38 @@ async def test_read_receipts_and_typing(server: TestServer, clients: Connect) ->
 async def test_edit_and_delete(server: TestServer, clients: Connect) -> None:
     mod, a, b = await joined(clients, server, "ed", "mod", "alice", "bob")
     orig = await a.send_chat("room:ed", "helo")
-    await a.request({"type": "edit", "conversation": "room:ed", "cid": "e1",
-                     "ref": orig["seq"], "text": "hello"})
+    await a.request(
+        {
+            "type": "edit",
+            "conversation": "room:ed",
+            "cid": "e1",
+            "ref": orig["seq"],
+            "text": "hello",
+        }
+    )
     msgs = [await b.next_event("message") for _ in range(2)]
     assert msgs[1]["kind"] == "edit" and msgs[1]["ref"] == orig["seq"]
     assert msgs[1]["text"] == "hello"
     with pytest.raises(ClientError) as e:
-        await b.request({"type": "delete", "conversation": "room:ed", "cid": "d0",
-                         "ref": orig["seq"]})
+        await b.request(
+            {"type": "delete", "conversation": "room:ed", "cid": "d0", "ref": orig["seq"]}
+        )
     assert e.value.code == "not_author"
-    await mod.request({"type": "delete", "conversation": "room:ed", "cid": "d1",
-                       "ref": orig["seq"]})
+    await mod.request(
+        {"type": "delete", "conversation": "room:ed", "cid": "d1", "ref": orig["seq"]}
+    )
     d = await b.next_event("message")
     assert d["kind"] == "delete" and "text" not in d
     with pytest.raises(ClientError) as e:
-        await a.request({"type": "edit", "conversation": "room:ed", "cid": "e2",
-                         "ref": orig["seq"], "text": "again"})
+        await a.request(
+            {
+                "type": "edit",
+                "conversation": "room:ed",
+                "cid": "e2",
+                "ref": orig["seq"],
+                "text": "again",
+            }
+        )
     assert e.value.code == "already_deleted"
     hist = await b.request({"type": "history", "conversation": "room:ed"})
     assert [m["kind"] for m in hist["messages"]] == ["text", "edit", "delete"]
@@ -209,8 +228,9 @@ async def test_duplicate_sends_are_stored_once(server: TestServer, clients: Conn
     first = await a.send_chat("room:dup", "once", cid="same-cid")
     again = await a.send_chat("room:dup", "once", cid="same-cid")
     assert again["duplicate"] is True and first["duplicate"] is False
-    assert {k: again[k] for k in ("cid", "mid", "seq", "ts")} == \
-        {k: first[k] for k in ("cid", "mid", "seq", "ts")}
+    assert {k: again[k] for k in ("cid", "mid", "seq", "ts")} == {
+        k: first[k] for k in ("cid", "mid", "seq", "ts")
+    }
     await a.send_chat("room:dup", "next")
     got = [await b.next_event("message") for _ in range(2)]
     assert [m["text"] for m in got] == ["once", "next"]  # the retry was not delivered again
@@ -218,8 +238,7 @@ async def test_duplicate_sends_are_stored_once(server: TestServer, clients: Conn
     assert [m["text"] for m in hist["messages"]] == ["once", "next"]
 
 
-async def test_presence_across_devices_for_watchers(server: TestServer,
-                                                    clients: Connect) -> None:
+async def test_presence_across_devices_for_watchers(server: TestServer, clients: Connect) -> None:
     w = await clients(server, name="Watcher", identity="watcher")
     state = await w.request({"type": "watch", "identities": ["alice"]})
     assert state["presence"] == [{"identity": "alice", "status": "offline"}]
@@ -236,27 +255,34 @@ async def test_presence_across_devices_for_watchers(server: TestServer,
     assert laptop.close_code is None or laptop.close_code == 1000
 
 
-async def test_resume_after_dropped_socket(start_server: Callable[..., Awaitable[TestServer]],
-                                           clients: Connect) -> None:
+async def test_resume_after_dropped_socket(
+    start_server: Callable[..., Awaitable[TestServer]], clients: Connect
+) -> None:
     server = await start_server()
     a, b = await joined(clients, server, "res", "alice", "bob")
     await a.send_chat("room:res", "before")
     await b.next_event("message")
+    await b.request({"type": "watch", "identities": ["carol"]})
     token = b.welcome["resume"]
     last_seq = 1
     await b.drop()
     await asyncio.sleep(0.1)
     for i in range(5):  # sent while bob is away
         await a.send_chat("room:res", f"missed-{i}")
+    await a.request({"type": "read", "conversation": "room:res", "seq": 6})
+    carol = await clients(server, name="Carol", identity="carol")  # comes online meanwhile
     b2 = await clients(server, name="Bob", resume=token)
     assert b2.welcome["resumed"] is True and b2.welcome["session"] == b.welcome["session"]
     assert b2.welcome["rooms"] == ["res"] and b2.welcome["resume"] != token
+    presence = await b2.next_event("presence_state")
+    assert presence["presence"] == [{"identity": "carol", "status": "online"}]
     state = await b2.next_event("room_state")
     assert sorted(p["identity"] for p in state["participants"]) == ["alice", "bob"]
     synced = await b2.request({"type": "sync", "since": {"room:res": last_seq}, "limit": 3})
     page = synced["conversations"][0]
     assert [m["text"] for m in page["messages"]] == ["missed-0", "missed-1", "missed-2"]
     assert page["more"] is True and synced["epoch"] == b.welcome["epoch"]
+    assert page["reads"] == {"alice": 6}  # the receipt sent while bob was away
     synced = await b2.request({"type": "sync", "since": {"room:res": page["messages"][-1]["seq"]}})
     assert [m["text"] for m in synced["conversations"][0]["messages"]] == ["missed-3", "missed-4"]
     assert synced["conversations"][0]["more"] is False
@@ -267,10 +293,12 @@ async def test_resume_after_dropped_socket(start_server: Callable[..., Awaitable
     # The old resume token is spent.
     b3 = await clients(server, name="Bob", identity="bob", resume=token)
     assert b3.welcome["resumed"] is False
+    await carol.close()
 
 
 async def test_session_ends_after_resume_grace(
-        start_server: Callable[..., Awaitable[TestServer]], clients: Connect) -> None:
+    start_server: Callable[..., Awaitable[TestServer]], clients: Connect
+) -> None:
     server = await start_server(session__resume_grace_s=0.3)
     a, b = await joined(clients, server, "g", "alice", "bob")
     await b.drop()
@@ -280,8 +308,7 @@ async def test_session_ends_after_resume_grace(
     assert b2.welcome["resumed"] is False and b2.welcome["rooms"] == []
 
 
-async def test_resume_replaces_a_half_open_connection(server: TestServer,
-                                                      clients: Connect) -> None:
+async def test_resume_replaces_a_half_open_connection(server: TestServer, clients: Connect) -> None:
     a = await clients(server, name="A", identity="a")
     a2 = await clients(server, name="A", identity="a", resume=a.welcome["resume"])
     assert a2.welcome["resumed"] is True
@@ -289,8 +316,9 @@ async def test_resume_replaces_a_half_open_connection(server: TestServer,
     assert ev["code"] == 4004
 
 
-async def test_heartbeat_timeout(start_server: Callable[..., Awaitable[TestServer]],
-                                 clients: Connect) -> None:
+async def test_heartbeat_timeout(
+    start_server: Callable[..., Awaitable[TestServer]], clients: Connect
+) -> None:
     server = await start_server(session__heartbeat_interval_s=0.2)
     quiet = await clients(server, name="Q")
     pinging = await clients(server, name="P")
@@ -304,7 +332,8 @@ async def test_heartbeat_timeout(start_server: Callable[..., Awaitable[TestServe
 
 
 async def test_shutdown_closes_with_going_away(
-        start_server: Callable[..., Awaitable[TestServer]], clients: Connect) -> None:
+    start_server: Callable[..., Awaitable[TestServer]], clients: Connect
+) -> None:
     server = await start_server()
     c = await clients(server, name="C")
     hub = server.app[HUB]

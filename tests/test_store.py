@@ -13,11 +13,20 @@ from signaling.sqlite_store import MIGRATIONS, SqliteStore
 from signaling.store import NewMessage
 
 
-def msg(conv: str, cid: str, sender: str = "alice", text: str | None = "hi", kind: str = "text",
-        ref: int | None = None, moderator: bool = False, window_ms: int = 60_000,
-        members: tuple[str, ...] = ()) -> NewMessage:
-    return NewMessage(conv, cid, sender, sender.title(), kind, text, ref, members, moderator,
-                      window_ms)
+def msg(
+    conv: str,
+    cid: str,
+    sender: str = "alice",
+    text: str | None = "hi",
+    kind: str = "text",
+    ref: int | None = None,
+    moderator: bool = False,
+    window_ms: int = 60_000,
+    members: tuple[str, ...] = (),
+) -> NewMessage:
+    return NewMessage(
+        conv, cid, sender, sender.title(), kind, text, ref, members, moderator, window_ms
+    )
 
 
 @pytest.fixture
@@ -29,8 +38,9 @@ async def store(tmp_path: Path) -> SqliteStore:
 
 
 async def test_concurrent_appends_get_gap_free_sequences(store: SqliteStore) -> None:
-    results = await asyncio.gather(*(
-        store.append(msg(f"room:r{i % 3}", f"c{i}")) for i in range(300)))
+    results = await asyncio.gather(
+        *(store.append(msg(f"room:r{i % 3}", f"c{i}")) for i in range(300))
+    )
     for r in range(3):
         seqs = sorted(m.seq for m, dup in results if m.conversation == f"room:r{r}")
         assert seqs == list(range(1, 101))
@@ -86,11 +96,22 @@ async def test_edit_and_delete_rules(store: SqliteStore) -> None:
     assert await refused(msg("room:e", "e2", sender="bob", kind="edit", ref=1)) == "not_author"
     assert await refused(msg("room:e", "e3", kind="edit", ref=99)) == "no_such_message"
     assert await refused(msg("room:e", "e4", kind="edit", ref=2)) == "no_such_message"  # an edit
-    assert await refused(msg("room:e", "e5", kind="edit", ref=1, window_ms=-1)) == \
-        "edit_window_passed"
+    assert (
+        await refused(msg("room:e", "e5", kind="edit", ref=1, window_ms=-1)) == "edit_window_passed"
+    )
     # A moderator may delete someone else's message, even after the window.
-    d, _ = await store.append(msg("room:e", "d1", sender="mod", kind="delete", text=None, ref=1,
-                                  moderator=True, window_ms=-1))
+    d, _ = await store.append(
+        msg(
+            "room:e",
+            "d1",
+            sender="mod",
+            kind="delete",
+            text=None,
+            ref=1,
+            moderator=True,
+            window_ms=-1,
+        )
+    )
     assert d.seq == 3
     assert await refused(msg("room:e", "e6", kind="edit", ref=1)) == "already_deleted"
     page = await store.page("room:e", before=None, after=0, limit=10)
@@ -144,8 +165,10 @@ async def test_store_failure_is_reported_and_sequence_not_burnt(store: SqliteSto
     db = sqlite3.connect(store.path)
     db.execute("CREATE TABLE fail_once (n INTEGER)")
     db.execute("INSERT INTO fail_once VALUES (1)")
-    db.execute("CREATE TRIGGER boom BEFORE INSERT ON messages WHEN (SELECT n FROM fail_once) = 1 "
-               "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END")
+    db.execute(
+        "CREATE TRIGGER boom BEFORE INSERT ON messages WHEN (SELECT n FROM fail_once) = 1 "
+        "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
+    )
     db.commit()
     with pytest.raises(ProtocolError) as e:
         await store.append(msg("room:f", "b"))

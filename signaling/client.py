@@ -166,7 +166,7 @@ class Client:
         for task in (self._pinger,):
             if task is not None:
                 task.cancel()
-        conn = self.ws._response.connection  # type: ignore[union-attr]
+        conn = self.ws._response.connection
         if conn is not None and conn.transport is not None:
             conn.transport.abort()
         if self._reader is not None:

@@ -85,10 +85,7 @@ class Hub:
         except ProtocolError as e:
             e.close = CloseCode.AUTH_FAILED
             raise
-        name = (hello.get("name") or "").strip()
-        if name:
-            claims = Claims(claims.identity, name, claims.rooms, claims.dm, claims.expires_at)
-        return claims
+        return claims  # in token mode the token's name wins over `hello.name`
 
     def welcome(self, conn: Connection, hello: dict[str, Any], host: str) -> Session:
         """Bind ``conn`` to a new or resumed session and send `welcome` (and room snapshots).
@@ -108,6 +105,8 @@ class Hub:
             claims = self.authenticate(hello)
             if claims.identity != session.identity:
                 session = None
+            else:
+                session.claims = claims  # a fresh token refreshes the grants
         if session is None:
             claims = self.authenticate(hello)
             session = Session(
@@ -427,14 +426,14 @@ async def on_leave(hub: Hub, s: Session, m: dict[str, Any]) -> None:
 
 async def on_update(hub: Hub, s: Session, m: dict[str, Any]) -> None:
     room, p = hub._room_in(s, m["room"])
+    name = m["name"].strip() if "name" in m else None
+    if name == "":  # validate everything before changing anything
+        raise ProtocolError("bad_field", "`name` must not be empty")
     if "audio_muted" in m:
         p.audio_muted = m["audio_muted"]
     if "video_muted" in m:
         p.video_muted = m["video_muted"]
-    if "name" in m:
-        name = m["name"].strip()
-        if not name:
-            raise ProtocolError("bad_field", "`name` must not be empty")
+    if name is not None:
         p.name = name
     hub.bus.publish(
         f"room:{room.name}",

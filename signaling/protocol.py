@@ -29,7 +29,7 @@ class CloseCode(IntEnum):
     GOING_AWAY = 1001  # the server is shutting down
     MESSAGE_TOO_BIG = 1009  # a frame beyond the hard frame cap
     AUTH_FAILED = 4001  # hello rejected: bad, expired or missing token, bad version
-    HEARTBEAT_TIMEOUT = 4002  # two heartbeat intervals without a message
+    HEARTBEAT_TIMEOUT = 4002  # 2.5 heartbeat intervals without a message (two missed pings)
     HELLO_TIMEOUT = 4003  # no valid hello in time
     REPLACED = 4004  # the session was resumed on another connection
     SLOW_CONSUMER = 4008  # the client stopped reading; its outbox is full
@@ -60,7 +60,6 @@ ERROR_CODES: Final[dict[str, str]] = {
     "not_author": "Only the author or a moderator may edit or delete a message.",
     "edit_window_passed": "The time limit for editing or deleting this message has passed.",
     "already_deleted": "The message was deleted.",
-    "cid_reused": "This client message id was already used for a different message.",
     "internal_error": "The server failed; nothing was stored. Retrying is safe.",
 }
 
@@ -176,7 +175,7 @@ CLIENT_MESSAGES: Final[dict[str, MessageSpec]] = {
             Field(
                 "name",
                 "string",
-                "Display name (open mode; overrides the token's name).",
+                "Display name (open mode only; in token mode the token's name is used).",
                 max_length=64,
             ),
             Field(

@@ -162,6 +162,7 @@ async def _hello(hub: Hub, conn: Connection, host: str) -> bool:
             continue
         if _oversized(hub, conn, msg.data):
             continue
+        m: dict[str, Any] | None = None
         try:
             m = parse_client_message(msg.data)
             if m["type"] != "hello":
@@ -170,7 +171,7 @@ async def _hello(hub: Hub, conn: Connection, host: str) -> bool:
             return True
         except ProtocolError as e:
             hub.counters["errors_sent"] += 1
-            conn.send(error_message(e))
+            conn.send(error_message(e, m.get("id") if m is not None else None))
             if e.close is not None:
                 await conn.close(e.close, e.code)
                 return False
@@ -184,13 +185,13 @@ async def _serve(hub: Hub, conn: Connection) -> None:
     monotonic = time.monotonic
     while True:
         msg = await ws.receive()
+        now = monotonic()
+        conn.last_recv = now
         if msg.type is not WSMsgType.TEXT:
             if msg.type in _CLOSED:
                 return
             conn.send(error_message(ProtocolError("bad_message", "frames must be text")))
             continue
-        now = monotonic()
-        conn.last_recv = now
         data = msg.data
         session = conn.session
         if session is None:  # replaced by a resume on another connection
@@ -211,10 +212,18 @@ async def _serve(hub: Hub, conn: Connection) -> None:
                     )
             await handlers[t](hub, session, m)
         except ProtocolError as e:
+            err = e
+            if m is None:  # invalid frames count against the rate limit too
+                wait = conn.bucket.take(now)
+                if wait:
+                    hub.counters["rate_limited"] += 1
+                    err = ProtocolError(
+                        "rate_limited", "too many messages", retry_after_ms=int(wait * 1000) + 1
+                    )
             hub.counters["errors_sent"] += 1
-            conn.send(error_message(e, m.get("id") if m is not None else None))
-            if e.close is not None:
-                await conn.close(e.close, e.code)
+            conn.send(error_message(err, m.get("id") if m is not None else None))
+            if err.close is not None:
+                await conn.close(err.close, err.code)
                 return
         except Exception:
             hub.counters["internal_errors"] += 1

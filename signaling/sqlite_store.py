@@ -415,6 +415,10 @@ class _Writer:
                     "UPDATE messages SET deleted=1, text=NULL WHERE conversation=? AND seq=?",
                     (msg.conversation, msg.ref),
                 )
+                db.execute(
+                    "UPDATE messages SET text=NULL WHERE conversation=? AND kind='edit' AND ref=?",
+                    (msg.conversation, msg.ref),
+                )
         seq = self._last(msg.conversation, msg.members, now) + 1
         try:
             cur = db.execute(

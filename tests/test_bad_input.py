@@ -244,3 +244,33 @@ async def test_origin_check(start_server: Start) -> None:
             ws_url(default), headers={"Origin": f"http://127.0.0.1:{default.port}"}
         )
         await ws.close()
+
+
+async def test_hello_errors_answer_the_hello_id(start_server: Start) -> None:
+    server = await start_server(auth__api_key=KEY, auth__api_secret=SECRET)
+    async with aiohttp.ClientSession() as http, http.ws_connect(ws_url(server)) as ws:
+        await ws.send_json({"type": "hello", "v": 1, "id": "h1", "token": "x.y.z"})
+        msg = await ws.receive_json()
+        assert msg["code"] == "token_invalid" and msg["re"] == "h1"
+
+
+async def test_token_mode_ignores_hello_name(start_server: Start) -> None:
+    server = await start_server(auth__api_key=KEY, auth__api_secret=SECRET)
+    c = Client(ws_url(server))
+    tok = create_token(KEY, SECRET, "alice", rooms={"r": ["join"]}, name="Alice")
+    try:
+        w = await c.connect(token=tok, name="The Queen")
+        assert w["name"] == "Alice"
+    finally:
+        await c.close()
+
+
+async def test_invalid_frames_count_against_the_rate_limit(
+    start_server: Start, clients: Connect
+) -> None:
+    server = await start_server(limits__rate_per_s=2, limits__burst=3)
+    c = await clients(server, name="Junk")
+    for _ in range(6):
+        await c.send_raw("{junk")
+    codes = [(await c.next_event("error"))["code"] for _ in range(6)]
+    assert codes[:3] == ["bad_json"] * 3 and set(codes[3:]) == {"rate_limited"}

@@ -345,3 +345,36 @@ async def test_shutdown_closes_with_going_away(
 
 def _hub_stats(server: TestServer) -> dict[str, Any]:
     return dict(server.app[HUB].counters)
+
+
+async def test_update_is_all_or_nothing(server: TestServer, clients: Connect) -> None:
+    a, b = await joined(clients, server, "u", "alice", "bob")
+    with pytest.raises(ClientError) as e:
+        await b.request({"type": "update", "room": "u", "video_muted": True, "name": "  "})
+    assert e.value.code == "bad_field"
+    await b.request({"type": "update", "room": "u", "audio_muted": True})
+    ev = await a.next_event("participant_updated")
+    assert ev["participant"]["video_muted"] is False  # the refused update changed nothing
+    assert ev["participant"]["audio_muted"] is True
+
+
+async def test_delete_erases_edited_text_too(server: TestServer, clients: Connect) -> None:
+    (a,) = await joined(clients, server, "del", "alice")
+    orig = await a.send_chat("room:del", "secret")
+    await a.request(
+        {
+            "type": "edit",
+            "conversation": "room:del",
+            "cid": "e",
+            "ref": orig["seq"],
+            "text": "secret, edited",
+        }
+    )
+    await a.request({"type": "delete", "conversation": "room:del", "cid": "d", "ref": orig["seq"]})
+    hist = await a.request({"type": "history", "conversation": "room:del"})
+    assert [m.get("text") for m in hist["messages"]] == [None, None, None]
+    # A retried delete gets its first acknowledgement, not `already_deleted`.
+    again = await a.request(
+        {"type": "delete", "conversation": "room:del", "cid": "d", "ref": orig["seq"]}
+    )
+    assert again["duplicate"] is True and again["seq"] == 3

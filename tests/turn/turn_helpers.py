@@ -1,0 +1,76 @@
+"""Helpers for the TURN tests: credentials, signed requests, a raw UDP client."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any, cast
+
+import pytest
+from aioice import stun
+
+from turn.credentials import long_term_key, rest_credentials
+from turn.server import TurnServer, machine_address
+
+SECRET = "test-secret"
+REALM = "rallypoint"
+
+ServerFactory = Callable[..., Coroutine[Any, Any, TurnServer]]
+
+
+def machine_ip() -> str:
+    """This machine's non-loopback address (aioice ignores 127.0.0.1)."""
+    address = machine_address()
+    assert address != "127.0.0.1", "tests need a non-loopback interface"
+    return address
+
+
+def credentials(user: str = "alice", ttl: int = 600, secret: str = SECRET) -> tuple[str, str]:
+    return rest_credentials(secret, user, ttl)
+
+
+def signed(
+    method: stun.Method,
+    attributes: dict[str, Any],
+    username: str,
+    password: str,
+    nonce: bytes,
+    realm: str = REALM,
+) -> stun.Message:
+    message = stun.Message(method, stun.Class.REQUEST, attributes=dict(attributes))
+    message.attributes["USERNAME"] = username
+    message.attributes["REALM"] = realm
+    message.attributes["NONCE"] = nonce
+    message.add_message_integrity(long_term_key(username, realm, password))
+    return message
+
+
+class UdpClient(asyncio.DatagramProtocol):
+    """A raw UDP socket for hand-made STUN messages."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue()
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.queue.put_nowait((data, addr))
+
+    def send(self, data: bytes, addr: tuple[str, int]) -> None:
+        assert self.transport is not None
+        self.transport.sendto(data, addr)
+
+    async def request(self, message: stun.Message, addr: tuple[str, int]) -> stun.Message:
+        self.send(bytes(message), addr)
+        while True:
+            data, _ = await asyncio.wait_for(self.queue.get(), 5)
+            response = stun.parse_message(data)
+            if response.transaction_id == message.transaction_id:
+                return response
+
+    async def silence(self, seconds: float = 0.3) -> None:
+        """Assert that nothing arrives for a while."""
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(self.queue.get(), seconds)

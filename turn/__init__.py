@@ -1,0 +1,1 @@
+"""Rallypoint turn package."""

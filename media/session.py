@@ -1,0 +1,151 @@
+"""A participant's media through the SFU, for aiortc clients (tests, benchmarks, bots).
+
+``SfuSession`` drives the two peer connections of the protocol (docs/PROTOCOL.md, "Media"):
+it publishes tracks with `publish` (client offers, server answers) and answers every
+`subscribe_offer`, counting decoded frames of each received track with a ``FrameCounter``
+(or, with ``decode=False``, only counting packets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from aiortc import (
+    RTCBundlePolicy,
+    RTCConfiguration,
+    RTCPeerConnection,
+    RTCRtpTransceiver,
+    RTCSessionDescription,
+)
+from aiortc.mediastreams import MediaStreamTrack
+
+from signaling.client import Client
+
+from .receiver import FrameCounter
+
+log = logging.getLogger("rallypoint.media.session")
+
+
+def _config() -> RTCConfiguration:
+    return RTCConfiguration(iceServers=[], bundlePolicy=RTCBundlePolicy.MAX_BUNDLE)
+
+
+class SfuSession:
+    """One client's publisher and subscriber connections in one room."""
+
+    def __init__(self, client: Client, room: str, *, decode: bool = True,
+                 on_track: Callable[[str, Any], None] | None = None) -> None:
+        self.client = client
+        self.room = room
+        self.decode = decode
+        self.on_track = on_track
+        self.pub: RTCPeerConnection | None = None
+        self.sub: RTCPeerConnection | None = None
+        self.tracks: dict[str, dict[str, Any]] = {}  # track id -> info (from offers)
+        self.mid_track: dict[str, str] = {}  # subscriber mid -> track id
+        self.counters: dict[str, FrameCounter] = {}  # track id -> counter
+        self.offers = 0
+        self.errors: list[dict[str, Any]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._lock = asyncio.Lock()
+        client.listeners.append(self._on_event)
+
+    # -- publishing ----------------------------------------------------------------------------
+
+    async def publish(self, tracks: list[tuple[MediaStreamTrack, str]]
+                      ) -> list[RTCRtpTransceiver]:
+        """Publish ``(track, source)`` pairs; returns their transceivers."""
+        if self.pub is None:
+            self.pub = RTCPeerConnection(_config())
+        pc = self.pub
+        added = [pc.addTransceiver(track, direction="sendonly") for track, _ in tracks]
+        await pc.setLocalDescription(await pc.createOffer())
+        assert pc.localDescription is not None
+        meta = [{"mid": tr.mid, "source": source} for tr, (_, source) in zip(added, tracks,
+                                                                              strict=True)]
+        answer = await self.client.request({"type": "publish", "room": self.room,
+                                            "sdp": pc.localDescription.sdp, "tracks": meta},
+                                           timeout=20)
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
+        return added
+
+    async def unpublish(self, transceiver: RTCRtpTransceiver) -> None:
+        """Stop a published track (renegotiates with the track's section inactive)."""
+        assert self.pub is not None
+        transceiver.direction = "inactive"
+        pc = self.pub
+        await pc.setLocalDescription(await pc.createOffer())
+        assert pc.localDescription is not None
+        answer = await self.client.request({"type": "publish", "room": self.room,
+                                            "sdp": pc.localDescription.sdp, "tracks": []},
+                                           timeout=20)
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
+
+    # -- subscribing ---------------------------------------------------------------------------
+
+    def _on_event(self, ev: dict[str, Any]) -> None:
+        if ev.get("room") != self.room:
+            return
+        if ev.get("type") == "subscribe_offer":
+            task = asyncio.ensure_future(self._answer(ev))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, ev: dict[str, Any]) -> None:
+        async with self._lock:  # offers are answered in order
+            if self.sub is None:
+                self.sub = RTCPeerConnection(_config())
+                pc = self.sub
+
+                @pc.on("track")
+                def _track(track: Any) -> None:
+                    self._got_track(track)
+
+            pc = self.sub
+            for t in ev["tracks"]:
+                self.tracks[t["id"]] = t
+                self.mid_track[t["mid"]] = t["id"]
+            try:
+                await pc.setRemoteDescription(RTCSessionDescription(sdp=ev["sdp"], type="offer"))
+                await pc.setLocalDescription(await pc.createAnswer())
+                assert pc.localDescription is not None
+                await self.client.request({"type": "subscribe_answer", "room": self.room,
+                                           "sdp": pc.localDescription.sdp}, timeout=20)
+                self.offers += 1
+            except Exception as e:  # recorded for the test to assert on
+                log.warning("answering a subscribe offer failed: %s", e)
+                self.errors.append({"error": repr(e)})
+
+    def _got_track(self, track: Any) -> None:
+        assert self.sub is not None
+        mid = next((t.mid for t in self.sub.getTransceivers() if t.receiver.track is track),
+                   None)
+        tid = self.mid_track.get(mid or "", f"unknown:{mid}")
+        if self.on_track is not None:
+            self.on_track(tid, track)
+        if self.decode:
+            counter = FrameCounter(track)
+            counter.start()
+            self.counters[tid] = counter
+
+    def counter_for(self, participant: str, kind: str) -> FrameCounter | None:
+        """The counter of ``participant``'s (first) track of ``kind``."""
+        for tid, t in self.tracks.items():
+            if t["participant"] == participant and t["kind"] == kind and tid in self.counters:
+                return self.counters[tid]
+        return None
+
+    async def close(self) -> None:
+        if self._on_event in self.client.listeners:
+            self.client.listeners.remove(self._on_event)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for c in self.counters.values():
+            await c.stop()
+        for pc in (self.pub, self.sub):
+            if pc is not None:
+                await pc.close()

@@ -1,0 +1,246 @@
+"""Forwarding state of one published track (``UpTrack``) and each subscriber's copy of it
+(``DownTrack``). Pure: no aiortc, no asyncio; sending is a callable handed in by the adapter.
+
+Per packet the up track rewrites the header once per subscriber (payload bytes are shared) and
+hands the result to the subscriber's transport. A video down track starts (and restarts after a
+pause) only at a keyframe, and its sequence numbers stay gap-free across such gaps: the offset is
+chosen so that the first packet after a restart follows the last one sent.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .packetcache import PacketCache
+from .rtp import U16, ExtensionLayout, build, h264_keyframe, seq_newer, vp8_keyframe
+
+KEYFRAME_INTERVAL_S = 0.5  # at most one keyframe request upstream per track in this time
+
+
+@dataclass(slots=True)
+class Counters:
+    """Per-worker counters (exported to the signaling process's /metrics)."""
+
+    packets_in: int = 0
+    packets_out: int = 0
+    retransmitted: int = 0
+    nacks_upstream: int = 0
+    keyframe_requests: int = 0
+    dropped_malformed: int = 0
+    dropped_no_route: int = 0
+
+
+class DownTrack:
+    """One subscriber's copy of one published track."""
+
+    __slots__ = (
+        "kind",
+        "layout",
+        "next_seq",
+        "octets",
+        "packets",
+        "paused",
+        "pt",
+        "restart_seq",
+        "rtx_pt",
+        "rtx_seq",
+        "rtx_ssrc",
+        "send",
+        "seq_offset",
+        "set_sender_report",
+        "ssrc",
+        "starved",
+        "subscriber",
+        "ts_offset",
+        "waiting",
+    )
+
+    def __init__(
+        self,
+        subscriber: str,
+        kind: str,
+        ssrc: int,
+        pt: int,
+        layout: ExtensionLayout,
+        send: Callable[[bytes], None],
+        *,
+        rtx_ssrc: int | None = None,
+        rtx_pt: int | None = None,
+        set_sender_report: Callable[[int, int, int, int], None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        r = rng or random
+        self.subscriber = subscriber
+        self.kind = kind
+        self.ssrc = ssrc
+        self.pt = pt
+        self.rtx_ssrc = rtx_ssrc
+        self.rtx_pt = rtx_pt
+        self.layout = layout
+        self.send = send
+        self.set_sender_report = set_sender_report
+        self.next_seq = r.randrange(1 << 16)
+        self.rtx_seq = r.randrange(1 << 16)
+        self.ts_offset = r.randrange(1 << 32)
+        self.seq_offset = 0
+        self.restart_seq: int | None = None
+        self.waiting = True  # until the first packet (audio) or keyframe (video)
+        self.paused = False  # the subscriber asked not to receive it
+        self.starved = False  # its bandwidth is too low for this video
+        self.packets = 0
+        self.octets = 0
+
+    @property
+    def active(self) -> bool:
+        return not (self.paused or self.starved)
+
+    def restart(self, in_seq: int) -> None:
+        """Resume at ``in_seq``: map it to the next outgoing sequence number."""
+        self.seq_offset = (self.next_seq - in_seq) & 0xFFFF
+        self.restart_seq = in_seq
+        self.waiting = False
+
+
+@dataclass(slots=True)
+class UpTrack:
+    """A published track and the subscribers it is forwarded to."""
+
+    id: str
+    publisher: str
+    kind: str  # audio | video
+    source: str  # camera | microphone | screen
+    codec: str  # vp8 | h264 | opus
+    request_keyframe: Callable[[], None]
+    counters: Counters
+    muted: bool = False
+    downtracks: dict[str, DownTrack] = field(default_factory=dict)
+    cache: PacketCache | None = None
+    last_keyframe_request: float = -1e9
+    on_level: Callable[[str, int], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind == "video":
+            self.cache = PacketCache(1024)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "participant": self.publisher,
+            "kind": self.kind,
+            "source": self.source,
+            "muted": self.muted,
+            "codec": self.codec,
+        }
+
+    def is_keyframe(self, payload: bytes) -> bool:
+        return vp8_keyframe(payload) if self.codec == "vp8" else h264_keyframe(payload)
+
+    def want_keyframe(self, now: float) -> bool:
+        """Ask the publisher for a keyframe, at most once per ``KEYFRAME_INTERVAL_S``."""
+        if now - self.last_keyframe_request < KEYFRAME_INTERVAL_S:
+            return False
+        self.last_keyframe_request = now
+        self.counters.keyframe_requests += 1
+        self.request_keyframe()
+        return True
+
+    def forward(
+        self, seq: int, ts: int, marker: bool, payload: bytes, abs_time: int, level: int | None
+    ) -> None:
+        """Send one incoming packet to every active subscriber (the hot path)."""
+        cache = self.cache
+        if cache is not None:
+            cache.add(seq, ts, marker, payload)
+        if level is not None and self.on_level is not None:
+            self.on_level(self.publisher, level)
+        key: bool | None = None
+        mbit = 0x80 if marker else 0
+        sent = 0
+        for dt in self.downtracks.values():
+            if dt.paused or dt.starved:
+                continue
+            if dt.waiting:
+                if cache is None:
+                    dt.restart(seq)
+                else:
+                    if key is None:
+                        key = self.is_keyframe(payload)
+                    if not key:
+                        continue
+                    dt.restart(seq)
+            out_seq = (seq + dt.seq_offset) & 0xFFFF
+            if dt.next_seq == out_seq or seq_newer(out_seq, dt.next_seq):
+                dt.next_seq = (out_seq + 1) & 0xFFFF
+            layout = dt.layout
+            dt.send(
+                build(
+                    dt.pt | mbit,
+                    out_seq,
+                    (ts + dt.ts_offset) & 0xFFFFFFFF,
+                    dt.ssrc,
+                    layout.head,
+                    layout.shared(abs_time, level),
+                    payload,
+                )
+            )
+            dt.packets += 1
+            dt.octets += len(payload)
+            sent += 1
+        self.counters.packets_out += sent
+
+    def retransmit(self, dt: DownTrack, lost: list[int], abs_time: int) -> list[int]:
+        """Answer a subscriber's NACK from the cache (as RTX where negotiated); returns the
+        incoming sequence numbers the cache lacks, to be NACKed upstream."""
+        cache = self.cache
+        if cache is None or dt.restart_seq is None or not dt.active:
+            return []
+        missing: list[int] = []
+        layout = dt.layout
+        for out_seq in lost:
+            in_seq = (out_seq - dt.seq_offset) & 0xFFFF
+            if in_seq != dt.restart_seq and not seq_newer(in_seq, dt.restart_seq):
+                continue  # from before the last restart: another mapping
+            c = cache.get(in_seq)
+            if c is None:
+                missing.append(in_seq)
+                continue
+            ts = (c.ts + dt.ts_offset) & 0xFFFFFFFF
+            mbit = 0x80 if c.marker else 0
+            if dt.rtx_pt is not None and dt.rtx_ssrc is not None:
+                # RFC 4588 section 4: the original sequence number leads the payload.
+                data = build(
+                    dt.rtx_pt | mbit,
+                    dt.rtx_seq,
+                    ts,
+                    dt.rtx_ssrc,
+                    layout.head,
+                    layout.shared(abs_time, None),
+                    U16.pack(out_seq) + c.payload,
+                )
+                dt.rtx_seq = (dt.rtx_seq + 1) & 0xFFFF
+            else:
+                data = build(
+                    dt.pt | mbit,
+                    out_seq,
+                    ts,
+                    dt.ssrc,
+                    layout.head,
+                    layout.shared(abs_time, None),
+                    c.payload,
+                )
+            dt.send(data)
+            self.counters.retransmitted += 1
+        self.counters.nacks_upstream += len(missing)
+        return missing
+
+    def sender_report(self, ntp: int, rtp_ts: int) -> None:
+        """Translate the publisher's sender report (RFC 3550 section 6.4.1) to every subscriber's
+        timestamps, so receivers keep audio and video in sync."""
+        for dt in self.downtracks.values():
+            if dt.set_sender_report is not None:
+                dt.set_sender_report(
+                    ntp, (rtp_ts + dt.ts_offset) & 0xFFFFFFFF, dt.packets, dt.octets
+                )

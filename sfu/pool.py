@@ -1,0 +1,216 @@
+"""The signaling process's side of the SFU: worker processes and the room -> worker map.
+
+``SfuPool`` starts one worker per core (configurable), assigns each room to the worker with the
+fewest rooms when the room first needs media, and forwards requests and events. A worker that
+dies fails its pending requests, reports its rooms lost, and is restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .channel import encode_frame, read_frame
+
+log = logging.getLogger("rallypoint.sfu.pool")
+
+
+class SfuError(Exception):
+    """A refused or failed media request, with a signaling error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class WorkerHandle:
+    """One worker process and its channel."""
+
+    def __init__(
+        self,
+        index: int,
+        on_event: Callable[[WorkerHandle, dict[str, Any]], None],
+        video_codec: str,
+        log_level: str,
+    ) -> None:
+        self.index = index
+        self.on_event = on_event
+        self.video_codec = video_codec
+        self.log_level = log_level
+        self.proc: asyncio.subprocess.Process | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.rooms: set[str] = set()
+        self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.ready = asyncio.Event()
+        self.reader_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "sfu.worker",
+            "--fd",
+            str(child.fileno()),
+            "--video-codec",
+            self.video_codec,
+            "--log-level",
+            self.log_level,
+            pass_fds=[child.fileno()],
+            env=env,
+        )
+        child.close()
+        reader, self.writer = await asyncio.open_unix_connection(sock=parent)
+        self.ready.clear()
+        self.reader_task = asyncio.ensure_future(self._read(reader))
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        while True:
+            try:
+                msg = await read_frame(reader)
+            except ValueError:
+                msg = None
+            if msg is None:
+                break
+            rid = msg.get("id")
+            if rid is not None:
+                fut = self.pending.pop(rid, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+            elif msg.get("ev") == "ready":
+                self.ready.set()
+            else:
+                self.on_event(self, msg)
+        err = SfuError("sfu_unavailable", "the media server restarted; publish again")
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(err)
+        self.pending.clear()
+        self.on_event(self, {"ev": "worker_lost"})
+
+    def send(self, msg: dict[str, Any]) -> None:
+        if self.writer is not None and not self.writer.is_closing():
+            self.writer.write(encode_frame(msg))
+
+    async def stop(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 5)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        if self.reader_task is not None:
+            self.reader_task.cancel()
+            await asyncio.gather(self.reader_task, return_exceptions=True)
+
+
+class SfuPool:
+    """Worker processes and routing of rooms to them."""
+
+    def __init__(
+        self,
+        workers: int,
+        on_event: Callable[[dict[str, Any]], None],
+        video_codec: str = "vp8",
+        log_level: str = "warning",
+        timeout_s: float = 15.0,
+    ) -> None:
+        self.n = workers or (os.cpu_count() or 1)
+        self.on_event = on_event
+        self.video_codec = video_codec
+        self.log_level = log_level
+        self.timeout_s = timeout_s
+        self.workers: list[WorkerHandle] = []
+        self.room_worker: dict[str, WorkerHandle] = {}
+        self._ids = itertools.count(1)
+        self._closing = False
+        self._restarts: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        from .rtc import check_internals
+
+        check_internals()  # fail at start-up, in the main process, with a clear message
+        self.workers = [
+            WorkerHandle(i, self._event, self.video_codec, self.log_level) for i in range(self.n)
+        ]
+        await asyncio.gather(*(w.start() for w in self.workers))
+
+    async def close(self) -> None:
+        self._closing = True
+        for t in self._restarts:
+            t.cancel()
+        await asyncio.gather(*(w.stop() for w in self.workers), return_exceptions=True)
+
+    def _event(self, worker: WorkerHandle, msg: dict[str, Any]) -> None:
+        ev = msg.get("ev")
+        if ev == "worker_lost":
+            lost = sorted(worker.rooms)
+            worker.rooms.clear()
+            for room in lost:
+                self.room_worker.pop(room, None)
+                self.on_event({"ev": "room_lost", "room": room})
+            if not self._closing:
+                log.error("SFU worker %d died; restarting it", worker.index)
+                task = asyncio.ensure_future(worker.start())
+                self._restarts.add(task)
+                task.add_done_callback(self._restarts.discard)
+            return
+        if ev == "room_closed":
+            room = msg["room"]
+            w = self.room_worker.pop(room, None)
+            if w is not None:
+                w.rooms.discard(room)
+        self.on_event(msg)
+
+    def worker_for(self, room: str) -> WorkerHandle:
+        w = self.room_worker.get(room)
+        if w is None:
+            w = min(self.workers, key=lambda x: len(x.rooms))
+            self.room_worker[room] = w
+            w.rooms.add(room)
+        return w
+
+    async def request(self, room: str, op: str, **fields: Any) -> dict[str, Any]:
+        """Send a request to the room's worker and wait for its reply."""
+        w = self.worker_for(room)
+        try:
+            await asyncio.wait_for(w.ready.wait(), self.timeout_s)
+        except TimeoutError:
+            raise SfuError("sfu_unavailable", "the media server is not ready") from None
+        rid = next(self._ids)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        w.pending[rid] = fut
+        w.send({"id": rid, "op": op, "room": room, **fields})
+        try:
+            reply = await asyncio.wait_for(fut, self.timeout_s)
+        except TimeoutError:
+            w.pending.pop(rid, None)
+            raise SfuError("sfu_unavailable", "the media server did not answer") from None
+        if not reply.get("ok"):
+            raise SfuError(reply.get("code", "internal_error"), reply.get("message", ""))
+        result: dict[str, Any] = reply.get("result", {})
+        return result
+
+    async def stats(self) -> list[dict[str, Any]]:
+        out = []
+        for w in self.workers:
+            rid = next(self._ids)
+            fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+            w.pending[rid] = fut
+            w.send({"id": rid, "op": "stats"})
+            try:
+                out.append((await asyncio.wait_for(fut, 5)).get("result", {}))
+            except (TimeoutError, SfuError):
+                out.append({})
+        return out

@@ -1,0 +1,450 @@
+"""A room inside an SFU worker: participants' peer connections and the tracks between them.
+
+Each participant has up to two peer connections, as in LiveKit: a *publisher* connection (the
+client offers its tracks, the room answers) and a *subscriber* connection (the room offers every
+other participant's tracks and renegotiates as they come and go; the client answers). Negotiation
+of a subscriber connection is serialized: a change while an offer is out is folded into the next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiortc import (
+    RTCBundlePolicy,
+    RTCConfiguration,
+    RTCPeerConnection,
+    RTCRtpSender,
+    RTCRtpTransceiver,
+    RTCSessionDescription,
+)
+from aiortc.exceptions import InternalError, InvalidStateError, OperationError
+from aiortc.sdp import SessionDescription
+
+from .bandwidth import BandwidthAllocator
+from .forward import Counters, DownTrack, UpTrack
+from .rtc import (
+    FastSender,
+    NeverTrack,
+    PublisherHooks,
+    SubscriberHooks,
+    dtls_of,
+    layout_for,
+    negotiated_codec,
+    sender_ssrcs,
+)
+from .speaker import SpeakerDetector
+
+log = logging.getLogger("rallypoint.sfu.room")
+
+Emit = Callable[[dict[str, Any]], None]
+SOURCES = ("camera", "microphone", "screen")
+CODECS = {"vp8": "video/VP8", "h264": "video/H264"}
+
+
+class MediaError(Exception):
+    """A media request the room refuses; carries a signaling error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _preferences(kind: str, video_codec: str) -> list[Any]:
+    caps = RTCRtpSender.getCapabilities(kind).codecs
+    if kind == "audio":
+        return [c for c in caps if c.mimeType.lower() == "audio/opus"]
+    want = CODECS[video_codec].lower()
+    chosen = [c for c in caps if c.mimeType.lower() == want]
+    if video_codec == "h264":  # constrained baseline, packetization mode 1 only
+        chosen = [
+            c
+            for c in chosen
+            if c.parameters.get("packetization-mode") == "1"
+            and str(c.parameters.get("profile-level-id", "")).startswith("42e0")
+        ]
+    return chosen + [c for c in caps if c.mimeType.lower() == "video/rtx"]
+
+
+def _config() -> RTCConfiguration:
+    return RTCConfiguration(iceServers=[], bundlePolicy=RTCBundlePolicy.MAX_BUNDLE)
+
+
+@dataclass
+class Participant:
+    id: str
+    subscribe: bool = True
+    pub: RTCPeerConnection | None = None
+    sub: RTCPeerConnection | None = None
+    hooks: dict[str, PublisherHooks] = field(default_factory=dict)  # by publisher-side mid
+    published: dict[str, UpTrack] = field(default_factory=dict)  # by publisher-side mid
+    transceivers: dict[str, RTCRtpTransceiver] = field(default_factory=dict)  # by track id
+    downtracks: dict[str, DownTrack] = field(default_factory=dict)  # by track id
+    fast: FastSender | None = None
+    negotiating: bool = False
+    pending: bool = False
+
+
+class Room:
+    """One room of one worker."""
+
+    def __init__(self, name: str, emit: Emit, counters: Counters, video_codec: str = "vp8") -> None:
+        self.name = name
+        self.emit = emit
+        self.counters = counters
+        self.video_codec = video_codec
+        self.participants: dict[str, Participant] = {}
+        self.tracks: dict[str, UpTrack] = {}
+        self.allocators: dict[str, BandwidthAllocator] = {}
+        self.speaker = SpeakerDetector()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        """Run a coroutine the room owns (cancelled at close; failures are logged)."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("room %s task failed", self.name, exc_info=task.exception())
+
+    def _emit(self, ev: str, **fields: Any) -> None:
+        self.emit({"ev": ev, "room": self.name, **fields})
+
+    def participant(self, pid: str) -> Participant:
+        p = self.participants.get(pid)
+        if p is None:
+            raise MediaError("not_in_room", "join the room before sending media")
+        return p
+
+    def track_list(self) -> list[dict[str, Any]]:
+        return [t.info() for t in self.tracks.values()]
+
+    # -- membership ----------------------------------------------------------------------------
+
+    def join(self, pid: str, subscribe: bool) -> list[dict[str, Any]]:
+        p = self.participants.get(pid)
+        if p is None:
+            p = self.participants[pid] = Participant(pid, subscribe)
+        if subscribe and any(t.publisher != pid for t in self.tracks.values()):
+            self._spawn(self._renegotiate(p))
+        return self.track_list()
+
+    async def leave(self, pid: str, reason: str = "left") -> None:
+        p = self.participants.pop(pid, None)
+        if p is None:
+            return
+        for mine in list(p.published.values()):
+            self._unpublish(mine)
+        for tid in list(p.downtracks):
+            up = self.tracks.get(tid)
+            if up is not None:
+                up.downtracks.pop(pid, None)
+                alloc = self.allocators.get(tid)
+                if alloc is not None:
+                    alloc.remove(pid)
+        self.speaker.remove(pid)
+        for pc in (p.pub, p.sub):
+            if pc is not None:
+                await pc.close()
+
+    async def close(self) -> None:
+        for pid in list(self.participants):
+            await self.leave(pid)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- publishing ----------------------------------------------------------------------------
+
+    async def publish(self, pid: str, sdp: str, meta: list[dict[str, Any]]) -> str:
+        """Answer a publisher's offer; new tracks are offered to everyone else."""
+        p = self.participant(pid)
+        try:
+            offer = SessionDescription.parse(sdp)
+        except Exception:
+            raise MediaError("bad_sdp", "the offer is not valid SDP") from None
+        if not offer.media:
+            raise MediaError("bad_sdp", "the offer has no media sections")
+        if p.pub is None:
+            p.pub = RTCPeerConnection(_config())
+            pc = p.pub
+
+            @pc.on("connectionstatechange")
+            def _state() -> None:
+                if pc.connectionState == "failed":
+                    self._spawn(self._transport_failed(pid, "publisher"))
+
+        pc = p.pub
+        known = {t.mid for t in pc.getTransceivers()}
+        for media in offer.media:
+            if media.kind in ("audio", "video") and media.rtp.muxId not in known:
+                tr = pc.addTransceiver(media.kind, direction="recvonly")
+                tr.setCodecPreferences(_preferences(media.kind, self.video_codec))
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            await pc.setLocalDescription(await pc.createAnswer())
+        except OperationError:
+            raise MediaError(
+                "no_usable_codec",
+                f"the offer has no codec this room uses (Opus and {self.video_codec.upper()})",
+            ) from None
+        except (ValueError, InternalError, InvalidStateError) as e:
+            raise MediaError("bad_sdp", f"the offer was refused: {e}") from None
+        sources = {m.get("mid"): m.get("source") for m in meta}
+        directions = {m.rtp.muxId: m.direction for m in offer.media}
+        for tr in pc.getTransceivers():
+            mid = tr.mid
+            if mid is None:
+                continue
+            sending = directions.get(mid) in ("sendonly", "sendrecv")
+            if sending and mid not in p.published:
+                self._add_uptrack(p, tr, sources.get(mid))
+            elif not sending and mid in p.published:
+                self._unpublish(p.published[mid])
+        assert pc.localDescription is not None
+        return pc.localDescription.sdp
+
+    def _add_uptrack(self, p: Participant, tr: RTCRtpTransceiver, source: str | None) -> None:
+        kind = tr.kind
+        assert tr.mid is not None
+        codec, _, _ = negotiated_codec(tr)
+        if source not in SOURCES:
+            source = "microphone" if kind == "audio" else "camera"
+        tid = f"{p.id}:{tr.mid}"
+        hooks_box: list[PublisherHooks] = []
+
+        def request_keyframe() -> None:
+            if hooks_box:
+                self._spawn(hooks_box[0].request_keyframe())
+
+        up = UpTrack(tid, p.id, kind, source, codec, request_keyframe, self.counters)
+        if kind == "audio":
+            up.on_level = self.speaker.add
+
+        def malformed() -> None:
+            self.counters.dropped_malformed += 1
+
+        hooks = PublisherHooks(tr.receiver, up.forward, up.sender_report, malformed)
+        hooks_box.append(hooks)
+        p.hooks[tr.mid] = hooks
+        p.published[tr.mid] = up
+        self.tracks[tid] = up
+        if kind == "video":
+            self.allocators[tid] = BandwidthAllocator()
+        self._emit("track_published", track=up.info())
+        for other in self.participants.values():
+            if other.id != p.id and other.subscribe:
+                self._spawn(self._renegotiate(other))
+
+    def _unpublish(self, up: UpTrack) -> None:
+        self.tracks.pop(up.id, None)
+        self.allocators.pop(up.id, None)
+        owner = self.participants.get(up.publisher)
+        if owner is not None:
+            for mid, t in list(owner.published.items()):
+                if t is up:
+                    del owner.published[mid]
+        up.downtracks.clear()
+        self._emit("track_unpublished", track=up.id, participant=up.publisher)
+        for other in self.participants.values():
+            if up.id in other.transceivers:
+                other.downtracks.pop(up.id, None)
+                self._spawn(self._renegotiate(other))
+
+    def unpublish(self, pid: str, tid: str) -> None:
+        up = self.tracks.get(tid)
+        if up is None or up.publisher != pid:
+            raise MediaError("no_such_track", f"you publish no track {tid!r}")
+        self._unpublish(up)
+
+    def mute(self, pid: str, tid: str, muted: bool) -> None:
+        up = self.tracks.get(tid)
+        if up is None or up.publisher != pid:
+            raise MediaError("no_such_track", f"you publish no track {tid!r}")
+        if up.muted != muted:
+            up.muted = muted
+            self._emit("track_updated", track=up.info())
+
+    # -- subscribing ---------------------------------------------------------------------------
+
+    async def _renegotiate(self, p: Participant) -> None:
+        if p.negotiating:
+            p.pending = True
+            return
+        if p.id not in self.participants:
+            return
+        p.negotiating = True
+        p.pending = False
+        if p.sub is None:
+            p.sub = RTCPeerConnection(_config())
+            pc = p.sub
+
+            @pc.on("connectionstatechange")
+            def _state() -> None:
+                if pc.connectionState == "connected":
+                    self._request_waiting_keyframes(p)
+                elif pc.connectionState == "failed":
+                    self._spawn(self._transport_failed(p.id, "subscriber"))
+
+        pc = p.sub
+        wanted = {tid for tid, up in self.tracks.items() if up.publisher != p.id}
+        for tid in sorted(wanted - p.transceivers.keys()):
+            up = self.tracks[tid]
+            tr = pc.addTransceiver(NeverTrack(up.kind), direction="sendonly")
+            tr.setCodecPreferences(_preferences(up.kind, self.video_codec))
+            p.transceivers[tid] = tr
+        for tid in list(p.transceivers.keys() - wanted):
+            # m-lines are never recycled: a removed track's transceiver goes inactive.
+            p.transceivers.pop(tid).direction = "inactive"
+        await pc.setLocalDescription(await pc.createOffer())
+        assert pc.localDescription is not None
+        tracks = [
+            {**self.tracks[tid].info(), "mid": tr.mid}
+            for tid, tr in p.transceivers.items()
+            if tid in self.tracks
+        ]
+        self._emit("subscribe_offer", participant=p.id, sdp=pc.localDescription.sdp, tracks=tracks)
+
+    async def subscribe_answer(self, pid: str, sdp: str) -> None:
+        p = self.participant(pid)
+        if p.sub is None or not p.negotiating:
+            raise MediaError("bad_sdp", "no subscriber offer is waiting for an answer")
+        try:
+            parsed = SessionDescription.parse(sdp)
+        except Exception:
+            raise MediaError("bad_sdp", "the answer is not valid SDP") from None
+        if len(parsed.media) != len(p.sub.getTransceivers()):
+            raise MediaError("bad_sdp", "the answer's media sections do not match the offer")
+        try:
+            await p.sub.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+        except (ValueError, OperationError, InternalError, InvalidStateError) as e:
+            raise MediaError("bad_sdp", f"the answer was refused: {e}") from None
+        now = time.monotonic()
+        for tid, tr in p.transceivers.items():
+            up = self.tracks.get(tid)
+            if up is None or tid in p.downtracks:
+                continue
+            self._add_downtrack(p, up, tr, now)
+        p.negotiating = False
+        if p.pending:
+            self._spawn(self._renegotiate(p))
+
+    def _add_downtrack(
+        self, p: Participant, up: UpTrack, tr: RTCRtpTransceiver, now: float
+    ) -> None:
+        if p.fast is None:
+            p.fast = FastSender(dtls_of(tr))
+        _, pt, rtx_pt = negotiated_codec(tr)
+        ssrc, rtx_ssrc = sender_ssrcs(tr.sender)
+        allocator = self.allocators.get(up.id)
+        hooks_box: list[SubscriberHooks] = []
+
+        def set_sr(ntp: int, rtp_ts: int, packets: int, octets: int) -> None:
+            hooks_box[0].set_sender_report(ntp, rtp_ts, packets, octets)
+
+        dt = DownTrack(
+            p.id,
+            up.kind,
+            ssrc,
+            pt,
+            layout_for(tr),
+            p.fast.send,
+            rtx_ssrc=rtx_ssrc if rtx_pt is not None else None,
+            rtx_pt=rtx_pt,
+            set_sender_report=set_sr,
+        )
+        publisher = self.participants.get(up.publisher)
+        pub_hooks = None
+        if publisher is not None:
+            for mid, t in publisher.published.items():
+                if t is up:
+                    pub_hooks = publisher.hooks.get(mid)
+
+        def on_nack(lost: list[int]) -> None:
+            from aiortc.clock import current_ntp_time
+
+            from .rtp import abs_send_time
+
+            missing = up.retransmit(dt, lost, abs_send_time(current_ntp_time()))
+            if missing and pub_hooks is not None:
+                self._spawn(pub_hooks.nack(missing))
+
+        def on_keyframe() -> None:
+            up.want_keyframe(time.monotonic())
+
+        def on_remb(bps: int) -> None:
+            if allocator is None:
+                return
+            change = allocator.report(p.id, bps)
+            if change is True:
+                dt.starved = True
+                self._emit("track_starved", participant=p.id, track=up.id, starved=True)
+            elif change is False:
+                dt.starved = False
+                dt.waiting = True
+                up.want_keyframe(time.monotonic())
+                self._emit("track_starved", participant=p.id, track=up.id, starved=False)
+            target = allocator.target()
+            if (
+                target is not None
+                and pub_hooks is not None
+                and (pub_hooks.remb_cap is None or abs(target - pub_hooks.remb_cap) > 0.1 * target)
+            ):
+                self._spawn(pub_hooks.send_remb(target))
+
+        hooks_box.append(SubscriberHooks(tr.sender, on_nack, on_keyframe, on_remb))
+        p.downtracks[up.id] = dt
+        up.downtracks[p.id] = dt
+        if up.kind == "video" and p.fast.ready:
+            up.want_keyframe(now)
+
+    def _request_waiting_keyframes(self, p: Participant) -> None:
+        now = time.monotonic()
+        for tid, dt in p.downtracks.items():
+            up = self.tracks.get(tid)
+            if up is not None and dt.waiting and up.kind == "video":
+                up.want_keyframe(now)
+
+    def pause(self, pid: str, tid: str, paused: bool) -> None:
+        p = self.participant(pid)
+        dt = p.downtracks.get(tid)
+        up = self.tracks.get(tid)
+        if dt is None or up is None:
+            raise MediaError("no_such_track", f"you receive no track {tid!r}")
+        if dt.paused == paused:
+            return
+        dt.paused = paused
+        if not paused and up.kind == "video":
+            dt.waiting = True  # restart at a keyframe
+            up.want_keyframe(time.monotonic())
+
+    async def _transport_failed(self, pid: str, which: str) -> None:
+        if pid not in self.participants:
+            return
+        self._emit("media_failed", participant=pid, which=which)
+        await self.leave(pid)
+
+    # -- periodic ------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Every ~250 ms: active speaker, and keyframes for subscribers still waiting."""
+        order = self.speaker.tick(now)
+        if order is not None:
+            self._emit("active_speaker", speakers=order)
+        for p in self.participants.values():
+            if p.fast is not None and p.fast.ready:
+                for tid, dt in p.downtracks.items():
+                    up = self.tracks.get(tid)
+                    if dt.waiting and up is not None and up.kind == "video" and dt.active:
+                        up.want_keyframe(now)

@@ -1,0 +1,330 @@
+"""The one module that touches aiortc's (and aioice's) internals.
+
+aiortc has no public RTP API (its maintainer declined one several times), so forwarding without
+decoding hooks private methods, all of which have kept their signatures since aiortc 0.9.28.
+``check_internals`` verifies every one at start-up and fails with a clear message if a version
+change removed any. What is used:
+
+- publisher side: ``RTCRtpReceiver._handle_rtp_packet`` (wrapped per instance: forward first, then
+  aiortc's own handling so it keeps sending receiver reports, NACKs and REMB upstream),
+  ``_handle_rtcp_packet`` (sender reports, for A/V sync), ``_send_rtcp`` (to rewrite REMB with
+  the subscribers' estimates), ``_send_rtcp_pli``/``_send_rtcp_nack``, the RTX maps, and the
+  decoder, which is stopped (nobody consumes decoded frames);
+- subscriber side: an ``RTCRtpSender`` whose track never yields (so no encoder exists), its
+  ``_ssrc``/``_rtx_ssrc``, ``_handle_rtcp_packet`` (NACK, PLI/FIR, REMB) and the counters its
+  sender reports are built from; packets go out through the DTLS transport's SRTP session and the
+  nominated ICE pair's socket directly, skipping four coroutine layers per packet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import aioice.ice
+import aiortc
+from aiortc import RTCRtpReceiver, RTCRtpSender, RTCRtpTransceiver
+from aiortc.clock import current_ntp_time
+from aiortc.codecs import is_rtx
+from aiortc.mediastreams import MediaStreamTrack
+from aiortc.rtcdtlstransport import RTCDtlsTransport
+from aiortc.rtp import (
+    RTCP_PSFB_APP,
+    RTCP_PSFB_FIR,
+    RTCP_PSFB_PLI,
+    RTCP_RTPFB_NACK,
+    RtcpPsfbPacket,
+    RtcpRtpfbPacket,
+    RtcpSrPacket,
+    RtpPacket,
+    pack_remb_fci,
+    unpack_remb_fci,
+)
+
+from .rtp import URI_ABS_SEND_TIME, URI_AUDIO_LEVEL, URI_MID, ExtensionLayout, abs_send_time
+
+log = logging.getLogger("rallypoint.sfu.rtc")
+
+_REQUIRED: list[tuple[type, str]] = [
+    (RTCRtpReceiver, "_handle_rtp_packet"),
+    (RTCRtpReceiver, "_handle_rtcp_packet"),
+    (RTCRtpReceiver, "_send_rtcp"),
+    (RTCRtpReceiver, "_send_rtcp_pli"),
+    (RTCRtpReceiver, "_send_rtcp_nack"),
+    (RTCRtpReceiver, "receive"),
+    (RTCRtpReceiver, "_RTCRtpReceiver__stop_decoder"),
+    (RTCRtpSender, "_handle_rtcp_packet"),
+    (RTCDtlsTransport, "_send_rtp"),
+    (aioice.ice.Connection, "sendto"),
+    (aioice.ice.StunProtocol, "send_data"),
+]
+_REQUIRED_INSTANCE = {
+    "RTCRtpReceiver": (
+        "_RTCRtpReceiver__rtx_ssrc",
+        "_RTCRtpReceiver__codecs",
+        "_RTCRtpReceiver__rtcp_ssrc",
+    ),
+    "RTCRtpSender": (
+        "_ssrc",
+        "_rtx_ssrc",
+        "_RTCRtpSender__ntp_timestamp",
+        "_RTCRtpSender__rtp_timestamp",
+        "_RTCRtpSender__packet_count",
+        "_RTCRtpSender__octet_count",
+    ),
+    "RTCRtpTransceiver": ("_codecs", "_headerExtensions"),
+}
+
+
+def check_internals() -> None:
+    """Fail with a clear message if this aiortc/aioice lacks a hook the SFU needs."""
+    missing = [f"{cls.__name__}.{name}" for cls, name in _REQUIRED if not hasattr(cls, name)]
+    # Instance attributes are set in the constructors: look for their assignments there.
+    for cls in (RTCRtpReceiver, RTCRtpSender, RTCRtpTransceiver):
+        src = inspect.getsource(cls.__init__)
+        prefix = f"_{cls.__name__}__"
+        for attr in _REQUIRED_INSTANCE[cls.__name__]:
+            name = "__" + attr[len(prefix) :] if attr.startswith(prefix) else attr
+            if f"self.{name}" not in src:
+                missing.append(f"{cls.__name__}().{attr}")
+    if missing:
+        raise RuntimeError(
+            f"the SFU needs aiortc internals this aiortc {aiortc.__version__} lacks: "
+            f"{', '.join(missing)}; install aiortc==1.16.0 and aioice==0.13.0"
+        )
+
+
+class NeverTrack(MediaStreamTrack):
+    """A sender's track that never yields a frame: the sender never creates an encoder, and the
+    SFU sends the packets itself."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    async def recv(self) -> Any:
+        await asyncio.Event().wait()  # forever (cancelled when the sender stops)
+
+
+class FastSender:
+    """Protect and send RTP for one DTLS transport, straight to the nominated pair's socket."""
+
+    __slots__ = ("_conn", "_dtls", "_slow")
+
+    def __init__(self, dtls: RTCDtlsTransport) -> None:
+        self._dtls = dtls
+        self._slow: set[asyncio.Future[None]] = set()
+        self._conn: aioice.ice.Connection = dtls.transport._connection
+
+    @property
+    def ready(self) -> bool:
+        return self._dtls._tx_srtp is not None and self._conn._nominated.get(1) is not None
+
+    def send(self, data: bytes) -> None:
+        srtp = self._dtls._tx_srtp
+        pair = self._conn._nominated.get(1)
+        if srtp is None or pair is None:
+            return
+        protocol = pair.protocol
+        if type(protocol) is aioice.ice.StunProtocol:
+            protocol.transport.sendto(srtp.protect(data), pair.remote_addr)
+        else:  # a TURN-relayed pair on the server side: rare, take the slow path
+            fut = asyncio.ensure_future(protocol.send_data(srtp.protect(data), pair.remote_addr))
+            self._slow.add(fut)
+            fut.add_done_callback(self._slow.discard)
+
+
+def extension_ids(transceiver: RTCRtpTransceiver) -> dict[str, int]:
+    return {x.uri: x.id for x in transceiver._headerExtensions}
+
+
+def layout_for(transceiver: RTCRtpTransceiver) -> ExtensionLayout:
+    ids = extension_ids(transceiver)
+    return ExtensionLayout(
+        ids.get(URI_MID),
+        transceiver.mid,
+        ids.get(URI_ABS_SEND_TIME),
+        ids.get(URI_AUDIO_LEVEL),
+        transceiver.kind == "audio",
+    )
+
+
+def negotiated_codec(transceiver: RTCRtpTransceiver) -> tuple[str, int, int | None]:
+    """(codec name, payload type, RTX payload type) negotiated on a transceiver."""
+    codecs = transceiver._codecs
+    main = next(c for c in codecs if not is_rtx(c))
+    assert main.payloadType is not None
+    rtx = next(
+        (
+            c.payloadType
+            for c in codecs
+            if is_rtx(c) and c.parameters.get("apt") == main.payloadType
+        ),
+        None,
+    )
+    return main.mimeType.split("/")[1].lower(), main.payloadType, rtx
+
+
+class PublisherHooks:
+    """Takes over one publisher receiver: RTP to ``on_rtp``, SRs to ``on_sr``, REMB capped."""
+
+    def __init__(
+        self,
+        receiver: RTCRtpReceiver,
+        on_rtp: Callable[[int, int, bool, bytes, int, int | None], None],
+        on_sr: Callable[[int, int], None],
+        on_malformed: Callable[[], None],
+    ) -> None:
+        self.receiver = receiver
+        self.on_rtp = on_rtp
+        self.on_sr = on_sr
+        self.on_malformed = on_malformed
+        self.media_ssrc: int | None = None
+        self.remb_cap: int | None = None  # the subscribers' combined estimate
+        self.remb_own: int | None = None  # aiortc's estimate of our own downlink
+        self._rtx: dict[int, int] = {}  # rtx payload type -> original payload type
+        self._orig_rtp = receiver._handle_rtp_packet
+        self._orig_rtcp = receiver._handle_rtcp_packet
+        self._orig_send_rtcp = receiver._send_rtcp
+        self._orig_receive = receiver.receive
+        receiver._handle_rtp_packet = self._handle_rtp  # type: ignore[method-assign]
+        receiver._handle_rtcp_packet = self._handle_rtcp  # type: ignore[method-assign]
+        receiver._send_rtcp = self._send_rtcp  # type: ignore[method-assign]
+        receiver.receive = self._receive  # type: ignore[method-assign]
+
+    async def _receive(self, parameters: Any) -> None:
+        await self._orig_receive(parameters)
+        codecs = self.receiver._RTCRtpReceiver__codecs  # type: ignore[attr-defined]
+        self._rtx = {
+            pt: c.parameters["apt"]
+            for pt, c in codecs.items()
+            if is_rtx(c) and isinstance(c.parameters.get("apt"), int)
+        }
+        # Nobody consumes decoded frames: stop the decoder thread (it would decode every frame
+        # and queue them forever).
+        self.receiver._RTCRtpReceiver__stop_decoder()  # type: ignore[attr-defined]
+
+    async def _handle_rtp(self, packet: RtpPacket, arrival_time_ms: int) -> None:
+        pt = packet.payload_type
+        payload = packet.payload
+        seq = packet.sequence_number
+        if pt in self._rtx:
+            # RFC 4588: a repaired packet; its original sequence number leads the payload.
+            if len(payload) < 2:
+                self.on_malformed()
+                return
+            seq = (payload[0] << 8) | payload[1]
+            payload = payload[2:]
+        else:
+            self.media_ssrc = packet.ssrc
+        level = packet.extensions.audio_level
+        try:
+            self.on_rtp(
+                seq,
+                packet.timestamp,
+                bool(packet.marker),
+                payload,
+                abs_send_time(current_ntp_time()),
+                level[1] if level is not None else None,
+            )
+        except Exception:  # never let one packet kill the receiver
+            log.exception("forwarding failed")
+            self.on_malformed()
+        await self._orig_rtp(packet, arrival_time_ms)
+
+    async def _handle_rtcp(self, packet: Any) -> None:
+        if isinstance(packet, RtcpSrPacket):
+            self.on_sr(packet.sender_info.ntp_timestamp, packet.sender_info.rtp_timestamp)
+        await self._orig_rtcp(packet)
+
+    async def _send_rtcp(self, packet: Any) -> None:
+        if isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+            try:
+                bitrate, ssrcs = unpack_remb_fci(packet.fci)
+            except ValueError:
+                return
+            self.remb_own = bitrate
+            if self.remb_cap is not None and self.remb_cap < bitrate:
+                packet = RtcpPsfbPacket(
+                    fmt=RTCP_PSFB_APP,
+                    ssrc=packet.ssrc,
+                    media_ssrc=0,
+                    fci=pack_remb_fci(self.remb_cap, ssrcs),
+                )
+        await self._orig_send_rtcp(packet)
+
+    async def send_remb(self, bitrate: int) -> None:
+        """Tell the publisher at once that the subscribers can take only ``bitrate``."""
+        self.remb_cap = bitrate
+        rtcp_ssrc = self.receiver._RTCRtpReceiver__rtcp_ssrc  # type: ignore[attr-defined]
+        if self.media_ssrc is None or rtcp_ssrc is None:
+            return
+        if self.remb_own is not None:
+            bitrate = min(bitrate, self.remb_own)
+        await self._orig_send_rtcp(
+            RtcpPsfbPacket(
+                fmt=RTCP_PSFB_APP,
+                ssrc=rtcp_ssrc,
+                media_ssrc=0,
+                fci=pack_remb_fci(bitrate, [self.media_ssrc]),
+            )
+        )
+
+    async def request_keyframe(self) -> None:
+        if self.media_ssrc is not None:
+            await self.receiver._send_rtcp_pli(self.media_ssrc)
+
+    async def nack(self, lost: list[int]) -> None:
+        if self.media_ssrc is not None and lost:
+            await self.receiver._send_rtcp_nack(self.media_ssrc, sorted(lost))
+
+
+class SubscriberHooks:
+    """Takes over one subscriber sender's RTCP: NACK, PLI/FIR and REMB go to callbacks."""
+
+    def __init__(
+        self,
+        sender: RTCRtpSender,
+        on_nack: Callable[[list[int]], None],
+        on_keyframe: Callable[[], None],
+        on_remb: Callable[[int], None],
+    ) -> None:
+        self.sender = sender
+        self.on_nack = on_nack
+        self.on_keyframe = on_keyframe
+        self.on_remb = on_remb
+        self._orig = sender._handle_rtcp_packet
+        sender._handle_rtcp_packet = self._handle_rtcp  # type: ignore[method-assign]
+
+    async def _handle_rtcp(self, packet: Any) -> None:
+        if isinstance(packet, RtcpRtpfbPacket) and packet.fmt == RTCP_RTPFB_NACK:
+            self.on_nack(list(packet.lost))
+        elif isinstance(packet, RtcpPsfbPacket) and packet.fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR):
+            self.on_keyframe()
+        elif isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+            try:
+                bitrate, _ = unpack_remb_fci(packet.fci)
+            except ValueError:
+                return
+            self.on_remb(bitrate)
+        else:
+            await self._orig(packet)  # receiver reports: RTT and loss statistics
+
+    def set_sender_report(self, ntp: int, rtp_ts: int, packets: int, octets: int) -> None:
+        """Make the sender's next SR carry the publisher's NTP/RTP mapping and our counts."""
+        s = self.sender
+        s._RTCRtpSender__ntp_timestamp = ntp  # type: ignore[attr-defined]
+        s._RTCRtpSender__rtp_timestamp = rtp_ts  # type: ignore[attr-defined]
+        s._RTCRtpSender__packet_count = packets  # type: ignore[attr-defined]
+        s._RTCRtpSender__octet_count = octets  # type: ignore[attr-defined]
+
+
+def sender_ssrcs(sender: RTCRtpSender) -> tuple[int, int]:
+    return sender._ssrc, sender._rtx_ssrc
+
+
+def dtls_of(transceiver: RTCRtpTransceiver) -> RTCDtlsTransport:
+    return transceiver.sender.transport

@@ -1,0 +1,197 @@
+"""An SFU worker process: hosts rooms, talks to the signaling process over a channel.
+
+Run as ``python -m sfu.worker --fd N`` with one end of a Unix socket pair inherited as fd N
+(``sfu.pool`` does this). Each worker is one asyncio loop on one core; rooms are spread over
+workers by the pool and a room lives in exactly one worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+from aiortc import RTCIceCandidate
+from aiortc.sdp import candidate_from_sdp
+
+from .channel import encode_frame, read_frame
+from .forward import Counters
+from .room import MediaError, Room
+from .rtc import check_internals
+
+log = logging.getLogger("rallypoint.sfu.worker")
+TICK_S = 0.25
+
+
+class Worker:
+    """Rooms of this process and the request handlers."""
+
+    def __init__(self, writer: asyncio.StreamWriter, video_codec: str) -> None:
+        self.writer = writer
+        self.video_codec = video_codec
+        self.rooms: dict[str, Room] = {}
+        self.counters = Counters()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def emit(self, msg: dict[str, Any]) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(encode_frame(msg))
+
+    def room(self, name: str) -> Room:
+        r = self.rooms.get(name)
+        if r is None:
+            r = self.rooms[name] = Room(name, self.emit, self.counters, self.video_codec)
+        return r
+
+    async def handle(self, msg: dict[str, Any]) -> dict[str, Any]:
+        op = msg["op"]
+        if op == "stats":
+            return {"rooms": len(self.rooms), **dataclasses.asdict(self.counters)}
+        name = msg["room"]
+        pid = msg.get("participant", "")
+        if op == "join":
+            return {"tracks": self.room(name).join(pid, msg.get("subscribe", True))}
+        room = self.rooms.get(name)
+        if room is None:
+            raise MediaError("not_in_room", "join the room before sending media")
+        if op == "leave":
+            await room.leave(pid)
+            if not room.participants:
+                await room.close()
+                del self.rooms[name]
+                self.emit({"ev": "room_closed", "room": name})
+            return {}
+        if op == "publish":
+            return {"sdp": await room.publish(pid, msg["sdp"], msg.get("tracks", []))}
+        if op == "answer":
+            await room.subscribe_answer(pid, msg["sdp"])
+            return {}
+        if op == "ice":
+            await self._ice(room, pid, msg["target"], msg.get("candidate"))
+            return {}
+        if op == "mute":
+            room.mute(pid, msg["track"], msg["muted"])
+            return {}
+        if op == "pause":
+            room.pause(pid, msg["track"], msg["paused"])
+            return {}
+        if op == "unpublish":
+            room.unpublish(pid, msg["track"])
+            return {}
+        raise MediaError("bad_message", f"unknown worker op {op!r}")
+
+    async def _ice(self, room: Room, pid: str, target: str, cand: dict[str, Any] | None) -> None:
+        p = room.participant(pid)
+        pc = p.pub if target == "publisher" else p.sub
+        if pc is None:
+            raise MediaError("bad_sdp", f"no {target} connection to add a candidate to")
+        if not cand or not cand.get("candidate"):
+            return  # end of candidates
+        text = cand["candidate"]
+        try:
+            c: RTCIceCandidate = candidate_from_sdp(
+                text.split(":", 1)[1] if text.startswith("candidate:") else text
+            )
+        except (ValueError, IndexError):
+            raise MediaError("bad_sdp", "the ICE candidate is malformed") from None
+        c.sdpMid = cand.get("sdpMid")
+        c.sdpMLineIndex = cand.get("sdpMLineIndex")
+        if c.sdpMid is None and c.sdpMLineIndex is None:
+            c.sdpMLineIndex = 0
+        try:
+            await pc.addIceCandidate(c)
+        except ValueError as e:
+            raise MediaError("bad_sdp", f"the ICE candidate was refused: {e}") from None
+
+    async def _run_one(self, msg: dict[str, Any]) -> None:
+        rid = msg.get("id")
+        try:
+            result = await self.handle(msg)
+            reply: dict[str, Any] = {"id": rid, "ok": True, "result": result}
+        except MediaError as e:
+            reply = {"id": rid, "ok": False, "code": e.code, "message": e.message}
+        except Exception:
+            log.exception("worker op %s failed", msg.get("op"))
+            reply = {
+                "id": rid,
+                "ok": False,
+                "code": "internal_error",
+                "message": "the media server failed to handle this request",
+            }
+        self.emit(reply)
+
+    def spawn(self, msg: dict[str, Any]) -> None:
+        task = asyncio.ensure_future(self._run_one(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def ticker(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = time.monotonic()
+            for room in list(self.rooms.values()):
+                room.tick(now)
+
+    async def close(self) -> None:
+        for room in list(self.rooms.values()):
+            await room.close()
+        self.rooms.clear()
+
+
+async def serve(sock: socket.socket, video_codec: str) -> None:
+    check_internals()
+    reader, writer = await asyncio.open_unix_connection(sock=sock)
+    worker = Worker(writer, video_codec)
+    worker.emit({"ev": "ready", "pid": os.getpid()})
+    ticker = asyncio.ensure_future(worker.ticker())
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    reading = asyncio.ensure_future(_read_loop(reader, worker))
+    await asyncio.wait(
+        [reading, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED
+    )
+    ticker.cancel()
+    reading.cancel()
+    await asyncio.gather(ticker, reading, return_exceptions=True)
+    await worker.close()
+    writer.close()
+
+
+async def _read_loop(reader: asyncio.StreamReader, worker: Worker) -> None:
+    while True:
+        msg = await read_frame(reader)
+        if msg is None:
+            return  # the signaling process went away
+        worker.spawn(msg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="sfu.worker")
+    p.add_argument("--fd", type=int, required=True)
+    p.add_argument("--video-codec", default="vp8", choices=("vp8", "h264"))
+    p.add_argument("--log-level", default="warning")
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s sfu-worker %(name)s: %(message)s",
+    )
+    sock = socket.socket(fileno=args.fd)
+    try:
+        import uvloop
+
+        uvloop.run(serve(sock, args.video_codec))
+    except ImportError:  # pragma: no cover - non-Linux
+        asyncio.run(serve(sock, args.video_codec))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Group calls through the SFU with real aiortc clients: forwarding without decoding."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+from aiohttp.test_utils import TestServer
+from sfu_helpers import Party, PartyFactory, until
+
+from media.loss import inject_loss
+from signaling.client import Client, ClientError
+
+
+def _decoding(viewer: Party, others: list[Party], frames: int) -> bool:
+    for o in others:
+        v = viewer.media.counter_for(o.id, "video")
+        a = viewer.media.counter_for(o.id, "audio")
+        if v is None or a is None or v.frames < frames or a.frames < frames:
+            return False
+    return True
+
+
+async def test_three_participants_decode_each_other(
+    start_server: Callable[..., Awaitable[TestServer]], party: PartyFactory
+) -> None:
+    server = await start_server(sfu__enabled=True, sfu__workers=2)
+    ps = [await party(server, f"p{i}", n=i + 1) for i in range(3)]
+    await until(lambda: all(_decoding(p, [o for o in ps if o is not p], 30) for p in ps), 20)
+    for p in ps:
+        for n, o in enumerate(ps, start=1):
+            if o is p:
+                continue
+            v = p.media.counter_for(o.id, "video")
+            assert v is not None and set(v.video.sizes) == {(640, 480)}
+            # The frames carry their publisher's id: nobody got someone else's stream.
+            assert v.video.publishers == {n} and v.video.intact >= 30
+    # The track list and owners are announced to everyone.
+    info = ps[0].media.tracks
+    assert {(t["participant"], t["kind"], t["source"]) for t in info.values()} == {
+        (o.id, k, s) for o in ps[1:] for k, s in (("video", "camera"), ("audio", "microphone"))
+    }
+
+
+async def test_late_joiner_decodes_video_within_one_second(
+    sfu_server: TestServer, party: PartyFactory
+) -> None:
+    a = await party(sfu_server, "alice", n=1)
+    b = await party(sfu_server, "bob", n=2)
+    await until(lambda: _decoding(a, [b], 10) and _decoding(b, [a], 10), 15)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    late = await party(sfu_server, "late", publish=False)
+    await until(
+        lambda: all(
+            late.media.counter_for(x.id, "video") is not None
+            and late.media.counter_for(x.id, "video").frames > 0  # type: ignore[union-attr]
+            for x in (a, b)
+        ),
+        5,
+    )
+    for x in (a, b):
+        counter = late.media.counter_for(x.id, "video")
+        assert counter is not None and counter.first_frame_at is not None
+        assert counter.first_frame_at - started < 1.0, counter.first_frame_at - started
+    assert a.video is not None and a.video.keyframe_requests >= 1  # the SFU asked for one
+
+
+async def test_leaving_removes_tracks(sfu_server: TestServer, party: PartyFactory) -> None:
+    a = await party(sfu_server, "alice", n=1)
+    b = await party(sfu_server, "bob", n=2)
+    await until(lambda: _decoding(a, [b], 5), 15)
+    b_tracks = {t for t, info in a.media.tracks.items() if info["participant"] == b.id}
+    await b.client.request({"type": "leave", "room": "call"})
+    gone = set()
+    async with asyncio.timeout(5):
+        while gone != b_tracks:
+            ev = await a.client.next_event("track_unpublished")
+            assert ev["participant"] == b.id
+            gone.add(ev["track"])
+    v = a.media.counter_for(b.id, "video")
+    assert v is not None
+    await asyncio.sleep(0.5)
+    frames = v.frames
+    await asyncio.sleep(1.0)
+    assert v.frames - frames <= 1  # nothing more arrives from bob
+
+
+async def test_mute_and_pause(sfu_server: TestServer, party: PartyFactory) -> None:
+    a = await party(sfu_server, "alice", n=1)
+    b = await party(sfu_server, "bob", publish=False)
+    await until(lambda: _decoding(b, [a], 10), 15)
+    video_id = next(t for t, i in b.media.tracks.items() if i["kind"] == "video")
+    audio_id = next(t for t, i in b.media.tracks.items() if i["kind"] == "audio")
+
+    await a.client.request({"type": "track_mute", "room": "call", "track": audio_id, "muted": True})
+    ev = await b.client.next_event("track_updated")
+    assert ev["track"]["id"] == audio_id and ev["track"]["muted"] is True
+    with pytest.raises(ClientError) as e:  # only the publisher mutes its track
+        await b.client.request(
+            {"type": "track_mute", "room": "call", "track": audio_id, "muted": False}
+        )
+    assert e.value.code == "no_such_track"
+
+    v = b.media.counter_for(a.id, "video")
+    assert v is not None
+    await b.client.request(
+        {"type": "track_pause", "room": "call", "track": video_id, "paused": True}
+    )
+    await asyncio.sleep(0.3)
+    frames = v.frames
+    await asyncio.sleep(1.0)
+    assert v.frames - frames <= 1  # paused: nothing arrives
+    await b.client.request(
+        {"type": "track_pause", "room": "call", "track": video_id, "paused": False}
+    )
+    await until(lambda: v.frames >= frames + 10, 3)  # resumes at a keyframe
+
+
+async def test_loss_is_repaired(sfu_server: TestServer, party: PartyFactory) -> None:
+    a = await party(sfu_server, "alice", n=1, seconds=4.0)
+    b = await party(sfu_server, "bob", publish=False)
+    await until(lambda: _decoding(b, [a], 10), 15)
+    assert a.media.pub is not None
+    loss = inject_loss(a.media.pub, 0.05, seed=7, kinds=("video",))
+    v = b.media.counter_for(a.id, "video")
+    assert v is not None
+    v.reset_window()
+    await asyncio.sleep(6.0)
+    loss.remove()
+    assert loss.counts.dropped > 20, loss.counts  # loss really happened
+    fraction = v.decodable_fraction()
+    assert fraction >= 0.99, (fraction, v.video)
+
+
+async def test_bad_offers_get_clear_errors(
+    sfu_server: TestServer, party: PartyFactory, clients: Callable[..., Awaitable[Client]]
+) -> None:
+    a = await party(sfu_server, "alice", n=1)
+    b = await party(sfu_server, "bob", publish=False)
+    await until(lambda: _decoding(b, [a], 5), 15)
+    c = await clients(sfu_server, name="Mallory", identity="mallory")
+    with pytest.raises(ClientError) as e:
+        await c.request({"type": "publish", "room": "call", "sdp": "v=0\r\n"})
+    assert e.value.code == "not_in_room"
+    await c.request({"type": "join", "room": "call"})
+    for sdp, code in (
+        ("garbage", "bad_sdp"),
+        ("v=0\r\n", "bad_sdp"),
+        (_h264_only_offer(), "no_usable_codec"),
+    ):
+        with pytest.raises(ClientError) as e:
+            await c.request({"type": "publish", "room": "call", "sdp": sdp})
+        assert e.value.code == code, (sdp[:30], e.value.msg)
+    with pytest.raises(ClientError) as e:
+        await c.request({"type": "subscribe_answer", "room": "call", "sdp": "nonsense"})
+    assert e.value.code == "bad_sdp"
+    with pytest.raises(ClientError) as e:
+        await c.request(
+            {"type": "track_pause", "room": "call", "track": "forged:0", "paused": True}
+        )
+    assert e.value.code == "no_such_track"
+    # The call went on for the others.
+    v = b.media.counter_for(a.id, "video")
+    assert v is not None
+    frames = v.frames
+    await until(lambda: v.frames > frames + 10, 3)
+
+
+def _h264_only_offer() -> str:
+    return (
+        "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0\r\n"
+        "a=msid-semantic:WMS *\r\n"
+        "m=video 9 UDP/TLS/RTP/SAVPF 102\r\nc=IN IP4 0.0.0.0\r\na=rtcp:9 IN IP4 0.0.0.0\r\n"
+        "a=mid:0\r\na=sendonly\r\na=rtcp-mux\r\na=rtpmap:102 H264/90000\r\n"
+        "a=fmtp:102 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=640032\r\n"
+        "a=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuvwx\r\n"
+        "a=fingerprint:sha-256 " + ":".join(["AB"] * 32) + "\r\na=setup:actpass\r\n"
+    )

@@ -182,7 +182,7 @@ class Room:
 
             @pc.on("connectionstatechange")
             def _state() -> None:
-                if pc.connectionState == "failed":
+                if pc.connectionState in ("failed", "closed"):
                     self._spawn(self._transport_failed(pid, "publisher"))
 
         pc = p.pub
@@ -294,7 +294,7 @@ class Room:
             def _state() -> None:
                 if pc.connectionState == "connected":
                     self._request_waiting_keyframes(p)
-                elif pc.connectionState == "failed":
+                elif pc.connectionState in ("failed", "closed"):
                     self._spawn(self._transport_failed(p.id, "subscriber"))
 
         pc = p.sub
@@ -430,10 +430,37 @@ class Room:
             up.want_keyframe(time.monotonic())
 
     async def _transport_failed(self, pid: str, which: str) -> None:
-        if pid not in self.participants:
+        """A connection failed or the client closed it: drop what went over it. A new
+        subscriber connection is offered at once (the client may still be there); a publisher
+        publishes again when it wants."""
+        p = self.participants.get(pid)
+        if p is None:
+            return
+        pc = p.pub if which == "publisher" else p.sub
+        if pc is None or pc.connectionState not in ("failed", "closed"):
             return
         self._emit("media_failed", participant=pid, which=which)
-        await self.leave(pid)
+        if which == "publisher":
+            for up in list(p.published.values()):
+                self._unpublish(up)
+            p.hooks.clear()
+            p.pub = None
+        else:
+            for tid in list(p.downtracks):
+                up = self.tracks.get(tid)
+                if up is not None:
+                    up.downtracks.pop(pid, None)
+                    alloc = self.allocators.get(tid)
+                    if alloc is not None:
+                        alloc.remove(pid)
+            p.downtracks.clear()
+            p.transceivers.clear()
+            p.fast = None
+            p.sub = None
+            p.negotiating = p.pending = False
+        await pc.close()
+        if which == "subscriber" and p.subscribe and pid in self.participants:
+            await self._renegotiate(p)
 
     # -- periodic ------------------------------------------------------------------------------
 

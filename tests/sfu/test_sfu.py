@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 from aiohttp.test_utils import TestServer
-from sfu_helpers import Party, PartyFactory, until
+from sfu_helpers import Party, PartyFactory, ToneTrack, until
 
 from media.loss import inject_loss
 from signaling.client import Client, ClientError
@@ -178,3 +178,30 @@ def _h264_only_offer() -> str:
         "a=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuvwx\r\n"
         "a=fingerprint:sha-256 " + ":".join(["AB"] * 32) + "\r\na=setup:actpass\r\n"
     )
+
+
+async def test_active_speaker(sfu_server: TestServer, party: PartyFactory) -> None:
+    quiet = await party(sfu_server, "quiet", publish=False)
+    loud = await party(sfu_server, "loud", publish=False)
+    await loud.media.publish([(ToneTrack(), "microphone")])
+    async with asyncio.timeout(10):
+        while True:
+            ev = await quiet.client.next_event("active_speaker")
+            if ev["speakers"]:
+                break
+    assert ev["speakers"] == [loud.id] and ev["room"] == "call"
+
+
+async def test_dead_transport_is_cleaned_up(sfu_server: TestServer, party: PartyFactory) -> None:
+    a = await party(sfu_server, "alice", n=1)
+    b = await party(sfu_server, "bob", publish=False)
+    await until(lambda: _decoding(b, [a], 5), 15)
+    assert a.media.pub is not None
+    await a.media.pub.close()  # the publisher's connection dies; its socket session stays
+    gone = set()
+    async with asyncio.timeout(30):
+        while len(gone) < 2:
+            ev = await b.client.next_event("track_unpublished", timeout=30)
+            gone.add(ev["track"])
+    ev = await a.client.next_event("media_failed", timeout=5)
+    assert ev["which"] == "publisher", ev

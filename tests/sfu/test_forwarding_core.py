@@ -1,0 +1,184 @@
+"""The SFU's pure cores: header rewriting, keyframes, packet cache, speakers, bandwidth."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+from sfu.bandwidth import BandwidthAllocator
+from sfu.forward import Counters, DownTrack, UpTrack
+from sfu.packetcache import PacketCache
+from sfu.rtp import ExtensionLayout, build, h264_keyframe, seq_newer, vp8_keyframe
+from sfu.speaker import SpeakerDetector
+
+
+def parse(data: bytes) -> dict[str, object]:
+    b0, b1, seq, ts, ssrc = struct.unpack_from("!BBHII", data)
+    out: dict[str, object] = {
+        "marker": bool(b1 & 0x80),
+        "pt": b1 & 0x7F,
+        "seq": seq,
+        "ts": ts,
+        "ssrc": ssrc,
+        "ext": {},
+    }
+    i = 12
+    if b0 & 0x10:
+        profile, words = struct.unpack_from("!HH", data, i)
+        assert profile == 0xBEDE
+        end = i + 4 + words * 4
+        j = i + 4
+        ext: dict[int, bytes] = {}
+        while j < end:
+            if data[j] == 0:
+                j += 1
+                continue
+            xid, n = data[j] >> 4, (data[j] & 0x0F) + 1
+            ext[xid] = data[j + 1 : j + 1 + n]
+            j += 1 + n
+        out["ext"] = ext
+        i = end
+    out["payload"] = data[i:]
+    return out
+
+
+def test_extension_layout_and_build() -> None:
+    layout = ExtensionLayout(mid_id=1, mid="3", abs_id=2, level_id=3, audio=True)
+    shared = layout.shared(0x123456, 40)
+    data = build(111 | 0x80, 65535, 0xFFFFFFFF, 0xDEADBEEF, layout.head, shared, b"opus")
+    p = parse(data)
+    assert p["marker"] is True and p["pt"] == 111 and p["seq"] == 65535
+    assert p["ts"] == 0xFFFFFFFF and p["ssrc"] == 0xDEADBEEF and p["payload"] == b"opus"
+    assert p["ext"] == {1: b"3", 2: bytes.fromhex("123456"), 3: bytes([40])}
+    bare = ExtensionLayout(None, None, None, None, audio=False)
+    data = build(96, 1, 2, 3, bare.head, bare.shared(5, None), b"x")
+    assert data[0] == 0x80 and parse(data)["payload"] == b"x"
+
+
+def test_keyframe_detection() -> None:
+    # VP8 descriptor: X=1,S=1,PID=0; I=1 with a 15-bit picture id; then the payload header.
+    key = bytes([0x90, 0x80, 0x81, 0x23]) + bytes([0x00]) + b"frame"
+    delta = bytes([0x90, 0x80, 0x81, 0x23]) + bytes([0x01]) + b"frame"
+    middle = bytes([0x80, 0x80, 0x81, 0x23]) + bytes([0x00]) + b"frame"  # S=0
+    assert vp8_keyframe(key) and not vp8_keyframe(delta) and not vp8_keyframe(middle)
+    assert not vp8_keyframe(b"") and not vp8_keyframe(bytes([0x90, 0x80]))
+    assert h264_keyframe(bytes([0x65, 1, 2]))  # IDR
+    assert h264_keyframe(bytes([0x67, 1]))  # SPS
+    assert not h264_keyframe(bytes([0x41, 1]))  # non-IDR slice
+    assert h264_keyframe(bytes([0x78, 0, 2, 0x67, 0, 0, 2, 0x68, 0]))  # STAP-A with SPS
+    assert h264_keyframe(bytes([0x7C, 0x85, 0]))  # FU-A start of IDR
+    assert not h264_keyframe(bytes([0x7C, 0x05, 0]))  # FU-A continuation
+
+
+def test_seq_arithmetic_and_cache() -> None:
+    assert seq_newer(1, 65535) and not seq_newer(65535, 1) and not seq_newer(5, 5)
+    cache = PacketCache(8)
+    for s in range(65530, 65536):
+        cache.add(s, s * 10, False, bytes([s & 0xFF]))
+    cache.add(0, 0, True, b"z")
+    assert cache.get(65535) is not None and cache.get(0) is not None
+    cache.add(8, 80, False, b"y")  # same slot as 0: evicts it
+    assert cache.get(0) is None and cache.get(8) is not None and cache.get(9) is None
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.packets: list[dict[str, object]] = []
+
+    def __call__(self, data: bytes) -> None:
+        self.packets.append(parse(data))
+
+
+def _video_track() -> tuple[UpTrack, list[str]]:
+    asked: list[str] = []
+    up = UpTrack("p:0", "p", "video", "camera", "vp8", lambda: asked.append("pli"), Counters())
+    return up, asked
+
+
+KEY = bytes([0x90, 0x80, 0x81, 0x23, 0x00]) + b"k"
+DELTA = bytes([0x90, 0x80, 0x81, 0x23, 0x01]) + b"d"
+
+
+def test_downtrack_starts_at_keyframe_and_stays_gap_free() -> None:
+    up, asked = _video_track()
+    sink = Sink()
+    layout = ExtensionLayout(1, "0", 2, None, audio=False)
+    dt = DownTrack(
+        "s", "video", 1111, 96, layout, sink, rtx_ssrc=2222, rtx_pt=97, rng=random.Random(1)
+    )
+    up.downtracks["s"] = dt
+    up.forward(100, 9000, False, DELTA, 1, None)  # no keyframe yet: nothing sent
+    assert sink.packets == []
+    up.forward(101, 12000, True, KEY, 1, None)
+    up.forward(102, 15000, True, DELTA, 1, None)
+    first, second = sink.packets
+    assert second["seq"] == (first["seq"] + 1) & 0xFFFF  # type: ignore[operator]
+    assert first["ssrc"] == 1111 and first["pt"] == 96 and first["ext"][1] == b"0"  # type: ignore[index]
+    assert (second["ts"] - first["ts"]) & 0xFFFFFFFF == 3000  # type: ignore[operator]
+    # Pause drops packets; resuming waits for a keyframe and continues the sequence.
+    dt.paused = True
+    up.forward(103, 18000, True, DELTA, 1, None)
+    dt.paused = False
+    dt.waiting = True
+    up.forward(104, 21000, True, DELTA, 1, None)
+    up.forward(105, 24000, True, KEY, 1, None)
+    third = sink.packets[-1]
+    assert len(sink.packets) == 3 and third["seq"] == (second["seq"] + 1) & 0xFFFF  # type: ignore[operator]
+    assert up.want_keyframe(0.0) and not up.want_keyframe(0.1) and up.want_keyframe(0.6)
+    assert asked == ["pli", "pli"]
+
+
+def test_nack_answered_from_cache_as_rtx_else_upstream() -> None:
+    up, _ = _video_track()
+    sink = Sink()
+    dt = DownTrack(
+        "s",
+        "video",
+        1111,
+        96,
+        ExtensionLayout(None, None, None, None, False),
+        sink,
+        rtx_ssrc=2222,
+        rtx_pt=97,
+        rng=random.Random(2),
+    )
+    up.downtracks["s"] = dt
+    for seq, payload in ((10, KEY), (11, DELTA), (12, DELTA)):
+        up.forward(seq, seq * 3000, True, payload, 0, None)
+    out11 = sink.packets[1]
+    missing = up.retransmit(dt, [out11["seq"], (out11["seq"] + 5) & 0xFFFF], 0)  # type: ignore[operator]
+    rtx = sink.packets[-1]
+    assert rtx["ssrc"] == 2222 and rtx["pt"] == 97 and rtx["ts"] == out11["ts"]
+    assert rtx["payload"] == struct.pack("!H", out11["seq"]) + DELTA  # type: ignore[operator]
+    assert missing == [16]  # not in the cache: NACK the publisher for its own seq
+
+
+def test_audio_levels_and_active_speaker() -> None:
+    det = SpeakerDetector(threshold_dbov=50, hold_s=0.4)
+    for _ in range(10):
+        det.add("alice", 20)
+        det.add("bob", 90)
+    assert det.tick(0.0) is None  # alice is loud but not yet for hold_s
+    det.add("alice", 25)
+    assert det.tick(0.5) == ["alice"]
+    det.add("alice", 30)
+    det.add("bob", 10)
+    assert det.tick(0.8) is None  # bob just started
+    det.add("alice", 30)
+    det.add("bob", 10)
+    assert det.tick(1.3) == ["bob", "alice"]
+    assert det.tick(1.6) == []  # silence
+
+
+def test_bandwidth_loses_video_before_audio() -> None:
+    alloc = BandwidthAllocator(min_video_bps=120_000, resume_bps=200_000)
+    assert alloc.report("a", 900_000) is None
+    assert alloc.report("b", 500_000) is None
+    assert alloc.target() == 500_000
+    assert alloc.report("b", 50_000) is True  # b loses video; a's video is not dragged down
+    assert alloc.target() == 900_000
+    assert alloc.report("b", 150_000) is None  # hysteresis
+    assert alloc.report("b", 250_000) is False
+    assert alloc.target() == 250_000
+    alloc.remove("b")
+    assert alloc.target() == 900_000

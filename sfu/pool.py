@@ -39,7 +39,9 @@ class WorkerHandle:
         on_event: Callable[[WorkerHandle, dict[str, Any]], None],
         video_codec: str,
         log_level: str,
+        extra_args: list[str],
     ) -> None:
+        self.extra_args = extra_args
         self.index = index
         self.on_event = on_event
         self.video_codec = video_codec
@@ -64,6 +66,7 @@ class WorkerHandle:
             self.video_codec,
             "--log-level",
             self.log_level,
+            *self.extra_args,
             pass_fds=[child.fileno()],
             env=env,
         )
@@ -125,12 +128,27 @@ class SfuPool:
         video_codec: str = "vp8",
         log_level: str = "warning",
         timeout_s: float = 15.0,
+        *,
+        bind: str = "",
+        announce: str = "",
+        port_min: int = 0,
+        port_max: int = 0,
     ) -> None:
         self.n = workers or (os.cpu_count() or 1)
         self.on_event = on_event
         self.video_codec = video_codec
         self.log_level = log_level
         self.timeout_s = timeout_s
+        self.extra_args = ["--bind", bind, "--announce", announce]
+        if port_min and port_max:
+            # Each worker gets its own slice of the range.
+            n = self.n
+            span = (port_max - port_min + 1) // n
+            if span < 1:
+                raise ValueError("sfu port range is smaller than the number of workers")
+            self._slices = [(port_min + i * span, port_min + (i + 1) * span - 1) for i in range(n)]
+        else:
+            self._slices = [(0, 0)] * self.n
         self.workers: list[WorkerHandle] = []
         self.room_worker: dict[str, WorkerHandle] = {}
         self._ids = itertools.count(1)
@@ -142,7 +160,14 @@ class SfuPool:
 
         check_internals()  # fail at start-up, in the main process, with a clear message
         self.workers = [
-            WorkerHandle(i, self._event, self.video_codec, self.log_level) for i in range(self.n)
+            WorkerHandle(
+                i,
+                self._event,
+                self.video_codec,
+                self.log_level,
+                [*self.extra_args, "--ports", f"{lo}-{hi}" if lo else ""],
+            )
+            for i, (lo, hi) in enumerate(self._slices)
         ]
         await asyncio.gather(*(w.start() for w in self.workers))
 

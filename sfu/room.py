@@ -441,8 +441,8 @@ class Room:
             return
         self._emit("media_failed", participant=pid, which=which)
         if which == "publisher":
-            for up in list(p.published.values()):
-                self._unpublish(up)
+            for mine in list(p.published.values()):
+                self._unpublish(mine)
             p.hooks.clear()
             p.pub = None
         else:

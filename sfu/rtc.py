@@ -328,3 +328,77 @@ def sender_ssrcs(sender: RTCRtpSender) -> tuple[int, int]:
 
 def dtls_of(transceiver: RTCRtpTransceiver) -> RTCDtlsTransport:
     return transceiver.sender.transport
+
+
+class HostCandidatePolicy:
+    """Where the SFU's ICE sockets bind and what address they announce (for a server behind a
+    1:1 NAT, e.g. a cloud VM: bind 0.0.0.0, announce the public address, and keep media in a
+    port range so a firewall can be opened precisely)."""
+
+    def __init__(
+        self, bind: str = "", announce: str = "", port_min: int = 0, port_max: int = 0
+    ) -> None:
+        self.bind = bind
+        self.announce = announce
+        self.ports = range(port_min, port_max + 1) if port_min and port_max else None
+        self._next = 0
+
+    @property
+    def active(self) -> bool:
+        return bool(self.bind or self.announce or self.ports)
+
+    async def _bind(
+        self, loop: asyncio.AbstractEventLoop, factory: Callable[[], Any], address: str
+    ) -> tuple[Any, Any]:
+        if self.ports is None:
+            return await loop.create_datagram_endpoint(factory, local_addr=(address, 0))
+        n = len(self.ports)
+        for i in range(n):
+            port = self.ports[(self._next + i) % n]
+            try:
+                result = await loop.create_datagram_endpoint(factory, local_addr=(address, port))
+            except OSError:
+                continue
+            self._next = (self._next + i + 1) % n
+            return result
+        raise OSError(f"no free UDP port in {self.ports.start}-{self.ports.stop - 1}")
+
+    def install(self) -> None:
+        """Replace aioice's host candidate gathering in this (worker) process."""
+        from aioice.candidate import Candidate, candidate_foundation, candidate_priority
+
+        policy = self
+        original = aioice.ice.Connection.get_component_candidates
+
+        async def get_component_candidates(
+            conn: aioice.ice.Connection, component: int, addresses: list[str], timeout: int = 5
+        ) -> list[Any]:
+            if conn.stun_server or conn.turn_server:  # not how the SFU is configured
+                return await original(conn, component, addresses, timeout)
+            loop = asyncio.get_running_loop()
+            out = []
+            for address in [policy.bind] if policy.bind else addresses:
+                try:
+                    transport, protocol = await policy._bind(
+                        loop, lambda: aioice.ice.StunProtocol(conn), address
+                    )
+                except OSError as e:
+                    log.warning("cannot bind ICE socket on %s: %s", address, e)
+                    continue
+                port = transport.get_extra_info("sockname")[1]
+                host = policy.announce or transport.get_extra_info("sockname")[0]
+                protocol.local_candidate = Candidate(
+                    foundation=candidate_foundation("host", "udp", host),
+                    component=component,
+                    transport="udp",
+                    priority=candidate_priority(component, "host"),
+                    host=host,
+                    port=port,
+                    type="host",
+                )
+                conn._protocols.append(protocol)
+                out.append(protocol.local_candidate)
+            return out
+
+        connection_class: Any = aioice.ice.Connection
+        connection_class.get_component_candidates = get_component_candidates

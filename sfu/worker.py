@@ -24,7 +24,7 @@ from aiortc.sdp import candidate_from_sdp
 from .channel import encode_frame, read_frame
 from .forward import Counters
 from .room import MediaError, Room
-from .rtc import check_internals
+from .rtc import HostCandidatePolicy, check_internals
 
 log = logging.getLogger("rallypoint.sfu.worker")
 TICK_S = 0.25
@@ -145,8 +145,12 @@ class Worker:
         self.rooms.clear()
 
 
-async def serve(sock: socket.socket, video_codec: str) -> None:
+async def serve(
+    sock: socket.socket, video_codec: str, policy: HostCandidatePolicy | None = None
+) -> None:
     check_internals()
+    if policy is not None and policy.active:
+        policy.install()
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     worker = Worker(writer, video_codec)
     worker.emit({"ev": "ready", "pid": os.getpid()})
@@ -178,7 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fd", type=int, required=True)
     p.add_argument("--video-codec", default="vp8", choices=("vp8", "h264"))
     p.add_argument("--log-level", default="warning")
+    p.add_argument("--bind", default="", help="address ICE sockets bind to (default: each)")
+    p.add_argument("--announce", default="", help="address announced in candidates (1:1 NAT)")
+    p.add_argument("--ports", default="", help="UDP port range LO-HI for media")
     args = p.parse_args(argv)
+    lo, _, hi = args.ports.partition("-")
+    policy = HostCandidatePolicy(args.bind, args.announce, int(lo or 0), int(hi or 0))
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s sfu-worker %(name)s: %(message)s",
@@ -187,9 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvloop
 
-        uvloop.run(serve(sock, args.video_codec))
+        uvloop.run(serve(sock, args.video_codec, policy))
     except ImportError:  # pragma: no cover - non-Linux
-        asyncio.run(serve(sock, args.video_codec))
+        asyncio.run(serve(sock, args.video_codec, policy))
     return 0
 
 

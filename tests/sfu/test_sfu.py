@@ -205,3 +205,42 @@ async def test_dead_transport_is_cleaned_up(sfu_server: TestServer, party: Party
             gone.add(ev["track"])
     ev = await a.client.next_event("media_failed", timeout=5)
     assert ev["which"] == "publisher", ev
+
+
+def _machine_ip() -> str:
+    import ifaddr
+
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if isinstance(ip.ip, str) and not ip.ip.startswith("127."):
+                return ip.ip
+    raise RuntimeError("no non-loopback IPv4 address")
+
+
+async def test_port_range_and_announced_address(
+    start_server: Callable[..., Awaitable[TestServer]], party: PartyFactory
+) -> None:
+    """A cloud VM binds every interface, announces its public address and keeps media in a
+    port range (here the 'public' address is this machine's own)."""
+    ip = _machine_ip()
+    server = await start_server(
+        sfu__enabled=True,
+        sfu__workers=1,
+        sfu__bind_address="0.0.0.0",
+        sfu__public_address=ip,
+        sfu__port_min=42000,
+        sfu__port_max=42049,
+    )
+    a = await party(server, "alice", n=1)
+    b = await party(server, "bob", publish=False)
+    await until(lambda: _decoding(b, [a], 5), 15)
+    for pc in (a.media.pub, b.media.sub):
+        assert pc is not None and pc.remoteDescription is not None
+        hosts = [
+            line.split()[4:6]
+            for line in pc.remoteDescription.sdp.splitlines()
+            if line.startswith("a=candidate:")
+        ]
+        assert hosts, pc.remoteDescription.sdp
+        for host, port in hosts:
+            assert host == ip and 42000 <= int(port) <= 42049

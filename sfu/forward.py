@@ -189,7 +189,9 @@ class UpTrack:
             dt.packets += 1
             dt.octets += len(payload)
             sent += 1
-        self.counters.packets_out += sent
+        counters = self.counters
+        counters.packets_in += 1
+        counters.packets_out += sent
 
     def retransmit(self, dt: DownTrack, lost: list[int], abs_time: int) -> list[int]:
         """Answer a subscriber's NACK from the cache (as RTX where negotiated); returns the

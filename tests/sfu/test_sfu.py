@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 from sfu_helpers import Party, PartyFactory, ToneTrack, until
@@ -244,3 +245,16 @@ async def test_port_range_and_announced_address(
         assert hosts, pc.remoteDescription.sdp
         for host, port in hosts:
             assert host == ip and 42000 <= int(port) <= 42049
+
+
+async def test_metrics_count_forwarded_packets(sfu_server: TestServer, party: PartyFactory) -> None:
+    a = await party(sfu_server, "alice", n=1)
+    b = await party(sfu_server, "bob", publish=False)
+    await until(lambda: _decoding(b, [a], 10), 15)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{sfu_server.port}/metrics") as r:
+            text = await r.text()
+    values = dict(line.split() for line in text.splitlines())
+    assert float(values["rallypoint_sfu_rooms"]) == 1
+    assert float(values["rallypoint_sfu_packets_out_total"]) >= 20  # 10+ frames each kind
+    assert float(values["rallypoint_sfu_packets_in_total"]) > 0

@@ -36,8 +36,14 @@ def _config() -> RTCConfiguration:
 class SfuSession:
     """One client's publisher and subscriber connections in one room."""
 
-    def __init__(self, client: Client, room: str, *, decode: bool = True,
-                 on_track: Callable[[str, Any], None] | None = None) -> None:
+    def __init__(
+        self,
+        client: Client,
+        room: str,
+        *,
+        decode: bool = True,
+        on_track: Callable[[str, Any], None] | None = None,
+    ) -> None:
         self.client = client
         self.room = room
         self.decode = decode
@@ -55,8 +61,7 @@ class SfuSession:
 
     # -- publishing ----------------------------------------------------------------------------
 
-    async def publish(self, tracks: list[tuple[MediaStreamTrack, str]]
-                      ) -> list[RTCRtpTransceiver]:
+    async def publish(self, tracks: list[tuple[MediaStreamTrack, str]]) -> list[RTCRtpTransceiver]:
         """Publish ``(track, source)`` pairs; returns their transceivers."""
         if self.pub is None:
             self.pub = RTCPeerConnection(_config())
@@ -64,11 +69,13 @@ class SfuSession:
         added = [pc.addTransceiver(track, direction="sendonly") for track, _ in tracks]
         await pc.setLocalDescription(await pc.createOffer())
         assert pc.localDescription is not None
-        meta = [{"mid": tr.mid, "source": source} for tr, (_, source) in zip(added, tracks,
-                                                                              strict=True)]
-        answer = await self.client.request({"type": "publish", "room": self.room,
-                                            "sdp": pc.localDescription.sdp, "tracks": meta},
-                                           timeout=20)
+        meta = [
+            {"mid": tr.mid, "source": source} for tr, (_, source) in zip(added, tracks, strict=True)
+        ]
+        answer = await self.client.request(
+            {"type": "publish", "room": self.room, "sdp": pc.localDescription.sdp, "tracks": meta},
+            timeout=20,
+        )
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
         return added
 
@@ -79,9 +86,10 @@ class SfuSession:
         pc = self.pub
         await pc.setLocalDescription(await pc.createOffer())
         assert pc.localDescription is not None
-        answer = await self.client.request({"type": "publish", "room": self.room,
-                                            "sdp": pc.localDescription.sdp, "tracks": []},
-                                           timeout=20)
+        answer = await self.client.request(
+            {"type": "publish", "room": self.room, "sdp": pc.localDescription.sdp, "tracks": []},
+            timeout=20,
+        )
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
 
     # -- subscribing ---------------------------------------------------------------------------
@@ -112,8 +120,10 @@ class SfuSession:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=ev["sdp"], type="offer"))
                 await pc.setLocalDescription(await pc.createAnswer())
                 assert pc.localDescription is not None
-                await self.client.request({"type": "subscribe_answer", "room": self.room,
-                                           "sdp": pc.localDescription.sdp}, timeout=20)
+                await self.client.request(
+                    {"type": "subscribe_answer", "room": self.room, "sdp": pc.localDescription.sdp},
+                    timeout=20,
+                )
                 self.offers += 1
             except Exception as e:  # recorded for the test to assert on
                 log.warning("answering a subscribe offer failed: %s", e)
@@ -121,8 +131,7 @@ class SfuSession:
 
     def _got_track(self, track: Any) -> None:
         assert self.sub is not None
-        mid = next((t.mid for t in self.sub.getTransceivers() if t.receiver.track is track),
-                   None)
+        mid = next((t.mid for t in self.sub.getTransceivers() if t.receiver.track is track), None)
         tid = self.mid_track.get(mid or "", f"unknown:{mid}")
         if self.on_track is not None:
             self.on_track(tid, track)

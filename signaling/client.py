@@ -36,6 +36,8 @@ class Client:
         self._http = session
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        # Called with every event before it is queued (e.g. a media session's offers).
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self.welcome: dict[str, Any] = {}
         self.close_code: int | None = None
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -75,6 +77,8 @@ class Client:
                 if fut is not None and not fut.done():
                     fut.set_result(data)
                 else:
+                    for listener in self.listeners:
+                        listener(data)
                     self.events.put_nowait(data)
         finally:
             self.close_code = self.ws.close_code

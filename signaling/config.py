@@ -110,6 +110,39 @@ class TurnSection:
 
 
 @dataclass
+class CallsSection:
+    ring_timeout_s: float = 45.0  # no answer within this is a missed call
+    # How a 1:1 call's media flows: "p2p" (between the two devices, TURN as fallback) or "sfu"
+    # (through the server, like group calls).
+    one_to_one_media: str = "p2p"
+
+
+@dataclass
+class PushSection:
+    # The app backend's webhook for devices that are offline; "" = no pushes.
+    webhook_url: str = ""
+    secret: str = ""  # HMAC-SHA256 key for the signature header (required with a URL)
+    include_text: bool = False  # put message text in `message` pushes (off: ids and counts)
+    max_attempts: int = 5
+    retry_base_s: float = 1.0  # backoff: base * 2^(attempt-1), with jitter, capped
+    retry_max_s: float = 60.0
+    timeout_s: float = 5.0  # per request
+    queue_size: int = 1000  # events waiting; more are dropped (counted in /metrics)
+
+
+@dataclass
+class SfuSection:
+    enabled: bool = True  # run the SFU (group calls through the server)
+    workers: int = 0  # SFU worker processes; 0 = one per core
+    video_codec: str = "vp8"  # the one video codec of every room: "vp8" or "h264"
+    log_level: str = "warning"  # log level of the worker processes
+    bind_address: str = ""  # where media sockets bind; "" = each interface
+    public_address: str = ""  # address announced in ICE candidates (1:1 NAT, cloud VMs)
+    port_min: int = 0  # UDP port range of media sockets; 0 = any
+    port_max: int = 0
+
+
+@dataclass
 class Config:
     server: ServerSection = field(default_factory=ServerSection)
     auth: AuthSection = field(default_factory=AuthSection)
@@ -120,6 +153,9 @@ class Config:
     store: StoreSection = field(default_factory=StoreSection)
     ice: IceSection = field(default_factory=IceSection)
     turn: TurnSection = field(default_factory=TurnSection)
+    sfu: SfuSection = field(default_factory=SfuSection)
+    calls: CallsSection = field(default_factory=CallsSection)
+    push: PushSection = field(default_factory=PushSection)
 
     @property
     def open_mode(self) -> bool:
@@ -134,6 +170,14 @@ class Config:
             raise ConfigError("auth.api_secret must be at least 32 bytes (HS256 key length)")
         if bool(self.server.tls_cert) != bool(self.server.tls_key):
             raise ConfigError("server.tls_cert and server.tls_key must be set together")
+        if self.sfu.video_codec not in ("vp8", "h264"):
+            raise ConfigError("sfu.video_codec must be 'vp8' or 'h264'")
+        if bool(self.sfu.port_min) != bool(self.sfu.port_max) or (
+            self.sfu.port_min > self.sfu.port_max
+        ):
+            raise ConfigError("sfu.port_min and sfu.port_max must be set together, min <= max")
+        if self.sfu.workers < 0:
+            raise ConfigError("sfu.workers must be >= 0 (0 = one per core)")
         if self.store.synchronous not in ("normal", "full"):
             raise ConfigError("store.synchronous must be 'normal' or 'full'")
         if not 0 < self.server.port < 65536:
@@ -142,6 +186,19 @@ class Config:
             raise ConfigError("limits.max_frame_bytes must not exceed limits.hard_frame_bytes")
         if self.session.heartbeat_interval_s <= 0 or self.limits.rate_per_s <= 0:
             raise ConfigError("session.heartbeat_interval_s and limits.rate_per_s must be > 0")
+        if self.calls.one_to_one_media not in ("p2p", "sfu"):
+            raise ConfigError("calls.one_to_one_media must be 'p2p' or 'sfu'")
+        if self.calls.ring_timeout_s <= 0:
+            raise ConfigError("calls.ring_timeout_s must be > 0")
+        if self.push.webhook_url:
+            if not self.push.webhook_url.startswith(("http://", "https://")):
+                raise ConfigError("push.webhook_url must be an http:// or https:// URL")
+            if len(self.push.secret.encode()) < 16:
+                raise ConfigError(
+                    "push.secret must be at least 16 bytes when push.webhook_url is set"
+                )
+        if self.push.max_attempts < 1 or self.push.queue_size < 1:
+            raise ConfigError("push.max_attempts and push.queue_size must be >= 1")
         for s in self.ice.servers:
             if not isinstance(s.get("urls"), list | str):
                 raise ConfigError("each ice.servers entry needs `urls`")

@@ -21,7 +21,7 @@ from .presence import PresenceBook
 from .protocol import PROTOCOL_VERSION, CloseCode, ProtocolError, encode
 from .rooms import Participant, Room, RoomRegistry
 from .session import Connection, Session
-from .store import ChatStore, NewMessage
+from .store import ChatStore, NewMessage, StoredMessage
 from .tokens import Claims, open_claims, verify_token
 
 log = logging.getLogger("rallypoint.hub")
@@ -57,6 +57,14 @@ class Hub:
         # Feature modules (calls, media) hook session starts and ends here.
         self.on_session_start: list[Callable[[Session], None]] = []
         self.on_session_end: list[Callable[[Session, str], None]] = []
+        # Media (signaling.media.MediaRouter) when the SFU is enabled.
+        self.media: Any = None
+        # Called after `welcome` (and the snapshots) went out on a resumed session.
+        self.on_session_resume: list[Callable[[Session], None]] = []
+        # Called after a chat message was stored and published (not for duplicates).
+        self.on_message: list[Callable[[StoredMessage, tuple[str, ...]], None]] = []
+        # Extra room grants beyond the token's (e.g. a call's media room for its parties).
+        self.room_grants: list[Callable[[Session, str], frozenset[str] | None]] = []
         self.counters: dict[str, int] = {
             "messages_stored": 0,
             "errors_sent": 0,
@@ -135,6 +143,7 @@ class Hub:
         session.resume_token = secrets.token_urlsafe(24)
         self.by_resume[session.resume_token] = session
         session.conn = conn
+        session.host = host
         conn.session = session
         cfg = self.cfg
         msg: dict[str, Any] = {
@@ -185,6 +194,9 @@ class Hub:
                         "participants": [p.to_wire() for p in room.participants.values()],
                     }
                 )
+        if resumed:
+            for resume_hook in self.on_session_resume:
+                resume_hook(session)
         return session
 
     def detach(self, conn: Connection) -> None:
@@ -222,6 +234,16 @@ class Hub:
         session.conn = None
         if conn is not None:
             conn.session = None
+
+    def grants_for(self, session: Session, room: str) -> frozenset[str] | None:
+        """The session's grants in ``room``: its token's, or those of a feature (calls)."""
+        grants = session.claims.grants_for(room)
+        if grants is None:
+            for provider in self.room_grants:
+                grants = provider(session, room)
+                if grants is not None:
+                    break
+        return grants
 
     def sessions_of(self, identity: str) -> list[Session]:
         subs = self.bus.topics.get(f"user:{identity}", {})
@@ -285,6 +307,8 @@ class Hub:
             return
         p = room.leave(session.id, now)
         self.bus.unsubscribe(f"room:{name}", session.id)
+        if p is not None and self.media is not None:
+            self.media.left(session, name)
         if p is not None:
             self.bus.publish(
                 f"room:{name}",
@@ -313,7 +337,7 @@ class Hub:
         kind, _, rest = conv.partition(":")
         claims = session.claims
         if kind == "room":
-            grants = claims.grants_for(rest)
+            grants = self.grants_for(session, rest)
             if grants is None:
                 raise ProtocolError("token_wrong_room", f"the token grants nothing in {rest!r}")
             p = session.rooms.get(rest)
@@ -381,7 +405,7 @@ async def on_bye(hub: Hub, s: Session, m: dict[str, Any]) -> None:
 
 async def on_join(hub: Hub, s: Session, m: dict[str, Any]) -> None:
     name: str = m["room"]
-    grants = s.claims.grants_for(name)
+    grants = hub.grants_for(s, name)
     if grants is None:
         raise ProtocolError("token_wrong_room", f"the token grants nothing in room {name!r}")
     if "join" not in grants:
@@ -403,6 +427,9 @@ async def on_join(hub: Hub, s: Session, m: dict[str, Any]) -> None:
             encode({"type": "participant_joined", "room": name, "participant": p.to_wire()}),
             s.id,
         )
+        tracks = hub.media.joined(s, name) if hub.media is not None else []
+    else:
+        tracks = hub.media.tracks_of(name) if hub.media is not None else []
     _reply(
         s,
         {
@@ -413,6 +440,7 @@ async def on_join(hub: Hub, s: Session, m: dict[str, Any]) -> None:
             "locked": room.locked,
             "conversation": conv,
             "last_seq": last_seq,
+            "tracks": tracks,
         },
         m,
     )
@@ -516,6 +544,8 @@ async def _append(hub: Hub, s: Session, m: dict[str, Any], kind: str) -> None:
     if not dup:
         hub.counters["messages_stored"] += 1
         hub._publish_conv(topic, members, encode(stored.to_wire()), s.id)
+        for hook in hub.on_message:
+            hook(stored, members)
 
 
 async def on_send(hub: Hub, s: Session, m: dict[str, Any]) -> None:

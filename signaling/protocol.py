@@ -61,6 +61,13 @@ ERROR_CODES: Final[dict[str, str]] = {
     "edit_window_passed": "The time limit for editing or deleting this message has passed.",
     "already_deleted": "The message was deleted.",
     "internal_error": "The server failed; nothing was stored. Retrying is safe.",
+    "unknown_identity": "A callee has never connected to this server and was never issued a "
+    "token through the HTTP API.",
+    "no_such_call": "No call with this id involves you (unknown, forged or forgotten).",
+    "call_ended": "The call is over for you (ended, declined, missed or cancelled).",
+    "already_answered": "The call was already answered (on this or another device).",
+    "in_call": "You are already in another call; hang up first.",
+    "not_in_call": "This device is not in the call (or the target device is not).",
 }
 
 
@@ -92,6 +99,8 @@ _ID_BODY = r"[A-Za-z0-9_.@+~-]{1,128}"
 CONVERSATION_PATTERN: Final = rf"^(room:[A-Za-z0-9_.~-]{{1,64}}|dm:{_ID_BODY}\|{_ID_BODY})$"
 TOKEN_PATTERN: Final = r"^[\x21-\x7e]{1,64}$"  # client ids, device ids, request ids
 PRESENCE_STATUSES: Final = ("online", "away", "busy")
+CALL_OUTCOMES: Final = ("completed", "missed", "declined", "busy", "cancelled")
+CALL_PARTY_STATUSES: Final = ("invited", "ringing", "joined", "declined", "busy", "missed", "left")
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +165,17 @@ _PARTICIPANT = Field(
 )
 _TEXT = Field("text", "string", "Message text (at most `limits.max_text_chars`).", required=True)
 _SEQ = Field("seq", "integer", "Sequence number in the conversation.", required=True, minimum=0)
+
+
+MAX_CALLEES: Final = 16
+CALL_SIGNAL_KINDS: Final = ("offer", "answer", "candidate", "end_of_candidates")
+_CALL = Field(
+    "call",
+    "string",
+    "Call id (from `call_state` or `call_incoming`).",
+    required=True,
+    pattern=TOKEN_PATTERN,
+)
 
 
 def _spec(type_: str, doc: str, *fields: Field, request: bool = True) -> MessageSpec:
@@ -300,6 +320,59 @@ CLIENT_MESSAGES: Final[dict[str, MessageSpec]] = {
         _spec(
             "conversations", "List this identity's conversations; answered with `conversations`."
         ),
+        _spec(
+            "call_invite",
+            "Call one identity (1:1) or several (group call); answered with `call_state`.",
+            Field(
+                "to",
+                "array",
+                "Identities to call: one for a 1:1 call, more for a group call.",
+                required=True,
+                items="string",
+                max_items=MAX_CALLEES,
+                item_pattern=IDENTITY_PATTERN,
+            ),
+            Field("video", "boolean", "A video call (default false: audio only)."),
+            Field(
+                "room",
+                "string",
+                "Group call: the room whose conversation gets the call log.",
+                pattern=ROOM_PATTERN,
+            ),
+        ),
+        _spec(
+            "call_ringing", "Callee: this device is ringing; the caller gets `call_ringing`.", _CALL
+        ),
+        _spec("call_accept", "Callee: answer on this device; answered with `call_state`.", _CALL),
+        _spec("call_decline", "Callee: decline on every device of this identity.", _CALL),
+        _spec("call_cancel", "Caller: stop ringing before anyone answered.", _CALL),
+        _spec(
+            "call_hangup",
+            "Leave the call (while ringing: the caller cancels, a callee declines).",
+            _CALL,
+        ),
+        _spec(
+            "call_signal",
+            "Relay WebRTC negotiation (SDP, ICE candidates, ICE restarts) to a device in the call.",
+            _CALL,
+            Field(
+                "to",
+                "string",
+                "Session id of the peer device (default in a 1:1 call: the other device).",
+                pattern=TOKEN_PATTERN,
+            ),
+            Field("kind", "string", "What this carries.", required=True, enum=CALL_SIGNAL_KINDS),
+            Field("sdp", "string", "SDP of an offer or answer.", max_length=60000),
+            Field(
+                "candidate",
+                "string",
+                "ICE candidate (`candidate:...`) for `candidate`.",
+                max_length=1024,
+            ),
+            Field("mid", "string", "The candidate's `sdpMid`.", max_length=64),
+            Field("mline", "integer", "The candidate's `sdpMLineIndex`.", minimum=0, maximum=255),
+            Field("restart", "boolean", "true on an offer that restarts ICE."),
+        ),
     )
 }
 
@@ -321,6 +394,17 @@ def _s(
 
 
 _RE = _s("re", "string", "The `id` of the request this answers.", required=False)
+_CALL_ID = _s("call", "string", "Call id.")
+_CALL_INFO = (
+    _CALL_ID,
+    _s("from", "string", "Caller identity."),
+    _s("from_name", "string", "Caller display name."),
+    _s("video", "boolean", "A video call."),
+    _s("group", "boolean", "A group call (more than one callee)."),
+    _s("media", "string", "`p2p` (WebRTC between the two devices) or `sfu` (join `room`)."),
+    _s("room", "string", "With `sfu`: the media room to `join`.", required=False),
+    _s("expires_at", "integer", "Server time when ringing stops, ms.", required=False),
+)
 
 SERVER_MESSAGES: Final[dict[str, MessageSpec]] = {
     s.type: s
@@ -376,6 +460,8 @@ SERVER_MESSAGES: Final[dict[str, MessageSpec]] = {
             _s("locked", "boolean", "Room lock state."),
             _s("conversation", "string", "The room's chat conversation id."),
             _s("last_seq", "integer", "Last sequence number in the room's chat."),
+            _s("tracks", "array", "Tracks published in the room now (see `track_published`).",
+               ref="Track"),
             _RE,
         ),
         _smsg(
@@ -446,10 +532,17 @@ SERVER_MESSAGES: Final[dict[str, MessageSpec]] = {
             _s("cid", "string", "Client message id."),
             _s("from", "string", "Sender identity (set by the server)."),
             _s("name", "string", "Sender display name."),
-            _s("kind", "string", "text | edit | delete | system"),
+            _s("kind", "string", "text | edit | delete | system | call"),
             _s("text", "string", "Text (absent for delete).", required=False),
             _s("ref", "integer", "For edit and delete: the seq of the original.", required=False),
             _s("ts", "integer", "Server time the message was stored, ms."),
+            _s(
+                "call",
+                "object",
+                "For kind `call`: the call's outcome.",
+                required=False,
+                ref="CallLog",
+            ),
         ),
         _smsg(
             "sent",
@@ -492,6 +585,92 @@ SERVER_MESSAGES: Final[dict[str, MessageSpec]] = {
             _s("conversations", "array", "One page per conversation.", ref="SyncPage"),
             _s("epoch", "string", "Store epoch."),
             _RE,
+        ),
+        _smsg(
+            "call_state",
+            "Answer to `call_invite` and `call_accept`, and sent on resume for each live call: "
+            "the call as this device sees it.",
+            *_CALL_INFO,
+            _s("state", "string", "ringing | active | ended"),
+            _s("role", "string", "caller | callee"),
+            _s("parties", "array", "Caller and callees with their status.", ref="CallParty"),
+            _s("started_at", "integer", "Server time of the invite, ms."),
+            _s("answered_at", "integer", "Server time of the first answer, ms.", required=False),
+            _s("outcome", "string", "When ended: the outcome (see `call_ended`).", required=False),
+            _s("ice_servers", "array", "Fresh STUN/TURN servers for this call.", ref="IceServer"),
+            _RE,
+        ),
+        _smsg(
+            "call_incoming",
+            "A call rings this device (sent to every device of each callee).",
+            *_CALL_INFO,
+            _s("from_device", "string", "Session id of the caller's device."),
+            _s("to", "array", "Identities called.", items="string"),
+            _s("ice_servers", "array", "Fresh STUN/TURN servers for this call.", ref="IceServer"),
+        ),
+        _smsg(
+            "call_ringing",
+            "A callee's device is ringing.",
+            _CALL_ID,
+            _s("identity", "string", "The callee."),
+            _s("device", "string", "Session id of the ringing device."),
+        ),
+        _smsg(
+            "call_accepted",
+            "A callee answered; in a 1:1 P2P call, start WebRTC negotiation with `device`.",
+            _CALL_ID,
+            _s("identity", "string", "The callee."),
+            _s("device", "string", "Session id of the device that answered."),
+        ),
+        _smsg(
+            "call_answered_elsewhere",
+            "Another device of your identity answered: stop ringing. Last event of the call here.",
+            _CALL_ID,
+            _s("device", "string", "Session id of the device that answered."),
+        ),
+        _smsg(
+            "call_declined",
+            "A callee declined.",
+            _CALL_ID,
+            _s("identity", "string", "The callee."),
+        ),
+        _smsg(
+            "call_busy",
+            "A callee is in another call.",
+            _CALL_ID,
+            _s("identity", "string", "The callee."),
+        ),
+        _smsg(
+            "call_missed",
+            "A callee did not answer within the ring timeout.",
+            _CALL_ID,
+            _s("identity", "string", "The callee."),
+        ),
+        _smsg(
+            "call_left",
+            "A party hung up; the call goes on for the others (group calls).",
+            _CALL_ID,
+            _s("identity", "string", "Who left."),
+        ),
+        _smsg(
+            "call_ended",
+            "The call is over for this device. Last event of the call here.",
+            _CALL_ID,
+            _s("outcome", "string", "completed | missed | declined | busy | cancelled"),
+            _s("duration_ms", "integer", "Time since the first answer (0 if never answered)."),
+        ),
+        _smsg(
+            "call_signal",
+            "WebRTC negotiation relayed from another device in the call.",
+            _CALL_ID,
+            _s("from", "string", "Session id of the sending device."),
+            _s("identity", "string", "Identity of the sender."),
+            _s("kind", "string", "offer | answer | candidate | end_of_candidates"),
+            _s("sdp", "string", "SDP (offer, answer).", required=False),
+            _s("candidate", "string", "ICE candidate.", required=False),
+            _s("mid", "string", "The candidate's sdpMid.", required=False),
+            _s("mline", "integer", "The candidate's sdpMLineIndex.", required=False),
+            _s("restart", "boolean", "true on an ICE-restart offer.", required=False),
         ),
         _smsg(
             "conversations",
@@ -564,6 +743,8 @@ def _check_value(f: Field, value: Any, where: str) -> None:
     elif kind == "object":
         if f.max_items is not None and len(value) > f.max_items:
             raise ProtocolError("bad_field", f"`{where}` has more than {f.max_items} entries")
+        if f.items is None:  # free-form object: the handler checks what it uses
+            return
         item = Field(f.name, f.items or "string", "", minimum=0)
         for k, v in value.items():
             if f.name == "since" and compiled(CONVERSATION_PATTERN).match(k) is None:
@@ -705,6 +886,28 @@ _DEFINITIONS: Final[dict[str, Any]] = {
             },
         },
     },
+    "CallParty": {
+        "type": "object",
+        "required": ["identity", "status"],
+        "properties": {
+            "identity": {"type": "string"},
+            "status": {"enum": list(CALL_PARTY_STATUSES)},
+            "device": {"type": "string", "description": "Session id of its device in the call."},
+        },
+    },
+    "CallLog": {
+        "type": "object",
+        "required": ["id", "outcome", "duration_ms", "caller", "video", "group"],
+        "properties": {
+            "id": {"type": "string"},
+            "outcome": {"enum": list(CALL_OUTCOMES)},
+            "duration_ms": {"type": "integer", "minimum": 0},
+            "caller": {"type": "string"},
+            "callee": {"type": "string", "description": "1:1 log entries: the callee."},
+            "video": {"type": "boolean"},
+            "group": {"type": "boolean"},
+        },
+    },
     "ConversationInfo": {
         "type": "object",
         "required": ["conversation", "last_seq", "read_seq"],
@@ -715,6 +918,10 @@ _DEFINITIONS: Final[dict[str, Any]] = {
         },
     },
 }
+
+
+#: Named schema definitions; feature modules (e.g. signaling.media) add theirs.
+SCHEMA_DEFINITIONS = _DEFINITIONS
 
 
 def _field_schema(f: Field, server: bool) -> dict[str, Any]:
@@ -791,4 +998,9 @@ def json_schema() -> dict[str, Any]:
 if __name__ == "__main__":  # pragma: no cover - `python -m signaling.protocol > docs/...`
     import sys
 
-    sys.stdout.write(orjson.dumps(json_schema(), option=orjson.OPT_INDENT_2).decode() + "\n")
+    # Feature modules add their messages to the tables of the imported module (this file runs
+    # as __main__, a second copy): import the app, then generate from that module.
+    import signaling.server  # noqa: F401
+    from signaling.protocol import json_schema as _schema
+
+    sys.stdout.write(orjson.dumps(_schema(), option=orjson.OPT_INDENT_2).decode() + "\n")

@@ -1,7 +1,9 @@
 """The aiohttp application: the WebSocket endpoint and a few HTTP routes. A thin edge.
 
-Routes: ``GET /ws`` (the protocol), ``GET /healthz``, ``GET /metrics`` (Prometheus text) and the
-bundled web page from ``web/``.
+Routes: ``GET /ws`` (the protocol), ``GET /healthz``, ``GET /metrics`` (Prometheus text), the
+HTTP API for app backends under ``/api/`` (``signaling.http_api``) and the bundled web page from
+``web/``. Call signaling (``signaling.calling``) and the push webhook (``signaling.push``) are
+attached to the hub here.
 """
 
 from __future__ import annotations
@@ -17,9 +19,14 @@ from urllib.parse import urlsplit
 
 from aiohttp import WSMsgType, web
 
+from sfu.pool import SfuPool
+
+from . import calling, http_api
 from .config import Config
 from .hub import HANDLERS, Hub, IceProvider
+from .media import MediaRouter
 from .protocol import CloseCode, ProtocolError, error_message, parse_client_message
+from .push import PushQueue, message_pushes
 from .ratelimit import TokenBucket
 from .session import Connection
 from .sqlite_store import SqliteStore
@@ -256,6 +263,11 @@ async def metrics(request: web.Request) -> web.Response:
     if isinstance(store, SqliteStore):
         values["store_commits_total"] = store.commits
         values["store_writes_total"] = store.batched
+    if hub.media is not None:  # summed over the SFU workers
+        for stats in await hub.media.pool.stats():
+            for k, v in stats.items():
+                name = f"sfu_{k}" if k == "rooms" else f"sfu_{k}_total"
+                values[name] = values.get(name, 0) + v
     body = "".join(f"rallypoint_{k} {v}\n" for k, v in values.items())
     return web.Response(text=body, content_type="text/plain")
 
@@ -279,6 +291,9 @@ def make_app(
         Path(cfg.server.data_dir) / "chat.sqlite3", cfg.store.synchronous
     )
     hub = Hub(cfg, st, ice)
+    push = PushQueue(cfg.push, hub.counters, st)
+    calls = calling.attach(hub, push)
+    message_pushes(hub, push)
     app[HUB] = hub
     app[GC_MONITOR] = GcMonitor()
 
@@ -287,9 +302,29 @@ def make_app(
         gcm = app[GC_MONITOR]
         gcm.install()
         sweeper = asyncio.create_task(_sweep_forever(hub, gcm))
+        pool: SfuPool | None = None
+        if cfg.sfu.enabled:
+            router: list[MediaRouter] = []
+            pool = SfuPool(
+                cfg.sfu.workers,
+                lambda ev: router[0].on_event(ev),
+                cfg.sfu.video_codec,
+                cfg.sfu.log_level,
+                bind=cfg.sfu.bind_address,
+                announce=cfg.sfu.public_address,
+                port_min=cfg.sfu.port_min,
+                port_max=cfg.sfu.port_max,
+            )
+            router.append(MediaRouter(hub, pool))
+            await pool.start()
+            hub.media = router[0]
         yield
         sweeper.cancel()
         await asyncio.gather(sweeper, return_exceptions=True)
+        if pool is not None:
+            await hub.media.close()
+            hub.media = None
+            await pool.close()
         gcm.uninstall()
         await st.close()
 
@@ -299,7 +334,15 @@ def make_app(
             return_exceptions=True,
         )
 
+    async def calls_lifecycle(app: web.Application) -> AsyncIterator[None]:
+        # Registered after `lifecycle`, so it stops (and flushes call logs) before the store closes.
+        await push.start()
+        yield
+        await calls.stop()
+        await push.stop()
+
     app.cleanup_ctx.append(lifecycle)
+    app.cleanup_ctx.append(calls_lifecycle)
     for ctx in extra_cleanup:
         app.cleanup_ctx.append(ctx)
     app.on_shutdown.append(on_shutdown)
@@ -307,6 +350,7 @@ def make_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/", index)
+    http_api.setup(app, hub)
     if WEB_DIR.is_dir():
         app.router.add_static("/static/", WEB_DIR)
     return app

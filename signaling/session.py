@@ -110,6 +110,7 @@ class Session:
         "conn",
         "device",
         "expiry",
+        "host",
         "id",
         "identity",
         "name",
@@ -131,6 +132,7 @@ class Session:
         self.status = "online"
         self.watching: frozenset[str] = frozenset()
         self.expiry: asyncio.TimerHandle | None = None
+        self.host = ""  # host the client connected to (for TURN URLs handed out later)
 
     def deliver(self, frame: bytes) -> None:
         """Bus sink: write to the live connection; frames for a suspended session are dropped

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .protocol import ProtocolError
-from .store import NewMessage, Original, Page, StoredMessage, check_amend
+from .store import DeviceInfo, NewMessage, Original, Page, StoredMessage, check_amend
 
 MIGRATIONS: list[str] = [
     # 1: conversations, messages, direct-conversation members, read marks, store metadata.
@@ -63,9 +63,25 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (conversation, identity)
     ) WITHOUT ROWID;
     """,
+    # 2: identities and their devices (last-seen), structured message metadata (call logs).
+    """
+    CREATE TABLE identities (
+        identity TEXT PRIMARY KEY,
+        created_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE devices (
+        identity TEXT NOT NULL,
+        device TEXT NOT NULL,
+        name TEXT NOT NULL,
+        first_seen INTEGER NOT NULL,
+        last_seen INTEGER NOT NULL,
+        PRIMARY KEY (identity, device)
+    ) WITHOUT ROWID;
+    ALTER TABLE messages ADD COLUMN meta TEXT;
+    """,
 ]
 
-_COLUMNS = "conversation, seq, mid, cid, sender, name, kind, text, ref, ts"
+_COLUMNS = "conversation, seq, mid, cid, sender, name, kind, text, ref, ts, meta"
 _STOP = object()
 
 
@@ -173,6 +189,12 @@ class SqliteStore:
     async def mark_read(self, conversation: str, identity: str, seq: int) -> int | None:
         result: int | None = await self._submit(_Writer.mark_read, conversation, identity, seq)
         return result
+
+    async def touch_device(self, identity: str, device: str, name: str, now_ms: int) -> None:
+        await self._submit(_Writer.touch_device, identity, device, name, now_ms)
+
+    async def register_identity(self, identity: str, now_ms: int) -> None:
+        await self._submit(_Writer.register_identity, identity, now_ms)
 
     def _write_loop(self, db: sqlite3.Connection) -> None:
         w = _Writer(db)
@@ -334,6 +356,38 @@ class SqliteStore:
         result: int = await self._read(self._read_seq_sync, conversation, identity)
         return result
 
+    def _known_sync(self, identities: list[str]) -> set[str]:
+        db = self._rconn()
+        out: set[str] = set()
+        for i in range(0, len(identities), 500):
+            chunk = identities[i : i + 500]
+            rows = db.execute(
+                f"SELECT identity FROM identities WHERE identity IN ({','.join('?' * len(chunk))})",
+                chunk,
+            ).fetchall()
+            out.update(str(r[0]) for r in rows)
+        return out
+
+    async def known_identities(self, identities: list[str]) -> set[str]:
+        result: set[str] = await self._read(self._known_sync, identities)
+        return result
+
+    def _devices_sync(self, identity: str) -> list[DeviceInfo]:
+        rows = (
+            self._rconn()
+            .execute(
+                "SELECT identity, device, name, first_seen, last_seen FROM devices "
+                "WHERE identity=? ORDER BY last_seen DESC, device",
+                (identity,),
+            )
+            .fetchall()
+        )
+        return [DeviceInfo(str(a), str(b), str(c), int(d), int(e)) for a, b, c, d, e in rows]
+
+    async def devices_of(self, identity: str) -> list[DeviceInfo]:
+        result: list[DeviceInfo] = await self._read(self._devices_sync, identity)
+        return result
+
 
 def _resolve(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
     for fut, ok, value in results:
@@ -422,8 +476,9 @@ class _Writer:
         seq = self._last(msg.conversation, msg.members, now) + 1
         try:
             cur = db.execute(
-                "INSERT INTO messages (conversation, seq, sender, name, cid, kind, text, ref, ts) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO messages "
+                "(conversation, seq, sender, name, cid, kind, text, ref, ts, meta) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     msg.conversation,
                     seq,
@@ -434,6 +489,7 @@ class _Writer:
                     msg.text,
                     msg.ref,
                     now,
+                    msg.meta,
                 ),
             )
         except sqlite3.IntegrityError:
@@ -457,7 +513,19 @@ class _Writer:
             msg.text,
             msg.ref,
             now,
+            msg.meta,
         ), False
+
+    def touch_device(self, identity: str, device: str, name: str, now: int) -> None:
+        self.db.execute("INSERT OR IGNORE INTO identities VALUES (?, ?)", (identity, now))
+        self.db.execute(
+            "INSERT INTO devices VALUES (?, ?, ?, ?, ?) ON CONFLICT (identity, device) "
+            "DO UPDATE SET name=excluded.name, last_seen=excluded.last_seen",
+            (identity, device, name, now, now),
+        )
+
+    def register_identity(self, identity: str, now: int) -> None:
+        self.db.execute("INSERT OR IGNORE INTO identities VALUES (?, ?)", (identity, now))
 
     def mark_read(self, conversation: str, identity: str, seq: int) -> int | None:
         db = self.db

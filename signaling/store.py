@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import orjson
+
 from .protocol import ProtocolError
 
 
@@ -23,10 +25,11 @@ class StoredMessage:
     cid: str
     sender: str
     name: str
-    kind: str  # text | edit | delete | system
+    kind: str  # text | edit | delete | system | call
     text: str | None
     ref: int | None
     ts: int  # ms since the Unix epoch
+    meta: str | None = None  # JSON; for kind "call" the call log object (wire field `call`)
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -44,6 +47,8 @@ class StoredMessage:
             out["text"] = self.text
         if self.ref is not None:
             out["ref"] = self.ref
+        if self.meta is not None and self.kind == "call":
+            out["call"] = orjson.loads(self.meta)
         return out
 
     def ack(self, duplicate: bool) -> dict[str, Any]:
@@ -72,6 +77,7 @@ class NewMessage:
     members: tuple[str, ...] = ()
     moderator: bool = False
     edit_window_ms: int = 0
+    meta: str | None = None  # JSON stored with the message (call logs)
 
 
 @dataclass(slots=True, frozen=True)
@@ -98,6 +104,17 @@ def check_amend(msg: NewMessage, original: Original | None, now_ms: int) -> None
             "edit_window_passed",
             f"messages can be changed for {msg.edit_window_ms // 1000} s after sending",
         )
+
+
+@dataclass(slots=True, frozen=True)
+class DeviceInfo:
+    """A device an identity has connected from, with its first and last-seen times (ms)."""
+
+    identity: str
+    device: str
+    name: str
+    first_seen: int
+    last_seen: int
 
 
 @dataclass(slots=True, frozen=True)
@@ -144,4 +161,20 @@ class ChatStore(Protocol):
 
     async def read_marks(self, conversation: str) -> dict[str, int]:
         """Every identity's read watermark in ``conversation``."""
+        ...
+
+    async def touch_device(self, identity: str, device: str, name: str, now_ms: int) -> None:
+        """Record that ``identity`` is connected from ``device`` now (creates the identity)."""
+        ...
+
+    async def register_identity(self, identity: str, now_ms: int) -> None:
+        """Make ``identity`` known before it ever connects (tokens issued by the HTTP API)."""
+        ...
+
+    async def known_identities(self, identities: list[str]) -> set[str]:
+        """The subset of ``identities`` this store has seen (a device or a registration)."""
+        ...
+
+    async def devices_of(self, identity: str) -> list[DeviceInfo]:
+        """Every device of ``identity``, most recently seen first."""
         ...

@@ -11,6 +11,7 @@ from aiohttp.test_utils import TestServer
 
 from signaling.client import Client
 from signaling.config import Config, load_config
+from signaling.sdk import RallypointClient
 from signaling.server import make_app
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
@@ -18,7 +19,8 @@ ServerFactory = Callable[..., Awaitable[TestServer]]
 
 def make_config(tmp_path: Path, **overrides: Any) -> Config:
     """A config for tests: data in tmp_path, no TURN; overrides as section.key=value."""
-    base = {"server.data_dir": str(tmp_path / "data"), "turn.enabled": False}
+    base = {"server.data_dir": str(tmp_path / "data"), "turn.enabled": False,
+            "sfu.enabled": False}
     base.update({k.replace("__", "."): v for k, v in overrides.items()})
     return load_config(None, env={}, overrides=base)
 
@@ -57,5 +59,23 @@ async def clients() -> AsyncIterator[Callable[..., Awaitable[Client]]]:
         return c
 
     yield connect
+    for c in made:
+        await c.close()
+
+
+@pytest.fixture
+async def phones() -> AsyncIterator[Callable[..., Awaitable[RallypointClient]]]:
+    """Simulated phones (SDK clients, closed at the end):
+    ``await phones(server, "alice", device="ipad", token=...)``."""
+    made: list[RallypointClient] = []
+
+    async def make(server: TestServer, identity: str, **kw: Any) -> RallypointClient:
+        kw.setdefault("name", identity.title())
+        c = RallypointClient(ws_url(server), identity=identity, **kw)
+        made.append(c)
+        await c.connect()
+        return c
+
+    yield make
     for c in made:
         await c.close()

@@ -10,6 +10,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+import signaling.server  # noqa: F401  (registers every feature's handlers: calls, media)
 from signaling.hub import HANDLERS
 from signaling.protocol import CLIENT_MESSAGES, ERROR_CODES, SERVER_MESSAGES, CloseCode, json_schema
 

@@ -10,6 +10,7 @@ import jsonschema
 import orjson
 import pytest
 
+import signaling.server  # noqa: F401  - complete message tables (media, calls)
 from signaling.protocol import (
     CLIENT_MESSAGES,
     ERROR_CODES,

@@ -1,0 +1,385 @@
+"""Call signaling handlers: the thin edge around the pure state machine in ``signaling.calls``.
+
+Importing this module registers the ``call_*`` handlers in ``signaling.hub.HANDLERS``;
+``attach(hub, push)`` (done by ``signaling.server.make_app``) gives a hub its ``CallService``,
+which hooks session starts, resumes and ends, runs the ring timer, stores call-log messages and
+records every device's last-seen time. See docs/PROTOCOL.md, "Calls".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+import weakref
+from collections.abc import Coroutine, Iterable
+from typing import Any, Final
+
+import orjson
+
+from .calls import Call, CallBook, Effect, Log, Push, Send
+from .hub import HANDLERS, Hub
+from .protocol import ProtocolError, encode
+from .push import PushQueue, call_event
+from .session import Session
+from .store import NewMessage
+
+log = logging.getLogger("rallypoint.calls")
+
+#: Grants a call's parties get in its media room (SFU calls), beyond their tokens.
+CALL_ROOM_GRANTS: Final = frozenset({"join", "publish", "subscribe", "chat"})
+
+_SERVICES: weakref.WeakKeyDictionary[Hub, CallService] = weakref.WeakKeyDictionary()
+
+
+def _ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _log_text(entry: Log) -> str:
+    """The human-readable text of a call-log message (apps localize from the `call` field)."""
+    what = "Video call" if entry.video else "Call"
+    if entry.outcome == "completed":
+        s = entry.duration_ms // 1000
+        return f"{what}, {s // 60}:{s % 60:02d}"
+    return {
+        "missed": f"Missed {what.lower()}",
+        "declined": f"Declined {what.lower()}",
+        "busy": f"{what}: busy",
+        "cancelled": f"Cancelled {what.lower()}",
+    }[entry.outcome]
+
+
+class CallService:
+    """Calls of one hub: the state machine plus timers, store writes and pushes."""
+
+    def __init__(self, hub: Hub, push: PushQueue | None = None) -> None:
+        cfg = hub.cfg.calls
+        self.hub = hub
+        self.push = push
+        self.book = CallBook(int(cfg.ring_timeout_s * 1000), cfg.one_to_one_media)
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopped = False
+        self.touching: dict[str, int] = {}  # identity -> device writes not yet committed
+        for k in ("calls_started", "call_logs_stored"):
+            hub.counters.setdefault(k, 0)
+        hub.on_session_start.append(self._session_started)
+        hub.on_session_resume.append(self._session_resumed)
+        hub.on_session_end.append(self._session_ended)
+        hub.room_grants.append(self._room_grants)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        """Cancel the ring timer and finish pending store writes (before the store closes)."""
+        self._stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.hub.counters["internal_errors"] += 1
+            log.error("call background task failed", exc_info=task.exception())
+
+    # -- effects ---------------------------------------------------------------------------------
+
+    def apply(self, effects: Iterable[Effect]) -> None:
+        """Carry out what the state machine decided, then re-arm the ring timer."""
+        hub = self.hub
+        for fx in effects:
+            if isinstance(fx, Send):
+                frame: bytes | None = None
+                for sid in fx.sessions:
+                    s = hub.sessions.get(sid)
+                    if s is None:
+                        continue
+                    if fx.with_ice:
+                        s.send(self._with_ice(s, fx.msg))
+                    else:
+                        if frame is None:
+                            frame = encode(fx.msg)
+                        s.deliver(frame)
+            elif isinstance(fx, Push):
+                if self.push is not None:
+                    self.push.submit(
+                        call_event(
+                            fx.kind,
+                            identity=fx.identity,
+                            call=fx.call,
+                            caller=fx.caller,
+                            video=fx.video,
+                            group=fx.group,
+                            reason=fx.reason,
+                        )
+                    )
+            elif isinstance(fx, Log):
+                self._spawn(self._store_log(fx))
+        self._arm()
+
+    def _with_ice(self, s: Session, msg: dict[str, Any]) -> dict[str, Any]:
+        out = dict(msg)
+        out["ice_servers"] = self.hub.ice(s, s.host)
+        return out
+
+    async def _store_log(self, entry: Log) -> None:
+        hub = self.hub
+        meta: dict[str, Any] = {
+            "id": entry.call,
+            "outcome": entry.outcome,
+            "duration_ms": entry.duration_ms,
+            "caller": entry.caller,
+            "video": entry.video,
+            "group": entry.group,
+        }
+        if entry.callee is not None:
+            meta["callee"] = entry.callee
+        stored, dup = await hub.store.append(
+            NewMessage(
+                entry.conversation,
+                f"call-{entry.call}",
+                entry.caller,
+                entry.caller_name,
+                "call",
+                _log_text(entry),
+                None,
+                entry.members,
+                meta=orjson.dumps(meta).decode(),
+            )
+        )
+        if dup:
+            return
+        hub.counters["call_logs_stored"] += 1
+        hub.counters["messages_stored"] += 1
+        # Every device of every party sees the log, and so does everyone in a group's room.
+        identities = set(entry.members) or {entry.caller, *self._parties_of_log(entry)}
+        targets: dict[str, Session] = {}
+        for ident in identities:
+            for s in hub.sessions_of(ident):
+                targets[s.id] = s
+        if not entry.members:
+            for key, sink in hub.bus.topics.get(entry.conversation, {}).items():
+                if isinstance(sink, Session):
+                    targets[key] = sink
+        frame = encode(stored.to_wire())
+        for s in targets.values():
+            s.deliver(frame)
+
+    def _parties_of_log(self, entry: Log) -> frozenset[str]:
+        return self.book.ended.get(entry.call, frozenset())
+
+    def _arm(self) -> None:
+        if self._stopped:
+            return
+        deadline = self.book.next_deadline()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            delay = max(0.0, (deadline - _ms()) / 1000) + 0.005
+            self._timer = asyncio.get_running_loop().call_later(delay, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        self.apply(self.book.expire(_ms()))
+
+    # -- hooks -----------------------------------------------------------------------------------
+
+    def _touch(self, s: Session) -> None:
+        # Until the write commits, the store cannot vouch for the identity: remember it here.
+        self.touching[s.identity] = self.touching.get(s.identity, 0) + 1
+        self._spawn(self._touch_device(s.identity, s.device, s.name))
+
+    async def _touch_device(self, identity: str, device: str, name: str) -> None:
+        try:
+            await self.hub.store.touch_device(identity, device, name, _ms())
+        finally:
+            n = self.touching.pop(identity, 1) - 1
+            if n > 0:
+                self.touching[identity] = n
+
+    async def unknown(self, identities: list[str]) -> set[str]:
+        """The identities never seen here: no session now, no device or API token stored."""
+        hub = self.hub
+        unknown = {i for i in identities if not hub.sessions_of(i) and i not in self.touching}
+        if unknown:
+            unknown -= await hub.store.known_identities(sorted(unknown))
+        return unknown
+
+    def _session_started(self, s: Session) -> None:
+        self._touch(s)
+        # The hub calls this before `welcome` goes out: ring the new device right after it.
+        asyncio.get_running_loop().call_soon(self._ring_new_device, s.id)
+
+    def _ring_new_device(self, sid: str) -> None:
+        s = self.hub.sessions.get(sid)
+        if s is not None:
+            self.apply(self.book.session_started(s.identity, s.id))
+
+    def _session_resumed(self, s: Session) -> None:
+        self._touch(s)
+        for call in self.book.calls_of_session(s.id, s.identity):
+            s.send(self._with_ice(s, self.book.state_for(call, s.identity)))
+
+    def _session_ended(self, s: Session, reason: str) -> None:
+        self._touch(s)
+        self.apply(self.book.session_ended(s.identity, s.id, _ms()))
+
+    def _room_grants(self, s: Session, room: str) -> frozenset[str] | None:
+        if not room.startswith("call-"):
+            return None
+        call = self.book.calls.get(room[5:])
+        if call is None or call.media != "sfu" or call.party(s.identity) is None:
+            return None
+        return CALL_ROOM_GRANTS
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def reply_state(self, s: Session, call: Call, req: dict[str, Any]) -> None:
+        msg = self._with_ice(s, self.book.state_for(call, s.identity))
+        if "id" in req:
+            msg["re"] = req["id"]
+        s.send(msg)
+
+
+def attach(hub: Hub, push: PushQueue | None = None) -> CallService:
+    """Give ``hub`` call signaling (once)."""
+    svc = _SERVICES.get(hub)
+    if svc is None:
+        svc = _SERVICES[hub] = CallService(hub, push)
+    return svc
+
+
+def service(hub: Hub) -> CallService:
+    svc = _SERVICES.get(hub)
+    if svc is None:
+        raise ProtocolError("internal_error", "calls are not enabled on this server")
+    return svc
+
+
+def _ok(s: Session, m: dict[str, Any]) -> None:
+    if "id" in m:
+        s.send({"type": "ok", "re": m["id"]})
+
+
+# -- handlers ------------------------------------------------------------------------------------
+
+
+async def on_call_invite(hub: Hub, s: Session, m: dict[str, Any]) -> None:
+    svc = service(hub)
+    to: list[str] = list(dict.fromkeys(m["to"]))
+    room: str | None = m.get("room")
+    if room is None:
+        if not s.claims.dm:
+            raise ProtocolError("forbidden", "the token does not allow direct calls")
+    else:
+        grants = hub.grants_for(s, room)
+        if grants is None:
+            raise ProtocolError("token_wrong_room", f"the token grants nothing in room {room!r}")
+        if "join" not in grants:
+            raise ProtocolError("forbidden", f"the token has no join grant in room {room!r}")
+    unknown = await svc.unknown(to)
+    if unknown:
+        names = ", ".join(sorted(unknown)[:5])
+        raise ProtocolError("unknown_identity", f"unknown identity: {names}")
+    # No await from here on: the state machine step and its effects are one atomic change.
+    devices = {i: [x.id for x in hub.sessions_of(i)] for i in to}
+    reachable = {i for i in to if any(x.conn is not None for x in hub.sessions_of(i))}
+    call, fx = svc.book.invite(
+        secrets.token_urlsafe(12),
+        caller=s.identity,
+        caller_name=s.name,
+        session=s.id,
+        to=to,
+        video=m.get("video", False),
+        room=room,
+        devices=devices,
+        reachable=reachable,
+        now=_ms(),
+    )
+    hub.counters["calls_started"] += 1
+    svc.reply_state(s, call, m)
+    svc.apply(fx)
+
+
+async def on_call_ringing(hub: Hub, s: Session, m: dict[str, Any]) -> None:
+    svc = service(hub)
+    svc.apply(svc.book.ringing(m["call"], s.identity, s.id))
+    _ok(s, m)
+
+
+async def on_call_accept(hub: Hub, s: Session, m: dict[str, Any]) -> None:
+    svc = service(hub)
+    fx = svc.book.accept(m["call"], s.identity, s.id, _ms())
+    call = svc.book.calls[m["call"]]
+    svc.reply_state(s, call, m)
+    svc.apply(fx)
+
+
+async def on_call_decline(hub: Hub, s: Session, m: dict[str, Any]) -> None:
+    svc = service(hub)
+    fx = svc.book.decline(m["call"], s.identity, s.id, _ms())
+    _ok(s, m)
+    svc.apply(fx)
+
+
+async def on_call_cancel(hub: Hub, s: Session, m: dict[str, Any]) -> None:
+    svc = service(hub)
+    fx = svc.book.cancel(m["call"], s.identity, s.id, _ms())
+    _ok(s, m)
+    svc.apply(fx)
+
+
+async def on_call_hangup(hub: Hub, s: Session, m: dict[str, Any]) -> None:
+    svc = service(hub)
+    fx = svc.book.hangup(m["call"], s.identity, s.id, _ms())
+    _ok(s, m)
+    svc.apply(fx)
+
+
+async def on_call_signal(hub: Hub, s: Session, m: dict[str, Any]) -> None:
+    svc = service(hub)
+    kind = m["kind"]
+    if kind in ("offer", "answer") and "sdp" not in m:
+        raise ProtocolError("bad_field", f"a `{kind}` needs `sdp`")
+    if kind == "candidate" and "candidate" not in m:
+        raise ProtocolError("bad_field", "a `candidate` needs `candidate`")
+    target = svc.book.signal_target(m["call"], s.identity, s.id, m.get("to"))
+    peer = hub.sessions.get(target)
+    if peer is None:  # pragma: no cover - sessions leave calls when they end
+        raise ProtocolError("not_in_call", "the target device is gone")
+    out: dict[str, Any] = {
+        "type": "call_signal",
+        "call": m["call"],
+        "from": s.id,
+        "identity": s.identity,
+        "kind": kind,
+    }
+    for key in ("sdp", "candidate", "mid", "mline", "restart"):
+        if key in m:
+            out[key] = m[key]
+    peer.send(out)
+    _ok(s, m)
+
+
+HANDLERS.update(
+    {
+        "call_invite": on_call_invite,
+        "call_ringing": on_call_ringing,
+        "call_accept": on_call_accept,
+        "call_decline": on_call_decline,
+        "call_cancel": on_call_cancel,
+        "call_hangup": on_call_hangup,
+        "call_signal": on_call_signal,
+    }
+)

@@ -1,0 +1,388 @@
+"""The HTTP API for app backends: tokens, rooms, kicks, conversation history, system messages.
+
+Every route under ``/api/`` needs the API credentials, either
+
+- ``Authorization: Basic base64(api_key:api_secret)``, or
+- ``Authorization: Bearer <JWT>``: HS256 signed with the API secret, ``iss`` = the API key,
+  ``exp`` set, and the claim ``"api": true`` (participant tokens never carry it, so a token handed
+  to a client cannot call the API).
+
+In open mode (no API secret) the API is disabled: every route answers 403 ``api_disabled``.
+Errors are JSON ``{"code": ..., "message": ...}`` with the stable codes in ``API_ERRORS``. The
+OpenAPI document is ``docs/openapi.json``, served (without credentials) at ``/api/openapi.json``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Final
+
+import jwt
+import orjson
+from aiohttp import web
+
+from .hub import Hub
+from .protocol import (
+    CONVERSATION_PATTERN,
+    IDENTITY_PATTERN,
+    ROOM_PATTERN,
+    TOKEN_PATTERN,
+    compiled,
+    encode,
+)
+from .rooms import Room
+from .store import NewMessage
+from .tokens import create_token
+
+log = logging.getLogger("rallypoint.api")
+
+OPENAPI_PATH: Final = Path(__file__).resolve().parent.parent / "docs" / "openapi.json"
+SYSTEM_SENDER: Final = "system:api"  # not a valid identity, so nobody can pose as it
+MAX_TTL_S: Final = 30 * 86400
+
+#: Stable error codes of the HTTP API and their HTTP status.
+API_ERRORS: Final[dict[str, int]] = {
+    "unauthorized": 401,
+    "bad_credentials": 401,
+    "api_disabled": 403,
+    "bad_json": 400,
+    "bad_field": 400,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "payload_too_large": 413,
+    "no_such_room": 404,
+    "no_such_participant": 404,
+    "no_such_identity": 404,
+    "internal_error": 500,
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+HUB_KEY: web.AppKey[Hub] = web.AppKey("api_hub", Hub)
+
+
+class ApiError(Exception):
+    """An API refusal; becomes a JSON error response."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = API_ERRORS[code]
+
+
+def _error(code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(
+        {"code": code, "message": message}, status=API_ERRORS[code], headers=headers
+    )
+
+
+def _authenticate(hub: Hub, request: web.Request) -> None:
+    auth = hub.cfg.auth
+    if hub.cfg.open_mode:
+        raise ApiError(
+            "api_disabled",
+            "the HTTP API is disabled in open mode; set auth.api_key and auth.api_secret",
+        )
+    header = request.headers.get("Authorization", "")
+    scheme, _, cred = header.partition(" ")
+    scheme = scheme.lower()
+    if scheme == "basic":
+        try:
+            key, sep, secret = base64.b64decode(cred.strip(), validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            raise ApiError("bad_credentials", "malformed Basic credentials") from None
+        ok_key = hmac.compare_digest(key.encode(), auth.api_key.encode())
+        ok_secret = hmac.compare_digest(secret.encode(), auth.api_secret.encode())
+        if not (sep and ok_key and ok_secret):
+            raise ApiError("bad_credentials", "wrong API key or secret")
+        return
+    if scheme == "bearer":
+        try:
+            claims = jwt.decode(
+                cred.strip(),
+                auth.api_secret,
+                algorithms=["HS256"],
+                issuer=auth.api_key,
+                leeway=5,
+                options={"require": ["exp", "iss"]},
+            )
+        except jwt.PyJWTError as e:
+            raise ApiError("bad_credentials", f"the bearer token is not valid ({e})") from None
+        if claims.get("api") is not True:
+            raise ApiError("bad_credentials", 'the bearer token lacks the claim "api": true')
+        return
+    raise ApiError("unauthorized", "send Authorization: Basic <key:secret> or Bearer <API JWT>")
+
+
+@web.middleware
+async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Credentials and JSON errors for everything under /api/ (but the OpenAPI document)."""
+    path = request.path
+    if not path.startswith("/api/") and path != "/api":
+        return await handler(request)
+    try:
+        if path != "/api/openapi.json":
+            _authenticate(request.app[HUB_KEY], request)
+        return await handler(request)
+    except ApiError as e:
+        headers = {"WWW-Authenticate": 'Basic realm="rallypoint"'} if e.status == 401 else None
+        return _error(e.code, e.message, headers)
+    except web.HTTPRequestEntityTooLarge:
+        return _error("payload_too_large", "the request body is too large")
+    except web.HTTPMethodNotAllowed:
+        return _error("method_not_allowed", f"{request.method} is not allowed on {path}")
+    except web.HTTPNotFound:
+        return _error("not_found", f"no API route {path}")
+    except web.HTTPException as e:  # pragma: no cover - other framework refusals
+        return web.json_response(
+            {"code": "bad_field", "message": e.reason}, status=e.status if e.status < 500 else 400
+        )
+    except Exception:
+        request.app[HUB_KEY].counters["internal_errors"] += 1
+        log.exception("API handler failed")
+        return _error("internal_error", "the server failed to handle this request")
+
+
+# --- input --------------------------------------------------------------------------------------
+
+
+async def _json_body(request: web.Request, fields: dict[str, type]) -> dict[str, Any]:
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ApiError("bad_json", "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError("bad_json", "the body must be a JSON object")
+    for key, value in body.items():
+        kind = fields.get(key)
+        if kind is None:
+            raise ApiError("bad_field", f"unknown field `{str(key)[:40]}`")
+        if type(value) is not kind:
+            raise ApiError(
+                "bad_field", f"`{key}` must be a{'n' if kind is int else ''} {_TYPE_NAMES[kind]}"
+            )
+    return body
+
+
+_TYPE_NAMES: Final = {str: "string", int: "integer", bool: "boolean", dict: "object"}
+
+
+def _match(pattern: str, value: str, what: str) -> str:
+    if compiled(pattern).match(value) is None:
+        raise ApiError("bad_field", f"`{what}` has a bad format")
+    return value
+
+
+def _int_param(request: web.Request, name: str, lo: int, hi: int) -> int | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        v = int(raw)
+    except ValueError:
+        raise ApiError("bad_field", f"`{name}` must be an integer") from None
+    if not lo <= v <= hi:
+        raise ApiError("bad_field", f"`{name}` must be between {lo} and {hi}")
+    return v
+
+
+def _conversation(value: str) -> tuple[str, tuple[str, ...]]:
+    """A conversation id and, for a direct one, its two members."""
+    _match(CONVERSATION_PATTERN, value, "conversation")
+    kind, _, rest = value.partition(":")
+    if kind == "dm":
+        a, _, b = rest.partition("|")
+        if a >= b:
+            raise ApiError("bad_field", "direct conversations are dm:<a>|<b> with a < b")
+        return value, (a, b)
+    return value, ()
+
+
+# --- routes -------------------------------------------------------------------------------------
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=OPENAPI_PATH.read_bytes(), content_type="application/json")
+
+
+async def create_token_route(request: web.Request) -> web.Response:
+    hub = request.app[HUB_KEY]
+    body = await _json_body(
+        request, {"identity": str, "name": str, "rooms": dict, "ttl_s": int, "dm": bool}
+    )
+    if "identity" not in body:
+        raise ApiError("bad_field", "`identity` is required")
+    identity = _match(IDENTITY_PATTERN, body["identity"], "identity")
+    name = body.get("name")
+    if name is not None and not 0 < len(name.strip()) <= 64:
+        raise ApiError("bad_field", "`name` must have 1-64 characters")
+    ttl = body.get("ttl_s", hub.cfg.auth.token_ttl_s)
+    if not 0 < ttl <= MAX_TTL_S:
+        raise ApiError("bad_field", f"`ttl_s` must be between 1 and {MAX_TTL_S}")
+    rooms: dict[str, Any] = body.get("rooms", {})
+    for room, grants in rooms.items():
+        if not isinstance(grants, list) or not all(isinstance(g, str) for g in grants):
+            raise ApiError("bad_field", f"`rooms.{room[:40]}` must be a list of grants")
+    now = time.time()
+    try:
+        token = create_token(
+            hub.cfg.auth.api_key,
+            hub.cfg.auth.api_secret,
+            identity,
+            rooms=rooms,
+            name=name.strip() if name else None,
+            ttl_s=ttl,
+            dm=body.get("dm", True),
+            now=now,
+        )
+    except ValueError as e:
+        raise ApiError("bad_field", str(e)) from None
+    await hub.store.register_identity(identity, int(now * 1000))
+    return web.json_response(
+        {"token": token, "identity": identity, "expires_at": int(now) + ttl}, status=201
+    )
+
+
+async def list_rooms(request: web.Request) -> web.Response:
+    hub = request.app[HUB_KEY]
+    rooms = [
+        {"name": r.name, "participants": len(r.participants), "locked": r.locked}
+        for r in sorted(hub.rooms.rooms.values(), key=lambda r: r.name)
+    ]
+    return web.json_response({"rooms": rooms})
+
+
+def _room(request: web.Request) -> Room:
+    hub = request.app[HUB_KEY]
+    name = _match(ROOM_PATTERN, request.match_info["room"], "room")
+    room = hub.rooms.get(name)
+    if room is None:
+        raise ApiError("no_such_room", f"no open room {name!r}")
+    return room
+
+
+async def list_participants(request: web.Request) -> web.Response:
+    room = _room(request)
+    return web.json_response(
+        {"room": room.name, "participants": [p.to_wire() for p in room.participants.values()]}
+    )
+
+
+async def kick(request: web.Request) -> web.Response:
+    hub = request.app[HUB_KEY]
+    room = _room(request)
+    body = await _json_body(request, {"participant": str, "identity": str})
+    if len(body) != 1:
+        raise ApiError("bad_field", "give exactly one of `participant` or `identity`")
+    if "participant" in body:
+        _match(TOKEN_PATTERN, body["participant"], "participant")
+        targets = [p for p in room.participants.values() if p.id == body["participant"]]
+    else:
+        _match(IDENTITY_PATTERN, body["identity"], "identity")
+        targets = [p for p in room.participants.values() if p.identity == body["identity"]]
+    if not targets:
+        raise ApiError("no_such_participant", "nobody in the room matches")
+    now = time.monotonic()
+    kicked = []
+    for p in targets:
+        victim = hub.sessions.get(p.id)
+        if victim is None:  # pragma: no cover - participants are live sessions
+            continue
+        victim.send({"type": "kicked", "room": room.name, "by": "api"})
+        hub._leave(victim, room.name, "kicked", now)
+        kicked.append(p.id)
+    return web.json_response({"room": room.name, "kicked": kicked})
+
+
+async def history(request: web.Request) -> web.Response:
+    hub = request.app[HUB_KEY]
+    conv, _ = _conversation(request.match_info["conversation"])
+    before = _int_param(request, "before", 1, 2**53)
+    after = _int_param(request, "after", 0, 2**53)
+    limit = _int_param(request, "limit", 1, 200) or hub.cfg.chat.history_page_default
+    if before is not None and after is not None:
+        raise ApiError("bad_field", "give `before` or `after`, not both")
+    page = await hub.store.page(conv, before=before, after=after, limit=limit)
+    return web.json_response(
+        {
+            "conversation": conv,
+            "messages": [m.to_wire() for m in page.messages],
+            "more": page.more,
+            "last_seq": page.last_seq,
+        },
+        dumps=lambda o: orjson.dumps(o).decode(),
+    )
+
+
+async def post_message(request: web.Request) -> web.Response:
+    hub = request.app[HUB_KEY]
+    conv, members = _conversation(request.match_info["conversation"])
+    body = await _json_body(request, {"text": str, "cid": str, "name": str})
+    text = body.get("text")
+    limit = hub.cfg.limits.max_text_chars
+    if text is None or not 0 < len(text) <= limit:
+        raise ApiError("bad_field", f"`text` is required and must have 1-{limit} characters")
+    cid = _match(TOKEN_PATTERN, body.get("cid") or secrets.token_hex(8), "cid")
+    name = body.get("name", "System").strip()
+    if not 0 < len(name) <= 64:
+        raise ApiError("bad_field", "`name` must have 1-64 characters")
+    stored, dup = await hub.store.append(
+        NewMessage(conv, cid, SYSTEM_SENDER, name, "system", text, None, members)
+    )
+    if not dup:
+        hub.counters["messages_stored"] += 1
+        hub._publish_conv(conv, members, encode(stored.to_wire()), "")
+    ack = {k: v for k, v in stored.ack(dup).items() if k != "type"}
+    return web.json_response(ack, status=200 if dup else 201)
+
+
+async def devices(request: web.Request) -> web.Response:
+    hub = request.app[HUB_KEY]
+    identity = _match(IDENTITY_PATTERN, request.match_info["identity"], "identity")
+    known = await hub.store.known_identities([identity])
+    if not known:
+        raise ApiError("no_such_identity", f"{identity!r} has never connected")
+    online = {s.device for s in hub.sessions_of(identity) if s.conn is not None}
+    return web.json_response(
+        {
+            "identity": identity,
+            "devices": [
+                {
+                    "device": d.device,
+                    "name": d.name,
+                    "first_seen": d.first_seen,
+                    "last_seen": d.last_seen,
+                    "online": d.device in online,
+                }
+                for d in await hub.store.devices_of(identity)
+            ],
+        }
+    )
+
+
+ROUTES: Final = (
+    ("GET", "/api/openapi.json", openapi),
+    ("POST", "/api/tokens", create_token_route),
+    ("GET", "/api/rooms", list_rooms),
+    ("GET", "/api/rooms/{room}/participants", list_participants),
+    ("POST", "/api/rooms/{room}/kick", kick),
+    ("GET", "/api/conversations/{conversation}/messages", history),
+    ("POST", "/api/conversations/{conversation}/messages", post_message),
+    ("GET", "/api/identities/{identity}/devices", devices),
+)
+
+
+def setup(app: web.Application, hub: Hub) -> None:
+    """Add the API routes and middleware to ``app``."""
+    app[HUB_KEY] = hub
+    app.middlewares.append(api_middleware)
+    for method, path, handler in ROUTES:
+        app.router.add_route(method, path, handler)

@@ -1,0 +1,474 @@
+"""``RallypointClient`` and ``Call``: the whole protocol for one device.
+
+Built on the low-level ``signaling.client.Client`` (one WebSocket, requests matched to replies).
+This layer adds what an app needs on top:
+
+- **Resume**: when the socket drops, it reconnects with full-jitter backoff and the resume token
+  from ``welcome``; if the session was gone it starts a new one and joins its rooms again; either
+  way it catches up on chat with ``sync``.
+- **Chat**: ``send`` retries under one client message id (``cid``) until acknowledged, across
+  reconnects, so a message is stored once; received messages are de-duplicated by
+  (conversation, seq) and handed out in order by ``next_message``.
+- **Calls**: ``call`` starts one; ``next_call`` waits for an incoming one; a ``Call`` tracks its
+  state from the server's events and offers ``accept``, ``decline``, ``cancel``, ``hangup`` and
+  ``signal`` (WebRTC negotiation relay).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from ..client import Client, ClientError
+
+log = logging.getLogger("rallypoint.sdk")
+
+CallError = ClientError  # the server refused a call request; ``.code`` is the error code
+
+_TERMINAL = ("call_ended", "call_answered_elsewhere")
+
+
+class Call:
+    """One call as this device sees it. Created by ``RallypointClient.call`` (outgoing) or
+    handed out by ``RallypointClient.next_call`` (incoming)."""
+
+    def __init__(self, client: RallypointClient, info: dict[str, Any], role: str) -> None:
+        self.client = client
+        self.id: str = info["call"]
+        self.role = role  # "caller" | "callee"
+        self.caller: str = info["from"]
+        self.caller_name: str = info.get("from_name", self.caller)
+        self.video: bool = info.get("video", False)
+        self.group: bool = info.get("group", False)
+        self.media: str = info.get("media", "p2p")
+        self.room: str | None = info.get("room")
+        self.ice_servers: list[dict[str, Any]] = info.get("ice_servers", [])
+        self.state = "ringing"
+        self.parties: dict[str, str] = {}  # identity -> status
+        self.peer_device: str | None = info.get("from_device") if role == "callee" else None
+        self.outcome: str | None = None
+        self.duration_ms = 0
+        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.signals: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.ended: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._update(info)
+
+    def __repr__(self) -> str:
+        return f"<Call {self.id} {self.role} {self.state}>"
+
+    def _update(self, msg: dict[str, Any]) -> None:
+        """Fold a server message about this call into the local state."""
+        t = msg["type"]
+        if t == "call_state":
+            self.state = msg["state"]
+            self.parties = {p["identity"]: p["status"] for p in msg["parties"]}
+            self.ice_servers = msg.get("ice_servers", self.ice_servers)
+            self.room = msg.get("room", self.room)
+            if self.role == "caller" and self.peer_device is None and not self.group:
+                for p in msg["parties"]:
+                    if p["identity"] != self.caller and "device" in p:
+                        self.peer_device = p["device"]
+            if msg["state"] == "ended":
+                self._finish({"type": "call_ended", "call": self.id, "outcome": msg.get("outcome")})
+        elif t == "call_accepted":
+            self.state = "active"
+            self.parties[msg["identity"]] = "joined"
+            if not self.group and self.peer_device is None:
+                self.peer_device = msg["device"]
+        elif t in ("call_ringing", "call_declined", "call_busy", "call_missed", "call_left"):
+            self.parties[msg["identity"]] = {
+                "call_ringing": "ringing",
+                "call_declined": "declined",
+                "call_busy": "busy",
+                "call_missed": "missed",
+                "call_left": "left",
+            }[t]
+        elif t in _TERMINAL:
+            self._finish(msg)
+
+    def _finish(self, msg: dict[str, Any]) -> None:
+        self.state = "ended"
+        if msg["type"] == "call_answered_elsewhere":
+            self.outcome = "answered_elsewhere"
+        else:
+            self.outcome = msg.get("outcome")
+            self.duration_ms = msg.get("duration_ms", 0)
+        if not self.ended.done():
+            self.ended.set_result(msg)
+
+    async def next_event(
+        self, type_: str | None = None, *, timeout: float = 10.0
+    ) -> dict[str, Any]:
+        """The next event about this call (of ``type_``), skipping others."""
+
+        async def wait() -> dict[str, Any]:
+            while True:
+                ev = await self.events.get()
+                if type_ is None or ev["type"] == type_:
+                    return ev
+
+        return await asyncio.wait_for(wait(), timeout)
+
+    async def wait_ended(self, timeout: float = 10.0) -> str | None:
+        """Wait for the call to end here; returns the outcome."""
+        await asyncio.wait_for(asyncio.shield(self.ended), timeout)
+        return self.outcome
+
+    async def _req(self, type_: str, **fields: Any) -> dict[str, Any]:
+        return await self.client.request({"type": type_, "call": self.id, **fields})
+
+    async def ringing(self) -> None:
+        """Tell the caller this device rings."""
+        await self._req("call_ringing")
+
+    async def accept(self) -> dict[str, Any]:
+        """Answer on this device; returns `call_state` (``room`` to join for SFU calls)."""
+        state = await self._req("call_accept")
+        self._update(state)
+        return state
+
+    async def decline(self) -> None:
+        await self._req("call_decline")
+
+    async def cancel(self) -> None:
+        await self._req("call_cancel")
+
+    async def hangup(self) -> None:
+        await self._req("call_hangup")
+
+    async def signal(self, kind: str, *, to: str | None = None, **fields: Any) -> None:
+        """Relay WebRTC negotiation (``sdp``, ``candidate``/``mid``/``mline``, ``restart``)."""
+        extra = {k: v for k, v in fields.items() if v is not None}
+        if to is not None:
+            extra["to"] = to
+        await self._req("call_signal", kind=kind, **extra)
+
+    async def join_media_room(self) -> dict[str, Any]:
+        """SFU calls: join the call's media room (media itself goes through the SFU)."""
+        if self.room is None:
+            raise ValueError("this call has no media room (a P2P call)")
+        return await self.client.join(self.room)
+
+
+class RallypointClient:
+    """One device's connection to a Rallypoint server, with resume, chat and calls.
+
+    ``token`` (token mode) or ``identity``/``name`` (open mode) authenticate; ``device`` should
+    be stable per installation; ``resume`` resumes a session from an earlier ``welcome.resume``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        identity: str | None = None,
+        name: str | None = None,
+        device: str | None = None,
+        resume: str | None = None,
+        reconnect: bool = True,
+        max_backoff_s: float = 20.0,
+    ) -> None:
+        self.url = url
+        self.hello: dict[str, Any] = {
+            k: v
+            for k, v in (("token", token), ("identity", identity), ("name", name))
+            if v is not None
+        }
+        self.hello["device"] = device or uuid.uuid4().hex[:16]
+        self.reconnect = reconnect
+        self._resume = resume  # a resume token kept from an earlier run, for the first hello
+        self.max_backoff_s = max_backoff_s
+        self.welcome: dict[str, Any] = {}
+        self.rooms: set[str] = set()
+        self.calls: dict[str, Call] = {}
+        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.incoming: asyncio.Queue[Call] = asyncio.Queue()
+        self.reconnects = 0
+        self._messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._seen: dict[str, set[int]] = {}
+        self._last_seq: dict[str, int] = {}
+        self._early: dict[str, list[dict[str, Any]]] = {}
+        self._conn: Client | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._connected = asyncio.Event()
+        self._closing = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- connection ------------------------------------------------------------------------------
+
+    @property
+    def identity(self) -> str:
+        return str(self.welcome.get("identity", ""))
+
+    @property
+    def session(self) -> str:
+        """This device's session id (also its participant id and call device id)."""
+        return str(self.welcome.get("session", ""))
+
+    async def connect(self) -> dict[str, Any]:
+        """Connect and send `hello`; returns `welcome`."""
+        if self._http is None:
+            self._http = aiohttp.ClientSession()
+        await self._open(resume=self._resume)
+        return self.welcome
+
+    async def _open(self, resume: str | None) -> None:
+        assert self._http is not None
+        conn = Client(self.url, session=self._http)
+        hello = dict(self.hello)
+        if resume:
+            hello["resume"] = resume
+        try:
+            self.welcome = await conn.connect(heartbeat=True, **hello)
+        except BaseException:
+            await conn.close()
+            raise
+        self._conn = conn
+        self._connected.set()
+        self._spawn(self._pump(conn))
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _pump(self, conn: Client) -> None:
+        """Route the events of one connection; on an unexpected close, reconnect."""
+        while True:
+            ev = await conn.events.get()
+            if ev["type"] == "_closed":
+                break
+            self._dispatch(ev)
+        await conn.close()  # its reader and heartbeat tasks end here
+        if self._conn is conn:
+            self._connected.clear()
+            self._conn = None
+            if not self._closing and self.reconnect and ev.get("code") not in (1000, 4004):
+                self._spawn(self._reconnect())
+            else:
+                self.events.put_nowait(ev)
+
+    async def _reconnect(self) -> None:
+        """Reconnect with full-jitter backoff (0.05 s doubling up to ``max_backoff_s``)."""
+        resume = self.welcome.get("resume")
+        delay = 0.05
+        while not self._closing:
+            await asyncio.sleep(random.uniform(0, delay))
+            try:
+                await self._open(resume)
+            except (aiohttp.ClientError, OSError, ConnectionError, TimeoutError, ClientError):
+                delay = min(self.max_backoff_s, delay * 2)
+                continue
+            self.reconnects += 1
+            if not self.welcome.get("resumed"):
+                for room in sorted(self.rooms):
+                    with contextlib.suppress(ClientError):
+                        await self.request({"type": "join", "room": room})
+            if self._last_seq:
+                with contextlib.suppress(ClientError, ConnectionError, TimeoutError):
+                    await self.sync()
+            self.events.put_nowait({"type": "_reconnected", "resumed": self.welcome["resumed"]})
+            return
+
+    async def close(self, *, bye: bool = True) -> None:
+        """End the session (``bye``: no resume) and close the connection."""
+        self._closing = True
+        conn = self._conn
+        if conn is not None:
+            if bye:
+                with contextlib.suppress(ClientError, ConnectionError, TimeoutError):
+                    await conn.request({"type": "bye"}, timeout=2.0)
+            await conn.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    async def drop(self) -> None:
+        """Simulate a network failure: abort the socket; the client then resumes by itself."""
+        conn = self._conn
+        assert conn is not None, "not connected"
+        await conn.drop()
+
+    async def wait_connected(self, timeout: float = 10.0) -> None:
+        await asyncio.wait_for(self._connected.wait(), timeout)
+
+    async def request(self, msg: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+        """Send a request and return its reply (``ClientError`` for an `error` reply)."""
+        await self.wait_connected(timeout)
+        assert self._conn is not None
+        return await self._conn.request(msg, timeout)
+
+    async def next_event(
+        self,
+        type_: str | None = None,
+        *,
+        timeout: float = 10.0,
+        where: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> dict[str, Any]:
+        """The next server event (of ``type_``, matching ``where``), skipping others."""
+
+        async def wait() -> dict[str, Any]:
+            while True:
+                ev = await self.events.get()
+                if (type_ is None or ev["type"] == type_) and (where is None or where(ev)):
+                    return ev
+
+        return await asyncio.wait_for(wait(), timeout)
+
+    def _dispatch(self, ev: dict[str, Any]) -> None:
+        t = ev["type"]
+        if t == "message":
+            self._message(ev)
+            return
+        if t.startswith("call_"):
+            self._call_event(ev)
+        self.events.put_nowait(ev)
+
+    # -- rooms -----------------------------------------------------------------------------------
+
+    async def join(self, room: str) -> dict[str, Any]:
+        reply = await self.request({"type": "join", "room": room})
+        self.rooms.add(room)
+        return reply
+
+    async def leave(self, room: str) -> None:
+        await self.request({"type": "leave", "room": room})
+        self.rooms.discard(room)
+
+    # -- chat ------------------------------------------------------------------------------------
+
+    def _message(self, msg: dict[str, Any]) -> bool:
+        """Keep a received message unless it is a repeat; returns whether it was new."""
+        conv, seq = msg["conversation"], msg["seq"]
+        seen = self._seen.setdefault(conv, set())
+        if seq in seen:
+            return False
+        seen.add(seq)
+        if seq > self._last_seq.get(conv, 0):
+            self._last_seq[conv] = seq
+        self._messages.put_nowait(msg)
+        return True
+
+    async def send(
+        self, conversation: str, text: str, *, cid: str | None = None, attempts: int = 6
+    ) -> dict[str, Any]:
+        """Send a chat message; retried under the same ``cid`` (also across reconnects) until
+        the server acknowledges it. Returns `sent` (``duplicate`` true if a retry hit)."""
+        cid = cid or uuid.uuid4().hex
+        delay = 0.1
+        for attempt in range(attempts):
+            try:
+                sent = await self.request(
+                    {"type": "send", "conversation": conversation, "cid": cid, "text": text},
+                    timeout=5.0,
+                )
+            except (TimeoutError, ConnectionError):
+                if attempt == attempts - 1:
+                    raise
+                await asyncio.sleep(random.uniform(0, delay))
+                delay = min(delay * 2, 5.0)
+                continue
+            seen = self._seen.setdefault(conversation, set())
+            seen.add(sent["seq"])
+            return sent
+        raise AssertionError("unreachable")
+
+    async def next_message(
+        self,
+        conversation: str | None = None,
+        *,
+        timeout: float = 10.0,
+        where: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> dict[str, Any]:
+        """The next new (de-duplicated) message received, optionally of one conversation."""
+
+        async def wait() -> dict[str, Any]:
+            while True:
+                m = await self._messages.get()
+                if (conversation is None or m["conversation"] == conversation) and (
+                    where is None or where(m)
+                ):
+                    return m
+
+        return await asyncio.wait_for(wait(), timeout)
+
+    async def history(self, conversation: str, **paging: int) -> list[dict[str, Any]]:
+        reply = await self.request({"type": "history", "conversation": conversation, **paging})
+        return list(reply["messages"])
+
+    async def sync(self) -> int:
+        """Fetch every message newer than what this client has seen; returns how many were new."""
+        new = 0
+        pending = dict(self._last_seq)
+        while pending:
+            reply = await self.request({"type": "sync", "since": pending})
+            pending = {}
+            for page in reply["conversations"]:
+                for m in page["messages"]:
+                    new += self._message(m)
+                if page["more"] and page["messages"]:
+                    pending[page["conversation"]] = page["messages"][-1]["seq"]
+        return new
+
+    # -- calls -----------------------------------------------------------------------------------
+
+    def _call_event(self, ev: dict[str, Any]) -> None:
+        t = ev["type"]
+        call = self.calls.get(ev["call"])
+        if t == "call_incoming":
+            if call is None:
+                call = self.calls[ev["call"]] = Call(self, ev, "callee")
+                self.incoming.put_nowait(call)
+            return
+        if t == "call_state" and call is None:
+            # After a resume: a call that rang (or was made) while this socket was down.
+            role = "caller" if ev["role"] == "caller" else "callee"
+            call = self.calls[ev["call"]] = Call(self, ev, role)
+            if role == "callee" and ev["state"] != "ended":
+                self.incoming.put_nowait(call)
+        if call is None:
+            # An event can overtake the reply that tells us the call id (`call_invite`):
+            # keep it until ``call`` has made the Call.
+            self._early.setdefault(ev["call"], []).append(ev)
+            while len(self._early) > 64:
+                self._early.pop(next(iter(self._early)))
+            return
+        self._fold(call, ev)
+
+    def _fold(self, call: Call, ev: dict[str, Any]) -> None:
+        t = ev["type"]
+        if t == "call_signal":
+            call.signals.put_nowait(ev)
+        else:
+            call._update(ev)
+        call.events.put_nowait(ev)
+
+    async def call(self, *identities: str, video: bool = False, room: str | None = None) -> Call:
+        """Call one identity (1:1) or several (a group call)."""
+        msg: dict[str, Any] = {"type": "call_invite", "to": list(identities), "video": video}
+        if room is not None:
+            msg["room"] = room
+        state = await self.request(msg)
+        call = self.calls.get(state["call"])
+        if call is None:
+            call = self.calls[state["call"]] = Call(self, state, "caller")
+        else:
+            call._update(state)
+        for ev in self._early.pop(call.id, []):
+            self._fold(call, ev)
+        return call
+
+    async def next_call(self, timeout: float = 10.0) -> Call:
+        """The next incoming call."""
+        return await asyncio.wait_for(self.incoming.get(), timeout)

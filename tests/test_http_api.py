@@ -1,0 +1,283 @@
+"""The HTTP API for app backends, against the real server: credentials, every route, bad input,
+and the OpenAPI document (validated, and matching the routes the server has)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import jwt
+import pytest
+from aiohttp.test_utils import TestServer
+from call_helpers import Phone
+from openapi_spec_validator import validate
+
+from signaling.client import ClientError
+from signaling.tokens import create_token
+
+Start = Callable[..., Awaitable[TestServer]]
+KEY, SECRET = "test-key", "a-test-secret-of-at-least-32-bytes"
+SPEC = json.loads((Path(__file__).resolve().parent.parent / "docs" / "openapi.json").read_text())
+BASIC = {"Authorization": "Basic " + base64.b64encode(f"{KEY}:{SECRET}".encode()).decode()}
+SAMPLE_PARAMS = {"{room}": "lobby", "{conversation}": quote("dm:a|b", safe=""), "{identity}": "a"}
+
+
+def api_jwt(**claims: Any) -> dict[str, str]:
+    payload = {"iss": KEY, "exp": int(time.time()) + 60, "api": True, **claims}
+    return {"Authorization": "Bearer " + jwt.encode(payload, SECRET, algorithm="HS256")}
+
+
+def routes() -> list[tuple[str, str]]:
+    out = []
+    for path, ops in SPEC["paths"].items():
+        for method in ops:
+            concrete = path
+            for k, v in SAMPLE_PARAMS.items():
+                concrete = concrete.replace(k, v)
+            out.append((method.upper(), concrete))
+    return out
+
+
+class Api:
+    def __init__(self, http: aiohttp.ClientSession, server: TestServer) -> None:
+        self.http = http
+        self.base = f"http://127.0.0.1:{server.port}"
+
+    async def __call__(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
+    ) -> tuple[int, Any]:
+        kw: dict[str, Any] = {"headers": BASIC if headers is None else headers}
+        if raw is not None:
+            kw["data"] = raw
+        elif body is not None:
+            kw["json"] = body
+        async with self.http.request(method, self.base + path, **kw) as r:
+            assert r.content_type == "application/json", (path, r.status)
+            return r.status, await r.json()
+
+
+@pytest.fixture
+async def http() -> Any:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+@pytest.fixture
+async def api(start_server: Start, http: aiohttp.ClientSession) -> tuple[Api, TestServer]:
+    server = await start_server(auth__api_key=KEY, auth__api_secret=SECRET)
+    return Api(http, server), server
+
+
+def test_openapi_document_is_valid() -> None:
+    validate(SPEC)
+    assert {c for c in SPEC["components"]["schemas"]["Error"]["properties"]["code"]["enum"]} >= {
+        "unauthorized",
+        "api_disabled",
+        "bad_field",
+    }
+
+
+async def test_spec_matches_the_server_routes(api: tuple[Api, TestServer]) -> None:
+    client, server = api
+    served = {
+        (r.method, r.resource.canonical)
+        for r in server.app.router.routes()
+        if r.resource is not None
+        and r.resource.canonical.startswith("/api/")
+        and r.method != "HEAD"
+    }
+    documented = {(m.upper(), p) for p, ops in SPEC["paths"].items() for m in ops}
+    assert served == documented
+    status, doc = await client("GET", "/api/openapi.json", headers={})
+    assert status == 200 and doc == SPEC
+
+
+async def test_open_mode_disables_the_api(server: TestServer, http: aiohttp.ClientSession) -> None:
+    client = Api(http, server)
+    for method, path in routes():
+        if path == "/api/openapi.json":
+            continue
+        status, body = await client(method, path, {})
+        assert (status, body["code"]) == (403, "api_disabled"), (method, path)
+
+
+async def test_no_route_works_without_credentials(api: tuple[Api, TestServer]) -> None:
+    client, _ = api
+    participant = create_token(KEY, SECRET, "alice", rooms={"*": ["join"]})
+    wrong_basic = "Basic " + base64.b64encode(f"{KEY}:not-the-secret".encode()).decode()
+    forged = jwt.encode({"iss": KEY, "exp": int(time.time()) + 60, "api": True}, "x" * 32)
+    cases = [
+        ({}, "unauthorized"),
+        ({"Authorization": wrong_basic}, "bad_credentials"),
+        ({"Authorization": "Basic !!!"}, "bad_credentials"),
+        ({"Authorization": f"Bearer {participant}"}, "bad_credentials"),  # not an API token
+        ({"Authorization": f"Bearer {forged}"}, "bad_credentials"),
+        (api_jwt(exp=int(time.time()) - 60), "bad_credentials"),
+        (api_jwt(iss="other-key"), "bad_credentials"),
+    ]
+    for method, path in routes():
+        if path == "/api/openapi.json":
+            continue
+        for headers, code in cases:
+            status, body = await client(method, path, {}, headers=headers)
+            assert (status, body["code"]) == (401, code), (method, path, headers)
+    status, body = await client("GET", "/api/rooms", headers=api_jwt())
+    assert status == 200 and body == {"rooms": []}
+
+
+async def test_tokens_make_identities_callable(api: tuple[Api, TestServer], phones: Phone) -> None:
+    client, server = api
+    status, body = await client(
+        "POST", "/api/tokens", {"identity": "bob", "name": "Bob", "rooms": {"lobby": ["join"]}}
+    )
+    assert status == 201 and body["identity"] == "bob" and body["expires_at"] > time.time()
+    bob = await phones(server, "bob", token=body["token"])
+    assert bob.welcome["identity"] == "bob" and bob.welcome["name"] == "Bob"
+    await bob.close()
+    # Carol has a token from the API but never connected: she is known, so she can be called.
+    status, body = await client("POST", "/api/tokens", {"identity": "carol", "ttl_s": 60})
+    assert status == 201
+    alice_token = create_token(KEY, SECRET, "alice", rooms={})
+    alice = await phones(server, "alice", token=alice_token)
+    call = await alice.call("carol")
+    assert call.parties == {"alice": "joined", "carol": "invited"}
+    with pytest.raises(ClientError) as e:
+        await alice.call("dave")
+    assert e.value.code == "unknown_identity"
+    await call.cancel()
+
+
+BAD_TOKEN_REQUESTS: list[tuple[Any, str]] = [
+    (b"{not json", "bad_json"),
+    (b"[1]", "bad_json"),
+    ({}, "bad_field"),
+    ({"identity": "has space"}, "bad_field"),
+    ({"identity": "a", "extra": 1}, "bad_field"),
+    ({"identity": "a", "ttl_s": 0}, "bad_field"),
+    ({"identity": "a", "ttl_s": "60"}, "bad_field"),
+    ({"identity": "a", "rooms": {"r": ["fly"]}}, "bad_field"),
+    ({"identity": "a", "rooms": {"bad room": ["join"]}}, "bad_field"),
+    ({"identity": "a", "rooms": {"r": "join"}}, "bad_field"),
+    ({"identity": "a", "name": ""}, "bad_field"),
+]
+
+
+@pytest.mark.parametrize(("body", "code"), BAD_TOKEN_REQUESTS)
+async def test_bad_token_requests(api: tuple[Api, TestServer], body: Any, code: str) -> None:
+    client, _ = api
+    raw = body if isinstance(body, bytes) else None
+    status, reply = await client("POST", "/api/tokens", None if raw else body, raw=raw)
+    assert (status, reply["code"]) == (400, code) and reply["message"]
+
+
+async def test_rooms_participants_and_kick(api: tuple[Api, TestServer], phones: Phone) -> None:
+    client, server = api
+    grants = {"lobby": ["join", "chat"]}
+    alice = await phones(server, "alice", token=create_token(KEY, SECRET, "alice", rooms=grants))
+    bob = await phones(server, "bob", token=create_token(KEY, SECRET, "bob", rooms=grants))
+    await alice.join("lobby")
+    await bob.join("lobby")
+    status, body = await client("GET", "/api/rooms")
+    assert status == 200 and body == {
+        "rooms": [{"name": "lobby", "participants": 2, "locked": False}]
+    }
+    status, body = await client("GET", "/api/rooms/lobby/participants")
+    assert sorted(p["identity"] for p in body["participants"]) == ["alice", "bob"]
+    status, body = await client("GET", "/api/rooms/nowhere/participants")
+    assert (status, body["code"]) == (404, "no_such_room")
+    status, body = await client("POST", "/api/rooms/lobby/kick", {"identity": "nobody"})
+    assert (status, body["code"]) == (404, "no_such_participant")
+    status, body = await client(
+        "POST", "/api/rooms/lobby/kick", {"identity": "a", "participant": "b"}
+    )
+    assert (status, body["code"]) == (400, "bad_field")
+    status, body = await client("POST", "/api/rooms/lobby/kick", {"identity": "bob"})
+    assert status == 200 and body["kicked"] == [bob.session]
+    kicked = await bob.next_event("kicked")
+    assert kicked["room"] == "lobby" and kicked["by"] == "api"
+    left = await alice.next_event("participant_left")
+    assert left["identity"] == "bob" and left["reason"] == "kicked"
+
+
+async def test_history_and_system_messages(api: tuple[Api, TestServer], phones: Phone) -> None:
+    client, server = api
+    alice = await phones(server, "alice", token=create_token(KEY, SECRET, "alice", rooms={}))
+    bob = await phones(server, "bob", token=create_token(KEY, SECRET, "bob", rooms={}))
+    for i in range(3):
+        await alice.send("dm:alice|bob", f"m{i}")
+    conv = quote("dm:alice|bob", safe="")
+    status, page = await client("GET", f"/api/conversations/{conv}/messages?after=1&limit=1")
+    assert status == 200 and [m["text"] for m in page["messages"]] == ["m1"]
+    assert page["more"] is True and page["last_seq"] == 3
+    status, body = await client(
+        "POST", f"/api/conversations/{conv}/messages", {"text": "Welcome!", "cid": "w1"}
+    )
+    assert status == 201 and body["seq"] == 4 and body["duplicate"] is False
+    for p in (alice, bob):
+        m = await p.next_message("dm:alice|bob", where=lambda m: m["kind"] == "system")
+        assert m["text"] == "Welcome!" and m["from"] == "system:api" and m["name"] == "System"
+    status, body = await client(
+        "POST", f"/api/conversations/{conv}/messages", {"text": "Welcome!", "cid": "w1"}
+    )
+    assert status == 200 and body["duplicate"] is True and body["seq"] == 4
+    bad = [
+        ("GET", f"/api/conversations/{quote('dm:bob|alice', safe='')}/messages", None),
+        ("GET", "/api/conversations/nope/messages", None),
+        ("GET", f"/api/conversations/{conv}/messages?before=2&after=1", None),
+        ("GET", f"/api/conversations/{conv}/messages?limit=0", None),
+        ("GET", f"/api/conversations/{conv}/messages?limit=x", None),
+        ("POST", f"/api/conversations/{conv}/messages", {"text": ""}),
+        ("POST", f"/api/conversations/{conv}/messages", {"text": "x", "cid": "has space"}),
+        ("POST", f"/api/conversations/{conv}/messages", {"text": "x", "from": "alice"}),
+    ]
+    for method, path, body in bad:
+        status, reply = await client(method, path, body)
+        assert (status, reply["code"]) == (400, "bad_field"), (method, path, body)
+    status, page = await client("GET", f"/api/conversations/{conv}/messages")
+    assert page["last_seq"] == 4  # nothing refused was stored
+
+
+async def test_devices_and_last_seen(api: tuple[Api, TestServer], phones: Phone) -> None:
+    client, server = api
+    token = create_token(KEY, SECRET, "alice", rooms={})
+    before = int(time.time() * 1000)
+    phone = await phones(server, "alice", token=token, device="phone")
+    tablet = await phones(server, "alice", token=token, device="tablet")
+    await asyncio.sleep(0.01)
+    await tablet.close()
+    for _ in range(100):  # last-seen is written by the store's writer thread, just after
+        status, body = await client("GET", "/api/identities/alice/devices")
+        assert status == 200
+        devices = {d["device"]: d for d in body["devices"]}
+        if len(devices) == 2 and devices["tablet"]["last_seen"] > devices["tablet"]["first_seen"]:
+            break
+        await asyncio.sleep(0.02)
+    assert set(devices) == {"phone", "tablet"}
+    assert devices["phone"]["online"] is True and devices["tablet"]["online"] is False
+    assert devices["tablet"]["last_seen"] >= devices["tablet"]["first_seen"] >= before
+    assert body["devices"][0]["device"] == "tablet"  # seen last (its session just ended)
+    status, body = await client("GET", "/api/identities/nobody/devices")
+    assert (status, body["code"]) == (404, "no_such_identity")
+    await phone.close()
+
+
+async def test_unknown_routes_and_methods_answer_json(api: tuple[Api, TestServer]) -> None:
+    client, _ = api
+    status, body = await client("GET", "/api/nothing-here")
+    assert (status, body["code"]) == (404, "not_found")
+    status, body = await client("DELETE", "/api/rooms")
+    assert (status, body["code"]) == (405, "method_not_allowed")
+    status, body = await client("POST", "/api/tokens", raw=b"x" * 70_000)
+    assert (status, body["code"]) == (413, "payload_too_large")

@@ -23,6 +23,7 @@ from aiortc import (
 from aiortc.mediastreams import MediaStreamTrack
 
 from signaling.client import Client
+from signaling.sdk import RallypointClient
 
 from .receiver import FrameCounter
 
@@ -38,7 +39,7 @@ class SfuSession:
 
     def __init__(
         self,
-        client: Client,
+        client: Client | RallypointClient,
         room: str,
         *,
         decode: bool = True,
@@ -57,7 +58,18 @@ class SfuSession:
         self.errors: list[dict[str, Any]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._lock = asyncio.Lock()
+        self._answered = 0  # number of the last subscriber offer answered
         client.listeners.append(self._on_event)
+        # Tell the server we are ready: offers sent before this session existed were missed.
+        ready = asyncio.ensure_future(self._ready())
+        self._tasks.add(ready)
+        ready.add_done_callback(self._tasks.discard)
+
+    async def _ready(self) -> None:
+        try:
+            await self.client.request({"type": "subscribe", "room": self.room}, timeout=20)
+        except Exception as e:  # recorded for the test to assert on
+            self.errors.append({"error": repr(e)})
 
     # -- publishing ----------------------------------------------------------------------------
 
@@ -113,6 +125,8 @@ class SfuSession:
                     self._got_track(track)
 
             pc = self.sub
+            if ev["offer"] <= self._answered:
+                return  # an offer sent again (after `subscribe`) that we answered already
             for t in ev["tracks"]:
                 self.tracks[t["id"]] = t
                 self.mid_track[t["mid"]] = t["id"]
@@ -120,6 +134,7 @@ class SfuSession:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=ev["sdp"], type="offer"))
                 await pc.setLocalDescription(await pc.createAnswer())
                 assert pc.localDescription is not None
+                self._answered = ev["offer"]
                 await self.client.request(
                     {"type": "subscribe_answer", "room": self.room, "sdp": pc.localDescription.sdp},
                     timeout=20,

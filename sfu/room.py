@@ -87,6 +87,8 @@ class Participant:
     transceivers: dict[str, RTCRtpTransceiver] = field(default_factory=dict)  # by track id
     downtracks: dict[str, DownTrack] = field(default_factory=dict)  # by track id
     fast: FastSender | None = None
+    offer: dict[str, Any] | None = None  # the subscriber offer waiting for an answer
+    offers: int = 0  # subscriber offers made so far (each offer's number)
     negotiating: bool = False
     pending: bool = False
 
@@ -279,11 +281,15 @@ class Room:
     # -- subscribing ---------------------------------------------------------------------------
 
     async def _renegotiate(self, p: Participant) -> None:
+        log.debug("renegotiate %s negotiating=%s", p.id, p.negotiating)
         if p.negotiating:
             p.pending = True
             return
         if p.id not in self.participants:
             return
+        wanted = {tid for tid, up in self.tracks.items() if up.publisher != p.id}
+        if p.sub is not None and wanted == p.transceivers.keys():
+            return  # nothing changed since the last (answered) offer
         p.negotiating = True
         p.pending = False
         if p.sub is None:
@@ -298,7 +304,6 @@ class Room:
                     self._spawn(self._transport_failed(p.id, "subscriber"))
 
         pc = p.sub
-        wanted = {tid for tid, up in self.tracks.items() if up.publisher != p.id}
         for tid in sorted(wanted - p.transceivers.keys()):
             up = self.tracks[tid]
             tr = pc.addTransceiver(NeverTrack(up.kind), direction="sendonly")
@@ -307,14 +312,30 @@ class Room:
         for tid in list(p.transceivers.keys() - wanted):
             # m-lines are never recycled: a removed track's transceiver goes inactive.
             p.transceivers.pop(tid).direction = "inactive"
-        await pc.setLocalDescription(await pc.createOffer())
+        p.offer = None
+        try:
+            await pc.setLocalDescription(await pc.createOffer())
+        except InvalidStateError:  # closed meanwhile: the participant left or failed
+            p.negotiating = False
+            return
         assert pc.localDescription is not None
         tracks = [
             {**self.tracks[tid].info(), "mid": tr.mid}
             for tid, tr in p.transceivers.items()
             if tid in self.tracks
         ]
-        self._emit("subscribe_offer", participant=p.id, sdp=pc.localDescription.sdp, tracks=tracks)
+        p.offers += 1
+        p.offer = {"sdp": pc.localDescription.sdp, "tracks": tracks, "offer": p.offers}
+        self._emit("subscribe_offer", participant=p.id, **p.offer)
+
+    async def resubscribe(self, pid: str) -> None:
+        """The client is ready to receive: send the pending offer again, or a new one."""
+        p = self.participant(pid)
+        if p.negotiating:
+            if p.offer is not None:  # else the offer being made now will be sent
+                self._emit("subscribe_offer", participant=p.id, **p.offer)
+        elif p.subscribe and any(t.publisher != pid for t in self.tracks.values()):
+            await self._renegotiate(p)
 
     async def subscribe_answer(self, pid: str, sdp: str) -> None:
         p = self.participant(pid)
@@ -330,6 +351,7 @@ class Room:
             await p.sub.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
         except (ValueError, OperationError, InternalError, InvalidStateError) as e:
             raise MediaError("bad_sdp", f"the answer was refused: {e}") from None
+        log.debug("answer from %s pending=%s", p.id, p.pending)
         now = time.monotonic()
         for tid, tr in p.transceivers.items():
             up = self.tracks.get(tid)
@@ -337,6 +359,7 @@ class Room:
                 continue
             self._add_downtrack(p, up, tr, now)
         p.negotiating = False
+        p.offer = None
         if p.pending:
             self._spawn(self._renegotiate(p))
 
@@ -458,6 +481,7 @@ class Room:
             p.fast = None
             p.sub = None
             p.negotiating = p.pending = False
+            p.offer = None
         await pc.close()
         if which == "subscriber" and p.subscribe and pid in self.participants:
             await self._renegotiate(p)

@@ -63,13 +63,16 @@ class Worker:
             raise MediaError("not_in_room", "join the room before sending media")
         if op == "leave":
             await room.leave(pid)
-            if not room.participants:
-                await room.close()
+            if not room.participants and self.rooms.get(name) is room:
                 del self.rooms[name]
+                await room.close()
                 self.emit({"ev": "room_closed", "room": name})
             return {}
         if op == "publish":
             return {"sdp": await room.publish(pid, msg["sdp"], msg.get("tracks", []))}
+        if op == "subscribe":
+            await room.resubscribe(pid)
+            return {}
         if op == "answer":
             await room.subscribe_answer(pid, msg["sdp"])
             return {}

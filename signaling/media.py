@@ -69,6 +69,12 @@ MEDIA_CLIENT: dict[str, MessageSpec] = {
                 _ID,
             ),
         ),
+        MessageSpec(
+            "subscribe",
+            "Ready to receive: the server (re)sends the current "
+            "`subscribe_offer` (one is also sent unasked after `join` and on changes).",
+            (_ROOM, _ID),
+        ),
         MessageSpec("subscribe_answer", "Answer to a `subscribe_offer`.", (_ROOM, _SDP, _ID)),
         MessageSpec(
             "ice",
@@ -129,6 +135,12 @@ MEDIA_SERVER: dict[str, MessageSpec] = {
                     "array",
                     "Each offered track with the `mid` of its media section.",
                     ref="Track",
+                ),
+                _s(
+                    "offer",
+                    "integer",
+                    "Number of this offer on the connection (a resent offer keeps its number: "
+                    "answer each number once).",
                 ),
             ),
         ),
@@ -259,6 +271,7 @@ class MediaRouter:
                         "room": room,
                         "sdp": msg["sdp"],
                         "tracks": msg["tracks"],
+                        "offer": msg["offer"],
                     }
                 )
         elif ev in ("track_published", "track_updated"):
@@ -368,6 +381,13 @@ async def on_publish(hub: Hub, s: Session, m: dict[str, Any]) -> None:
     _reply(s, {"type": "publish_answer", "room": room, "sdp": result["sdp"]}, m)
 
 
+async def on_subscribe(hub: Hub, s: Session, m: dict[str, Any]) -> None:
+    _need(hub, s, m["room"], "subscribe")
+    await _call(hub, m["room"], "subscribe", participant=s.id)
+    if "id" in m:
+        s.send({"type": "ok", "re": m["id"]})
+
+
 async def on_subscribe_answer(hub: Hub, s: Session, m: dict[str, Any]) -> None:
     _need(hub, s, m["room"], "subscribe")
     await _call(hub, m["room"], "answer", participant=s.id, sdp=m["sdp"])
@@ -409,6 +429,7 @@ async def on_unpublish(hub: Hub, s: Session, m: dict[str, Any]) -> None:
 HANDLERS.update(
     {
         "publish": on_publish,
+        "subscribe": on_subscribe,
         "subscribe_answer": on_subscribe_answer,
         "ice": on_ice,
         "track_mute": on_track_mute,

@@ -460,8 +460,12 @@ SERVER_MESSAGES: Final[dict[str, MessageSpec]] = {
             _s("locked", "boolean", "Room lock state."),
             _s("conversation", "string", "The room's chat conversation id."),
             _s("last_seq", "integer", "Last sequence number in the room's chat."),
-            _s("tracks", "array", "Tracks published in the room now (see `track_published`).",
-               ref="Track"),
+            _s(
+                "tracks",
+                "array",
+                "Tracks published in the room now (see `track_published`).",
+                ref="Track",
+            ),
             _RE,
         ),
         _smsg(

@@ -272,8 +272,23 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(text=body, content_type="text/plain")
 
 
+# The page has no build step and no hashed file names: browsers keep each file but ask again
+# (If-Modified-Since, answered 304) on every load, so an upgraded server is seen at once.
+_WEB_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+
+
 async def index(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(WEB_DIR / "index.html")
+    """``/`` and ``/room/{room}``: the same page; ``web/app.js`` reads the path."""
+    return web.FileResponse(WEB_DIR / "index.html", headers=_WEB_HEADERS)
+
+
+async def static_file(request: web.Request) -> web.FileResponse:
+    """``/static/<file>``: the page's modules, style sheet and images from ``web/``."""
+    name = request.match_info["name"]
+    path = (WEB_DIR / name).resolve()
+    if not path.is_relative_to(WEB_DIR) or not path.is_file():
+        raise web.HTTPNotFound()
+    return web.FileResponse(path, headers=_WEB_HEADERS)
 
 
 def make_app(
@@ -350,9 +365,9 @@ def make_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/", index)
+    app.router.add_get("/room/{room}", index)
+    app.router.add_get("/static/{name:.+}", static_file)
     http_api.setup(app, hub)
-    if WEB_DIR.is_dir():
-        app.router.add_static("/static/", WEB_DIR)
     return app
 
 

@@ -19,8 +19,7 @@ ServerFactory = Callable[..., Awaitable[TestServer]]
 
 def make_config(tmp_path: Path, **overrides: Any) -> Config:
     """A config for tests: data in tmp_path, no TURN; overrides as section.key=value."""
-    base = {"server.data_dir": str(tmp_path / "data"), "turn.enabled": False,
-            "sfu.enabled": False}
+    base = {"server.data_dir": str(tmp_path / "data"), "turn.enabled": False, "sfu.enabled": False}
     base.update({k.replace("__", "."): v for k, v in overrides.items()})
     return load_config(None, env={}, overrides=base)
 

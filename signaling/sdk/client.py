@@ -190,6 +190,8 @@ class RallypointClient:
         self.rooms: set[str] = set()
         self.calls: dict[str, Call] = {}
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        # Called with every event before it is queued (e.g. media.session.SfuSession).
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self.incoming: asyncio.Queue[Call] = asyncio.Queue()
         self.reconnects = 0
         self._messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -327,6 +329,8 @@ class RallypointClient:
         return await asyncio.wait_for(wait(), timeout)
 
     def _dispatch(self, ev: dict[str, Any]) -> None:
+        for listener in self.listeners:
+            listener(ev)
         t = ev["type"]
         if t == "message":
             self._message(ev)

@@ -28,7 +28,7 @@ async def test_three_participants_decode_each_other(
 ) -> None:
     server = await start_server(sfu__enabled=True, sfu__workers=2)
     ps = [await party(server, f"p{i}", n=i + 1) for i in range(3)]
-    await until(lambda: all(_decoding(p, [o for o in ps if o is not p], 30) for p in ps), 20)
+    await until(lambda: all(_decoding(p, [o for o in ps if o is not p], 30) for p in ps), 40)
     for p in ps:
         for n, o in enumerate(ps, start=1):
             if o is p:

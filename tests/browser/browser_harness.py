@@ -1,0 +1,75 @@
+"""Real Chromium (Debian's /usr/bin/chromium) driven by Playwright: the browser test harness.
+
+* ``launch_chromium(video_file=...)``: a browser whose camera plays a Y4M file (camera
+  files are a command-line flag, so they need their own browser process).
+* ``open_page(browser)``: a page on a secure origin (``http://localhost``, served by
+  Playwright's router, no server), where ``getUserMedia`` is allowed.
+
+Never run ``playwright install``: it downloads a browser, and there is no network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Browser, Page, Route, async_playwright
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = (
+    "--no-sandbox",
+    "--use-fake-device-for-media-stream",
+    "--use-fake-ui-for-media-stream",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    # Host candidates with real addresses instead of mDNS names (nothing resolves them here).
+    "--disable-features=WebRtcHideLocalIpsWithMdns",
+)
+PAGE_ORIGIN = "http://localhost"
+BLANK_PAGE = "<!doctype html><html><head><title>rallypoint test</title></head><body></body></html>"
+
+
+@contextlib.asynccontextmanager
+async def launch_chromium(
+    *, video_file: Path | None = None, extra_args: Sequence[str] = ()
+) -> AsyncIterator[Browser]:
+    """Launch headless Chromium; ``video_file`` (Y4M, C420) replaces the fake camera."""
+    if shutil.which(CHROMIUM) is None:
+        pytest.fail(f"{CHROMIUM} missing: apt-get install chromium (see tests/apt-packages.txt)")
+    args = [*CHROMIUM_ARGS, *extra_args]
+    if video_file is not None:
+        args.append(f"--use-file-for-fake-video-capture={video_file}")
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=args, timeout=20_000
+        )
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+async def open_page(browser: Browser, html: str = BLANK_PAGE, path: str = "/") -> Page:
+    """A new page (own context) showing ``html`` at ``http://localhost{path}``.
+
+    Console errors and page errors are forwarded to the test output.
+    """
+    context = await browser.new_context()
+
+    async def serve(route: Route) -> None:
+        await route.fulfill(status=200, content_type="text/html", body=html)
+
+    await context.route(f"{PAGE_ORIGIN}/**", serve)
+    page = await context.new_page()
+    page.set_default_timeout(10_000)
+    page.on("pageerror", lambda error: print(f"page error: {error}"))
+    page.on("console", lambda msg: print(f"console {msg.type}: {msg.text}"))
+    await page.goto(f"{PAGE_ORIGIN}{path}")
+    return page

@@ -4,13 +4,19 @@ Both servers run on loopback with the same shared secret, one after the other in
 run, and coturn's own ``turnutils_uclient`` loads them identically: client-to-client
 messages through channels (``-y``), 10 clients, 1,000-byte messages. Every message crosses
 two relays (client A -> A's relay -> B's relay -> client B), so "per packet" below means
-per client-to-client message, i.e. two relay hops. Server CPU is read from
-/proc/<pid>/stat (user + system, all threads) around each load run.
+per client-to-client message, i.e. two relay hops. Server CPU is the time the kernel
+accounts to the server's threads (/proc/<pid>/task/*/schedstat, nanoseconds; user +
+system) around each load run.
 
-    .venv/bin/python bench/turn.py [--messages 1000] [--interval-ms 5] [--rounds 2]
+The machine is shared and noisy, so the figure is a median of ratios: one short
+warm-up run per server, then ``--rounds`` rounds that each run both servers back to back
+(the order alternates every round), the ratio Rallypoint / coturn taken per round, and
+the median of those ratios reported with their spread (min-max).
+
+    .venv/bin/python bench/turn.py [--messages 1000] [--interval-ms 5] [--rounds 7]
 
 Prints a table, then a final JSON line
-``{"us_per_packet": {"rallypoint": x, "coturn": y}, "ratio_vs_coturn": x/y, ...}``,
+``{"us_per_packet": {"rallypoint": x, "coturn": y}, "ratio_vs_coturn": median, ...}``,
 and records the figures in the TURN section of docs/BENCHMARKS.md (``--no-record`` to
 skip). Needs ``apt-get install coturn``.
 """
@@ -18,6 +24,7 @@ skip). Needs ``apt-get install coturn``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -25,6 +32,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -66,8 +74,18 @@ def free_port() -> int:
 
 
 def cpu_seconds(pid: int) -> float:
+    """CPU time of all of ``pid``'s threads, from schedstat (ns) or else /proc/<pid>/stat."""
+    total = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):  # a thread that just exited
+                total += int((task / "schedstat").read_text().split()[0])
+    except OSError:
+        total = 0
+    if total:
+        return total / 1e9
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    # utime and stime are fields 14 and 15 of the whole line (1-based).
+    # utime and stime are fields 14 and 15 of the whole line (1-based); 10 ms ticks.
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
@@ -114,9 +132,10 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-def load(server: str, pid: int, port: int, args: argparse.Namespace) -> Run:
+def load(server: str, pid: int, port: int, args: argparse.Namespace, messages: int = 0) -> Run:
     command = ["turnutils_uclient", "-W", SECRET, "-y", "-m", str(args.clients)]
-    command += ["-n", str(args.messages), "-l", str(args.length), "-z", str(args.interval_ms)]
+    command += ["-n", str(messages or args.messages), "-l", str(args.length)]
+    command += ["-z", str(args.interval_ms)]
     command += ["-p", str(port), "127.0.0.1"]
     before = cpu_seconds(pid)
     started = time.monotonic()
@@ -162,28 +181,32 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=1000, help="per session (-n)")
     parser.add_argument("--length", type=int, default=1000, help="message bytes (-l)")
     parser.add_argument("--interval-ms", type=int, default=5, help="pacing per session (-z)")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating runs per server")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds of both servers (1-30)")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
+    args.rounds = max(1, min(args.rounds, 30))
     if not shutil.which("turnserver") or not shutil.which("turnutils_uclient"):
         print("bench/turn.py needs coturn: apt-get install coturn", file=sys.stderr)
         return 2
+    names = ("rallypoint", "coturn")
     ports = {"rallypoint": free_port(), "coturn": free_port()}
     processes = {
         "rallypoint": start_rallypoint(ports["rallypoint"]),
         "coturn": start_coturn(ports["coturn"]),
     }
-    runs: dict[str, list[Run]] = {"rallypoint": [], "coturn": []}
+    runs: dict[str, list[Run]] = {name: [] for name in names}
     try:
         for port in ports.values():
             wait_for_stun(port)
-        for _ in range(max(1, min(args.rounds, 10))):
-            for name in ("rallypoint", "coturn"):
+        for name in names:  # warm-up: imports, caches, first allocations; not counted
+            load(name, processes[name].pid, ports[name], args, messages=100)
+        for index in range(args.rounds):
+            for name in names if index % 2 == 0 else names[::-1]:
                 run = load(name, processes[name].pid, ports[name], args)
                 runs[name].append(run)
                 print(
-                    f"{name:>10}: {run.messages} messages, lost {run.lost}, "
-                    f"cpu {run.cpu_s:.2f} s, wall {run.wall_s:.1f} s, "
+                    f"round {index + 1}: {name:>10}: {run.messages} messages, lost {run.lost}, "
+                    f"cpu {run.cpu_s:.3f} s, wall {run.wall_s:.1f} s, "
                     f"{run.us_per_message:.1f} us/message",
                     flush=True,
                 )
@@ -191,57 +214,67 @@ def main() -> int:
         for process in processes.values():
             stop(process)
 
-    def total(name: str) -> tuple[float, int, int, float]:
-        cpu = sum(r.cpu_s for r in runs[name])
-        messages = sum(r.messages for r in runs[name])
-        lost = sum(r.lost for r in runs[name])
-        wall = sum(r.wall_s for r in runs[name])
-        return cpu, messages, lost, wall
-
-    us = {}
-    rates = {}
-    losses = {}
-    for name in runs:
-        cpu, messages, lost, wall = total(name)
-        us[name] = round(cpu / messages * 1e6, 2)
-        rates[name] = round(messages / wall)
-        losses[name] = lost
-    ratio = round(us["rallypoint"] / us["coturn"], 3)
+    ratios = [
+        r.us_per_message / c.us_per_message
+        for r, c in zip(runs["rallypoint"], runs["coturn"], strict=True)
+    ]
+    ratio = round(statistics.median(ratios), 3)
+    low, high = round(min(ratios), 2), round(max(ratios), 2)
+    us = {n: round(statistics.median(r.us_per_message for r in runs[n]), 2) for n in names}
+    spread = {
+        n: (
+            round(min(r.us_per_message for r in runs[n]), 1),
+            round(max(r.us_per_message for r in runs[n]), 1),
+        )
+        for n in names
+    }
+    rates = {
+        n: round(sum(r.messages for r in runs[n]) / sum(r.wall_s for r in runs[n])) for n in names
+    }
+    losses = {n: sum(r.lost for r in runs[n]) for n in names}
     cpus = os.cpu_count()
     machine = f"{cpus} vCPU, {model_name()}, Linux {platform.release()}"
     load_desc = (
         f"`turnutils_uclient -y -m {args.clients} -n {args.messages} -l {args.length} "
-        f"-z {args.interval_ms}`, {args.rounds} alternating rounds per server"
+        f"-z {args.interval_ms}`"
     )
+    rows = "\n".join(
+        f"| {label} | {us[n]} | {spread[n][0]}-{spread[n][1]} | {rates[n]} | {losses[n]} |"
+        for n, label in (("rallypoint", "Rallypoint `turn/`"), ("coturn", "coturn"))
+    )
+    per_round = ", ".join(f"{x:.2f}" for x in ratios)
     print()
-    print("| server | CPU us per message (2 relay hops) | messages/s | lost |")
-    print("|---|---|---|---|")
-    for name in runs:
-        print(f"| {name} | {us[name]} | {rates[name]} | {losses[name]} |")
+    print(rows)
+    print(f"ratio per round: {per_round}; median {ratio}")
     section = f"""## TURN (`bench/turn.py`)
 
-Server CPU (user + system, all threads, from /proc) per client-to-client message relayed
-through two allocations (A -> A's relay -> B's relay -> B), measured side by side in one
-run with coturn as the baseline. Load: {load_desc};
-both servers on loopback with the same REST secret.
+Server CPU (user + system, all threads, from /proc/<pid>/task/*/schedstat) per
+client-to-client message relayed through two allocations (A -> A's relay -> B's relay ->
+B), with coturn as the baseline in the same run. Load: {load_desc} (1,000-byte
+messages, 5 ms apart per client); both servers on loopback with
+the same REST secret. Method: one warm-up run per server, then {args.rounds} rounds that
+each run both servers back to back (order alternating); the ratio is taken per round and
+the median reported, because this shared 2-vCPU machine is noisy.
 Machine: {machine}; {coturn_version()}; Python {platform.python_version()}
 (Rallypoint runs `python -m turn` on uvloop, one event loop).
 
-| server | CPU us per message | messages/s relayed | lost |
-|---|---|---|---|
-| Rallypoint `turn/` | {us["rallypoint"]} | {rates["rallypoint"]} | {losses["rallypoint"]} |
-| coturn | {us["coturn"]} | {rates["coturn"]} | {losses["coturn"]} |
+| server | CPU us per message (median) | range over rounds | messages/s relayed | lost |
+|---|---|---|---|---|
+{rows}
 
-Ratio Rallypoint / coturn: **{ratio}x** (target <= 1.5x). Measured {time.strftime("%Y-%m-%d")}.
-Reproduce: `.venv/bin/python bench/turn.py`.
+Ratio Rallypoint / coturn: **{ratio}x** (median of {args.rounds} per-round ratios; range
+{low}-{high}x; target <= 1.5x). Per-round ratios: {per_round}. Measured
+{time.strftime("%Y-%m-%d")}. Reproduce: `.venv/bin/python bench/turn.py`.
 """
     if not args.no_record:
         record(section)
     print(
         json.dumps(
             {
-                "us_per_packet": {"rallypoint": us["rallypoint"], "coturn": us["coturn"]},
+                "us_per_packet": us,
                 "ratio_vs_coturn": ratio,
+                "ratio_range": [low, high],
+                "ratios": [round(x, 3) for x in ratios],
                 "messages_per_s": rates,
                 "lost": losses,
             }

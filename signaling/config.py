@@ -103,10 +103,17 @@ class TurnSection:
     allow_peers: list[str] = field(default_factory=list)
     relay_port_min: int = 49152
     relay_port_max: int = 65535
+    # Local address relay sockets bind to; "" = listen_host, or this machine's address.
+    relay_host: str = ""
     external_address: str = ""
     tcp: bool = True
+    # TURN over TLS with server.tls_cert/tls_key (when set); 0 = no TLS listener.
+    tls_port: int = 5349
     max_allocations: int = 1000
     max_allocations_per_user: int = 10
+    max_bps_per_allocation: int = 0  # bytes/s per allocation, both directions; 0 = unlimited
+    default_lifetime_s: int = 600  # allocation lifetime granted without a longer request
+    max_lifetime_s: int = 3600  # longest lifetime a client may request
 
 
 @dataclass

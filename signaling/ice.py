@@ -37,6 +37,8 @@ class IceServers:
             urls = [f"stun:{h}:{port}", f"turn:{h}:{port}?transport=udp"]
             if cfg.turn.tcp:
                 urls.append(f"turn:{h}:{port}?transport=tcp")
+            if cfg.server.tls_cert and cfg.server.tls_key and cfg.turn.tls_port:
+                urls.append(f"turns:{h}:{cfg.turn.tls_port}?transport=tcp")
             out.append({"urls": urls, "username": user, "credential": password})
         for server in cfg.ice.servers:
             urls_v = server["urls"]

@@ -96,6 +96,9 @@ class TurnCore:
         self.buffer = bytearray(wire.PEER_DATA_OFFSET + 65536 + 4)
         self._mv = memoryview(self.buffer)
         self.peer_view = self._mv[wire.PEER_DATA_OFFSET : wire.PEER_DATA_OFFSET + 65536]
+        # Announced relay address -> allocation, for relaying between two allocations of
+        # this server without a socket round trip (see `_to_peer`).
+        self._local_relays: dict[Address, Allocation] = {}
         self._xor_peers: dict[Address, bytes] = {}  # peer -> XOR-PEER-ADDRESS value
         self._peers: dict[bytes, Address] = {}  # the inverse, for Send indications
         self._tid_prefix = os.urandom(4)
@@ -109,6 +112,7 @@ class TurnCore:
         self.relayed_to_peer = 0
         self.relayed_to_client = 0
         self.relayed_bytes = 0
+        self.relayed_locally = 0
         self.dropped_garbage = 0
         self.dropped_oversized = 0
         self.dropped_no_allocation = 0
@@ -136,6 +140,7 @@ class TurnCore:
             "relayed_to_peer": self.relayed_to_peer,
             "relayed_to_client": self.relayed_to_client,
             "relayed_bytes": self.relayed_bytes,
+            "relayed_locally": self.relayed_locally,
             "dropped_garbage": self.dropped_garbage,
             "dropped_oversized": self.dropped_oversized,
             "dropped_no_allocation": self.dropped_no_allocation,
@@ -172,36 +177,57 @@ class TurnCore:
             self.dropped_garbage += 1
             return None
         first = mv[0]
-        if first & 0xC0 == 0x40:  # ChannelData (RFC 8656 section 12.4)
-            self._channel_data(key, mv, n)
+        if first & 0xC0 == 0x40:
+            # ChannelData (RFC 8656 section 12.4), inlined: this runs once per packet.
+            alloc = self.allocations.get(key)
+            if alloc is None:
+                self.dropped_no_allocation += 1
+                return None
+            number, length = _HH.unpack_from(mv)
+            # UDP may carry up to 3 bytes of padding after the data (RFC 8656 12.5).
+            if length + 4 > n:
+                self.dropped_garbage += 1
+                return None
+            channel = alloc.channels.get(number)
+            now = self._clock()
+            # A live channel implies its permission: aioice refreshes channels only
+            # every 500 s, past the 300 s permission lifetime (see docs/TURN.md).
+            if channel is None or channel.expires < now:
+                self.dropped_no_permission += 1
+                return None
+            if alloc.limiter is not None and not alloc.limiter.take(length, now):
+                self.dropped_rate_limited += 1
+                return None
+            self._to_peer(alloc, mv, 4, length, channel.peer)
             return None
         if first == 0 and mv[1] == 0x16:  # Send indication (RFC 8656 section 10.2)
             self._send_indication(key, mv, n)
             return None
         return self.handle_stun(bytes(mv[:n]), key, address, endpoint)
 
-    def _channel_data(self, key: Hashable, mv: memoryview, n: int) -> None:
-        alloc = self.allocations.get(key)
-        if alloc is None:
-            self.dropped_no_allocation += 1
-            return
-        number, length = _HH.unpack_from(mv)
-        # UDP may carry up to 3 bytes of padding after the data (RFC 8656 section 12.5).
-        if length + 4 > n:
-            self.dropped_garbage += 1
-            return
-        channel = alloc.channels.get(number)
-        now = self._clock()
-        # A live channel implies its permission: aioice refreshes channels only every
-        # 500 s, past the 300 s permission lifetime (see docs/TURN.md).
-        if channel is None or channel.expires < now:
-            self.dropped_no_permission += 1
-            return
-        if alloc.limiter is not None and not alloc.limiter.take(length, now):
-            self.dropped_rate_limited += 1
+    def _to_peer(
+        self, alloc: Allocation, mv: memoryview, start: int, length: int, peer: Address
+    ) -> None:
+        """Relay ``mv[start:start+length]`` from ``alloc``'s relay to ``peer``."""
+        local = self._local_relays.get(peer)
+        if local is not None and local is not alloc:
+            # The peer is another allocation's relay on this server (both clients use
+            # this server, e.g. with relay-only ICE): hand the data over in-process, as
+            # if it had crossed the two relay sockets. The receiving side applies its
+            # own permission, channel and rate checks in from_peer.
+            relay = alloc.relay
+            if relay is None:
+                self.dropped_send_failed += 1
+                return
+            self.relayed_to_peer += 1
+            self.relayed_locally += 1
+            self.relayed_bytes += length
+            offset = wire.PEER_DATA_OFFSET
+            self.buffer[offset : offset + length] = mv[start : start + length]
+            self.from_peer(local, length, relay.address)
             return
         try:
-            alloc.relay_sendto(mv[4 : 4 + length], channel.peer)
+            alloc.relay_sendto(mv[start : start + length], peer)
         except OSError:
             self.dropped_send_failed += 1
             return
@@ -236,13 +262,7 @@ class TurnCore:
         if alloc.limiter is not None and not alloc.limiter.take(length, now):
             self.dropped_rate_limited += 1
             return
-        try:
-            alloc.relay_sendto(mv[start : start + length], peer)
-        except OSError:
-            self.dropped_send_failed += 1
-            return
-        self.relayed_to_peer += 1
-        self.relayed_bytes += length
+        self._to_peer(alloc, mv, start, length, peer)
 
     def from_peer(self, alloc: Allocation, n: int, peer: Address) -> None:
         """Relay ``n`` bytes a peer sent to ``alloc``'s relay, received into `peer_view`.
@@ -526,6 +546,7 @@ class TurnCore:
         if self.settings.max_bps_per_allocation:
             alloc.limiter = RateLimiter(self.settings.max_bps_per_allocation, now)
         self.allocations[key] = alloc
+        self._local_relays[relay.address] = alloc
         self._per_user[username] = self._per_user.get(username, 0) + 1
         self.allocations_created += 1
         alloc.response = self._success(
@@ -624,6 +645,9 @@ class TurnCore:
     # ------------------------------------------------------------------ lifecycle
 
     def _delete(self, alloc: Allocation) -> None:
+        relay = alloc.relay
+        if relay is not None and self._local_relays.get(relay.address) is alloc:
+            del self._local_relays[relay.address]
         if self.allocations.get(alloc.client_key) is alloc:
             del self.allocations[alloc.client_key]
             left = self._per_user.get(alloc.username, 1) - 1

@@ -602,3 +602,44 @@ def test_connection_close_deletes_its_allocation() -> None:
     h.core.client_gone(CLIENT)
     assert not h.core.allocations and relay.closed
     assert h.core.stats["allocations_deleted"] == 1
+
+
+def test_data_between_two_allocations_is_handed_over_in_process() -> None:
+    """A peer that is another allocation's relay gets the data without a socket round
+    trip, with the receiver's permission, channel and counters applied as usual."""
+    h = Harness(allow_peers=("198.51.100.0/24", "192.0.2.0/24"))
+    other_key, other = ("other-client",), FakeEndpoint()
+    h.allocate()
+    attrs = {"REQUESTED-TRANSPORT": 0x11000000}
+    assert h.request(stun.Method.ALLOCATE, attrs, key=other_key, endpoint=other).attributes
+    relay_a, relay_b = h.relays.relays
+    bind = stun.Method.CHANNEL_BIND
+    h.request(bind, {"CHANNEL-NUMBER": 0x4001, "XOR-PEER-ADDRESS": relay_b.address})
+    # B has no permission for A's relay yet: dropped on B's side, and nothing hits a socket.
+    h.raw(_channel_data(0x4001, b"early"))
+    assert relay_a.sent == [] and other.sent == []
+    assert h.core.stats["dropped_no_permission"] == 1
+    h.request(
+        bind,
+        {"CHANNEL-NUMBER": 0x4002, "XOR-PEER-ADDRESS": relay_a.address},
+        key=other_key,
+        endpoint=other,
+    )
+    other.sent.clear()
+    h.raw(_channel_data(0x4001, b"hello B"))
+    assert other.sent == [(_channel_data(0x4002, b"hello B"), CLIENT)]
+    # B answers with a Send indication: A's channel to B's relay turns it into ChannelData.
+    send = stun.Message(stun.Method.SEND, stun.Class.INDICATION)
+    send.attributes["XOR-PEER-ADDRESS"] = relay_a.address
+    send.attributes["DATA"] = b"hello A"
+    h.endpoint.sent.clear()
+    assert h.raw(bytes(send), key=other_key, endpoint=other) is None
+    assert h.endpoint.sent == [(_channel_data(0x4001, b"hello A"), CLIENT)]
+    assert relay_a.sent == [] and relay_b.sent == []
+    stats = h.core.stats
+    assert stats["relayed_locally"] == 3
+    assert stats["relayed_to_peer"] == 3 and stats["relayed_to_client"] == 2
+    # Once B's allocation is gone, A's data goes out of its relay socket as usual.
+    h.request(stun.Method.REFRESH, {"LIFETIME": 0}, key=other_key, endpoint=other)
+    h.raw(_channel_data(0x4001, b"to the socket"))
+    assert relay_a.sent == [(b"to the socket", relay_b.address)]

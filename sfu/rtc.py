@@ -66,6 +66,7 @@ _REQUIRED_INSTANCE = {
         "_RTCRtpReceiver__rtx_ssrc",
         "_RTCRtpReceiver__codecs",
         "_RTCRtpReceiver__rtcp_ssrc",
+        "_RTCRtpReceiver__jitter_buffer",
     ),
     "RTCRtpSender": (
         "_ssrc",
@@ -112,29 +113,45 @@ class NeverTrack(MediaStreamTrack):
 class FastSender:
     """Protect and send RTP for one DTLS transport, straight to the nominated pair's socket."""
 
-    __slots__ = ("_conn", "_dtls", "_slow")
+    __slots__ = ("_addr", "_conn", "_dtls", "_nominated", "_pair", "_sendto", "_slow", "_srtp")
 
     def __init__(self, dtls: RTCDtlsTransport) -> None:
         self._dtls = dtls
         self._slow: set[asyncio.Future[None]] = set()
         self._conn: aioice.ice.Connection = dtls.transport._connection
+        self._nominated: dict[int, Any] = self._conn._nominated
+        self._pair: Any = None
+        self._addr: Any = None
+        self._srtp: Any = None
+        self._sendto: Any = None
 
     @property
     def ready(self) -> bool:
-        return self._dtls._tx_srtp is not None and self._conn._nominated.get(1) is not None
+        return self._dtls._tx_srtp is not None and self._nominated.get(1) is not None
 
     def send(self, data: bytes) -> None:
-        srtp = self._dtls._tx_srtp
-        pair = self._conn._nominated.get(1)
-        if srtp is None or pair is None:
+        pair = self._nominated.get(1)
+        if pair is not self._pair:  # first packet, or ICE nominated another pair
+            self._pair = self._sendto = None
+            srtp = self._dtls._tx_srtp
+            if pair is None or srtp is None:
+                return
+            self._pair, self._srtp = pair, srtp
+            # CandidatePair.remote_addr builds a tuple per call: take it once per pair.
+            self._addr = pair.remote_addr
+            protocol = pair.protocol
+            if type(protocol) is aioice.ice.StunProtocol:
+                self._sendto = protocol.transport.sendto
+        elif pair is None:
             return
-        protocol = pair.protocol
-        if type(protocol) is aioice.ice.StunProtocol:
-            protocol.transport.sendto(srtp.protect(data), pair.remote_addr)
-        else:  # a TURN-relayed pair on the server side: rare, take the slow path
-            fut = asyncio.ensure_future(protocol.send_data(srtp.protect(data), pair.remote_addr))
-            self._slow.add(fut)
-            fut.add_done_callback(self._slow.discard)
+        sendto = self._sendto
+        if sendto is not None:
+            sendto(self._srtp.protect(data), self._addr)
+            return
+        # A TURN-relayed pair on the server side (rare): aioice's coroutine path.
+        fut = asyncio.ensure_future(pair.protocol.send_data(self._srtp.protect(data), self._addr))
+        self._slow.add(fut)
+        fut.add_done_callback(self._slow.discard)
 
 
 def extension_ids(transceiver: RTCRtpTransceiver) -> dict[str, int]:
@@ -166,6 +183,15 @@ def negotiated_codec(transceiver: RTCRtpTransceiver) -> tuple[str, int, int | No
         None,
     )
     return main.mimeType.split("/")[1].lower(), main.payloadType, rtx
+
+
+class _NoFrames:
+    """Stands in for aiortc's jitter buffer on a forwarding receiver: assembles nothing."""
+
+    capacity = 0
+
+    def add(self, packet: RtpPacket) -> tuple[bool, None]:
+        return False, None
 
 
 class PublisherHooks:
@@ -204,8 +230,10 @@ class PublisherHooks:
             if is_rtx(c) and isinstance(c.parameters.get("apt"), int)
         }
         # Nobody consumes decoded frames: stop the decoder thread (it would decode every frame
-        # and queue them forever).
+        # and queue them forever), and skip frame assembly (aiortc's jitter buffer), which
+        # only feeds the decoder.
         self.receiver._RTCRtpReceiver__stop_decoder()  # type: ignore[attr-defined]
+        self.receiver._RTCRtpReceiver__jitter_buffer = _NoFrames()  # type: ignore[attr-defined]
 
     async def _handle_rtp(self, packet: RtpPacket, arrival_time_ms: int) -> None:
         pt = packet.payload_type

@@ -26,6 +26,7 @@ from signaling.client import Client
 from signaling.sdk import RallypointClient
 
 from .receiver import FrameCounter
+from .rtx import route_rtx_by_ssrc
 
 log = logging.getLogger("rallypoint.media.session")
 
@@ -58,6 +59,7 @@ class SfuSession:
         self.errors: list[dict[str, Any]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._lock = asyncio.Lock()
+        self._routed: set[int] = set()  # transceivers whose RTX is routed by SSRC
         self._answered = 0  # number of the last subscriber offer answered
         client.listeners.append(self._on_event)
         # Tell the server we are ready: offers sent before this session existed were missed.
@@ -132,6 +134,10 @@ class SfuSession:
                 self.mid_track[t["mid"]] = t["id"]
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=ev["sdp"], type="offer"))
+                for tr in pc.getTransceivers():  # before they start (in setLocalDescription)
+                    if id(tr) not in self._routed:
+                        self._routed.add(id(tr))
+                        route_rtx_by_ssrc(tr.receiver)
                 await pc.setLocalDescription(await pc.createAnswer())
                 assert pc.localDescription is not None
                 self._answered = ev["offer"]

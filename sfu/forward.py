@@ -18,6 +18,8 @@ from .packetcache import PacketCache
 from .rtp import U16, ExtensionLayout, build, h264_keyframe, seq_newer, vp8_keyframe
 
 KEYFRAME_INTERVAL_S = 0.5  # at most one keyframe request upstream per track in this time
+RESEND_INTERVAL_S = 0.1  # a packet is retransmitted to a subscriber at most once in this time
+MAX_NACKED = 64  # sequence numbers handled per NACK (a receiver that lost more needs a keyframe)
 
 
 @dataclass(slots=True)
@@ -44,6 +46,7 @@ class DownTrack:
         "packets",
         "paused",
         "pt",
+        "resent",
         "restart_seq",
         "rtx_pt",
         "rtx_seq",
@@ -92,6 +95,8 @@ class DownTrack:
         self.starved = False  # its bandwidth is too low for this video
         self.packets = 0
         self.octets = 0
+        # When each outgoing sequence number was last retransmitted (by seq & 1023).
+        self.resent: list[float] = [-1.0] * 1024
 
     @property
     def active(self) -> bool:
@@ -193,15 +198,25 @@ class UpTrack:
         counters.packets_in += 1
         counters.packets_out += sent
 
-    def retransmit(self, dt: DownTrack, lost: list[int], abs_time: int) -> list[int]:
+    def retransmit(self, dt: DownTrack, lost: list[int], abs_time: int, now: float) -> list[int]:
         """Answer a subscriber's NACK from the cache (as RTX where negotiated); returns the
-        incoming sequence numbers the cache lacks, to be NACKed upstream."""
+        incoming sequence numbers the cache lacks, to be NACKed upstream.
+
+        A receiver repeats its NACKs until the packet arrives (aiortc NACKs every missing
+        packet again at each new gap): each packet is resent at most once per
+        ``RESEND_INTERVAL_S``, and at most ``MAX_NACKED`` per NACK, so a NACK storm cannot
+        multiply the traffic."""
         cache = self.cache
         if cache is None or dt.restart_seq is None or not dt.active:
             return []
         missing: list[int] = []
         layout = dt.layout
-        for out_seq in lost:
+        resent = dt.resent
+        for out_seq in lost[-MAX_NACKED:]:
+            slot = out_seq & 1023
+            if now - resent[slot] < RESEND_INTERVAL_S:
+                continue
+            resent[slot] = now
             in_seq = (out_seq - dt.seq_offset) & 0xFFFF
             if in_seq != dt.restart_seq and not seq_newer(in_seq, dt.restart_seq):
                 continue  # from before the last restart: another mapping

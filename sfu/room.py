@@ -399,7 +399,7 @@ class Room:
 
             from .rtp import abs_send_time
 
-            missing = up.retransmit(dt, lost, abs_send_time(current_ntp_time()))
+            missing = up.retransmit(dt, lost, abs_send_time(current_ntp_time()), time.monotonic())
             if missing and pub_hooks is not None:
                 self._spawn(pub_hooks.nack(missing))
 

@@ -30,7 +30,7 @@ from aiortc import RTCRtpReceiver, RTCRtpSender, RTCRtpTransceiver
 from aiortc.clock import current_ntp_time
 from aiortc.codecs import is_rtx
 from aiortc.mediastreams import MediaStreamTrack
-from aiortc.rtcdtlstransport import RTCDtlsTransport
+from aiortc.rtcdtlstransport import RTCDtlsTransport, RtpRouter
 from aiortc.rtp import (
     RTCP_PSFB_APP,
     RTCP_PSFB_FIR,
@@ -58,6 +58,7 @@ _REQUIRED: list[tuple[type, str]] = [
     (RTCRtpReceiver, "_RTCRtpReceiver__stop_decoder"),
     (RTCRtpSender, "_handle_rtcp_packet"),
     (RTCDtlsTransport, "_send_rtp"),
+    (RtpRouter, "route_rtp"),
     (aioice.ice.Connection, "sendto"),
     (aioice.ice.StunProtocol, "send_data"),
 ]
@@ -185,6 +186,19 @@ def negotiated_codec(transceiver: RTCRtpTransceiver) -> tuple[str, int, int | No
     return main.mimeType.split("/")[1].lower(), main.payloadType, rtx
 
 
+def route_rtx_by_ssrc(receiver: RTCRtpReceiver) -> None:
+    """Route a receiver's RTX stream by SSRC.
+
+    aiortc's router knows a receiver's media SSRC but not its RTX SSRC: it routes RTX by
+    payload type, which fails as soon as two video receivers share a connection (a camera and
+    a screen share), so every retransmission would be dropped. The RTX SSRCs were signaled
+    (a=ssrc-group:FID) and are in the receiver's RTX map.
+    """
+    router = receiver.transport._rtp_router
+    for rtx_ssrc in receiver._RTCRtpReceiver__rtx_ssrc:  # type: ignore[attr-defined]
+        router.ssrc_table[rtx_ssrc] = receiver
+
+
 class _NoFrames:
     """Stands in for aiortc's jitter buffer on a forwarding receiver: assembles nothing."""
 
@@ -223,6 +237,7 @@ class PublisherHooks:
 
     async def _receive(self, parameters: Any) -> None:
         await self._orig_receive(parameters)
+        route_rtx_by_ssrc(self.receiver)
         codecs = self.receiver._RTCRtpReceiver__codecs  # type: ignore[attr-defined]
         self._rtx = {
             pt: c.parameters["apt"]

@@ -146,11 +146,16 @@ def test_nack_answered_from_cache_as_rtx_else_upstream() -> None:
     for seq, payload in ((10, KEY), (11, DELTA), (12, DELTA)):
         up.forward(seq, seq * 3000, True, payload, 0, None)
     out11 = sink.packets[1]
-    missing = up.retransmit(dt, [out11["seq"], (out11["seq"] + 5) & 0xFFFF], 0)  # type: ignore[operator]
+    missing = up.retransmit(dt, [out11["seq"], (out11["seq"] + 5) & 0xFFFF], 0, now=10.0)  # type: ignore[operator]
     rtx = sink.packets[-1]
     assert rtx["ssrc"] == 2222 and rtx["pt"] == 97 and rtx["ts"] == out11["ts"]
     assert rtx["payload"] == struct.pack("!H", out11["seq"]) + DELTA  # type: ignore[operator]
     assert missing == [16]  # not in the cache: NACK the publisher for its own seq
+    sent = len(sink.packets)
+    up.retransmit(dt, [out11["seq"]], 0, now=10.05)  # type: ignore[list-item]
+    assert len(sink.packets) == sent  # the same packet is not resent within 100 ms
+    up.retransmit(dt, [out11["seq"]], 0, now=10.2)  # type: ignore[list-item]
+    assert len(sink.packets) == sent + 1
 
 
 def test_audio_levels_and_active_speaker() -> None:

@@ -221,6 +221,7 @@ class MediaRouter:
         self.pool = pool
         self.tracks: dict[str, dict[str, dict[str, Any]]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        hub.on_session_resume.append(self.resumed)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -248,6 +249,13 @@ class MediaRouter:
             self.pool.request(room, "join", participant=s.id, subscribe="subscribe" in grants)
         )
         return list(self.tracks.get(room, {}).values())
+
+    def resumed(self, s: Session) -> None:
+        """A session resumed: an offer sent while its socket was down was lost; send the
+        waiting one again (same number)."""
+        for room in s.rooms:
+            if room in self.pool.room_worker:
+                self._spawn(self.pool.request(room, "subscribe", participant=s.id))
 
     def tracks_of(self, room: str) -> list[dict[str, Any]]:
         return list(self.tracks.get(room, {}).values())

@@ -258,3 +258,18 @@ async def test_metrics_count_forwarded_packets(sfu_server: TestServer, party: Pa
     assert float(values["rallypoint_sfu_rooms"]) == 1
     assert float(values["rallypoint_sfu_packets_out_total"]) >= 20  # 10+ frames each kind
     assert float(values["rallypoint_sfu_packets_in_total"]) > 0
+
+
+async def test_offer_lost_while_disconnected_is_sent_again_on_resume(
+    sfu_server: TestServer, party: PartyFactory, clients: Callable[..., Awaitable[Client]]
+) -> None:
+    b = await party(sfu_server, "bob", publish=False)
+    token = b.client.welcome["resume"]
+    await b.media.close()
+    await b.client.drop()  # bob's socket dies; his session waits for a resume
+    a = await party(sfu_server, "alice", n=1)  # the offer to bob is sent while he is away
+    await asyncio.sleep(0.5)
+    back = await clients(sfu_server, name="bob", resume=token)
+    assert back.welcome["resumed"] is True
+    offer = await back.next_event("subscribe_offer", timeout=10)
+    assert {t["participant"] for t in offer["tracks"]} == {a.id}

@@ -1,0 +1,836 @@
+"""Signaling and chat benchmark: the real server against a raw WebSocket broadcast ceiling.
+
+N WebSocket clients in rooms of 10 send ~150-byte chat messages through the real server
+(``rallypoint serve``: protocol, open-mode hello, SQLite store, fan-out); every message is
+acknowledged (``sent``) after it is committed and delivered to the 9 other members of its room.
+In the same run the same load goes to ``bench/raw_broadcast.py`` (aiohttp, no protocol, no
+storage) for the ceiling.
+
+Phases, each bounded in time:
+
+1. memory: ``--connections`` idle clients (hello + join), server RSS delta per connection, then
+   again after each client sent one message (also for the raw server, as a baseline);
+2. latency: ``--load-connections`` clients offer ``--latency-rate`` messages/s; ack p50/p99;
+3. throughput: offered rates step up (x1.25, then bisect); the sustainable rate is the highest one
+   whose ack and delivery p99 stay <= 50 ms while acks and deliveries keep up (>= 97 %);
+4. the raw server under the same steps; ``fanout_ratio_vs_raw`` = Rallypoint deliveries/s over
+   raw deliveries/s, both at the sustainable rate.
+
+Each server is pinned to the first core and the load generator (``bench/wsload.py``, raw asyncio
+Protocols, not aiohttp's client) to the second. Server CPU comes from /proc/<pid>/stat; the busy
+time of each core (from /proc/stat) is printed too because loopback TCP charges part of the
+receiver's work to the sender's core as softirq.
+
+    .venv/bin/python bench/signaling.py            # full run, ~6-8 minutes
+    .venv/bin/python bench/signaling.py --quick    # smoke run, < 60 s
+
+Prints progress on stderr, then a table, then one JSON line (the last line of stdout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from wsload import LoadGen, core_times, proc_cpu_s
+
+HOST = "127.0.0.1"
+PR_SET_PDEATHSIG = 1
+P99_LIMIT_MS = 50.0
+KEEP_UP = 0.97  # acks and deliveries must reach this share of what was offered
+TARGETS = {
+    "connections": 10_000,
+    "kib_per_connection": 40.0,
+    "acked_msgs_per_s": 6_000.0,
+    "fanout_ratio_vs_raw": 0.60,
+    "ack_p99_ms": 10.0,
+    "gc_max_pause_ms": 50.0,
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def raise_nofile(needed: int) -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = needed if hard == resource.RLIM_INFINITY else min(hard, max(soft, needed))
+    if want > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+class Server:
+    """A server subprocess pinned to one core, with RSS, CPU and /metrics readers."""
+
+    def __init__(
+        self, name: str, argv: list[str], env: dict[str, str], core: int | None, log_path: Path
+    ) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = env
+        self.core = core
+        self.log_path = log_path
+        self.port = int(argv[argv.index("--port") + 1])
+        self.cwd: str | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        core = self.core
+
+        def pin_and_tie() -> None:  # in the child, before exec
+            if core is not None:
+                os.sched_setaffinity(0, {core})
+            try:  # SIGTERM the server if this benchmark dies without cleaning up
+                ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+            except (OSError, AttributeError):
+                pass
+
+        with open(self.log_path, "ab") as logf:
+            self.proc = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=pin_and_tie,
+                cwd=self.cwd,
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            try:
+                with urllib.request.urlopen(f"http://{HOST}:{self.port}/healthz", timeout=1.0) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.1)
+        tail = self.log_path.read_text(errors="replace")[-2000:]
+        self.stop()
+        raise RuntimeError(f"{self.name} server did not start; log tail:\n{tail}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{self.port}/metrics", timeout=5.0) as r:
+                for line in r.read().decode().splitlines():
+                    if line and not line.startswith("#"):
+                        k, _, v = line.partition(" ")
+                        out[k] = float(v)
+        except OSError as e:
+            log(f"cannot read /metrics of {self.name}: {e}")
+        return out
+
+    def stop(self) -> None:
+        p = self.proc
+        if p is None or p.poll() is not None:
+            return
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(20.0)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(10.0)
+
+
+def rallypoint_server(
+    data_dir: Path, core: int | None, max_conns: int, room_size: int, server_path: str | None
+) -> Server:
+    exe = Path(sys.executable).parent / "rallypoint"
+    base = [str(exe)] if exe.exists() and not server_path else [sys.executable, "-m", "signaling"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RALLYPOINT_")}
+    if server_path:  # another checkout of the server, e.g. to compare a change
+        env["PYTHONPATH"] = str(Path(server_path).resolve())
+    env.update(
+        RALLYPOINT_TURN_ENABLED="false",
+        RALLYPOINT_LIMITS_RATE_PER_S="1000",
+        RALLYPOINT_LIMITS_BURST="1000",
+        RALLYPOINT_LIMITS_MAX_SESSIONS=str(max(50_000, max_conns * 2)),
+        RALLYPOINT_ROOMS_MAX_PARTICIPANTS=str(max(100, room_size)),
+    )
+    data_dir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        *base,
+        "serve",
+        "--host",
+        HOST,
+        "--port",
+        str(free_port()),
+        "--data-dir",
+        str(data_dir),
+    ]
+    srv = Server("rallypoint", argv, env, core, data_dir / "server.log")
+    if server_path:  # `python -m` looks in the working directory first
+        srv.cwd = env["PYTHONPATH"]
+    return srv
+
+
+def raw_server(work: Path, core: int | None) -> Server:
+    script = Path(__file__).resolve().parent / "raw_broadcast.py"
+    argv = [sys.executable, str(script), "--host", HOST, "--port", str(free_port())]
+    return Server("raw", argv, dict(os.environ), core, work / "raw.log")
+
+
+# -- phases ---------------------------------------------------------------------------------------
+
+
+def connect(
+    gen: LoadGen, srv: Server, n: int, mode: str, prefix: str, a: argparse.Namespace
+) -> int:
+    r = gen.call(
+        "connect",
+        a.connect_timeout + 30,
+        host=HOST,
+        port=srv.port,
+        n=n,
+        room_size=a.room_size,
+        mode=mode,
+        prefix=prefix,
+        timeout_s=a.connect_timeout,
+        message_bytes=a.message_bytes,
+    )
+    log(
+        f"{srv.name}: {r['connected']}/{n} connected in {r['seconds']:.1f} s "
+        f"({r['per_s']:.0f}/s, load generator CPU {r['loadgen_cpu_s']:.1f} s)"
+        + (f"; errors: {r['errors']}" if r["failed"] else "")
+    )
+    connected: int = r["connected"]
+    return connected
+
+
+def gc_pause_ms(srv: Server) -> float:
+    return srv.metrics().get("rallypoint_gc_max_pause_seconds", math.nan) * 1000
+
+
+def memory_phase(gen: LoadGen, srv: Server, mode: str, a: argparse.Namespace) -> dict[str, Any]:
+    time.sleep(1.0)
+    base = srv.rss_kib()
+    n = connect(gen, srv, a.connections, mode, "m", a)
+    if n == 0:
+        raise RuntimeError(f"no connection to the {srv.name} server")
+    time.sleep(a.settle)
+    idle = srv.rss_kib()
+    gc_connect = gc_pause_ms(srv) if mode == "rp" else math.nan
+    r = gen.call("send_each", a.connections / a.each_rate + 90, rate=a.each_rate, timeout_s=60.0)
+    log(
+        f"{srv.name}: one message each: sent {r['sent']}, acked {r['acked']}, "
+        f"deliveries {r['deliveries']} in {r['seconds']:.1f} s"
+    )
+    time.sleep(a.settle)
+    after = srv.rss_kib()
+    gc_msgs = gc_pause_ms(srv) if mode == "rp" else math.nan
+    gen.call("close", 60)
+    out = {
+        "connections": n,
+        "rss_base_mib": base / 1024,
+        "rss_idle_mib": idle / 1024,
+        "rss_after_msg_mib": after / 1024,
+        "kib_per_connection_idle": (idle - base) / n if n else math.nan,
+        "kib_per_connection": (after - base) / n if n else math.nan,
+        "one_each_sent": r["sent"],
+        "one_each_acked": r["acked"],
+        "one_each_deliveries": r["deliveries"],
+        "gc_max_pause_ms_after_connect": gc_connect,
+        "gc_max_pause_ms_after_messages": gc_msgs,
+    }
+    if mode == "rp":
+        log(
+            f"{srv.name}: GC max pause {gc_connect:.1f} ms after the connections, "
+            f"{gc_msgs:.1f} ms after the messages"
+        )
+    log(
+        f"{srv.name}: RSS {base / 1024:.0f} -> {idle / 1024:.0f} MiB idle -> "
+        f"{after / 1024:.0f} MiB after one message each: "
+        f"{out['kib_per_connection_idle']:.1f} / {out['kib_per_connection']:.1f} KiB per connection"
+    )
+    return out
+
+
+class Noise:
+    """Other processes on this (shared) machine distort the figures: wait for them to go quiet
+    before a step and repeat a step they disturbed, within a time budget for the whole run."""
+
+    def __init__(self, threshold: float, budget_s: float, pids: list[int]) -> None:
+        self.threshold = threshold
+        self.left = budget_s
+        self.pids = pids
+        self.max_seen = 0.0
+        self.max_wait_s = 120.0  # per step
+
+    def other_cpu(self, pids: list[int], interval: float) -> float:
+        """CPU (in cores) used by processes other than ours over ``interval`` seconds."""
+
+        def ours() -> float:
+            total = 0.0
+            for p in pids:
+                try:
+                    total += proc_cpu_s(p)
+                except OSError:
+                    pass
+            return total
+
+        c0, p0, t0 = core_times(), ours(), time.perf_counter()
+        time.sleep(interval)
+        c1, p1, t1 = core_times(), ours(), time.perf_counter()
+        busy = sum(c1[k][0] - c0[k][0] - (c1[k][1] - c0[k][1]) for k in c1)
+        return max(0.0, (busy - (p1 - p0)) / (t1 - t0))
+
+    def wait_quiet(self, server_pid: int) -> None:
+        if self.left <= 0:
+            return
+        pids = [*self.pids, server_pid]
+        t0 = time.monotonic()
+        told = False
+        while self.left > 0 and time.monotonic() - t0 < self.max_wait_s:
+            o = self.other_cpu(pids, 0.5)
+            if o < self.threshold:
+                break
+            if not told:
+                log(f"other processes use {o:.0%} of a core; waiting for quiet")
+                told = True
+            self.left -= 0.5
+        if told:
+            left = max(self.left, 0)
+            log(f"waited {time.monotonic() - t0:.0f} s (noise budget left {left:.0f} s)")
+
+
+def run_step(
+    gen: LoadGen,
+    srv: Server,
+    rate: float,
+    duration: float,
+    a: argparse.Namespace,
+    cores: Any,
+    noise: Noise,
+) -> dict[str, Any]:
+    """One open-loop step; repeated (up to twice) when other processes disturbed it."""
+    for attempt in range(3):
+        noise.wait_quiet(srv.pid)
+        r = gen.call(
+            "run",
+            a.warmup + duration + a.drain + 60,
+            rate=rate,
+            warmup_s=a.warmup,
+            duration_s=duration,
+            drain_s=a.drain,
+            fanout=a.room_size - 1,
+            server_pid=srv.pid,
+            server_core=cores[0],
+            load_core=cores[1],
+        )
+        r["noisy"] = r["other_cpu"] >= noise.threshold
+        if not r["noisy"] or noise.left <= 0 or attempt == 2:
+            break
+        log(
+            f"{srv.name}: step at {rate:.0f}/s disturbed by other processes "
+            f"({r['other_cpu']:.0%} of a core); repeating it"
+        )
+        noise.left -= duration + a.warmup
+    noise.max_seen = max(noise.max_seen, r["other_cpu"])
+    return r
+
+
+def verdict(r: dict[str, Any], rp: bool, fanout: int, lost_before: int) -> tuple[bool, str]:
+    """Whether a step is sustainable, and why not."""
+    why = []
+    offered = r["offered_per_s"]
+    if r["sent_per_s"] < KEEP_UP * offered:
+        why.append(f"load generator sent only {r['sent_per_s']:.0f}/s")
+    if rp and r["acked_per_s"] < KEEP_UP * r["sent_per_s"]:
+        why.append(f"acks {r['acked_per_s']:.0f}/s behind")
+    if r["deliveries_per_s"] < KEEP_UP * fanout * r["sent_per_s"]:
+        why.append(f"deliveries {r['deliveries_per_s']:.0f}/s behind")
+    if rp and not r["ack_p99_ms"] <= P99_LIMIT_MS:
+        why.append(f"ack p99 {r['ack_p99_ms']:.1f} ms")
+    if not r["delivery_p99_ms"] <= P99_LIMIT_MS:
+        why.append(f"delivery p99 {r['delivery_p99_ms']:.1f} ms")
+    if r["errors"]:
+        why.append(f"{r['errors']} errors {r['error_samples']}")
+    if r["lost_connections"] > lost_before:
+        why.append(f"{r['lost_connections'] - lost_before} connections lost")
+    return not why, "; ".join(why)
+
+
+def describe(r: dict[str, Any], rp: bool) -> str:
+    s = (
+        f"offered {r['offered_per_s']:7.0f}/s sent {r['sent_per_s']:7.0f}/s "
+        f"deliv {r['deliveries_per_s']:8.0f}/s "
+    )
+    if rp:
+        s += (
+            f"acked {r['acked_per_s']:7.0f}/s ack p50/p99 "
+            f"{r['ack_p50_ms']:5.1f}/{r['ack_p99_ms']:6.1f} ms "
+        )
+    s += (
+        f"deliv p99 {r['delivery_p99_ms']:6.1f} ms | CPU server {r['server_cpu']:.0%} "
+        f"core0 {r.get('server_core_busy', math.nan):.0%} "
+        f"(softirq {r.get('server_core_softirq', math.nan):.0%}) "
+        f"loadgen {r['loadgen_cpu']:.0%} core1 {r.get('load_core_busy', math.nan):.0%} "
+        f"other {r['other_cpu']:.0%}"
+    )
+    return s
+
+
+def throughput_phase(
+    gen: LoadGen, srv: Server, rp: bool, a: argparse.Namespace, cores: Any, noise: Noise
+) -> dict[str, Any]:
+    """Step the offered rate up by ``--growth`` until a step fails, then bisect."""
+    fanout = a.room_size - 1
+    steps: list[dict[str, Any]] = []
+    rate = float(a.start_rate)
+    good: float | None = None
+    bad: float | None = None
+    best: dict[str, Any] | None = None
+    deadline = time.monotonic() + a.search_budget
+    lost = 0
+    for _ in range(a.max_steps):
+        if time.monotonic() > deadline:
+            log(f"{srv.name}: search time budget used up")
+            break
+        r = run_step(gen, srv, rate, a.step_seconds, a, cores, noise)
+        ok, why = verdict(r, rp, fanout, lost)
+        lost = r["lost_connections"]
+        r["ok"] = ok
+        r["why"] = why
+        steps.append(r)
+        log(
+            f"{srv.name}: {'PASS' if ok else 'FAIL'} {describe(r, rp)}"
+            + (f" -- {why}" if why else "")
+        )
+        if not ok and r["noisy"]:
+            log(f"  (other processes disturbed this step; trying {rate:.0f}/s again)")
+            continue
+        if ok:
+            good = rate
+            if best is None or r["deliveries_per_s"] > best["deliveries_per_s"]:
+                best = r
+        else:
+            bad = rate if bad is None else min(bad, rate)
+        if bad is None:
+            rate *= a.growth
+        else:
+            lo = good if good is not None else 0.0
+            if bad / max(lo, 1.0) < 1 + a.resolution:
+                break
+            rate = (lo + bad) / 2 if lo else bad / 2
+            rate = round(rate / 50) * 50
+            if rate <= lo or rate >= bad:
+                break
+    saturation = max(steps, key=lambda x: x["deliveries_per_s"]) if steps else None
+    return {"steps": steps, "best": best, "saturation": saturation}
+
+
+def latency_phase(
+    gen: LoadGen, srv: Server, a: argparse.Namespace, cores: Any, noise: Noise
+) -> dict[str, Any]:
+    r = run_step(gen, srv, a.latency_rate, a.latency_seconds, a, cores, noise)
+    _, why = verdict(r, True, a.room_size - 1, 0)
+    log(f"{srv.name}: latency at {a.latency_rate:.0f}/s: {describe(r, True)}")
+    if why:
+        log(f"  (would not count as sustainable: {why})")
+    return r
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def fmt(v: Any, spec: str = ".0f") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return format(v, spec)
+
+
+def machine() -> dict[str, str]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpus": str(os.cpu_count()),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def report(res: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
+    mem = res.get("memory_rp", {})
+    mem_raw = res.get("memory_raw", {})
+    lat = res.get("latency", {})
+    tp = res.get("throughput_rp", {})
+    tr = res.get("throughput_raw", {})
+    best, raw_best = tp.get("best"), tr.get("best")
+    sat, raw_sat = tp.get("saturation"), tr.get("saturation")
+    ratio = (
+        best["deliveries_per_s"] / raw_best["deliveries_per_s"] if best and raw_best else math.nan
+    )
+    sat_ratio = (
+        sat["deliveries_per_s"] / raw_sat["deliveries_per_s"] if sat and raw_sat else math.nan
+    )
+    gc_ms = res.get("gc_max_pause_ms", math.nan)
+    summary: dict[str, Any] = {
+        "connections": mem.get("connections", 0),
+        "acked_msgs_per_s": round(best["acked_per_s"]) if best else 0,
+        "ack_p99_ms": round(lat.get("ack_p99_ms", math.nan), 2),
+        "ack_p50_ms": round(lat.get("ack_p50_ms", math.nan), 2),
+        "fanout_ratio_vs_raw": round(ratio, 3),
+        "kib_per_connection": round(mem.get("kib_per_connection", math.nan), 1),
+        "kib_per_connection_idle": round(mem.get("kib_per_connection_idle", math.nan), 1),
+        "raw_kib_per_connection": round(mem_raw.get("kib_per_connection", math.nan), 1),
+        "deliveries_per_s": round(best["deliveries_per_s"]) if best else 0,
+        "raw_deliveries_per_s": round(raw_best["deliveries_per_s"]) if raw_best else 0,
+        "saturation_acked_msgs_per_s": round(sat["acked_per_s"]) if sat else 0,
+        "saturation_deliveries_per_s": round(sat["deliveries_per_s"]) if sat else 0,
+        "raw_saturation_deliveries_per_s": round(raw_sat["deliveries_per_s"]) if raw_sat else 0,
+        "saturation_ratio_vs_raw": round(sat_ratio, 3),
+        "ack_p99_ms_at_sustainable": round(best["ack_p99_ms"], 2) if best else None,
+        "delivery_p99_ms_at_1000": round(lat.get("delivery_p99_ms", math.nan), 2),
+        "gc_max_pause_ms": round(gc_ms, 1),
+        "gc_pauses_over_50ms": res.get("gc_pauses_over_50ms", 0),
+        "gc_max_pause_ms_load_server": round(res.get("gc_max_pause_ms_load_server", math.nan), 1),
+        "gc_max_pause_ms_memory_server": round(
+            res.get("gc_max_pause_ms_memory_server", math.nan), 1
+        ),
+        "server_cpu_at_sustainable": round(best["server_cpu"], 3) if best else None,
+        "server_us_per_delivery": round(best["server_cpu"] / best["deliveries_per_s"] * 1e6, 1)
+        if best
+        else None,
+        "raw_server_us_per_delivery": round(
+            raw_best["server_cpu"] / raw_best["deliveries_per_s"] * 1e6, 1
+        )
+        if raw_best
+        else None,
+        "loadgen_cpu_max": round(
+            max([s["loadgen_cpu"] for s in tp.get("steps", []) + tr.get("steps", [])] or [0.0]),
+            3,
+        ),
+        "other_cpu_max": round(res.get("other_cpu_max", 0.0), 3),
+        "gc_max_pause_ms_memory_phase": round(
+            mem.get("gc_max_pause_ms_after_messages", math.nan), 1
+        ),
+        "server_internal_errors": res.get("server_internal_errors", 0),
+        "server_slow_consumers": res.get("server_slow_consumers", 0),
+        "load_connections": a.load_connections,
+        "room_size": a.room_size,
+        "runtime_s": round(time.monotonic() - res["t0"], 1),
+    }
+    summary["targets_met"] = {
+        "10k_connections_under_40_kib": summary["connections"] >= TARGETS["connections"]
+        and summary["kib_per_connection"] < TARGETS["kib_per_connection"],
+        "acked_6000_per_s": summary["acked_msgs_per_s"] >= TARGETS["acked_msgs_per_s"],
+        "fanout_60pct_of_raw": summary["fanout_ratio_vs_raw"] >= TARGETS["fanout_ratio_vs_raw"],
+        "ack_p99_under_10ms_at_1000": summary["ack_p99_ms"] < TARGETS["ack_p99_ms"],
+        "no_gc_pause_over_50ms": summary["gc_max_pause_ms"] <= TARGETS["gc_max_pause_ms"],
+    }
+    summary["machine"] = machine()
+    return summary
+
+
+def print_table(res: dict[str, Any], s: dict[str, Any]) -> None:
+    m = s["machine"]
+    print(
+        f"\nRallypoint signaling benchmark -- {m['cpus']} CPUs ({m['cpu_model']}), "
+        f"Python {m['python']}, {m['date']}"
+    )
+    print(
+        f"server pinned to core {res['cores'][0]}, load generator to core {res['cores'][1]}; "
+        f"rooms of {s['room_size']}; {res['message_bytes']}-byte send frames\n"
+    )
+    for key, title in (("throughput_rp", "rallypoint"), ("throughput_raw", "raw broadcast")):
+        steps = res.get(key, {}).get("steps", [])
+        if not steps:
+            continue
+        rp = key == "throughput_rp"
+        print(f"{title}: offered-rate steps, {s['load_connections']} connections")
+        print(
+            f"  {'offered/s':>9} {'acked/s':>8} {'deliv/s':>8} {'ack p50':>7} {'ack p99':>7} "
+            f"{'dlv p99':>7} {'srv CPU':>7} {'core0':>6} {'loadgen':>7} {'core1':>6} "
+            f"{'other':>6}  result"
+        )
+        for r in steps:
+            print(
+                f"  {r['offered_per_s']:9.0f} {fmt(r['acked_per_s'] if rp else None):>8} "
+                f"{r['deliveries_per_s']:8.0f} {fmt(r['ack_p50_ms'] if rp else None, '.1f'):>7} "
+                f"{fmt(r['ack_p99_ms'] if rp else None, '.1f'):>7} "
+                f"{r['delivery_p99_ms']:7.1f} {r['server_cpu']:7.0%} "
+                f"{r.get('server_core_busy', math.nan):6.0%} {r['loadgen_cpu']:7.0%} "
+                f"{r.get('load_core_busy', math.nan):6.0%} {r['other_cpu']:6.0%}  "
+                + ("ok" if r["ok"] else f"FAIL: {r['why']}")
+                + (" (noisy)" if r.get("noisy") else "")
+            )
+        print()
+    t = s["targets_met"]
+    rows = [
+        (
+            "connections held (hello + join)",
+            f"{s['connections']}",
+            "10,000",
+            t["10k_connections_under_40_kib"],
+        ),
+        (
+            "server KiB per connection (idle / after 1 msg)",
+            f"{s['kib_per_connection_idle']} / {s['kib_per_connection']}",
+            "< 40",
+            t["10k_connections_under_40_kib"],
+        ),
+        ("raw server KiB per connection (after 1 msg)", f"{s['raw_kib_per_connection']}", "", None),
+        (
+            "sustainable acked msgs/s (deliveries/s)",
+            f"{s['acked_msgs_per_s']} ({s['deliveries_per_s']})",
+            ">= 6,000",
+            t["acked_6000_per_s"],
+        ),
+        ("raw sustainable deliveries/s", f"{s['raw_deliveries_per_s']}", "", None),
+        (
+            "fan-out vs raw (sustainable)",
+            f"{s['fanout_ratio_vs_raw']}",
+            ">= 0.60",
+            t["fanout_60pct_of_raw"],
+        ),
+        (
+            "saturation deliveries/s: rallypoint / raw (ratio)",
+            f"{s['saturation_deliveries_per_s']} / {s['raw_saturation_deliveries_per_s']} "
+            f"({s['saturation_ratio_vs_raw']})",
+            "",
+            None,
+        ),
+        (
+            "ack p50 / p99 at 1,000 msgs/s (ms)",
+            f"{s['ack_p50_ms']} / {s['ack_p99_ms']}",
+            "p99 < 10",
+            t["ack_p99_under_10ms_at_1000"],
+        ),
+        (
+            "GC max pause ms (10k ramp / 1k load), pauses > 50 ms",
+            f"{s['gc_max_pause_ms_memory_phase']} / {s['gc_max_pause_ms_load_server']}, "
+            f"{s['gc_pauses_over_50ms']}",
+            "<= 50",
+            t["no_gc_pause_over_50ms"],
+        ),
+        (
+            "server CPU us per delivery: rallypoint / raw",
+            f"{s['server_us_per_delivery']} / {s['raw_server_us_per_delivery']}",
+            "",
+            None,
+        ),
+        ("load generator CPU, max over steps", f"{s['loadgen_cpu_max']:.0%}", "", None),
+        ("other processes' CPU, max over steps", f"{s['other_cpu_max']:.0%}", "", None),
+    ]
+    w = max(len(r[0]) for r in rows)
+    print(f"{'figure':<{w}}  {'value':>22}  {'target':>9}  met")
+    for name, value, target, met in rows:
+        mark = "" if met is None else "yes" if met else "NO"
+        print(f"{name:<{w}}  {value:>22}  {target:>9}  {mark}")
+    print(f"runtime {s['runtime_s']} s")
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--quick", action="store_true", help="short smoke run (< 60 s)")
+    p.add_argument("--connections", type=int, help="memory phase connections (10000)")
+    p.add_argument("--load-connections", type=int, help="throughput/latency connections (1000)")
+    p.add_argument("--room-size", type=int, default=10)
+    p.add_argument("--message-bytes", type=int, default=150, help="size of each send frame's JSON")
+    p.add_argument("--duration", type=float, help="measured seconds per rate step (6)")
+    p.add_argument("--warmup", type=float, help="unmeasured seconds before each step (1.5)")
+    p.add_argument("--drain", type=float, default=5.0, help="max wait after a step for backlog")
+    p.add_argument("--latency-rate", type=float, default=1000.0)
+    p.add_argument("--latency-seconds", type=float, help="latency phase length (10)")
+    p.add_argument("--start-rate", type=float, help="first offered rate, msgs/s (2500)")
+    p.add_argument("--growth", type=float, default=1.25, help="rate factor between steps")
+    p.add_argument("--resolution", type=float, default=0.06, help="stop bisecting below this")
+    p.add_argument("--max-steps", type=int, help="rate steps per server (12)")
+    p.add_argument("--search-budget", type=float, help="seconds per server for the search (180)")
+    p.add_argument("--each-rate", type=float, default=2500.0, help="msgs/s in the memory phase")
+    p.add_argument("--settle", type=float, help="seconds to wait before reading RSS (3)")
+    p.add_argument("--connect-timeout", type=float, help="seconds to open all connections (120)")
+    p.add_argument("--skip-raw", action="store_true", help="no raw baseline (no ratio)")
+    p.add_argument("--skip-memory", action="store_true", help="no memory phase")
+    p.add_argument("--skip-load", action="store_true", help="no latency and throughput phases")
+    p.add_argument(
+        "--noise-threshold",
+        type=float,
+        default=0.10,
+        help="CPU share of a core used by other processes above which a step is repeated",
+    )
+    p.add_argument(
+        "--noise-budget", type=float, help="seconds the run may spend waiting out noise (600)"
+    )
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument(
+        "--server-path",
+        help="run `python -m signaling` from this directory instead of the installed server",
+    )
+    a = p.parse_args(argv)
+    q = a.quick
+    defaults = {
+        "connections": 1000 if q else 10_000,
+        "load_connections": 500 if q else 1000,
+        "duration": 2.0 if q else 6.0,
+        "warmup": 0.5 if q else 1.5,
+        "latency_seconds": 3.0 if q else 10.0,
+        "start_rate": 2500.0,
+        "max_steps": 3 if q else 12,
+        "search_budget": 12.0 if q else 180.0,
+        "settle": 1.0 if q else 3.0,
+        "connect_timeout": 20.0 if q else 120.0,
+        "noise_budget": 10.0 if q else 600.0,
+    }
+    for k, v in defaults.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    if q:
+        a.drain = min(a.drain, 2.0)
+        a.growth = max(a.growth, 2.0)
+    a.step_seconds = a.duration
+    return a
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # run the cleanup in main's finally
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    t0 = time.monotonic()
+    nofile = raise_nofile(a.connections + 2000)
+    if nofile < a.connections + 200:
+        log(f"RLIMIT_NOFILE is {nofile}: lowering --connections to {nofile - 200}")
+        a.connections = nofile - 200
+    cpus = sorted(os.sched_getaffinity(0))
+    cores: tuple[int | None, int | None] = (cpus[0], cpus[1]) if len(cpus) >= 2 else (None, None)
+    if cores[1] is not None:
+        os.sched_setaffinity(0, {cores[1]})  # this process and the forked load generator
+    else:
+        log("fewer than 2 CPUs: nothing pinned; the load generator competes with the server")
+    work = Path(tempfile.mkdtemp(prefix="rallypoint-bench-"))
+    gen = LoadGen(cores[1])
+    noise = Noise(a.noise_threshold, a.noise_budget, [os.getpid(), gen.proc.pid or 0])
+    res: dict[str, Any] = {"t0": t0, "cores": cores, "message_bytes": a.message_bytes}
+    gc_pauses: list[float] = []
+    gc_over = 0
+    servers: list[Server] = []
+
+    def finish_rp(srv: Server, label: str) -> None:
+        nonlocal gc_over
+        m = srv.metrics()
+        gc_pauses.append(m.get("rallypoint_gc_max_pause_seconds", math.nan) * 1000)
+        res[f"gc_max_pause_ms_{label}"] = gc_pauses[-1]
+        gc_over += int(m.get("rallypoint_gc_pauses_over_50ms_total", 0))
+        for k in ("internal_errors", "slow_consumers", "rate_limited"):
+            res[f"server_{k}"] = res.get(f"server_{k}", 0) + int(m.get(f"rallypoint_{k}_total", 0))
+        log(
+            f"rallypoint /metrics: gc max pause {gc_pauses[-1]:.1f} ms, "
+            f"collections {m.get('rallypoint_gc_collections_total', 0):.0f}, "
+            f"commits {m.get('rallypoint_store_commits_total', 0):.0f} for "
+            f"{m.get('rallypoint_store_writes_total', 0):.0f} writes, "
+            f"internal errors {m.get('rallypoint_internal_errors_total', 0):.0f}"
+        )
+        srv.stop()
+
+    try:
+        if not a.skip_memory:
+            log(f"phase 1: memory, {a.connections} connections in rooms of {a.room_size}")
+            srv = rallypoint_server(
+                work / "mem", cores[0], a.connections, a.room_size, a.server_path
+            )
+            servers.append(srv)
+            srv.start()
+            res["memory_rp"] = memory_phase(gen, srv, "rp", a)
+            finish_rp(srv, "memory_server")
+            if not a.skip_raw:
+                srv = raw_server(work, cores[0])
+                servers.append(srv)
+                srv.start()
+                res["memory_raw"] = memory_phase(gen, srv, "raw", a)
+                srv.stop()
+
+        if not a.skip_load:
+            log(f"phase 2+3: latency and throughput, {a.load_connections} connections")
+            srv = rallypoint_server(
+                work / "load", cores[0], a.load_connections, a.room_size, a.server_path
+            )
+            servers.append(srv)
+            srv.start()
+            if connect(gen, srv, a.load_connections, "rp", "t", a) < a.load_connections * 0.99:
+                raise RuntimeError("too few connections for the load phases")
+            res["latency"] = latency_phase(gen, srv, a, cores, noise)
+            res["throughput_rp"] = throughput_phase(gen, srv, True, a, cores, noise)
+            gen.call("close", 60)
+            finish_rp(srv, "load_server")
+
+            if not a.skip_raw:
+                log("phase 4: raw broadcast ceiling")
+                srv = raw_server(work, cores[0])
+                servers.append(srv)
+                srv.start()
+                if connect(gen, srv, a.load_connections, "raw", "x", a) < a.load_connections * 0.99:
+                    raise RuntimeError("too few connections to the raw server")
+                res["throughput_raw"] = throughput_phase(gen, srv, False, a, cores, noise)
+                gen.call("close", 60)
+                srv.stop()
+    finally:
+        gen.stop()
+        for srv in servers:
+            srv.stop()
+        if a.keep:
+            log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+    res["other_cpu_max"] = noise.max_seen
+    res["gc_max_pause_ms"] = max(gc_pauses) if gc_pauses else math.nan
+    res["gc_pauses_over_50ms"] = gc_over
+    summary = report(res, a)
+    print_table(res, summary)
+    print(json.dumps(summary, allow_nan=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,7 +14,7 @@ from typing import Any
 
 from sfu.pool import SfuError, SfuPool
 
-from .hub import HANDLERS, Hub
+from .hub import HANDLERS, Handler, Hub
 from .protocol import (
     CLIENT_MESSAGES,
     ERROR_CODES,
@@ -389,49 +389,31 @@ async def on_publish(hub: Hub, s: Session, m: dict[str, Any]) -> None:
     _reply(s, {"type": "publish_answer", "room": room, "sdp": result["sdp"]}, m)
 
 
-async def on_subscribe(hub: Hub, s: Session, m: dict[str, Any]) -> None:
-    _need(hub, s, m["room"], "subscribe")
-    await _call(hub, m["room"], "subscribe", participant=s.id)
-    if "id" in m:
-        s.send({"type": "ok", "re": m["id"]})
+def _relay(grant: str, op: str, *fields: str) -> Handler:
+    """A handler that checks ``grant``, passes ``fields`` to the worker's ``op`` and says ok."""
+
+    async def handle(hub: Hub, s: Session, m: dict[str, Any]) -> None:
+        _need(hub, s, m["room"], grant)
+        await _call(hub, m["room"], op, participant=s.id, **{f: m.get(f) for f in fields})
+        if "id" in m:
+            s.send({"type": "ok", "re": m["id"]})
+
+    return handle
 
 
-async def on_subscribe_answer(hub: Hub, s: Session, m: dict[str, Any]) -> None:
-    _need(hub, s, m["room"], "subscribe")
-    await _call(hub, m["room"], "answer", participant=s.id, sdp=m["sdp"])
-    if "id" in m:
-        s.send({"type": "ok", "re": m["id"]})
+on_subscribe = _relay("subscribe", "subscribe")
+on_subscribe_answer = _relay("subscribe", "answer", "sdp")
+on_track_mute = _relay("publish", "mute", "track", "muted")
+on_track_pause = _relay("subscribe", "pause", "track", "paused")
+on_unpublish = _relay("publish", "unpublish", "track")
+_ice = _relay("join", "ice", "target", "candidate")
 
 
 async def on_ice(hub: Hub, s: Session, m: dict[str, Any]) -> None:
-    _need(hub, s, m["room"], "join")
     cand = m.get("candidate")
     if cand is not None and not isinstance(cand.get("candidate", ""), str):
         raise ProtocolError("bad_field", "`candidate.candidate` must be a string")
-    await _call(hub, m["room"], "ice", participant=s.id, target=m["target"], candidate=cand)
-    if "id" in m:
-        s.send({"type": "ok", "re": m["id"]})
-
-
-async def on_track_mute(hub: Hub, s: Session, m: dict[str, Any]) -> None:
-    _need(hub, s, m["room"], "publish")
-    await _call(hub, m["room"], "mute", participant=s.id, track=m["track"], muted=m["muted"])
-    if "id" in m:
-        s.send({"type": "ok", "re": m["id"]})
-
-
-async def on_track_pause(hub: Hub, s: Session, m: dict[str, Any]) -> None:
-    _need(hub, s, m["room"], "subscribe")
-    await _call(hub, m["room"], "pause", participant=s.id, track=m["track"], paused=m["paused"])
-    if "id" in m:
-        s.send({"type": "ok", "re": m["id"]})
-
-
-async def on_unpublish(hub: Hub, s: Session, m: dict[str, Any]) -> None:
-    _need(hub, s, m["room"], "publish")
-    await _call(hub, m["room"], "unpublish", participant=s.id, track=m["track"])
-    if "id" in m:
-        s.send({"type": "ok", "re": m["id"]})
+    await _ice(hub, s, m)
 
 
 HANDLERS.update(

@@ -33,6 +33,7 @@ async def party(clients: Callable[..., Awaitable[Client]]) -> AsyncIterator[Part
         publish: bool = True,
         n: int = 1,
         seconds: float = 3.0,
+        codec: str = "vp8",
         **session: Any,
     ) -> Party:
         c = await clients(server, name=name, identity=name)
@@ -40,7 +41,7 @@ async def party(clients: Callable[..., Awaitable[Client]]) -> AsyncIterator[Part
         p = Party(c, SfuSession(c, room, **session))
         made.append(p)
         if publish:
-            clip = load_clip(ClipSpec(publisher_id=n, seconds=seconds))
+            clip = load_clip(ClipSpec(publisher_id=n, seconds=seconds, codec=codec))
             p.video = EncodedVideoTrack(clip)
             p.transceivers = await p.media.publish(
                 [(p.video, "camera"), (EncodedAudioTrack(clip), "microphone")]

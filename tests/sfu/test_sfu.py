@@ -273,3 +273,16 @@ async def test_offer_lost_while_disconnected_is_sent_again_on_resume(
     assert back.welcome["resumed"] is True
     offer = await back.next_event("subscribe_offer", timeout=10)
     assert {t["participant"] for t in offer["tracks"]} == {a.id}
+
+
+async def test_h264_room(
+    start_server: Callable[..., Awaitable[TestServer]], party: PartyFactory
+) -> None:
+    """A room can use H.264 (constrained baseline) instead of VP8."""
+    server = await start_server(sfu__enabled=True, sfu__workers=1, sfu__video_codec="h264")
+    a = await party(server, "alice", n=1, codec="h264")
+    b = await party(server, "bob", publish=False)
+    await until(lambda: _decoding(b, [a], 15), 20)
+    assert {t["codec"] for t in b.media.tracks.values() if t["kind"] == "video"} == {"h264"}
+    v = b.media.counter_for(a.id, "video")
+    assert v is not None and v.video.publishers == {1} and set(v.video.sizes) == {(640, 480)}

@@ -164,6 +164,8 @@ class UpTrack:
         key: bool | None = None
         mbit = 0x80 if marker else 0
         sent = 0
+        shared_key: object = None  # subscribers of a track share a layout: build its bytes once
+        shared = b""
         for dt in self.downtracks.values():
             if dt.paused or dt.starved:
                 continue
@@ -180,6 +182,9 @@ class UpTrack:
             if dt.next_seq == out_seq or seq_newer(out_seq, dt.next_seq):
                 dt.next_seq = (out_seq + 1) & 0xFFFF
             layout = dt.layout
+            if layout.key != shared_key:
+                shared_key = layout.key
+                shared = layout.shared(abs_time, level)
             dt.send(
                 build(
                     dt.pt | mbit,
@@ -187,7 +192,7 @@ class UpTrack:
                     (ts + dt.ts_offset) & 0xFFFFFFFF,
                     dt.ssrc,
                     layout.head,
-                    layout.shared(abs_time, level),
+                    shared,
                     payload,
                 )
             )

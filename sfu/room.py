@@ -38,6 +38,7 @@ from .rtc import (
     negotiated_codec,
     sender_ssrcs,
 )
+from .rtp import abs_send_time_now
 from .speaker import SpeakerDetector
 
 log = logging.getLogger("rallypoint.sfu.room")
@@ -395,11 +396,7 @@ class Room:
                     pub_hooks = publisher.hooks.get(mid)
 
         def on_nack(lost: list[int]) -> None:
-            from aiortc.clock import current_ntp_time
-
-            from .rtp import abs_send_time
-
-            missing = up.retransmit(dt, lost, abs_send_time(current_ntp_time()), time.monotonic())
+            missing = up.retransmit(dt, lost, abs_send_time_now(), time.monotonic())
             if missing and pub_hooks is not None:
                 self._spawn(pub_hooks.nack(missing))
 

@@ -27,7 +27,6 @@ from typing import Any
 import aioice.ice
 import aiortc
 from aiortc import RTCRtpReceiver, RTCRtpSender, RTCRtpTransceiver
-from aiortc.clock import current_ntp_time
 from aiortc.codecs import is_rtx
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.rtcdtlstransport import RTCDtlsTransport, RtpRouter
@@ -44,7 +43,7 @@ from aiortc.rtp import (
     unpack_remb_fci,
 )
 
-from .rtp import URI_ABS_SEND_TIME, URI_AUDIO_LEVEL, URI_MID, ExtensionLayout, abs_send_time
+from .rtp import URI_ABS_SEND_TIME, URI_AUDIO_LEVEL, URI_MID, ExtensionLayout, abs_send_time_now
 
 log = logging.getLogger("rallypoint.sfu.rtc")
 
@@ -270,7 +269,7 @@ class PublisherHooks:
                 packet.timestamp,
                 bool(packet.marker),
                 payload,
-                abs_send_time(current_ntp_time()),
+                abs_send_time_now(),
                 level[1] if level is not None else None,
             )
         except Exception:  # never let one packet kill the receiver

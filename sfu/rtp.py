@@ -8,12 +8,14 @@ to find keyframes (RFC 7741 for VP8, RFC 6184 for H.264).
 from __future__ import annotations
 
 import struct
+import time
 from typing import Final
 
 HEADER: Final = struct.Struct("!BBHII")
 U16: Final = struct.Struct("!H")
 SEQ_MOD: Final = 1 << 16
 TS_MOD: Final = 1 << 32
+NTP_EPOCH_OFFSET: Final = 2208988800  # seconds from 1900 to 1970
 
 URI_MID: Final = "urn:ietf:params:rtp-hdrext:sdes:mid"
 URI_ABS_SEND_TIME: Final = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
@@ -25,9 +27,12 @@ def seq_newer(a: int, b: int) -> bool:
     return a != b and ((a - b) & 0xFFFF) < 0x8000
 
 
-def abs_send_time(ntp: int) -> int:
-    """The 24-bit abs-send-time value (6.18 fixed point seconds) from a 64-bit NTP time."""
-    return (ntp >> 14) & 0x00FFFFFF
+def abs_send_time_now() -> int:
+    """The 24-bit abs-send-time of now: NTP seconds in 6.18 fixed point (its low 64 s).
+
+    Straight from ``time.time()``: aiortc's NTP clock builds a datetime per call, and this runs
+    once per forwarded packet."""
+    return int((time.time() + NTP_EPOCH_OFFSET) * 262144) & 0x00FFFFFF
 
 
 class ExtensionLayout:
@@ -37,7 +42,7 @@ class ExtensionLayout:
     own MID; the block's length is fixed per subscriber, so its head and padding are built once.
     """
 
-    __slots__ = ("abs_id", "head", "level_id", "pad")
+    __slots__ = ("abs_id", "head", "key", "level_id", "pad")
 
     def __init__(
         self,
@@ -58,6 +63,8 @@ class ExtensionLayout:
         padded = (size + 3) & ~3
         self.pad = b"\0" * (padded - size)
         self.head = (b"\xbe\xde" + U16.pack(padded // 4) + mid_elem) if padded else b""
+        # Layouts with the same key produce the same shared bytes for a packet.
+        self.key = (self.abs_id, self.level_id, len(self.pad), bool(self.head))
 
     def shared(self, abs_time: int, level: int | None) -> bytes:
         """The elements every subscriber shares for one packet (plus this layout's padding)."""

@@ -2,10 +2,8 @@
 
 aiortc's ``RtpRouter`` routes a retransmission (RTX) packet by payload type when it does not know
 its SSRC, and drops it when two receivers share that payload type, which is the case for any
-connection receiving two video tracks (an SFU subscriber). Every retransmission is then lost and
-the receiver NACKs the same packets again and again. The RTX SSRCs are signaled
-(``a=ssrc-group:FID``); this registers them once a receiver starts. The SFU does the same for
-its own receivers (``sfu.rtc.route_rtx_by_ssrc``).
+connection receiving two video tracks (an SFU subscriber). The fix is the SFU's own
+(``sfu.rtc.route_rtx_by_ssrc``); this applies it once a client receiver has started.
 """
 
 from __future__ import annotations
@@ -14,6 +12,8 @@ from typing import Any
 
 from aiortc import RTCRtpReceiver
 
+from sfu.rtc import route_rtx_by_ssrc as _route
+
 
 def route_rtx_by_ssrc(receiver: RTCRtpReceiver) -> None:
     """Make ``receiver``'s RTX SSRCs route to it, once it has started (wraps ``receive``)."""
@@ -21,8 +21,6 @@ def route_rtx_by_ssrc(receiver: RTCRtpReceiver) -> None:
 
     async def receive(parameters: Any) -> None:
         await original(parameters)
-        router = receiver.transport._rtp_router
-        for rtx_ssrc in receiver._RTCRtpReceiver__rtx_ssrc:  # type: ignore[attr-defined]
-            router.ssrc_table[rtx_ssrc] = receiver
+        _route(receiver)
 
     receiver.receive = receive  # type: ignore[method-assign]

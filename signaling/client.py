@@ -18,6 +18,28 @@ import aiohttp
 import orjson
 
 
+async def next_matching(
+    events: asyncio.Queue[dict[str, Any]],
+    type_: str | None = None,
+    *,
+    timeout: float = 10.0,
+    where: Callable[[dict[str, Any]], bool] | None = None,
+    stop_at_close: bool = False,
+) -> dict[str, Any]:
+    """Take events from ``events`` until one is of ``type_`` and matches ``where`` (others are
+    dropped); ``stop_at_close`` raises ConnectionError at the reader's ``_closed`` marker."""
+
+    async def wait() -> dict[str, Any]:
+        while True:
+            ev = await events.get()
+            if (type_ is None or ev.get("type") == type_) and (where is None or where(ev)):
+                return ev
+            if stop_at_close and ev.get("type") == "_closed":
+                raise ConnectionError(f"connection closed ({ev.get('code')})")
+
+    return await asyncio.wait_for(wait(), timeout)
+
+
 class ClientError(Exception):
     """An ``error`` reply from the server."""
 
@@ -118,16 +140,9 @@ class Client:
         where: Callable[[dict[str, Any]], bool] | None = None,
     ) -> dict[str, Any]:
         """The next event (of ``type_``, matching ``where``), skipping others."""
-
-        async def wait() -> dict[str, Any]:
-            while True:
-                ev = await self.events.get()
-                if (type_ is None or ev.get("type") == type_) and (where is None or where(ev)):
-                    return ev
-                if ev.get("type") == "_closed" and type_ != "_closed":
-                    raise ConnectionError(f"connection closed ({ev.get('code')})")
-
-        return await asyncio.wait_for(wait(), timeout)
+        return await next_matching(
+            self.events, type_, timeout=timeout, where=where, stop_at_close=True
+        )
 
     def drain(self) -> list[dict[str, Any]]:
         """Take every event received so far."""

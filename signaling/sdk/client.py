@@ -26,7 +26,7 @@ from typing import Any
 
 import aiohttp
 
-from ..client import Client, ClientError
+from ..client import Client, ClientError, next_matching
 
 log = logging.getLogger("rallypoint.sdk")
 
@@ -107,14 +107,7 @@ class Call:
         self, type_: str | None = None, *, timeout: float = 10.0
     ) -> dict[str, Any]:
         """The next event about this call (of ``type_``), skipping others."""
-
-        async def wait() -> dict[str, Any]:
-            while True:
-                ev = await self.events.get()
-                if type_ is None or ev["type"] == type_:
-                    return ev
-
-        return await asyncio.wait_for(wait(), timeout)
+        return await next_matching(self.events, type_, timeout=timeout)
 
     async def wait_ended(self, timeout: float = 10.0) -> str | None:
         """Wait for the call to end here; returns the outcome."""
@@ -319,14 +312,7 @@ class RallypointClient:
         where: Callable[[dict[str, Any]], bool] | None = None,
     ) -> dict[str, Any]:
         """The next server event (of ``type_``, matching ``where``), skipping others."""
-
-        async def wait() -> dict[str, Any]:
-            while True:
-                ev = await self.events.get()
-                if (type_ is None or ev["type"] == type_) and (where is None or where(ev)):
-                    return ev
-
-        return await asyncio.wait_for(wait(), timeout)
+        return await next_matching(self.events, type_, timeout=timeout, where=where)
 
     def _dispatch(self, ev: dict[str, Any]) -> None:
         for listener in self.listeners:

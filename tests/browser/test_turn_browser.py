@@ -4,14 +4,13 @@ with the credentials `welcome` hands out."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import ifaddr
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from browser_harness import launch_chromium
+from nethelpers import free_port, machine_ip
 from test_sfu_browser import SCRIPT
 
 from signaling.cli import build_app
@@ -42,39 +41,17 @@ async function selectedTypes(pc) {
 )
 
 
-def _machine_ip() -> str:
-    for adapter in ifaddr.get_adapters():
-        for ip in adapter.ips:
-            if isinstance(ip.ip, str) and not ip.ip.startswith("127."):
-                return ip.ip
-    raise RuntimeError("no non-loopback IPv4 address")
-
-
-def _free_udp_tcp_port() -> int:
-    for _ in range(50):
-        with socket.socket() as t:
-            t.bind(("0.0.0.0", 0))
-            port: int = t.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                try:
-                    u.bind(("0.0.0.0", port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port")
-
-
 async def test_chromium_forced_to_relay_through_embedded_turn(
     tmp_path: Path, aiohttp_server: Callable[..., Awaitable[TestServer]]
 ) -> None:
-    ip = _machine_ip()
+    ip = machine_ip()
     cfg = load_config(
         None,
         env={},
         overrides={
             "server.data_dir": str(tmp_path / "data"),
             "sfu.workers": 1,
-            "turn.port": _free_udp_tcp_port(),
+            "turn.port": free_port("0.0.0.0"),
             "turn.listen_host": "0.0.0.0",
             "turn.public_host": ip,  # the address browsers use to reach the TURN server
             "turn.allow_peers": [f"{ip}/32"],  # the SFU's media sockets live on this address

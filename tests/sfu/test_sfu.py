@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
+from nethelpers import machine_ip
 from sfu_helpers import Party, PartyFactory, ToneTrack, until
 
 from media.loss import inject_loss
@@ -208,22 +209,12 @@ async def test_dead_transport_is_cleaned_up(sfu_server: TestServer, party: Party
     assert ev["which"] == "publisher", ev
 
 
-def _machine_ip() -> str:
-    import ifaddr
-
-    for adapter in ifaddr.get_adapters():
-        for ip in adapter.ips:
-            if isinstance(ip.ip, str) and not ip.ip.startswith("127."):
-                return ip.ip
-    raise RuntimeError("no non-loopback IPv4 address")
-
-
 async def test_port_range_and_announced_address(
     start_server: Callable[..., Awaitable[TestServer]], party: PartyFactory
 ) -> None:
     """A cloud VM binds every interface, announces its public address and keeps media in a
     port range (here the 'public' address is this machine's own)."""
-    ip = _machine_ip()
+    ip = machine_ip()
     server = await start_server(
         sfu__enabled=True,
         sfu__workers=1,

@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import pytest
-from turn_helpers import SECRET, ServerFactory, UdpClient, machine_ip
+from nethelpers import machine_ip
+from turn_helpers import SECRET, ServerFactory, UdpClient
 
 from turn.server import TurnServer
 from turn.settings import TurnSettings

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 from aioice import stun
 from aioice.turn import TurnTransport, create_turn_endpoint
-from turn_helpers import SECRET, ServerFactory, UdpClient, credentials, machine_ip
+from nethelpers import machine_ip
+from turn_helpers import SECRET, ServerFactory, UdpClient, credentials
 
 
 class Receiver(asyncio.DatagramProtocol):

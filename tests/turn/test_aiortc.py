@@ -12,7 +12,8 @@ from aiortc import (
     VideoStreamTrack,
 )
 from aiortc.mediastreams import MediaStreamTrack
-from turn_helpers import ServerFactory, credentials, machine_ip
+from nethelpers import machine_ip
+from turn_helpers import ServerFactory, credentials
 
 
 def relay_only(port: int, user: str) -> RTCConfiguration:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -16,7 +15,8 @@ from urllib.parse import urlparse
 import pytest
 from aioice import stun
 from aioice.turn import TurnTransport, create_turn_endpoint
-from turn_helpers import UdpClient, machine_ip
+from nethelpers import free_port, machine_ip
+from turn_helpers import UdpClient
 
 from signaling.client import Client
 from signaling.config import SECTIONS
@@ -40,21 +40,6 @@ class Receiver(asyncio.DatagramProtocol):
 async def close(transport: TurnTransport, receiver: Receiver) -> None:
     transport.close()
     await asyncio.wait_for(receiver.closed, 10)
-
-
-def free_port(host: str) -> int:
-    """A port free for both UDP and TCP on ``host``."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind((host, 0))
-            port: int = udp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind((host, port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port")
 
 
 @pytest.fixture

@@ -11,8 +11,9 @@ from aioice import stun
 from aioice.turn import create_turn_endpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from nethelpers import machine_ip
 from test_aioice import Receiver, close
-from turn_helpers import ServerFactory, credentials, machine_ip
+from turn_helpers import ServerFactory, credentials
 
 from turn.core import UNAUTHENTICATED_RESPONSE_MAX, TurnCore
 from turn.settings import TurnSettings

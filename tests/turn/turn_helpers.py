@@ -10,19 +10,12 @@ import pytest
 from aioice import stun
 
 from turn.credentials import long_term_key, rest_credentials
-from turn.server import TurnServer, machine_address
+from turn.server import TurnServer
 
 SECRET = "test-secret"
 REALM = "rallypoint"
 
 ServerFactory = Callable[..., Coroutine[Any, Any, TurnServer]]
-
-
-def machine_ip() -> str:
-    """This machine's non-loopback address (aioice ignores 127.0.0.1)."""
-    address = machine_address()
-    assert address != "127.0.0.1", "tests need a non-loopback interface"
-    return address
 
 
 def credentials(user: str = "alice", ttl: int = 600, secret: str = SECRET) -> tuple[str, str]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import gc
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,15 @@ from signaling.sdk import RallypointClient
 from signaling.server import make_app
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage() -> Iterator[None]:
+    """Collect garbage after every test, so that a leaked socket or transport (a
+    ResourceWarning, an error here) is reported against the test that leaked it rather than
+    whichever later test the collector happens to run in."""
+    yield
+    gc.collect()
 
 
 def make_config(tmp_path: Path, **overrides: Any) -> Config:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -249,6 +250,16 @@ def test_serve_refuses_unknown_config_keys(tmp_path: Path) -> None:
     assert r.returncode == 2 and "RALLYPOINT_LIMITS_BURTS" in r.stderr
 
 
+async def tls_closed(raw: socket.socket) -> None:
+    """Wait for a TLS socket's close_notify exchange: aiohttp closes TLS transports without
+    waiting for it (aio-libs/aiohttp#1925), and a test loop that ends first leaks the socket."""
+    for _ in range(100):  # bounded: 5 s
+        if raw.fileno() == -1:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the TLS connection did not close")
+
+
 async def test_token_mode_and_tls(tmp_path: Path, servers: list[Server]) -> None:
     """With a key and secret the server wants tokens; with a certificate it serves WSS."""
     import ssl
@@ -273,9 +284,11 @@ async def test_token_mode_and_tls(tmp_path: Path, servers: list[Server]) -> None
 
     async with aiohttp.ClientSession() as http:
         async with http.ws_connect(f"wss://127.0.0.1:{srv.port}/ws", ssl=ctx) as ws:
+            raw = ws.get_extra_info("socket")
             await ws.send_json({"type": "hello", "v": 1, "name": "anon"})
             msg = await ws.receive_json()
             assert msg["code"] == "token_required"
+        await tls_closed(raw)
         token = subprocess.run(
             [
                 *RALLYPOINT,
@@ -294,7 +307,9 @@ async def test_token_mode_and_tls(tmp_path: Path, servers: list[Server]) -> None
             check=True,
         ).stdout.strip()
         async with http.ws_connect(f"wss://127.0.0.1:{srv.port}/ws", ssl=ctx) as ws:
+            raw = ws.get_extra_info("socket")
             await ws.send_json({"type": "hello", "v": 1, "token": token})
             msg = await ws.receive_json()
             assert msg["type"] == "welcome" and msg["open_mode"] is False
+        await tls_closed(raw)
     assert "token mode" in srv.log.read_text()

@@ -29,6 +29,9 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 ROOM = "standup"
 WAIT_MS = 15_000
+# Assertions wait as long as page actions: three browsers sending video can starve a 2-core
+# runner for more than Playwright's default 5 s.
+expect.set_options(timeout=WAIT_MS)
 
 
 @dataclass

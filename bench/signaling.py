@@ -561,7 +561,8 @@ def report(res: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
         "acked_6000_per_s": summary["acked_msgs_per_s"] >= TARGETS["acked_msgs_per_s"],
         "fanout_60pct_of_raw": summary["fanout_ratio_vs_raw"] >= TARGETS["fanout_ratio_vs_raw"],
         "ack_p99_under_10ms_at_1000": summary["ack_p99_ms"] < TARGETS["ack_p99_ms"],
-        "no_gc_pause_over_50ms": summary["gc_max_pause_ms"] <= TARGETS["gc_max_pause_ms"],
+        "no_gc_pause_over_50ms": summary["gc_max_pause_ms"] <= TARGETS["gc_max_pause_ms"]
+        and summary["gc_pauses_over_50ms"] == 0,
     }
     summary["machine"] = machine()
     return summary
@@ -642,8 +643,8 @@ def print_table(res: dict[str, Any], s: dict[str, Any]) -> None:
             t["ack_p99_under_10ms_at_1000"],
         ),
         (
-            "GC max pause ms (10k ramp / 1k load), pauses > 50 ms",
-            f"{s['gc_max_pause_ms_memory_phase']} / {s['gc_max_pause_ms_load_server']}, "
+            "GC max pause ms (10k server incl. mass close / 1k load), pauses > 50 ms",
+            f"{s['gc_max_pause_ms_memory_server']} / {s['gc_max_pause_ms_load_server']}, "
             f"{s['gc_pauses_over_50ms']}",
             "<= 50",
             t["no_gc_pause_over_50ms"],

@@ -46,6 +46,9 @@ class Hub:
     def __init__(self, cfg: Config, store: ChatStore, ice: IceProvider | None = None) -> None:
         self.cfg = cfg
         self.store = store
+        # Read on every chat message.
+        self.max_text_chars = cfg.limits.max_text_chars
+        self.edit_window_ms = cfg.chat.edit_window_s * 1000
         self.bus = LocalBus()
         self.ice = ice or (lambda _session, _host: [])
         self.sessions: dict[str, Session] = {}
@@ -522,10 +525,8 @@ async def _append(hub: Hub, s: Session, m: dict[str, Any], kind: str) -> None:
     conv: str = m["conversation"]
     topic, members, moderator = hub._conversation(s, conv, joined=True)
     text: str | None = m.get("text")
-    if text is not None and not 0 < len(text) <= hub.cfg.limits.max_text_chars:
-        raise ProtocolError(
-            "bad_field", f"`text` must have 1-{hub.cfg.limits.max_text_chars} characters"
-        )
+    if text is not None and not 0 < len(text) <= hub.max_text_chars:
+        raise ProtocolError("bad_field", f"`text` must have 1-{hub.max_text_chars} characters")
     stored, dup = await hub.store.append(
         NewMessage(
             conv,
@@ -537,7 +538,7 @@ async def _append(hub: Hub, s: Session, m: dict[str, Any], kind: str) -> None:
             m.get("ref"),
             members,
             moderator,
-            hub.cfg.chat.edit_window_s * 1000,
+            hub.edit_window_ms,
         )
     )
     _reply(s, stored.ack(dup), m)

@@ -15,7 +15,10 @@ import orjson
 from .protocol import ProtocolError
 
 
-@dataclass(slots=True, frozen=True)
+# StoredMessage and NewMessage are made once per chat message: not frozen, because a frozen
+# dataclass sets each field through object.__setattr__ (2.8 us instead of 0.6 us for 11 fields).
+# Treat them as immutable all the same.
+@dataclass(slots=True)
 class StoredMessage:
     """One event in a conversation's sequence."""
 
@@ -63,7 +66,7 @@ class StoredMessage:
         }
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class NewMessage:
     """A message to append. ``members`` lists a direct conversation's two identities."""
 

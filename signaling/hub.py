@@ -549,16 +549,16 @@ async def _append(hub: Hub, s: Session, m: dict[str, Any], kind: str) -> None:
             hook(stored, members)
 
 
-async def on_send(hub: Hub, s: Session, m: dict[str, Any]) -> None:
-    await _append(hub, s, m, "text")
+def on_send(hub: Hub, s: Session, m: dict[str, Any]) -> Awaitable[None]:
+    return _append(hub, s, m, "text")
 
 
-async def on_edit(hub: Hub, s: Session, m: dict[str, Any]) -> None:
-    await _append(hub, s, m, "edit")
+def on_edit(hub: Hub, s: Session, m: dict[str, Any]) -> Awaitable[None]:
+    return _append(hub, s, m, "edit")
 
 
-async def on_delete(hub: Hub, s: Session, m: dict[str, Any]) -> None:
-    await _append(hub, s, m, "delete")
+def on_delete(hub: Hub, s: Session, m: dict[str, Any]) -> Awaitable[None]:
+    return _append(hub, s, m, "delete")
 
 
 async def on_read(hub: Hub, s: Session, m: dict[str, Any]) -> None:

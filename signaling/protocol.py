@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Final
@@ -756,6 +757,41 @@ def _check_value(f: Field, value: Any, where: str) -> None:
             _check_value(item, v, f"{where}.{k}")
 
 
+def _fast_check(f: Field) -> Callable[[Any], bool]:
+    """A check that says True quickly for a valid value of ``f``; on False the full
+    ``_check_value`` decides (and words the error)."""
+    kind = f.kind
+    if kind == "string":
+        match = compiled(f.pattern).match if f.pattern is not None else None
+        longest = f.max_length if f.max_length is not None else 1 << 62
+        enum = f.enum
+        if enum is not None:
+            return lambda v: (
+                type(v) is str
+                and v in enum
+                and len(v) <= longest
+                and (match is None or match(v) is not None)
+            )
+        if match is None:
+            return lambda v: type(v) is str and len(v) <= longest
+        return lambda v: type(v) is str and len(v) <= longest and match(v) is not None
+    if kind == "boolean":
+        return lambda v: type(v) is bool
+    if kind == "integer":
+        low = f.minimum if f.minimum is not None else -(2**53)
+        high = min(f.maximum, 2**53) if f.maximum is not None else 2**53
+        return lambda v: type(v) is int and low <= v <= high
+    return lambda v: False  # arrays and objects: always the full check
+
+
+_CHECKS: dict[str, dict[str, Callable[[Any], bool]]] = {}
+
+
+def _checks(spec: MessageSpec) -> dict[str, Callable[[Any], bool]]:
+    checks = _CHECKS[spec.type] = {f.name: _fast_check(f) for f in spec.fields}
+    return checks
+
+
 def parse_client_message(data: bytes | str) -> dict[str, Any]:
     """Decode and validate one client frame; raise ``ProtocolError`` on any problem.
 
@@ -774,15 +810,16 @@ def parse_client_message(data: bytes | str) -> dict[str, Any]:
     spec = CLIENT_MESSAGES.get(type_)
     if spec is None:
         raise ProtocolError("unknown_type", f"unknown message type {type_[:40]!r}")
-    by_name = spec.by_name
+    checks = _CHECKS.get(type_) or _checks(spec)
     try:
         for key, value in msg.items():
             if key == "type":
                 continue
-            f = by_name.get(key)
-            if f is None:
+            check = checks.get(key)
+            if check is None:
                 raise ProtocolError("bad_field", f"`{key[:40]}` is not a field of `{type_}`")
-            _check_value(f, value, key)
+            if not check(value):
+                _check_value(spec.by_name[key], value, key)
         for f in spec.fields:
             if f.required and f.name not in msg:
                 raise ProtocolError("bad_field", f"`{type_}` needs `{f.name}`")

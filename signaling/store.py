@@ -7,6 +7,7 @@ edit or delete is allowed live here as a pure function so every store applies th
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -137,10 +138,11 @@ class ChatStore(Protocol):
     async def close(self) -> None:
         """Flush everything accepted so far and release the store."""
 
-    async def append(self, msg: NewMessage) -> tuple[StoredMessage, bool]:
-        """Store ``msg`` durably; returns it with its sequence and whether it was a duplicate
-        (same conversation, sender and cid as an earlier message, which is returned instead).
-        Raises ``ProtocolError`` for a refused edit or delete; nothing is stored then."""
+    def append(self, msg: NewMessage) -> Awaitable[tuple[StoredMessage, bool]]:
+        """Store ``msg`` durably; resolves to it with its sequence and whether it was a
+        duplicate (same conversation, sender and cid as an earlier message, which is returned
+        instead). Raises ``ProtocolError`` for a refused edit or delete; nothing is stored then.
+        A plain function returning an awaitable: it runs once per chat message."""
         ...
 
     async def mark_read(self, conversation: str, identity: str, seq: int) -> int | None:

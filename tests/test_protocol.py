@@ -9,12 +9,16 @@ from pathlib import Path
 import jsonschema
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import signaling.server  # noqa: F401  - complete message tables (media, calls)
 from signaling.protocol import (
     CLIENT_MESSAGES,
     ERROR_CODES,
     ProtocolError,
+    _check_value,
+    _fast_check,
     encode,
     error_message,
     frame,
@@ -117,3 +121,41 @@ def test_schema_validates_what_the_parser_accepts() -> None:
 def test_every_error_code_has_a_meaning() -> None:
     assert all(ERROR_CODES.values())
     assert set(CLIENT_MESSAGES) >= {"hello", "join", "send", "sync", "read", "typing"}
+
+
+_SAMPLES: list[object] = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1,
+    7,
+    2**53,
+    2**53 + 1,
+    1.5,
+    "",
+    "a",
+    "lobby",
+    "a b",
+    "room:x",
+    "dm:a|b",
+    "x" * 65,
+    "x" * 5000,
+    "online",
+    "invisible",
+    "\x00",
+    [],
+    ["a"],
+    {},
+    {"room:x": 1},
+]
+
+
+@given(st.one_of(st.sampled_from(_SAMPLES), st.text(max_size=80), st.integers()))
+def test_fast_field_checks_never_pass_what_the_full_check_refuses(value: object) -> None:
+    # parse_client_message trusts a True from the fast check; the full check words errors.
+    for spec in CLIENT_MESSAGES.values():
+        for f in spec.fields:
+            if _fast_check(f)(value):
+                _check_value(f, value, f.name)  # must not raise

@@ -45,15 +45,23 @@ _CLOSED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR
 class GcMonitor:
     """Measures garbage-collection pauses and keeps them short.
 
-    A full collection walks every tracked object: ~0.5 s at 10,000 connections. So the
-    long-lived objects are frozen (``gc.freeze``) after every 200 connections opened *or closed*:
-    a mass disconnect leaves the suspended sessions (kept for the resume grace period) and the
-    closing machinery as fresh survivors, which otherwise trigger full collections of 250 ms.
+    A full collection walks every tracked object: ~0.5 s at 10,000 connections. So long-lived
+    objects are frozen (``gc.freeze``, which only splices lists and resets generation 0's count):
+    after every 200 connections opened or closed, and once a second. The second is for a
+    CPython 3.11 quirk: freeing a frozen object counts against generation 0's allocation count,
+    so when live objects replace frozen ones (every message a connection handles replaces a few
+    of its buffers and state objects; a mass disconnect frees thousands) young objects pile up
+    without a collection being due, and the one that finally runs walks them all (35-47 ms
+    for ~80,000 after 10,000 connections each sent a message). Short-lived cycles still die in
+    the frequent generation-0 collections in between.
+
     Frozen objects are never collected, so reference cycles among objects frozen while alive
-    and dropped later would leak; ``maybe_reclaim`` unfreezes and collects them once few
-    connections are left, when a full collection is cheap.
+    and dropped later would leak (about one object per closed connection was measured);
+    ``maybe_reclaim`` unfreezes and collects them once few connections and sessions are left,
+    when a full collection is cheap.
     """
 
+    FREEZE_EVERY_S = 1.0
     RECLAIM_BELOW = 100  # connections plus sessions
     RECLAIM_GROWTH = 100_000  # frozen objects gained since the last reclaim
 
@@ -65,6 +73,7 @@ class GcMonitor:
         self._start = 0.0
         self._frozen_at = 0
         self._frozen_base = 0
+        self._ticker: asyncio.TimerHandle | None = None
 
     def _callback(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
@@ -78,11 +87,24 @@ class GcMonitor:
             self.pauses_over_50ms += 1
 
     def install(self) -> None:
+        """Start measuring and freezing (the periodic freeze needs a running loop)."""
         gc.callbacks.append(self._callback)
         gc.freeze()
         self._frozen_base = gc.get_freeze_count()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # unit tests without a loop
+            return
+        self._ticker = loop.call_later(self.FREEZE_EVERY_S, self._tick, loop)
+
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        gc.freeze()
+        self._ticker = loop.call_later(self.FREEZE_EVERY_S, self._tick, loop)
 
     def uninstall(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
         if self._callback in gc.callbacks:
             gc.callbacks.remove(self._callback)
         gc.unfreeze()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import weakref
 from collections.abc import Iterator
@@ -61,3 +62,17 @@ def test_reclaims_frozen_cycles_only_when_few_are_live(gcm: GcMonitor) -> None:
     reclaimed = gcm.reclaimed
     gcm.maybe_reclaim(0)  # no growth since: no second full collection
     assert gcm.reclaimed == reclaimed
+
+
+async def test_freezes_periodically_while_installed_in_a_loop() -> None:
+    m = GcMonitor()
+    m.FREEZE_EVERY_S = 0.01
+    m.install()
+    try:
+        before = gc.get_freeze_count()
+        keep = [Node() for _ in range(1000)]  # young survivors
+        await asyncio.sleep(0.1)
+        assert gc.get_freeze_count() >= before + len(keep)
+    finally:
+        m.uninstall()
+    assert m._ticker is None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import queue
 import secrets
 import sqlite3
@@ -85,6 +86,8 @@ MIGRATIONS: list[str] = [
     ALTER TABLE messages ADD COLUMN meta TEXT;
     """,
 ]
+
+log = logging.getLogger(__name__)
 
 _COLUMNS = "conversation, seq, mid, cid, sender, name, kind, text, ref, ts, meta"
 _STOP = object()
@@ -237,7 +240,9 @@ class SqliteStore:
                 self.commits += 1
                 self.batched += len(batch)
                 last = len(batch)
-            except sqlite3.Error as e:
+            except Exception as e:  # sqlite3.Error, or a bug: fail this batch, keep the thread
+                if not isinstance(e, sqlite3.Error):
+                    log.exception("store writer failed")
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 w.rolled_back()

@@ -178,3 +178,42 @@ async def test_store_failure_is_reported_and_sequence_not_burnt(store: SqliteSto
     db.close()
     m, _ = await store.append(msg("room:f", "b"))
     assert m.seq == 2
+
+
+async def test_a_large_batch_with_a_retry_inside_keeps_order_and_mids(store: SqliteStore) -> None:
+    # One transaction with hundreds of sends, a retried cid in the middle (answered with the
+    # original) and an edit between them.
+    first, _ = await store.append(msg("room:big", "c0"))
+    plan = [msg("room:big", f"c{i}") for i in range(1, 600)]
+    plan.insert(300, msg("room:big", "c5"))  # a retry of an earlier send
+    plan.insert(400, msg("room:big", "e1", kind="edit", text="new", ref=1))
+    results = await asyncio.gather(*(store.append(m) for m in plan))  # queued in plan order
+    fresh = [m for m, dup in results if not dup]
+    assert [m.seq for m in fresh] == list(range(2, 2 + len(fresh)))  # in queue order, no gaps
+    assert [m.mid for m in fresh] == list(range(first.mid + 1, first.mid + 1 + len(fresh)))
+    (retry,) = [m for m, dup in results if dup]
+    assert retry.cid == "c5" and retry == results[4][0]  # plan[4] is c5
+    assert await store.last_seq("room:big") == 601
+
+
+async def test_mids_keep_increasing_after_reopen(tmp_path: Path) -> None:
+    s = SqliteStore(tmp_path / "chat.sqlite3")
+    await s.open()
+    a, _ = await s.append(msg("room:a", "1"))
+    await s.close()
+    s = SqliteStore(tmp_path / "chat.sqlite3")
+    await s.open()
+    b, _ = await s.append(msg("room:b", "1"))
+    await s.close()
+    assert b.mid == a.mid + 1
+
+
+async def test_writer_survives_a_failing_operation(store: SqliteStore) -> None:
+    def broken(w: object) -> None:
+        raise RuntimeError("a bug in an operation")
+
+    with pytest.raises(ProtocolError) as e:
+        await store._submit(broken)
+    assert e.value.code == "internal_error"
+    m, _ = await store.append(msg("room:after", "a"))  # the writer thread is still there
+    assert m.seq == 1

@@ -810,7 +810,9 @@ def parse_client_message(data: bytes | str) -> dict[str, Any]:
     spec = CLIENT_MESSAGES.get(type_)
     if spec is None:
         raise ProtocolError("unknown_type", f"unknown message type {type_[:40]!r}")
-    checks = _CHECKS.get(type_) or _checks(spec)
+    checks = _CHECKS.get(type_)
+    if checks is None:
+        checks = _checks(spec)
     try:
         for key, value in msg.items():
             if key == "type":

@@ -56,7 +56,9 @@ class GcMonitor:
     the frequent generation-0 collections in between.
 
     Frozen objects are never collected, so reference cycles among objects frozen while alive
-    and dropped later would leak (about one object per closed connection was measured);
+    and dropped later would leak. Measured (1,000 connections opened, used and closed while 150
+    stayed, then unfreeze + collect): 29 objects in all under uvloop, which ``serve`` uses; ~5
+    per connection under asyncio's own loop (its socket transports sit in a cycle).
     ``maybe_reclaim`` unfreezes and collects them once few connections and sessions are left,
     when a full collection is cheap.
     """

@@ -13,29 +13,7 @@ import pytest
 from aioice import stun
 from aioice.turn import TurnTransport, create_turn_endpoint
 from nethelpers import machine_ip
-from turn_helpers import SECRET, ServerFactory, UdpClient, credentials
-
-
-class Receiver(asyncio.DatagramProtocol):
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue()
-        self.errors: asyncio.Queue[Exception] = asyncio.Queue()
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.queue.put_nowait((data, addr))
-
-    def error_received(self, exc: Exception) -> None:
-        self.errors.put_nowait(exc)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed.done():
-            self.closed.set_result(None)
-
-
-async def close(transport: TurnTransport, receiver: Receiver) -> None:
-    transport.close()
-    await asyncio.wait_for(receiver.closed, 10)
+from turn_helpers import SECRET, Receiver, ServerFactory, UdpClient, close, credentials
 
 
 async def relay_round_trip(

@@ -14,32 +14,12 @@ from urllib.parse import urlparse
 
 import pytest
 from aioice import stun
-from aioice.turn import TurnTransport, create_turn_endpoint
+from aioice.turn import create_turn_endpoint
 from nethelpers import free_port, machine_ip
-from turn_helpers import UdpClient
+from turn_helpers import Receiver, UdpClient, close
 
 from signaling.client import Client
 from signaling.config import SECTIONS
-
-
-class Receiver(asyncio.DatagramProtocol):
-    """What aioice's TURN transport delivers: data from peers, and its closing."""
-
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue()
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.queue.put_nowait((data, addr))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed.done():
-            self.closed.set_result(None)
-
-
-async def close(transport: TurnTransport, receiver: Receiver) -> None:
-    transport.close()
-    await asyncio.wait_for(receiver.closed, 10)
 
 
 @pytest.fixture

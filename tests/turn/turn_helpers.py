@@ -1,4 +1,5 @@
-"""Helpers for the TURN tests: credentials, signed requests, a raw UDP client."""
+"""Helpers for the TURN tests: credentials, signed requests, a raw UDP client, an aioice
+TURN client's receiving end."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any, cast
 
 import pytest
 from aioice import stun
+from aioice.turn import TurnTransport
 
 from turn.credentials import long_term_key, rest_credentials
 from turn.server import TurnServer
@@ -67,3 +69,25 @@ class UdpClient(asyncio.DatagramProtocol):
         """Assert that nothing arrives for a while."""
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(self.queue.get(), seconds)
+
+
+class Receiver(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue()
+        self.errors: asyncio.Queue[Exception] = asyncio.Queue()
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.queue.put_nowait((data, addr))
+
+    def error_received(self, exc: Exception) -> None:
+        self.errors.put_nowait(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+async def close(transport: TurnTransport, receiver: Receiver) -> None:
+    transport.close()
+    await asyncio.wait_for(receiver.closed, 10)

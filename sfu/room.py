@@ -121,6 +121,16 @@ class Room:
         if not task.cancelled() and task.exception() is not None:
             log.error("room %s task failed", self.name, exc_info=task.exception())
 
+    def _drop_downtracks(self, p: Participant) -> None:
+        """Stop forwarding every track to ``p`` (it left, or its subscriber connection died)."""
+        for tid in p.downtracks:
+            up = self.tracks.get(tid)
+            if up is not None:
+                up.downtracks.pop(p.id, None)
+                alloc = self.allocators.get(tid)
+                if alloc is not None:
+                    alloc.remove(p.id)
+
     def _emit(self, ev: str, **fields: Any) -> None:
         self.emit({"ev": ev, "room": self.name, **fields})
 
@@ -149,13 +159,7 @@ class Room:
             return
         for mine in list(p.published.values()):
             self._unpublish(mine)
-        for tid in list(p.downtracks):
-            up = self.tracks.get(tid)
-            if up is not None:
-                up.downtracks.pop(pid, None)
-                alloc = self.allocators.get(tid)
-                if alloc is not None:
-                    alloc.remove(pid)
+        self._drop_downtracks(p)
         self.speaker.remove(pid)
         for pc in (p.pub, p.sub):
             if pc is not None:
@@ -466,13 +470,7 @@ class Room:
             p.hooks.clear()
             p.pub = None
         else:
-            for tid in list(p.downtracks):
-                up = self.tracks.get(tid)
-                if up is not None:
-                    up.downtracks.pop(pid, None)
-                    alloc = self.allocators.get(tid)
-                    if alloc is not None:
-                        alloc.remove(pid)
+            self._drop_downtracks(p)
             p.downtracks.clear()
             p.transceivers.clear()
             p.fast = None

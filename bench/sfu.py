@@ -171,7 +171,22 @@ class Scenario:
 # -- servers ---------------------------------------------------------------------------------------
 
 
-class Rallypoint:
+class ServerProcess:
+    """A server under test that runs as one child process (``start`` sets ``proc``)."""
+
+    name = "server"
+    proc: subprocess.Popen[bytes] | None = None
+
+    def pids(self) -> dict[str, list[int]]:
+        assert self.proc is not None
+        return {self.name: [self.proc.pid]}
+
+    async def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+
+
+class Rallypoint(ServerProcess):
     name = "rallypoint"
 
     def __init__(self, tmp: Path) -> None:
@@ -214,10 +229,6 @@ class Rallypoint:
     def pids(self) -> dict[str, list[int]]:
         assert self.proc is not None
         return {"signaling": [self.proc.pid], "sfu worker": self.workers()}
-
-    async def stop(self) -> None:
-        if self.proc is not None:
-            stop(self.proc)
 
     async def _participant(
         self, room: str, name: str, publisher: Publisher | None
@@ -277,7 +288,7 @@ class Rallypoint:
         return Scenario(pubs, [p[2] for p in parts], sources, k - 1, close)
 
 
-class Janus:
+class Janus(ServerProcess):
     name = "janus"
 
     def __init__(self, tmp: Path, ip: str) -> None:
@@ -293,14 +304,6 @@ class Janus:
         sfu_janus.write_config(self.folder, self.port, self.ip, os.cpu_count() or 1)
         self.proc = sfu_janus.start(self.folder)
         await sfu_janus.wait_ready(self.base, self.proc)
-
-    def pids(self) -> dict[str, list[int]]:
-        assert self.proc is not None
-        return {"janus": [self.proc.pid]}
-
-    async def stop(self) -> None:
-        if self.proc is not None:
-            stop(self.proc)
 
     async def _publish(
         self, session: JanusSession, pub: Publisher, pcs: list[RTCPeerConnection]
@@ -382,7 +385,7 @@ class Janus:
         return await self._scenario(k, 0)
 
 
-class MediaRelayServer:
+class MediaRelayServer(ServerProcess):
     name = "mediarelay"
 
     def __init__(self, tmp: Path) -> None:
@@ -395,14 +398,6 @@ class MediaRelayServer:
         cmd = [PY, str(Path(__file__).with_name("sfu_relay.py")), "--port", str(self.port)]
         self.proc = spawn(cmd, self.tmp / "mediarelay.log", dict(os.environ))
         await wait_http(f"{self.base}/ready", self.proc)
-
-    def pids(self) -> dict[str, list[int]]:
-        assert self.proc is not None
-        return {"mediarelay": [self.proc.pid]}
-
-    async def stop(self) -> None:
-        if self.proc is not None:
-            stop(self.proc)
 
     async def _exchange(
         self, http: aiohttp.ClientSession, path: str, pc: RTCPeerConnection

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nethelpers import free_port
@@ -161,32 +162,16 @@ async def test_acknowledged_messages_survive_sigkill(tmp_path: Path, servers: li
     assert missing == []
 
 
+def token_cli(*args: str, **run: Any) -> subprocess.CompletedProcess[str]:
+    """Run ``rallypoint token`` with ``args``."""
+    return subprocess.run([*RALLYPOINT, "token", *args], capture_output=True, text=True, **run)
+
+
 def test_token_command(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [
-            *RALLYPOINT,
-            "token",
-            "--room",
-            "lobby",
-            "--room",
-            "side",
-            "--identity",
-            "alice",
-            "--name",
-            "Alice A",
-            "--ttl",
-            "600",
-            "--grant",
-            "join,chat",
-            "--grant",
-            "moderate",
-            "--api-key",
-            "k1",
-            "--api-secret",
-            SECRET,
-        ],
-        capture_output=True,
-        text=True,
+    out = token_cli(
+        *("--room", "lobby", "--room", "side", "--identity", "alice", "--name", "Alice A"),
+        *("--ttl", "600", "--grant", "join,chat", "--grant", "moderate"),
+        *("--api-key", "k1", "--api-secret", SECRET),
         check=True,
     )
     claims = verify_token(out.stdout.strip(), "k1", SECRET)
@@ -197,38 +182,15 @@ def test_token_command(tmp_path: Path) -> None:
     }
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[auth]\napi_key = "k2"\napi_secret = "{SECRET}"\n')
-    out = subprocess.run(
-        [*RALLYPOINT, "token", "--config", str(cfg), "--room", "*", "--identity", "bob"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    out = token_cli("--config", str(cfg), "--room", "*", "--identity", "bob", check=True)
     assert verify_token(out.stdout.strip(), "k2", SECRET).can("any", "publish")
-    bad = subprocess.run(
-        [*RALLYPOINT, "token", "--room", "r", "--identity", "x"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HOME": "/tmp"},
-        cwd=tmp_path,
+    bad = token_cli(
+        "--room", "r", "--identity", "x", env={**os.environ, "HOME": "/tmp"}, cwd=tmp_path
     )
     assert bad.returncode == 2 and "API key" in bad.stderr
-    bad = subprocess.run(
-        [
-            *RALLYPOINT,
-            "token",
-            "--room",
-            "r",
-            "--identity",
-            "x",
-            "--grant",
-            "fly",
-            "--api-key",
-            "k",
-            "--api-secret",
-            SECRET,
-        ],
-        capture_output=True,
-        text=True,
+    bad = token_cli(
+        *("--room", "r", "--identity", "x", "--grant", "fly"),
+        *("--api-key", "k", "--api-secret", SECRET),
     )
     assert bad.returncode == 2 and "unknown grant" in bad.stderr
 
@@ -289,21 +251,8 @@ async def test_token_mode_and_tls(tmp_path: Path, servers: list[Server]) -> None
             msg = await ws.receive_json()
             assert msg["code"] == "token_required"
         await tls_closed(raw)
-        token = subprocess.run(
-            [
-                *RALLYPOINT,
-                "token",
-                "--room",
-                "x",
-                "--identity",
-                "t",
-                "--api-key",
-                "k",
-                "--api-secret",
-                SECRET,
-            ],
-            capture_output=True,
-            text=True,
+        token = token_cli(
+            *("--room", "x", "--identity", "t", "--api-key", "k", "--api-secret", SECRET),
             check=True,
         ).stdout.strip()
         async with http.ws_connect(f"wss://127.0.0.1:{srv.port}/ws", ssl=ctx) as ws:

@@ -22,6 +22,7 @@ from aiortc import (
 )
 from aiortc.mediastreams import MediaStreamTrack
 
+from sfu.tasks import TaskSet
 from signaling.client import Client
 from signaling.sdk import RallypointClient
 
@@ -57,15 +58,13 @@ class SfuSession:
         self.counters: dict[str, FrameCounter] = {}  # track id -> counter
         self.offers = 0
         self.errors: list[dict[str, Any]] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet()
         self._lock = asyncio.Lock()
         self._routed: set[int] = set()  # transceivers whose RTX is routed by SSRC
         self._answered = 0  # number of the last subscriber offer answered
         client.listeners.append(self._on_event)
         # Tell the server we are ready: offers sent before this session existed were missed.
-        ready = asyncio.ensure_future(self._ready())
-        self._tasks.add(ready)
-        ready.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self._ready())
 
     async def _ready(self) -> None:
         try:
@@ -112,9 +111,7 @@ class SfuSession:
         if ev.get("room") != self.room:
             return
         if ev.get("type") == "subscribe_offer":
-            task = asyncio.ensure_future(self._answer(ev))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks.spawn(self._answer(ev))
 
     async def _answer(self, ev: dict[str, Any]) -> None:
         async with self._lock:  # offers are answered in order
@@ -171,9 +168,7 @@ class SfuSession:
     async def close(self) -> None:
         if self._on_event in self.client.listeners:
             self.client.listeners.remove(self._on_event)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel()
         for c in self.counters.values():
             await c.stop()
         for pc in (self.pub, self.sub):

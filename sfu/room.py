@@ -8,10 +8,9 @@ of a subscriber connection is serialized: a change while an offer is out is fold
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +39,7 @@ from .rtc import (
 )
 from .rtp import abs_send_time_now
 from .speaker import SpeakerDetector
+from .tasks import TaskSet
 
 log = logging.getLogger("rallypoint.sfu.room")
 
@@ -106,20 +106,16 @@ class Room:
         self.tracks: dict[str, UpTrack] = {}
         self.allocators: dict[str, BandwidthAllocator] = {}
         self.speaker = SpeakerDetector()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet(self._failed)
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run a coroutine the room owns (cancelled at close; failures are logged)."""
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
+        self._tasks.spawn(coro)
 
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("room %s task failed", self.name, exc_info=task.exception())
+    def _failed(self, exc: BaseException) -> None:
+        log.error("room %s task failed", self.name, exc_info=exc)
 
     def _drop_downtracks(self, p: Participant) -> None:
         """Stop forwarding every track to ``p`` (it left, or its subscriber connection died)."""
@@ -168,9 +164,7 @@ class Room:
     async def close(self) -> None:
         for pid in list(self.participants):
             await self.leave(pid)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel()
 
     # -- publishing ----------------------------------------------------------------------------
 

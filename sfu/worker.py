@@ -25,6 +25,7 @@ from .channel import encode_frame, read_frame
 from .forward import Counters
 from .room import MediaError, Room
 from .rtc import HostCandidatePolicy, check_internals
+from .tasks import TaskSet
 
 log = logging.getLogger("rallypoint.sfu.worker")
 TICK_S = 0.25
@@ -38,7 +39,7 @@ class Worker:
         self.video_codec = video_codec
         self.rooms: dict[str, Room] = {}
         self.counters = Counters()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet()
 
     def emit(self, msg: dict[str, Any]) -> None:
         if not self.writer.is_closing():
@@ -131,9 +132,7 @@ class Worker:
         self.emit(reply)
 
     def spawn(self, msg: dict[str, Any]) -> None:
-        task = asyncio.ensure_future(self._run_one(msg))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self._run_one(msg))
 
     async def ticker(self) -> None:
         while True:

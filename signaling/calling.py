@@ -18,6 +18,8 @@ from typing import Any, Final
 
 import orjson
 
+from sfu.tasks import TaskSet
+
 from .calls import Call, CallBook, Effect, Log, Push, Send
 from .hub import HANDLERS, Hub
 from .protocol import ProtocolError, encode
@@ -60,7 +62,7 @@ class CallService:
         self.push = push
         self.book = CallBook(int(cfg.ring_timeout_s * 1000), cfg.one_to_one_media)
         self._timer: asyncio.TimerHandle | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet(self._task_failed)
         self._stopped = False
         self.touching: dict[str, int] = {}  # identity -> device writes not yet committed
         for k in ("calls_started", "call_logs_stored"):
@@ -78,19 +80,14 @@ class CallService:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self._tasks.wait()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+        self._tasks.spawn(coro)
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self.hub.counters["internal_errors"] += 1
-            log.error("call background task failed", exc_info=task.exception())
+    def _task_failed(self, exc: BaseException) -> None:
+        self.hub.counters["internal_errors"] += 1
+        log.error("call background task failed", exc_info=exc)
 
     # -- effects ---------------------------------------------------------------------------------
 

@@ -8,11 +8,12 @@ imports it).
 
 from __future__ import annotations
 
-import asyncio
 import logging
+from collections.abc import Coroutine
 from typing import Any
 
 from sfu.pool import SfuError, SfuPool
+from sfu.tasks import TaskSet
 
 from .hub import HANDLERS, Handler, Hub
 from .protocol import (
@@ -213,6 +214,11 @@ SERVER_MESSAGES.update(MEDIA_SERVER)
 ERROR_CODES.update(MEDIA_ERRORS)
 
 
+def _log_failure(exc: BaseException) -> None:
+    if not isinstance(exc, SfuError):  # SfuErrors were answered to the client already
+        log.error("media task failed", exc_info=exc)
+
+
 class MediaRouter:
     """Bridges rooms in the hub and rooms in the SFU workers."""
 
@@ -220,25 +226,14 @@ class MediaRouter:
         self.hub = hub
         self.pool = pool
         self.tracks: dict[str, dict[str, dict[str, Any]]] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet(_log_failure)
         hub.on_session_resume.append(self.resumed)
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            if not isinstance(exc, SfuError):
-                log.error("media task failed", exc_info=exc)
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        self._tasks.spawn(coro)
 
     async def close(self) -> None:
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel()
 
     # -- hub hooks -------------------------------------------------------------------------------
 

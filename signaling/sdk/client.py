@@ -21,10 +21,12 @@ import contextlib
 import logging
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import aiohttp
+
+from sfu.tasks import TaskSet
 
 from ..client import Client, ClientError, next_matching
 
@@ -195,7 +197,7 @@ class RallypointClient:
         self._http: aiohttp.ClientSession | None = None
         self._connected = asyncio.Event()
         self._closing = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
 
     # -- connection ------------------------------------------------------------------------------
 
@@ -230,10 +232,8 @@ class RallypointClient:
         self._connected.set()
         self._spawn(self._pump(conn))
 
-    def _spawn(self, coro: Any) -> None:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._tasks.spawn(coro)
 
     async def _pump(self, conn: Client) -> None:
         """Route the events of one connection; on an unexpected close, reconnect."""
@@ -282,9 +282,7 @@ class RallypointClient:
                 with contextlib.suppress(ClientError, ConnectionError, TimeoutError):
                     await conn.request({"type": "bye"}, timeout=2.0)
             await conn.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel()
         if self._http is not None:
             await self._http.close()
             self._http = None

@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -55,6 +54,7 @@ import aiohttp  # noqa: E402
 import aioice.ice  # noqa: E402
 import aiortc  # noqa: E402
 from aiortc import RTCPeerConnection, RTCSessionDescription  # noqa: E402
+from procs import stop  # noqa: E402
 from sfu_janus import ROOM as JANUS_ROOM  # noqa: E402
 from sfu_janus import Session as JanusSession  # noqa: E402
 from sfu_janus import has_jsep, joined  # noqa: E402
@@ -105,16 +105,6 @@ def spawn(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[by
     """Start a server process in the project folder, its output to ``log``."""
     with open(log, "wb") as out:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 async def wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:

@@ -50,6 +50,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from procs import stop
 from wsload import LoadGen, core_times, proc_cpu_s
 
 HOST = "127.0.0.1"
@@ -159,15 +160,8 @@ class Server:
         return out
 
     def stop(self) -> None:
-        p = self.proc
-        if p is None or p.poll() is not None:
-            return
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(20.0)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(10.0)
+        if self.proc is not None:
+            stop(self.proc, 20.0)
 
 
 def rallypoint_server(

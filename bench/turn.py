@@ -30,7 +30,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -38,6 +37,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from procs import stop
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-secret"
@@ -120,16 +121,6 @@ def start_coturn(port: int) -> subprocess.Popen[bytes]:
     command += ["--min-port=45000", "--max-port=49999", "--no-stdout-log"]
     command += ["--log-file=stdout", "--simple-log"]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def load(server: str, pid: int, port: int, args: argparse.Namespace, messages: int = 0) -> Run:

@@ -18,15 +18,18 @@ from typing import Any
 from .bus import LocalBus
 from .config import Config
 from .presence import PresenceBook
-from .protocol import PROTOCOL_VERSION, CloseCode, ProtocolError, encode
+from .protocol import PROTOCOL_VERSION, CloseCode, ProtocolError, encode, error_message
 from .rooms import Participant, Room, RoomRegistry
 from .session import Connection, Session
-from .store import ChatStore, NewMessage, StoredMessage
+from .store import AppendResult, ChatStore, NewMessage, StoredMessage
 from .tokens import Claims, open_claims, verify_token
 
 log = logging.getLogger("rallypoint.hub")
 
-Handler = Callable[["Hub", Session, dict[str, Any]], Awaitable[None]]
+INTERNAL_ERROR = ProtocolError("internal_error", "the server failed to handle this message")
+
+# A handler either finishes before it returns (None) or returns what to await.
+Handler = Callable[["Hub", Session, dict[str, Any]], Awaitable[None] | None]
 IceProvider = Callable[[Session, str], list[dict[str, Any]]]
 
 
@@ -521,13 +524,39 @@ async def on_watch(hub: Hub, s: Session, m: dict[str, Any]) -> None:
     )
 
 
-async def _append(hub: Hub, s: Session, m: dict[str, Any], kind: str) -> None:
+def _append(hub: Hub, s: Session, m: dict[str, Any], kind: str) -> None:
+    """Check a send, edit or delete and hand it to the store; the acknowledgement and the
+    fan-out happen in ``done`` when the write is committed. The connection's receive loop
+    reads on meanwhile but waits (``Connection.drain``) before it handles the next request."""
     conv: str = m["conversation"]
     topic, members, moderator = hub._conversation(s, conv, joined=True)
     text: str | None = m.get("text")
     if text is not None and not 0 < len(text) <= hub.max_text_chars:
         raise ProtocolError("bad_field", f"`text` must have 1-{hub.max_text_chars} characters")
-    stored, dup = await hub.store.append(
+    conn = s.conn
+    assert conn is not None, "handlers run on a live connection"
+
+    def done(result: AppendResult) -> None:
+        conn.settle()
+        try:
+            if isinstance(result, ProtocolError):
+                hub.counters["errors_sent"] += 1
+                s.send(error_message(result, m.get("id")))
+                return
+            stored, dup = result
+            _reply(s, stored.ack(dup), m)
+            if not dup:
+                hub.counters["messages_stored"] += 1
+                hub._publish_conv(topic, members, encode(stored.to_wire()), s.id)
+                for hook in hub.on_message:
+                    hook(stored, members)
+        except Exception:  # a bug: log it, never send a traceback
+            hub.counters["internal_errors"] += 1
+            log.exception("chat completion failed")
+            s.send(error_message(INTERNAL_ERROR, m.get("id")))
+
+    conn.pending += 1
+    hub.store.append_nowait(
         NewMessage(
             conv,
             m["cid"],
@@ -539,26 +568,21 @@ async def _append(hub: Hub, s: Session, m: dict[str, Any], kind: str) -> None:
             members,
             moderator,
             hub.edit_window_ms,
-        )
+        ),
+        done,
     )
-    _reply(s, stored.ack(dup), m)
-    if not dup:
-        hub.counters["messages_stored"] += 1
-        hub._publish_conv(topic, members, encode(stored.to_wire()), s.id)
-        for hook in hub.on_message:
-            hook(stored, members)
 
 
-def on_send(hub: Hub, s: Session, m: dict[str, Any]) -> Awaitable[None]:
-    return _append(hub, s, m, "text")
+def on_send(hub: Hub, s: Session, m: dict[str, Any]) -> None:
+    _append(hub, s, m, "text")
 
 
-def on_edit(hub: Hub, s: Session, m: dict[str, Any]) -> Awaitable[None]:
-    return _append(hub, s, m, "edit")
+def on_edit(hub: Hub, s: Session, m: dict[str, Any]) -> None:
+    _append(hub, s, m, "edit")
 
 
-def on_delete(hub: Hub, s: Session, m: dict[str, Any]) -> Awaitable[None]:
-    return _append(hub, s, m, "delete")
+def on_delete(hub: Hub, s: Session, m: dict[str, Any]) -> None:
+    _append(hub, s, m, "delete")
 
 
 async def on_read(hub: Hub, s: Session, m: dict[str, Any]) -> None:

@@ -9,13 +9,13 @@ imports it).
 from __future__ import annotations
 
 import logging
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from sfu.pool import SfuError, SfuPool
 from sfu.tasks import TaskSet
 
-from .hub import HANDLERS, Handler, Hub
+from .hub import HANDLERS, Hub
 from .protocol import (
     CLIENT_MESSAGES,
     ERROR_CODES,
@@ -384,7 +384,9 @@ async def on_publish(hub: Hub, s: Session, m: dict[str, Any]) -> None:
     _reply(s, {"type": "publish_answer", "room": room, "sdp": result["sdp"]}, m)
 
 
-def _relay(grant: str, op: str, *fields: str) -> Handler:
+def _relay(
+    grant: str, op: str, *fields: str
+) -> Callable[[Hub, Session, dict[str, Any]], Awaitable[None]]:
     """A handler that checks ``grant``, passes ``fields`` to the worker's ``op`` and says ok."""
 
     async def handle(hub: Hub, s: Session, m: dict[str, Any]) -> None:

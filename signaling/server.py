@@ -23,7 +23,7 @@ from sfu.pool import SfuPool
 
 from . import calling, http_api
 from .config import Config
-from .hub import HANDLERS, Hub, IceProvider
+from .hub import HANDLERS, INTERNAL_ERROR, Hub, IceProvider
 from .media import MediaRouter
 from .protocol import CloseCode, ProtocolError, error_message, parse_client_message
 from .push import PushQueue, message_pushes
@@ -254,6 +254,8 @@ async def _serve(hub: Hub, conn: Connection) -> None:
             conn.send(error_message(ProtocolError("bad_message", "frames must be text")))
             continue
         data = msg.data
+        if conn.pending:  # replies keep request order: let this socket's chat writes finish
+            await conn.drain()
         session = conn.session
         if session is None:  # replaced by a resume on another connection
             return
@@ -271,7 +273,9 @@ async def _serve(hub: Hub, conn: Connection) -> None:
                     raise ProtocolError(
                         "rate_limited", "too many messages", retry_after_ms=int(wait * 1000) + 1
                     )
-            await handlers[t](hub, session, m)
+            pending = handlers[t](hub, session, m)
+            if pending is not None:
+                await pending
         except ProtocolError as e:
             err = e
             if m is None:  # invalid frames count against the rate limit too
@@ -289,12 +293,7 @@ async def _serve(hub: Hub, conn: Connection) -> None:
         except Exception:
             hub.counters["internal_errors"] += 1
             log.exception("handler failed")
-            conn.send(
-                error_message(
-                    ProtocolError("internal_error", "the server failed to handle this message"),
-                    m.get("id") if m is not None else None,
-                )
-            )
+            conn.send(error_message(INTERNAL_ERROR, m.get("id") if m is not None else None))
 
 
 async def healthz(request: web.Request) -> web.Response:

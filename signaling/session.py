@@ -38,8 +38,10 @@ class Connection:
         "bucket",
         "closing",
         "counters",
+        "drained",
         "last_recv",
         "limit",
+        "pending",
         "session",
         "transport",
         "ws",
@@ -62,6 +64,10 @@ class Connection:
         self.session: Session | None = None
         self.closing = False
         self.counters = counters
+        # Chat writes in the store that this connection's next request must wait for (so
+        # replies keep request order), and the future that wakes the receive loop at zero.
+        self.pending = 0
+        self.drained: asyncio.Future[None] | None = None
 
     def write(self, frame: bytes) -> None:
         """Queue a complete frame; cut the connection off if its outbox is full."""
@@ -75,6 +81,22 @@ class Connection:
 
     def send(self, msg: dict[str, Any]) -> None:
         self.write(encode(msg))
+
+    def settle(self) -> None:
+        """One pending store write finished."""
+        self.pending -= 1
+        d = self.drained
+        if not self.pending and d is not None:
+            self.drained = None
+            if not d.done():
+                d.set_result(None)
+
+    async def drain(self) -> None:
+        """Wait until no store write of this connection is pending."""
+        while self.pending:
+            if self.drained is None:
+                self.drained = asyncio.get_running_loop().create_future()
+            await self.drained
 
     def abandon(self, code: int, reason: str) -> None:
         """Close without waiting on the client: a close frame behind whatever is queued, then

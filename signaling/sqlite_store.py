@@ -31,7 +31,15 @@ from pathlib import Path
 from typing import Any
 
 from .protocol import ProtocolError
-from .store import DeviceInfo, NewMessage, Original, Page, StoredMessage, check_amend
+from .store import (
+    AppendDone,
+    DeviceInfo,
+    NewMessage,
+    Original,
+    Page,
+    StoredMessage,
+    check_amend,
+)
 
 MIGRATIONS: list[str] = [
     # 1: conversations, messages, direct-conversation members, read marks, store metadata.
@@ -88,6 +96,9 @@ MIGRATIONS: list[str] = [
 ]
 
 log = logging.getLogger(__name__)
+
+# Who hears about a write: a future (``_submit``) or an ``append_nowait`` callback.
+Waiter = asyncio.Future[Any] | AppendDone
 
 _COLUMNS = "conversation, seq, mid, cid, sender, name, kind, text, ref, ts, meta"
 _STOP = object()
@@ -195,6 +206,10 @@ class SqliteStore:
     def append(self, msg: NewMessage) -> asyncio.Future[tuple[StoredMessage, bool]]:
         return self._submit(_Writer.append, msg)
 
+    def append_nowait(self, msg: NewMessage, done: AppendDone) -> None:
+        assert self._writer is not None, "store is not open"
+        self._queue.put((_Writer.append, (msg,), done))
+
     async def mark_read(self, conversation: str, identity: str, seq: int) -> int | None:
         result: int | None = await self._submit(_Writer.mark_read, conversation, identity, seq)
         return result
@@ -224,7 +239,7 @@ class SqliteStore:
                 batch.pop()
             if not batch:
                 continue
-            results: list[tuple[asyncio.Future[Any], bool, Any]] = []
+            results: list[tuple[Waiter, bool, Any]] = []
             try:
                 db.execute("BEGIN IMMEDIATE")
                 for op, args, fut in batch:
@@ -404,14 +419,17 @@ class SqliteStore:
         return result
 
 
-def _resolve(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
-    for fut, ok, value in results:
-        if fut.done():
+def _resolve(results: list[tuple[Waiter, bool, Any]]) -> None:
+    """On the event loop: settle each write's future, or call its ``append_nowait`` callback."""
+    for waiter, ok, value in results:
+        if not isinstance(waiter, asyncio.Future):
+            waiter(value)
+        elif waiter.done():
             continue
-        if ok:
-            fut.set_result(value)
+        elif ok:
+            waiter.set_result(value)
         else:
-            fut.set_exception(value)
+            waiter.set_exception(value)
 
 
 class _Writer:

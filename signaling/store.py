@@ -7,7 +7,7 @@ edit or delete is allowed live here as a pure function so every store applies th
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -84,6 +84,12 @@ class NewMessage:
     meta: str | None = None  # JSON stored with the message (call logs)
 
 
+# What ``ChatStore.append_nowait`` hands its callback: the stored message and whether it was a
+# duplicate, or the refusal.
+AppendResult = tuple[StoredMessage, bool] | ProtocolError
+AppendDone = Callable[[AppendResult], None]
+
+
 @dataclass(slots=True, frozen=True)
 class Original:
     """What the edit/delete rule needs to know about the referenced message."""
@@ -143,6 +149,12 @@ class ChatStore(Protocol):
         duplicate (same conversation, sender and cid as an earlier message, which is returned
         instead). Raises ``ProtocolError`` for a refused edit or delete; nothing is stored then.
         A plain function returning an awaitable: it runs once per chat message."""
+        ...
+
+    def append_nowait(self, msg: NewMessage, done: AppendDone) -> None:
+        """``append`` for the chat hot path: ``done`` is called on the event loop with the
+        result or the ``ProtocolError``, in the order the appends were made, with no future
+        and no task switch per message. ``done`` must not raise."""
         ...
 
     async def mark_read(self, conversation: str, identity: str, seq: int) -> int | None:

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
@@ -378,3 +379,53 @@ async def test_delete_erases_edited_text_too(server: TestServer, clients: Connec
         {"type": "delete", "conversation": "room:del", "cid": "d", "ref": orig["seq"]}
     )
     assert again["duplicate"] is True and again["seq"] == 3
+
+
+async def test_replies_keep_request_order_behind_chat_writes(
+    server: TestServer, clients: Connect
+) -> None:
+    """Chat writes complete after the request loop has moved on; replies must still come back
+    in request order, and a request sent right after a `send` must see that message."""
+    (a,) = await joined(clients, server, "ord", "ann")
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(f"ws://127.0.0.1:{server.port}/ws")
+        await ws.send_json({"type": "hello", "v": 1, "name": "Raw", "identity": "raw"})
+        assert (await ws.receive_json())["type"] == "welcome"
+        await ws.send_json({"type": "join", "room": "ord", "id": "j"})
+        while (await ws.receive_json()).get("re") != "j":
+            pass
+        frames = [
+            {"type": "send", "conversation": "room:ord", "cid": "m1", "text": "one", "id": "s1"},
+            {"type": "history", "conversation": "room:ord", "id": "h"},
+            "{not json",
+            {"type": "send", "conversation": "room:ord", "cid": "m2", "text": "two", "id": "s2"},
+            {
+                "type": "edit",
+                "conversation": "room:ord",
+                "cid": "e",
+                "ref": 99,
+                "text": "x",
+                "id": "e1",
+            },
+            {"type": "ping", "id": "p"},
+        ]
+        for f in frames:  # back to back, without waiting for replies
+            await (ws.send_str(f) if isinstance(f, str) else ws.send_json(f))
+        replies = []
+        while len(replies) < len(frames):
+            msg = await asyncio.wait_for(ws.receive_json(), 10)
+            if msg["type"] in ("sent", "history", "error", "pong"):
+                replies.append(msg)
+        await ws.close()
+    assert [(r["type"], r.get("re")) for r in replies] == [
+        ("sent", "s1"),
+        ("history", "h"),
+        ("error", None),
+        ("sent", "s2"),
+        ("error", "e1"),
+        ("pong", "p"),
+    ]
+    assert [m["text"] for m in replies[1]["messages"]] == ["one"]
+    assert replies[2]["code"] == "bad_json" and replies[4]["code"] == "no_such_message"
+    got = [(await a.next_event("message"))["text"] for _ in range(2)]
+    assert got == ["one", "two"]

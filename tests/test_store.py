@@ -10,7 +10,7 @@ import pytest
 
 from signaling.protocol import ProtocolError
 from signaling.sqlite_store import MIGRATIONS, SqliteStore
-from signaling.store import NewMessage
+from signaling.store import AppendResult, NewMessage
 
 
 def msg(
@@ -64,6 +64,30 @@ async def test_duplicates_within_one_batch(store: SqliteStore) -> None:
     a, b = await asyncio.gather(store.append(msg("room:r", "x")), store.append(msg("room:r", "x")))
     assert a[0] == b[0] and sorted([a[1], b[1]]) == [False, True]
     assert await store.last_seq("room:r") == 1
+
+
+async def test_append_nowait_calls_back_in_order_with_results_and_refusals(
+    store: SqliteStore,
+) -> None:
+    got: list[AppendResult] = []
+    done = asyncio.get_running_loop().create_future()
+
+    def cb(result: AppendResult) -> None:
+        got.append(result)
+        if len(got) == 4 and not done.done():
+            done.set_result(None)
+
+    store.append_nowait(msg("room:n", "a"), cb)
+    store.append_nowait(msg("room:n", "b"), cb)
+    store.append_nowait(msg("room:n", "e", kind="edit", ref=99, text="x"), cb)  # refused
+    store.append_nowait(msg("room:n", "a"), cb)  # a retry
+    await asyncio.wait_for(done, 10)
+    first, second, refused, retry = got
+    assert isinstance(first, tuple) and isinstance(second, tuple) and isinstance(retry, tuple)
+    assert (first[0].seq, first[1], second[0].seq, second[1]) == (1, False, 2, False)
+    assert isinstance(refused, ProtocolError) and refused.code == "no_such_message"
+    assert retry == (first[0], True)
+    assert await store.last_seq("room:n") == 2
 
 
 async def test_paging_both_ways(store: SqliteStore) -> None:

@@ -23,7 +23,8 @@ from sfu.pool import SfuPool
 
 from . import calling, http_api
 from .config import Config
-from .hub import HANDLERS, INTERNAL_ERROR, Hub, IceProvider
+from .fastws import FastWebSocket, available
+from .hub import HANDLERS, INTERNAL_ERROR, Hub, IceProvider, on_delete, on_edit, on_send
 from .media import MediaRouter
 from .protocol import CloseCode, ProtocolError, error_message, parse_client_message
 from .push import PushQueue, message_pushes
@@ -141,6 +142,11 @@ def origin_allowed(request: web.Request, allowed: list[str]) -> bool:
     return False
 
 
+FAST_WS = available()
+# Handlers that finish without awaiting: ``_sink`` may run them inside ``data_received``.
+_FAST = {"send": on_send, "edit": on_edit, "delete": on_delete}
+
+
 async def ws_handler(request: web.Request) -> web.StreamResponse:
     hub = request.app[HUB]
     cfg = hub.cfg
@@ -154,7 +160,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
             status=503,
             headers={"Retry-After": "5"},
         )
-    ws = web.WebSocketResponse(
+    ws = (FastWebSocket if FAST_WS else web.WebSocketResponse)(
         max_msg_size=cfg.limits.hard_frame_bytes,
         compress=cfg.server.compression,
         decode_text=False,
@@ -238,14 +244,55 @@ async def _hello(hub: Hub, conn: Connection, host: str) -> bool:
                 return False
 
 
+def _sink(hub: Hub, conn: Connection) -> Callable[[bytes], bool]:
+    """Handle chat writes as aiohttp parses them (``fastws``); anything else, anything that
+    fails, and anything that would overtake a frame still in hand goes to ``_serve``."""
+    max_frame = hub.cfg.limits.max_frame_bytes
+    monotonic = time.monotonic
+
+    def take(data: bytes) -> bool:
+        session = conn.session
+        if conn.busy or conn.pending or session is None or len(data) > max_frame:
+            return False
+        try:
+            m = parse_client_message(data)
+        except ProtocolError:
+            return False
+        handler = _FAST.get(m["type"])
+        if handler is None:
+            return False
+        now = monotonic()
+        if conn.bucket.take(now):
+            return False
+        conn.last_recv = now
+        try:
+            handler(hub, session, m)
+        except ProtocolError as e:
+            hub.counters["errors_sent"] += 1
+            conn.send(error_message(e, m.get("id")))
+            if e.close is not None:  # no await here: close frame now, abort if unread
+                conn.abandon(e.close, e.code)
+        except Exception:
+            hub.counters["internal_errors"] += 1
+            log.exception("handler failed")
+            conn.send(error_message(INTERNAL_ERROR, m.get("id")))
+        return True
+
+    return take
+
+
 async def _serve(hub: Hub, conn: Connection) -> None:
     """The per-connection receive loop after `welcome`."""
     ws = conn.ws
     max_frame = hub.cfg.limits.max_frame_bytes
     handlers = HANDLERS
     monotonic = time.monotonic
+    if isinstance(ws, FastWebSocket):
+        ws.set_sink(_sink(hub, conn))
     while True:
+        conn.busy = False
         msg = await ws.receive()
+        conn.busy = True
         now = monotonic()
         conn.last_recv = now
         if msg.type is not WSMsgType.TEXT:

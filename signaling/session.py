@@ -36,6 +36,7 @@ class Connection:
 
     __slots__ = (
         "bucket",
+        "busy",
         "closing",
         "counters",
         "drained",
@@ -68,6 +69,7 @@ class Connection:
         # replies keep request order), and the future that wakes the receive loop at zero.
         self.pending = 0
         self.drained: asyncio.Future[None] | None = None
+        self.busy = False  # the receive loop is handling a frame (later frames wait their turn)
 
     def write(self, frame: bytes) -> None:
         """Queue a complete frame; cut the connection off if its outbox is full."""

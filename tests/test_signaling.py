@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from signaling import server as server_module
 from signaling.client import Client, ClientError
 from signaling.server import HUB
 
@@ -381,11 +382,14 @@ async def test_delete_erases_edited_text_too(server: TestServer, clients: Connec
     assert again["duplicate"] is True and again["seq"] == 3
 
 
+@pytest.mark.parametrize("inline", [True, False], ids=["fastws", "receive"])
 async def test_replies_keep_request_order_behind_chat_writes(
-    server: TestServer, clients: Connect
+    server: TestServer, clients: Connect, monkeypatch: pytest.MonkeyPatch, inline: bool
 ) -> None:
-    """Chat writes complete after the request loop has moved on; replies must still come back
-    in request order, and a request sent right after a `send` must see that message."""
+    """Chat writes complete after the request loop has moved on (and, with ``fastws``, are
+    handled inside aiohttp's data_received); replies must still come back in request order,
+    and a request sent right after a `send` must see that message."""
+    monkeypatch.setattr(server_module, "FAST_WS", inline and server_module.FAST_WS)
     (a,) = await joined(clients, server, "ord", "ann")
     async with aiohttp.ClientSession() as http:
         ws = await http.ws_connect(f"ws://127.0.0.1:{server.port}/ws")

@@ -1,0 +1,62 @@
+"""``signaling.fastws``: chat frames handled inside aiohttp's data_received, in order, and the
+plain ``receive()`` path when aiohttp's internals are not the ones mirrored."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from signaling import fastws
+from signaling import server as server_module
+from signaling.client import Client
+from signaling.server import HUB
+
+Connect = Callable[..., Awaitable[Client]]
+
+
+def test_available_on_the_mirrored_aiohttp(monkeypatch: pytest.MonkeyPatch) -> None:
+    if aiohttp.__version__ == "3.14.5":  # the version fastws mirrors
+        assert fastws.available()
+    monkeypatch.setattr(fastws, "KNOWN_POST_START", set())
+    assert not fastws.available()
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["fastws", "receive"])
+async def test_chat_by_either_path(
+    server: TestServer, clients: Connect, monkeypatch: pytest.MonkeyPatch, inline: bool
+) -> None:
+    if inline and not fastws.available():
+        pytest.fail("this aiohttp has no fast path: update signaling/fastws.py")
+    monkeypatch.setattr(server_module, "FAST_WS", inline)
+    taken: list[bool] = []
+    make_sink = server_module._sink
+
+    def counting(hub: object, conn: object) -> Callable[[bytes], bool]:
+        sink = make_sink(hub, conn)  # type: ignore[arg-type]
+
+        def take(data: bytes) -> bool:
+            ok = sink(data)
+            taken.append(ok)
+            return ok
+
+        return take
+
+    monkeypatch.setattr(server_module, "_sink", counting)
+    a = await clients(server, name="A", identity="a")
+    b = await clients(server, name="B", identity="b")
+    for c in (a, b):
+        await c.request({"type": "join", "room": "f"})
+    acks = [await a.send_chat("room:f", f"m{i}") for i in range(20)]
+    assert [x["seq"] for x in acks] == list(range(1, 21))
+    got = [(await b.next_event("message"))["text"] for _ in range(20)]
+    assert got == [f"m{i}" for i in range(20)]
+    if inline:
+        assert taken.count(True) == 20  # every send went inline; joins were passed on
+        assert taken.count(False) >= 1
+    else:
+        assert taken == []
+    stats = server.app[HUB].counters
+    assert stats["messages_stored"] == 20 and stats["internal_errors"] == 0

@@ -405,8 +405,10 @@ def describe(r: dict[str, Any], rp: bool) -> str:
 def throughput_phase(
     gen: LoadGen, srv: Server, rp: bool, a: argparse.Namespace, cores: Any, noise: Noise
 ) -> dict[str, Any]:
-    """Step the offered rate up by ``--growth`` until a step fails, then bisect."""
+    """Step the offered rate up by ``--growth`` until a step fails, then bisect (or run the
+    ``--rates`` given, in order)."""
     fanout = a.room_size - 1
+    fixed: list[float] = list(a.rates or [])
     steps: list[dict[str, Any]] = []
     rate = float(a.start_rate)
     good: float | None = None
@@ -414,8 +416,10 @@ def throughput_phase(
     best: dict[str, Any] | None = None
     deadline = time.monotonic() + a.search_budget
     lost = 0
-    for _ in range(a.max_steps):
-        if time.monotonic() > deadline:
+    for i in range(len(fixed) or a.max_steps):
+        if fixed:
+            rate = fixed[i]
+        elif time.monotonic() > deadline:
             log(f"{srv.name}: search time budget used up")
             break
         r = run_step(gen, srv, rate, a.step_seconds, a, cores, noise)
@@ -428,6 +432,10 @@ def throughput_phase(
             f"{srv.name}: {'PASS' if ok else 'FAIL'} {describe(r, rp)}"
             + (f" -- {why}" if why else "")
         )
+        if fixed:
+            if ok and (best is None or r["deliveries_per_s"] > best["deliveries_per_s"]):
+                best = r
+            continue
         if not ok and r["noisy"]:
             log(f"  (other processes disturbed this step; trying {rate:.0f}/s again)")
             continue
@@ -677,6 +685,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--latency-seconds", type=float, help="latency phase length (10)")
     p.add_argument("--start-rate", type=float, help="first offered rate, msgs/s (2500)")
     p.add_argument("--growth", type=float, default=1.25, help="rate factor between steps")
+    p.add_argument(
+        "--rates",
+        type=lambda v: [float(x) for x in v.split(",")],
+        help="run exactly these offered rates in order, e.g. 4900,6500,4900 (no search)",
+    )
     p.add_argument("--resolution", type=float, default=0.06, help="stop bisecting below this")
     p.add_argument("--max-steps", type=int, help="rate steps per server (12)")
     p.add_argument("--search-budget", type=float, help="seconds per server for the search (180)")

@@ -70,7 +70,11 @@ if _IMPORTED:
     class _SinkQueue(WebSocketDataQueue):
         """aiohttp's frame queue, offering text frames to ``sink`` first."""
 
-        sink: Sink | None = None
+        __slots__ = ("sink",)  # one per connection: no instance dict
+
+        def __init__(self, protocol: Any, limit: int, *, loop: Any) -> None:
+            super().__init__(protocol, limit, loop=loop)
+            self.sink: Sink | None = None
 
         def feed_data(self, data: Any, size: int) -> None:
             sink = self.sink

@@ -555,7 +555,6 @@ def _append(hub: Hub, s: Session, m: dict[str, Any], kind: str) -> None:
             log.exception("chat completion failed")
             s.send(error_message(INTERNAL_ERROR, m.get("id")))
 
-    conn.pending += 1
     hub.store.append_nowait(
         NewMessage(
             conv,
@@ -571,6 +570,7 @@ def _append(hub: Hub, s: Session, m: dict[str, Any], kind: str) -> None:
         ),
         done,
     )
+    conn.pending += 1  # after the hand-off: ``done`` runs on a later loop turn
 
 
 def on_send(hub: Hub, s: Session, m: dict[str, Any]) -> None:

@@ -433,3 +433,16 @@ async def test_replies_keep_request_order_behind_chat_writes(
     assert replies[2]["code"] == "bad_json" and replies[4]["code"] == "no_such_message"
     got = [(await a.next_event("message"))["text"] for _ in range(2)]
     assert got == ["one", "two"]
+
+
+async def test_a_refused_hand_off_leaves_no_pending_write(
+    server: TestServer, clients: Connect
+) -> None:
+    """If the store cannot take a chat write (closed at shutdown), the client hears an error
+    and its next request is still answered: nothing waits for a write that never happened."""
+    (a,) = await joined(clients, server, "gone", "ann")
+    await server.app[HUB].store.close()
+    with pytest.raises(ClientError) as e:
+        await a.request({"type": "send", "conversation": "room:gone", "cid": "x", "text": "hi"})
+    assert e.value.code == "internal_error"
+    assert (await a.request({"type": "ping"}))["type"] == "pong"

@@ -18,8 +18,8 @@ Connect = Callable[..., Awaitable[Client]]
 
 
 def test_available_on_the_mirrored_aiohttp(monkeypatch: pytest.MonkeyPatch) -> None:
-    if aiohttp.__version__ == "3.14.5":  # the version fastws mirrors
-        assert fastws.available()
+    # pyproject pins aiohttp to the version fastws mirrors; a bump must update both.
+    assert aiohttp.__version__ == "3.14.5" and fastws.available()
     monkeypatch.setattr(fastws, "KNOWN_POST_START", set())
     assert not fastws.available()
 

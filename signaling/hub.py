@@ -329,6 +329,20 @@ class Hub:
                 ),
             )
 
+    # -- answering requests that failed -----------------------------------------------------------
+
+    def refuse(self, to: Connection | Session, err: ProtocolError, rid: Any) -> None:
+        """Answer request ``rid`` with ``err``: a stable code and a human message."""
+        self.counters["errors_sent"] += 1
+        to.send(error_message(err, rid))
+
+    def failed(self, to: Connection | Session, rid: Any, what: str) -> None:
+        """A bug while handling request ``rid`` (call from an ``except`` block): log the
+        traceback, count it, and answer ``internal_error``; never a traceback to a client."""
+        self.counters["internal_errors"] += 1
+        log.exception(what)
+        to.send(error_message(INTERNAL_ERROR, rid))
+
     # -- conversations ---------------------------------------------------------------------------
 
     def _conversation(
@@ -540,8 +554,7 @@ def _append(hub: Hub, s: Session, m: dict[str, Any], kind: str) -> None:
         conn.settle()
         try:
             if isinstance(result, ProtocolError):
-                hub.counters["errors_sent"] += 1
-                s.send(error_message(result, m.get("id")))
+                hub.refuse(s, result, m.get("id"))
                 return
             stored, dup = result
             _reply(s, stored.ack(dup), m)
@@ -550,10 +563,8 @@ def _append(hub: Hub, s: Session, m: dict[str, Any], kind: str) -> None:
                 hub._publish_conv(topic, members, encode(stored.to_wire()), s.id)
                 for hook in hub.on_message:
                     hook(stored, members)
-        except Exception:  # a bug: log it, never send a traceback
-            hub.counters["internal_errors"] += 1
-            log.exception("chat completion failed")
-            s.send(error_message(INTERNAL_ERROR, m.get("id")))
+        except Exception:
+            hub.failed(s, m.get("id"), "chat completion failed")
 
     hub.store.append_nowait(
         NewMessage(

@@ -24,9 +24,9 @@ from sfu.pool import SfuPool
 from . import calling, http_api
 from .config import Config
 from .fastws import FastWebSocket, available
-from .hub import HANDLERS, INTERNAL_ERROR, Hub, IceProvider, on_delete, on_edit, on_send
+from .hub import HANDLERS, Hub, IceProvider, on_delete, on_edit, on_send
 from .media import MediaRouter
-from .protocol import CloseCode, ProtocolError, error_message, parse_client_message
+from .protocol import CloseCode, ProtocolError, parse_client_message
 from .push import PushQueue, message_pushes
 from .ratelimit import TokenBucket
 from .session import Connection
@@ -142,6 +142,7 @@ def origin_allowed(request: web.Request, allowed: list[str]) -> bool:
     return False
 
 
+NOT_TEXT = ProtocolError("bad_message", "frames must be text")
 FAST_WS = available()
 # Handlers that finish without awaiting: ``_sink`` may run them inside ``data_received``.
 _FAST = {"send": on_send, "edit": on_edit, "delete": on_delete}
@@ -199,13 +200,9 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
 
 def _oversized(hub: Hub, conn: Connection, data: bytes) -> bool:
     if len(data) > hub.cfg.limits.max_frame_bytes:
-        conn.send(
-            error_message(
-                ProtocolError(
-                    "frame_too_large",
-                    f"frames are limited to {hub.cfg.limits.max_frame_bytes} bytes",
-                )
-            )
+        limit = hub.cfg.limits.max_frame_bytes
+        hub.refuse(
+            conn, ProtocolError("frame_too_large", f"frames are limited to {limit} bytes"), None
         )
         return True
     return False
@@ -225,7 +222,7 @@ async def _hello(hub: Hub, conn: Connection, host: str) -> bool:
             return False
         conn.last_recv = time.monotonic()
         if msg.type is not WSMsgType.TEXT:
-            conn.send(error_message(ProtocolError("bad_message", "frames must be text")))
+            hub.refuse(conn, NOT_TEXT, None)
             continue
         if _oversized(hub, conn, msg.data):
             continue
@@ -237,8 +234,7 @@ async def _hello(hub: Hub, conn: Connection, host: str) -> bool:
             hub.welcome(conn, m, host.rsplit(":", 1)[0] if host.count(":") == 1 else host)
             return True
         except ProtocolError as e:
-            hub.counters["errors_sent"] += 1
-            conn.send(error_message(e, m.get("id") if m is not None else None))
+            hub.refuse(conn, e, m.get("id") if m is not None else None)
             if e.close is not None:
                 await conn.close(e.close, e.code)
                 return False
@@ -268,14 +264,11 @@ def _sink(hub: Hub, conn: Connection) -> Callable[[bytes], bool]:
         try:
             handler(hub, session, m)
         except ProtocolError as e:
-            hub.counters["errors_sent"] += 1
-            conn.send(error_message(e, m.get("id")))
+            hub.refuse(conn, e, m.get("id"))
             if e.close is not None:  # no await here: close frame now, abort if unread
                 conn.abandon(e.close, e.code)
         except Exception:
-            hub.counters["internal_errors"] += 1
-            log.exception("handler failed")
-            conn.send(error_message(INTERNAL_ERROR, m.get("id")))
+            hub.failed(conn, m.get("id"), "handler failed")
         return True
 
     return take
@@ -298,7 +291,7 @@ async def _serve(hub: Hub, conn: Connection) -> None:
         if msg.type is not WSMsgType.TEXT:
             if msg.type in _CLOSED:
                 return
-            conn.send(error_message(ProtocolError("bad_message", "frames must be text")))
+            hub.refuse(conn, NOT_TEXT, None)
             continue
         data = msg.data
         if conn.pending:  # replies keep request order: let this socket's chat writes finish
@@ -332,15 +325,12 @@ async def _serve(hub: Hub, conn: Connection) -> None:
                     err = ProtocolError(
                         "rate_limited", "too many messages", retry_after_ms=int(wait * 1000) + 1
                     )
-            hub.counters["errors_sent"] += 1
-            conn.send(error_message(err, m.get("id") if m is not None else None))
+            hub.refuse(conn, err, m.get("id") if m is not None else None)
             if err.close is not None:
                 await conn.close(err.close, err.code)
                 return
         except Exception:
-            hub.counters["internal_errors"] += 1
-            log.exception("handler failed")
-            conn.send(error_message(INTERNAL_ERROR, m.get("id") if m is not None else None))
+            hub.failed(conn, m.get("id") if m is not None else None, "handler failed")
 
 
 async def healthz(request: web.Request) -> web.Response:

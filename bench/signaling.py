@@ -17,8 +17,13 @@ Phases, each bounded in time:
    raw deliveries/s, both at the sustainable rate.
 
 Each server is pinned to the first core and the load generator (``bench/wsload.py``, raw asyncio
-Protocols, not aiohttp's client) to the second. Server CPU comes from /proc/<pid>/stat; the busy
-time of each core (from /proc/stat) is printed too because loopback TCP charges part of the
+Protocols, not aiohttp's client) to the second. Rallypoint's chat store writes in a process of
+its own (``signaling.store_writer``); by default it is pinned to the second core, with the load
+generator, as the operating system would place it on an idle 2-core machine, and
+``--store-core server`` keeps it on the server's core (everything of Rallypoint on one core).
+The raw server is one process with one thread: a second core would not help it. Server CPU and
+memory are those of the server and its child processes (from /proc/<pid>/stat and status); the
+busy time of each core (from /proc/stat) is printed too because loopback TCP charges part of the
 receiver's work to the sender's core as softirq.
 
     .venv/bin/python bench/signaling.py            # full run, ~6-8 minutes
@@ -141,11 +146,37 @@ class Server:
         assert self.proc is not None
         return self.proc.pid
 
+    def pids(self) -> list[int]:
+        """The server and its child processes (Rallypoint's store writer)."""
+        out = [self.pid]
+        for pid in out:  # grows while walking: children of children
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                try:
+                    out.extend(int(c) for c in (task / "children").read_text().split())
+                except OSError:
+                    pass
+        return out
+
     def rss_kib(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise RuntimeError("no VmRSS")
+        """Resident memory of the server and its child processes."""
+        total = 0
+        for pid in self.pids():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        return total
+
+    def place_store_writer(self, core: int | None) -> None:
+        """Pin Rallypoint's store writer process (a child of the server) to ``core``."""
+        if core is None:
+            return
+        for pid in self.pids()[1:]:
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"signaling.store_writer" in cmd:
+                os.sched_setaffinity(pid, {core})
 
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -306,10 +337,10 @@ class Noise:
         busy = sum(c1[k][0] - c0[k][0] - (c1[k][1] - c0[k][1]) for k in c1)
         return max(0.0, (busy - (p1 - p0)) / (t1 - t0))
 
-    def wait_quiet(self, server_pid: int) -> None:
+    def wait_quiet(self, server_pids: list[int]) -> None:
         if self.left <= 0:
             return
-        pids = [*self.pids, server_pid]
+        pids = [*self.pids, *server_pids]
         t0 = time.monotonic()
         told = False
         while self.left > 0 and time.monotonic() - t0 < self.max_wait_s:
@@ -336,7 +367,8 @@ def run_step(
 ) -> dict[str, Any]:
     """One open-loop step; repeated (up to twice) when other processes disturbed it."""
     for attempt in range(3):
-        noise.wait_quiet(srv.pid)
+        pids = srv.pids()
+        noise.wait_quiet(pids)
         r = gen.call(
             "run",
             a.warmup + duration + a.drain + 60,
@@ -345,7 +377,7 @@ def run_step(
             duration_s=duration,
             drain_s=a.drain,
             fanout=a.room_size - 1,
-            server_pid=srv.pid,
+            server_pids=pids,
             server_core=cores[0],
             load_core=cores[1],
         )
@@ -394,7 +426,8 @@ def describe(r: dict[str, Any], rp: bool) -> str:
         )
     s += (
         f"deliv p99 {r['delivery_p99_ms']:6.1f} ms | CPU server {r['server_cpu']:.0%} "
-        f"core0 {r.get('server_core_busy', math.nan):.0%} "
+        + (f"(children {r['server_child_cpu']:.0%}) " if r.get("server_child_cpu") else "")
+        + f"core0 {r.get('server_core_busy', math.nan):.0%} "
         f"(softirq {r.get('server_core_softirq', math.nan):.0%}) "
         f"loadgen {r['loadgen_cpu']:.0%} core1 {r.get('load_core_busy', math.nan):.0%} "
         f"other {r['other_cpu']:.0%}"
@@ -535,6 +568,8 @@ def report(res: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
             res.get("gc_max_pause_ms_memory_server", math.nan), 1
         ),
         "server_cpu_at_sustainable": round(best["server_cpu"], 3) if best else None,
+        "server_children_cpu_at_sustainable": round(best["server_child_cpu"], 3) if best else None,
+        "store_writer_core": res["store_core"],
         "server_us_per_delivery": round(best["server_cpu"] / best["deliveries_per_s"] * 1e6, 1)
         if best
         else None,
@@ -577,7 +612,8 @@ def print_table(res: dict[str, Any], s: dict[str, Any]) -> None:
         f"Python {m['python']}, {m['date']}"
     )
     print(
-        f"server pinned to core {res['cores'][0]}, load generator to core {res['cores'][1]}; "
+        f"server pinned to core {res['cores'][0]} (its store writer process to core "
+        f"{res['store_core']}), load generator to core {res['cores'][1]}; "
         f"rooms of {s['room_size']}; {res['message_bytes']}-byte send frames\n"
     )
     for key, title in (("throughput_rp", "rallypoint"), ("throughput_raw", "raw broadcast")):
@@ -696,6 +732,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--each-rate", type=float, default=2500.0, help="msgs/s in the memory phase")
     p.add_argument("--settle", type=float, help="seconds to wait before reading RSS (3)")
     p.add_argument("--connect-timeout", type=float, help="seconds to open all connections (120)")
+    p.add_argument(
+        "--store-core",
+        choices=("load", "server"),
+        default="load",
+        help="where Rallypoint's store writer process runs: on the load generator's core "
+        "(default: the server uses the machine's second core for its writes) or on the "
+        "server's core (everything of the server on one core)",
+    )
     p.add_argument("--skip-raw", action="store_true", help="no raw baseline (no ratio)")
     p.add_argument("--skip-memory", action="store_true", help="no memory phase")
     p.add_argument("--skip-load", action="store_true", help="no latency and throughput phases")
@@ -760,6 +804,8 @@ def main(argv: list[str] | None = None) -> int:
     gen = LoadGen(cores[1])
     noise = Noise(a.noise_threshold, a.noise_budget, [os.getpid(), gen.proc.pid or 0])
     res: dict[str, Any] = {"t0": t0, "cores": cores, "message_bytes": a.message_bytes}
+    store_core = cores[1] if a.store_core == "load" else None  # None: stays with the server
+    res["store_core"] = cores[1] if a.store_core == "load" else cores[0]
     gc_pauses: list[float] = []
     gc_over = 0
     servers: list[Server] = []
@@ -789,6 +835,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             servers.append(srv)
             srv.start()
+            srv.place_store_writer(store_core)
             res["memory_rp"] = memory_phase(gen, srv, "rp", a)
             finish_rp(srv, "memory_server")
             if not a.skip_raw:
@@ -805,6 +852,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             servers.append(srv)
             srv.start()
+            srv.place_store_writer(store_core)
             if connect(gen, srv, a.load_connections, "rp", "t", a) < a.load_connections * 0.99:
                 raise RuntimeError("too few connections for the load phases")
             res["latency"] = latency_phase(gen, srv, a, cores, noise)

@@ -398,7 +398,7 @@ class LoadGenWorker:
         duration_s: float,
         drain_s: float,
         fanout: int,
-        server_pid: int = 0,
+        server_pids: tuple[int, ...] | list[int] = (),
         server_core: int | None = None,
         load_core: int | None = None,
     ) -> dict[str, Any]:
@@ -435,7 +435,7 @@ class LoadGenWorker:
                     "deliveries": s.deliveries,
                     "errors": s.errors,
                     "cpu": time.process_time(),
-                    "server_cpu": proc_cpu_s(server_pid) if server_pid else 0.0,
+                    "server_cpu": [proc_cpu_s(p) for p in server_pids],
                     "cores": core_times(),
                 }
             if now >= t_end:
@@ -454,7 +454,9 @@ class LoadGenWorker:
         t1 = perf()
         elapsed = t1 - w["t"]
         cpu = time.process_time() - w["cpu"]
-        server_cpu = (proc_cpu_s(server_pid) - w["server_cpu"]) if server_pid else 0.0
+        # the server and its child processes (Rallypoint's store writer, SFU workers)
+        cpus = [proc_cpu_s(p) - c0 for p, c0 in zip(server_pids, w["server_cpu"], strict=True)]
+        server_cpu = sum(cpus)
         cores1 = core_times()
         ack_lat, del_lat = s.ack_lat, s.del_lat
         s.ack_lat, s.del_lat = [], []
@@ -468,6 +470,7 @@ class LoadGenWorker:
             "lost_connections": s.lost,
             "loadgen_cpu": cpu / elapsed,
             "server_cpu": server_cpu / elapsed,
+            "server_child_cpu": sum(cpus[1:]) / elapsed,
             "loadgen_behind_ticks": behind,
         }
         for name, core in (("server_core", server_core), ("load_core", load_core)):

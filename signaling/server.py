@@ -354,6 +354,7 @@ async def metrics(request: web.Request) -> web.Response:
     if isinstance(store, SqliteStore):
         values["store_commits_total"] = store.commits
         values["store_writes_total"] = store.batched
+        values["store_writer_restarts_total"] = store.restarts
     if hub.media is not None:  # summed over the SFU workers
         for stats in await hub.media.pool.stats():
             for k, v in stats.items():

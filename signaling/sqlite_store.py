@@ -1,52 +1,36 @@
 """``ChatStore`` on SQLite in WAL mode, without blocking the event loop.
 
-- One writer thread owns the write connection. Requests queue up; the thread takes everything
-  queued and commits it in one transaction (group commit), then resolves the callers' futures
-  with one hop back to the loop. Under light load it does not wait for more, so a lone message
-  is committed at once. Under load (the previous transaction carried ``BUSY_BATCH`` writes or
-  more) it first waits ``BUSY_WINDOW_S`` for more to queue up: fewer, larger transactions cost
-  less per message and, above all, the writer then wakes (and preempts the event loop on its
-  core) a few hundred times a second instead of thousands (bench/signaling.py at 4,000 msgs/s:
-  the server's core went from 88-95 % to 72 % with a 2 ms window). The window is 0.5 ms: at
-  6,000-6,600 msgs/s, where p99 and not CPU decides, steps passed 7 of 8 times with 0.5 ms
-  and 4 of 8 with 2 ms (no window at all: the core at 98-100 %).
+- Writes go to the writer process (``signaling.store_writer``), which owns the write connection
+  and commits whatever has queued up in one transaction (group commit). Requests leave as one
+  JSON line each, gathered per event-loop turn into one socket write; each transaction comes
+  back as one line of results, in request order, which settle the callers' futures or call
+  their ``append_nowait`` callbacks. A writer process that dies fails the writes in flight with
+  ``internal_error`` (a client's retry with the same ``cid`` is stored once) and is restarted.
+  Why a process and not a thread: the writer's Python and its bindings would otherwise share
+  the event loop's GIL, and its SQLite time the loop's core (see docs/BENCHMARKS.md).
 - One reader thread serves history and sync queries from its own connection (WAL readers do not
   block the writer).
-- Automatic checkpoints are off on the writer; a checkpoint thread runs them in the background
-  (SQLite's checkpoints in the commit path put the p99 at 13-17 ms; see signaling-facts).
-  SQLite starts the WAL file over only when a transaction begins after a checkpoint copied
-  all of it, which a background checkpoint never manages while writes go on: under steady load
-  the WAL grew by ~36 MB/s without end (4,500 msgs/s). So once it holds ``WAL_RESTART_FRAMES``
-  pages the checkpointer asks the writer to finish the job between two transactions: only the
-  frames written since the background pass are left to copy, and the next transaction rewinds.
-- Sequence numbers are assigned in the writer thread inside the transaction that stores the
-  message, so they are gap-free and never reused, even across crashes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
-import queue
+import os
 import secrets
+import socket
 import sqlite3
-import threading
-import time
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from .protocol import ProtocolError
-from .store import (
-    AppendDone,
-    DeviceInfo,
-    NewMessage,
-    Original,
-    Page,
-    StoredMessage,
-    check_amend,
-)
+from .store import AppendDone, DeviceInfo, NewMessage, Page, StoredMessage
 
 MIGRATIONS: list[str] = [
     # 1: conversations, messages, direct-conversation members, read marks, store metadata.
@@ -104,22 +88,22 @@ MIGRATIONS: list[str] = [
 
 log = logging.getLogger(__name__)
 
-# Who hears about a write: a future (``_submit``) or an ``append_nowait`` callback.
-Waiter = asyncio.Future[Any] | AppendDone
+# Who hears about a write: a future (``_submit``) or an ``append_nowait`` callback; and
+# whether its value is a stored row to turn into ``(StoredMessage, duplicate)``.
+Waiter = tuple[asyncio.Future[Any] | AppendDone, bool]
 
-_COLUMNS = "conversation, seq, mid, cid, sender, name, kind, text, ref, ts, meta"
-_STOP = object()
-BUSY_BATCH = 4  # writes in the previous transaction that mean "under load"
-BUSY_WINDOW_S = 0.0005  # then wait this long for more before the next transaction
+COLUMNS = "conversation, seq, mid, cid, sender, name, kind, text, ref, ts, meta"
 WAL_RESTART_FRAMES = 4096  # WAL pages (16 MiB) after which the writer finishes a checkpoint
 CHECKPOINT_INTERVAL_S = 1.0  # between background checkpoints while there are writes
+RESTART_DELAY_S = 1.0  # before a writer process that died is started again
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _row(r: tuple[Any, ...]) -> StoredMessage:
     return StoredMessage(*r)
 
 
-def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
+def connect(path: Path | str, synchronous: str) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
@@ -147,161 +131,231 @@ def migrate(db: sqlite3.Connection) -> int:
     return len(MIGRATIONS)
 
 
-class SqliteStore:
-    """SQLite ``ChatStore`` (see the module docstring for its threads)."""
+class _Link(asyncio.Protocol):
+    """The server's end of the socket pair to the writer process."""
 
-    def __init__(self, path: Path | str, synchronous: str = "normal") -> None:
+    def __init__(self, store: SqliteStore) -> None:
+        self.store = store
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[str] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()  # every answer read
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        *lines, self.buf = (self.buf + data).split(b"\n")
+        for line in lines:
+            results = orjson.loads(line)
+            if self.ready.done():
+                self.store._resolve(results)
+            elif results[0] == "ready":
+                self.ready.set_result(results[1])
+            else:
+                self.ready.set_exception(RuntimeError(results[1]))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(RuntimeError("the store writer exited at start-up"))
+        self.closed.set_result(None)
+        self.store._lost(self)
+
+
+class SqliteStore:
+    """SQLite ``ChatStore`` (see the module docstring for its processes and threads)."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        synchronous: str = "normal",
+        *,
+        wal_restart_frames: int = WAL_RESTART_FRAMES,
+        checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S,
+    ) -> None:
         self.path = Path(path)
         self.synchronous = synchronous
+        self.wal_restart_frames = wal_restart_frames
+        self.checkpoint_interval_s = checkpoint_interval_s
         self.epoch = ""
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._writer: threading.Thread | None = None
-        self._checkpointer: threading.Thread | None = None
-        self._stopping = threading.Event()
-        self._dirty = threading.Event()
-        self._wal_full = threading.Event()  # the checkpointer asks the writer to finish
+        self.proc: asyncio.subprocess.Process | None = None
+        self._link: _Link | None = None
+        self._out: list[bytes] = []  # request lines not yet written to the writer
+        self._waiting: collections.deque[Waiter] = collections.deque()  # sent, not answered
+        self._closing = False
+        self._restart: asyncio.Task[None] | None = None
         self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store-read")
         self._rdb: sqlite3.Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.commits = 0
         self.batched = 0
+        self.restarts = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        wdb = await asyncio.to_thread(self._open_writer)
-        self._writer = threading.Thread(
-            target=self._write_loop, args=(wdb,), name="store-write", daemon=True
-        )
-        self._writer.start()
-        self._checkpointer = threading.Thread(
-            target=self._checkpoint_loop, name="store-ckpt", daemon=True
-        )
-        self._checkpointer.start()
+        self._closing = False
+        await self._start()
 
-    def _open_writer(self) -> sqlite3.Connection:
-        wdb = _connect(self.path, self.synchronous)
-        migrate(wdb)
-        wdb.execute("PRAGMA wal_autocheckpoint=0")
-        self.epoch = wdb.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()[0]
-        return wdb
+    async def _start(self) -> None:
+        assert self._loop is not None
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # The writer imports this package: make sure it finds the same copy (a checkout run
+        # with PYTHONPATH, an installed wheel).
+        path = os.environ.get("PYTHONPATH")
+        root = _PACKAGE_ROOT
+        env = {**os.environ, "PYTHONPATH": root if not path else root + os.pathsep + path}
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "signaling.store_writer",
+                "--fd",
+                str(child.fileno()),
+                "--path",
+                str(self.path),
+                "--synchronous",
+                self.synchronous,
+                "--wal-restart-frames",
+                str(self.wal_restart_frames),
+                "--checkpoint-interval",
+                str(self.checkpoint_interval_s),
+                pass_fds=[child.fileno()],
+                stdin=asyncio.subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,  # a terminal's Ctrl-C is the server's to handle
+            )
+        finally:
+            child.close()
+        _, link = await self._loop.create_unix_connection(lambda: _Link(self), sock=parent)
+        try:
+            self.epoch = await asyncio.wait_for(link.ready, 30)
+        except (RuntimeError, TimeoutError):
+            assert link.transport is not None
+            link.transport.close()
+            await self._reap()
+            raise
+        self._link = link
+        if self._out:  # written while the writer restarted
+            self._flush()
+
+    async def _reap(self) -> None:
+        if self.proc is not None:
+            try:
+                await asyncio.wait_for(self.proc.wait(), 30)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+            self.proc = None
 
     async def close(self) -> None:
-        """Finish every queued write, checkpoint, and close the connections."""
-        if self._writer is not None:
-            self._queue.put(_STOP)
-            await asyncio.to_thread(self._writer.join)
-            self._writer = None
-        self._stopping.set()
-        self._dirty.set()
-        if self._checkpointer is not None:
-            await asyncio.to_thread(self._checkpointer.join)
-            self._checkpointer = None
+        """Finish every write sent so far, checkpoint, and close the connections."""
+        self._closing = True
+        if self._restart is not None:
+            self._restart.cancel()
+            await asyncio.gather(self._restart, return_exceptions=True)
+            self._restart = None
+        link = self._link
+        if link is not None and link.transport is not None:
+            self._flush()
+            link.transport.write_eof()  # the writer answers the rest, then exits
+            try:  # read the last answers before the socket goes
+                await asyncio.wait_for(asyncio.shield(link.closed), 60)
+            except TimeoutError:
+                log.error("the store writer did not finish in 60 s")
+            link.transport.close()
+        self._link = None
+        self._fail(ProtocolError("internal_error", "the store is closed"), unsent_too=True)
+        await self._reap()
         if self._rdb is not None:
             rdb = self._rdb
             await asyncio.get_running_loop().run_in_executor(self._reader, rdb.close)
             self._rdb = None
         self._reader.shutdown(wait=True)
 
+    def _lost(self, link: _Link) -> None:
+        """The writer's end closed: at shutdown after its last answers, or it died."""
+        if link is not self._link:
+            return
+        self._link = None
+        self._fail(ProtocolError("internal_error", "the store writer stopped"), unsent_too=False)
+        if not self._closing:
+            log.error("the store writer process exited; restarting it")
+            self._restart = asyncio.ensure_future(self._restart_later())
+
+    async def _restart_later(self) -> None:
+        await self._reap()
+        while not self._closing:
+            await asyncio.sleep(RESTART_DELAY_S)
+            try:
+                await self._start()
+            except (RuntimeError, TimeoutError, OSError) as e:
+                log.error("the store writer did not start again: %s", e)
+                continue
+            self.restarts += 1
+            return
+
+    def _fail(self, err: ProtocolError, unsent_too: bool) -> None:
+        """Answer the writes sent and not answered with ``err`` (their outcome is unknown);
+        those not sent yet wait for the next writer, unless ``unsent_too``."""
+        waiting = self._waiting
+        n = len(waiting) if unsent_too else len(waiting) - len(self._out)
+        if unsent_too:
+            self._out = []
+        failed = [waiting.popleft() for _ in range(n)]
+        _settle(failed, [[0, err.code, err.message]] * n)
+
     # -- writes ----------------------------------------------------------------------------------
 
-    def _submit(self, op: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
-        assert self._loop is not None and self._writer is not None, "store is not open"
+    def _send(self, line: bytes, waiter: Waiter) -> None:
+        if self._closing or self._loop is None:
+            raise RuntimeError("the store is closed")
+        if not self._out:
+            self._loop.call_soon(self._flush)
+        self._out.append(line)
+        self._waiting.append(waiter)
+
+    def _flush(self) -> None:
+        link = self._link
+        if link is None or link.transport is None or not self._out:
+            return  # sent once the writer is back (``_start``)
+        out, self._out = self._out, []
+        link.transport.write(b"".join(out))
+
+    def _resolve(self, results: list[list[Any]]) -> None:
+        """One transaction's results, for the oldest writes in flight."""
+        self.commits += 1
+        self.batched += len(results)
+        waiting = self._waiting
+        _settle([waiting.popleft() for _ in results], results)
+
+    def _submit(self, *request: Any) -> asyncio.Future[Any]:
+        assert self._loop is not None, "store is not open"
         fut: asyncio.Future[Any] = self._loop.create_future()
-        self._queue.put((op, args, fut))
+        self._send(orjson.dumps(request) + b"\n", (fut, False))
         return fut
 
     def append(self, msg: NewMessage) -> asyncio.Future[tuple[StoredMessage, bool]]:
-        return self._submit(_Writer.append, msg)
+        assert self._loop is not None, "store is not open"
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self._send(_append_line(msg), (fut, True))
+        return fut
 
     def append_nowait(self, msg: NewMessage, done: AppendDone) -> None:
-        assert self._writer is not None, "store is not open"
-        self._queue.put((_Writer.append, (msg,), done))
+        self._send(_append_line(msg), (done, True))
 
     async def mark_read(self, conversation: str, identity: str, seq: int) -> int | None:
-        result: int | None = await self._submit(_Writer.mark_read, conversation, identity, seq)
+        result: int | None = await self._submit("r", conversation, identity, seq)
         return result
 
     async def touch_device(self, identity: str, device: str, name: str, now_ms: int) -> None:
-        await self._submit(_Writer.touch_device, identity, device, name, now_ms)
+        await self._submit("d", identity, device, name, now_ms)
 
     async def register_identity(self, identity: str, now_ms: int) -> None:
-        await self._submit(_Writer.register_identity, identity, now_ms)
-
-    def _write_loop(self, db: sqlite3.Connection) -> None:
-        w = _Writer(db)
-        q = self._queue
-        stop = False
-        last = 1
-        while not stop:
-            batch = [q.get()]
-            if last >= BUSY_BATCH:
-                time.sleep(BUSY_WINDOW_S)
-            while len(batch) < 2048:
-                try:
-                    batch.append(q.get_nowait())
-                except queue.Empty:
-                    break
-            if batch[-1] is _STOP:
-                stop = True
-                batch.pop()
-            if not batch:
-                continue
-            results: list[tuple[Waiter, bool, Any]] = []
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                for op, args, fut in batch:
-                    # Ops raise ProtocolError only before they write anything, so a refusal
-                    # needs no savepoint (which would cost two statements per message).
-                    try:
-                        results.append((fut, True, op(w, *args)))
-                    except ProtocolError as e:
-                        results.append((fut, False, e))
-                w.flush()
-                db.execute("COMMIT")
-                w.committed()
-                self.commits += 1
-                self.batched += len(batch)
-                last = len(batch)
-            except Exception as e:  # sqlite3.Error, or a bug: fail this batch, keep the thread
-                if not isinstance(e, sqlite3.Error):
-                    log.exception("store writer failed")
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                w.rolled_back()
-                err = ProtocolError("internal_error", f"the store failed ({e.__class__.__name__})")
-                results = [(fut, False, err) for _, _, fut in batch]
-            self._dirty.set()
-            assert self._loop is not None
-            try:
-                self._loop.call_soon_threadsafe(_resolve, results)
-            except RuntimeError:  # loop closed: nobody is waiting any more
-                pass
-            if self._wal_full.is_set():  # after the callers heard: this takes a few ms
-                self._wal_full.clear()
-                try:
-                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                except sqlite3.Error as e:
-                    log.warning("checkpoint failed: %s", e)
-        db.close()
-
-    def _checkpoint_loop(self) -> None:
-        db = _connect(self.path, self.synchronous)
-        try:
-            while not self._stopping.is_set():
-                self._dirty.wait()
-                self._dirty.clear()
-                if self._stopping.is_set():
-                    break
-                _, frames, _ = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                if frames >= WAL_RESTART_FRAMES:
-                    self._wal_full.set()
-                self._stopping.wait(CHECKPOINT_INTERVAL_S)
-            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        finally:
-            db.close()
+        await self._submit("i", identity, now_ms)
 
     # -- reads -----------------------------------------------------------------------------------
 
@@ -310,7 +364,7 @@ class SqliteStore:
 
     def _rconn(self) -> sqlite3.Connection:
         if self._rdb is None:
-            self._rdb = _connect(self.path, self.synchronous)
+            self._rdb = connect(self.path, self.synchronous)
         return self._rdb
 
     def _last_seq_sync(self, conversation: str) -> int:
@@ -334,7 +388,7 @@ class SqliteStore:
             last = self._last_seq_sync(conversation)
             if after is not None:
                 rows = db.execute(
-                    f"SELECT {_COLUMNS} FROM messages WHERE conversation=? AND seq>? "
+                    f"SELECT {COLUMNS} FROM messages WHERE conversation=? AND seq>? "
                     "ORDER BY seq LIMIT ?",
                     (conversation, after, limit + 1),
                 ).fetchall()
@@ -343,7 +397,7 @@ class SqliteStore:
             else:
                 b = last + 1 if before is None else before
                 rows = db.execute(
-                    f"SELECT {_COLUMNS} FROM messages WHERE conversation=? AND seq<? "
+                    f"SELECT {COLUMNS} FROM messages WHERE conversation=? AND seq<? "
                     "ORDER BY seq DESC LIMIT ?",
                     (conversation, b, limit + 1),
                 ).fetchall()
@@ -437,169 +491,42 @@ class SqliteStore:
         return result
 
 
-def _resolve(results: list[tuple[Waiter, bool, Any]]) -> None:
-    """On the event loop: settle each write's future, or call its ``append_nowait`` callback."""
-    for waiter, ok, value in results:
+def _append_line(m: NewMessage) -> bytes:
+    return (
+        orjson.dumps(
+            (
+                "a",
+                m.conversation,
+                m.cid,
+                m.sender,
+                m.name,
+                m.kind,
+                m.text,
+                m.ref,
+                m.members,
+                m.moderator,
+                m.edit_window_ms,
+                m.meta,
+            )
+        )
+        + b"\n"
+    )
+
+
+def _settle(waiters: list[Waiter], results: list[list[Any]]) -> None:
+    """Settle each write's future, or call its ``append_nowait`` callback."""
+    for (waiter, row), r in zip(waiters, results, strict=True):
+        if r[0]:
+            value = r[1]
+            if row:
+                value = (StoredMessage(*value[:11]), value[11])
+        else:
+            value = ProtocolError(r[1], r[2])
         if not isinstance(waiter, asyncio.Future):
             waiter(value)
         elif waiter.done():
             continue
-        elif ok:
+        elif r[0]:
             waiter.set_result(value)
         else:
             waiter.set_exception(value)
-
-
-class _Writer:
-    """The writer thread's state: cached last sequence per conversation."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-        self.cur = db.cursor()  # reused: Connection.execute makes a new cursor per statement
-        self.last: dict[str, int] = {}
-        self.pending: dict[str, int] = {}  # changed in the open transaction
-
-    def flush(self) -> None:
-        """Write the last sequence of every conversation changed in this transaction."""
-        self.db.executemany(
-            "UPDATE conversations SET last_seq=? WHERE id=?",
-            [(seq, conv) for conv, seq in self.pending.items()],
-        )
-
-    def committed(self) -> None:
-        self.last.update(self.pending)
-        self.pending.clear()
-
-    def rolled_back(self) -> None:
-        self.pending.clear()
-
-    def _last(self, conversation: str, members: tuple[str, ...], now: int) -> int:
-        seq = self.pending.get(conversation)
-        if seq is not None:
-            return seq
-        seq = self.last.get(conversation)
-        if seq is not None:
-            return seq
-        r = self.db.execute(
-            "SELECT last_seq FROM conversations WHERE id=?", (conversation,)
-        ).fetchone()
-        if r is not None:
-            self.last[conversation] = seq = int(r[0])
-            return seq
-        self.db.execute("INSERT INTO conversations VALUES (?, 0, ?)", (conversation, now))
-        self.db.executemany(
-            "INSERT OR IGNORE INTO members VALUES (?, ?)", [(m, conversation) for m in members]
-        )
-        self.pending[conversation] = 0
-        return 0
-
-    def _duplicate(self, msg: NewMessage) -> tuple[StoredMessage, bool] | None:
-        dup = self.db.execute(
-            f"SELECT {_COLUMNS} FROM messages WHERE conversation=? AND sender=? AND cid=?",
-            (msg.conversation, msg.sender, msg.cid),
-        ).fetchone()
-        return None if dup is None else (_row(dup), True)
-
-    def append(self, msg: NewMessage) -> tuple[StoredMessage, bool]:
-        db = self.db
-        now = int(time.time() * 1000)
-        if msg.kind in ("edit", "delete"):
-            # A retried edit or delete must get its first acknowledgement, not a refusal
-            # because the first attempt already changed the original: look for it first.
-            found = self._duplicate(msg)
-            if found is not None:
-                return found
-            r = db.execute(
-                "SELECT sender, kind, ts, deleted FROM messages WHERE conversation=? AND seq=?",
-                (msg.conversation, msg.ref),
-            ).fetchone()
-            check_amend(msg, Original(r[0], r[1], r[2], bool(r[3])) if r else None, now)
-            if msg.kind == "delete":
-                # The text is gone from the store, not only hidden; the event stream keeps the
-                # delete so every device removes it too.
-                db.execute(
-                    "UPDATE messages SET deleted=1, text=NULL WHERE conversation=? AND seq=?",
-                    (msg.conversation, msg.ref),
-                )
-                db.execute(
-                    "UPDATE messages SET text=NULL WHERE conversation=? AND kind='edit' AND ref=?",
-                    (msg.conversation, msg.ref),
-                )
-        seq = self._last(msg.conversation, msg.members, now) + 1
-        cur = self.cur
-        try:
-            cur.execute(
-                "INSERT INTO messages "
-                "(conversation, seq, sender, name, cid, kind, text, ref, ts, meta) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    msg.conversation,
-                    seq,
-                    msg.sender,
-                    msg.name,
-                    msg.cid,
-                    msg.kind,
-                    msg.text,
-                    msg.ref,
-                    now,
-                    msg.meta,
-                ),
-            )
-        except sqlite3.IntegrityError:
-            # The unique (conversation, sender, cid) index caught a retry; SQLite undid only
-            # this statement, so the transaction goes on.
-            found = self._duplicate(msg)
-            if found is None:
-                raise
-            return found
-        self.pending[msg.conversation] = seq
-        mid = cur.lastrowid
-        assert mid is not None
-        return StoredMessage(
-            msg.conversation,
-            seq,
-            mid,
-            msg.cid,
-            msg.sender,
-            msg.name,
-            msg.kind,
-            msg.text,
-            msg.ref,
-            now,
-            msg.meta,
-        ), False
-
-    def touch_device(self, identity: str, device: str, name: str, now: int) -> None:
-        self.db.execute("INSERT OR IGNORE INTO identities VALUES (?, ?)", (identity, now))
-        self.db.execute(
-            "INSERT INTO devices VALUES (?, ?, ?, ?, ?) ON CONFLICT (identity, device) "
-            "DO UPDATE SET name=excluded.name, last_seen=excluded.last_seen",
-            (identity, device, name, now, now),
-        )
-
-    def register_identity(self, identity: str, now: int) -> None:
-        self.db.execute("INSERT OR IGNORE INTO identities VALUES (?, ?)", (identity, now))
-
-    def mark_read(self, conversation: str, identity: str, seq: int) -> int | None:
-        db = self.db
-        last = self.pending.get(conversation, self.last.get(conversation))
-        if last is None:
-            r = db.execute(
-                "SELECT last_seq FROM conversations WHERE id=?", (conversation,)
-            ).fetchone()
-            last = int(r[0]) if r else 0
-        seq = min(seq, last)
-        r = db.execute(
-            "SELECT seq FROM read_marks WHERE conversation=? AND identity=?",
-            (conversation, identity),
-        ).fetchone()
-        if r is not None and r[0] >= seq:
-            return None
-        if seq <= 0:
-            return None
-        db.execute(
-            "INSERT INTO read_marks VALUES (?, ?, ?) ON CONFLICT (conversation, identity) "
-            "DO UPDATE SET seq=excluded.seq",
-            (conversation, identity, seq),
-        )
-        return seq

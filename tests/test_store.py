@@ -91,14 +91,12 @@ async def test_append_nowait_calls_back_in_order_with_results_and_refusals(
     assert await store.last_seq("room:n") == 2
 
 
-async def test_wal_starts_over_under_steady_writes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_wal_starts_over_under_steady_writes(tmp_path: Path) -> None:
     """A background checkpoint never catches up with a writer that is always busy, and SQLite
     reuses the WAL only after one that did: the writer must finish the job itself."""
-    monkeypatch.setattr(sqlite_store, "WAL_RESTART_FRAMES", 64)
-    monkeypatch.setattr(sqlite_store, "CHECKPOINT_INTERVAL_S", 0.05)
-    store = SqliteStore(tmp_path / "chat.sqlite3")
+    store = SqliteStore(
+        tmp_path / "chat.sqlite3", wal_restart_frames=64, checkpoint_interval_s=0.05
+    )
     await store.open()
     wal = tmp_path / "chat.sqlite3-wal"
     loop = asyncio.get_running_loop()
@@ -271,11 +269,41 @@ async def test_mids_keep_increasing_after_reopen(tmp_path: Path) -> None:
 
 
 async def test_writer_survives_a_failing_operation(store: SqliteStore) -> None:
-    def broken(w: object) -> None:
-        raise RuntimeError("a bug in an operation")
-
-    with pytest.raises(ProtocolError) as e:
-        await store._submit(broken)
+    with pytest.raises(ProtocolError) as e:  # a request the writer has no operation for
+        await store._submit("no such operation", 1)
     assert e.value.code == "internal_error"
-    m, _ = await store.append(msg("room:after", "a"))  # the writer thread is still there
+    m, _ = await store.append(msg("room:after", "a"))  # the writer process is still there
     assert m.seq == 1
+
+
+async def test_a_writer_that_dies_fails_what_is_in_flight_and_comes_back(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_store, "RESTART_DELAY_S", 0.05)
+    first, _ = await store.append(msg("room:k", "a"))
+    assert store.proc is not None
+    lost = store.append(msg("room:k", "x"))  # written to the writer on the next loop turn
+    store.proc.kill()
+    with pytest.raises(ProtocolError) as e:  # sent, never answered: outcome unknown
+        await lost
+    assert e.value.code == "internal_error"
+    later = store.append(msg("room:k", "b"))  # while the writer is down: waits for the next
+    again, dup = await asyncio.wait_for(later, 20)
+    assert store.restarts == 1
+    assert (again.seq, again.mid, dup) == (2, first.mid + 1, False)
+    retried, dup = await store.append(msg("room:k", "x"))  # the client's retry of the lost one
+    assert (retried.seq, dup) == (3, False)
+    retry, dup = await store.append(msg("room:k", "a"))
+    assert retry == first and dup
+
+
+async def test_close_answers_every_write_sent_before_it(tmp_path: Path) -> None:
+    s = SqliteStore(tmp_path / "chat.sqlite3")
+    await s.open()
+    pending = [s.append(msg("room:c", f"c{i}")) for i in range(500)]
+    await s.close()  # the writer commits and answers all of them before it exits
+    results = await asyncio.gather(*pending)
+    assert [m.seq for m, _ in results] == list(range(1, 501))
+    db = sqlite3.connect(tmp_path / "chat.sqlite3")
+    assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 500
+    db.close()

@@ -540,8 +540,10 @@ async def on_watch(hub: Hub, s: Session, m: dict[str, Any]) -> None:
 
 def _append(hub: Hub, s: Session, m: dict[str, Any], kind: str) -> None:
     """Check a send, edit or delete and hand it to the store; the acknowledgement and the
-    fan-out happen in ``done`` when the write is committed. The connection's receive loop
-    reads on meanwhile but waits (``Connection.drain``) before it handles the next request."""
+    fan-out happen in ``done`` when the write is committed. Later chat writes of the same
+    connection go on meanwhile (the store answers in order, and replies to them that cannot
+    wait for the store, such as errors, wait in ``after``); other requests wait
+    (``Connection.drain``) until no write of the connection is pending."""
     conv: str = m["conversation"]
     topic, members, moderator = hub._conversation(s, conv, joined=True)
     text: str | None = m.get("text")
@@ -549,22 +551,27 @@ def _append(hub: Hub, s: Session, m: dict[str, Any], kind: str) -> None:
         raise ProtocolError("bad_field", f"`text` must have 1-{hub.max_text_chars} characters")
     conn = s.conn
     assert conn is not None, "handlers run on a live connection"
+    after: list[bytes] = []  # replies to this connection's later requests (``Connection.send``)
 
     def done(result: AppendResult) -> None:
         conn.settle()
         try:
             if isinstance(result, ProtocolError):
                 hub.refuse(s, result, m.get("id"))
-                return
-            stored, dup = result
-            _reply(s, stored.ack(dup), m)
-            if not dup:
-                hub.counters["messages_stored"] += 1
-                hub._publish_conv(topic, members, encode(stored.to_wire()), s.id)
-                for hook in hub.on_message:
-                    hook(stored, members)
+            else:
+                stored, dup = result
+                _reply(s, stored.ack(dup), m)
+                if not dup:
+                    hub.counters["messages_stored"] += 1
+                    hub._publish_conv(topic, members, encode(stored.to_wire()), s.id)
+                    for hook in hub.on_message:
+                        hook(stored, members)
         except Exception:
             hub.failed(s, m.get("id"), "chat completion failed")
+        if conn.tail is after:
+            conn.tail = None
+        for f in after:
+            conn.write(f)
 
     hub.store.append_nowait(
         NewMessage(
@@ -582,6 +589,7 @@ def _append(hub: Hub, s: Session, m: dict[str, Any], kind: str) -> None:
         done,
     )
     conn.pending += 1  # after the hand-off: ``done`` runs on a later loop turn
+    conn.tail = after
 
 
 def on_send(hub: Hub, s: Session, m: dict[str, Any]) -> None:

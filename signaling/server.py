@@ -248,7 +248,7 @@ def _sink(hub: Hub, conn: Connection) -> Callable[[bytes], bool]:
 
     def take(data: bytes) -> bool:
         session = conn.session
-        if conn.busy or conn.pending or session is None or len(data) > max_frame:
+        if conn.busy or session is None or len(data) > max_frame:
             return False
         try:
             m = parse_client_message(data)

@@ -44,6 +44,7 @@ class Connection:
         "limit",
         "pending",
         "session",
+        "tail",
         "transport",
         "ws",
     )
@@ -70,6 +71,8 @@ class Connection:
         self.pending = 0
         self.drained: asyncio.Future[None] | None = None
         self.busy = False  # the receive loop is handling a frame (later frames wait their turn)
+        # Replies to requests made after the latest pending chat write: sent once it is done.
+        self.tail: list[bytes] | None = None
 
     def write(self, frame: bytes) -> None:
         """Queue a complete frame; cut the connection off if its outbox is full."""
@@ -82,7 +85,12 @@ class Connection:
             self.abandon(CloseCode.SLOW_CONSUMER, "outbox full: the client is not reading")
 
     def send(self, msg: dict[str, Any]) -> None:
-        self.write(encode(msg))
+        """Send a reply, after the replies to this connection's chat writes in flight."""
+        tail = self.tail
+        if tail is not None:
+            tail.append(encode(msg))
+        else:
+            self.write(encode(msg))
 
     def settle(self) -> None:
         """One pending store write finished."""

@@ -403,6 +403,8 @@ async def test_replies_keep_request_order_behind_chat_writes(
             {"type": "history", "conversation": "room:ord", "id": "h"},
             "{not json",
             {"type": "send", "conversation": "room:ord", "cid": "m2", "text": "two", "id": "s2"},
+            {"type": "send", "conversation": "room:away", "cid": "m3", "text": "-", "id": "x"},
+            {"type": "send", "conversation": "room:ord", "cid": "m4", "text": "four", "id": "s4"},
             {
                 "type": "edit",
                 "conversation": "room:ord",
@@ -420,19 +422,37 @@ async def test_replies_keep_request_order_behind_chat_writes(
             msg = await asyncio.wait_for(ws.receive_json(), 10)
             if msg["type"] in ("sent", "history", "error", "pong"):
                 replies.append(msg)
+        # Only chat writes: with fastws each is taken while the one before is in the store;
+        # the refusal (before the store) must still wait for the reply to the send before it.
+        burst = [
+            {"type": "send", "conversation": "room:ord", "cid": "m5", "text": "five", "id": "s5"},
+            {"type": "send", "conversation": "room:away", "cid": "m6", "text": "-", "id": "y"},
+            {"type": "send", "conversation": "room:ord", "cid": "m7", "text": "seven", "id": "s7"},
+        ]
+        for f in burst:
+            await ws.send_json(f)
+        more = []
+        while len(more) < len(burst):
+            msg = await asyncio.wait_for(ws.receive_json(), 10)
+            if msg["type"] in ("sent", "error"):
+                more.append((msg["type"], msg.get("re")))
         await ws.close()
+    assert more == [("sent", "s5"), ("error", "y"), ("sent", "s7")]
     assert [(r["type"], r.get("re")) for r in replies] == [
         ("sent", "s1"),
         ("history", "h"),
         ("error", None),
         ("sent", "s2"),
+        ("error", "x"),
+        ("sent", "s4"),
         ("error", "e1"),
         ("pong", "p"),
     ]
     assert [m["text"] for m in replies[1]["messages"]] == ["one"]
-    assert replies[2]["code"] == "bad_json" and replies[4]["code"] == "no_such_message"
-    got = [(await a.next_event("message"))["text"] for _ in range(2)]
-    assert got == ["one", "two"]
+    assert replies[2]["code"] == "bad_json" and replies[6]["code"] == "no_such_message"
+    assert replies[4]["code"] == "not_in_room", replies[4]
+    got = [(await a.next_event("message"))["text"] for _ in range(5)]
+    assert got == ["one", "two", "four", "five", "seven"]
 
 
 async def test_a_refused_hand_off_leaves_no_pending_write(

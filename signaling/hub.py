@@ -554,7 +554,6 @@ def _append(hub: Hub, s: Session, m: dict[str, Any], kind: str) -> None:
     after: list[bytes] = []  # replies to this connection's later requests (``Connection.send``)
 
     def done(result: AppendResult) -> None:
-        conn.settle()
         try:
             if isinstance(result, ProtocolError):
                 hub.refuse(s, result, m.get("id"))
@@ -568,10 +567,7 @@ def _append(hub: Hub, s: Session, m: dict[str, Any], kind: str) -> None:
                         hook(stored, members)
         except Exception:
             hub.failed(s, m.get("id"), "chat completion failed")
-        if conn.tail is after:
-            conn.tail = None
-        for f in after:
-            conn.write(f)
+        conn.settle(after)
 
     hub.store.append_nowait(
         NewMessage(
@@ -588,8 +584,7 @@ def _append(hub: Hub, s: Session, m: dict[str, Any], kind: str) -> None:
         ),
         done,
     )
-    conn.pending += 1  # after the hand-off: ``done`` runs on a later loop turn
-    conn.tail = after
+    conn.tail = after  # after the hand-off (which may refuse): ``done`` runs on a later turn
 
 
 def on_send(hub: Hub, s: Session, m: dict[str, Any]) -> None:

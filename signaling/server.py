@@ -294,7 +294,7 @@ async def _serve(hub: Hub, conn: Connection) -> None:
             hub.refuse(conn, NOT_TEXT, None)
             continue
         data = msg.data
-        if conn.pending:  # replies keep request order: let this socket's chat writes finish
+        if conn.tail is not None:  # replies keep request order: let its chat writes finish
             await conn.drain()
         session = conn.session
         if session is None:  # replaced by a resume on another connection

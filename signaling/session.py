@@ -42,7 +42,6 @@ class Connection:
         "drained",
         "last_recv",
         "limit",
-        "pending",
         "session",
         "tail",
         "transport",
@@ -66,13 +65,12 @@ class Connection:
         self.session: Session | None = None
         self.closing = False
         self.counters = counters
-        # Chat writes in the store that this connection's next request must wait for (so
-        # replies keep request order), and the future that wakes the receive loop at zero.
-        self.pending = 0
-        self.drained: asyncio.Future[None] | None = None
         self.busy = False  # the receive loop is handling a frame (later frames wait their turn)
-        # Replies to requests made after the latest pending chat write: sent once it is done.
+        # While chat writes of this connection are in the store: the replies to requests made
+        # after the latest of them, sent once it is done (the store finishes writes in order,
+        # so None means none is pending); and the future that wakes the receive loop then.
         self.tail: list[bytes] | None = None
+        self.drained: asyncio.Future[None] | None = None
 
     def write(self, frame: bytes) -> None:
         """Queue a complete frame; cut the connection off if its outbox is full."""
@@ -92,18 +90,23 @@ class Connection:
         else:
             self.write(encode(msg))
 
-    def settle(self) -> None:
-        """One pending store write finished."""
-        self.pending -= 1
-        d = self.drained
-        if not self.pending and d is not None:
-            self.drained = None
-            if not d.done():
-                d.set_result(None)
+    def settle(self, after: list[bytes]) -> None:
+        """A chat write is done and answered: send the replies that waited for it (``after``,
+        the list ``tail`` was when it went to the store); if it was the latest, none is
+        pending now."""
+        if self.tail is after:
+            self.tail = None
+            d = self.drained
+            if d is not None:
+                self.drained = None
+                if not d.done():
+                    d.set_result(None)
+        for f in after:
+            self.write(f)
 
     async def drain(self) -> None:
-        """Wait until no store write of this connection is pending."""
-        while self.pending:
+        """Wait until no chat write of this connection is pending."""
+        while self.tail is not None:
             if self.drained is None:
                 self.drained = asyncio.get_running_loop().create_future()
             await self.drained

@@ -19,7 +19,6 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
-import os
 import secrets
 import socket
 import sqlite3
@@ -103,7 +102,6 @@ RESTART_DELAY_S = 1.0  # before a writer process that died is started again
 # ack p50 6-8 ms instead of 5-14, 4 of 4 steps with p99 under 50 ms instead of 1 of 4. Every
 # request on its own write cost the loop a syscall each and did worse at that rate.
 FLUSH_LINES = 8
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _row(r: tuple[Any, ...]) -> StoredMessage:
@@ -210,11 +208,6 @@ class SqliteStore:
     async def _start(self) -> None:
         assert self._loop is not None
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        # The writer imports this package: make sure it finds the same copy (a checkout run
-        # with PYTHONPATH, an installed wheel).
-        path = os.environ.get("PYTHONPATH")
-        root = _PACKAGE_ROOT
-        env = {**os.environ, "PYTHONPATH": root if not path else root + os.pathsep + path}
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -232,7 +225,6 @@ class SqliteStore:
                 str(self.checkpoint_interval_s),
                 pass_fds=[child.fileno()],
                 stdin=asyncio.subprocess.DEVNULL,
-                env=env,
                 start_new_session=True,  # a terminal's Ctrl-C is the server's to handle
             )
         finally:
@@ -342,17 +334,17 @@ class SqliteStore:
         waiting = self._waiting
         _settle([waiting.popleft() for _ in results], results)
 
-    def _submit(self, *request: Any) -> asyncio.Future[Any]:
+    def _future(self, line: bytes, row: bool) -> asyncio.Future[Any]:
         assert self._loop is not None, "store is not open"
         fut: asyncio.Future[Any] = self._loop.create_future()
-        self._send(orjson.dumps(request) + b"\n", (fut, False))
+        self._send(line, (fut, row))
         return fut
 
+    def _submit(self, *request: Any) -> asyncio.Future[Any]:
+        return self._future(orjson.dumps(request) + b"\n", False)
+
     def append(self, msg: NewMessage) -> asyncio.Future[tuple[StoredMessage, bool]]:
-        assert self._loop is not None, "store is not open"
-        fut: asyncio.Future[Any] = self._loop.create_future()
-        self._send(_append_line(msg), (fut, True))
-        return fut
+        return self._future(_append_line(msg), True)
 
     def append_nowait(self, msg: NewMessage, done: AppendDone) -> None:
         self._send(_append_line(msg), (done, True))

@@ -56,6 +56,8 @@ log = logging.getLogger("rallypoint.store")
 BUSY_BATCH = 4  # writes in the previous transaction that mean "under load"
 BUSY_WINDOW_S = 0.0005  # then wait this long for more before the next transaction
 MAX_BATCH = 2048  # requests per transaction
+# A delete blanks the edits of its original too (index messages_edits, migration 3).
+BLANK_EDITS = "UPDATE messages SET text=NULL WHERE conversation=? AND kind='edit' AND ref=?"
 
 
 class Writer:
@@ -130,10 +132,7 @@ class Writer:
                     "UPDATE messages SET deleted=1, text=NULL WHERE conversation=? AND seq=?",
                     (msg.conversation, msg.ref),
                 )
-                db.execute(
-                    "UPDATE messages SET text=NULL WHERE conversation=? AND kind='edit' AND ref=?",
-                    (msg.conversation, msg.ref),
-                )
+                db.execute(BLANK_EDITS, (msg.conversation, msg.ref))
         seq = self._last(msg.conversation, msg.members, now) + 1
         cur = self.cur
         try:

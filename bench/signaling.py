@@ -35,6 +35,7 @@ Prints progress on stderr, then a table, then one JSON line (the last line of st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import datetime
 import json
@@ -176,7 +177,11 @@ class Server:
             except OSError:
                 continue
             if b"signaling.store_writer" in cmd:
-                os.sched_setaffinity(pid, {core})
+                # Every thread: sched_setaffinity(pid) moves only the first, and the writer's
+                # checkpoint thread (started before the server listens) stayed unpinned.
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    with contextlib.suppress(OSError):
+                        os.sched_setaffinity(int(tid), {core})
 
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}

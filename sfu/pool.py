@@ -92,6 +92,9 @@ class WorkerHandle:
                 self.ready.set()
             else:
                 self.on_event(self, msg)
+        self.ready.clear()  # requests wait for the restarted worker, not the dead one's socket
+        if self.writer is not None:
+            self.writer.close()
         err = SfuError("sfu_unavailable", "the media server restarted; publish again")
         for fut in self.pending.values():
             if not fut.done():
@@ -184,12 +187,14 @@ class SfuPool:
             worker.rooms.clear()
             for room in lost:
                 self.room_worker.pop(room, None)
+            if self._closing:  # stopped on purpose: nothing to tell, nobody to rejoin
+                return
+            for room in lost:
                 self.on_event({"ev": "room_lost", "room": room})
-            if not self._closing:
-                log.error("SFU worker %d died; restarting it", worker.index)
-                task = asyncio.ensure_future(worker.start())
-                self._restarts.add(task)
-                task.add_done_callback(self._restarts.discard)
+            log.error("SFU worker %d died; restarting it", worker.index)
+            task = asyncio.ensure_future(worker.start())
+            self._restarts.add(task)
+            task.add_done_callback(self._restarts.discard)
             return
         if ev == "room_closed":
             room = msg["room"]

@@ -1,0 +1,38 @@
+"""The SFU worker pool's own life cycle, with real worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from sfu_helpers import until
+
+from sfu.pool import SfuPool
+
+
+def _lost(events: list[dict[str, Any]]) -> list[str]:
+    return sorted(e["room"] for e in events if e.get("ev") == "room_lost")
+
+
+async def test_a_dead_worker_loses_its_rooms_but_closing_the_pool_does_not() -> None:
+    events: list[dict[str, Any]] = []
+    pool = SfuPool(1, events.append)
+    await pool.start()
+    try:
+        await pool.request("r1", "join", participant="p1", subscribe=True)
+        await pool.request("r2", "join", participant="p2", subscribe=True)
+        # A crash: the rooms are reported lost (the media router tells clients and rejoins).
+        proc = pool.workers[0].proc
+        assert proc is not None
+        proc.kill()
+        await until(lambda: _lost(events) == ["r1", "r2"], 10)
+        w = pool.workers[0]
+        await until(lambda: w.proc is not proc and w.ready.is_set(), 20)  # restarted
+        await pool.request("r3", "join", participant="p3", subscribe=True)
+        events.clear()
+    finally:
+        await pool.close()
+    # Closing stops the workers on purpose: no "room_lost", or the router would announce
+    # media_failed and rejoin every participant of every room while the server shuts down.
+    await asyncio.sleep(0.3)  # the worker's reader sees the end of its output
+    assert _lost(events) == []

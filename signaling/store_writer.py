@@ -17,8 +17,13 @@ another core (bench/signaling.py measures both).
   the WAL file over only when a transaction begins after a checkpoint copied all of it, which
   a background checkpoint never manages while writes go on: under steady load the WAL grew by
   ~36 MB/s without end. So once it holds ``wal_restart_frames`` pages the checkpoint thread
-  asks the writer to finish the job between two transactions: only the frames written since
-  the background pass are left to copy, and the next transaction rewinds.
+  asks the writer to finish the job between two transactions, and the next transaction
+  rewinds. Nothing commits while the writer does that (copy and two fsyncs of what it wrote
+  since the last background pass), so the thread first catches up with a few more passes,
+  each copying what arrived during the one before, until one is quick. Measured at 7,000
+  msgs/s (five 10 s steps, five alternating runs each): the writer's part 5-8 ms instead of
+  18-22 ms (median), ack p99 12-34 ms instead of 20-45 ms, 25 of 25 steps under 50 ms instead
+  of 21 of 25.
 - Sequence numbers are assigned here, inside the transaction that stores the message, so they
   are gap-free and never reused, even across crashes.
 - End of input (the server closed its end, or died) means: commit what has arrived, answer,
@@ -56,6 +61,8 @@ log = logging.getLogger("rallypoint.store")
 BUSY_BATCH = 4  # writes in the previous transaction that mean "under load"
 BUSY_WINDOW_S = 0.0005  # then wait this long for more before the next transaction
 MAX_BATCH = 2048  # requests per transaction
+CATCH_UP_PASSES = 4  # background passes at most before the writer finishes a checkpoint
+QUICK_PASS_S = 0.005  # a pass this short left little for the writer
 # A delete blanks the edits of its original too (index messages_edits, migration 3).
 BLANK_EDITS = "UPDATE messages SET text=NULL WHERE conversation=? AND kind='edit' AND ref=?"
 
@@ -275,6 +282,14 @@ class Checkpointer(threading.Thread):
                     break
                 _, frames, _ = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 if frames >= self.restart_frames:
+                    # The writer stops committing while it finishes the checkpoint, and that
+                    # takes as long as copying and syncing what it wrote since this pass
+                    # began. Catch up first: each pass copies what arrived during the last.
+                    for _ in range(CATCH_UP_PASSES):
+                        t = time.monotonic()
+                        db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                        if time.monotonic() - t < QUICK_PASS_S:
+                            break
                     self.wal_full.set()
                 self.stopping.wait(self.interval_s)
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -13,8 +13,10 @@ Phases, each bounded in time:
 2. latency: ``--load-connections`` clients offer ``--latency-rate`` messages/s; ack p50/p99;
 3. throughput: offered rates step up (x1.25, then bisect); the sustainable rate is the highest one
    whose ack and delivery p99 stay <= 50 ms while acks and deliveries keep up (>= 97 %);
-4. the raw server under the same steps; ``fanout_ratio_vs_raw`` = Rallypoint deliveries/s over
-   raw deliveries/s, both at the sustainable rate.
+4. the raw server under the same search, its steps taking turns with Rallypoint's (both
+   servers run side by side, each with its own load generator process, the idle one quiet), so
+   both are measured in the same minutes; ``fanout_ratio_vs_raw`` = Rallypoint deliveries/s
+   over raw deliveries/s, both at the sustainable rate.
 
 Each server is pinned to the first core and the load generator (``bench/wsload.py``, raw asyncio
 Protocols, not aiohttp's client) to the second. Rallypoint's chat store writes in a process of
@@ -440,61 +442,91 @@ def describe(r: dict[str, Any], rp: bool) -> str:
     return s
 
 
-def throughput_phase(
-    gen: LoadGen, srv: Server, rp: bool, a: argparse.Namespace, cores: Any, noise: Noise
-) -> dict[str, Any]:
-    """Step the offered rate up by ``--growth`` until a step fails, then bisect (or run the
-    ``--rates`` given, in order)."""
-    fanout = a.room_size - 1
-    fixed: list[float] = list(a.rates or [])
-    steps: list[dict[str, Any]] = []
-    rate = float(a.start_rate)
-    good: float | None = None
-    bad: float | None = None
-    best: dict[str, Any] | None = None
-    deadline = time.monotonic() + a.search_budget
-    lost = 0
-    for i in range(len(fixed) or a.max_steps):
-        if fixed:
-            rate = fixed[i]
-        elif time.monotonic() > deadline:
+class Search:
+    """One server's offered-rate search: up by ``--growth`` until a step fails, then bisect (or
+    the ``--rates`` given, in order). ``step()`` runs one step, so two searches can take turns
+    (``interleaved``)."""
+
+    def __init__(
+        self,
+        gen: LoadGen,
+        srv: Server,
+        rp: bool,
+        a: argparse.Namespace,
+        cores: Any,
+        noise: Noise,
+    ) -> None:
+        self.gen, self.srv, self.rp, self.a, self.cores, self.noise = gen, srv, rp, a, cores, noise
+        self.fixed: list[float] = list(a.rates or [])
+        self.steps: list[dict[str, Any]] = []
+        self.rate = float(a.start_rate)
+        self.good: float | None = None
+        self.bad: float | None = None
+        self.best: dict[str, Any] | None = None
+        self.deadline = time.monotonic() + a.search_budget
+        self.lost = 0
+        self.i = 0
+        self.done = False
+
+    def step(self) -> None:
+        a, srv = self.a, self.srv
+        if self.i >= (len(self.fixed) or a.max_steps):
+            self.done = True
+            return
+        if self.fixed:
+            self.rate = self.fixed[self.i]
+        elif time.monotonic() > self.deadline:
             log(f"{srv.name}: search time budget used up")
-            break
-        r = run_step(gen, srv, rate, a.step_seconds, a, cores, noise)
-        ok, why = verdict(r, rp, fanout, lost)
-        lost = r["lost_connections"]
+            self.done = True
+            return
+        self.i += 1
+        rate = self.rate
+        r = run_step(self.gen, srv, rate, a.step_seconds, a, self.cores, self.noise)
+        ok, why = verdict(r, self.rp, a.room_size - 1, self.lost)
+        self.lost = r["lost_connections"]
         r["ok"] = ok
         r["why"] = why
-        steps.append(r)
+        self.steps.append(r)
         log(
-            f"{srv.name}: {'PASS' if ok else 'FAIL'} {describe(r, rp)}"
+            f"{srv.name}: {'PASS' if ok else 'FAIL'} {describe(r, self.rp)}"
             + (f" -- {why}" if why else "")
         )
-        if fixed:
-            if ok and (best is None or r["deliveries_per_s"] > best["deliveries_per_s"]):
-                best = r
-            continue
+        if ok and (self.best is None or r["deliveries_per_s"] > self.best["deliveries_per_s"]):
+            self.best = r
+        if self.fixed:
+            return
         if not ok and r["noisy"]:
             log(f"  (other processes disturbed this step; trying {rate:.0f}/s again)")
-            continue
+            return
         if ok:
-            good = rate
-            if best is None or r["deliveries_per_s"] > best["deliveries_per_s"]:
-                best = r
+            self.good = rate
         else:
-            bad = rate if bad is None else min(bad, rate)
-        if bad is None:
-            rate *= a.growth
-        else:
-            lo = good if good is not None else 0.0
-            if bad / max(lo, 1.0) < 1 + a.resolution:
-                break
-            rate = (lo + bad) / 2 if lo else bad / 2
-            rate = round(rate / 50) * 50
-            if rate <= lo or rate >= bad:
-                break
-    saturation = max(steps, key=lambda x: x["deliveries_per_s"]) if steps else None
-    return {"steps": steps, "best": best, "saturation": saturation}
+            self.bad = rate if self.bad is None else min(self.bad, rate)
+        if self.bad is None:
+            self.rate = rate * a.growth
+            return
+        lo = self.good if self.good is not None else 0.0
+        if self.bad / max(lo, 1.0) < 1 + a.resolution:
+            self.done = True
+            return
+        nxt = round(((lo + self.bad) / 2 if lo else self.bad / 2) / 50) * 50
+        if nxt <= lo or nxt >= self.bad:
+            self.done = True
+        self.rate = nxt
+
+    def result(self) -> dict[str, Any]:
+        steps = self.steps
+        saturation = max(steps, key=lambda x: x["deliveries_per_s"]) if steps else None
+        return {"steps": steps, "best": self.best, "saturation": saturation}
+
+
+def interleaved(searches: list[Search]) -> None:
+    """Run the searches a step each in turn, so that every server is measured in the same
+    minutes (this machine's speed was seen to change by up to 2x within minutes)."""
+    while not all(s.done for s in searches):
+        for s in searches:
+            if not s.done:
+                s.step()
 
 
 def latency_phase(
@@ -807,6 +839,7 @@ def main(argv: list[str] | None = None) -> int:
         log("fewer than 2 CPUs: nothing pinned; the load generator competes with the server")
     work = Path(tempfile.mkdtemp(prefix="rallypoint-bench-"))
     gen = LoadGen(cores[1])
+    gens = [gen]
     noise = Noise(a.noise_threshold, a.noise_budget, [os.getpid(), gen.proc.pid or 0])
     res: dict[str, Any] = {"t0": t0, "cores": cores, "message_bytes": a.message_bytes}
     store_core = cores[1] if a.store_core == "load" else None  # None: stays with the server
@@ -861,22 +894,30 @@ def main(argv: list[str] | None = None) -> int:
             if connect(gen, srv, a.load_connections, "rp", "t", a) < a.load_connections * 0.99:
                 raise RuntimeError("too few connections for the load phases")
             res["latency"] = latency_phase(gen, srv, a, cores, noise)
-            res["throughput_rp"] = throughput_phase(gen, srv, True, a, cores, noise)
+            searches = [Search(gen, srv, True, a, cores, noise)]
+            if not a.skip_raw:
+                log("phase 3+4: throughput of Rallypoint and of the raw ceiling, steps in turn")
+                raw = raw_server(work, cores[0])
+                servers.append(raw)
+                raw.start()
+                gen_raw = LoadGen(cores[1])
+                gens.append(gen_raw)
+                noise.pids.append(gen_raw.proc.pid or 0)
+                n = connect(gen_raw, raw, a.load_connections, "raw", "x", a)
+                if n < a.load_connections * 0.99:
+                    raise RuntimeError("too few connections to the raw server")
+                searches.append(Search(gen_raw, raw, False, a, cores, noise))
+            interleaved(searches)
+            res["throughput_rp"] = searches[0].result()
+            if not a.skip_raw:
+                res["throughput_raw"] = searches[1].result()
+                gen_raw.call("close", 60)
+                raw.stop()
             gen.call("close", 60)
             finish_rp(srv, "load_server")
-
-            if not a.skip_raw:
-                log("phase 4: raw broadcast ceiling")
-                srv = raw_server(work, cores[0])
-                servers.append(srv)
-                srv.start()
-                if connect(gen, srv, a.load_connections, "raw", "x", a) < a.load_connections * 0.99:
-                    raise RuntimeError("too few connections to the raw server")
-                res["throughput_raw"] = throughput_phase(gen, srv, False, a, cores, noise)
-                gen.call("close", 60)
-                srv.stop()
     finally:
-        gen.stop()
+        for g in gens:
+            g.stop()
         for srv in servers:
             srv.stop()
         if a.keep:

@@ -72,7 +72,7 @@ from sfu_load import (  # noqa: E402
 
 from media.session import SfuSession  # noqa: E402
 from media.tracks import attach_keyframe_requests  # noqa: E402
-from signaling.client import Client  # noqa: E402
+from signaling.sdk.wsclient import Client  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable

@@ -20,7 +20,7 @@ Phases, each bounded in time:
 
 Each server is pinned to the first core and the load generator (``bench/wsload.py``, raw asyncio
 Protocols, not aiohttp's client) to the second. Rallypoint's chat store writes in a process of
-its own (``signaling.store_writer``); by default it is pinned to the second core, with the load
+its own (``signaling.chat.writer``); by default it is pinned to the second core, with the load
 generator, as the operating system would place it on an idle 2-core machine, and
 ``--store-core server`` keeps it on the server's core (everything of Rallypoint on one core).
 The raw server is one process with one thread: a second core would not help it. Server CPU and
@@ -178,7 +178,7 @@ class Server:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 continue
-            if b"signaling.store_writer" in cmd:
+            if b"signaling.chat.writer" in cmd:
                 # Every thread: sched_setaffinity(pid) moves only the first, and the writer's
                 # checkpoint thread (started before the server listens) stayed unpinned.
                 for tid in os.listdir(f"/proc/{pid}/task"):

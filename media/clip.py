@@ -6,80 +6,43 @@ frame a keyframe, to answer keyframe requests at any frame) and Opus audio. Enco
 4 s clip takes about a second; the result is written to a cache directory keyed by every
 parameter, so a test session (or several concurrent ones) encodes each clip at most once.
 
-Cache file format (private, versioned by ``_FORMAT``): a magic line, then for each of the
+Cache file format (private, versioned by ``FORMAT``): a magic line, then for each of the
 three streams a big-endian ``uint32`` packet count followed by the packets, each as
 ``int64 pts, uint8 keyframe, uint32 length, bytes``.
 """
 
 from __future__ import annotations
 
-import fractions
-import hashlib
-import json
 import os
 import struct
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO
 
-_FORMAT = b"RALLYPOINT-CLIP 1\n"
+from media.clipspec import (
+    AUDIO_FRAME_SAMPLES,
+    AUDIO_RATE,
+    FORMAT,
+    ClipSpec,
+    EncodedPacket,
+    VideoCodec,
+)
+from media.encoding import encode_audio, encode_video
+
+__all__ = [
+    "AUDIO_FRAME_SAMPLES",
+    "AUDIO_RATE",
+    "Clip",
+    "ClipSpec",
+    "EncodedPacket",
+    "VideoCodec",
+    "load_clip",
+]
+
 _COUNT = struct.Struct(">I")
 _RECORD = struct.Struct(">qBI")
 CACHE_ENV = "RALLYPOINT_MEDIA_CACHE"
-AUDIO_RATE = 48000
-AUDIO_FRAME_SAMPLES = 960  # 20 ms at 48 kHz
-
-VideoCodec = Literal["vp8", "h264"]
-
-
-@dataclass(frozen=True, slots=True)
-class ClipSpec:
-    """Everything that determines a clip's bytes (and its cache key)."""
-
-    publisher_id: int = 0
-    """Selects the box colour, texture, tone frequency and the id in the frame marker (0-255)."""
-    seconds: float = 4.0
-    codec: VideoCodec = "vp8"
-    width: int = 640
-    height: int = 480
-    fps: int = 30
-    video_bitrate: int = 800_000
-
-    @property
-    def frame_count(self) -> int:
-        """Video frames in the clip."""
-        return round(self.seconds * self.fps)
-
-    @property
-    def audio_frame_count(self) -> int:
-        """20 ms Opus frames in the clip."""
-        return round(self.seconds * AUDIO_RATE / AUDIO_FRAME_SAMPLES)
-
-    @property
-    def video_time_base(self) -> fractions.Fraction:
-        """Time base of video pts: one tick per frame."""
-        return fractions.Fraction(1, self.fps)
-
-    @property
-    def audio_time_base(self) -> fractions.Fraction:
-        """Time base of audio pts: one tick per sample at 48 kHz."""
-        return fractions.Fraction(1, AUDIO_RATE)
-
-    def cache_key(self) -> str:
-        """A file-name-safe digest of the format version and every field."""
-        text = json.dumps(asdict(self), sort_keys=True).encode()
-        return hashlib.sha256(_FORMAT + text).hexdigest()[:24]
-
-
-@dataclass(frozen=True, slots=True)
-class EncodedPacket:
-    """One encoded frame: what ``av.Packet`` carries that RTP packetization needs."""
-
-    data: bytes
-    pts: int
-    """In the stream's time base (:attr:`ClipSpec.video_time_base` or ``audio_time_base``)."""
-    keyframe: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,8 +97,6 @@ def load_clip(spec: ClipSpec, cache_dir: Path | None = None) -> Clip:
 
 def encode_clip(spec: ClipSpec) -> Clip:
     """Encode ``spec`` without touching the cache."""
-    from media.encoding import encode_audio, encode_video
-
     return Clip(
         spec=spec,
         video=tuple(encode_video(spec, intra=False)),
@@ -145,7 +106,7 @@ def encode_clip(spec: ClipSpec) -> Clip:
 
 
 def _write(f: BinaryIO, clip: Clip) -> None:
-    f.write(_FORMAT)
+    f.write(FORMAT)
     for stream in (clip.video, clip.video_intra, clip.audio):
         f.write(_COUNT.pack(len(stream)))
         for p in stream:
@@ -155,9 +116,9 @@ def _write(f: BinaryIO, clip: Clip) -> None:
 
 def _read(f: BinaryIO, spec: ClipSpec) -> Clip:
     data = f.read()
-    if not data.startswith(_FORMAT):
+    if not data.startswith(FORMAT):
         raise ValueError("not a clip cache file")
-    offset = len(_FORMAT)
+    offset = len(FORMAT)
     streams: list[tuple[EncodedPacket, ...]] = []
     try:
         for _ in range(3):

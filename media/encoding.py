@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import av
 
-from media.clip import AUDIO_FRAME_SAMPLES, AUDIO_RATE, ClipSpec, EncodedPacket
+from media.clipspec import AUDIO_FRAME_SAMPLES, AUDIO_RATE, ClipSpec, EncodedPacket
 from media.pattern import TestPattern
 
 AUDIO_BITRATE = 64000

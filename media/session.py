@@ -23,8 +23,8 @@ from aiortc import (
 from aiortc.mediastreams import MediaStreamTrack
 
 from sfu.tasks import TaskSet
-from signaling.client import Client
 from signaling.sdk import RallypointClient
+from signaling.sdk.wsclient import Client
 
 from .receiver import FrameCounter
 from .rtx import route_rtx_by_ssrc

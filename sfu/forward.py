@@ -12,8 +12,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
+from .channel import TrackInfo
 from .packetcache import PacketCache
 from .rtp import U16, ExtensionLayout, build, h264_keyframe, seq_newer, vp8_keyframe
 
@@ -130,7 +130,7 @@ class UpTrack:
         if self.kind == "video":
             self.cache = PacketCache(1024)
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> TrackInfo:
         return {
             "id": self.id,
             "participant": self.publisher,

@@ -14,9 +14,17 @@ import os
 import socket
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
-from .channel import encode_frame, read_frame
+from .channel import (
+    PoolEvent,
+    Reply,
+    RoomEvent,
+    RoomRequest,
+    StatsRequest,
+    encode_frame,
+    read_frame,
+)
 
 log = logging.getLogger("rallypoint.sfu.pool")
 
@@ -36,7 +44,8 @@ class WorkerHandle:
     def __init__(
         self,
         index: int,
-        on_event: Callable[[WorkerHandle, dict[str, Any]], None],
+        on_event: Callable[[WorkerHandle, RoomEvent], None],
+        on_lost: Callable[[WorkerHandle], None],
         video_codec: str,
         log_level: str,
         extra_args: list[str],
@@ -44,12 +53,13 @@ class WorkerHandle:
         self.extra_args = extra_args
         self.index = index
         self.on_event = on_event
+        self.on_lost = on_lost
         self.video_codec = video_codec
         self.log_level = log_level
         self.proc: asyncio.subprocess.Process | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.rooms: set[str] = set()
-        self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.pending: dict[int, asyncio.Future[Reply]] = {}
         self.ready = asyncio.Event()
         self.reader_task: asyncio.Task[None] | None = None
 
@@ -87,11 +97,11 @@ class WorkerHandle:
             if rid is not None:
                 fut = self.pending.pop(rid, None)
                 if fut is not None and not fut.done():
-                    fut.set_result(msg)
+                    fut.set_result(cast(Reply, msg))
             elif msg.get("ev") == "ready":
                 self.ready.set()
             else:
-                self.on_event(self, msg)
+                self.on_event(self, cast(RoomEvent, msg))
         self.ready.clear()  # requests wait for the restarted worker, not the dead one's socket
         if self.writer is not None:
             self.writer.close()
@@ -100,7 +110,7 @@ class WorkerHandle:
             if not fut.done():
                 fut.set_exception(err)
         self.pending.clear()
-        self.on_event(self, {"ev": "worker_lost"})
+        self.on_lost(self)
 
     def send(self, msg: dict[str, Any]) -> None:
         if self.writer is not None and not self.writer.is_closing():
@@ -127,7 +137,7 @@ class SfuPool:
     def __init__(
         self,
         workers: int,
-        on_event: Callable[[dict[str, Any]], None],
+        on_event: Callable[[PoolEvent], None],
         video_codec: str = "vp8",
         log_level: str = "warning",
         timeout_s: float = 15.0,
@@ -166,6 +176,7 @@ class SfuPool:
             WorkerHandle(
                 i,
                 self._event,
+                self._lost,
                 self.video_codec,
                 self.log_level,
                 [*self.extra_args, "--ports", f"{lo}-{hi}" if lo else ""],
@@ -180,28 +191,32 @@ class SfuPool:
             t.cancel()
         await asyncio.gather(*(w.stop() for w in self.workers), return_exceptions=True)
 
-    def _event(self, worker: WorkerHandle, msg: dict[str, Any]) -> None:
-        ev = msg.get("ev")
-        if ev == "worker_lost":
-            lost = sorted(worker.rooms)
-            worker.rooms.clear()
-            for room in lost:
-                self.room_worker.pop(room, None)
-            if self._closing:  # stopped on purpose: nothing to tell, nobody to rejoin
-                return
-            for room in lost:
-                self.on_event({"ev": "room_lost", "room": room})
-            log.error("SFU worker %d died; restarting it", worker.index)
-            task = asyncio.ensure_future(worker.start())
-            self._restarts.add(task)
-            task.add_done_callback(self._restarts.discard)
+    def _lost(self, worker: WorkerHandle) -> None:
+        """A worker's channel closed: it died, or the pool is closing."""
+        lost = sorted(worker.rooms)
+        worker.rooms.clear()
+        for room in lost:
+            self.room_worker.pop(room, None)
+        if self._closing:  # stopped on purpose: nothing to tell, nobody to rejoin
             return
-        if ev == "room_closed":
-            room = msg["room"]
+        for room in lost:
+            self.on_event({"ev": "room_lost", "room": room})
+        log.error("SFU worker %d died; restarting it", worker.index)
+        task = asyncio.ensure_future(worker.start())
+        self._restarts.add(task)
+        task.add_done_callback(self._restarts.discard)
+
+    def _event(self, worker: WorkerHandle, ev: RoomEvent) -> None:
+        if ev["ev"] == "room_closed":
+            room = ev["room"]
             w = self.room_worker.pop(room, None)
             if w is not None:
                 w.rooms.discard(room)
-        self.on_event(msg)
+        self.on_event(ev)
+
+    def hosts(self, room: str) -> bool:
+        """Whether a worker hosts ``room`` now."""
+        return room in self.room_worker
 
     def worker_for(self, room: str) -> WorkerHandle:
         w = self.room_worker.get(room)
@@ -211,34 +226,34 @@ class SfuPool:
             w.rooms.add(room)
         return w
 
-    async def request(self, room: str, op: str, **fields: Any) -> dict[str, Any]:
-        """Send a request to the room's worker and wait for its reply."""
-        w = self.worker_for(room)
+    async def request(self, req: RoomRequest) -> dict[str, Any]:
+        """Send a request to the room's worker and wait for its reply's result."""
+        w = self.worker_for(req["room"])
         try:
             await asyncio.wait_for(w.ready.wait(), self.timeout_s)
         except TimeoutError:
             raise SfuError("sfu_unavailable", "the media server is not ready") from None
         rid = next(self._ids)
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         w.pending[rid] = fut
-        w.send({"id": rid, "op": op, "room": room, **fields})
+        w.send({**req, "id": rid})
         try:
             reply = await asyncio.wait_for(fut, self.timeout_s)
         except TimeoutError:
             w.pending.pop(rid, None)
             raise SfuError("sfu_unavailable", "the media server did not answer") from None
-        if not reply.get("ok"):
+        if not reply["ok"]:
             raise SfuError(reply.get("code", "internal_error"), reply.get("message", ""))
-        result: dict[str, Any] = reply.get("result", {})
-        return result
+        return reply.get("result", {})
 
     async def stats(self) -> list[dict[str, Any]]:
         out = []
         for w in self.workers:
             rid = next(self._ids)
-            fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+            fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
             w.pending[rid] = fut
-            w.send({"id": rid, "op": "stats"})
+            req: StatsRequest = {"op": "stats"}
+            w.send({**req, "id": rid})
             try:
                 out.append((await asyncio.wait_for(fut, 5)).get("result", {}))
             except (TimeoutError, SfuError):

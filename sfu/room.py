@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from aiortc import (
     RTCBundlePolicy,
@@ -26,6 +26,7 @@ from aiortc.exceptions import InternalError, InvalidStateError, OperationError
 from aiortc.sdp import SessionDescription
 
 from .bandwidth import BandwidthAllocator
+from .channel import SubscribeOfferEvent, TrackInfo, TrackMeta, WorkerEvent
 from .forward import Counters, DownTrack, UpTrack
 from .rtc import (
     FastSender,
@@ -43,7 +44,7 @@ from .tasks import TaskSet
 
 log = logging.getLogger("rallypoint.sfu.room")
 
-Emit = Callable[[dict[str, Any]], None]
+Emit = Callable[[WorkerEvent], None]
 SOURCES = ("camera", "microphone", "screen")
 CODECS = {"vp8": "video/VP8", "h264": "video/H264"}
 
@@ -88,7 +89,7 @@ class Participant:
     transceivers: dict[str, RTCRtpTransceiver] = field(default_factory=dict)  # by track id
     downtracks: dict[str, DownTrack] = field(default_factory=dict)  # by track id
     fast: FastSender | None = None
-    offer: dict[str, Any] | None = None  # the subscriber offer waiting for an answer
+    offer: SubscribeOfferEvent | None = None  # the subscriber offer waiting for an answer
     offers: int = 0  # subscriber offers made so far (each offer's number)
     negotiating: bool = False
     pending: bool = False
@@ -127,21 +128,18 @@ class Room:
                 if alloc is not None:
                     alloc.remove(p.id)
 
-    def _emit(self, ev: str, **fields: Any) -> None:
-        self.emit({"ev": ev, "room": self.name, **fields})
-
     def participant(self, pid: str) -> Participant:
         p = self.participants.get(pid)
         if p is None:
             raise MediaError("not_in_room", "join the room before sending media")
         return p
 
-    def track_list(self) -> list[dict[str, Any]]:
+    def track_list(self) -> list[TrackInfo]:
         return [t.info() for t in self.tracks.values()]
 
     # -- membership ----------------------------------------------------------------------------
 
-    def join(self, pid: str, subscribe: bool) -> list[dict[str, Any]]:
+    def join(self, pid: str, subscribe: bool) -> list[TrackInfo]:
         p = self.participants.get(pid)
         if p is None:
             p = self.participants[pid] = Participant(pid, subscribe)
@@ -168,7 +166,7 @@ class Room:
 
     # -- publishing ----------------------------------------------------------------------------
 
-    async def publish(self, pid: str, sdp: str, meta: list[dict[str, Any]]) -> str:
+    async def publish(self, pid: str, sdp: str, meta: list[TrackMeta]) -> str:
         """Answer a publisher's offer; new tracks are offered to everyone else."""
         p = self.participant(pid)
         try:
@@ -243,7 +241,7 @@ class Room:
         self.tracks[tid] = up
         if kind == "video":
             self.allocators[tid] = BandwidthAllocator()
-        self._emit("track_published", track=up.info())
+        self.emit({"ev": "track_published", "room": self.name, "track": up.info()})
         for other in self.participants.values():
             if other.id != p.id and other.subscribe:
                 self._spawn(self._renegotiate(other))
@@ -257,7 +255,14 @@ class Room:
                 if t is up:
                     del owner.published[mid]
         up.downtracks.clear()
-        self._emit("track_unpublished", track=up.id, participant=up.publisher)
+        self.emit(
+            {
+                "ev": "track_unpublished",
+                "room": self.name,
+                "track": up.id,
+                "participant": up.publisher,
+            }
+        )
         for other in self.participants.values():
             if up.id in other.transceivers:
                 other.downtracks.pop(up.id, None)
@@ -275,7 +280,7 @@ class Room:
             raise MediaError("no_such_track", f"you publish no track {tid!r}")
         if up.muted != muted:
             up.muted = muted
-            self._emit("track_updated", track=up.info())
+            self.emit({"ev": "track_updated", "room": self.name, "track": up.info()})
 
     # -- subscribing ---------------------------------------------------------------------------
 
@@ -318,21 +323,29 @@ class Room:
             p.negotiating = False
             return
         assert pc.localDescription is not None
-        tracks = [
-            {**self.tracks[tid].info(), "mid": tr.mid}
-            for tid, tr in p.transceivers.items()
-            if tid in self.tracks
-        ]
+        tracks: list[TrackInfo] = []
+        for tid, tr in p.transceivers.items():
+            if tid in self.tracks:
+                info = self.tracks[tid].info()
+                info["mid"] = tr.mid or ""
+                tracks.append(info)
         p.offers += 1
-        p.offer = {"sdp": pc.localDescription.sdp, "tracks": tracks, "offer": p.offers}
-        self._emit("subscribe_offer", participant=p.id, **p.offer)
+        p.offer = {
+            "ev": "subscribe_offer",
+            "room": self.name,
+            "participant": p.id,
+            "sdp": pc.localDescription.sdp,
+            "tracks": tracks,
+            "offer": p.offers,
+        }
+        self.emit(p.offer)
 
     async def resubscribe(self, pid: str) -> None:
         """The client is ready to receive: send the pending offer again, or a new one."""
         p = self.participant(pid)
         if p.negotiating:
             if p.offer is not None:  # else the offer being made now will be sent
-                self._emit("subscribe_offer", participant=p.id, **p.offer)
+                self.emit(p.offer)
         elif p.subscribe and any(t.publisher != pid for t in self.tracks.values()):
             await self._renegotiate(p)
 
@@ -407,12 +420,28 @@ class Room:
             change = allocator.report(p.id, bps)
             if change is True:
                 dt.starved = True
-                self._emit("track_starved", participant=p.id, track=up.id, starved=True)
+                self.emit(
+                    {
+                        "ev": "track_starved",
+                        "room": self.name,
+                        "participant": p.id,
+                        "track": up.id,
+                        "starved": True,
+                    }
+                )
             elif change is False:
                 dt.starved = False
                 dt.waiting = True
                 up.want_keyframe(time.monotonic())
-                self._emit("track_starved", participant=p.id, track=up.id, starved=False)
+                self.emit(
+                    {
+                        "ev": "track_starved",
+                        "room": self.name,
+                        "participant": p.id,
+                        "track": up.id,
+                        "starved": False,
+                    }
+                )
             target = allocator.target()
             if (
                 target is not None
@@ -447,7 +476,7 @@ class Room:
             dt.waiting = True  # restart at a keyframe
             up.want_keyframe(time.monotonic())
 
-    async def _transport_failed(self, pid: str, which: str) -> None:
+    async def _transport_failed(self, pid: str, which: Literal["publisher", "subscriber"]) -> None:
         """A connection failed or the client closed it: drop what went over it. A new
         subscriber connection is offered at once (the client may still be there); a publisher
         publishes again when it wants."""
@@ -457,7 +486,7 @@ class Room:
         pc = p.pub if which == "publisher" else p.sub
         if pc is None or pc.connectionState not in ("failed", "closed"):
             return
-        self._emit("media_failed", participant=pid, which=which)
+        self.emit({"ev": "media_failed", "room": self.name, "participant": pid, "which": which})
         if which == "publisher":
             for mine in list(p.published.values()):
                 self._unpublish(mine)
@@ -481,7 +510,7 @@ class Room:
         """Every ~250 ms: active speaker, and keyframes for subscribers still waiting."""
         order = self.speaker.tick(now)
         if order is not None:
-            self._emit("active_speaker", speakers=order)
+            self.emit({"ev": "active_speaker", "room": self.name, "speakers": order})
         for p in self.participants.values():
             if p.fast is not None and p.fast.ready:
                 for tid, dt in p.downtracks.items():

@@ -16,12 +16,12 @@ import signal
 import socket
 import sys
 import time
-from typing import Any
+from typing import Any, cast
 
 from aiortc import RTCIceCandidate
 from aiortc.sdp import candidate_from_sdp
 
-from .channel import encode_frame, read_frame
+from .channel import Reply, Request, WorkerEvent, encode_frame, read_frame
 from .forward import Counters
 from .room import MediaError, Room
 from .rtc import HostCandidatePolicy, check_internals
@@ -41,7 +41,7 @@ class Worker:
         self.counters = Counters()
         self._tasks = TaskSet()
 
-    def emit(self, msg: dict[str, Any]) -> None:
+    def emit(self, msg: WorkerEvent | Reply) -> None:
         if not self.writer.is_closing():
             self.writer.write(encode_frame(msg))
 
@@ -51,45 +51,39 @@ class Worker:
             r = self.rooms[name] = Room(name, self.emit, self.counters, self.video_codec)
         return r
 
-    async def handle(self, msg: dict[str, Any]) -> dict[str, Any]:
-        op = msg["op"]
-        if op == "stats":
+    async def handle(self, req: Request) -> dict[str, Any]:
+        """Carry out one request (``sfu.channel``); its result."""
+        if req["op"] == "stats":
             return {"rooms": len(self.rooms), **dataclasses.asdict(self.counters)}
-        name = msg["room"]
-        pid = msg.get("participant", "")
-        if op == "join":
-            return {"tracks": self.room(name).join(pid, msg.get("subscribe", True))}
+        name = req["room"]
+        if req["op"] == "join":
+            return {"tracks": self.room(name).join(req["participant"], req["subscribe"])}
         room = self.rooms.get(name)
         if room is None:
             raise MediaError("not_in_room", "join the room before sending media")
-        if op == "leave":
+        pid = req["participant"]
+        if req["op"] == "leave":
             await room.leave(pid)
             if not room.participants and self.rooms.get(name) is room:
                 del self.rooms[name]
                 await room.close()
                 self.emit({"ev": "room_closed", "room": name})
             return {}
-        if op == "publish":
-            return {"sdp": await room.publish(pid, msg["sdp"], msg.get("tracks", []))}
-        if op == "subscribe":
+        if req["op"] == "publish":
+            return {"sdp": await room.publish(pid, req["sdp"], req["tracks"])}
+        if req["op"] == "subscribe":
             await room.resubscribe(pid)
-            return {}
-        if op == "answer":
-            await room.subscribe_answer(pid, msg["sdp"])
-            return {}
-        if op == "ice":
-            await self._ice(room, pid, msg["target"], msg.get("candidate"))
-            return {}
-        if op == "mute":
-            room.mute(pid, msg["track"], msg["muted"])
-            return {}
-        if op == "pause":
-            room.pause(pid, msg["track"], msg["paused"])
-            return {}
-        if op == "unpublish":
-            room.unpublish(pid, msg["track"])
-            return {}
-        raise MediaError("bad_message", f"unknown worker op {op!r}")
+        elif req["op"] == "answer":
+            await room.subscribe_answer(pid, req["sdp"])
+        elif req["op"] == "ice":
+            await self._ice(room, pid, req["target"], req["candidate"])
+        elif req["op"] == "mute":
+            room.mute(pid, req["track"], req["muted"])
+        elif req["op"] == "pause":
+            room.pause(pid, req["track"], req["paused"])
+        elif req["op"] == "unpublish":
+            room.unpublish(pid, req["track"])
+        return {}
 
     async def _ice(self, room: Room, pid: str, target: str, cand: dict[str, Any] | None) -> None:
         p = room.participant(pid)
@@ -115,14 +109,15 @@ class Worker:
             raise MediaError("bad_sdp", f"the ICE candidate was refused: {e}") from None
 
     async def _run_one(self, msg: dict[str, Any]) -> None:
-        rid = msg.get("id")
+        rid: int = msg.pop("id")
+        req = cast(Request, msg)
         try:
-            result = await self.handle(msg)
-            reply: dict[str, Any] = {"id": rid, "ok": True, "result": result}
+            result = await self.handle(req)
+            reply: Reply = {"id": rid, "ok": True, "result": result}
         except MediaError as e:
             reply = {"id": rid, "ok": False, "code": e.code, "message": e.message}
         except Exception:
-            log.exception("worker op %s failed", msg.get("op"))
+            log.exception("worker op %s failed", req.get("op"))
             reply = {
                 "id": rid,
                 "ok": False,

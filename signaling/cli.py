@@ -6,19 +6,13 @@ import argparse
 import asyncio
 import logging
 import os
-import secrets
 import ssl
 import sys
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 from aiohttp import web
 
-from turn.settings import TurnSettings
-
 from .config import Config, ConfigError, load_config
-from .ice import IceServers
-from .tokens import DEFAULT_GRANTS, GRANTS, create_token
+from .core.tokens import DEFAULT_GRANTS, GRANTS, create_token
 
 log = logging.getLogger("rallypoint")
 
@@ -26,83 +20,6 @@ log = logging.getLogger("rallypoint")
 def _config(args: argparse.Namespace, overrides: dict[str, object]) -> Config:
     path = args.config or os.environ.get("RALLYPOINT_CONFIG") or None
     return load_config(path, overrides=overrides)
-
-
-def turn_secret(cfg: Config) -> str:
-    """The TURN shared secret: configured, or generated once and kept in the data directory."""
-    if cfg.turn.secret:
-        return cfg.turn.secret
-    path = Path(cfg.server.data_dir) / "turn_secret"
-    if path.exists():
-        return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secret + "\n")
-    return secret
-
-
-def turn_settings(cfg: Config, secret: str) -> TurnSettings:
-    """The embedded TURN server's settings from the ``[turn]`` section (ConfigError if bad).
-
-    The TLS listener (``turns:``) runs when the server has a certificate and key and
-    ``turn.tls_port`` is not 0.
-    """
-    t = cfg.turn
-    tls = bool(cfg.server.tls_cert and cfg.server.tls_key and t.tls_port)
-    try:
-        return TurnSettings(
-            listen_host=t.listen_host,
-            listen_port=t.port,
-            secret=secret,
-            realm=t.realm,
-            allow_peers=tuple(t.allow_peers),
-            relay_port_min=t.relay_port_min,
-            relay_port_max=t.relay_port_max,
-            relay_host=t.relay_host,
-            external_address=t.external_address,
-            tcp=t.tcp,
-            max_allocations=t.max_allocations,
-            max_allocations_per_user=t.max_allocations_per_user,
-            max_bps_per_allocation=t.max_bps_per_allocation,
-            default_lifetime_s=t.default_lifetime_s,
-            max_lifetime_s=t.max_lifetime_s,
-            tls_cert=cfg.server.tls_cert if tls else "",
-            tls_key=cfg.server.tls_key if tls else "",
-            tls_port=t.tls_port,
-        )
-    except ValueError as e:  # TurnSettings names the field: "turn: relay_host must be ..."
-        raise ConfigError(str(e)) from None
-
-
-def build_app(cfg: Config) -> web.Application:
-    """The full server: signaling, chat store and (unless disabled) the embedded TURN server."""
-    from .server import make_app
-
-    secret = turn_secret(cfg) if cfg.turn.enabled else None
-    extra = []
-    if cfg.turn.enabled and secret:
-        settings = turn_settings(cfg, secret)
-
-        async def turn_ctx(app: web.Application) -> AsyncIterator[None]:
-            from turn.server import TurnServer
-
-            server = TurnServer(settings)
-            await server.start()
-            t = cfg.turn
-            log.info(
-                "TURN server on %s:%d (udp%s%s)",
-                t.listen_host,
-                t.port,
-                ", tcp" if t.tcp else "",
-                f", tls {t.tls_port}" if settings.tls else "",
-            )
-            yield
-            await server.close()
-
-        extra.append(turn_ctx)
-    return make_app(cfg, ice=IceServers(cfg, secret), extra_cleanup=extra)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -139,7 +56,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError:  # pragma: no cover - non-Linux
         loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    app = build_app(cfg)
+    from .app import make_app
+
+    app = make_app(cfg)
     scheme = "https" if ssl_ctx else "http"
     log.info(
         "rallypoint listening on %s://%s:%d (data in %s)",

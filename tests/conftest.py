@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 
-from signaling.client import Client
+from signaling.app import make_app
 from signaling.config import Config, load_config
 from signaling.sdk import RallypointClient
-from signaling.server import make_app
+from signaling.sdk.wsclient import Client
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 

@@ -12,9 +12,9 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from signaling.client import Client, ClientError
-from signaling.server import HUB
-from signaling.tokens import create_token
+from signaling.app import ENDPOINT, HUB
+from signaling.core.tokens import create_token
+from signaling.sdk.wsclient import Client, ClientError
 
 Connect = Callable[..., Awaitable[Client]]
 Start = Callable[..., Awaitable[TestServer]]
@@ -67,7 +67,7 @@ async def test_bad_input_table(server: TestServer, clients: Connect) -> None:
     await c.request({"type": "ping"})
     hist = await c.request({"type": "history", "conversation": "room:t"})
     assert hist["messages"] == [] and hist["last_seq"] == 0
-    assert server.app[HUB].counters["internal_errors"] == 0
+    assert server.app[HUB].counters.internal_errors == 0
 
 
 async def test_errors_answer_the_request_id(server: TestServer, clients: Connect) -> None:
@@ -201,7 +201,8 @@ async def test_slow_reader_is_cut_off(start_server: Start, clients: Connect) -> 
             sock.sendall(struct.pack("!BB", 0x81, 0x80 | len(payload)) + b"\0\0\0\0" + payload)
         await asyncio.sleep(0.2)
         hub = server.app[HUB]
-        (slow,) = hub.connections
+        endpoint = server.app[ENDPOINT]
+        (slow,) = endpoint.connections
         assert slow.session is not None and slow.session.identity == "slow"
         talker = await clients(server, name="Talker", identity="talker")
         await talker.request({"type": "join", "room": "s"})
@@ -213,14 +214,14 @@ async def test_slow_reader_is_cut_off(start_server: Start, clients: Connect) -> 
             if slow.closing:
                 break
         assert slow.closing, "the slow reader was not cut off"
-        assert hub.counters["slow_consumers"] == 1
+        assert hub.counters.slow_consumers == 1
         # Its outbox stayed bounded: nothing more is queued after the cut-off.
         assert slow.transport.get_write_buffer_size() <= 64 * 1024 + 8 * 1024
         # The talker's messages were all stored and acked; the server is fine.
         hist = await talker.request({"type": "history", "conversation": "room:s", "limit": 1})
         assert hist["last_seq"] == sent
         await asyncio.sleep(2.5)  # the abandoned connection is aborted
-        assert slow not in hub.connections
+        assert slow not in endpoint.connections
     finally:
         sock.close()
 
@@ -274,3 +275,61 @@ async def test_invalid_frames_count_against_the_rate_limit(
         await c.send_raw("{junk")
     codes = [(await c.next_event("error"))["code"] for _ in range(6)]
     assert codes[:3] == ["bad_json"] * 3 and set(codes[3:]) == {"rate_limited"}
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [b'{"type": "ping"}', "x" * 70_000],
+    ids=["binary", "oversized"],
+)
+async def test_refused_frames_of_every_kind_count_against_the_rate_limit(
+    start_server: Start, clients: Connect, frame: str | bytes
+) -> None:
+    """PROTOCOL.md: every frame after `welcome` but a valid `ping` takes a token, binary and
+    oversized frames included."""
+    server = await start_server(limits__rate_per_s=2, limits__burst=3)
+    c = await clients(server, name="Junk")
+    for _ in range(5):
+        await c.send_raw(frame)
+    codes = [(await c.next_event("error"))["code"] for _ in range(5)]
+    assert codes[:3] == [codes[0]] * 3 and codes[0] != "rate_limited"
+    assert set(codes[3:]) == {"rate_limited"}
+
+
+async def test_errors_before_welcome_answer_a_readable_id(server: TestServer) -> None:
+    """An error carries `re` whenever the frame's `id` can be read, before `welcome` too."""
+    async with aiohttp.ClientSession() as http, http.ws_connect(ws_url(server)) as ws:
+        await ws.send_str('{"type": "join", "room": "x", "id": "j1"}')
+        msg = await ws.receive_json()
+        assert (msg["code"], msg.get("re")) == ("hello_required", "j1")
+        await ws.send_str('{"type": "warp", "id": "w1"}')
+        msg = await ws.receive_json()
+        assert (msg["code"], msg.get("re")) == ("unknown_type", "w1")
+        await ws.send_str('{"type": "hello", "v": 1, "id": "h1", "extra": 1}')
+        msg = await ws.receive_json()
+        assert (msg["code"], msg.get("re")) == ("bad_field", "h1")
+        await ws.send_str("{junk")
+        msg = await ws.receive_json()
+        assert msg["code"] == "bad_json" and "re" not in msg
+        await ws.send_str('{"type": "hello", "v": 1, "name": "N", "id": "h2"}')
+        msg = await ws.receive_json()
+        assert (msg["type"], msg["re"]) == ("welcome", "h2")
+
+
+async def test_unknown_type_after_welcome_answers_the_request(
+    server: TestServer, clients: Connect
+) -> None:
+    """A newer app asking an older server something it does not know can match the error."""
+    c = await clients(server, name="New")
+    await c.send_raw('{"type": "teleport", "id": "t1", "to": "mars"}')
+    ev = await c.next_event("error")
+    assert (ev["code"], ev.get("re")) == ("unknown_type", "t1")
+
+
+async def test_messaging_oneself_is_a_bad_conversation(
+    server: TestServer, clients: Connect
+) -> None:
+    c = await clients(server, name="Solo", identity="solo")
+    with pytest.raises(ClientError) as e:
+        await c.request({"type": "send", "conversation": "dm:solo|solo", "cid": "c", "text": "hi"})
+    assert e.value.code == "bad_conversation"

@@ -12,11 +12,10 @@ import pytest
 from aiohttp.test_utils import TestServer
 from call_helpers import Phone
 
-from signaling.calling import service
-from signaling.client import ClientError
+from signaling.app import CALLS
+from signaling.core.tokens import create_token
 from signaling.sdk import RallypointClient
-from signaling.server import HUB
-from signaling.tokens import create_token
+from signaling.sdk.wsclient import ClientError
 
 Start = Callable[..., Awaitable[TestServer]]
 KEY, SECRET = "test-key", "a-test-secret-of-at-least-32-bytes"
@@ -31,7 +30,7 @@ async def call_log(phone: RallypointClient, conversation: str) -> dict[str, Any]
 
 def assert_idle(server: TestServer) -> None:
     """No call state is left behind."""
-    book = service(server.app[HUB]).book
+    book = server.app[CALLS].book
     assert book.calls == {} and book.by_identity == {}
 
 
@@ -118,7 +117,7 @@ async def test_busy_callee_is_reported_at_once(server: TestServer, phones: Phone
         assert log["call"]["outcome"] == "busy" and log["call"]["callee"] == callee
     assert bob.incoming.qsize() == 0  # the busy callee's devices never rang
     # The first call goes on undisturbed.
-    assert service(server.app[HUB]).book.calls[call.id].state == "active"
+    assert server.app[CALLS].book.calls[call.id].state == "active"
     with pytest.raises(ClientError) as e:
         await alice.call("carol")
     assert e.value.code == "in_call"

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from signaling.calls import Call, CallBook, Effect, Log, Push, Send
-from signaling.protocol import ProtocolError
+from signaling.calls.book import Call, CallBook, Effect, Log, Push, Send
+from signaling.wire.errors import ProtocolError
 
 T0 = 1_000_000
 

@@ -5,17 +5,25 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import jsonschema
 import pytest
+from aiohttp.test_utils import TestServer
 
-import signaling.server  # noqa: F401  (registers every feature's handlers: calls, media)
-from signaling.hub import HANDLERS
-from signaling.protocol import CLIENT_MESSAGES, ERROR_CODES, SERVER_MESSAGES, CloseCode, json_schema
+from signaling.app import ENDPOINT, make_app, protocol
+from signaling.config import load_config
+from signaling.sdk.wsclient import Client
+from signaling.wire.errors import CloseCode
+from signaling.wire.schema import json_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = (ROOT / "docs" / "PROTOCOL.md").read_text()
+PROTOCOL = protocol()
+CLIENT_MESSAGES = PROTOCOL.client
+SERVER_MESSAGES = PROTOCOL.server
+ERROR_CODES = PROTOCOL.errors
 
 
 def _section(title: str) -> str:
@@ -28,12 +36,16 @@ def _headings(section: str) -> set[str]:
     return set(re.findall(r"^### `([a-z_]+)`\s*$", section, re.M))
 
 
-def test_client_messages_documented_and_handled() -> None:
-    documented = _headings(_section("Client messages"))
-    assert documented == set(HANDLERS), (
-        f"undocumented: {set(HANDLERS) - documented}, not handled: {documented - set(HANDLERS)}"
+def test_client_messages_documented_and_handled(tmp_path: Path) -> None:
+    cfg = load_config(
+        None, env={}, overrides={"server.data_dir": str(tmp_path), "turn.enabled": False}
     )
-    assert set(HANDLERS) == set(CLIENT_MESSAGES)
+    handled = set(make_app(cfg)[ENDPOINT].handlers)
+    documented = _headings(_section("Client messages"))
+    assert documented == handled, (
+        f"undocumented: {handled - documented}, not handled: {documented - handled}"
+    )
+    assert handled == set(CLIENT_MESSAGES)
 
 
 def test_server_messages_documented() -> None:
@@ -70,7 +82,7 @@ def test_every_type_has_an_example() -> None:
     ("side", "example"), EXAMPLES, ids=[f"{s}-{e['type']}-{i}" for i, (s, e) in enumerate(EXAMPLES)]
 )
 def test_examples_validate(side: str, example: dict[str, object]) -> None:
-    schema = json_schema()
+    schema = json_schema(PROTOCOL)
     kinds = schema["$defs"][side]
     t = str(example["type"])
     assert t in kinds, f"{side} example of unknown type {t}"
@@ -78,3 +90,37 @@ def test_examples_validate(side: str, example: dict[str, object]) -> None:
     validator = jsonschema.Draft202012Validator({**root, "$ref": f"#/$defs/{side}/{t}"})
     errors = sorted(validator.iter_errors(example), key=str)
     assert not errors, errors[0].message
+
+
+async def test_welcome_limits_are_the_documented_ones(
+    server: TestServer, clients: Callable[..., Awaitable[Client]]
+) -> None:
+    """The limits a real `welcome` carries are the schema's Limits, all required, each named
+    in the document's Shared objects and in its Limits table."""
+    c = await clients(server, name="L")
+    sent = set(c.welcome["limits"])
+    schema = set(PROTOCOL.definitions["Limits"]["properties"])  # type: ignore[arg-type]
+    assert sent == schema, sent ^ schema
+    assert set(PROTOCOL.definitions["Limits"]["required"]) == schema  # type: ignore[arg-type]
+    para = re.search(r"\*\*Limits\*\*.*?(?=\n\n)", _section("Shared objects"), re.S)
+    assert para, "no **Limits** paragraph in Shared objects"
+    named = set(re.findall(r"`([a-z_]+)`", para.group(0))) - {"welcome"}
+    assert named == schema, named ^ schema
+    limits = _section("Limits")
+    for key in schema:
+        assert f"`{key}`" in limits, key
+
+
+def test_kicked_by_documents_the_api_value() -> None:
+    from signaling.net.http_api import KICKED_BY_API
+
+    section = re.search(r"^### `kicked`(.*?)(?=^### )", _section("Server messages"), re.M | re.S)
+    assert section and f'`"{KICKED_BY_API}"`' in section.group(1)
+
+
+def test_api_document_says_which_401_is_which() -> None:
+    spec = json.loads((ROOT / "docs" / "openapi.json").read_text())
+    desc = spec["info"]["description"]
+    assert "`unauthorized`: the request has no `Authorization` header" in desc
+    assert "`bad_credentials`: credentials were given but are wrong" in desc
+    assert "every route but this document answers 403" in desc

@@ -1,4 +1,4 @@
-"""``signaling.fastws``: chat frames handled inside aiohttp's data_received, in order, and the
+"""``signaling.net.fastws``: chat frames handled inside aiohttp's data_received, in order, and the
 plain ``receive()`` path when aiohttp's internals are not the ones mirrored."""
 
 from __future__ import annotations
@@ -9,10 +9,13 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from signaling import fastws
-from signaling import server as server_module
-from signaling.client import Client
-from signaling.server import HUB
+from signaling.app import HUB
+from signaling.net import endpoint as endpoint_module
+from signaling.net import fastws
+from signaling.net.connection import Connection
+from signaling.net.endpoint import Endpoint
+from signaling.sdk.wsclient import Client
+from signaling.wire.protocol import Protocol
 
 Connect = Callable[..., Awaitable[Client]]
 
@@ -30,12 +33,12 @@ async def test_chat_by_either_path(
 ) -> None:
     if inline and not fastws.available():
         pytest.fail("this aiohttp has no fast path: update signaling/fastws.py")
-    monkeypatch.setattr(server_module, "FAST_WS", inline)
+    monkeypatch.setattr(endpoint_module, "FAST_WS", inline)
     taken: list[bool] = []
-    make_sink = server_module._sink
+    make_sink = Endpoint._sink
 
-    def counting(hub: object, conn: object) -> Callable[[bytes], bool]:
-        sink = make_sink(hub, conn)  # type: ignore[arg-type]
+    def counting(self: Endpoint, conn: Connection) -> Callable[[bytes], bool]:
+        sink = make_sink(self, conn)
 
         def take(data: bytes) -> bool:
             ok = sink(data)
@@ -44,7 +47,7 @@ async def test_chat_by_either_path(
 
         return take
 
-    monkeypatch.setattr(server_module, "_sink", counting)
+    monkeypatch.setattr(Endpoint, "_sink", counting)
     a = await clients(server, name="A", identity="a")
     b = await clients(server, name="B", identity="b")
     for c in (a, b):
@@ -59,4 +62,27 @@ async def test_chat_by_either_path(
     else:
         assert taken == []
     stats = server.app[HUB].counters
-    assert stats["messages_stored"] == 20 and stats["internal_errors"] == 0
+    assert stats.messages_stored == 20 and stats.internal_errors == 0
+
+
+async def test_a_frame_the_fast_path_passes_on_is_parsed_once(
+    server: TestServer, clients: Connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast path parses every text frame to see its type; one it leaves to the receive
+    loop (anything but a chat write) goes there with its parsed message, not to be parsed
+    again."""
+    parsed: list[bytes | str] = []
+    parse = Protocol.parse
+
+    def counting(self: Protocol, data: bytes | str) -> dict[str, object]:
+        parsed.append(data)
+        return parse(self, data)
+
+    monkeypatch.setattr(Protocol, "parse", counting)
+    a = await clients(server, name="A", identity="a")
+    parsed.clear()
+    for i in range(5):
+        await a.request({"type": "ping", "ts": i})
+    await a.request({"type": "join", "room": "once"})
+    await a.send_chat("room:once", "hello")
+    assert len(parsed) == 7, parsed

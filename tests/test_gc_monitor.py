@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from signaling.server import GcMonitor
+from signaling.core.gc import GcMonitor
 
 
 class Node:

@@ -19,8 +19,8 @@ from aiohttp.test_utils import TestServer
 from call_helpers import Phone
 from openapi_spec_validator import validate
 
-from signaling.client import ClientError
-from signaling.tokens import create_token
+from signaling.core.tokens import create_token
+from signaling.sdk.wsclient import ClientError
 
 Start = Callable[..., Awaitable[TestServer]]
 KEY, SECRET = "test-key", "a-test-secret-of-at-least-32-bytes"

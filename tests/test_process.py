@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from nethelpers import free_port
 
-from signaling.client import Client, ClientError
-from signaling.tokens import verify_token
+from signaling.core.tokens import verify_token
+from signaling.sdk.wsclient import Client, ClientError
 
 SECRET = "a-test-secret-of-at-least-32-bytes"
 RALLYPOINT = [sys.executable, "-m", "signaling"]

@@ -12,19 +12,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import signaling.server  # noqa: F401  - complete message tables (media, calls)
-from signaling.protocol import (
-    CLIENT_MESSAGES,
-    ERROR_CODES,
-    ProtocolError,
-    _check_value,
-    _fast_check,
-    encode,
-    error_message,
-    frame,
-    json_schema,
-    parse_client_message,
-)
+from signaling.app import protocol
+from signaling.wire.errors import ProtocolError
+from signaling.wire.framing import encode, error_message, frame
+from signaling.wire.protocol import _check_value, _fast_check
+from signaling.wire.schema import json_schema
+
+PROTOCOL = protocol()
+CLIENT_MESSAGES = PROTOCOL.client
+ERROR_CODES = PROTOCOL.errors
+parse_client_message = PROTOCOL.parse
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -67,10 +64,26 @@ def test_bad_frames_get_stable_codes(raw: bytes, code: str) -> None:
     assert exc.value.message
 
 
-def test_error_keeps_request_id_when_usable() -> None:
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"type": "join", "id": "q7"}',
+        b'{"type": "teleport", "id": "q7"}',  # a newer client's type: still answer its request
+        b'{"type": 5, "id": "q7"}',
+        b'{"id": "q7"}',
+    ],
+)
+def test_error_keeps_request_id_when_usable(raw: bytes) -> None:
     with pytest.raises(ProtocolError) as exc:
-        parse_client_message(b'{"type": "join", "id": "q7"}')
+        parse_client_message(raw)
     assert error_message(exc.value)["re"] == "q7"
+
+
+@pytest.mark.parametrize("raw", [b'{"type": "teleport", "id": 7}', b'{"type": "x", "id": "a b"}'])
+def test_error_has_no_request_id_when_unreadable(raw: bytes) -> None:
+    with pytest.raises(ProtocolError) as exc:
+        parse_client_message(raw)
+    assert "re" not in error_message(exc.value)
 
 
 def test_good_messages_parse() -> None:
@@ -103,13 +116,13 @@ def test_encode_round_trips() -> None:
 
 def test_schema_file_is_current() -> None:
     """docs/protocol.schema.json is generated from the message tables; regenerate with
-    `python -m signaling.protocol > docs/protocol.schema.json`."""
+    `python -m signaling.app schema > docs/protocol.schema.json`."""
     on_disk = json.loads((DOCS / "protocol.schema.json").read_text())
-    assert on_disk == json.loads(orjson.dumps(json_schema()))
+    assert on_disk == json.loads(orjson.dumps(json_schema(PROTOCOL)))
 
 
 def test_schema_validates_what_the_parser_accepts() -> None:
-    schema = json_schema()
+    schema = json_schema(PROTOCOL)
     validator = jsonschema.Draft202012Validator(schema)
     good = {"type": "send", "conversation": "room:a", "cid": "c1", "text": "hi", "id": "r"}
     parse_client_message(orjson.dumps(good))

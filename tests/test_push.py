@@ -17,9 +17,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from call_helpers import Phone
 
+from signaling.app import PUSH
 from signaling.config import PushSection
-from signaling.push import PushQueue, verify
-from signaling.server import HUB
+from signaling.notify.push import PushQueue, verify
 
 Start = Callable[..., Awaitable[TestServer]]
 PUSH_SECRET = "push-secret-0123456789"
@@ -117,9 +117,9 @@ async def test_call_push_and_cancel_after_a_failed_attempt(
     await asyncio.sleep(0.3)  # nothing else may arrive: no duplicates, no third event
     assert [e["type"] for e in receiver.delivered] == ["call.incoming", "call.cancelled"]
     assert len({e["id"] for e in receiver.delivered}) == 2 and receiver.bad_signatures == 0
-    counters = server.app[HUB].counters
-    assert counters["push_sent"] == 2 and counters["push_retries"] == 1
-    assert counters["push_failed"] == 0
+    counters = server.app[PUSH].counters
+    assert counters.sent == 2 and counters.retries == 1
+    assert counters.failed == 0
 
 
 async def test_cancelled_and_missed_calls_send_cancel_events(
@@ -188,14 +188,11 @@ async def test_message_text_only_when_enabled(
 
 
 async def test_queue_is_bounded_and_deduplicates() -> None:
-    counters: dict[str, int] = {}
-    q = PushQueue(
-        PushSection(webhook_url="http://127.0.0.1:9/", secret=PUSH_SECRET, queue_size=2), counters
-    )
+    q = PushQueue(PushSection(webhook_url="http://127.0.0.1:9/", secret=PUSH_SECRET, queue_size=2))
     assert q.submit({"id": "a"}) and q.submit({"id": "b"})
     assert not q.submit({"id": "a"})  # same event id: once only
     assert not q.submit({"id": "c"})  # queue full: dropped and counted
-    assert counters["push_duplicates"] == 1 and counters["push_dropped"] == 1
+    assert q.counters.duplicates == 1 and q.counters.dropped == 1
     body = b'{"id":"x"}'
     header = (
         f"t={int(time.time())},v1="

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from signaling import server as server_module
-from signaling.client import Client, ClientError
-from signaling.server import HUB
+from signaling.app import ENDPOINT, STORE
+from signaling.net import endpoint as endpoint_module
+from signaling.sdk.wsclient import Client, ClientError
 
 Connect = Callable[..., Awaitable[Client]]
 
@@ -338,15 +337,10 @@ async def test_shutdown_closes_with_going_away(
 ) -> None:
     server = await start_server()
     c = await clients(server, name="C")
-    hub = server.app[HUB]
-    assert len(hub.connections) == 1
+    assert len(server.app[ENDPOINT].connections) == 1
     await server.close()
     ev = await c.next_event("_closed", timeout=5)
     assert ev["code"] == 1001
-
-
-def _hub_stats(server: TestServer) -> dict[str, Any]:
-    return dict(server.app[HUB].counters)
 
 
 async def test_update_is_all_or_nothing(server: TestServer, clients: Connect) -> None:
@@ -389,7 +383,7 @@ async def test_replies_keep_request_order_behind_chat_writes(
     """Chat writes complete after the request loop has moved on (and, with ``fastws``, are
     handled inside aiohttp's data_received); replies must still come back in request order,
     and a request sent right after a `send` must see that message."""
-    monkeypatch.setattr(server_module, "FAST_WS", inline and server_module.FAST_WS)
+    monkeypatch.setattr(endpoint_module, "FAST_WS", inline and endpoint_module.FAST_WS)
     (a,) = await joined(clients, server, "ord", "ann")
     async with aiohttp.ClientSession() as http:
         ws = await http.ws_connect(f"ws://127.0.0.1:{server.port}/ws")
@@ -461,7 +455,7 @@ async def test_a_refused_hand_off_leaves_no_pending_write(
     """If the store cannot take a chat write (closed at shutdown), the client hears an error
     and its next request is still answered: nothing waits for a write that never happened."""
     (a,) = await joined(clients, server, "gone", "ann")
-    await server.app[HUB].store.close()
+    await server.app[STORE].close()
     with pytest.raises(ClientError) as e:
         await a.request({"type": "send", "conversation": "room:gone", "cid": "x", "text": "hi"})
     assert e.value.code == "internal_error"

@@ -9,11 +9,11 @@ import jwt
 import pytest
 
 from signaling.config import ConfigError, load_config, sample_keys
-from signaling.presence import PresenceBook
-from signaling.protocol import ProtocolError
-from signaling.ratelimit import TokenBucket
-from signaling.rooms import Participant, Room, RoomRegistry
-from signaling.tokens import create_token, verify_token
+from signaling.core.presence import PresenceBook
+from signaling.core.ratelimit import TokenBucket
+from signaling.core.rooms import Participant, Room, RoomRegistry
+from signaling.core.tokens import create_token, verify_token
+from signaling.wire.errors import ProtocolError
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "a-test-secret-of-at-least-32-bytes"

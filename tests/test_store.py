@@ -8,10 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from signaling import sqlite_store, store_writer
-from signaling.protocol import ProtocolError
-from signaling.sqlite_store import MIGRATIONS, SqliteStore
-from signaling.store import AppendResult, NewMessage
+from signaling.chat import codec, schema
+from signaling.chat import sqlite as sqlite_store
+from signaling.chat import writer as store_writer
+from signaling.chat.codec import MarkRead, RegisterIdentity, TouchDevice
+from signaling.chat.schema import MIGRATIONS
+from signaling.chat.sqlite import SqliteStore
+from signaling.chat.store import AppendResult, NewMessage, StoredMessage
+from signaling.wire.errors import ProtocolError
 
 
 def msg(
@@ -183,7 +187,7 @@ async def test_edit_and_delete_rules(store: SqliteStore) -> None:
 async def test_upgraded_store_finds_edits_by_index(tmp_path: Path) -> None:
     # A store made by the previous schema (version 2), with an edit in it.
     path = tmp_path / "old.db"
-    db = sqlite_store.connect(path, "normal")
+    db = schema.connect(path, "normal")
     for script in MIGRATIONS[:2]:
         db.executescript(script)
     db.execute("PRAGMA user_version=2")
@@ -299,7 +303,7 @@ async def test_mids_keep_increasing_after_reopen(tmp_path: Path) -> None:
 
 async def test_writer_survives_a_failing_operation(store: SqliteStore) -> None:
     with pytest.raises(ProtocolError) as e:  # a request the writer has no operation for
-        await store._submit("no such operation", 1)
+        await store._future(b'["no such operation", 1]\n', False)
     assert e.value.code == "internal_error"
     m, _ = await store.append(msg("room:after", "a"))  # the writer process is still there
     assert m.seq == 1
@@ -336,3 +340,48 @@ async def test_close_answers_every_write_sent_before_it(tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / "chat.sqlite3")
     assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 500
     db.close()
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        NewMessage("room:a", "c1", "alice", "Alice", "text", "hi"),
+        NewMessage("dm:a|b", "c2", "a", "A", "edit", "x", 3, ("a", "b"), True, 900_000, None),
+        NewMessage("room:a", "c3", "bob", "Bob", "call", "Call", None, (), False, 0, '{"id":1}'),
+        MarkRead("dm:a|b", "a", 7),
+        TouchDevice("alice", "phone", "Alice", 1_700_000_000_000),
+        RegisterIdentity("carol", 1_700_000_000_000),
+    ],
+)
+def test_writer_requests_round_trip(request_: codec.WriterRequest) -> None:
+    line = codec.encode_request(request_)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert codec.decode_request(line) == request_
+
+
+def test_writer_results_round_trip() -> None:
+    stored = StoredMessage("room:a", 4, 17, "c1", "alice", "Alice", "text", "hi", None, 123, None)
+    results = [
+        codec.ok(codec.encode_row(stored, False)),
+        codec.ok(codec.encode_row(stored, True)),
+        codec.ok(7),
+        codec.ok(None),
+        codec.refused(ProtocolError("not_author", "only the author")),
+    ]
+    back = codec.decode_results(codec.encode_results(results))
+    assert codec.decode_result(back[0], True) == (stored, False)
+    assert codec.decode_result(back[1], True) == (stored, True)
+    assert codec.decode_result(back[2], False) == 7
+    assert codec.decode_result(back[3], False) is None
+    err = codec.decode_result(back[4], False)
+    assert isinstance(err, ProtocolError) and (err.code, err.message) == (
+        "not_author",
+        "only the author",
+    )
+
+
+def test_row_order_is_the_select_order() -> None:
+    """The writer and the reader SELECT ``codec.COLUMNS``; a row read back is a StoredMessage
+    with every field in its place."""
+    assert codec.COLUMNS.split(", ") == list(codec.ROW_FIELDS)
+    assert codec.ROW_FIELDS == tuple(StoredMessage.__dataclass_fields__)

@@ -28,7 +28,7 @@ import aiohttp
 
 from sfu.tasks import TaskSet
 
-from ..client import Client, ClientError, next_matching
+from .wsclient import Client, ClientError, next_matching
 
 log = logging.getLogger("rallypoint.sdk")
 

@@ -13,7 +13,7 @@ from browser_harness import launch_chromium
 from nethelpers import free_port, machine_ip
 from test_sfu_browser import SCRIPT
 
-from signaling.cli import build_app
+from signaling.app import make_app
 from signaling.config import load_config
 
 RELAY_SCRIPT = (
@@ -58,7 +58,7 @@ async def test_chromium_forced_to_relay_through_embedded_turn(
             "ice.relay_only": True,
         },
     )
-    app: web.Application = build_app(cfg)
+    app: web.Application = make_app(cfg)
     server = await aiohttp_server(app, host="127.0.0.1")
     origin = f"http://127.0.0.1:{server.port}"
     async with launch_chromium() as browser:

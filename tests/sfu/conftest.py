@@ -12,7 +12,7 @@ from sfu_helpers import Party, PartyFactory
 from media.clip import ClipSpec, load_clip
 from media.session import SfuSession
 from media.tracks import EncodedAudioTrack, EncodedVideoTrack, attach_keyframe_requests
-from signaling.client import Client
+from signaling.sdk.wsclient import Client
 
 
 @pytest.fixture

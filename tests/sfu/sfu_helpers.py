@@ -14,7 +14,7 @@ from aiortc.mediastreams import AudioStreamTrack
 
 from media.session import SfuSession
 from media.tracks import EncodedVideoTrack
-from signaling.client import Client
+from signaling.sdk.wsclient import Client
 
 
 @dataclass

@@ -15,12 +15,12 @@ def _lost(events: list[dict[str, Any]]) -> list[str]:
 
 
 async def test_a_dead_worker_loses_its_rooms_but_closing_the_pool_does_not() -> None:
-    events: list[dict[str, Any]] = []
+    events: list[Any] = []
     pool = SfuPool(1, events.append)
     await pool.start()
     try:
-        await pool.request("r1", "join", participant="p1", subscribe=True)
-        await pool.request("r2", "join", participant="p2", subscribe=True)
+        await pool.request({"op": "join", "room": "r1", "participant": "p1", "subscribe": True})
+        await pool.request({"op": "join", "room": "r2", "participant": "p2", "subscribe": True})
         # A crash: the rooms are reported lost (the media router tells clients and rejoins).
         proc = pool.workers[0].proc
         assert proc is not None
@@ -28,7 +28,7 @@ async def test_a_dead_worker_loses_its_rooms_but_closing_the_pool_does_not() -> 
         await until(lambda: _lost(events) == ["r1", "r2"], 10)
         w = pool.workers[0]
         await until(lambda: w.proc is not proc and w.ready.is_set(), 20)  # restarted
-        await pool.request("r3", "join", participant="p3", subscribe=True)
+        await pool.request({"op": "join", "room": "r3", "participant": "p3", "subscribe": True})
         events.clear()
     finally:
         await pool.close()

@@ -18,8 +18,8 @@ from aioice.turn import create_turn_endpoint
 from nethelpers import free_port, machine_ip
 from turn_helpers import Receiver, UdpClient, close
 
-from signaling.client import Client
 from signaling.config import SECTIONS
+from signaling.sdk.wsclient import Client
 
 
 @pytest.fixture

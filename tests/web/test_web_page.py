@@ -523,9 +523,10 @@ async def test_routes_serve_the_page_and_its_files(web_server: WebServer) -> Non
 
 
 async def test_client_library_is_ui_free_and_speaks_the_documented_protocol() -> None:
-    from signaling import media  # noqa: F401 - registers the media messages
-    from signaling.protocol import CLIENT_MESSAGES, SERVER_MESSAGES
+    from signaling.app import protocol
 
+    proto = protocol()
+    CLIENT_MESSAGES, SERVER_MESSAGES = proto.client, proto.server
     source = CLIENT_JS.read_text()
     assert not re.search(r"\b(document|window)\.", source), "rallypoint.js must not use the DOM"
     sent = set(re.findall(r'\btype: "([a-z_]+)"', source)) - {"offer", "answer", "rollback"}

@@ -17,7 +17,8 @@ from typing import Any, Final
 
 import jwt
 
-from .protocol import IDENTITY_PATTERN, ROOM_PATTERN, ProtocolError, compiled
+from ..wire.errors import ProtocolError
+from ..wire.spec import IDENTITY_PATTERN, ROOM_PATTERN, compiled
 
 GRANTS: Final = ("join", "publish", "subscribe", "chat", "moderate")
 DEFAULT_GRANTS: Final = ("join", "publish", "subscribe", "chat")

@@ -1,11 +1,11 @@
 """The chat store's writer process: every write to the SQLite file happens here.
 
-``SqliteStore`` (in the server process) starts ``python -m signaling.store_writer`` with one end
-of a socket pair and sends it requests, one JSON array per line; this process answers with
-one line per transaction, the results in request order. Keeping the writes out of the server
-process keeps their CPU time and, above all, their GIL time off the event loop: the loop only
-encodes a request and decodes a result, and the operating system can run the writer on
-another core (bench/signaling.py measures both).
+``SqliteStore`` (in the server process) starts ``python -m signaling.chat.writer`` with one end
+of a socket pair and sends it requests, one line each; this process answers with one line per
+transaction, the results in request order (the formats: ``signaling.chat.codec``). Keeping
+the writes out of the server process keeps their CPU time and, above all, their GIL time off
+the event loop: the loop only encodes a request and decodes a result, and the operating
+system can run the writer on another core (bench/signaling.py measures both).
 
 - Group commit: the process takes everything that has arrived and commits it in one
   transaction. Under light load it does not wait for more, so a lone message is committed at
@@ -30,12 +30,6 @@ another core (bench/signaling.py measures both).
   checkpoint, exit. The process ignores SIGINT and SIGTERM (it runs in its own session, so a
   terminal's Ctrl-C reaches only the server, which then closes the store in order).
 
-Requests (``op`` then arguments): ``["a", conversation, cid, sender, name, kind, text, ref,
-members, moderator, edit_window_ms, meta]`` append, ``["r", conversation, identity, seq]``
-mark read, ``["d", identity, device, name, now_ms]`` touch device, ``["i", identity,
-now_ms]`` register identity. Results: ``[1, value]``, or ``[0, code, message]`` for a refusal
-(``ProtocolError``) or a failure. An append's value is the stored row (the columns of
-``StoredMessage`` in order) followed by the duplicate flag.
 """
 
 from __future__ import annotations
@@ -47,14 +41,13 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
-import orjson
-
-from .protocol import ProtocolError
-from .sqlite_store import COLUMNS, connect, migrate
-from .store import NewMessage, Original, check_amend
+from ..wire.errors import ProtocolError
+from . import codec
+from .codec import COLUMNS, MarkRead, RegisterIdentity, TouchDevice
+from .schema import connect, migrate
+from .store import NewMessage, Original, StoredMessage, check_amend
 
 log = logging.getLogger("rallypoint.store")
 
@@ -115,7 +108,7 @@ class Writer:
             f"SELECT {COLUMNS} FROM messages WHERE conversation=? AND sender=? AND cid=?",
             (msg.conversation, msg.sender, msg.cid),
         ).fetchone()
-        return None if dup is None else [*dup, True]
+        return None if dup is None else codec.encode_row(StoredMessage(*dup), True)
 
     def append(self, msg: NewMessage) -> list[Any]:
         """Store ``msg``; the stored row and whether it was a duplicate."""
@@ -168,10 +161,10 @@ class Writer:
                 raise
             return found
         self.pending[msg.conversation] = seq
-        return [
+        stored = StoredMessage(
             msg.conversation,
             seq,
-            cur.lastrowid,
+            cur.lastrowid or 0,
             msg.cid,
             msg.sender,
             msg.name,
@@ -180,8 +173,8 @@ class Writer:
             msg.ref,
             now,
             msg.meta,
-            False,
-        ]
+        )
+        return codec.encode_row(stored, False)
 
     def touch_device(self, identity: str, device: str, name: str, now: int) -> None:
         self.db.execute("INSERT OR IGNORE INTO identities VALUES (?, ?)", (identity, now))
@@ -219,32 +212,33 @@ class Writer:
         return seq
 
 
-def _append(w: Writer, *a: Any) -> list[Any]:
-    return w.append(NewMessage(a[0], a[1], a[2], a[3], a[4], a[5], a[6], tuple(a[7]), *a[8:]))
+def execute(w: Writer, req: codec.WriterRequest) -> Any:
+    """Carry out one request in the open transaction; its result value."""
+    if type(req) is NewMessage:
+        return w.append(req)
+    if type(req) is MarkRead:
+        return w.mark_read(req.conversation, req.identity, req.seq)
+    if type(req) is TouchDevice:
+        return w.touch_device(req.identity, req.device, req.name, req.now_ms)
+    if type(req) is RegisterIdentity:
+        return w.register_identity(req.identity, req.now_ms)
+    raise TypeError(f"unknown writer request {req!r}")
 
 
-OPS: dict[str, Callable[..., Any]] = {
-    "a": _append,
-    "r": Writer.mark_read,
-    "d": Writer.touch_device,
-    "i": Writer.register_identity,
-}
-
-
-def run_batch(w: Writer, batch: list[bytes]) -> list[list[Any]]:
+def run_batch(w: Writer, batch: list[bytes]) -> list[codec.Result]:
     """Execute requests in one transaction; a result per request, in order."""
     db = w.db
-    results: list[list[Any]] = []
+    results: list[codec.Result] = []
     try:
         db.execute("BEGIN IMMEDIATE")
         for line in batch:
-            req = orjson.loads(line)
-            # Ops raise ProtocolError only before they write anything, so a refusal needs no
-            # savepoint (which would cost two statements per message).
+            req = codec.decode_request(line)
+            # Requests raise ProtocolError only before they write anything, so a refusal needs
+            # no savepoint (which would cost two statements per message).
             try:
-                results.append([1, OPS[req[0]](w, *req[1:])])
+                results.append(codec.ok(execute(w, req)))
             except ProtocolError as e:
-                results.append([0, e.code, e.message])
+                results.append(codec.refused(e))
         w.flush()
         db.execute("COMMIT")
         w.committed()
@@ -254,7 +248,7 @@ def run_batch(w: Writer, batch: list[bytes]) -> list[list[Any]]:
         if db.in_transaction:
             db.execute("ROLLBACK")
         w.rolled_back()
-        fail = [0, "internal_error", f"the store failed ({e.__class__.__name__})"]
+        fail = codec.failed("internal_error", f"the store failed ({e.__class__.__name__})")
         results = [fail] * len(batch)
     return results
 
@@ -332,7 +326,7 @@ def serve(sock: socket.socket, db: sqlite3.Connection, ckpt: Checkpointer) -> No
         results = run_batch(w, batch)
         last = len(batch)
         ckpt.dirty.set()
-        sock.sendall(orjson.dumps(results) + b"\n")
+        sock.sendall(codec.encode_results(results))
         if ckpt.wal_full.is_set():  # after the server heard: this takes a few ms
             ckpt.wal_full.clear()
             try:
@@ -359,11 +353,11 @@ def main(argv: list[str] | None = None) -> None:
         db.execute("PRAGMA wal_autocheckpoint=0")
         epoch = db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()[0]
     except (sqlite3.Error, RuntimeError, OSError) as e:
-        sock.sendall(orjson.dumps(["fail", str(e)]) + b"\n")
+        sock.sendall(codec.fail_line(str(e)))
         return
     ckpt = Checkpointer(a.path, a.synchronous, a.wal_restart_frames, a.checkpoint_interval)
     ckpt.start()
-    sock.sendall(orjson.dumps(["ready", epoch]) + b"\n")
+    sock.sendall(codec.ready_line(epoch))
     try:
         serve(sock, db, ckpt)
     except OSError as e:  # the server went away while we answered: what is committed stays

@@ -1,6 +1,6 @@
 """``ChatStore`` on SQLite in WAL mode, without blocking the event loop.
 
-- Writes go to the writer process (``signaling.store_writer``), which owns the write connection
+- Writes go to the writer process (``signaling.chat.writer``), which owns the write connection
   and commits whatever has queued up in one transaction (group commit). Requests leave as one
   JSON line each, gathered per event-loop turn (or per ``FLUSH_LINES``) into one socket write;
   each transaction comes back as one line of results, in request order, which settle the
@@ -19,78 +19,20 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
-import secrets
 import socket
 import sqlite3
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from .protocol import ProtocolError
-from .store import AppendDone, DeviceInfo, NewMessage, Page, StoredMessage
-
-MIGRATIONS: list[str] = [
-    # 1: conversations, messages, direct-conversation members, read marks, store metadata.
-    """
-    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
-    CREATE TABLE conversations (
-        id TEXT PRIMARY KEY,
-        last_seq INTEGER NOT NULL,
-        created_at INTEGER NOT NULL
-    ) WITHOUT ROWID;
-    CREATE TABLE messages (
-        mid INTEGER PRIMARY KEY,
-        conversation TEXT NOT NULL,
-        seq INTEGER NOT NULL,
-        sender TEXT NOT NULL,
-        name TEXT NOT NULL,
-        cid TEXT NOT NULL,
-        kind TEXT NOT NULL,
-        text TEXT,
-        ref INTEGER,
-        ts INTEGER NOT NULL,
-        deleted INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE UNIQUE INDEX messages_seq ON messages (conversation, seq);
-    CREATE UNIQUE INDEX messages_cid ON messages (conversation, sender, cid);
-    CREATE TABLE members (
-        identity TEXT NOT NULL,
-        conversation TEXT NOT NULL,
-        PRIMARY KEY (identity, conversation)
-    ) WITHOUT ROWID;
-    CREATE TABLE read_marks (
-        conversation TEXT NOT NULL,
-        identity TEXT NOT NULL,
-        seq INTEGER NOT NULL,
-        PRIMARY KEY (conversation, identity)
-    ) WITHOUT ROWID;
-    """,
-    # 2: identities and their devices (last-seen), structured message metadata (call logs).
-    """
-    CREATE TABLE identities (
-        identity TEXT PRIMARY KEY,
-        created_at INTEGER NOT NULL
-    ) WITHOUT ROWID;
-    CREATE TABLE devices (
-        identity TEXT NOT NULL,
-        device TEXT NOT NULL,
-        name TEXT NOT NULL,
-        first_seen INTEGER NOT NULL,
-        last_seen INTEGER NOT NULL,
-        PRIMARY KEY (identity, device)
-    ) WITHOUT ROWID;
-    ALTER TABLE messages ADD COLUMN meta TEXT;
-    """,
-    # 3: a message's edits by (conversation, ref): a delete blanks them, and without this
-    # index that read the whole conversation (~130 ms in a room of 500k messages, with every
-    # chat write of the server waiting). Plain messages have no entry (partial index).
-    """
-    CREATE INDEX messages_edits ON messages (conversation, ref) WHERE kind = 'edit';
-    """,
-]
+from ..core.directory import DeviceInfo
+from ..core.metrics import Metric
+from ..wire.errors import ProtocolError
+from . import codec
+from .codec import COLUMNS, MarkRead, RegisterIdentity, TouchDevice, WriterRequest
+from .schema import connect
+from .store import AppendDone, NewMessage, Page, StoredMessage
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +40,6 @@ log = logging.getLogger(__name__)
 # whether its value is a stored row to turn into ``(StoredMessage, duplicate)``.
 Waiter = tuple[asyncio.Future[Any] | AppendDone, bool]
 
-COLUMNS = "conversation, seq, mid, cid, sender, name, kind, text, ref, ts, meta"
 WAL_RESTART_FRAMES = 4096  # WAL pages (16 MiB) after which the writer finishes a checkpoint
 CHECKPOINT_INTERVAL_S = 1.0  # between background checkpoints while there are writes
 RESTART_DELAY_S = 1.0  # before a writer process that died is started again
@@ -112,34 +53,6 @@ FLUSH_LINES = 8
 
 def _row(r: tuple[Any, ...]) -> StoredMessage:
     return StoredMessage(*r)
-
-
-def connect(path: Path | str, synchronous: str) -> sqlite3.Connection:
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
-    db.execute("PRAGMA busy_timeout=5000")
-    return db
-
-
-def migrate(db: sqlite3.Connection) -> int:
-    """Apply pending migrations (``PRAGMA user_version`` counts them); returns the version."""
-    version: int = db.execute("PRAGMA user_version").fetchone()[0]
-    if version > len(MIGRATIONS):
-        raise RuntimeError(
-            f"the store has schema version {version}, newer than this server knows "
-            f"({len(MIGRATIONS)}); upgrade rallypoint"
-        )
-    for i in range(version, len(MIGRATIONS)):
-        db.execute("BEGIN IMMEDIATE")
-        for stmt in MIGRATIONS[i].split(";"):
-            if stmt.strip():
-                db.execute(stmt)
-        if i == 0:
-            db.execute("INSERT INTO meta VALUES ('epoch', ?)", (secrets.token_hex(8),))
-        db.execute(f"PRAGMA user_version={i + 1}")
-        db.execute("COMMIT")
-    return len(MIGRATIONS)
 
 
 class _Link(asyncio.Protocol):
@@ -159,11 +72,11 @@ class _Link(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         *lines, self.buf = (self.buf + data).split(b"\n")
         for line in lines:
-            results = orjson.loads(line)
+            results = codec.decode_results(line)
             if self.ready.done():
                 self.store._resolve(results)
             elif results[0] == "ready":
-                self.ready.set_result(results[1])
+                self.ready.set_result(str(results[1]))
             else:
                 self.ready.set_exception(RuntimeError(results[1]))
 
@@ -218,7 +131,7 @@ class SqliteStore:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "signaling.store_writer",
+                "signaling.chat.writer",
                 "--fd",
                 str(child.fileno()),
                 "--path",
@@ -311,7 +224,7 @@ class SqliteStore:
         if unsent_too:
             self._out = []
         failed = [waiting.popleft() for _ in range(n)]
-        _settle(failed, [[0, err.code, err.message]] * n)
+        _settle(failed, [codec.refused(err)] * n)
 
     # -- writes ----------------------------------------------------------------------------------
 
@@ -346,24 +259,36 @@ class SqliteStore:
         self._send(line, (fut, row))
         return fut
 
-    def _submit(self, *request: Any) -> asyncio.Future[Any]:
-        return self._future(orjson.dumps(request) + b"\n", False)
+    def _submit(self, request: WriterRequest) -> asyncio.Future[Any]:
+        return self._future(codec.encode_request(request), False)
 
     def append(self, msg: NewMessage) -> asyncio.Future[tuple[StoredMessage, bool]]:
-        return self._future(_append_line(msg), True)
+        return self._future(codec.append_request(msg), True)
 
     def append_nowait(self, msg: NewMessage, done: AppendDone) -> None:
-        self._send(_append_line(msg), (done, True))
+        self._send(codec.append_request(msg), (done, True))
 
     async def mark_read(self, conversation: str, identity: str, seq: int) -> int | None:
-        result: int | None = await self._submit("r", conversation, identity, seq)
+        result: int | None = await self._submit(MarkRead(conversation, identity, seq))
         return result
 
     async def touch_device(self, identity: str, device: str, name: str, now_ms: int) -> None:
-        await self._submit("d", identity, device, name, now_ms)
+        await self._submit(TouchDevice(identity, device, name, now_ms))
 
     async def register_identity(self, identity: str, now_ms: int) -> None:
-        await self._submit("i", identity, now_ms)
+        await self._submit(RegisterIdentity(identity, now_ms))
+
+    def metrics(self) -> Iterable[Metric]:
+        yield Metric(
+            "store_commits", "counter", "Transactions the store writer committed.", self.commits
+        )
+        yield Metric("store_writes", "counter", "Writes in those transactions.", self.batched)
+        yield Metric(
+            "store_writer_restarts",
+            "counter",
+            "Times the store writer process died and was started again.",
+            self.restarts,
+        )
 
     # -- reads -----------------------------------------------------------------------------------
 
@@ -499,37 +424,10 @@ class SqliteStore:
         return result
 
 
-def _append_line(m: NewMessage) -> bytes:
-    return (
-        orjson.dumps(
-            (
-                "a",
-                m.conversation,
-                m.cid,
-                m.sender,
-                m.name,
-                m.kind,
-                m.text,
-                m.ref,
-                m.members,
-                m.moderator,
-                m.edit_window_ms,
-                m.meta,
-            )
-        )
-        + b"\n"
-    )
-
-
-def _settle(waiters: list[Waiter], results: list[list[Any]]) -> None:
+def _settle(waiters: list[Waiter], results: list[codec.Result]) -> None:
     """Settle each write's future, or call its ``append_nowait`` callback."""
     for (waiter, row), r in zip(waiters, results, strict=True):
-        if r[0]:
-            value = r[1]
-            if row:
-                value = (StoredMessage(*value[:11]), value[11])
-        else:
-            value = ProtocolError(r[1], r[2])
+        value = codec.decode_result(r, row)
         if not isinstance(waiter, asyncio.Future):
             waiter(value)
         elif waiter.done():

@@ -3,7 +3,7 @@
 A call has one caller (an identity on one device) and one callee (a 1:1 call) or several (a group
 call). Every step takes the current time in ms and returns *effects*: messages to send to
 sessions, push events for identities without an online device, and call-log entries to store.
-The handlers in ``signaling.calling`` carry them out.
+The call service (``signaling.calls.service``) carries them out.
 
 Rules (see docs/PROTOCOL.md, "Calls"):
 
@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from .protocol import ProtocolError
+from ..wire.errors import ProtocolError
 
 INVITED: Final = "invited"
 RINGING: Final = "ringing"

@@ -1,7 +1,4 @@
-"""Sessions and connections.
-
-A ``Connection`` is one WebSocket. A ``Session`` is one authenticated device; it outlives its
-connection by the resume grace period so a client that reconnects keeps its rooms.
+"""A client connection: one WebSocket and its outbox (the core's ``Link``).
 
 Outbox: frames are written straight into the connection's transport buffer, which is the
 per-connection outbox. Nobody awaits a slow client: once the buffer holds more than
@@ -12,23 +9,15 @@ server's memory stays bounded.
 from __future__ import annotations
 
 import asyncio
-import struct
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
-from .protocol import CloseCode, encode
-from .ratelimit import TokenBucket
-
-if TYPE_CHECKING:
-    from .rooms import Participant
-    from .tokens import Claims
-
-
-def close_frame(code: int, reason: str) -> bytes:
-    """An unmasked WebSocket close frame (RFC 6455 section 5.5.1)."""
-    payload = struct.pack("!H", code) + reason.encode()[:120]
-    return bytes((0x88, len(payload))) + payload
+from ..core.metrics import HubCounters
+from ..core.ratelimit import TokenBucket
+from ..core.session import Session
+from ..wire.errors import CloseCode
+from ..wire.framing import close_frame, encode
 
 
 class Connection:
@@ -42,6 +31,7 @@ class Connection:
         "drained",
         "last_recv",
         "limit",
+        "parsed",
         "session",
         "tail",
         "transport",
@@ -55,7 +45,7 @@ class Connection:
         limit: int,
         bucket: TokenBucket,
         now: float,
-        counters: dict[str, int],
+        counters: HubCounters,
     ) -> None:
         self.ws = ws
         self.transport = transport
@@ -71,6 +61,9 @@ class Connection:
         # so None means none is pending); and the future that wakes the receive loop then.
         self.tail: list[bytes] | None = None
         self.drained: asyncio.Future[None] | None = None
+        # A frame the fast path parsed but left to the receive loop, with its message (so the
+        # loop does not parse it again); at most one is in the queue at a time.
+        self.parsed: tuple[bytes, dict[str, Any]] | None = None
 
     def write(self, frame: bytes) -> None:
         """Queue a complete frame; cut the connection off if its outbox is full."""
@@ -79,7 +72,7 @@ class Connection:
         t = self.transport
         t.write(frame)
         if t.get_write_buffer_size() > self.limit:
-            self.counters["slow_consumers"] += 1
+            self.counters.slow_consumers += 1
             self.abandon(CloseCode.SLOW_CONSUMER, "outbox full: the client is not reading")
 
     def send(self, msg: dict[str, Any]) -> None:
@@ -135,48 +128,3 @@ class Connection:
             await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()), 3.0)
         except (TimeoutError, ConnectionError, RuntimeError):
             self.transport.abort()
-
-
-class Session:
-    """One authenticated device, with or without a live connection."""
-
-    __slots__ = (
-        "claims",
-        "conn",
-        "device",
-        "expiry",
-        "host",
-        "id",
-        "identity",
-        "name",
-        "resume_token",
-        "rooms",
-        "status",
-        "watching",
-    )
-
-    def __init__(self, sid: str, claims: Claims, device: str, resume_token: str) -> None:
-        self.id = sid
-        self.claims = claims
-        self.identity = claims.identity
-        self.name = claims.name
-        self.device = device
-        self.resume_token = resume_token
-        self.conn: Connection | None = None
-        self.rooms: dict[str, Participant] = {}
-        self.status = "online"
-        self.watching: frozenset[str] = frozenset()
-        self.expiry: asyncio.TimerHandle | None = None
-        self.host = ""  # host the client connected to (for TURN URLs handed out later)
-
-    def deliver(self, frame: bytes) -> None:
-        """Bus sink: write to the live connection; frames for a suspended session are dropped
-        (a resumed client gets room snapshots and catches up on chat with `sync`)."""
-        c = self.conn
-        if c is not None:
-            c.write(frame)
-
-    def send(self, msg: dict[str, Any]) -> None:
-        c = self.conn
-        if c is not None:
-            c.write(encode(msg))

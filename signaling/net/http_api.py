@@ -7,9 +7,14 @@ Every route under ``/api/`` needs the API credentials, either
   ``exp`` set, and the claim ``"api": true`` (participant tokens never carry it, so a token handed
   to a client cannot call the API).
 
-In open mode (no API secret) the API is disabled: every route answers 403 ``api_disabled``.
-Errors are JSON ``{"code": ..., "message": ...}`` with the stable codes in ``API_ERRORS``. The
-OpenAPI document is ``docs/openapi.json``, served (without credentials) at ``/api/openapi.json``.
+A request with no ``Authorization`` header, or with a scheme other than these two, gets 401
+``unauthorized``; credentials that are given but wrong (malformed, wrong key or secret, a bearer
+token that is not valid or lacks the claim) get 401 ``bad_credentials``. In open mode (no API
+secret) the API is disabled: every route answers 403 ``api_disabled``, except the OpenAPI
+document itself. Errors are JSON ``{"code": ..., "message": ...}`` with the stable codes in
+``API_ERRORS``. The OpenAPI document (``openapi.json`` beside this module, package data; linked
+from ``docs/openapi.json``) is served without credentials, in every mode, at
+``/api/openapi.json``.
 """
 
 from __future__ import annotations
@@ -21,30 +26,34 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
+from dataclasses import dataclass
+from importlib import resources
 from typing import Any, Final
 
 import jwt
 import orjson
 from aiohttp import web
 
-from .hub import Hub
-from .protocol import (
+from ..chat.handlers import Chat
+from ..chat.store import ChatStore, NewMessage
+from ..core.directory import DeviceDirectory
+from ..core.hub import Hub
+from ..core.rooms import Room
+from ..core.tokens import create_token
+from ..wire.spec import (
     CONVERSATION_PATTERN,
     IDENTITY_PATTERN,
     ROOM_PATTERN,
     TOKEN_PATTERN,
     compiled,
-    encode,
 )
-from .rooms import Room
-from .store import NewMessage
-from .tokens import create_token
 
 log = logging.getLogger("rallypoint.api")
 
-OPENAPI_PATH: Final = Path(__file__).resolve().parent.parent / "docs" / "openapi.json"
+OPENAPI: Final = resources.files(__package__) / "openapi.json"
 SYSTEM_SENDER: Final = "system:api"  # not a valid identity, so nobody can pose as it
+#: `kicked.by` when the app's backend removed a participant (never a participant id).
+KICKED_BY_API: Final = "api"
 MAX_TTL_S: Final = 30 * 86400
 
 #: Stable error codes of the HTTP API and their HTTP status.
@@ -64,7 +73,19 @@ API_ERRORS: Final[dict[str, int]] = {
 }
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-HUB_KEY: web.AppKey[Hub] = web.AppKey("api_hub", Hub)
+
+
+@dataclass(frozen=True, slots=True)
+class Api:
+    """What the API's routes use."""
+
+    hub: Hub
+    chat: Chat
+    store: ChatStore
+    devices: DeviceDirectory
+
+
+API: web.AppKey[Api] = web.AppKey("api", Api)
 
 
 class ApiError(Exception):
@@ -129,7 +150,7 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         return await handler(request)
     try:
         if path != "/api/openapi.json":
-            _authenticate(request.app[HUB_KEY], request)
+            _authenticate(request.app[API].hub, request)
         return await handler(request)
     except ApiError as e:
         headers = {"WWW-Authenticate": 'Basic realm="rallypoint"'} if e.status == 401 else None
@@ -145,7 +166,7 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
             {"code": "bad_field", "message": e.reason}, status=e.status if e.status < 500 else 400
         )
     except Exception:
-        request.app[HUB_KEY].counters["internal_errors"] += 1
+        request.app[API].hub.counters.internal_errors += 1
         log.exception("API handler failed")
         return _error("internal_error", "the server failed to handle this request")
 
@@ -210,11 +231,12 @@ def _conversation(value: str) -> tuple[str, tuple[str, ...]]:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.Response(body=OPENAPI_PATH.read_bytes(), content_type="application/json")
+    return web.Response(body=OPENAPI.read_bytes(), content_type="application/json")
 
 
 async def create_token_route(request: web.Request) -> web.Response:
-    hub = request.app[HUB_KEY]
+    api = request.app[API]
+    hub = api.hub
     body = await _json_body(
         request, {"identity": str, "name": str, "rooms": dict, "ttl_s": int, "dm": bool}
     )
@@ -245,14 +267,14 @@ async def create_token_route(request: web.Request) -> web.Response:
         )
     except ValueError as e:
         raise ApiError("bad_field", str(e)) from None
-    await hub.store.register_identity(identity, int(now * 1000))
+    await api.devices.register_identity(identity, int(now * 1000))
     return web.json_response(
         {"token": token, "identity": identity, "expires_at": int(now) + ttl}, status=201
     )
 
 
 async def list_rooms(request: web.Request) -> web.Response:
-    hub = request.app[HUB_KEY]
+    hub = request.app[API].hub
     rooms = [
         {"name": r.name, "participants": len(r.participants), "locked": r.locked}
         for r in sorted(hub.rooms.rooms.values(), key=lambda r: r.name)
@@ -261,7 +283,7 @@ async def list_rooms(request: web.Request) -> web.Response:
 
 
 def _room(request: web.Request) -> Room:
-    hub = request.app[HUB_KEY]
+    hub = request.app[API].hub
     name = _match(ROOM_PATTERN, request.match_info["room"], "room")
     room = hub.rooms.get(name)
     if room is None:
@@ -277,7 +299,7 @@ async def list_participants(request: web.Request) -> web.Response:
 
 
 async def kick(request: web.Request) -> web.Response:
-    hub = request.app[HUB_KEY]
+    hub = request.app[API].hub
     room = _room(request)
     body = await _json_body(request, {"participant": str, "identity": str})
     if len(body) != 1:
@@ -290,27 +312,26 @@ async def kick(request: web.Request) -> web.Response:
         targets = [p for p in room.participants.values() if p.identity == body["identity"]]
     if not targets:
         raise ApiError("no_such_participant", "nobody in the room matches")
-    now = time.monotonic()
     kicked = []
     for p in targets:
         victim = hub.sessions.get(p.id)
         if victim is None:  # pragma: no cover - participants are live sessions
             continue
-        victim.send({"type": "kicked", "room": room.name, "by": "api"})
-        hub._leave(victim, room.name, "kicked", now)
+        hub.kick(victim, room.name, KICKED_BY_API)
         kicked.append(p.id)
     return web.json_response({"room": room.name, "kicked": kicked})
 
 
 async def history(request: web.Request) -> web.Response:
-    hub = request.app[HUB_KEY]
+    api = request.app[API]
+    hub = api.hub
     conv, _ = _conversation(request.match_info["conversation"])
     before = _int_param(request, "before", 1, 2**53)
     after = _int_param(request, "after", 0, 2**53)
     limit = _int_param(request, "limit", 1, 200) or hub.cfg.chat.history_page_default
     if before is not None and after is not None:
         raise ApiError("bad_field", "give `before` or `after`, not both")
-    page = await hub.store.page(conv, before=before, after=after, limit=limit)
+    page = await api.store.page(conv, before=before, after=after, limit=limit)
     return web.json_response(
         {
             "conversation": conv,
@@ -323,7 +344,8 @@ async def history(request: web.Request) -> web.Response:
 
 
 async def post_message(request: web.Request) -> web.Response:
-    hub = request.app[HUB_KEY]
+    api = request.app[API]
+    hub = api.hub
     conv, members = _conversation(request.match_info["conversation"])
     body = await _json_body(request, {"text": str, "cid": str, "name": str})
     text = body.get("text")
@@ -334,23 +356,20 @@ async def post_message(request: web.Request) -> web.Response:
     name = body.get("name", "System").strip()
     if not 0 < len(name) <= 64:
         raise ApiError("bad_field", "`name` must have 1-64 characters")
-    stored, dup = await hub.store.append(
-        NewMessage(conv, cid, SYSTEM_SENDER, name, "system", text, None, members)
+    stored, dup = await api.chat.post(
+        conv, members, NewMessage(conv, cid, SYSTEM_SENDER, name, "system", text, None, members)
     )
-    if not dup:
-        hub.counters["messages_stored"] += 1
-        hub._publish_conv(conv, members, encode(stored.to_wire()), "")
     ack = {k: v for k, v in stored.ack(dup).items() if k != "type"}
     return web.json_response(ack, status=200 if dup else 201)
 
 
 async def devices(request: web.Request) -> web.Response:
-    hub = request.app[HUB_KEY]
+    api = request.app[API]
     identity = _match(IDENTITY_PATTERN, request.match_info["identity"], "identity")
-    known = await hub.store.known_identities([identity])
+    known = await api.devices.known_identities([identity])
     if not known:
         raise ApiError("no_such_identity", f"{identity!r} has never connected")
-    online = {s.device for s in hub.sessions_of(identity) if s.conn is not None}
+    online = {s.device for s in api.hub.sessions_of(identity) if s.conn is not None}
     return web.json_response(
         {
             "identity": identity,
@@ -362,7 +381,7 @@ async def devices(request: web.Request) -> web.Response:
                     "last_seen": d.last_seen,
                     "online": d.device in online,
                 }
-                for d in await hub.store.devices_of(identity)
+                for d in await api.devices.devices_of(identity)
             ],
         }
     )
@@ -380,9 +399,9 @@ ROUTES: Final = (
 )
 
 
-def setup(app: web.Application, hub: Hub) -> None:
+def setup(app: web.Application, api: Api) -> None:
     """Add the API routes and middleware to ``app``."""
-    app[HUB_KEY] = hub
+    app[API] = api
     app.middlewares.append(api_middleware)
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)

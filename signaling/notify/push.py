@@ -20,16 +20,14 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Iterable
+from typing import Any, Final, Protocol
 
 import aiohttp
 import orjson
 
-from .config import PushSection
-
-if TYPE_CHECKING:
-    from .hub import Hub
-    from .store import ChatStore, StoredMessage
+from ..config import PushSection
+from ..core.metrics import Metric
 
 log = logging.getLogger("rallypoint.push")
 
@@ -64,6 +62,31 @@ def backoff_s(attempt: int, base: float, cap: float) -> float:
     return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
 
 
+class ReadMarks(Protocol):
+    """What the queue needs of the chat store: a recipient's read watermark."""
+
+    async def read_seq(self, conversation: str, identity: str) -> int: ...
+
+
+class PushCounters:
+    __slots__ = ("dropped", "duplicates", "failed", "retries", "sent")
+
+    HELP = {
+        "sent": "Push webhook events delivered (2xx).",
+        "failed": "Push webhook events given up on.",
+        "dropped": "Push webhook events dropped because the queue was full.",
+        "retries": "Push webhook deliveries retried.",
+        "duplicates": "Push webhook events not queued again (same event id).",
+    }
+
+    def __init__(self) -> None:
+        self.sent = self.failed = self.dropped = self.retries = self.duplicates = 0
+
+    def metrics(self) -> Iterable[Metric]:
+        for name, help_ in self.HELP.items():
+            yield Metric(f"push_{name}", "counter", help_, getattr(self, name))
+
+
 class PushQueue:
     """A bounded queue of webhook events and the workers that deliver them.
 
@@ -71,11 +94,9 @@ class PushQueue:
     worker tasks. ``submit`` never blocks.
     """
 
-    def __init__(
-        self, cfg: PushSection, counters: dict[str, int], store: ChatStore | None = None
-    ) -> None:
+    def __init__(self, cfg: PushSection, store: ReadMarks | None = None) -> None:
         self.cfg = cfg
-        self.counters = counters
+        self.counters = PushCounters()
         self.store = store
         self.queue: asyncio.Queue[tuple[dict[str, Any], tuple[str, str, int] | None]] = (
             asyncio.Queue(cfg.queue_size)
@@ -83,8 +104,9 @@ class PushQueue:
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._http: aiohttp.ClientSession | None = None
         self._workers: list[asyncio.Task[None]] = []
-        for k in ("sent", "failed", "dropped", "retries", "duplicates"):
-            counters.setdefault(f"push_{k}", 0)
+
+    def metrics(self) -> Iterable[Metric]:
+        return self.counters.metrics()
 
     @property
     def enabled(self) -> bool:
@@ -118,12 +140,12 @@ class PushQueue:
             return False
         eid = event["id"]
         if eid in self._seen:
-            self.counters["push_duplicates"] += 1
+            self.counters.duplicates += 1
             return False
         try:
             self.queue.put_nowait((event, unread))
         except asyncio.QueueFull:
-            self.counters["push_dropped"] += 1
+            self.counters.dropped += 1
             log.warning("push queue full: dropped %s", eid)
             return False
         self._seen[eid] = None
@@ -142,7 +164,7 @@ class PushQueue:
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug must not kill the worker
-                self.counters["push_failed"] += 1
+                self.counters.failed += 1
                 log.exception("push of %s failed", event.get("id"))
 
     async def _deliver(self, event: dict[str, Any]) -> None:
@@ -151,7 +173,7 @@ class PushQueue:
         body = orjson.dumps(event)
         for attempt in range(1, cfg.max_attempts + 1):
             if attempt > 1:
-                self.counters["push_retries"] += 1
+                self.counters.retries += 1
                 await asyncio.sleep(backoff_s(attempt - 1, cfg.retry_base_s, cfg.retry_max_s))
             ts = int(time.time())
             headers = {
@@ -168,66 +190,10 @@ class PushQueue:
                 log.info("push %s attempt %d: %s", event["id"], attempt, e.__class__.__name__)
                 continue
             if 200 <= status < 300:
-                self.counters["push_sent"] += 1
+                self.counters.sent += 1
                 return
             if status not in RETRY_STATUSES:
                 log.warning("push %s refused with HTTP %d; not retried", event["id"], status)
                 break
             log.info("push %s attempt %d: HTTP %d", event["id"], attempt, status)
-        self.counters["push_failed"] += 1
-
-
-def _ms() -> int:
-    return int(time.time() * 1000)
-
-
-def call_event(
-    kind: str,
-    *,
-    identity: str,
-    call: str,
-    caller: str,
-    video: bool,
-    group: bool,
-    reason: str = "",
-) -> dict[str, Any]:
-    """A ``call.incoming`` or ``call.cancelled`` event for ``identity``."""
-    suffix = "incoming" if kind == "call_incoming" else "cancelled"
-    out: dict[str, Any] = {
-        "id": f"call.{call}.{suffix}.{identity}",
-        "type": f"call.{suffix}",
-        "ts": _ms(),
-        "identity": identity,
-        "call": {"id": call, "from": caller, "video": video, "group": group},
-    }
-    if reason:
-        out["reason"] = reason
-    return out
-
-
-def message_pushes(hub: Hub, queue: PushQueue) -> None:
-    """Push a ``message.new`` event for each direct-message recipient with no live device."""
-
-    def on_message(msg: StoredMessage, members: tuple[str, ...]) -> None:
-        if msg.kind != "text" or not members:
-            return
-        for identity in members:
-            if identity == msg.sender:
-                continue
-            if any(s.conn is not None for s in hub.sessions_of(identity)):
-                continue
-            event: dict[str, Any] = {
-                "id": f"message.{msg.mid}.{identity}",
-                "type": "message.new",
-                "ts": msg.ts,
-                "identity": identity,
-                "conversation": msg.conversation,
-                "seq": msg.seq,
-                "mid": msg.mid,
-                "from": msg.sender,
-            }
-            if queue.cfg.include_text and msg.text is not None:
-                event["text"] = msg.text
-            queue.submit(event, unread=(msg.conversation, identity, msg.seq))
-
-    hub.on_message.append(on_message)
+        self.counters.failed += 1

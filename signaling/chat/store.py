@@ -1,8 +1,9 @@
 """The chat store interface and the values it deals in.
 
-``ChatStore`` is what the server needs from durable storage; ``signaling.sqlite_store`` fills it
-with SQLite, and a PostgreSQL implementation can fill it later. The rules that decide whether an
-edit or delete is allowed live here as a pure function so every store applies them the same way.
+``ChatStore`` is what chat needs from durable storage; ``signaling.chat.sqlite`` fills it with
+SQLite (and, in the same file, the core's ``DeviceDirectory``), and a PostgreSQL implementation
+can fill both later. The rules that decide whether an edit or delete is allowed live here as a
+pure function so every store applies them the same way.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from .protocol import ProtocolError
+from ..wire.errors import ProtocolError
 
 
 # StoredMessage and NewMessage are made once per chat message: not frozen, because a frozen
@@ -117,17 +118,6 @@ def check_amend(msg: NewMessage, original: Original | None, now_ms: int) -> None
 
 
 @dataclass(slots=True, frozen=True)
-class DeviceInfo:
-    """A device an identity has connected from, with its first and last-seen times (ms)."""
-
-    identity: str
-    device: str
-    name: str
-    first_seen: int
-    last_seen: int
-
-
-@dataclass(slots=True, frozen=True)
 class Page:
     messages: list[StoredMessage]
     more: bool
@@ -135,7 +125,8 @@ class Page:
 
 
 class ChatStore(Protocol):
-    """Durable conversations: append with gap-free sequence numbers, read, and read marks."""
+    """Durable conversations: append with gap-free sequence numbers, read, and read marks.
+    (It is also the core's ``ConversationIndex``: ``epoch`` and ``last_seq``.)"""
 
     epoch: str
 
@@ -178,20 +169,4 @@ class ChatStore(Protocol):
 
     async def read_marks(self, conversation: str) -> dict[str, int]:
         """Every identity's read watermark in ``conversation``."""
-        ...
-
-    async def touch_device(self, identity: str, device: str, name: str, now_ms: int) -> None:
-        """Record that ``identity`` is connected from ``device`` now (creates the identity)."""
-        ...
-
-    async def register_identity(self, identity: str, now_ms: int) -> None:
-        """Make ``identity`` known before it ever connects (tokens issued by the HTTP API)."""
-        ...
-
-    async def known_identities(self, identities: list[str]) -> set[str]:
-        """The subset of ``identities`` this store has seen (a device or a registration)."""
-        ...
-
-    async def devices_of(self, identity: str) -> list[DeviceInfo]:
-        """Every device of ``identity``, most recently seen first."""
         ...

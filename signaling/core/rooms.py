@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .protocol import ProtocolError
+from ..wire.errors import ProtocolError
 
 
 @dataclass(slots=True)

@@ -11,7 +11,7 @@ from typing import Any
 
 from turn.credentials import rest_credentials
 
-from .config import Config
+from ..config import Config
 from .session import Session
 
 

@@ -1,0 +1,275 @@
+"""The composition root: the one place that builds every service, merges every feature's
+messages and handlers, and owns the aiohttp application's keys, routes and cleanup contexts.
+
+Features (``core``, ``chat``, ``calls``, ``groupcall``) each hand over a ``Feature``: their
+message specs and error codes, and the handlers of their client messages. Nothing registers
+itself by being imported; ``protocol()`` merges the specs, and ``make_app`` checks at start-up
+that the handled client message types are exactly the documented ones.
+
+``python -m signaling.app schema`` prints the JSON Schema of the protocol
+(``docs/protocol.schema.json``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+
+import orjson
+from aiohttp import web
+
+from turn.settings import TurnSettings
+
+from .calls import messages as calls_messages
+from .calls.service import CallService
+from .chat import messages as chat_messages
+from .chat.handlers import Chat
+from .chat.sqlite import SqliteStore
+from .config import Config, ConfigError
+from .core import messages as core_messages
+from .core.feature import Feature, Handler
+from .core.gc import GcMonitor
+from .core.handlers import CoreHandlers
+from .core.hub import Hub
+from .core.ice import IceServers
+from .groupcall import messages as groupcall_messages
+from .groupcall.router import GroupCall
+from .net import http_api
+from .net import web as web_page
+from .net.endpoint import Endpoint
+from .net.metrics import Metrics
+from .notify.events import MessagePushes
+from .notify.push import PushQueue
+from .wire.errors import CloseCode
+from .wire.protocol import Protocol
+from .wire.schema import json_schema
+
+log = logging.getLogger("rallypoint")
+
+HUB: web.AppKey[Hub] = web.AppKey("hub", Hub)
+CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
+CALLS: web.AppKey[CallService] = web.AppKey("calls", CallService)
+ENDPOINT: web.AppKey[Endpoint] = web.AppKey("endpoint", Endpoint)
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+PUSH: web.AppKey[PushQueue] = web.AppKey("push", PushQueue)
+STORE: web.AppKey[SqliteStore] = web.AppKey("store", SqliteStore)
+
+#: The protocol's parts, in the order the document and the schema list them.
+MESSAGES = (
+    core_messages.MESSAGES,
+    chat_messages.MESSAGES,
+    calls_messages.MESSAGES,
+    groupcall_messages.MESSAGES,
+)
+
+
+def protocol() -> Protocol:
+    """Every message, error code and schema definition of the server."""
+    return Protocol(MESSAGES)
+
+
+def handlers_of(proto: Protocol, features: Sequence[Feature]) -> dict[str, Handler]:
+    """The features' handlers, checked against the protocol: every documented client message
+    is handled, and nothing else is."""
+    handlers: dict[str, Handler] = {}
+    for f in features:
+        for t, h in f.handlers.items():
+            if t in handlers:
+                raise RuntimeError(f"two features handle {t!r}")
+            handlers[t] = h
+    missing = set(proto.client) - set(handlers)
+    extra = set(handlers) - set(proto.client)
+    if missing or extra:
+        raise RuntimeError(
+            f"client messages without a handler: {sorted(missing)}; "
+            f"handlers of undocumented messages: {sorted(extra)}"
+        )
+    return handlers
+
+
+def make_app(cfg: Config) -> web.Application:
+    """Build the server: signaling, chat store, calls, push, SFU workers and (unless disabled)
+    the embedded TURN server. Services start in the app's cleanup contexts and stop in reverse
+    order after SIGTERM has closed every socket with GOING_AWAY."""
+    app = web.Application(client_max_size=cfg.limits.max_frame_bytes)
+    secret = turn_secret(cfg) if cfg.turn.enabled else None
+
+    # Services.
+    store = SqliteStore(Path(cfg.server.data_dir) / "chat.sqlite3", cfg.store.synchronous)
+    hub = Hub(cfg, store, store, IceServers(cfg, secret))
+    chat = Chat(hub, store)
+    push = PushQueue(cfg.push, store)
+    calls = CallService(hub, store, push)
+    groupcall = GroupCall(hub, cfg.sfu)
+    core = CoreHandlers(hub)
+    gc_monitor = GcMonitor()
+
+    # Wiring: who hears about what.
+    hub.media = groupcall
+    hub.on_session_start.append(calls.session_started)
+    hub.on_session_resume.append(calls.session_resumed)
+    hub.on_session_end.append(calls.session_ended)
+    hub.room_grants.append(calls.room_grants)
+    chat.on_message.append(MessagePushes(hub, push, cfg.push.include_text).on_message)
+
+    # The protocol and its handlers.
+    proto = protocol()
+    features = [core.feature(), chat.feature(), calls.feature(), groupcall.feature()]
+    handlers = handlers_of(proto, features)
+    inline = frozenset().union(*(f.inline for f in features))
+    endpoint = Endpoint(cfg, hub, proto, handlers, inline, gc_monitor)
+    metrics = Metrics([endpoint, hub, store, calls, push.counters, gc_monitor], [groupcall.metrics])
+
+    app[CONFIG] = cfg
+    app[HUB] = hub
+    app[CALLS] = calls
+    app[ENDPOINT] = endpoint
+    app[METRICS] = metrics
+    app[PUSH] = push
+    app[STORE] = store
+
+    # Start-up and shutdown, in order; each stops only if it started.
+    async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+        await store.open()
+        yield
+        await store.close()
+
+    async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
+        gc_monitor.install()
+        sweeper = asyncio.create_task(_sweep_forever(hub, endpoint, gc_monitor))
+        yield
+        sweeper.cancel()
+        await asyncio.gather(sweeper, return_exceptions=True)
+        gc_monitor.uninstall()
+
+    async def media_ctx(app: web.Application) -> AsyncIterator[None]:
+        await groupcall.start()
+        yield
+        await groupcall.close()
+
+    async def services_ctx(app: web.Application) -> AsyncIterator[None]:
+        # Stops before the store closes: call logs and device writes are flushed into it.
+        await push.start()
+        yield
+        await calls.stop()
+        await hub.stop()
+        await push.stop()
+
+    app.cleanup_ctx.append(store_ctx)
+    app.cleanup_ctx.append(runtime_ctx)
+    app.cleanup_ctx.append(media_ctx)
+    app.cleanup_ctx.append(services_ctx)
+    if cfg.turn.enabled and secret:
+        app.cleanup_ctx.append(_turn_ctx(cfg, secret))
+
+    async def on_shutdown(app: web.Application) -> None:
+        await endpoint.close_all(CloseCode.GOING_AWAY, "server shutting down")
+
+    app.on_shutdown.append(on_shutdown)
+
+    # Routes.
+    app.router.add_get("/ws", endpoint.handle)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics.handle)
+    web_page.setup(app)
+    http_api.setup(app, http_api.Api(hub, chat, store, store))
+    return app
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def turn_secret(cfg: Config) -> str:
+    """The TURN shared secret: configured, or generated once and kept in the data directory."""
+    if cfg.turn.secret:
+        return cfg.turn.secret
+    path = Path(cfg.server.data_dir) / "turn_secret"
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    return secret
+
+
+def turn_settings(cfg: Config, secret: str) -> TurnSettings:
+    """The embedded TURN server's settings from the ``[turn]`` section (ConfigError if bad).
+
+    The TLS listener (``turns:``) runs when the server has a certificate and key and
+    ``turn.tls_port`` is not 0.
+    """
+    t = cfg.turn
+    tls = bool(cfg.server.tls_cert and cfg.server.tls_key and t.tls_port)
+    try:
+        return TurnSettings(
+            listen_host=t.listen_host,
+            listen_port=t.port,
+            secret=secret,
+            realm=t.realm,
+            allow_peers=tuple(t.allow_peers),
+            relay_port_min=t.relay_port_min,
+            relay_port_max=t.relay_port_max,
+            relay_host=t.relay_host,
+            external_address=t.external_address,
+            tcp=t.tcp,
+            max_allocations=t.max_allocations,
+            max_allocations_per_user=t.max_allocations_per_user,
+            max_bps_per_allocation=t.max_bps_per_allocation,
+            default_lifetime_s=t.default_lifetime_s,
+            max_lifetime_s=t.max_lifetime_s,
+            tls_cert=cfg.server.tls_cert if tls else "",
+            tls_key=cfg.server.tls_key if tls else "",
+            tls_port=t.tls_port,
+        )
+    except ValueError as e:  # TurnSettings names the field: "turn: relay_host must be ..."
+        raise ConfigError(str(e)) from None
+
+
+def _turn_ctx(cfg: Config, secret: str) -> Callable[[web.Application], AsyncIterator[None]]:
+    settings = turn_settings(cfg, secret)
+
+    async def turn_ctx(app: web.Application) -> AsyncIterator[None]:
+        from turn.server import TurnServer
+
+        server = TurnServer(settings)
+        await server.start()
+        t = cfg.turn
+        log.info(
+            "TURN server on %s:%d (udp%s%s)",
+            t.listen_host,
+            t.port,
+            ", tcp" if t.tcp else "",
+            f", tls {t.tls_port}" if settings.tls else "",
+        )
+        yield
+        await server.close()
+
+    return turn_ctx
+
+
+async def _sweep_forever(hub: Hub, endpoint: Endpoint, gcm: GcMonitor) -> None:
+    period = min(5.0, hub.cfg.session.heartbeat_interval_s / 2)
+    while True:
+        await asyncio.sleep(period)
+        now = time.monotonic()
+        endpoint.sweep(now)
+        hub.sweep(now)
+        gcm.maybe_freeze(len(endpoint.connections))
+        # Suspended sessions (resume grace period) are live objects too.
+        gcm.maybe_reclaim(len(endpoint.connections) + len(hub.sessions))
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m signaling.app schema`
+    if sys.argv[1:] != ["schema"]:
+        sys.exit("usage: python -m signaling.app schema")
+    sys.stdout.write(orjson.dumps(json_schema(protocol()), option=orjson.OPT_INDENT_2).decode())
+    sys.stdout.write("\n")

@@ -1,0 +1,189 @@
+"""Handlers of the core's client messages: the session (`hello`, `ping`, `bye`), rooms (`join`,
+`leave`, `update`, moderation) and presence (`presence`, `watch`)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ..wire.errors import CloseCode, ProtocolError
+from ..wire.framing import encode
+from .feature import Feature
+from .hub import Hub, ms
+from .messages import MESSAGES
+from .rooms import Participant, Room
+from .session import Session
+
+
+class CoreHandlers:
+    """The core's handlers, bound to one hub."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    def feature(self) -> Feature:
+        return Feature(
+            "core",
+            MESSAGES,
+            {
+                "hello": self.on_hello,
+                "ping": self.on_ping,
+                "bye": self.on_bye,
+                "join": self.on_join,
+                "leave": self.on_leave,
+                "update": self.on_update,
+                "kick": self.on_kick,
+                "mute": self.on_mute,
+                "lock": self.on_lock,
+                "presence": self.on_presence,
+                "watch": self.on_watch,
+            },
+        )
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _room_in(self, session: Session, name: str) -> tuple[Room, Participant]:
+        room = self.hub.rooms.get(name)
+        p = session.rooms.get(name)
+        if room is None or p is None:
+            raise ProtocolError("not_in_room", f"you are not in room {name!r}")
+        return room, p
+
+    def _moderator_in(self, session: Session, name: str) -> Room:
+        room, p = self._room_in(session, name)
+        if not p.moderator:
+            raise ProtocolError("forbidden", f"you are not a moderator of {name!r}")
+        return room
+
+    # -- session ---------------------------------------------------------------------------------
+
+    async def on_hello(self, s: Session, m: dict[str, Any]) -> None:
+        raise ProtocolError("already_welcomed", "this connection already has a session")
+
+    async def on_ping(self, s: Session, m: dict[str, Any]) -> None:
+        out: dict[str, Any] = {"type": "pong", "server_time": ms()}
+        if "ts" in m:
+            out["ts"] = m["ts"]
+        s.reply(out, m)
+
+    async def on_bye(self, s: Session, m: dict[str, Any]) -> None:
+        conn = s.conn
+        s.ok(m)
+        self.hub.end_session(s, "left")
+        if conn is not None:
+            await conn.close(CloseCode.NORMAL, "bye")
+
+    # -- rooms -----------------------------------------------------------------------------------
+
+    async def on_join(self, s: Session, m: dict[str, Any]) -> None:
+        hub = self.hub
+        name: str = m["room"]
+        grants = hub.grants_for(s, name)
+        if grants is None:
+            raise ProtocolError("token_wrong_room", f"the token grants nothing in room {name!r}")
+        if "join" not in grants:
+            raise ProtocolError("forbidden", f"the token has no join grant in room {name!r}")
+        conv = f"room:{name}"
+        # Before any state changes: no await after this.
+        last_seq = await hub.conversations.last_seq(conv)
+        room = hub.rooms.get_or_create(name)
+        p = s.rooms.get(name)
+        if p is None:
+            cfg = hub.cfg
+            moderator = "moderate" in grants or (
+                cfg.open_mode and cfg.rooms.first_joiner_moderates and not room.participants
+            )
+            p = Participant(s.id, s.identity, s.name, ms(), moderator)
+            room.join(p, time.monotonic())
+            s.rooms[name] = p
+            hub.bus.subscribe(conv, s.id, s)
+            hub.bus.publish(
+                conv,
+                encode({"type": "participant_joined", "room": name, "participant": p.to_wire()}),
+                s.id,
+            )
+            tracks = hub.media.joined(s, name)
+        else:
+            tracks = hub.media.tracks_of(name)
+        s.reply(
+            {
+                "type": "joined",
+                "room": name,
+                "self": p.to_wire(),
+                "participants": [o.to_wire() for o in room.others(s.id)],
+                "locked": room.locked,
+                "conversation": conv,
+                "last_seq": last_seq,
+                "tracks": tracks,
+            },
+            m,
+        )
+
+    async def on_leave(self, s: Session, m: dict[str, Any]) -> None:
+        self._room_in(s, m["room"])
+        self.hub.leave(s, m["room"], "left")
+        s.ok(m)
+
+    async def on_update(self, s: Session, m: dict[str, Any]) -> None:
+        room, p = self._room_in(s, m["room"])
+        name = m["name"].strip() if "name" in m else None
+        if name == "":  # validate everything before changing anything
+            raise ProtocolError("bad_field", "`name` must not be empty")
+        if "audio_muted" in m:
+            p.audio_muted = m["audio_muted"]
+        if "video_muted" in m:
+            p.video_muted = m["video_muted"]
+        if name is not None:
+            p.name = name
+        self.hub.bus.publish(
+            f"room:{room.name}",
+            encode({"type": "participant_updated", "room": room.name, "participant": p.to_wire()}),
+            s.id,
+        )
+        s.ok(m)
+
+    async def on_kick(self, s: Session, m: dict[str, Any]) -> None:
+        room = self._moderator_in(s, m["room"])
+        target = room.target(m["participant"])
+        victim = self.hub.sessions.get(target.id)
+        if victim is not None:
+            self.hub.kick(victim, room.name, s.id)
+        s.ok(m)
+
+    async def on_mute(self, s: Session, m: dict[str, Any]) -> None:
+        room = self._moderator_in(s, m["room"])
+        target = room.target(m["participant"])
+        victim = self.hub.sessions.get(target.id)
+        if victim is not None:
+            victim.send(
+                {"type": "mute_requested", "room": room.name, "kind": m["kind"], "by": s.id}
+            )
+        s.ok(m)
+
+    async def on_lock(self, s: Session, m: dict[str, Any]) -> None:
+        room = self._moderator_in(s, m["room"])
+        room.locked = m["locked"]
+        self.hub.bus.publish(
+            f"room:{room.name}",
+            encode({"type": "room_updated", "room": room.name, "locked": room.locked, "by": s.id}),
+        )
+        s.ok(m)
+
+    # -- presence --------------------------------------------------------------------------------
+
+    async def on_presence(self, s: Session, m: dict[str, Any]) -> None:
+        self.hub.set_presence(s, m["status"])
+        s.ok(m)
+
+    async def on_watch(self, s: Session, m: dict[str, Any]) -> None:
+        idents = frozenset(m["identities"])
+        self.hub.watch(s, idents)
+        s.reply(
+            {
+                "type": "presence_state",
+                "presence": [
+                    {"identity": i, "status": self.hub.presence.status(i)} for i in sorted(idents)
+                ],
+            },
+            m,
+        )

@@ -1,0 +1,400 @@
+"""The hub: sessions, rooms, presence and who receives what, for one node.
+
+The hub owns the state every feature shares and the operations on it (authenticate and
+welcome a connection, suspend and end sessions, leave and kick, presence and watching,
+publish to a room's or a conversation's members). Handlers of client messages live with their
+feature (``signaling.core.handlers`` for sessions, rooms and presence) and call these methods.
+Nothing here knows the network edge: a connection is a ``Link``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any, Protocol
+
+from sfu.tasks import TaskSet
+
+from ..config import Config
+from ..wire.errors import CloseCode, ProtocolError
+from ..wire.framing import encode, error_message
+from ..wire.protocol import PROTOCOL_VERSION
+from .bus import LocalBus
+from .directory import DeviceDirectory
+from .media import NullMedia, RoomMedia
+from .metrics import HubCounters, Metric
+from .presence import PresenceBook
+from .rooms import RoomRegistry
+from .session import Link, Session
+from .tokens import Claims, open_claims, verify_token
+
+log = logging.getLogger("rallypoint.hub")
+
+INTERNAL_ERROR = ProtocolError("internal_error", "the server failed to handle this message")
+
+IceProvider = Callable[[Session, str], list[dict[str, Any]]]
+#: Extra grants a session has in a room beyond its token's (e.g. a call's media room).
+RoomGrants = Callable[[Session, str], frozenset[str] | None]
+
+
+class ConversationIndex(Protocol):
+    """What the hub needs of the chat store: its epoch (sent in `welcome`) and the last
+    sequence of a conversation (sent in `joined`)."""
+
+    epoch: str
+
+    async def last_seq(self, conversation: str) -> int: ...
+
+
+def ms() -> int:
+    """Server time, ms since the Unix epoch."""
+    return int(time.time() * 1000)
+
+
+class Hub:
+    """All signaling state of this node."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        conversations: ConversationIndex,
+        devices: DeviceDirectory,
+        ice: IceProvider | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.conversations = conversations
+        self.devices = devices
+        self.ice: IceProvider = ice or (lambda _session, _host: [])
+        self.media: RoomMedia = NullMedia()
+        self.bus = LocalBus()
+        self.sessions: dict[str, Session] = {}
+        self.by_resume: dict[str, Session] = {}
+        self.rooms = RoomRegistry(cfg.rooms.max_participants, cfg.rooms.empty_room_grace_s)
+        self.presence = PresenceBook()
+        self.watchers: dict[str, set[Session]] = {}
+        self.counters = HubCounters()
+        # Features hook session starts, resumes and ends (``signaling.app`` wires them).
+        self.on_session_start: list[Callable[[Session], None]] = []
+        self.on_session_resume: list[Callable[[Session], None]] = []
+        self.on_session_end: list[Callable[[Session, str], None]] = []
+        self.room_grants: list[RoomGrants] = []
+        # Identities with a device write not committed yet (the directory cannot vouch yet).
+        self._touching: dict[str, int] = {}
+        self._tasks = TaskSet(self._task_failed)
+
+    async def stop(self) -> None:
+        """Finish the device-directory writes in flight (before the store closes)."""
+        await self._tasks.wait()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._tasks.spawn(coro)
+
+    def _task_failed(self, exc: BaseException) -> None:
+        self.counters.internal_errors += 1
+        log.error("hub background task failed", exc_info=exc)
+
+    def metrics(self) -> Iterable[Metric]:
+        yield Metric(
+            "sessions", "gauge", "Sessions, connected or waiting for a resume.", len(self.sessions)
+        )
+        yield Metric("rooms", "gauge", "Open rooms.", len(self.rooms.rooms))
+        yield from self.counters.metrics()
+
+    # -- sessions --------------------------------------------------------------------------------
+
+    def authenticate(self, hello: dict[str, Any]) -> Claims:
+        """Claims for a `hello`, or ``ProtocolError`` (closing with 4001)."""
+        token = hello.get("token")
+        if self.cfg.open_mode:
+            identity = hello.get("identity") or f"guest-{secrets.token_hex(4)}"
+            name = (hello.get("name") or "").strip() or identity
+            return open_claims(identity, name)
+        if not token:
+            raise ProtocolError(
+                "token_required", "this server requires a token", close=CloseCode.AUTH_FAILED
+            )
+        try:
+            claims = verify_token(token, self.cfg.auth.api_key, self.cfg.auth.api_secret)
+        except ProtocolError as e:
+            e.close = CloseCode.AUTH_FAILED
+            raise
+        return claims  # in token mode the token's name wins over `hello.name`
+
+    def welcome(self, conn: Link, hello: dict[str, Any], host: str) -> Session:
+        """Bind ``conn`` to a new or resumed session and send `welcome` (and room snapshots).
+
+        A valid resume token is enough to resume (a token, if also given, must name the same
+        identity); an unknown or expired resume token is not an error: the client gets a new
+        session (``resumed: false``) and must join its rooms again.
+        """
+        if hello["v"] != PROTOCOL_VERSION:
+            raise ProtocolError(
+                "unsupported_version",
+                f"this server speaks protocol version {PROTOCOL_VERSION}",
+                close=CloseCode.AUTH_FAILED,
+            )
+        session = self.by_resume.get(hello.get("resume", ""))
+        if session is not None and (hello.get("token") or "identity" in hello):
+            claims = self.authenticate(hello)
+            if claims.identity != session.identity:
+                session = None
+            else:
+                session.claims = claims  # a fresh token refreshes the grants
+        if session is None:
+            claims = self.authenticate(hello)
+            session = Session(
+                secrets.token_urlsafe(9),
+                claims,
+                hello.get("device") or secrets.token_urlsafe(9),
+                "",
+            )
+            self.sessions[session.id] = session
+            self.bus.subscribe(f"user:{session.identity}", session.id, session)
+            self._set_presence(session, "online")
+            self._touch(session)
+            for hook in self.on_session_start:
+                hook(session)
+            resumed = False
+        else:
+            resumed = True
+            self.counters.resumes += 1
+            if session.expiry is not None:
+                session.expiry.cancel()
+                session.expiry = None
+            if session.conn is not None:  # the old socket is half-dead; this one replaces it
+                old_conn = session.conn
+                old_conn.session = None
+                old_conn.abandon(CloseCode.REPLACED, "session resumed on another connection")
+            del self.by_resume[session.resume_token]
+        session.resume_token = secrets.token_urlsafe(24)
+        self.by_resume[session.resume_token] = session
+        session.conn = conn
+        session.host = host
+        conn.session = session
+        cfg = self.cfg
+        msg: dict[str, Any] = {
+            "type": "welcome",
+            "session": session.id,
+            "identity": session.identity,
+            "name": session.name,
+            "device": session.device,
+            "server_time": ms(),
+            "heartbeat_ms": int(cfg.session.heartbeat_interval_s * 1000),
+            "resume": session.resume_token,
+            "resume_grace_ms": int(cfg.session.resume_grace_s * 1000),
+            "resumed": resumed,
+            "epoch": self.conversations.epoch,
+            "open_mode": cfg.open_mode,
+            "ice_servers": self.ice(session, host),
+            "ice_transport_policy": "relay" if cfg.ice.relay_only else "all",
+            "limits": {
+                "max_frame_bytes": cfg.limits.max_frame_bytes,
+                "hard_frame_bytes": cfg.limits.hard_frame_bytes,
+                "max_text_chars": cfg.limits.max_text_chars,
+                "rate_per_s": cfg.limits.rate_per_s,
+                "burst": cfg.limits.burst,
+                "edit_window_s": cfg.chat.edit_window_s,
+            },
+            "rooms": sorted(session.rooms),
+        }
+        if "id" in hello:
+            msg["re"] = hello["id"]
+        conn.send(msg)
+        if resumed and session.watching:
+            conn.send(
+                {
+                    "type": "presence_state",
+                    "presence": [
+                        {"identity": i, "status": self.presence.status(i)}
+                        for i in sorted(session.watching)
+                    ],
+                }
+            )
+        for name in session.rooms:
+            room = self.rooms.get(name)
+            if room is not None:
+                conn.send(
+                    {
+                        "type": "room_state",
+                        "room": name,
+                        "locked": room.locked,
+                        "participants": [p.to_wire() for p in room.participants.values()],
+                    }
+                )
+        if resumed:
+            self._touch(session)
+            self.media.resumed(session)
+            for resume_hook in self.on_session_resume:
+                resume_hook(session)
+        return session
+
+    def detach(self, conn: Link) -> None:
+        """The connection ended: suspend its session for the resume grace period."""
+        session = conn.session
+        if session is None or session.conn is not conn:
+            return
+        session.conn = None
+        conn.session = None
+        loop = asyncio.get_running_loop()
+        session.expiry = loop.call_later(
+            self.cfg.session.resume_grace_s, self.end_session, session, "disconnected"
+        )
+
+    def end_session(self, session: Session, reason: str) -> None:
+        """Forget a session: leave its rooms, update presence, drop its resume token."""
+        if self.sessions.pop(session.id, None) is None:
+            return
+        if session.expiry is not None:
+            session.expiry.cancel()
+            session.expiry = None
+        self.by_resume.pop(session.resume_token, None)
+        self._touch(session)
+        for hook in self.on_session_end:
+            hook(session, reason)
+        for name in list(session.rooms):
+            self.leave(session, name, reason)
+        self.bus.unsubscribe(f"user:{session.identity}", session.id)
+        self.watch(session, frozenset())
+        changed = self.presence.remove(session.identity, session.id)
+        if changed is not None:
+            self._publish_presence(session.identity, changed)
+        conn = session.conn
+        session.conn = None
+        if conn is not None:
+            conn.session = None
+
+    def grants_for(self, session: Session, room: str) -> frozenset[str] | None:
+        """The session's grants in ``room``: its token's, or those of a feature (calls)."""
+        grants = session.claims.grants_for(room)
+        if grants is None:
+            for provider in self.room_grants:
+                grants = provider(session, room)
+                if grants is not None:
+                    break
+        return grants
+
+    def sessions_of(self, identity: str) -> list[Session]:
+        """Every session of ``identity`` on this node (``SessionDirectory``)."""
+        subs = self.bus.topics.get(f"user:{identity}", {})
+        return [x for x in subs.values() if isinstance(x, Session)]
+
+    def online(self, identity: str) -> bool:
+        """Whether ``identity`` has a live connection here (``SessionDirectory``)."""
+        return any(s.conn is not None for s in self.sessions_of(identity))
+
+    def sweep(self, now: float) -> None:
+        """Periodic: expire rooms that stayed empty."""
+        for name in self.rooms.expire(now):
+            log.debug("room %s closed after being empty", name)
+
+    # -- the device directory -----------------------------------------------------------------
+
+    def _touch(self, s: Session) -> None:
+        # Until the write commits, the directory cannot vouch for the identity: remember it.
+        self._touching[s.identity] = self._touching.get(s.identity, 0) + 1
+        self._spawn(self._touch_device(s.identity, s.device, s.name))
+
+    async def _touch_device(self, identity: str, device: str, name: str) -> None:
+        try:
+            await self.devices.touch_device(identity, device, name, ms())
+        finally:
+            n = self._touching.pop(identity, 1) - 1
+            if n > 0:
+                self._touching[identity] = n
+
+    async def unknown_identities(self, identities: list[str]) -> set[str]:
+        """The identities never seen here: no session now, no device or API token stored."""
+        unknown = {i for i in identities if not self.sessions_of(i) and i not in self._touching}
+        if unknown:
+            unknown -= await self.devices.known_identities(sorted(unknown))
+        return unknown
+
+    # -- presence --------------------------------------------------------------------------------
+
+    def set_presence(self, session: Session, status: str) -> None:
+        self._set_presence(session, status)
+
+    def _set_presence(self, session: Session, status: str) -> None:
+        session.status = status
+        changed = self.presence.set(session.identity, session.id, status)
+        if changed is not None:
+            self._publish_presence(session.identity, changed)
+
+    def _publish_presence(self, identity: str, status: str) -> None:
+        watchers = self.watchers.get(identity)
+        if watchers:
+            frame = encode({"type": "presence", "identity": identity, "status": status})
+            for s in watchers:
+                s.deliver(frame)
+
+    def watch(self, session: Session, identities: frozenset[str]) -> None:
+        """Follow the presence of ``identities`` (replacing what ``session`` followed)."""
+        for ident in session.watching - identities:
+            w = self.watchers.get(ident)
+            if w is not None:
+                w.discard(session)
+                if not w:
+                    del self.watchers[ident]
+        for ident in identities - session.watching:
+            self.watchers.setdefault(ident, set()).add(session)
+        session.watching = identities
+
+    # -- rooms -----------------------------------------------------------------------------------
+
+    def leave(self, session: Session, name: str, reason: str) -> None:
+        """Take ``session`` out of room ``name``; the others get `participant_left`."""
+        session.rooms.pop(name, None)
+        room = self.rooms.get(name)
+        if room is None:
+            return
+        p = room.leave(session.id, time.monotonic())
+        self.bus.unsubscribe(f"room:{name}", session.id)
+        if p is not None:
+            self.media.left(session, name)
+            self.bus.publish(
+                f"room:{name}",
+                encode(
+                    {
+                        "type": "participant_left",
+                        "room": name,
+                        "participant": p.id,
+                        "identity": p.identity,
+                        "reason": reason,
+                    }
+                ),
+            )
+
+    def kick(self, victim: Session, room: str, by: str) -> None:
+        """Remove ``victim`` from ``room`` on a moderator's (or the HTTP API's) word."""
+        victim.send({"type": "kicked", "room": room, "by": by})
+        self.leave(victim, room, "kicked")
+
+    # -- conversations ---------------------------------------------------------------------------
+
+    def publish_conversation(
+        self, conv: str, members: tuple[str, ...], frame: bytes, exclude: str
+    ) -> None:
+        """Deliver ``frame`` to a conversation: every session in the room for room chat, every
+        device of both members for a direct conversation (but the session ``exclude``)."""
+        if members:
+            for m in members:
+                self.bus.publish(f"user:{m}", frame, exclude)
+        else:
+            self.bus.publish(conv, frame, exclude)
+
+    # -- answering requests that failed -----------------------------------------------------------
+
+    def refuse(self, to: Link | Session, err: ProtocolError, rid: Any) -> None:
+        """Answer request ``rid`` with ``err``: a stable code and a human message."""
+        self.counters.errors_sent += 1
+        to.send(error_message(err, rid))
+
+    def failed(self, to: Link | Session, rid: Any, what: str) -> None:
+        """A bug while handling request ``rid`` (call from an ``except`` block): log the
+        traceback, count it, and answer ``internal_error``; never a traceback to a client."""
+        self.counters.internal_errors += 1
+        log.exception(what)
+        to.send(error_message(INTERNAL_ERROR, rid))

@@ -1,0 +1,294 @@
+"""The WebSocket endpoint (``GET /ws``): the hello handshake and each connection's receive
+loop. A thin edge: frames are validated by the ``Protocol`` and handed to the handlers the
+features registered with ``signaling.app``.
+
+The hot path (a chat frame): ``fastws`` offers each text frame to ``_sink`` inside aiohttp's
+``data_received``; a frame of an inline type (``send``, ``edit``, ``delete``) is parsed and its
+handler runs there, handing the write to the store without a task switch. Anything else goes to
+``_serve`` (the connection's task), which waits for the connection's chat writes in flight
+before it handles the frame, so replies keep request order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import WSMsgType, web
+
+from ..config import Config
+from ..core.feature import Handler
+from ..core.gc import GcMonitor
+from ..core.hub import Hub
+from ..core.metrics import Metric
+from ..core.ratelimit import TokenBucket
+from ..wire.errors import CloseCode, ProtocolError
+from ..wire.protocol import Protocol
+from .connection import Connection
+from .fastws import FastWebSocket, available
+
+log = logging.getLogger("rallypoint.server")
+
+_CLOSED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
+NOT_TEXT = ProtocolError("bad_message", "frames must be text")
+FAST_WS = available()
+
+
+def origin_allowed(request: web.Request, allowed: list[str]) -> bool:
+    """Browsers send Origin; other clients may not. Empty list: same host only."""
+    origin = request.headers.get("Origin")
+    if origin is None or "*" in allowed:
+        return True
+    if origin in allowed:
+        return True
+    if not allowed:
+        return urlsplit(origin).netloc.lower() == request.host.lower()
+    return False
+
+
+class Endpoint:
+    """Every WebSocket connection of the server."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        hub: Hub,
+        protocol: Protocol,
+        handlers: Mapping[str, Handler],
+        inline: frozenset[str],
+        gc_monitor: GcMonitor,
+    ) -> None:
+        self.cfg = cfg
+        self.hub = hub
+        self.protocol = protocol
+        self.handlers = dict(handlers)
+        self.inline = {t: handlers[t] for t in inline}
+        self.gc = gc_monitor
+        self.connections: set[Connection] = set()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """``GET /ws``."""
+        hub = self.hub
+        cfg = self.cfg
+        if not origin_allowed(request, cfg.server.allowed_origins):
+            return web.json_response(
+                {"code": "forbidden_origin", "message": "this origin may not connect"}, status=403
+            )
+        if len(self.connections) >= cfg.limits.max_sessions:
+            return web.json_response(
+                {"code": "server_full", "message": "too many connections, retry later"},
+                status=503,
+                headers={"Retry-After": "5"},
+            )
+        ws = (FastWebSocket if FAST_WS else web.WebSocketResponse)(
+            max_msg_size=cfg.limits.hard_frame_bytes,
+            compress=cfg.server.compression,
+            decode_text=False,
+            timeout=3.0,
+        )
+        await ws.prepare(request)
+        transport = request.transport
+        if transport is None:  # pragma: no cover - the client vanished during the handshake
+            return ws
+        now = time.monotonic()
+        conn = Connection(
+            ws,
+            transport,
+            cfg.limits.max_outbox_bytes,
+            TokenBucket(cfg.limits.rate_per_s, cfg.limits.burst, now),
+            now,
+            hub.counters,
+        )
+        self.connections.add(conn)
+        try:
+            if await self._hello(conn, request.host):
+                # Freeze long-lived objects during connection ramps too, not only every 5 s: a
+                # full collection over 10,000 fresh connections pauses ~0.5 s.
+                self.gc.maybe_freeze(len(self.connections))
+                await self._serve(conn)
+        except Exception:  # a bug: log it here, never send a traceback to the client
+            hub.counters.internal_errors += 1
+            log.exception("connection handler failed")
+        finally:
+            self.connections.discard(conn)
+            hub.detach(conn)
+            self.gc.maybe_freeze(len(self.connections))
+            if not ws.closed and not conn.closing:
+                await conn.close(CloseCode.NORMAL, "")
+        return ws
+
+    def metrics(self) -> Iterable[Metric]:
+        yield Metric("connections", "gauge", "Open WebSocket connections.", len(self.connections))
+
+    def sweep(self, now: float) -> None:
+        """Periodic: close connections that stopped sending (no ping in 2.5 intervals)."""
+        deadline = now - 2.5 * self.cfg.session.heartbeat_interval_s
+        for conn in list(self.connections):
+            if conn.last_recv < deadline and not conn.closing:
+                self.hub.counters.heartbeat_timeouts += 1
+                conn.abandon(CloseCode.HEARTBEAT_TIMEOUT, "no heartbeat")
+
+    async def close_all(self, code: CloseCode, reason: str) -> None:
+        await asyncio.gather(
+            *(c.close(code, reason) for c in list(self.connections)), return_exceptions=True
+        )
+
+    def _oversized(self, conn: Connection, data: bytes) -> ProtocolError | None:
+        limit = self.cfg.limits.max_frame_bytes
+        if len(data) > limit:
+            return ProtocolError("frame_too_large", f"frames are limited to {limit} bytes")
+        return None
+
+    def _refuse_frame(
+        self, conn: Connection, err: ProtocolError, now: float, rid: str | None
+    ) -> ProtocolError:
+        """Refuse a frame after `welcome` that could not be handled; it counts against the
+        rate limit like any other (past the limit the answer is ``rate_limited``)."""
+        wait = conn.bucket.take(now)
+        if wait:
+            self.hub.counters.rate_limited += 1
+            err = ProtocolError(
+                "rate_limited", "too many messages", retry_after_ms=int(wait * 1000) + 1
+            )
+        self.hub.refuse(conn, err, rid)
+        return err
+
+    async def _hello(self, conn: Connection, host: str) -> bool:
+        """Wait for a good `hello`; returns False if the connection ended instead."""
+        hub = self.hub
+        ws = conn.ws
+        deadline = time.monotonic() + self.cfg.limits.hello_timeout_s
+        while True:
+            try:
+                msg = await asyncio.wait_for(ws.receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                await conn.close(CloseCode.HELLO_TIMEOUT, "no hello in time")
+                return False
+            if msg.type in _CLOSED:
+                return False
+            conn.last_recv = time.monotonic()
+            if msg.type is not WSMsgType.TEXT:
+                hub.refuse(conn, NOT_TEXT, None)
+                continue
+            too_large = self._oversized(conn, msg.data)
+            if too_large is not None:
+                hub.refuse(conn, too_large, None)
+                continue
+            m: dict[str, Any] | None = None
+            try:
+                m = self.protocol.parse(msg.data)
+                if m["type"] != "hello":
+                    raise ProtocolError("hello_required", "send `hello` first")
+                hub.welcome(conn, m, host.rsplit(":", 1)[0] if host.count(":") == 1 else host)
+                return True
+            except ProtocolError as e:
+                hub.refuse(conn, e, m.get("id") if m is not None else None)
+                if e.close is not None:
+                    await conn.close(e.close, e.code)
+                    return False
+
+    def _sink(self, conn: Connection) -> Callable[[bytes], bool]:
+        """Handle inline (chat write) frames as aiohttp parses them (``fastws``); anything else,
+        anything that fails, and anything that would overtake a frame still in hand goes to
+        ``_serve`` (a frame parsed here goes with its message, so it is not parsed twice)."""
+        hub = self.hub
+        max_frame = self.cfg.limits.max_frame_bytes
+        parse = self.protocol.parse
+        inline = self.inline
+        monotonic = time.monotonic
+
+        def take(data: bytes) -> bool:
+            session = conn.session
+            if conn.busy or session is None or len(data) > max_frame:
+                return False
+            try:
+                m = parse(data)
+            except ProtocolError:
+                return False
+            handler = inline.get(m["type"])
+            if handler is None:
+                conn.parsed = (data, m)
+                return False
+            now = monotonic()
+            if conn.bucket.take(now):
+                conn.parsed = (data, m)
+                return False
+            conn.last_recv = now
+            try:
+                handler(session, m)
+            except ProtocolError as e:
+                hub.refuse(conn, e, m.get("id"))
+                if e.close is not None:  # no await here: close frame now, abort if unread
+                    conn.abandon(e.close, e.code)
+            except Exception:
+                hub.failed(conn, m.get("id"), "handler failed")
+            return True
+
+        return take
+
+    async def _serve(self, conn: Connection) -> None:
+        """The per-connection receive loop after `welcome`."""
+        hub = self.hub
+        ws = conn.ws
+        max_frame = self.cfg.limits.max_frame_bytes
+        handlers = self.handlers
+        parse = self.protocol.parse
+        monotonic = time.monotonic
+        if isinstance(ws, FastWebSocket):
+            ws.set_sink(self._sink(conn))
+        while True:
+            conn.busy = False
+            msg = await ws.receive()
+            conn.busy = True
+            now = monotonic()
+            conn.last_recv = now
+            if msg.type is not WSMsgType.TEXT:
+                if msg.type in _CLOSED:
+                    return
+                self._refuse_frame(conn, NOT_TEXT, now, None)
+                continue
+            data = msg.data
+            if conn.tail is not None:  # replies keep request order: let its chat writes finish
+                await conn.drain()
+            session = conn.session
+            if session is None:  # replaced by a resume on another connection
+                return
+            if len(data) > max_frame:
+                too_large = self._oversized(conn, data)
+                assert too_large is not None
+                self._refuse_frame(conn, too_large, now, None)
+                continue
+            m: dict[str, Any] | None = None
+            try:
+                parsed = conn.parsed
+                if parsed is not None and parsed[0] is data:
+                    conn.parsed = None
+                    m = parsed[1]
+                else:
+                    m = parse(data)
+                t = m["type"]
+                if t != "ping":
+                    wait = conn.bucket.take(now)
+                    if wait:
+                        hub.counters.rate_limited += 1
+                        raise ProtocolError(
+                            "rate_limited", "too many messages", retry_after_ms=int(wait * 1000) + 1
+                        )
+                pending = handlers[t](session, m)
+                if pending is not None:
+                    await pending
+            except ProtocolError as e:
+                if m is None:  # invalid frames count against the rate limit too
+                    err = self._refuse_frame(conn, e, now, e.re)
+                else:
+                    err = e
+                    hub.refuse(conn, err, m.get("id"))
+                if err.close is not None:
+                    await conn.close(err.close, err.code)
+                    return
+            except Exception:
+                hub.failed(conn, m.get("id") if m is not None else None, "handler failed")

@@ -1,0 +1,1 @@
+"""Notifications for devices that are offline: the push webhook."""

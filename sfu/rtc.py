@@ -2,27 +2,38 @@
 
 aiortc has no public RTP API (its maintainer declined one several times), so forwarding without
 decoding hooks private methods, all of which have kept their signatures since aiortc 0.9.28.
-``check_internals`` verifies every one at start-up and fails with a clear message if a version
-change removed any. What is used:
+``check_internals`` verifies every private this module uses (``PRIVATE_INTERNALS``; a test
+compares it with this file's source), the public-looking members of undocumented aioice/aiortc
+objects it reaches through them (``INTERNAL_MEMBERS``), and the parameters of the methods it
+replaces (``REPLACED``), at start-up, and fails with a clear message if a version change removed
+or changed any. What is used:
 
 - publisher side: ``RTCRtpReceiver._handle_rtp_packet`` (wrapped per instance: forward first, then
   aiortc's own handling so it keeps sending receiver reports, NACKs and REMB upstream),
   ``_handle_rtcp_packet`` (sender reports, for A/V sync), ``_send_rtcp`` (to rewrite REMB with
-  the subscribers' estimates), ``_send_rtcp_pli``/``_send_rtcp_nack``, the RTX maps, and the
-  decoder, which is stopped (nobody consumes decoded frames);
+  the subscribers' estimates), ``_send_rtcp_pli``/``_send_rtcp_nack``, the RTX maps, the RTP
+  router's SSRC table (RTX routing), and the decoder, which is stopped (nobody consumes decoded
+  frames);
 - subscriber side: an ``RTCRtpSender`` whose track never yields (so no encoder exists), its
   ``_ssrc``/``_rtx_ssrc``, ``_handle_rtcp_packet`` (NACK, PLI/FIR, REMB) and the counters its
-  sender reports are built from; packets go out through the DTLS transport's SRTP session and the
-  nominated ICE pair's socket directly, skipping four coroutine layers per packet.
+  sender reports are built from; packets go out through the DTLS transport's SRTP session
+  (``_tx_srtp``) and the nominated ICE pair's socket (``RTCIceTransport._connection``,
+  ``Connection._nominated``) directly, skipping four coroutine layers per packet;
+- ``HostCandidatePolicy`` replaces aioice's ``Connection.get_component_candidates`` (bind and
+  announced address, port range) and refuses to install if that method is gone or changed.
 """
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import functools
+import importlib.metadata
 import inspect
 import logging
-from collections.abc import Callable
-from typing import Any
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any, Final, NoReturn
 
 import aioice.ice
 import aiortc
@@ -30,6 +41,7 @@ from aiortc import RTCRtpReceiver, RTCRtpSender, RTCRtpTransceiver
 from aiortc.codecs import is_rtx
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.rtcdtlstransport import RTCDtlsTransport, RtpRouter
+from aiortc.rtcicetransport import RTCIceTransport
 from aiortc.rtp import (
     RTCP_PSFB_APP,
     RTCP_PSFB_FIR,
@@ -47,55 +59,148 @@ from .rtp import URI_ABS_SEND_TIME, URI_AUDIO_LEVEL, URI_MID, ExtensionLayout, a
 
 log = logging.getLogger("rallypoint.sfu.rtc")
 
-_REQUIRED: list[tuple[type, str]] = [
-    (RTCRtpReceiver, "_handle_rtp_packet"),
-    (RTCRtpReceiver, "_handle_rtcp_packet"),
-    (RTCRtpReceiver, "_send_rtcp"),
+# Every aiortc/aioice private (leading underscore) this module reads, writes or replaces; no
+# more, no fewer (tests/sfu/test_internals.py compares it with the names in this file's source).
+PRIVATE_INTERNALS: Final[tuple[tuple[type, str], ...]] = (
+    # publisher side (PublisherHooks, route_rtx_by_ssrc)
+    (RTCRtpReceiver, "_handle_rtp_packet"),  # replaced per instance
+    (RTCRtpReceiver, "_handle_rtcp_packet"),  # wrapped: sender reports
+    (RTCRtpReceiver, "_send_rtcp"),  # wrapped: REMB capped
     (RTCRtpReceiver, "_send_rtcp_pli"),
     (RTCRtpReceiver, "_send_rtcp_nack"),
-    (RTCRtpReceiver, "receive"),
     (RTCRtpReceiver, "_RTCRtpReceiver__stop_decoder"),
-    (RTCRtpSender, "_handle_rtcp_packet"),
-    (RTCDtlsTransport, "_send_rtp"),
-    (RtpRouter, "route_rtp"),
-    (aioice.ice.Connection, "sendto"),
+    (RTCRtpReceiver, "_RTCRtpReceiver__rtx_ssrc"),
+    (RTCRtpReceiver, "_RTCRtpReceiver__codecs"),
+    (RTCRtpReceiver, "_RTCRtpReceiver__rtcp_ssrc"),
+    (RTCRtpReceiver, "_RTCRtpReceiver__jitter_buffer"),
+    (RTCDtlsTransport, "_rtp_router"),
+    # subscriber side (SubscriberHooks, sender_ssrcs, FastSender)
+    (RTCRtpSender, "_handle_rtcp_packet"),  # wrapped: NACK, PLI/FIR, REMB
+    (RTCRtpSender, "_ssrc"),
+    (RTCRtpSender, "_rtx_ssrc"),
+    (RTCRtpSender, "_RTCRtpSender__ntp_timestamp"),
+    (RTCRtpSender, "_RTCRtpSender__rtp_timestamp"),
+    (RTCRtpSender, "_RTCRtpSender__packet_count"),
+    (RTCRtpSender, "_RTCRtpSender__octet_count"),
+    (RTCDtlsTransport, "_tx_srtp"),
+    (RTCIceTransport, "_connection"),
+    (aioice.ice.Connection, "_nominated"),
+    # negotiation (extension_ids, negotiated_codec)
+    (RTCRtpTransceiver, "_codecs"),
+    (RTCRtpTransceiver, "_headerExtensions"),
+    # HostCandidatePolicy
+    (aioice.ice.Connection, "_protocols"),
+)
+
+# Public-looking names on objects neither library documents (aioice's candidate pairs and
+# sockets, aiortc's RTP router), reached through the privates above. A rename here breaks the
+# SFU as surely, so they are checked too; every one is used in this file (the test checks that).
+INTERNAL_MEMBERS: Final[tuple[tuple[type, str], ...]] = (
+    (RtpRouter, "ssrc_table"),
+    (aioice.ice.CandidatePair, "protocol"),
+    (aioice.ice.CandidatePair, "remote_addr"),
+    (aioice.ice.StunProtocol, "transport"),
     (aioice.ice.StunProtocol, "send_data"),
-]
-_REQUIRED_INSTANCE = {
-    "RTCRtpReceiver": (
-        "_RTCRtpReceiver__rtx_ssrc",
-        "_RTCRtpReceiver__codecs",
-        "_RTCRtpReceiver__rtcp_ssrc",
-        "_RTCRtpReceiver__jitter_buffer",
+    (aioice.ice.StunProtocol, "local_candidate"),
+    (aioice.ice.Connection, "get_component_candidates"),  # replaced by HostCandidatePolicy
+    (aioice.ice.Connection, "stun_server"),
+    (aioice.ice.Connection, "turn_server"),
+)
+
+# Methods replaced by ours, with the parameters aiortc/aioice call them with (by keyword, some
+# of them): a renamed parameter would break the call at the first packet or the first gathering,
+# not at start-up.
+REPLACED: Final[dict[tuple[type, str], tuple[str, ...]]] = {
+    (RTCRtpReceiver, "_handle_rtp_packet"): ("self", "packet", "arrival_time_ms"),
+    (RTCRtpReceiver, "_handle_rtcp_packet"): ("self", "packet"),
+    (RTCRtpReceiver, "_send_rtcp"): ("self", "packet"),
+    (RTCRtpSender, "_handle_rtcp_packet"): ("self", "packet"),
+    (aioice.ice.Connection, "get_component_candidates"): (
+        "self",
+        "component",
+        "addresses",
+        "timeout",
     ),
-    "RTCRtpSender": (
-        "_ssrc",
-        "_rtx_ssrc",
-        "_RTCRtpSender__ntp_timestamp",
-        "_RTCRtpSender__rtp_timestamp",
-        "_RTCRtpSender__packet_count",
-        "_RTCRtpSender__octet_count",
-    ),
-    "RTCRtpTransceiver": ("_codecs", "_headerExtensions"),
 }
+
+
+@functools.cache
+def _module_classes(module: str) -> dict[str, ast.ClassDef]:
+    tree = ast.parse(inspect.getsource(sys.modules[module]))
+    return {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+
+
+@functools.cache
+def _assigned_on_self(cls: type) -> frozenset[str]:
+    """Names the class's own methods assign on ``self`` (instance attributes), mangled as
+    Python mangles ``self.__x`` inside the class."""
+    node = _module_classes(cls.__module__).get(cls.__name__)
+    if node is None:
+        return frozenset()
+    names: set[str] = set()
+    prefix = "_" + cls.__name__.lstrip("_")
+    for n in ast.walk(node):
+        if isinstance(n, ast.Assign):
+            targets = n.targets
+        elif isinstance(n, ast.AnnAssign | ast.AugAssign):
+            targets = [n.target]
+        else:
+            continue
+        for target in targets:
+            for t in ast.walk(target):
+                if (
+                    isinstance(t, ast.Attribute)
+                    and isinstance(t.value, ast.Name)
+                    and t.value.id == "self"
+                ):
+                    mangled = t.attr.startswith("__") and not t.attr.endswith("__")
+                    names.add(prefix + t.attr if mangled else t.attr)
+    return frozenset(names)
+
+
+def _has(cls: type, name: str) -> bool:
+    """Whether instances of ``cls`` have ``name``: a class attribute (method, property), an
+    annotated attribute, or one the class's methods assign on ``self``."""
+    if hasattr(cls, name):
+        return True
+    for c in cls.__mro__:
+        if name in inspect.get_annotations(c):
+            return True
+        if c.__module__.split(".")[0] in ("aiortc", "aioice") and name in _assigned_on_self(c):
+            return True
+    return False
+
+
+def _params_changed(cls: type, name: str) -> str | None:
+    """``"Cls.name(params)"`` if the method we replace takes other parameters than we expect."""
+    want = REPLACED[(cls, name)]
+    have = tuple(inspect.signature(getattr(cls, name)).parameters)
+    return None if have == want else f"{cls.__name__}.{name}({', '.join(want)})"
+
+
+def _lacking(internals: Iterable[tuple[type, str]]) -> list[str]:
+    missing = [f"{cls.__name__}.{name}" for cls, name in internals if not _has(cls, name)]
+    for cls, name in REPLACED:
+        if f"{cls.__name__}.{name}" not in missing and hasattr(cls, name):
+            changed = _params_changed(cls, name)
+            if changed is not None:
+                missing.append(changed)
+    return missing
+
+
+def _fail(missing: list[str]) -> NoReturn:
+    raise RuntimeError(
+        f"the SFU needs aiortc/aioice internals that aiortc {aiortc.__version__} and aioice "
+        f"{importlib.metadata.version('aioice')} lack or changed: {', '.join(missing)}; "
+        "install aiortc==1.16.0 and aioice==0.13.0"
+    )
 
 
 def check_internals() -> None:
     """Fail with a clear message if this aiortc/aioice lacks a hook the SFU needs."""
-    missing = [f"{cls.__name__}.{name}" for cls, name in _REQUIRED if not hasattr(cls, name)]
-    # Instance attributes are set in the constructors: look for their assignments there.
-    for cls in (RTCRtpReceiver, RTCRtpSender, RTCRtpTransceiver):
-        src = inspect.getsource(cls.__init__)
-        prefix = f"_{cls.__name__}__"
-        for attr in _REQUIRED_INSTANCE[cls.__name__]:
-            name = "__" + attr[len(prefix) :] if attr.startswith(prefix) else attr
-            if f"self.{name}" not in src:
-                missing.append(f"{cls.__name__}().{attr}")
+    missing = _lacking((*PRIVATE_INTERNALS, *INTERNAL_MEMBERS))
     if missing:
-        raise RuntimeError(
-            f"the SFU needs aiortc internals this aiortc {aiortc.__version__} lacks: "
-            f"{', '.join(missing)}; install aiortc==1.16.0 and aioice==0.13.0"
-        )
+        _fail(missing)
 
 
 class NeverTrack(MediaStreamTrack):
@@ -409,6 +514,15 @@ class HostCandidatePolicy:
         """Replace aioice's host candidate gathering in this (worker) process."""
         from aioice.candidate import Candidate, candidate_foundation, candidate_priority
 
+        # Without the method this replaces, the patch would silently do nothing: ICE sockets
+        # on every interface, any port, the private address announced.
+        conn_cls = aioice.ice.Connection
+        key = (conn_cls, "get_component_candidates")
+        if not hasattr(conn_cls, key[1]):
+            _fail([f"{conn_cls.__name__}.{key[1]}"])
+        changed = _params_changed(*key)
+        if changed is not None:
+            _fail([changed])
         policy = self
         original = aioice.ice.Connection.get_component_candidates
 

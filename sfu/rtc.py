@@ -2,18 +2,19 @@
 
 aiortc has no public RTP API (its maintainer declined one several times), so forwarding without
 decoding hooks private methods, all of which have kept their signatures since aiortc 0.9.28.
-``check_internals`` verifies every private this module uses (``PRIVATE_INTERNALS``; a test
-compares it with this file's source), the public-looking members of undocumented aioice/aiortc
-objects it reaches through them (``INTERNAL_MEMBERS``), and the parameters of the methods it
-replaces (``REPLACED``), at start-up, and fails with a clear message if a version change removed
-or changed any. What is used:
+``check_internals`` verifies at start-up every private this module uses (``PRIVATE_INTERNALS``;
+a test compares it with this file's source), the public-looking members of undocumented
+aioice/aiortc objects it reaches through them (``INTERNAL_MEMBERS``), and the parameters of the
+methods it replaces or calls by keyword (``SIGNATURES``), and fails with a clear message if a
+version change removed or changed any. What is used:
 
-- publisher side: ``RTCRtpReceiver._handle_rtp_packet`` (wrapped per instance: forward first, then
-  aiortc's own handling so it keeps sending receiver reports, NACKs and REMB upstream),
-  ``_handle_rtcp_packet`` (sender reports, for A/V sync), ``_send_rtcp`` (to rewrite REMB with
-  the subscribers' estimates), ``_send_rtcp_pli``/``_send_rtcp_nack``, the RTX maps, the RTP
-  router's SSRC table (RTX routing), and the decoder, which is stopped (nobody consumes decoded
-  frames);
+- publisher side: ``RTCRtpReceiver._handle_rtp_packet`` (replaced per instance: forward first,
+  then only what the SFU needs of aiortc's handling: its bandwidth estimate (REMB), receiver
+  report statistics and NACKs upstream, kept in aiortc's own state so its RTCP task sends them;
+  no depayloading, no frame assembly), ``_handle_rtcp_packet`` (sender reports, for A/V sync),
+  ``_send_rtcp`` (to rewrite REMB with the subscribers' estimates),
+  ``_send_rtcp_pli``/``_send_rtcp_nack``, the RTX maps, the RTP router's SSRC table (RTX
+  routing), and the decoder thread, which is stopped (nobody consumes decoded frames);
 - subscriber side: an ``RTCRtpSender`` whose track never yields (so no encoder exists), its
   ``_ssrc``/``_rtx_ssrc``, ``_handle_rtcp_packet`` (NACK, PLI/FIR, REMB) and the counters its
   sender reports are built from; packets go out through the DTLS transport's SRTP session
@@ -37,11 +38,13 @@ from typing import Any, Final, NoReturn
 
 import aioice.ice
 import aiortc
-from aiortc import RTCRtpReceiver, RTCRtpSender, RTCRtpTransceiver
+from aiortc import RTCRtpReceiver, RTCRtpSender, RTCRtpTransceiver, clock
 from aiortc.codecs import is_rtx
 from aiortc.mediastreams import MediaStreamTrack
+from aiortc.rate import RemoteBitrateEstimator
 from aiortc.rtcdtlstransport import RTCDtlsTransport, RtpRouter
 from aiortc.rtcicetransport import RTCIceTransport
+from aiortc.rtcrtpreceiver import NackGenerator, StreamStatistics
 from aiortc.rtp import (
     RTCP_PSFB_APP,
     RTCP_PSFB_FIR,
@@ -53,6 +56,7 @@ from aiortc.rtp import (
     RtpPacket,
     pack_remb_fci,
     unpack_remb_fci,
+    unwrap_rtx,
 )
 
 from .rtp import URI_ABS_SEND_TIME, URI_AUDIO_LEVEL, URI_MID, ExtensionLayout, abs_send_time_now
@@ -63,7 +67,7 @@ log = logging.getLogger("rallypoint.sfu.rtc")
 # more, no fewer (tests/sfu/test_internals.py compares it with the names in this file's source).
 PRIVATE_INTERNALS: Final[tuple[tuple[type, str], ...]] = (
     # publisher side (PublisherHooks, route_rtx_by_ssrc)
-    (RTCRtpReceiver, "_handle_rtp_packet"),  # replaced per instance
+    (RTCRtpReceiver, "_handle_rtp_packet"),  # replaced per instance (forward, _feedback)
     (RTCRtpReceiver, "_handle_rtcp_packet"),  # wrapped: sender reports
     (RTCRtpReceiver, "_send_rtcp"),  # wrapped: REMB capped
     (RTCRtpReceiver, "_send_rtcp_pli"),
@@ -72,7 +76,12 @@ PRIVATE_INTERNALS: Final[tuple[tuple[type, str], ...]] = (
     (RTCRtpReceiver, "_RTCRtpReceiver__rtx_ssrc"),
     (RTCRtpReceiver, "_RTCRtpReceiver__codecs"),
     (RTCRtpReceiver, "_RTCRtpReceiver__rtcp_ssrc"),
-    (RTCRtpReceiver, "_RTCRtpReceiver__jitter_buffer"),
+    # ... and the state aiortc's handler kept, which _feedback keeps instead
+    (RTCRtpReceiver, "_enabled"),
+    (RTCRtpReceiver, "_RTCRtpReceiver__remote_bitrate_estimator"),
+    (RTCRtpReceiver, "_RTCRtpReceiver__active_ssrc"),
+    (RTCRtpReceiver, "_RTCRtpReceiver__remote_streams"),
+    (RTCRtpReceiver, "_RTCRtpReceiver__nack_generator"),
     (RTCDtlsTransport, "_rtp_router"),
     # subscriber side (SubscriberHooks, sender_ssrcs, FastSender)
     (RTCRtpSender, "_handle_rtcp_packet"),  # wrapped: NACK, PLI/FIR, REMB
@@ -97,6 +106,10 @@ PRIVATE_INTERNALS: Final[tuple[tuple[type, str], ...]] = (
 # SFU as surely, so they are checked too; every one is used in this file (the test checks that).
 INTERNAL_MEMBERS: Final[tuple[tuple[type, str], ...]] = (
     (RtpRouter, "ssrc_table"),
+    (RemoteBitrateEstimator, "add"),
+    (StreamStatistics, "add"),
+    (NackGenerator, "add"),
+    (NackGenerator, "missing"),
     (aioice.ice.CandidatePair, "protocol"),
     (aioice.ice.CandidatePair, "remote_addr"),
     (aioice.ice.StunProtocol, "transport"),
@@ -107,10 +120,17 @@ INTERNAL_MEMBERS: Final[tuple[tuple[type, str], ...]] = (
     (aioice.ice.Connection, "turn_server"),
 )
 
-# Methods replaced by ours, with the parameters aiortc/aioice call them with (by keyword, some
-# of them): a renamed parameter would break the call at the first packet or the first gathering,
-# not at start-up.
-REPLACED: Final[dict[tuple[type, str], tuple[str, ...]]] = {
+# Methods replaced by ours, with the parameters aiortc/aioice call them with, and methods we call
+# by keyword, with theirs: a renamed parameter would break a call at the first packet or the
+# first gathering, not at start-up.
+SIGNATURES: Final[dict[tuple[type, str], tuple[str, ...]]] = {
+    (RemoteBitrateEstimator, "add"): (
+        "self",
+        "arrival_time_ms",
+        "abs_send_time",
+        "payload_size",
+        "ssrc",
+    ),
     (RTCRtpReceiver, "_handle_rtp_packet"): ("self", "packet", "arrival_time_ms"),
     (RTCRtpReceiver, "_handle_rtcp_packet"): ("self", "packet"),
     (RTCRtpReceiver, "_send_rtcp"): ("self", "packet"),
@@ -172,15 +192,15 @@ def _has(cls: type, name: str) -> bool:
 
 
 def _params_changed(cls: type, name: str) -> str | None:
-    """``"Cls.name(params)"`` if the method we replace takes other parameters than we expect."""
-    want = REPLACED[(cls, name)]
+    """``"Cls.name(params)"`` if the method takes other parameters than we expect."""
+    want = SIGNATURES[(cls, name)]
     have = tuple(inspect.signature(getattr(cls, name)).parameters)
     return None if have == want else f"{cls.__name__}.{name}({', '.join(want)})"
 
 
 def _lacking(internals: Iterable[tuple[type, str]]) -> list[str]:
     missing = [f"{cls.__name__}.{name}" for cls, name in internals if not _has(cls, name)]
-    for cls, name in REPLACED:
+    for cls, name in SIGNATURES:
         if f"{cls.__name__}.{name}" not in missing and hasattr(cls, name):
             changed = _params_changed(cls, name)
             if changed is not None:
@@ -303,15 +323,6 @@ def route_rtx_by_ssrc(receiver: RTCRtpReceiver) -> None:
         router.ssrc_table[rtx_ssrc] = receiver
 
 
-class _NoFrames:
-    """Stands in for aiortc's jitter buffer on a forwarding receiver: assembles nothing."""
-
-    capacity = 0
-
-    def add(self, packet: RtpPacket) -> tuple[bool, None]:
-        return False, None
-
-
 class PublisherHooks:
     """Takes over one publisher receiver: RTP to ``on_rtp``, SRs to ``on_sr``, REMB capped."""
 
@@ -330,7 +341,16 @@ class PublisherHooks:
         self.remb_cap: int | None = None  # the subscribers' combined estimate
         self.remb_own: int | None = None  # aiortc's estimate of our own downlink
         self._rtx: dict[int, int] = {}  # rtx payload type -> original payload type
-        self._orig_rtp = receiver._handle_rtp_packet
+        self._rtx_pts: frozenset[int] = frozenset()  # every RTX payload type, even without apt
+        # aiortc's per-receiver state that _feedback keeps up to date as aiortc would. Each is
+        # created in RTCRtpReceiver.__init__ and never replaced (the dicts are filled in place),
+        # so one lookup of the mangled names per receiver will do.
+        self._codecs: dict[int, Any] = receiver._RTCRtpReceiver__codecs  # type: ignore[attr-defined]
+        self._rtx_ssrc: dict[int, int] = receiver._RTCRtpReceiver__rtx_ssrc  # type: ignore[attr-defined]
+        self._active_ssrc: dict[int, Any] = receiver._RTCRtpReceiver__active_ssrc  # type: ignore[attr-defined]
+        self._streams: dict[int, Any] = receiver._RTCRtpReceiver__remote_streams  # type: ignore[attr-defined]
+        self._nacks: Any = receiver._RTCRtpReceiver__nack_generator  # type: ignore[attr-defined]
+        self._estimator: Any = receiver._RTCRtpReceiver__remote_bitrate_estimator  # type: ignore[attr-defined]
         self._orig_rtcp = receiver._handle_rtcp_packet
         self._orig_send_rtcp = receiver._send_rtcp
         self._orig_receive = receiver.receive
@@ -342,17 +362,17 @@ class PublisherHooks:
     async def _receive(self, parameters: Any) -> None:
         await self._orig_receive(parameters)
         route_rtx_by_ssrc(self.receiver)
-        codecs = self.receiver._RTCRtpReceiver__codecs  # type: ignore[attr-defined]
+        codecs = self._codecs
         self._rtx = {
             pt: c.parameters["apt"]
             for pt, c in codecs.items()
             if is_rtx(c) and isinstance(c.parameters.get("apt"), int)
         }
-        # Nobody consumes decoded frames: stop the decoder thread (it would decode every frame
-        # and queue them forever), and skip frame assembly (aiortc's jitter buffer), which
-        # only feeds the decoder.
+        self._rtx_pts = frozenset(pt for pt, c in codecs.items() if is_rtx(c))
+        # Nobody consumes decoded frames: stop the decoder thread that receive() started (it
+        # would wait for frames forever). Packets never reach it: _feedback replaces aiortc's
+        # handler, which depayloaded each one and assembled frames for the decoder.
         self.receiver._RTCRtpReceiver__stop_decoder()  # type: ignore[attr-defined]
-        self.receiver._RTCRtpReceiver__jitter_buffer = _NoFrames()  # type: ignore[attr-defined]
 
     async def _handle_rtp(self, packet: RtpPacket, arrival_time_ms: int) -> None:
         pt = packet.payload_type
@@ -380,7 +400,52 @@ class PublisherHooks:
         except Exception:  # never let one packet kill the receiver
             log.exception("forwarding failed")
             self.on_malformed()
-        await self._orig_rtp(packet, arrival_time_ms)
+        if self.receiver._enabled:  # as aiortc: a disabled receiver counts and reports nothing
+            await self._feedback(packet, arrival_time_ms)
+
+    async def _feedback(self, packet: RtpPacket, arrival_time_ms: int) -> None:
+        """What aiortc's ``RTCRtpReceiver._handle_rtp_packet`` does that the SFU still needs, in
+        its order: the bandwidth estimate (REMB to the publisher), the active SSRCs, the
+        statistics its receiver reports are built from, and NACKs for missing packets (RTX
+        unwrapped first, so a repaired packet is no longer missing). Not the rest, which only
+        fed the decoder: depayloading, frame assembly, decoder errors."""
+        ssrc = packet.ssrc
+        estimator = self._estimator  # video only
+        if estimator is not None and packet.extensions.abs_send_time is not None:
+            remb = estimator.add(
+                abs_send_time=packet.extensions.abs_send_time,
+                arrival_time_ms=arrival_time_ms,
+                payload_size=len(packet.payload) + packet.padding_size,
+                ssrc=ssrc,
+            )
+            rtcp_ssrc = self.receiver._RTCRtpReceiver__rtcp_ssrc  # type: ignore[attr-defined]
+            if rtcp_ssrc is not None and remb is not None:
+                # Through our _send_rtcp, which caps it at the subscribers' estimate.
+                await self._send_rtcp(
+                    RtcpPsfbPacket(
+                        fmt=RTCP_PSFB_APP, ssrc=rtcp_ssrc, media_ssrc=0, fci=pack_remb_fci(*remb)
+                    )
+                )
+        self._active_ssrc[ssrc] = clock.current_datetime()  # getSynchronizationSources()
+        pt = packet.payload_type
+        codec = self._codecs.get(pt)
+        if codec is None:
+            return  # a payload type not negotiated: aiortc counts nothing either
+        stats = self._streams.get(ssrc)
+        if stats is None:
+            stats = self._streams[ssrc] = StreamStatistics(codec.clockRate)
+        stats.add(packet)
+        nacks = self._nacks  # video only
+        if nacks is None:
+            return
+        if pt in self._rtx_pts:
+            original_ssrc = self._rtx_ssrc.get(ssrc)
+            apt = self._rtx.get(pt)
+            if original_ssrc is None or apt not in self._codecs or len(packet.payload) < 2:
+                return
+            packet = unwrap_rtx(packet, payload_type=apt, ssrc=original_ssrc)
+        if nacks.add(packet):
+            await self.receiver._send_rtcp_nack(packet.ssrc, sorted(nacks.missing))
 
     async def _handle_rtcp(self, packet: Any) -> None:
         if isinstance(packet, RtcpSrPacket):

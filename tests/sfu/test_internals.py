@@ -19,7 +19,7 @@ from sfu import rtc
 from sfu.rtc import (
     INTERNAL_MEMBERS,
     PRIVATE_INTERNALS,
-    REPLACED,
+    SIGNATURES,
     HostCandidatePolicy,
     check_internals,
 )
@@ -109,7 +109,7 @@ def test_internal_members_are_used_and_public_looking() -> None:
     for cls, name in INTERNAL_MEMBERS:
         assert name in attrs, f"{cls.__name__}.{name} is checked but not used"
         assert not name.startswith("_"), f"{name} belongs in PRIVATE_INTERNALS"
-    for key in REPLACED:
+    for key in SIGNATURES:
         assert key in {*PRIVATE_INTERNALS, *INTERNAL_MEMBERS}
 
 

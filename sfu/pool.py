@@ -79,6 +79,11 @@ class WorkerHandle:
             *self.extra_args,
             pass_fds=[child.fileno()],
             env=env,
+            # A terminal's Ctrl-C (SIGINT to its foreground process group) is the server's to
+            # handle: it closes this pool in order. In the server's group each worker would die
+            # of it at the same moment, and be reported dead and restarted. Outside the group a
+            # worker still exits when the server dies: it reads the end of its channel.
+            start_new_session=True,
         )
         child.close()
         reader, self.writer = await asyncio.open_unix_connection(sock=parent)

@@ -2,34 +2,49 @@
 
 aiortc has no public RTP API (its maintainer declined one several times), so forwarding without
 decoding hooks private methods, all of which have kept their signatures since aiortc 0.9.28.
-``check_internals`` verifies every one at start-up and fails with a clear message if a version
-change removed any. What is used:
+``check_internals`` verifies at start-up every private this module uses (``PRIVATE_INTERNALS``;
+a test compares it with this file's source), the public-looking members of undocumented
+aioice/aiortc objects it reaches through them (``INTERNAL_MEMBERS``), and the parameters of the
+methods it replaces or calls by keyword (``SIGNATURES``), and fails with a clear message if a
+version change removed or changed any. What is used:
 
-- publisher side: ``RTCRtpReceiver._handle_rtp_packet`` (wrapped per instance: forward first, then
-  aiortc's own handling so it keeps sending receiver reports, NACKs and REMB upstream),
-  ``_handle_rtcp_packet`` (sender reports, for A/V sync), ``_send_rtcp`` (to rewrite REMB with
-  the subscribers' estimates), ``_send_rtcp_pli``/``_send_rtcp_nack``, the RTX maps, and the
-  decoder, which is stopped (nobody consumes decoded frames);
+- publisher side: ``RTCRtpReceiver._handle_rtp_packet`` (replaced per instance: forward first,
+  then only what the SFU needs of aiortc's handling: its bandwidth estimate (REMB), receiver
+  report statistics and NACKs upstream, kept in aiortc's own state so its RTCP task sends them;
+  no depayloading, no frame assembly), ``_handle_rtcp_packet`` (sender reports, for A/V sync),
+  ``_send_rtcp`` (to rewrite REMB with the subscribers' estimates),
+  ``_send_rtcp_pli``/``_send_rtcp_nack``, the RTX maps, the RTP router's SSRC table (RTX
+  routing), and the decoder thread, which is stopped (nobody consumes decoded frames);
 - subscriber side: an ``RTCRtpSender`` whose track never yields (so no encoder exists), its
   ``_ssrc``/``_rtx_ssrc``, ``_handle_rtcp_packet`` (NACK, PLI/FIR, REMB) and the counters its
-  sender reports are built from; packets go out through the DTLS transport's SRTP session and the
-  nominated ICE pair's socket directly, skipping four coroutine layers per packet.
+  sender reports are built from; packets go out through the DTLS transport's SRTP session
+  (``_tx_srtp``) and the nominated ICE pair's socket (``RTCIceTransport._connection``,
+  ``Connection._nominated``) directly, skipping four coroutine layers per packet;
+- ``HostCandidatePolicy`` replaces aioice's ``Connection.get_component_candidates`` (bind and
+  announced address, port range) and refuses to install if that method is gone or changed.
 """
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import functools
+import importlib.metadata
 import inspect
 import logging
-from collections.abc import Callable
-from typing import Any
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any, Final, NoReturn
 
 import aioice.ice
 import aiortc
-from aiortc import RTCRtpReceiver, RTCRtpSender, RTCRtpTransceiver
+from aiortc import RTCRtpReceiver, RTCRtpSender, RTCRtpTransceiver, clock
 from aiortc.codecs import is_rtx
 from aiortc.mediastreams import MediaStreamTrack
+from aiortc.rate import RemoteBitrateEstimator
 from aiortc.rtcdtlstransport import RTCDtlsTransport, RtpRouter
+from aiortc.rtcicetransport import RTCIceTransport
+from aiortc.rtcrtpreceiver import NackGenerator, StreamStatistics
 from aiortc.rtp import (
     RTCP_PSFB_APP,
     RTCP_PSFB_FIR,
@@ -41,61 +56,171 @@ from aiortc.rtp import (
     RtpPacket,
     pack_remb_fci,
     unpack_remb_fci,
+    unwrap_rtx,
 )
 
 from .rtp import URI_ABS_SEND_TIME, URI_AUDIO_LEVEL, URI_MID, ExtensionLayout, abs_send_time_now
 
 log = logging.getLogger("rallypoint.sfu.rtc")
 
-_REQUIRED: list[tuple[type, str]] = [
-    (RTCRtpReceiver, "_handle_rtp_packet"),
-    (RTCRtpReceiver, "_handle_rtcp_packet"),
-    (RTCRtpReceiver, "_send_rtcp"),
+# Every aiortc/aioice private (leading underscore) this module reads, writes or replaces; no
+# more, no fewer (tests/sfu/test_internals.py compares it with the names in this file's source).
+PRIVATE_INTERNALS: Final[tuple[tuple[type, str], ...]] = (
+    # publisher side (PublisherHooks, route_rtx_by_ssrc)
+    (RTCRtpReceiver, "_handle_rtp_packet"),  # replaced per instance (forward, _feedback)
+    (RTCRtpReceiver, "_handle_rtcp_packet"),  # wrapped: sender reports
+    (RTCRtpReceiver, "_send_rtcp"),  # wrapped: REMB capped
     (RTCRtpReceiver, "_send_rtcp_pli"),
     (RTCRtpReceiver, "_send_rtcp_nack"),
-    (RTCRtpReceiver, "receive"),
     (RTCRtpReceiver, "_RTCRtpReceiver__stop_decoder"),
-    (RTCRtpSender, "_handle_rtcp_packet"),
-    (RTCDtlsTransport, "_send_rtp"),
-    (RtpRouter, "route_rtp"),
-    (aioice.ice.Connection, "sendto"),
+    (RTCRtpReceiver, "_RTCRtpReceiver__rtx_ssrc"),
+    (RTCRtpReceiver, "_RTCRtpReceiver__codecs"),
+    (RTCRtpReceiver, "_RTCRtpReceiver__rtcp_ssrc"),
+    # ... and the state aiortc's handler kept, which _feedback keeps instead
+    (RTCRtpReceiver, "_enabled"),
+    (RTCRtpReceiver, "_RTCRtpReceiver__remote_bitrate_estimator"),
+    (RTCRtpReceiver, "_RTCRtpReceiver__active_ssrc"),
+    (RTCRtpReceiver, "_RTCRtpReceiver__remote_streams"),
+    (RTCRtpReceiver, "_RTCRtpReceiver__nack_generator"),
+    (RTCDtlsTransport, "_rtp_router"),
+    # subscriber side (SubscriberHooks, sender_ssrcs, FastSender)
+    (RTCRtpSender, "_handle_rtcp_packet"),  # wrapped: NACK, PLI/FIR, REMB
+    (RTCRtpSender, "_ssrc"),
+    (RTCRtpSender, "_rtx_ssrc"),
+    (RTCRtpSender, "_RTCRtpSender__ntp_timestamp"),
+    (RTCRtpSender, "_RTCRtpSender__rtp_timestamp"),
+    (RTCRtpSender, "_RTCRtpSender__packet_count"),
+    (RTCRtpSender, "_RTCRtpSender__octet_count"),
+    (RTCDtlsTransport, "_tx_srtp"),
+    (RTCIceTransport, "_connection"),
+    (aioice.ice.Connection, "_nominated"),
+    # negotiation (extension_ids, negotiated_codec)
+    (RTCRtpTransceiver, "_codecs"),
+    (RTCRtpTransceiver, "_headerExtensions"),
+    # HostCandidatePolicy
+    (aioice.ice.Connection, "_protocols"),
+)
+
+# Public-looking names on objects neither library documents (aioice's candidate pairs and
+# sockets, aiortc's RTP router), reached through the privates above. A rename here breaks the
+# SFU as surely, so they are checked too; every one is used in this file (the test checks that).
+INTERNAL_MEMBERS: Final[tuple[tuple[type, str], ...]] = (
+    (RtpRouter, "ssrc_table"),
+    (RemoteBitrateEstimator, "add"),
+    (StreamStatistics, "add"),
+    (NackGenerator, "add"),
+    (NackGenerator, "missing"),
+    (aioice.ice.CandidatePair, "protocol"),
+    (aioice.ice.CandidatePair, "remote_addr"),
+    (aioice.ice.StunProtocol, "transport"),
     (aioice.ice.StunProtocol, "send_data"),
-]
-_REQUIRED_INSTANCE = {
-    "RTCRtpReceiver": (
-        "_RTCRtpReceiver__rtx_ssrc",
-        "_RTCRtpReceiver__codecs",
-        "_RTCRtpReceiver__rtcp_ssrc",
-        "_RTCRtpReceiver__jitter_buffer",
+    (aioice.ice.StunProtocol, "local_candidate"),
+    (aioice.ice.Connection, "get_component_candidates"),  # replaced by HostCandidatePolicy
+    (aioice.ice.Connection, "stun_server"),
+    (aioice.ice.Connection, "turn_server"),
+)
+
+# Methods replaced by ours, with the parameters aiortc/aioice call them with, and methods we call
+# by keyword, with theirs: a renamed parameter would break a call at the first packet or the
+# first gathering, not at start-up.
+SIGNATURES: Final[dict[tuple[type, str], tuple[str, ...]]] = {
+    (RemoteBitrateEstimator, "add"): (
+        "self",
+        "arrival_time_ms",
+        "abs_send_time",
+        "payload_size",
+        "ssrc",
     ),
-    "RTCRtpSender": (
-        "_ssrc",
-        "_rtx_ssrc",
-        "_RTCRtpSender__ntp_timestamp",
-        "_RTCRtpSender__rtp_timestamp",
-        "_RTCRtpSender__packet_count",
-        "_RTCRtpSender__octet_count",
+    (RTCRtpReceiver, "_handle_rtp_packet"): ("self", "packet", "arrival_time_ms"),
+    (RTCRtpReceiver, "_handle_rtcp_packet"): ("self", "packet"),
+    (RTCRtpReceiver, "_send_rtcp"): ("self", "packet"),
+    (RTCRtpSender, "_handle_rtcp_packet"): ("self", "packet"),
+    (aioice.ice.Connection, "get_component_candidates"): (
+        "self",
+        "component",
+        "addresses",
+        "timeout",
     ),
-    "RTCRtpTransceiver": ("_codecs", "_headerExtensions"),
 }
+
+
+@functools.cache
+def _module_classes(module: str) -> dict[str, ast.ClassDef]:
+    tree = ast.parse(inspect.getsource(sys.modules[module]))
+    return {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+
+
+@functools.cache
+def _assigned_on_self(cls: type) -> frozenset[str]:
+    """Names the class's own methods assign on ``self`` (instance attributes), mangled as
+    Python mangles ``self.__x`` inside the class."""
+    node = _module_classes(cls.__module__).get(cls.__name__)
+    if node is None:
+        return frozenset()
+    names: set[str] = set()
+    prefix = "_" + cls.__name__.lstrip("_")
+    for n in ast.walk(node):
+        if isinstance(n, ast.Assign):
+            targets = n.targets
+        elif isinstance(n, ast.AnnAssign | ast.AugAssign):
+            targets = [n.target]
+        else:
+            continue
+        for target in targets:
+            for t in ast.walk(target):
+                if (
+                    isinstance(t, ast.Attribute)
+                    and isinstance(t.value, ast.Name)
+                    and t.value.id == "self"
+                ):
+                    mangled = t.attr.startswith("__") and not t.attr.endswith("__")
+                    names.add(prefix + t.attr if mangled else t.attr)
+    return frozenset(names)
+
+
+def _has(cls: type, name: str) -> bool:
+    """Whether instances of ``cls`` have ``name``: a class attribute (method, property), an
+    annotated attribute, or one the class's methods assign on ``self``."""
+    if hasattr(cls, name):
+        return True
+    for c in cls.__mro__:
+        if name in inspect.get_annotations(c):
+            return True
+        if c.__module__.split(".")[0] in ("aiortc", "aioice") and name in _assigned_on_self(c):
+            return True
+    return False
+
+
+def _params_changed(cls: type, name: str) -> str | None:
+    """``"Cls.name(params)"`` if the method takes other parameters than we expect."""
+    want = SIGNATURES[(cls, name)]
+    have = tuple(inspect.signature(getattr(cls, name)).parameters)
+    return None if have == want else f"{cls.__name__}.{name}({', '.join(want)})"
+
+
+def _lacking(internals: Iterable[tuple[type, str]]) -> list[str]:
+    missing = [f"{cls.__name__}.{name}" for cls, name in internals if not _has(cls, name)]
+    for cls, name in SIGNATURES:
+        if f"{cls.__name__}.{name}" not in missing and hasattr(cls, name):
+            changed = _params_changed(cls, name)
+            if changed is not None:
+                missing.append(changed)
+    return missing
+
+
+def _fail(missing: list[str]) -> NoReturn:
+    raise RuntimeError(
+        f"the SFU needs aiortc/aioice internals that aiortc {aiortc.__version__} and aioice "
+        f"{importlib.metadata.version('aioice')} lack or changed: {', '.join(missing)}; "
+        "install aiortc==1.16.0 and aioice==0.13.0"
+    )
 
 
 def check_internals() -> None:
     """Fail with a clear message if this aiortc/aioice lacks a hook the SFU needs."""
-    missing = [f"{cls.__name__}.{name}" for cls, name in _REQUIRED if not hasattr(cls, name)]
-    # Instance attributes are set in the constructors: look for their assignments there.
-    for cls in (RTCRtpReceiver, RTCRtpSender, RTCRtpTransceiver):
-        src = inspect.getsource(cls.__init__)
-        prefix = f"_{cls.__name__}__"
-        for attr in _REQUIRED_INSTANCE[cls.__name__]:
-            name = "__" + attr[len(prefix) :] if attr.startswith(prefix) else attr
-            if f"self.{name}" not in src:
-                missing.append(f"{cls.__name__}().{attr}")
+    missing = _lacking((*PRIVATE_INTERNALS, *INTERNAL_MEMBERS))
     if missing:
-        raise RuntimeError(
-            f"the SFU needs aiortc internals this aiortc {aiortc.__version__} lacks: "
-            f"{', '.join(missing)}; install aiortc==1.16.0 and aioice==0.13.0"
-        )
+        _fail(missing)
 
 
 class NeverTrack(MediaStreamTrack):
@@ -198,15 +323,6 @@ def route_rtx_by_ssrc(receiver: RTCRtpReceiver) -> None:
         router.ssrc_table[rtx_ssrc] = receiver
 
 
-class _NoFrames:
-    """Stands in for aiortc's jitter buffer on a forwarding receiver: assembles nothing."""
-
-    capacity = 0
-
-    def add(self, packet: RtpPacket) -> tuple[bool, None]:
-        return False, None
-
-
 class PublisherHooks:
     """Takes over one publisher receiver: RTP to ``on_rtp``, SRs to ``on_sr``, REMB capped."""
 
@@ -225,7 +341,16 @@ class PublisherHooks:
         self.remb_cap: int | None = None  # the subscribers' combined estimate
         self.remb_own: int | None = None  # aiortc's estimate of our own downlink
         self._rtx: dict[int, int] = {}  # rtx payload type -> original payload type
-        self._orig_rtp = receiver._handle_rtp_packet
+        self._rtx_pts: frozenset[int] = frozenset()  # every RTX payload type, even without apt
+        # aiortc's per-receiver state that _feedback keeps up to date as aiortc would. Each is
+        # created in RTCRtpReceiver.__init__ and never replaced (the dicts are filled in place),
+        # so one lookup of the mangled names per receiver will do.
+        self._codecs: dict[int, Any] = receiver._RTCRtpReceiver__codecs  # type: ignore[attr-defined]
+        self._rtx_ssrc: dict[int, int] = receiver._RTCRtpReceiver__rtx_ssrc  # type: ignore[attr-defined]
+        self._active_ssrc: dict[int, Any] = receiver._RTCRtpReceiver__active_ssrc  # type: ignore[attr-defined]
+        self._streams: dict[int, Any] = receiver._RTCRtpReceiver__remote_streams  # type: ignore[attr-defined]
+        self._nacks: Any = receiver._RTCRtpReceiver__nack_generator  # type: ignore[attr-defined]
+        self._estimator: Any = receiver._RTCRtpReceiver__remote_bitrate_estimator  # type: ignore[attr-defined]
         self._orig_rtcp = receiver._handle_rtcp_packet
         self._orig_send_rtcp = receiver._send_rtcp
         self._orig_receive = receiver.receive
@@ -237,17 +362,17 @@ class PublisherHooks:
     async def _receive(self, parameters: Any) -> None:
         await self._orig_receive(parameters)
         route_rtx_by_ssrc(self.receiver)
-        codecs = self.receiver._RTCRtpReceiver__codecs  # type: ignore[attr-defined]
+        codecs = self._codecs
         self._rtx = {
             pt: c.parameters["apt"]
             for pt, c in codecs.items()
             if is_rtx(c) and isinstance(c.parameters.get("apt"), int)
         }
-        # Nobody consumes decoded frames: stop the decoder thread (it would decode every frame
-        # and queue them forever), and skip frame assembly (aiortc's jitter buffer), which
-        # only feeds the decoder.
+        self._rtx_pts = frozenset(pt for pt, c in codecs.items() if is_rtx(c))
+        # Nobody consumes decoded frames: stop the decoder thread that receive() started (it
+        # would wait for frames forever). Packets never reach it: _feedback replaces aiortc's
+        # handler, which depayloaded each one and assembled frames for the decoder.
         self.receiver._RTCRtpReceiver__stop_decoder()  # type: ignore[attr-defined]
-        self.receiver._RTCRtpReceiver__jitter_buffer = _NoFrames()  # type: ignore[attr-defined]
 
     async def _handle_rtp(self, packet: RtpPacket, arrival_time_ms: int) -> None:
         pt = packet.payload_type
@@ -275,7 +400,52 @@ class PublisherHooks:
         except Exception:  # never let one packet kill the receiver
             log.exception("forwarding failed")
             self.on_malformed()
-        await self._orig_rtp(packet, arrival_time_ms)
+        if self.receiver._enabled:  # as aiortc: a disabled receiver counts and reports nothing
+            await self._feedback(packet, arrival_time_ms)
+
+    async def _feedback(self, packet: RtpPacket, arrival_time_ms: int) -> None:
+        """What aiortc's ``RTCRtpReceiver._handle_rtp_packet`` does that the SFU still needs, in
+        its order: the bandwidth estimate (REMB to the publisher), the active SSRCs, the
+        statistics its receiver reports are built from, and NACKs for missing packets (RTX
+        unwrapped first, so a repaired packet is no longer missing). Not the rest, which only
+        fed the decoder: depayloading, frame assembly, decoder errors."""
+        ssrc = packet.ssrc
+        estimator = self._estimator  # video only
+        if estimator is not None and packet.extensions.abs_send_time is not None:
+            remb = estimator.add(
+                abs_send_time=packet.extensions.abs_send_time,
+                arrival_time_ms=arrival_time_ms,
+                payload_size=len(packet.payload) + packet.padding_size,
+                ssrc=ssrc,
+            )
+            rtcp_ssrc = self.receiver._RTCRtpReceiver__rtcp_ssrc  # type: ignore[attr-defined]
+            if rtcp_ssrc is not None and remb is not None:
+                # Through our _send_rtcp, which caps it at the subscribers' estimate.
+                await self._send_rtcp(
+                    RtcpPsfbPacket(
+                        fmt=RTCP_PSFB_APP, ssrc=rtcp_ssrc, media_ssrc=0, fci=pack_remb_fci(*remb)
+                    )
+                )
+        self._active_ssrc[ssrc] = clock.current_datetime()  # getSynchronizationSources()
+        pt = packet.payload_type
+        codec = self._codecs.get(pt)
+        if codec is None:
+            return  # a payload type not negotiated: aiortc counts nothing either
+        stats = self._streams.get(ssrc)
+        if stats is None:
+            stats = self._streams[ssrc] = StreamStatistics(codec.clockRate)
+        stats.add(packet)
+        nacks = self._nacks  # video only
+        if nacks is None:
+            return
+        if pt in self._rtx_pts:
+            original_ssrc = self._rtx_ssrc.get(ssrc)
+            apt = self._rtx.get(pt)
+            if original_ssrc is None or apt not in self._codecs or len(packet.payload) < 2:
+                return
+            packet = unwrap_rtx(packet, payload_type=apt, ssrc=original_ssrc)
+        if nacks.add(packet):
+            await self.receiver._send_rtcp_nack(packet.ssrc, sorted(nacks.missing))
 
     async def _handle_rtcp(self, packet: Any) -> None:
         if isinstance(packet, RtcpSrPacket):
@@ -409,6 +579,15 @@ class HostCandidatePolicy:
         """Replace aioice's host candidate gathering in this (worker) process."""
         from aioice.candidate import Candidate, candidate_foundation, candidate_priority
 
+        # Without the method this replaces, the patch would silently do nothing: ICE sockets
+        # on every interface, any port, the private address announced.
+        conn_cls = aioice.ice.Connection
+        key = (conn_cls, "get_component_candidates")
+        if not hasattr(conn_cls, key[1]):
+            _fail([f"{conn_cls.__name__}.{key[1]}"])
+        changed = _params_changed(*key)
+        if changed is not None:
+            _fail([changed])
         policy = self
         original = aioice.ice.Connection.get_component_candidates
 

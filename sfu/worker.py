@@ -155,6 +155,10 @@ async def serve(
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    # The pool starts workers in their own session, so a terminal's Ctrl-C does not reach them;
+    # a SIGINT sent to a worker itself (kill -INT, or Ctrl-C on one run by hand) stops it as
+    # SIGTERM does, without a KeyboardInterrupt traceback.
+    loop.add_signal_handler(signal.SIGINT, stop.set)
     reading = asyncio.ensure_future(_read_loop(reader, worker))
     await asyncio.wait(
         [reading, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,18 @@ RALLYPOINT = [sys.executable, "-m", "signaling"]
 
 class Server:
     def __init__(
-        self, data: Path, env: dict[str, str] | None = None, args: list[str] | None = None
+        self,
+        data: Path,
+        env: dict[str, str] | None = None,
+        args: list[str] | None = None,
+        *,
+        session: bool = False,
     ) -> None:
         self.port = free_port()
         self.data = data
         self.env = {**os.environ, "RALLYPOINT_TURN_ENABLED": "false", **(env or {})}
         self.args = args or []
+        self.session = session  # its own session and process group, as a terminal gives it
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = data.parent / f"server-{self.port}.log"
 
@@ -54,6 +61,7 @@ class Server:
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                start_new_session=self.session,
             )
         for _ in range(200):
             try:
@@ -160,6 +168,100 @@ async def test_acknowledged_messages_survive_sigkill(tmp_path: Path, servers: li
     assert sorted(stored) == list(range(1, len(stored) + 1))  # gap-free
     missing = [a for a in acked if stored.get(a["seq"]) != a["cid"]]  # type: ignore[call-overload]
     assert missing == []
+
+
+MARK = "PROCESS_TEST_MARK"  # not RALLYPOINT_*: the server reads those as config
+SIGTERM_BIT = 1 << (signal.SIGTERM - 1)
+
+
+def marked(mark: str) -> dict[int, str]:
+    """Live processes (zombies aside) whose environment carries ``MARK=mark``, with their command
+    lines: a server started with that mark and every process it started, wherever they were
+    reparented (a worker left behind by a dead server is no longer its child)."""
+    tag = f"{MARK}={mark}".encode()
+    found: dict[int, str] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if tag not in (d / "environ").read_bytes().split(b"\0"):
+                continue
+            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:  # it exited while we looked
+            continue
+        if state != "Z":
+            found[int(d.name)] = cmd
+    return found
+
+
+def catches(pid: int, bit: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    line = next(x for x in status.splitlines() if x.startswith("SigCgt:"))
+    return bool(int(line.split()[1], 16) & bit)
+
+
+async def sfu_workers_up(srv: Server, mark: str, n: int) -> list[int]:
+    """Wait until the server's ``n`` SFU workers run their event loop. A worker installs its
+    SIGTERM handler in its loop just before it reports ready, so that is when /proc shows it
+    catching SIGTERM."""
+    assert srv.proc is not None
+    async with asyncio.timeout(60):
+        while True:
+            workers = [pid for pid, cmd in marked(mark).items() if "sfu.worker" in cmd]
+            if len(workers) == n and all(catches(pid, SIGTERM_BIT) for pid in workers):
+                return workers
+            if srv.proc.poll() is not None:
+                raise RuntimeError(srv.log.read_text())
+            await asyncio.sleep(0.05)
+
+
+def sfu_server(tmp_path: Path, mark: str) -> Server:
+    env = {"RALLYPOINT_SFU_ENABLED": "true", "RALLYPOINT_SFU_WORKERS": "2", MARK: mark}
+    return Server(tmp_path / "data", env=env, session=True)
+
+
+async def test_ctrl_c_stops_the_server_and_its_sfu_workers_quietly(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """Ctrl-C in a terminal sends SIGINT to the whole foreground process group: the server must
+    stop as quietly as on SIGTERM, closing its SFU workers itself (no worker tracebacks, no
+    "worker died; restarting"), and leave no process behind."""
+    mark = uuid.uuid4().hex
+    srv = sfu_server(tmp_path, mark)
+    servers.append(srv)
+    await srv.start()
+    await sfu_workers_up(srv, mark, 2)
+    assert srv.proc is not None
+    os.killpg(srv.proc.pid, signal.SIGINT)  # the server leads its own group, as in a terminal
+    assert srv.proc.wait(timeout=30) == 0
+    log = srv.log.read_text()
+    assert "Traceback" not in log, log
+    assert "died" not in log, log
+    assert marked(mark) == {}
+
+
+async def test_sfu_workers_exit_when_the_server_is_killed(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """The workers run in their own session, so no signal to the server's group reaches them;
+    when the server dies without closing them, each reads the end of its channel and exits."""
+    mark = uuid.uuid4().hex
+    srv = sfu_server(tmp_path, mark)
+    servers.append(srv)
+    await srv.start()
+    await sfu_workers_up(srv, mark, 2)
+    srv.stop(signal.SIGKILL)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while (left := marked(mark)) and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    for pid in left:  # a failed run must not leave them running
+        os.kill(pid, signal.SIGKILL)
+    assert left == {}
 
 
 def token_cli(*args: str, **run: Any) -> subprocess.CompletedProcess[str]:

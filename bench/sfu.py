@@ -20,6 +20,13 @@ kind), on Rallypoint and on Janus.
 
     .venv/bin/python bench/sfu.py [--quick] [--servers rallypoint,janus,mediarelay]
                                   [--ns 1,4,16,32] [--window 15] [--no-record]
+    .venv/bin/python bench/sfu.py --server-path DIR [--rounds 3] [--ns 16]
+
+With ``--server-path DIR`` the run compares this checkout's Rallypoint ("rallypoint") with
+another one ("base", e.g. the previous commit: ``git worktree add DIR HEAD~1``): both run side
+by side, and each round measures every scenario on both, in turns whose order alternates from
+round to round (this machine's speed drifts within minutes); the final JSON line has the
+per-round ratios and their median (``ab``).
 
 Prints a table and a final JSON line ``{"us_per_packet": {"rallypoint": x, "janus": y,
 "mediarelay": z}, "ratio_vs_janus": x/y, "ratio_vs_mediarelay": x/z, "room10_loss": l, ...}``
@@ -35,6 +42,7 @@ import os
 import platform
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -101,10 +109,12 @@ def free_port() -> int:
         return port
 
 
-def spawn(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """Start a server process in the project folder, its output to ``log``."""
+def spawn(
+    cmd: list[str], log: Path, env: dict[str, str], cwd: Path = ROOT
+) -> subprocess.Popen[bytes]:
+    """Start a server process (in the project folder by default), its output to ``log``."""
     with open(log, "wb") as out:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
 async def wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
@@ -179,7 +189,9 @@ class ServerProcess:
 class Rallypoint(ServerProcess):
     name = "rallypoint"
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, path: Path | None = None, name: str = "rallypoint") -> None:
+        self.name = name
+        self.path = path  # another checkout to run (``--server-path``), else this one
         self.tmp = tmp
         self.port = free_port()
         self.url = f"ws://127.0.0.1:{self.port}/ws"
@@ -195,9 +207,11 @@ class Rallypoint(ServerProcess):
             "RALLYPOINT_LIMITS_BURST": "1000",
             "RALLYPOINT_ROOMS_MAX_PARTICIPANTS": "100",
         }
+        if self.path is not None:  # `python -m` looks in the working directory first
+            env["PYTHONPATH"] = str(self.path)
         cmd = [PY, "-m", "signaling", "serve", "--port", str(self.port)]
-        cmd += ["--data-dir", str(self.tmp / "rallypoint-data")]
-        self.proc = spawn(cmd, self.tmp / "rallypoint.log", env)
+        cmd += ["--data-dir", str(self.tmp / f"{self.name}-data")]
+        self.proc = spawn(cmd, self.tmp / f"{self.name}.log", env, cwd=self.path or ROOT)
         await wait_http(f"http://127.0.0.1:{self.port}/healthz", self.proc)
         deadline = time.monotonic() + 20
         while not self.workers():
@@ -556,6 +570,52 @@ async def bench(args: argparse.Namespace, tmp: Path) -> list[Run]:
     return runs
 
 
+async def bench_ab(args: argparse.Namespace, tmp: Path) -> list[Run]:
+    """This checkout against ``--server-path``, both running, scenarios in alternating turns."""
+    a = Rallypoint(tmp)
+    b = Rallypoint(tmp, args.server_path, "base")
+    runs: list[Run] = []
+    await a.start()
+    try:
+        await b.start()
+        try:
+            for rnd in range(args.rounds):
+                order = [a, b] if rnd % 2 == 0 else [b, a]
+                print(f"round {rnd + 1}/{args.rounds}: {', '.join(s.name for s in order)}")
+                for n in args.ns:
+                    for server in order:
+                        runs.append(await run_one(server, f"N={n}", n, server.broadcast(n), args))
+                if args.room:
+                    for server in order:
+                        runs.append(
+                            await run_one(server, "room10", ROOM_SIZE, server.room(ROOM_SIZE), args)
+                        )
+        finally:
+            await b.stop()
+    finally:
+        await a.stop()
+    return runs
+
+
+def summarize_ab(runs: list[Run]) -> dict[str, Any]:
+    """Per scenario: us per forwarded packet of each side in each round, the per-round ratios
+    (this checkout / base) and their median."""
+    out: dict[str, Any] = {}
+    for scenario in dict.fromkeys(r.scenario for r in runs):
+        mine = [r for r in runs if r.scenario == scenario and r.server == "rallypoint"]
+        base = [r for r in runs if r.scenario == scenario and r.server == "base"]
+        ratios = [m.us_per_packet / b.us_per_packet for m, b in zip(mine, base, strict=True)]
+        out[scenario] = {
+            "us_per_packet": [round(r.us_per_packet, 1) for r in mine],
+            "us_per_packet_base": [round(r.us_per_packet, 1) for r in base],
+            "loss": [round(r.window.loss(), 4) for r in mine],
+            "loss_base": [round(r.window.loss(), 4) for r in base],
+            "ratios": [round(x, 3) for x in ratios],
+            "ratio_median": round(statistics.median(ratios), 3),
+        }
+    return out
+
+
 # -- report ----------------------------------------------------------------------------------------
 
 
@@ -688,7 +748,13 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=None)
     parser.add_argument("--no-room", dest="room", action="store_false")
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument(
+        "--server-path", help="compare with the Rallypoint checkout in this directory (A/B)"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="A/B rounds (with --server-path)")
     args = parser.parse_args()
+    if args.server_path:
+        args.server_path = Path(args.server_path).resolve()
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     unknown = set(args.servers) - {"rallypoint", "janus", "mediarelay"}
     if unknown:
@@ -705,14 +771,21 @@ def main() -> int:
             print("bench/sfu.py needs Janus: apt-get install janus", file=sys.stderr)
             return 2
     started = time.monotonic()
+    run_bench = bench_ab if args.server_path else bench
     with tempfile.TemporaryDirectory(prefix="bench-sfu-") as tmp:
         try:
             import uvloop
         except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-            runs = asyncio.run(bench(args, Path(tmp)))
+            runs = asyncio.run(run_bench(args, Path(tmp)))
         else:
-            runs = uvloop.run(bench(args, Path(tmp)))
+            runs = uvloop.run(run_bench(args, Path(tmp)))
     wall = time.monotonic() - started
+    if args.server_path:
+        print()
+        print(table(runs))
+        ab = {"ab": summarize_ab(runs), "rounds": args.rounds, "wall_s": round(wall)}
+        print(json.dumps(ab))
+        return 0
     summary = summarize(runs)
     pub = [r.window for r in runs if r.scenario != "room10"]
     summary["pub_pps"] = round(sum(w.sent[0] / w.seconds for w in pub) / len(pub)) if pub else 0

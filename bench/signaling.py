@@ -178,7 +178,7 @@ class Server:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 continue
-            if b"signaling.chat.writer" in cmd:
+            if b"signaling.chat.writer" in cmd or b"signaling.store_writer" in cmd:  # or older
                 # Every thread: sched_setaffinity(pid) moves only the first, and the writer's
                 # checkpoint thread (started before the server listens) stayed unpinned.
                 for tid in os.listdir(f"/proc/{pid}/task"):

@@ -324,6 +324,7 @@ class Room:
             if tid in self.tracks
         ]
         p.offers += 1
+        self.counters.subscribe_offers += 1
         p.offer = {"sdp": pc.localDescription.sdp, "tracks": tracks, "offer": p.offers}
         self._emit("subscribe_offer", participant=p.id, **p.offer)
 

@@ -33,6 +33,7 @@ class Counters:
     keyframe_requests: int = 0
     dropped_malformed: int = 0
     dropped_no_route: int = 0
+    subscribe_offers: int = 0  # subscriber offers made (each counted once, when it goes out)
 
 
 class DownTrack:

@@ -330,6 +330,7 @@ class Room:
                 info["mid"] = tr.mid or ""
                 tracks.append(info)
         p.offers += 1
+        self.counters.subscribe_offers += 1
         p.offer = {
             "ev": "subscribe_offer",
             "room": self.name,

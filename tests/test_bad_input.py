@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestServer
 
 from signaling.app import ENDPOINT, HUB
 from signaling.core.tokens import create_token
+from signaling.net.connection import Connection
 from signaling.sdk.wsclient import Client, ClientError
 
 Connect = Callable[..., Awaitable[Client]]
@@ -181,7 +182,10 @@ async def test_rate_limit(start_server: Start, clients: Connect) -> None:
     assert ack["seq"] == 5
 
 
-async def test_slow_reader_is_cut_off(start_server: Start, clients: Connect) -> None:
+async def test_slow_reader_is_cut_off(
+    start_server: Start, clients: Connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Connection, "ABORT_AFTER_S", 0.5)  # abandon's grace before the abort
     server = await start_server(
         limits__max_outbox_bytes=64 * 1024, limits__rate_per_s=1000, limits__burst=1000
     )
@@ -199,9 +203,11 @@ async def test_slow_reader_is_cut_off(start_server: Start, clients: Connect) -> 
         join = b'{"type":"join","room":"s"}'
         for payload in (hello, join):
             sock.sendall(struct.pack("!BB", 0x81, 0x80 | len(payload)) + b"\0\0\0\0" + payload)
-        await asyncio.sleep(0.2)
         hub = server.app[HUB]
         endpoint = server.app[ENDPOINT]
+        async with asyncio.timeout(5):  # the server has handled hello and join
+            while not any(c.session and "s" in c.session.rooms for c in endpoint.connections):
+                await asyncio.sleep(0.01)
         (slow,) = endpoint.connections
         assert slow.session is not None and slow.session.identity == "slow"
         talker = await clients(server, name="Talker", identity="talker")
@@ -220,8 +226,12 @@ async def test_slow_reader_is_cut_off(start_server: Start, clients: Connect) -> 
         # The talker's messages were all stored and acked; the server is fine.
         hist = await talker.request({"type": "history", "conversation": "room:s", "limit": 1})
         assert hist["last_seq"] == sent
-        await asyncio.sleep(2.5)  # the abandoned connection is aborted
-        assert slow not in endpoint.connections
+        # The abandoned connection is aborted ABORT_AFTER_S after its close frame (the client
+        # does not read it), and the server forgets it.
+        async with asyncio.timeout(Connection.ABORT_AFTER_S + 5):
+            while slow in endpoint.connections:
+                await asyncio.sleep(0.01)
+        assert slow.transport.is_closing()
     finally:
         sock.close()
 

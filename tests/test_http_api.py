@@ -251,23 +251,39 @@ async def test_history_and_system_messages(api: tuple[Api, TestServer], phones: 
 
 async def test_devices_and_last_seen(api: tuple[Api, TestServer], phones: Phone) -> None:
     client, server = api
+
+    async def devices_once(ready: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+        """The device list as soon as ``ready(devices by name)`` holds for it (the store's writer
+        thread records a device just after its session starts or ends); fails after 5 s."""
+        body: Any = None
+        try:
+            async with asyncio.timeout(5):
+                while True:
+                    status, body = await client("GET", "/api/identities/alice/devices")
+                    assert status == 200
+                    if ready({d["device"]: d for d in body["devices"]}):
+                        return list(body["devices"])
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            raise AssertionError(f"the device list never got there: {body}") from None
+
     token = create_token(KEY, SECRET, "alice", rooms={})
     before = int(time.time() * 1000)
     phone = await phones(server, "alice", token=token, device="phone")
     tablet = await phones(server, "alice", token=token, device="tablet")
-    await asyncio.sleep(0.01)
+    listed = await devices_once(lambda d: set(d) == {"phone", "tablet"})
+    first_seen = next(d["first_seen"] for d in listed if d["device"] == "tablet")
+    # A session that ends on a later millisecond than it started (timestamps are in ms).
+    async with asyncio.timeout(1):
+        while int(time.time() * 1000) <= first_seen:
+            await asyncio.sleep(0.001)
     await tablet.close()
-    for _ in range(100):  # last-seen is written by the store's writer thread, just after
-        status, body = await client("GET", "/api/identities/alice/devices")
-        assert status == 200
-        devices = {d["device"]: d for d in body["devices"]}
-        if len(devices) == 2 and devices["tablet"]["last_seen"] > devices["tablet"]["first_seen"]:
-            break
-        await asyncio.sleep(0.02)
+    listed = await devices_once(lambda d: d["tablet"]["last_seen"] != first_seen)
+    devices = {d["device"]: d for d in listed}
     assert set(devices) == {"phone", "tablet"}
     assert devices["phone"]["online"] is True and devices["tablet"]["online"] is False
-    assert devices["tablet"]["last_seen"] >= devices["tablet"]["first_seen"] >= before
-    assert body["devices"][0]["device"] == "tablet"  # seen last (its session just ended)
+    assert devices["tablet"]["last_seen"] > devices["tablet"]["first_seen"] == first_seen >= before
+    assert listed[0]["device"] == "tablet"  # seen last (its session just ended)
     status, body = await client("GET", "/api/identities/nobody/devices")
     assert (status, body["code"]) == (404, "no_such_identity")
     await phone.close()

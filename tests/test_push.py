@@ -19,10 +19,11 @@ from call_helpers import Phone
 
 from signaling.app import PUSH
 from signaling.config import PushSection
-from signaling.notify.push import PushQueue, verify
+from signaling.notify.push import WORKERS, PushQueue, verify
 
 Start = Callable[..., Awaitable[TestServer]]
 PUSH_SECRET = "push-secret-0123456789"
+BARRIER = "test.barrier"  # the type of push_barrier's sentinel events
 
 
 def check_signature(header: str, body: bytes) -> bool:
@@ -43,6 +44,9 @@ class Receiver:
         self.delivered: list[dict[str, Any]] = []  # accepted events (2xx)
         self.bad_signatures = 0
         self.arrived = asyncio.Event()
+        self.held: set[str] = set()  # sentinel events of push_barrier being held
+        self.all_held = asyncio.Event()
+        self.release = asyncio.Event()
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -52,6 +56,12 @@ class Receiver:
         if not check_signature(request.headers["X-Rallypoint-Signature"], body):
             self.bad_signatures += 1
             return web.Response(status=401)
+        if event["type"] == BARRIER:
+            self.held.add(event["id"])
+            if len(self.held) == WORKERS:
+                self.all_held.set()
+            await asyncio.wait_for(self.release.wait(), 5)
+            return web.Response(status=204)
         if self.fail_first > 0:
             self.fail_first -= 1
             return web.Response(status=500)
@@ -69,6 +79,30 @@ class Receiver:
             except TimeoutError:
                 pass
         return self.delivered[:n]
+
+
+async def push_barrier(server: TestServer, receiver: Receiver) -> dict[str, int]:
+    """Wait until every push the server queued so far is delivered (or given up on); returns
+    the server's counters at that point.
+
+    One sentinel event per push worker goes into the queue behind everything else, and the
+    receiver holds each one until it holds them all. The queue hands events out in order and
+    a worker takes its next event only when done with the last (retries included), so once
+    every worker holds a sentinel, every event queued before them is finished. Once per
+    receiver.
+    """
+    push = server.app[PUSH]
+    counters = push.counters
+    sent = counters.sent
+    for n in range(WORKERS):
+        assert push.submit({"id": f"barrier.{sent}.{n}", "type": BARRIER})
+    await asyncio.wait_for(receiver.all_held.wait(), 5)
+    at_barrier = {name: getattr(counters, name) for name in counters.__slots__}
+    receiver.release.set()  # the sentinels are delivered and counted: leave nothing in flight
+    async with asyncio.timeout(5):
+        while counters.sent < at_barrier["sent"] + WORKERS:
+            await asyncio.sleep(0.01)
+    return at_barrier
 
 
 @pytest.fixture
@@ -114,12 +148,14 @@ async def test_call_push_and_cancel_after_a_failed_attempt(
     assert cancel["call"]["id"] == call.id and cancel["id"] != incoming["id"]
     await call.hangup()
     await call.wait_ended()
-    await asyncio.sleep(0.3)  # nothing else may arrive: no duplicates, no third event
+    # The call log is stored (and its message hooks have run) when it reaches a device.
+    await alice.next_message("dm:alice|bob", where=lambda m: m["kind"] == "call")
+    counters = await push_barrier(server, receiver)
+    # Nothing else arrived: no duplicates, no third event.
     assert [e["type"] for e in receiver.delivered] == ["call.incoming", "call.cancelled"]
     assert len({e["id"] for e in receiver.delivered}) == 2 and receiver.bad_signatures == 0
-    counters = server.app[PUSH].counters
-    assert counters.sent == 2 and counters.retries == 1
-    assert counters.failed == 0
+    assert counters["sent"] == 2 and counters["retries"] == 1
+    assert counters["failed"] == 0
 
 
 async def test_cancelled_and_missed_calls_send_cancel_events(
@@ -171,8 +207,9 @@ async def test_direct_messages_push_ids_and_counts_only(
         "unread": 1,
     }
     assert second["seq"] == 2 and second["unread"] == 2 and "text" not in second
-    await asyncio.sleep(0.2)
-    assert len(receiver.delivered) == 2
+    # No push for the retry (stored once) nor for carol (online).
+    counters = await push_barrier(server, receiver)
+    assert len(receiver.delivered) == 2 and counters["sent"] == 2
 
 
 async def test_message_text_only_when_enabled(

@@ -49,7 +49,8 @@ SFU_METRICS: dict[str, tuple[str, str]] = {
     "nacks_upstream": ("counter", "NACKs sent to publishers."),
     "keyframe_requests": ("counter", "Keyframe requests (PLI) sent to publishers."),
     "dropped_malformed": ("counter", "Incoming packets that could not be forwarded."),
-    "dropped_no_route": ("counter", "Incoming packets of a track nobody publishes."),
+    "dropped_no_route": ("counter", "Incoming packets with no track to forward them to."),
+    "subscribe_offers": ("counter", "Subscriber offers made (renegotiations of subscribers)."),
 }
 
 

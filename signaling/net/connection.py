@@ -23,6 +23,10 @@ from ..wire.framing import close_frame, encode
 class Connection:
     """One WebSocket connection and its outbox."""
 
+    # ``abandon``: seconds after the close frame until the transport is aborted if the client
+    # still does not read.
+    ABORT_AFTER_S = 2.0
+
     __slots__ = (
         "bucket",
         "busy",
@@ -114,7 +118,7 @@ class Connection:
         if t.is_closing():
             return
         t.write(close_frame(code, reason))
-        asyncio.get_running_loop().call_later(2.0, t.abort)
+        asyncio.get_running_loop().call_later(self.ABORT_AFTER_S, t.abort)
 
     async def close(self, code: int, reason: str) -> None:
         """Close politely (close handshake), falling back to ``abandon``."""

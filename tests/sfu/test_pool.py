@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from sfu_helpers import until
@@ -29,10 +28,16 @@ async def test_a_dead_worker_loses_its_rooms_but_closing_the_pool_does_not() -> 
         w = pool.workers[0]
         await until(lambda: w.proc is not proc and w.ready.is_set(), 20)  # restarted
         await pool.request({"op": "join", "room": "r3", "participant": "p3", "subscribe": True})
+        readers = [w.reader_task for w in pool.workers]
         events.clear()
     finally:
         await pool.close()
     # Closing stops the workers on purpose: no "room_lost", or the router would announce
     # media_failed and rejoin every participant of every room while the server shuts down.
-    await asyncio.sleep(0.3)  # the worker's reader sees the end of its output
     assert _lost(events) == []
+    # That means something only if the readers saw the workers' output end (close() returns
+    # when they are over, but it cancels one still running) and handled the loss: r3 is gone.
+    for reader in readers:
+        assert reader is not None and reader.done()
+        assert not reader.cancelled(), "a reader was cancelled before it saw its worker's end"
+    assert pool.room_worker == {} and pool.workers[0].rooms == set()

@@ -12,6 +12,7 @@ from nethelpers import machine_ip
 from sfu_helpers import Party, PartyFactory, ToneTrack, until
 
 from media.loss import inject_loss
+from signaling.app import HUB
 from signaling.sdk.wsclient import Client, ClientError
 
 
@@ -238,17 +239,22 @@ async def test_port_range_and_announced_address(
             assert host == ip and 42000 <= int(port) <= 42049
 
 
+async def sfu_metric(server: TestServer, name: str) -> float:
+    """``rallypoint_sfu_<name>`` from the server's /metrics."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{server.port}/metrics") as r:
+            text = await r.text()
+    samples = (line.split() for line in text.splitlines() if not line.startswith("#"))
+    return float(dict(samples)[f"rallypoint_sfu_{name}"])
+
+
 async def test_metrics_count_forwarded_packets(sfu_server: TestServer, party: PartyFactory) -> None:
     a = await party(sfu_server, "alice", n=1)
     b = await party(sfu_server, "bob", publish=False)
     await until(lambda: _decoding(b, [a], 10), 15)
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"http://127.0.0.1:{sfu_server.port}/metrics") as r:
-            text = await r.text()
-    values = dict(line.split() for line in text.splitlines() if not line.startswith("#"))
-    assert float(values["rallypoint_sfu_rooms"]) == 1
-    assert float(values["rallypoint_sfu_packets_out_total"]) >= 20  # 10+ frames each kind
-    assert float(values["rallypoint_sfu_packets_in_total"]) > 0
+    assert await sfu_metric(sfu_server, "rooms") == 1
+    assert await sfu_metric(sfu_server, "packets_out_total") >= 20  # 10+ frames each kind
+    assert await sfu_metric(sfu_server, "packets_in_total") > 0
 
 
 async def test_offer_lost_while_disconnected_is_sent_again_on_resume(
@@ -258,8 +264,14 @@ async def test_offer_lost_while_disconnected_is_sent_again_on_resume(
     token = b.client.welcome["resume"]
     await b.media.close()
     await b.client.drop()  # bob's socket dies; his session waits for a resume
+    hub = sfu_server.app[HUB]
+    await until(lambda: hub.sessions[b.id].conn is None, 5)
     a = await party(sfu_server, "alice", n=1)  # the offer to bob is sent while he is away
-    await asyncio.sleep(0.5)
+    # /metrics asks the worker over the channel its events come by, so once the offer is
+    # counted there, the server has had it (and dropped it: bob has no connection).
+    async with asyncio.timeout(10):
+        while await sfu_metric(sfu_server, "subscribe_offers_total") < 1:
+            await asyncio.sleep(0.05)
     back = await clients(sfu_server, name="bob", resume=token)
     assert back.welcome["resumed"] is True
     offer = await back.next_event("subscribe_offer", timeout=10)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from nethelpers import free_port
 
@@ -364,3 +365,46 @@ async def test_token_mode_and_tls(tmp_path: Path, servers: list[Server]) -> None
             assert msg["type"] == "welcome" and msg["open_mode"] is False
         await tls_closed(raw)
     assert "token mode" in srv.log.read_text()
+
+
+async def test_a_client_vanishing_with_chat_writes_in_flight_harms_nobody(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """The acknowledgement of a chat write goes to a socket the client has just dropped: under
+    uvloop (as `serve` runs) writing to it raised, and the exception escaped the store link's
+    data_received, which failed every write in flight and restarted the store writer."""
+    srv = Server(
+        tmp_path / "data",
+        env={"RALLYPOINT_LIMITS_RATE_PER_S": "100000", "RALLYPOINT_LIMITS_BURST": "100000"},
+    )
+    servers.append(srv)
+    await srv.start()
+    other = Client(srv.url)
+    await other.connect(name="Other", identity="other")
+    await other.request({"type": "join", "room": "v"})
+    async with aiohttp.ClientSession() as http:
+        for i in range(40):  # bounded: each round is a few ms
+            ws = await http.ws_connect(srv.url)
+            await ws.send_json({"type": "hello", "v": 1, "name": "Gone", "identity": "gone"})
+            assert (await ws.receive_json())["type"] == "welcome"
+            await ws.send_json({"type": "join", "room": "v", "id": "j"})
+            while (await ws.receive_json()).get("re") != "j":
+                pass
+            for k in range(60):
+                await ws.send_json(
+                    {"type": "send", "conversation": "room:v", "cid": f"{i}-{k}", "text": "x"}
+                )
+            response = ws._response
+            response.connection.transport.abort()  # type: ignore[union-attr]  # gone, no close
+            response.close()  # handshake, its acks still to come
+    await other.send_chat("room:v", "still here", retries=0)  # the store still works
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{srv.port}/metrics") as r:
+            text = await r.text()
+    samples = dict(line.split() for line in text.splitlines() if not line.startswith("#"))
+    assert float(samples["rallypoint_store_writer_restarts_total"]) == 0
+    assert float(samples["rallypoint_internal_errors_total"]) == 0
+    await other.close()
+    srv.stop()
+    log = srv.log.read_text()
+    assert "Traceback" not in log and "restarting" not in log, log[-3000:]

@@ -429,7 +429,10 @@ def _settle(waiters: list[Waiter], results: list[codec.Result]) -> None:
     for (waiter, row), r in zip(waiters, results, strict=True):
         value = codec.decode_result(r, row)
         if not isinstance(waiter, asyncio.Future):
-            waiter(value)
+            try:
+                waiter(value)
+            except Exception:  # a callback must not raise; if one does, the others still run
+                log.exception("a store write's callback failed")
         elif waiter.done():
             continue
         elif r[0]:

@@ -74,7 +74,13 @@ class Connection:
         if self.closing:
             return
         t = self.transport
-        t.write(frame)
+        try:
+            t.write(frame)
+        except RuntimeError:
+            # uvloop refuses writes to a transport the client has closed (asyncio's drops
+            # them): the receive loop sees the close and ends the session; nothing to send.
+            self.closing = True
+            return
         if t.get_write_buffer_size() > self.limit:
             self.counters.slow_consumers += 1
             self.abandon(CloseCode.SLOW_CONSUMER, "outbox full: the client is not reading")

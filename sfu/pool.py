@@ -106,7 +106,10 @@ class WorkerHandle:
             elif msg.get("ev") == "ready":
                 self.ready.set()
             else:
-                self.on_event(self, cast(RoomEvent, msg))
+                try:
+                    self.on_event(self, cast(RoomEvent, msg))
+                except Exception:  # the owner's bug must not stop this worker's replies
+                    log.exception("handling SFU worker %d's event %s failed", self.index, msg["ev"])
         self.ready.clear()  # requests wait for the restarted worker, not the dead one's socket
         if self.writer is not None:
             self.writer.close()

@@ -41,3 +41,27 @@ async def test_a_dead_worker_loses_its_rooms_but_closing_the_pool_does_not() -> 
         assert reader is not None and reader.done()
         assert not reader.cancelled(), "a reader was cancelled before it saw its worker's end"
     assert pool.room_worker == {} and pool.workers[0].rooms == set()
+
+
+async def test_an_event_handler_that_fails_does_not_stop_the_replies() -> None:
+    """An exception from the pool's owner while it handles a worker's event (before, a send to
+    a client whose socket had just closed) ended the task that reads the worker's channel: every
+    later request of that worker went unanswered while the worker sat idle."""
+    failures: list[str] = []
+
+    def on_event(ev: Any) -> None:
+        failures.append(ev["ev"])
+        raise RuntimeError("the owner failed on this event")
+
+    pool = SfuPool(1, on_event, timeout_s=5)
+    await pool.start()
+    try:
+        await pool.request({"op": "join", "room": "r1", "participant": "p1", "subscribe": True})
+        await pool.request({"op": "leave", "room": "r1", "participant": "p1"})  # -> room_closed
+        await until(lambda: failures == ["room_closed"], 5)
+        reply = await pool.request(
+            {"op": "join", "room": "r2", "participant": "p2", "subscribe": True}
+        )
+        assert reply == {"tracks": []}
+    finally:
+        await pool.close()

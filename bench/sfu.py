@@ -571,10 +571,28 @@ async def bench(args: argparse.Namespace, tmp: Path) -> list[Run]:
 
 
 async def bench_ab(args: argparse.Namespace, tmp: Path) -> list[Run]:
-    """This checkout against ``--server-path``, both running, scenarios in alternating turns."""
+    """This checkout against ``--server-path``, both running, scenarios in alternating turns.
+
+    A scenario whose set-up fails (a request unanswered, media not flowing in time) is reported
+    and counted in ``FAILURES``; that server is restarted and the scenario tried once more."""
     a = Rallypoint(tmp)
     b = Rallypoint(tmp, args.server_path, "base")
     runs: list[Run] = []
+
+    async def measured(server: Rallypoint, scenario: str, n: int) -> None:
+        for attempt in (1, 2):
+            make = server.room(n) if scenario == "room10" else server.broadcast(n)
+            try:
+                runs.append(await run_one(server, scenario, n, make, args))
+                return
+            except (TimeoutError, RuntimeError) as e:
+                FAILURES.append({"server": server.name, "scenario": scenario, "error": repr(e)})
+                print(f"{server.name} {scenario}: set-up failed ({e!r}); restarting it", flush=True)
+                await server.stop()
+                await server.start()
+                if attempt == 2:
+                    raise
+
     await a.start()
     try:
         await b.start()
@@ -584,17 +602,18 @@ async def bench_ab(args: argparse.Namespace, tmp: Path) -> list[Run]:
                 print(f"round {rnd + 1}/{args.rounds}: {', '.join(s.name for s in order)}")
                 for n in args.ns:
                     for server in order:
-                        runs.append(await run_one(server, f"N={n}", n, server.broadcast(n), args))
+                        await measured(server, f"N={n}", n)
                 if args.room:
                     for server in order:
-                        runs.append(
-                            await run_one(server, "room10", ROOM_SIZE, server.room(ROOM_SIZE), args)
-                        )
+                        await measured(server, "room10", ROOM_SIZE)
         finally:
             await b.stop()
     finally:
         await a.stop()
     return runs
+
+
+FAILURES: list[dict[str, str]] = []
 
 
 def summarize_ab(runs: list[Run]) -> dict[str, Any]:
@@ -752,6 +771,7 @@ def main() -> int:
         "--server-path", help="compare with the Rallypoint checkout in this directory (A/B)"
     )
     parser.add_argument("--rounds", type=int, default=3, help="A/B rounds (with --server-path)")
+    parser.add_argument("--keep", action="store_true", help="keep the servers' logs and data")
     args = parser.parse_args()
     if args.server_path:
         args.server_path = Path(args.server_path).resolve()
@@ -772,7 +792,10 @@ def main() -> int:
             return 2
     started = time.monotonic()
     run_bench = bench_ab if args.server_path else bench
-    with tempfile.TemporaryDirectory(prefix="bench-sfu-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-sfu-") as tmp_dir:
+        tmp = tempfile.mkdtemp(prefix="bench-sfu-") if args.keep else tmp_dir
+        if args.keep:
+            print(f"logs and data in {tmp}", flush=True)
         try:
             import uvloop
         except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
@@ -783,7 +806,12 @@ def main() -> int:
     if args.server_path:
         print()
         print(table(runs))
-        ab = {"ab": summarize_ab(runs), "rounds": args.rounds, "wall_s": round(wall)}
+        ab = {
+            "ab": summarize_ab(runs),
+            "rounds": args.rounds,
+            "setup_failures": FAILURES,
+            "wall_s": round(wall),
+        }
         print(json.dumps(ab))
         return 0
     summary = summarize(runs)

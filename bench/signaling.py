@@ -628,6 +628,21 @@ def report(res: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
         "load_connections": a.load_connections,
         "room_size": a.room_size,
         "runtime_s": round(time.monotonic() - res["t0"], 1),
+        # Every Rallypoint rate step, for comparisons across runs (bench/signaling_ab.py).
+        "steps": [
+            {
+                "offered_per_s": round(r["offered_per_s"]),
+                "acked_per_s": round(r["acked_per_s"]),
+                "deliveries_per_s": round(r["deliveries_per_s"]),
+                "ack_p50_ms": round(r["ack_p50_ms"], 2),
+                "ack_p99_ms": round(r["ack_p99_ms"], 2),
+                "server_cpu": round(r["server_cpu"], 4),
+                "server_child_cpu": round(r.get("server_child_cpu", 0.0), 4),
+                "other_cpu": round(r["other_cpu"], 3),
+                "ok": r["ok"],
+            }
+            for r in tp.get("steps", [])
+        ],
     }
     summary["targets_met"] = {
         "10k_connections_under_40_kib": summary["connections"] >= TARGETS["connections"]

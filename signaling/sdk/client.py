@@ -1,6 +1,7 @@
 """``RallypointClient`` and ``Call``: the whole protocol for one device.
 
-Built on the low-level ``signaling.client.Client`` (one WebSocket, requests matched to replies).
+Built on the low-level ``signaling.sdk.wsclient.Client`` (one WebSocket, requests matched to
+replies).
 This layer adds what an app needs on top:
 
 - **Resume**: when the socket drops, it reconnects with full-jitter backoff and the resume token

@@ -27,9 +27,13 @@ def run(server_path: str | None, rates: str, extra: list[str]) -> dict[str, Any]
     cmd += ["--rates", rates, *extra]
     if server_path:
         cmd += ["--server-path", server_path]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    if out.returncode != 0:
-        raise SystemExit(f"{cmd} failed:\n{out.stderr[-3000:]}")
+    for attempt in (1, 2):
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+        if out.returncode == 0:
+            break
+        print(f"run failed (attempt {attempt}):\n{out.stderr[-1500:]}", file=sys.stderr, flush=True)
+    else:
+        raise SystemExit(f"{cmd} failed twice")
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
 

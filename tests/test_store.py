@@ -380,6 +380,11 @@ def test_writer_results_round_trip() -> None:
     )
 
 
+def test_a_row_built_from_fields_is_the_stored_message() -> None:
+    fields = ("dm:a|b", 9, 3, "c", "a", "A", "edit", "t", 2, 456, '{"x":1}')
+    assert codec.decode_row(codec.row(*fields, True)) == (StoredMessage(*fields), True)
+
+
 def test_row_order_is_the_select_order() -> None:
     """The writer and the reader SELECT ``codec.COLUMNS``; a row read back is a StoredMessage
     with every field in its place."""

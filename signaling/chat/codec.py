@@ -113,8 +113,40 @@ def failed(code: str, message: str) -> Result:
     return [0, code, message]
 
 
+def row(
+    conversation: str,
+    seq: int,
+    mid: int,
+    cid: str,
+    sender: str,
+    name: str,
+    kind: str,
+    text: str | None,
+    ref: int | None,
+    ts: int,
+    meta: str | None,
+    duplicate: bool,
+) -> list[Any]:
+    """An append's value: the stored message's fields in ``StoredMessage`` order, then the
+    duplicate flag (the writer's per-message path: no object, no reflection)."""
+    return [conversation, seq, mid, cid, sender, name, kind, text, ref, ts, meta, duplicate]
+
+
 def encode_row(m: StoredMessage, duplicate: bool) -> list[Any]:
-    return [*(getattr(m, f) for f in ROW_FIELDS), duplicate]
+    return row(
+        m.conversation,
+        m.seq,
+        m.mid,
+        m.cid,
+        m.sender,
+        m.name,
+        m.kind,
+        m.text,
+        m.ref,
+        m.ts,
+        m.meta,
+        duplicate,
+    )
 
 
 def decode_row(value: list[Any]) -> tuple[StoredMessage, bool]:

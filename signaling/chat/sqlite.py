@@ -426,8 +426,9 @@ class SqliteStore:
 
 def _settle(waiters: list[Waiter], results: list[codec.Result]) -> None:
     """Settle each write's future, or call its ``append_nowait`` callback."""
+    decode = codec.decode_result
     for (waiter, row), r in zip(waiters, results, strict=True):
-        value = codec.decode_result(r, row)
+        value = decode(r, row)
         if not isinstance(waiter, asyncio.Future):
             try:
                 waiter(value)

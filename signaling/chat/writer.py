@@ -161,7 +161,7 @@ class Writer:
                 raise
             return found
         self.pending[msg.conversation] = seq
-        stored = StoredMessage(
+        return codec.row(
             msg.conversation,
             seq,
             cur.lastrowid or 0,
@@ -173,8 +173,8 @@ class Writer:
             msg.ref,
             now,
             msg.meta,
+            False,
         )
-        return codec.encode_row(stored, False)
 
     def touch_device(self, identity: str, device: str, name: str, now: int) -> None:
         self.db.execute("INSERT OR IGNORE INTO identities VALUES (?, ?)", (identity, now))

@@ -68,6 +68,7 @@ class WorkerHandle:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
+            "-P",  # no working directory on the path: only the installed package runs
             "-m",
             "sfu.worker",
             "--fd",

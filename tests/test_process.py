@@ -22,7 +22,9 @@ from signaling.core.tokens import verify_token
 from signaling.sdk.wsclient import Client, ClientError
 
 SECRET = "a-test-secret-of-at-least-32-bytes"
-RALLYPOINT = [sys.executable, "-m", "signaling"]
+# -P: the server itself never imports from the working directory (a test runs it in one
+# that holds a `signaling/` folder); what it starts must not either.
+RALLYPOINT = [sys.executable, "-P", "-m", "signaling"]
 
 
 class Server:
@@ -33,7 +35,9 @@ class Server:
         args: list[str] | None = None,
         *,
         session: bool = False,
+        cwd: Path | None = None,
     ) -> None:
+        self.cwd = cwd
         self.port = free_port()
         self.data = data
         self.env = {**os.environ, "RALLYPOINT_TURN_ENABLED": "false", **(env or {})}
@@ -63,6 +67,7 @@ class Server:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=self.session,
+                cwd=self.cwd,
             )
         for _ in range(200):
             try:
@@ -408,3 +413,32 @@ async def test_a_client_vanishing_with_chat_writes_in_flight_harms_nobody(
     srv.stop()
     log = srv.log.read_text()
     assert "Traceback" not in log and "restarting" not in log, log[-3000:]
+
+
+async def test_child_processes_import_only_the_installed_package(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """The store writer and the SFU workers run `python -m ...`: Python put the working
+    directory first on their path, so a `signaling/` or `sfu/` folder there (another checkout,
+    or anything an attacker can write) ran instead of the installed package."""
+    evil = tmp_path / "evil"
+    marker = tmp_path / "ran-from-the-working-directory"
+    payload = f"open({str(marker)!r}, 'a').write(__name__ + '\\n')\n"
+    for pkg in ("signaling", "signaling/chat", "sfu"):
+        (evil / pkg).mkdir(parents=True)
+        (evil / pkg / "__init__.py").write_text(payload)
+    (evil / "signaling" / "chat" / "writer.py").write_text(payload)
+    (evil / "sfu" / "worker.py").write_text(payload)
+    srv = Server(tmp_path / "data", env={"RALLYPOINT_SFU_WORKERS": "1"}, cwd=evil)
+    servers.append(srv)
+    await srv.start()
+    c = Client(srv.url)
+    await c.connect(name="Ann", identity="ann")
+    await c.request({"type": "join", "room": "safe"})
+    await c.send_chat("room:safe", "stored by the real writer")
+    async with aiohttp.ClientSession() as http:  # the SFU worker is up and answers
+        async with http.get(f"http://127.0.0.1:{srv.port}/metrics") as r:
+            assert "rallypoint_sfu_rooms" in await r.text()
+    await c.close()
+    assert srv.stop() == 0
+    assert not marker.exists(), marker.read_text()

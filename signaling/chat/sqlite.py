@@ -130,6 +130,7 @@ class SqliteStore:
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
+                "-P",  # no working directory on the path: only the installed package runs
                 "-m",
                 "signaling.chat.writer",
                 "--fd",

@@ -97,6 +97,14 @@ def cmd_token(args: argparse.Namespace) -> int:
         grants.extend(x.strip() for x in g.split(",") if x.strip())
     grants = grants or list(DEFAULT_GRANTS)
     ttl = args.ttl if args.ttl is not None else cfg.auth.token_ttl_s
+    longest = cfg.auth.max_token_lifetime_s
+    if longest and not 0 < ttl <= longest:
+        print(
+            f"rallypoint token: --ttl must be between 1 and {longest} "
+            "(auth.max_token_lifetime_s: the server refuses longer-lived tokens)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         token = create_token(
             key,

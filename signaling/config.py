@@ -40,6 +40,8 @@ class AuthSection:
     api_key: str = ""
     api_secret: str = ""
     token_ttl_s: int = 3600  # default lifetime of tokens made by `rallypoint token`
+    # Tokens whose expiry lies further ahead are refused (token_invalid); 0 = no maximum.
+    max_token_lifetime_s: int = 30 * 86400
 
 
 @dataclass
@@ -171,6 +173,12 @@ class Config:
 
     def validate(self) -> None:
         """Check cross-field rules; raise ``ConfigError``."""
+        if self.auth.max_token_lifetime_s < 0:
+            raise ConfigError("auth.max_token_lifetime_s must be >= 0 (0 = no maximum)")
+        if self.auth.max_token_lifetime_s and not (
+            0 < self.auth.token_ttl_s <= self.auth.max_token_lifetime_s
+        ):
+            raise ConfigError("auth.token_ttl_s must be between 1 and auth.max_token_lifetime_s")
         if bool(self.auth.api_key) != bool(self.auth.api_secret):
             raise ConfigError("auth.api_key and auth.api_secret must be set together")
         if self.auth.api_secret and len(self.auth.api_secret.encode()) < 32:

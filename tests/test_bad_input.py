@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
 
 import aiohttp
+import jwt
 import pytest
 from aiohttp.test_utils import TestServer
 
@@ -127,6 +129,14 @@ async def test_token_errors(start_server: Start) -> None:
         "token_expired",
         4001,
     )
+    huge = jwt.encode({"iss": KEY, "sub": "a", "exp": 10**401}, SECRET, algorithm="HS256")
+    assert await hello(token=huge) == ("token_invalid", 4001)  # was a traceback, no answer
+    text = jwt.encode(
+        {"iss": KEY, "sub": "a", "exp": str(int(time.time()) + 60)}, SECRET, algorithm="HS256"
+    )
+    assert await hello(token=text) == ("token_invalid", 4001)
+    long_lived = create_token(KEY, SECRET, "a", rooms={"*": ["join"]}, ttl_s=31 * 86400)
+    assert await hello(token=long_lived) == ("token_invalid", 4001)  # the default maximum
     forged = create_token(KEY, "forged-secret-also-at-least-32-bytes", "a", rooms={"*": ["join"]})
     assert await hello(token=forged) == ("token_invalid", 4001)
     assert await hello(token=good[:-2] + "xx") == ("token_invalid", 4001)

@@ -202,3 +202,51 @@ def test_sample_config_documents_every_setting() -> None:
     assert found == sample_keys()
     cfg = load_config(sample, env={})
     assert cfg.open_mode and cfg.server.port == 8080
+
+
+def _signed(**claims: object) -> str:
+    base: dict[str, object] = {"iss": "key", "sub": "a", "exp": int(time.time()) + 60}
+    base.update(claims)
+    return jwt.encode({k: v for k, v in base.items() if v is not None}, SECRET, algorithm="HS256")
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"exp": 10**401},  # a correctly signed, absurd expiry: crashed hello with a traceback
+        {"exp": str(int(time.time()) + 60)},  # a numeric string
+        {"exp": float(int(time.time()) + 60)},
+        {"exp": True},
+        {"exp": -5},
+        {"iat": "0"},
+        {"iat": int(time.time()) + 3600},  # issued in the future
+        {"nbf": int(time.time()) + 3600},  # not valid yet
+        {"nbf": 10**30},
+    ],
+    ids=[
+        "huge-exp",
+        "string-exp",
+        "float-exp",
+        "bool-exp",
+        "negative-exp",
+        "string-iat",
+        "future-iat",
+        "future-nbf",
+        "huge-nbf",
+    ],
+)
+def test_time_claims_must_be_plausible_integers(claims: dict[str, object]) -> None:
+    with pytest.raises(ProtocolError) as e:
+        verify_token(_signed(**claims), "key", SECRET)
+    assert e.value.code in ("token_invalid", "token_expired")
+    assert e.value.code == "token_expired" or "`" in e.value.message
+
+
+def test_a_maximum_token_lifetime() -> None:
+    far = _signed(exp=int(time.time()) + 40 * 86400)
+    assert verify_token(far, "key", SECRET).identity == "a"  # no maximum: accepted
+    with pytest.raises(ProtocolError) as e:
+        verify_token(far, "key", SECRET, max_lifetime_s=30 * 86400)
+    assert e.value.code == "token_invalid" and "longer" in e.value.message
+    near = _signed(exp=int(time.time()) + 3600)
+    assert verify_token(near, "key", SECRET, max_lifetime_s=30 * 86400).identity == "a"

@@ -117,7 +117,10 @@ class Hub:
                 "token_required", "this server requires a token", close=CloseCode.AUTH_FAILED
             )
         try:
-            claims = verify_token(token, self.cfg.auth.api_key, self.cfg.auth.api_secret)
+            auth = self.cfg.auth
+            claims = verify_token(
+                token, auth.api_key, auth.api_secret, max_lifetime_s=auth.max_token_lifetime_s
+            )
         except ProtocolError as e:
             e.close = CloseCode.AUTH_FAILED
             raise

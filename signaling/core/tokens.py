@@ -23,6 +23,7 @@ from ..wire.spec import IDENTITY_PATTERN, ROOM_PATTERN, compiled
 GRANTS: Final = ("join", "publish", "subscribe", "chat", "moderate")
 DEFAULT_GRANTS: Final = ("join", "publish", "subscribe", "chat")
 LEEWAY_S: Final = 5  # clock skew tolerated on exp/iat
+MAX_TIME: Final = 2**53  # time claims beyond this are not plausible seconds (nor exact JSON)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,37 +89,59 @@ def create_token(
     return jwt.encode(payload, api_secret, algorithm="HS256")
 
 
-def verify_token(token: str, api_key: str, api_secret: str, now: float | None = None) -> Claims:
+def verify_token(
+    token: str,
+    api_key: str,
+    api_secret: str,
+    now: float | None = None,
+    *,
+    max_lifetime_s: int = 0,
+) -> Claims:
     """Check a token's signature, issuer, expiry and claims; raise ``ProtocolError``.
 
     ``token_expired`` for an expired but otherwise genuine token, ``token_invalid`` for anything
-    forged or malformed. (``token_wrong_room`` is decided at ``join``.)
+    forged or malformed, including time claims that are not integers (a numeric string, a
+    float, a boolean) or out of range, and, with ``max_lifetime_s``, a token whose expiry lies
+    further ahead than that. (``token_wrong_room`` is decided at ``join``.)
     """
-    options: Any = {"require": ["exp", "sub", "iss"]}
     try:
-        if now is None:
-            payload = jwt.decode(
-                token,
-                api_secret,
-                algorithms=["HS256"],
-                issuer=api_key,
-                leeway=LEEWAY_S,
-                options=options,
-            )
-        else:
-            payload = jwt.decode(
-                token,
-                api_secret,
-                algorithms=["HS256"],
-                issuer=api_key,
-                options={**options, "verify_exp": False},
-            )
-            if payload["exp"] + LEEWAY_S < now:
-                raise jwt.ExpiredSignatureError
-    except jwt.ExpiredSignatureError:
-        raise ProtocolError("token_expired", "the token has expired") from None
+        # Time claims are checked here, strictly: PyJWT accepts numeric strings for them and
+        # an integer too large for a float made the conversion below raise.
+        payload = jwt.decode(
+            token,
+            api_secret,
+            algorithms=["HS256"],
+            issuer=api_key,
+            options={
+                "require": ["exp", "sub", "iss"],
+                "verify_exp": False,
+                "verify_iat": False,
+                "verify_nbf": False,
+            },
+        )
     except jwt.PyJWTError as e:
         raise ProtocolError("token_invalid", f"the token is not valid ({e})") from None
+    t = time.time() if now is None else now
+    for claim in ("exp", "iat", "nbf"):
+        v = payload.get(claim)
+        if v is None and claim != "exp":
+            continue
+        if type(v) is not int or not 0 <= v <= MAX_TIME:
+            raise ProtocolError(
+                "token_invalid", f"the token's `{claim}` must be an integer number of seconds"
+            )
+    exp: int = payload["exp"]
+    if exp + LEEWAY_S < t:
+        raise ProtocolError("token_expired", "the token has expired")
+    for claim in ("nbf", "iat"):  # neither may lie in the future
+        v = payload.get(claim)
+        if v is not None and v - LEEWAY_S > t:
+            raise ProtocolError("token_invalid", f"the token's `{claim}` is in the future")
+    if max_lifetime_s and exp - t > max_lifetime_s + LEEWAY_S:
+        raise ProtocolError(
+            "token_invalid",
+            f"the token lives longer than this server allows ({max_lifetime_s} s)",
+        )
     sub = payload.get("sub")
     if not isinstance(sub, str) or compiled(IDENTITY_PATTERN).match(sub) is None:
         raise ProtocolError("token_invalid", "the token's `sub` is not a valid identity")

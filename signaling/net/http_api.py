@@ -52,9 +52,10 @@ log = logging.getLogger("rallypoint.api")
 
 OPENAPI: Final = resources.files(__package__) / "openapi.json"
 SYSTEM_SENDER: Final = "system:api"  # not a valid identity, so nobody can pose as it
+#: The longest `ttl_s` when auth.max_token_lifetime_s is 0 (no maximum).
+MAX_TOKEN_TTL_S: Final = 365 * 86400
 #: `kicked.by` when the app's backend removed a participant (never a participant id).
 KICKED_BY_API: Final = "api"
-MAX_TTL_S: Final = 30 * 86400
 
 #: Stable error codes of the HTTP API and their HTTP status.
 API_ERRORS: Final[dict[str, int]] = {
@@ -247,8 +248,9 @@ async def create_token_route(request: web.Request) -> web.Response:
     if name is not None and not 0 < len(name.strip()) <= 64:
         raise ApiError("bad_field", "`name` must have 1-64 characters")
     ttl = body.get("ttl_s", hub.cfg.auth.token_ttl_s)
-    if not 0 < ttl <= MAX_TTL_S:
-        raise ApiError("bad_field", f"`ttl_s` must be between 1 and {MAX_TTL_S}")
+    longest = hub.cfg.auth.max_token_lifetime_s or MAX_TOKEN_TTL_S
+    if not 0 < ttl <= longest:
+        raise ApiError("bad_field", f"`ttl_s` must be between 1 and {longest}")
     rooms: dict[str, Any] = body.get("rooms", {})
     for room, grants in rooms.items():
         if not isinstance(grants, list) or not all(isinstance(g, str) for g in grants):

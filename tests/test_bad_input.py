@@ -4,6 +4,7 @@ server stays up, and no traceback reaches a client."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import struct
 import time
@@ -12,6 +13,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 import jwt
 import pytest
+import yarl
 from aiohttp.test_utils import TestServer
 
 from signaling.app import ENDPOINT, HUB
@@ -353,3 +355,14 @@ async def test_messaging_oneself_is_a_bad_conversation(
     with pytest.raises(ClientError) as e:
         await c.request({"type": "send", "conversation": "dm:solo|solo", "cid": "c", "text": "hi"})
     assert e.value.code == "bad_conversation"
+
+
+@pytest.mark.parametrize("path", ["/static/%00", "/static/app%00.js", "/static/%2e%2e%00/x"])
+async def test_a_nul_in_a_static_path_is_not_found(
+    server: TestServer, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An encoded NUL answered 500 and logged a traceback per request."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(yarl.URL(f"http://127.0.0.1:{server.port}{path}", encoded=True)) as r:
+            assert r.status == 404
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR]

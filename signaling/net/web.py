@@ -22,6 +22,8 @@ async def index(request: web.Request) -> web.FileResponse:
 async def static_file(request: web.Request) -> web.FileResponse:
     """``/static/<file>``: the page's modules, style sheet and images from ``web/``."""
     name = request.match_info["name"]
+    if "\x00" in name:  # an encoded NUL (%00): no such file, and no path to resolve
+        raise web.HTTPNotFound()
     path = (WEB_DIR / name).resolve()
     if not path.is_relative_to(WEB_DIR) or not path.is_file():
         raise web.HTTPNotFound()

@@ -28,7 +28,8 @@ class ServerSection:
     data_dir: str = "./data"
     tls_cert: str = ""
     tls_key: str = ""
-    # Origins allowed to open /ws from a browser. Empty: same host only. ["*"]: any.
+    # Origins allowed to open /ws from a browser, e.g. ["https://rtc.example.com"]. Empty:
+    # pages from loopback addresses, or from this server's address written as an IP. ["*"]: any.
     allowed_origins: list[str] = field(default_factory=list)
     # permessage-deflate costs ~6x memory per connection and halves fan-out; off by default.
     compression: bool = False

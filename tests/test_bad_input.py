@@ -263,10 +263,19 @@ async def test_origin_check(start_server: Start) -> None:
     async with aiohttp.ClientSession() as http:
         with pytest.raises(aiohttp.WSServerHandshakeError):
             await http.ws_connect(ws_url(default), headers={"Origin": "https://evil.example"})
-        ws = await http.ws_connect(
-            ws_url(default), headers={"Origin": f"http://127.0.0.1:{default.port}"}
-        )
-        await ws.close()
+        for ok in (f"http://127.0.0.1:{default.port}", "http://localhost:3000", "http://[::1]"):
+            ws = await http.ws_connect(ws_url(default), headers={"Origin": ok})
+            await ws.close()
+        # DNS rebinding: an attacker's name resolved to this server; the browser sends the
+        # name as both Origin and Host, so "same host" is no proof of anything.
+        rebound = f"evil.example:{default.port}"
+        with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+            await http.ws_connect(
+                ws_url(default), headers={"Origin": f"http://{rebound}", "Host": rebound}
+            )
+        assert e.value.status == 403
+        with pytest.raises(aiohttp.WSServerHandshakeError):
+            await http.ws_connect(ws_url(default), headers={"Origin": "null"})
 
 
 async def test_hello_errors_answer_the_hello_id(start_server: Start) -> None:

@@ -12,6 +12,7 @@ before it handles the frame, so replies keep request order.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -39,15 +40,33 @@ FAST_WS = available()
 
 
 def origin_allowed(request: web.Request, allowed: list[str]) -> bool:
-    """Browsers send Origin; other clients may not. Empty list: same host only."""
+    """Whether a page from ``Origin`` may open ``/ws`` (browsers send it; other clients may not).
+
+    The configured origins, exactly; with none configured, pages served from a loopback address
+    (``localhost``, 127.0.0.0/8, ::1) or from this server's own address written as an IP (the
+    origin's host is the request's host and is an IP literal). Comparing the origin with the
+    request's own host name is not enough: DNS rebinding points an attacker's name at this
+    server, and the browser then sends that name as both Origin and Host.
+    """
     origin = request.headers.get("Origin")
-    if origin is None or "*" in allowed:
+    if origin is None or "*" in allowed or origin in allowed:
         return True
-    if origin in allowed:
+    if allowed:
+        return False
+    try:
+        parts = urlsplit(origin)
+        host = parts.hostname
+    except ValueError:
+        return False
+    if host is None:
+        return False
+    if host == "localhost":
         return True
-    if not allowed:
-        return urlsplit(origin).netloc.lower() == request.host.lower()
-    return False
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a name: only if configured
+    return ip.is_loopback or parts.netloc.lower() == request.host.lower()
 
 
 class Endpoint:

@@ -28,6 +28,9 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from ..wire.errors import CloseCode
+from ..wire.framing import close_frame
+
 log = logging.getLogger(__name__)
 
 # A sink takes a text frame's bytes and says whether it handled it.
@@ -88,8 +91,78 @@ if _IMPORTED:
             super().feed_data(data, size)
 
 
+class MaskCheck:
+    """Stands before aiohttp's frame parser and closes the connection with 1002 at the first
+    frame a client sent unmasked (RFC 6455 section 5.1: "The server MUST close the connection
+    upon receiving a frame that is not masked"; aiohttp's parser accepts them).
+
+    It reads only frame headers: per read, the bytes of the frame in progress are skipped
+    (``_skip``), and a header split over two reads waits in ``_head``.
+    """
+
+    __slots__ = ("_head", "_on_unmasked", "_parser", "_skip", "failed")
+
+    def __init__(self, parser: Any, on_unmasked: Callable[[], None]) -> None:
+        self._parser = parser
+        self._on_unmasked = on_unmasked
+        self._skip = 0  # bytes of the current frame still to come
+        self._head = b""  # the start of a header the last read cut off
+        self.failed = False
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        if self.failed:
+            return True, b""
+        n = len(data)
+        if self._skip >= n and not self._head:  # inside one frame's payload: nothing to check
+            self._skip -= n
+        else:
+            bad = self._scan(data)
+            if bad is not None:  # the frames before it are handled; nothing after it
+                if bad > 0:
+                    self._parser.feed_data(data[:bad])
+                self.failed = True
+                self._on_unmasked()
+                return True, b""
+        result: tuple[bool, bytes] = self._parser.feed_data(data)
+        return result
+
+    def feed_eof(self) -> None:
+        self._parser.feed_eof()
+
+    def _scan(self, data: bytes) -> int | None:
+        """Check every frame header that starts in ``data``; where an unmasked frame starts
+        (an offset in ``data``, negative if its header began in the last read), else None."""
+        held = len(self._head)
+        buf = self._head + data if held else data
+        pos = 0 if held else self._skip
+        n = len(buf)
+        while pos < n:
+            if n - pos < 2:
+                break
+            second = buf[pos + 1]
+            if not second & 0x80:
+                return pos - held
+            length = second & 0x7F
+            head = 8 if length == 126 else 14 if length == 127 else 6  # with the mask key
+            if n - pos < head:
+                break
+            if length == 126:
+                length = int.from_bytes(buf[pos + 2 : pos + 4], "big")
+            elif length == 127:
+                length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+            pos += head + length
+        else:
+            self._head = b""
+            self._skip = pos - n
+            return None
+        self._head = buf[pos:]  # a header cut off by the end of this read
+        self._skip = 0
+        return None
+
+
 class FastWebSocket(web.WebSocketResponse):
-    """A ``WebSocketResponse`` whose text frames can be taken by a sink (``set_sink``)."""
+    """A ``WebSocketResponse`` whose text frames can be taken by a sink (``set_sink``), and
+    that closes with 1002 on an unmasked client frame (``MaskCheck``)."""
 
     def _post_start(self, request: web.BaseRequest, protocol: str | None, writer: Any) -> None:
         # aiohttp 3.14's _post_start with our queue class; keep in step with it.
@@ -106,7 +179,14 @@ class FastWebSocket(web.WebSocketResponse):
             decode_text=self._decode_text,
         )
         cb = None if self._heartbeat is None else self._on_data_received
-        request.protocol.set_parser(self._parser, data_received_cb=cb)
+        transport = request.transport
+
+        def unmasked() -> None:
+            if transport is not None and not transport.is_closing():
+                transport.write(close_frame(CloseCode.PROTOCOL_ERROR, "frames must be masked"))
+                transport.close()
+
+        request.protocol.set_parser(MaskCheck(self._parser, unmasked), data_received_cb=cb)  # type: ignore[arg-type]
         request.protocol.keep_alive(False)
 
     def set_sink(self, sink: Sink | None) -> None:

@@ -12,6 +12,7 @@ class CloseCode(IntEnum):
 
     NORMAL = 1000  # the client said bye
     GOING_AWAY = 1001  # the server is shutting down
+    PROTOCOL_ERROR = 1002  # a client frame broke RFC 6455 (e.g. it was not masked)
     MESSAGE_TOO_BIG = 1009  # a frame beyond the hard frame cap
     AUTH_FAILED = 4001  # hello rejected: bad, expired or missing token, bad version
     HEARTBEAT_TIMEOUT = 4002  # 2.5 heartbeat intervals without a message (two missed pings)

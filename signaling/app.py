@@ -176,7 +176,10 @@ def make_app(cfg: Config) -> web.Application:
     # Routes.
     app.router.add_get("/ws", endpoint.handle)
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics.handle)
+    if cfg.server.metrics_listen:  # a listener of its own, for Prometheus only
+        app.cleanup_ctx.append(_metrics_listener(cfg.server.metrics_listen, metrics))
+    else:  # public in open mode (loopback by default); the API credentials in token mode
+        app.router.add_get("/metrics", metrics.handler(hub, protected=not cfg.open_mode))
     web_page.setup(app)
     http_api.setup(app, http_api.Api(hub, chat, store, store))
     return app
@@ -254,6 +257,25 @@ def _turn_ctx(cfg: Config, secret: str) -> Callable[[web.Application], AsyncIter
         await server.close()
 
     return turn_ctx
+
+
+def _metrics_listener(
+    listen: str, metrics: Metrics
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    host, _, port = listen.rpartition(":")
+
+    async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
+        own = web.Application()
+        own.router.add_get("/metrics", metrics.handle)
+        runner = web.AppRunner(own, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host.strip("[]"), int(port))
+        await site.start()
+        log.info("/metrics on http://%s/metrics", listen)
+        yield
+        await runner.cleanup()
+
+    return metrics_ctx
 
 
 async def _sweep_forever(hub: Hub, endpoint: Endpoint, gcm: GcMonitor) -> None:

@@ -34,6 +34,10 @@ class ServerSection:
     # permessage-deflate costs ~6x memory per connection and halves fan-out; off by default.
     compression: bool = False
     log_level: str = "info"
+    # "HOST:PORT" of a listener of its own for /metrics (no credentials: bind it to an address
+    # only Prometheus reaches); "" = /metrics on the main listener, where in token mode it
+    # needs the API credentials.
+    metrics_listen: str = ""
 
 
 @dataclass
@@ -196,6 +200,10 @@ class Config:
             raise ConfigError("sfu.workers must be >= 0 (0 = one per core)")
         if self.store.synchronous not in ("normal", "full"):
             raise ConfigError("store.synchronous must be 'normal' or 'full'")
+        if self.server.metrics_listen:
+            host, sep, port = self.server.metrics_listen.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError("server.metrics_listen must be HOST:PORT, e.g. 127.0.0.1:9100")
         if not 0 < self.server.port < 65536:
             raise ConfigError("server.port must be 1-65535")
         if self.limits.max_frame_bytes > self.limits.hard_frame_bytes:

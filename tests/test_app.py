@@ -12,6 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
+from nethelpers import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from signaling.app import ENDPOINT, MESSAGES, handlers_of, make_app, protocol
@@ -139,3 +140,37 @@ async def test_metrics_keep_their_names_with_help_and_type(
     for name in ("rallypoint_messages_stored", "rallypoint_connections"):
         assert any(line.startswith(f"# HELP {name}") for line in lines), name
         assert any(line.startswith(f"# TYPE {name}") for line in lines), name
+
+
+KEY, SECRET = "metrics-key", "a-metrics-secret-of-at-least-32-bytes"
+
+
+async def test_metrics_need_the_api_credentials_in_token_mode(
+    start_server: Callable[..., Awaitable[TestServer]],
+) -> None:
+    """/metrics was public in token mode (counters, rooms, sessions for anyone to read)."""
+    server = await start_server(auth__api_key=KEY, auth__api_secret=SECRET)
+    url = f"http://127.0.0.1:{server.port}/metrics"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url) as r:
+            assert r.status == 401 and (await r.json())["code"] == "unauthorized"
+        wrong = {"Authorization": aiohttp.encode_basic_auth(KEY, "wrong")}
+        async with http.get(url, headers=wrong) as r:
+            assert r.status == 401 and (await r.json())["code"] == "bad_credentials"
+        right = {"Authorization": aiohttp.encode_basic_auth(KEY, SECRET)}
+        async with http.get(url, headers=right) as r:
+            assert r.status == 200 and "rallypoint_connections" in await r.text()
+
+
+async def test_metrics_on_a_listener_of_their_own(
+    start_server: Callable[..., Awaitable[TestServer]],
+) -> None:
+    port = free_port()
+    server = await start_server(
+        auth__api_key=KEY, auth__api_secret=SECRET, server__metrics_listen=f"127.0.0.1:{port}"
+    )
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{server.port}/metrics") as r:
+            assert r.status == 404  # not on the main listener at all
+        async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+            assert r.status == 200 and "rallypoint_connections" in await r.text()

@@ -99,13 +99,20 @@ class ApiError(Exception):
         self.status = API_ERRORS[code]
 
 
+def error_response(e: ApiError) -> web.Response:
+    """The JSON answer to a refused request."""
+    headers = {"WWW-Authenticate": 'Basic realm="rallypoint"'} if e.status == 401 else None
+    return _error(e.code, e.message, headers)
+
+
 def _error(code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response(
         {"code": code, "message": message}, status=API_ERRORS[code], headers=headers
     )
 
 
-def _authenticate(hub: Hub, request: web.Request) -> None:
+def authenticate(hub: Hub, request: web.Request) -> None:
+    """Check the request's API credentials; raise ``ApiError`` (``api_disabled`` in open mode)."""
     auth = hub.cfg.auth
     if hub.cfg.open_mode:
         raise ApiError(
@@ -151,11 +158,10 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         return await handler(request)
     try:
         if path != "/api/openapi.json":
-            _authenticate(request.app[API].hub, request)
+            authenticate(request.app[API].hub, request)
         return await handler(request)
     except ApiError as e:
-        headers = {"WWW-Authenticate": 'Basic realm="rallypoint"'} if e.status == 401 else None
-        return _error(e.code, e.message, headers)
+        return error_response(e)
     except web.HTTPRequestEntityTooLarge:
         return _error("payload_too_large", "the request body is too large")
     except web.HTTPMethodNotAllowed:

@@ -15,7 +15,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric as PromMetric
 
+from ..core.hub import Hub
 from ..core.metrics import Metric, MetricSource
+from .http_api import ApiError, authenticate, error_response
 
 PREFIX = "rallypoint_"
 AsyncSource = Callable[[], Awaitable[Iterable[Metric]]]
@@ -53,6 +55,22 @@ class Metrics:
         self._async_sources = async_sources
         self._lock = asyncio.Lock()  # one scrape at a time: ``extra`` is shared
         self.registry.register(self._collector)
+
+    def handler(
+        self, hub: Hub, *, protected: bool
+    ) -> Callable[[web.Request], Awaitable[web.Response]]:
+        """The ``/metrics`` handler; ``protected``: it needs the API credentials (token mode on
+        the main listener)."""
+
+        async def metrics(request: web.Request) -> web.Response:
+            if protected:
+                try:
+                    authenticate(hub, request)
+                except ApiError as e:
+                    return error_response(e)
+            return await self.handle(request)
+
+        return metrics
 
     async def handle(self, request: web.Request) -> web.Response:
         async with self._lock:

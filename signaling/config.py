@@ -56,6 +56,9 @@ class LimitsSection:
     max_text_chars: int = 8000
     rate_per_s: float = 20.0
     burst: int = 60
+    # Refused frames (beyond the rate) a connection may send before it is closed with 4029;
+    # the allowance refills at rate_per_s.
+    flood_close_after: int = 200
     max_outbox_bytes: int = 262144
     hello_timeout_s: float = 10.0
     max_sessions: int = 20000

@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestServer
 
 from signaling.app import ENDPOINT, HUB
 from signaling.core.tokens import create_token
+from signaling.net import endpoint as endpoint_module
 from signaling.net.connection import Connection
 from signaling.sdk.wsclient import Client, ClientError
 
@@ -375,3 +376,37 @@ async def test_a_nul_in_a_static_path_is_not_found(
         async with http.get(yarl.URL(f"http://127.0.0.1:{server.port}{path}", encoded=True)) as r:
             assert r.status == 404
     assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["fastws", "receive"])
+async def test_a_connection_flooding_far_above_its_rate_is_closed(
+    start_server: Start, clients: Connect, monkeypatch: pytest.MonkeyPatch, inline: bool
+) -> None:
+    """A connection that keeps sending after `rate_limited` costs the server a refusal per
+    frame (681,750 frames in 10 s took a core): past `limits.flood_close_after` refusals more
+    than the rate refills it is closed with 4029, and the others go on being served."""
+    monkeypatch.setattr(endpoint_module, "FAST_WS", inline and endpoint_module.FAST_WS)
+    server = await start_server(limits__rate_per_s=5, limits__burst=5, limits__flood_close_after=20)
+    other = await clients(server, name="Other", identity="other")
+    flooder = await clients(server, name="Flood", identity="flood")
+    await flooder.request({"type": "join", "room": "f"})
+    for i in range(200):  # bounded: far more than burst + flood_close_after
+        frame = {
+            "type": "send",
+            "conversation": "room:f",
+            "cid": f"c{i}",
+            "text": "x",
+            "id": f"{i}",
+        }
+        try:
+            await flooder.send_raw(frame)
+        except ConnectionError:
+            break
+    ev = await flooder.next_event("_closed", timeout=5)
+    assert ev["code"] == 4029
+    assert server.app[HUB].counters.flooding == 1
+    refusals = server.app[HUB].counters.rate_limited
+    assert 20 <= refusals <= 40  # the allowance (and what it refilled meanwhile), then the close
+    assert (await other.request({"type": "ping"}))["type"] == "pong"
+    hist = await other.request({"type": "history", "conversation": "room:f"})
+    assert hist["last_seq"] <= 10  # at most what the rate allowed was stored

@@ -26,6 +26,7 @@ class HubCounters:
 
     __slots__ = (
         "errors_sent",
+        "flooding",
         "heartbeat_timeouts",
         "internal_errors",
         "messages_stored",
@@ -38,6 +39,7 @@ class HubCounters:
         "messages_stored": "Chat messages stored (duplicates not counted).",
         "errors_sent": "`error` messages sent to clients.",
         "rate_limited": "Frames refused by the per-connection rate limit.",
+        "flooding": "Connections closed with 4029 for sending far above their rate.",
         "slow_consumers": "Connections closed with 4008 because their outbox was full.",
         "heartbeat_timeouts": "Connections closed with 4002 after missing heartbeats.",
         "resumes": "Sessions resumed on a new connection.",
@@ -48,6 +50,7 @@ class HubCounters:
         self.messages_stored = 0
         self.errors_sent = 0
         self.rate_limited = 0
+        self.flooding = 0
         self.slow_consumers = 0
         self.heartbeat_timeouts = 0
         self.resumes = 0

@@ -33,6 +33,7 @@ class Connection:
         "closing",
         "counters",
         "drained",
+        "flood",
         "last_recv",
         "limit",
         "parsed",
@@ -55,6 +56,9 @@ class Connection:
         self.transport = transport
         self.limit = limit
         self.bucket = bucket
+        # Frames refused for the rate this connection may still send before it is closed
+        # (refills at the rate; ``Endpoint._rate_limited``).
+        self.flood: TokenBucket | None = None
         self.last_recv = now
         self.session: Session | None = None
         self.closing = False

@@ -36,6 +36,8 @@ log = logging.getLogger("rallypoint.server")
 
 _CLOSED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
 NOT_TEXT = ProtocolError("bad_message", "frames must be text")
+# Not sent: the connection is closed with 4029 instead (``Endpoint._rate_limited``).
+FLOODING = ProtocolError("rate_limited", "far above the rate limit")
 FAST_WS = available()
 
 
@@ -169,11 +171,32 @@ class Endpoint:
         rate limit like any other (past the limit the answer is ``rate_limited``)."""
         wait = conn.bucket.take(now)
         if wait:
-            self.hub.counters.rate_limited += 1
-            err = ProtocolError(
-                "rate_limited", "too many messages", retry_after_ms=int(wait * 1000) + 1
-            )
+            return self._rate_limited(conn, wait, now, rid)
         self.hub.refuse(conn, err, rid)
+        return err
+
+    def _rate_limited(
+        self, conn: Connection, wait: float, now: float, rid: str | None
+    ) -> ProtocolError:
+        """Refuse a frame for the rate: ``rate_limited``, or, when the connection has gone on
+        far beyond its rate (``limits.flood_close_after`` refusals more than the rate refills),
+        close it with 4029 and answer nothing more. No await: the fast path calls this too."""
+        hub = self.hub
+        if conn.closing:
+            return FLOODING
+        hub.counters.rate_limited += 1
+        flood = conn.flood
+        if flood is None:
+            limits = self.cfg.limits
+            flood = conn.flood = TokenBucket(limits.rate_per_s, limits.flood_close_after, now)
+        if flood.take(now):
+            hub.counters.flooding += 1
+            conn.abandon(CloseCode.FLOODING, "far above the rate limit")
+            return FLOODING
+        err = ProtocolError(
+            "rate_limited", "too many messages", retry_after_ms=int(wait * 1000) + 1
+        )
+        hub.refuse(conn, err, rid)
         return err
 
     async def _hello(self, conn: Connection, host: str) -> bool:
@@ -221,6 +244,8 @@ class Endpoint:
         monotonic = time.monotonic
 
         def take(data: bytes) -> bool:
+            if conn.closing:  # closed for flooding (or going): the rest is not read
+                return True
             session = conn.session
             if conn.busy or session is None or len(data) > max_frame:
                 return False
@@ -228,15 +253,18 @@ class Endpoint:
                 m = parse(data)
             except ProtocolError:
                 return False
-            handler = inline.get(m["type"])
-            if handler is None:
-                conn.parsed = (data, m)
-                return False
+            t = m["type"]
             now = monotonic()
-            if conn.bucket.take(now):
+            conn.last_recv = now
+            if t != "ping":
+                wait = conn.bucket.take(now)
+                if wait:  # refused here, cheaply: no task switch, no second look
+                    self._rate_limited(conn, wait, now, m.get("id"))
+                    return True
+            handler = inline.get(t)
+            if handler is None:  # to the receive loop, parsed and its token taken
                 conn.parsed = (data, m)
                 return False
-            conn.last_recv = now
             try:
                 handler(session, m)
             except ProtocolError as e:
@@ -268,7 +296,8 @@ class Endpoint:
             if msg.type is not WSMsgType.TEXT:
                 if msg.type in _CLOSED:
                     return
-                self._refuse_frame(conn, NOT_TEXT, now, None)
+                if self._refuse_frame(conn, NOT_TEXT, now, None) is FLOODING:
+                    return
                 continue
             data = msg.data
             if conn.tail is not None:  # replies keep request order: let its chat writes finish
@@ -279,30 +308,33 @@ class Endpoint:
             if len(data) > max_frame:
                 too_large = self._oversized(conn, data)
                 assert too_large is not None
-                self._refuse_frame(conn, too_large, now, None)
+                if self._refuse_frame(conn, too_large, now, None) is FLOODING:
+                    return
                 continue
             m: dict[str, Any] | None = None
             try:
                 parsed = conn.parsed
-                if parsed is not None and parsed[0] is data:
+                if parsed is not None and parsed[0] is data:  # the fast path took its token
                     conn.parsed = None
                     m = parsed[1]
+                    t = m["type"]
                 else:
                     m = parse(data)
-                t = m["type"]
-                if t != "ping":
-                    wait = conn.bucket.take(now)
-                    if wait:
-                        hub.counters.rate_limited += 1
-                        raise ProtocolError(
-                            "rate_limited", "too many messages", retry_after_ms=int(wait * 1000) + 1
-                        )
+                    t = m["type"]
+                    if t != "ping":
+                        wait = conn.bucket.take(now)
+                        if wait:
+                            if self._rate_limited(conn, wait, now, m.get("id")) is FLOODING:
+                                return
+                            continue
                 pending = handlers[t](session, m)
                 if pending is not None:
                     await pending
             except ProtocolError as e:
                 if m is None:  # invalid frames count against the rate limit too
                     err = self._refuse_frame(conn, e, now, e.re)
+                    if err is FLOODING:
+                        return
                 else:
                     err = e
                     hub.refuse(conn, err, m.get("id"))

@@ -19,6 +19,7 @@ class CloseCode(IntEnum):
     HELLO_TIMEOUT = 4003  # no valid hello in time
     REPLACED = 4004  # the session was resumed on another connection
     SLOW_CONSUMER = 4008  # the client stopped reading; its outbox is full
+    FLOODING = 4029  # the client kept sending far above its rate limit
 
 
 #: Errors any frame can get, whatever features the server has.

@@ -60,6 +60,9 @@ class LimitsSection:
     # the allowance refills at rate_per_s.
     flood_close_after: int = 200
     max_outbox_bytes: int = 262144
+    # No history or sync reply is larger: pages are cut by size and say `more`. At most half
+    # of max_outbox_bytes, so an answer never makes its reader a slow consumer.
+    max_reply_bytes: int = 131072
     hello_timeout_s: float = 10.0
     max_sessions: int = 20000
 
@@ -209,6 +212,12 @@ class Config:
                 raise ConfigError("server.metrics_listen must be HOST:PORT, e.g. 127.0.0.1:9100")
         if not 0 < self.server.port < 65536:
             raise ConfigError("server.port must be 1-65535")
+        lim = self.limits
+        if not 4 * lim.max_text_chars + 8192 <= lim.max_reply_bytes <= lim.max_outbox_bytes // 2:
+            raise ConfigError(
+                "limits.max_reply_bytes must be at least 4 * limits.max_text_chars + 8192 (one "
+                "message of the longest text fits) and at most limits.max_outbox_bytes / 2"
+            )
         if self.limits.max_frame_bytes > self.limits.hard_frame_bytes:
             raise ConfigError("limits.max_frame_bytes must not exceed limits.hard_frame_bytes")
         if self.session.heartbeat_interval_s <= 0 or self.limits.rate_per_s <= 0:

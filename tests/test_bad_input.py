@@ -200,7 +200,10 @@ async def test_slow_reader_is_cut_off(
 ) -> None:
     monkeypatch.setattr(Connection, "ABORT_AFTER_S", 0.5)  # abandon's grace before the abort
     server = await start_server(
-        limits__max_outbox_bytes=64 * 1024, limits__rate_per_s=1000, limits__burst=1000
+        limits__max_outbox_bytes=96 * 1024,
+        limits__max_reply_bytes=48 * 1024,
+        limits__rate_per_s=1000,
+        limits__burst=1000,
     )
     # A raw socket that completes the handshake and then never reads.
     sock = socket.socket()
@@ -235,7 +238,7 @@ async def test_slow_reader_is_cut_off(
         assert slow.closing, "the slow reader was not cut off"
         assert hub.counters.slow_consumers == 1
         # Its outbox stayed bounded: nothing more is queued after the cut-off.
-        assert slow.transport.get_write_buffer_size() <= 64 * 1024 + 8 * 1024
+        assert slow.transport.get_write_buffer_size() <= 96 * 1024 + 8 * 1024
         # The talker's messages were all stored and acked; the server is fine.
         hist = await talker.request({"type": "history", "conversation": "room:s", "limit": 1})
         assert hist["last_seq"] == sent

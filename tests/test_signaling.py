@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
@@ -464,3 +466,78 @@ async def test_a_refused_hand_off_leaves_no_pending_write(
         await a.request({"type": "send", "conversation": "room:gone", "cid": "x", "text": "hi"})
     assert e.value.code == "internal_error"
     assert (await a.request({"type": "ping"}))["type"] == "pong"
+
+
+BIG = {
+    "limits__max_text_chars": 2000,
+    "limits__max_outbox_bytes": 64 * 1024,
+    "limits__max_reply_bytes": 24 * 1024,
+    "limits__rate_per_s": 10_000,
+    "limits__burst": 10_000,
+}
+
+
+async def _fill(c: Client, conv: str, n: int, size: int) -> None:
+    for i in range(n):
+        await c.send_chat(conv, f"{i:04d}" + "x" * (size - 4), cid=f"{conv}-{i}")
+
+
+async def test_history_pages_are_cut_by_size_and_nobody_is_cut_off(
+    start_server: Callable[..., Awaitable[TestServer]], clients: Connect
+) -> None:
+    """200 messages of 32 KB were a 6.4 MB `history` reply: even a reader at full speed was then
+    closed with 4008 (the answer alone overflowed its outbox). Replies are cut by size now."""
+    server = await start_server(**BIG)
+    (a,) = await joined(clients, server, "big", "alice")
+    await _fill(a, "room:big", 60, 1900)  # 114 KB in all
+    seen: list[int] = []
+    before: int | None = None
+    for _ in range(60):  # bounded: at least one message per page
+        req: dict[str, Any] = {"type": "history", "conversation": "room:big", "limit": 200}
+        if before is not None:
+            req["before"] = before
+        page = await a.request(req)
+        assert len(orjson.dumps(page)) <= 24 * 1024
+        seqs = [m["seq"] for m in page["messages"]]
+        assert seqs == sorted(seqs) and seqs
+        seen[:0] = seqs
+        if not page["more"]:
+            break
+        before = seqs[0]
+    assert seen == list(range(1, 61))  # every message, once, in order
+    assert (await a.request({"type": "ping"}))["type"] == "pong"  # still connected
+
+
+async def test_sync_over_many_conversations_stays_within_the_reply_budget(
+    start_server: Callable[..., Awaitable[TestServer]], clients: Connect
+) -> None:
+    """One small `sync` over many full conversations made the server build the whole answer
+    (500 x 500 messages: ~614 MB) and send it; now every reply stays within its budget and
+    says what it left out, and syncing until done gets every message exactly once."""
+    server = await start_server(**BIG)
+    (a,) = await joined(clients, server, "r0", "alice")
+    rooms = [f"r{i}" for i in range(12)]
+    for room in rooms:
+        await a.request({"type": "join", "room": room})
+        await _fill(a, f"room:{room}", 8, 1500)  # 144 KB in all
+    b = await clients(server, name="Bob", identity="bob")
+    have = {f"room:{r}": 0 for r in rooms}
+    got: dict[str, list[int]] = {c: [] for c in have}
+    pending = dict(have)
+    for _ in range(60):  # bounded
+        reply = await b.request({"type": "sync", "since": pending, "limit": 500})
+        assert len(orjson.dumps(reply)) <= 24 * 1024
+        asked, pending = pending, {}
+        for page in reply["conversations"]:
+            seqs = [m["seq"] for m in page["messages"]]
+            got[page["conversation"]] += seqs
+            if page["more"]:
+                pending[page["conversation"]] = seqs[-1] if seqs else asked[page["conversation"]]
+        if reply.get("more"):
+            answered = {p["conversation"] for p in reply["conversations"]}
+            assert answered, "the first conversation asked for is always answered"
+            pending.update({c: s for c, s in asked.items() if c not in answered})
+        if not pending:
+            break
+    assert got == {c: list(range(1, 9)) for c in have}
+    assert (await b.request({"type": "ping"}))["type"] == "pong"

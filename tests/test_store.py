@@ -14,7 +14,7 @@ from signaling.chat import writer as store_writer
 from signaling.chat.codec import MarkRead, RegisterIdentity, TouchDevice
 from signaling.chat.schema import MIGRATIONS
 from signaling.chat.sqlite import SqliteStore
-from signaling.chat.store import AppendResult, NewMessage, StoredMessage
+from signaling.chat.store import AppendResult, NewMessage, StoredMessage, wire_size
 from signaling.wire.errors import ProtocolError
 
 
@@ -390,3 +390,18 @@ def test_row_order_is_the_select_order() -> None:
     with every field in its place."""
     assert codec.COLUMNS.split(", ") == list(codec.ROW_FIELDS)
     assert codec.ROW_FIELDS == tuple(StoredMessage.__dataclass_fields__)
+
+
+async def test_pages_are_cut_by_bytes(store: SqliteStore) -> None:
+    for i in range(50):
+        await store.append(NewMessage("room:b", f"c{i}", "alice", "Alice", "text", "é" * 1000))
+    one = wire_size((await store.page("room:b", before=None, after=0, limit=1)).messages[0])
+    assert one > 2000  # "é" is two bytes of UTF-8
+    page = await store.page("room:b", before=None, after=0, limit=500, max_bytes=5 * one)
+    assert [m.seq for m in page.messages] == [1, 2, 3, 4, 5] and page.more
+    newest = await store.page("room:b", before=None, after=None, limit=500, max_bytes=3 * one + 9)
+    assert [m.seq for m in newest.messages] == [48, 49, 50] and newest.more
+    at_least_one = await store.page("room:b", before=None, after=10, limit=500, max_bytes=10)
+    assert [m.seq for m in at_least_one.messages] == [11] and at_least_one.more
+    everything = await store.page("room:b", before=None, after=0, limit=500, max_bytes=10**9)
+    assert len(everything.messages) == 50 and not everything.more

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import orjson
+
 from ..core.feature import Feature
 from ..core.hub import Hub
 from ..core.session import Session
@@ -17,6 +19,13 @@ from ..wire.errors import ProtocolError
 from ..wire.framing import encode
 from .messages import MESSAGES
 from .store import AppendResult, ChatStore, NewMessage, StoredMessage
+
+#: Bytes of a history or sync reply besides its pages (type, ids, epoch, punctuation).
+REPLY_ENVELOPE = 512
+#: A sync reply stops adding conversations when less than this is left of its budget.
+SYNC_PAGE_MIN = 1024
+#: Read marks per conversation in a sync page (the furthest readers).
+MAX_READS_IN_SYNC = 200
 
 #: Called after a message was stored and delivered (not for duplicates), with a direct
 #: conversation's two members (empty for room chat).
@@ -32,6 +41,9 @@ class Chat:
         # Read on every chat message.
         self.max_text_chars = hub.cfg.limits.max_text_chars
         self.edit_window_ms = hub.cfg.chat.edit_window_s * 1000
+        # No reply is larger than this (history, sync): under half the outbox, so a client is
+        # never cut off as a slow consumer for the size of an answer it asked for.
+        self.max_reply_bytes = hub.cfg.limits.max_reply_bytes
         self.counters = hub.counters
         self.on_message: list[MessageHook] = []
 
@@ -201,41 +213,83 @@ class Chat:
         self._conversation(s, conv, joined=False)
         if "before" in m and "after" in m:
             raise ProtocolError("bad_field", "give `before` or `after`, not both")
+        budget = self.max_reply_bytes
         page = await self.store.page(
             conv,
             before=m.get("before"),
             after=m.get("after"),
             limit=m.get("limit", self.hub.cfg.chat.history_page_default),
+            max_bytes=budget - REPLY_ENVELOPE,
         )
-        s.reply(
-            {
-                "type": "history",
-                "conversation": conv,
-                "messages": [x.to_wire() for x in page.messages],
-                "more": page.more,
-                "last_seq": page.last_seq,
-            },
-            m,
-        )
+        msg: dict[str, Any] = {
+            "type": "history",
+            "conversation": conv,
+            "messages": [x.to_wire() for x in page.messages],
+            "more": page.more,
+            "last_seq": page.last_seq,
+        }
+        if "id" in m:
+            msg["re"] = m["id"]
+        frame = encode(msg)
+        messages = msg["messages"]
+        while len(frame) > budget and len(messages) > 1:  # JSON escaping made it longer
+            # Keep the page contiguous from where it starts: scrolling back (no `after`) it
+            # starts at its newest message, so the oldest go; going forward, the newest.
+            del messages[0 if "after" not in m else -1]
+            msg["more"] = True
+            frame = encode(msg)
+        s.send_frame(frame)
 
     async def on_sync(self, s: Session, m: dict[str, Any]) -> None:
+        """Pages of every conversation asked for, in the order asked, within the reply's byte
+        budget: a conversation whose page was cut says `more`; conversations the budget did not
+        reach are left out, and `synced.more` says so (sync them again)."""
         since: dict[str, int] = m["since"]
         for conv in since:
             self._conversation(s, conv, joined=False)
         limit = m.get("limit", 100)
-        pages = []
+        budget = self.max_reply_bytes - REPLY_ENVELOPE
+        used = 0
+        pages: list[dict[str, Any]] = []
+        complete = True
         for conv, seq in since.items():
-            page = await self.store.page(conv, before=None, after=seq, limit=limit)
-            pages.append(
-                {
-                    "conversation": conv,
-                    "messages": [x.to_wire() for x in page.messages],
-                    "more": page.more,
-                    "last_seq": page.last_seq,
-                    "reads": await self.store.read_marks(conv),
-                }
+            room = budget - used
+            if pages and room < SYNC_PAGE_MIN:
+                complete = False
+                break
+            reads = await self.store.read_marks(conv)
+            if len(reads) > MAX_READS_IN_SYNC:  # the furthest readers
+                top = sorted(reads.items(), key=lambda kv: -kv[1])[:MAX_READS_IN_SYNC]
+                reads = dict(top)
+            reads_size = len(orjson.dumps(reads))
+            page = await self.store.page(
+                conv, before=None, after=seq, limit=limit, max_bytes=max(room - reads_size, 1)
             )
-        s.reply({"type": "synced", "conversations": pages, "epoch": self.store.epoch}, m)
+            entry: dict[str, Any] = {
+                "conversation": conv,
+                "messages": [x.to_wire() for x in page.messages],
+                "more": page.more,
+                "last_seq": page.last_seq,
+                "reads": reads,
+            }
+            size = len(orjson.dumps(entry)) + 1
+            while size > room and len(entry["messages"]) > 1:  # JSON escaping made it longer
+                entry["messages"].pop()
+                entry["more"] = True
+                size = len(orjson.dumps(entry)) + 1
+            if size > room and pages:
+                complete = False
+                break
+            pages.append(entry)
+            used += size
+        reply: dict[str, Any] = {
+            "type": "synced",
+            "conversations": pages,
+            "epoch": self.store.epoch,
+        }
+        if not complete:
+            reply["more"] = True
+        s.reply(reply, m)
 
     async def on_conversations(self, s: Session, m: dict[str, Any]) -> None:
         items = [

@@ -208,6 +208,12 @@ MESSAGES: Final = Messages(
             "synced",
             "Answer to `sync`.",
             out("conversations", "array", "One page per conversation.", ref="SyncPage"),
+            out(
+                "more",
+                "boolean",
+                "true when conversations asked for were left out (size budget): sync them again.",
+                required=False,
+            ),
             out("epoch", "string", "Store epoch."),
             RE,
         ),

@@ -32,7 +32,7 @@ from ..wire.errors import ProtocolError
 from . import codec
 from .codec import COLUMNS, MarkRead, RegisterIdentity, TouchDevice, WriterRequest
 from .schema import connect
-from .store import AppendDone, NewMessage, Page, StoredMessage
+from .store import AppendDone, NewMessage, Page, StoredMessage, wire_size
 
 log = logging.getLogger(__name__)
 
@@ -314,37 +314,64 @@ class SqliteStore:
         return result
 
     def _page_sync(
-        self, conversation: str, before: int | None, after: int | None, limit: int
+        self,
+        conversation: str,
+        before: int | None,
+        after: int | None,
+        limit: int,
+        max_bytes: int | None,
     ) -> Page:
         db = self._rconn()
         db.execute("BEGIN")  # one snapshot for the page and last_seq
         try:
             last = self._last_seq_sync(conversation)
             if after is not None:
-                rows = db.execute(
+                cursor = db.execute(
                     f"SELECT {COLUMNS} FROM messages WHERE conversation=? AND seq>? "
                     "ORDER BY seq LIMIT ?",
                     (conversation, after, limit + 1),
-                ).fetchall()
-                more = len(rows) > limit
-                msgs = [_row(r) for r in rows[:limit]]
+                )
             else:
                 b = last + 1 if before is None else before
-                rows = db.execute(
+                cursor = db.execute(
                     f"SELECT {COLUMNS} FROM messages WHERE conversation=? AND seq<? "
                     "ORDER BY seq DESC LIMIT ?",
                     (conversation, b, limit + 1),
-                ).fetchall()
-                more = len(rows) > limit
-                msgs = [_row(r) for r in reversed(rows[:limit])]
+                )
+            # Row by row: a page never holds more than its byte budget (and one row more).
+            msgs: list[StoredMessage] = []
+            size = 0
+            more = False
+            for r in cursor:
+                m = _row(r)
+                if len(msgs) == limit:
+                    more = True
+                    break
+                if max_bytes is not None:
+                    size += wire_size(m)
+                    if size > max_bytes and msgs:
+                        more = True
+                        break
+                msgs.append(m)
+            cursor.close()
+            if after is None:
+                msgs.reverse()
         finally:
             db.execute("COMMIT")
         return Page(msgs, more, last)
 
     async def page(
-        self, conversation: str, *, before: int | None, after: int | None, limit: int
+        self,
+        conversation: str,
+        *,
+        before: int | None,
+        after: int | None,
+        limit: int,
+        max_bytes: int | None = None,
     ) -> Page:
-        result: Page = await self._read(self._page_sync, conversation, before, after, limit)
+        result: Page = await self._read(
+            self._page_sync, conversation, before, after, limit, max_bytes
+        )
         return result
 
     def _conversations_sync(self, identity: str) -> list[tuple[str, int, int]]:

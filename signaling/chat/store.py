@@ -91,6 +91,21 @@ AppendResult = tuple[StoredMessage, bool] | ProtocolError
 AppendDone = Callable[[AppendResult], None]
 
 
+#: Bytes a `message` takes on the wire besides its strings (field names, numbers, punctuation).
+MESSAGE_OVERHEAD = 160
+
+
+def wire_size(m: StoredMessage) -> int:
+    """About how many bytes ``m`` takes as a `message` on the wire (its strings as UTF-8;
+    JSON escaping can add to that, so a reply's final size is checked once encoded)."""
+    n = MESSAGE_OVERHEAD + len(m.conversation) + len(m.cid) + len(m.sender) + len(m.name)
+    if m.text is not None:
+        n += len(m.text.encode())
+    if m.meta is not None:
+        n += len(m.meta)
+    return n
+
+
 @dataclass(slots=True, frozen=True)
 class Original:
     """What the edit/delete rule needs to know about the referenced message."""
@@ -154,9 +169,17 @@ class ChatStore(Protocol):
         ...
 
     async def page(
-        self, conversation: str, *, before: int | None, after: int | None, limit: int
+        self,
+        conversation: str,
+        *,
+        before: int | None,
+        after: int | None,
+        limit: int,
+        max_bytes: int | None = None,
     ) -> Page:
-        """Messages with seq < before (the newest such), or seq > after (the oldest such)."""
+        """Messages with seq < before (the newest such), or seq > after (the oldest such);
+        with ``max_bytes``, no more than fit in that many bytes on the wire (``wire_size``; at
+        least one), read no further than that, and ``more`` set if any were left out."""
         ...
 
     async def last_seq(self, conversation: str) -> int: ...

@@ -86,6 +86,12 @@ class Session:
         if c is not None:
             c.write(encode(msg))
 
+    def send_frame(self, frame: bytes) -> None:
+        """Send an already encoded reply."""
+        c = self.conn
+        if c is not None:
+            c.write(frame)
+
     def reply(self, msg: dict[str, Any], req: dict[str, Any]) -> None:
         """Send ``msg`` as the answer to request ``req`` (with ``re`` if it had an ``id``)."""
         if "id" in req:

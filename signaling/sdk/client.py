@@ -402,12 +402,15 @@ class RallypointClient:
         pending = dict(self._last_seq)
         while pending:
             reply = await self.request({"type": "sync", "since": pending})
-            pending = {}
+            asked, pending = pending, {}
             for page in reply["conversations"]:
                 for m in page["messages"]:
                     new += self._message(m)
                 if page["more"] and page["messages"]:
                     pending[page["conversation"]] = page["messages"][-1]["seq"]
+            if reply.get("more"):  # conversations the reply had no room for: ask again
+                answered = {page["conversation"] for page in reply["conversations"]}
+                pending.update({c: s for c, s in asked.items() if c not in answered})
         return new
 
     # -- calls -----------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from .allocation import (
     RelayFactory,
     Reservation,
 )
-from .credentials import NonceIssuer, long_term_key, rest_expiry, rest_password
+from .credentials import NonceIssuer, long_term_key, rest_expiry, rest_password, rest_user
 from .peerpolicy import PeerPolicy
 from .settings import TurnSettings
 
@@ -89,6 +89,7 @@ class TurnCore:
         self._policy = PeerPolicy(settings.allow_peers)
         self._max_packet = settings.max_packet_size
         self.allocations: dict[Hashable, Allocation] = {}
+        # Allocations per user (the REST username's user part, see `rest_user`).
         self._per_user: dict[str, int] = {}
         self._reservations: dict[bytes, tuple[Reservation, float]] = {}
         # Scratch buffer for data from peers: the I/O layer receives into `peer_view`
@@ -506,7 +507,8 @@ class TurnCore:
         family = raw.get(wire.ATTR_REQUESTED_ADDRESS_FAMILY)
         if family is not None and (len(family) < 1 or family[0] != IPV4_FAMILY):
             raise RequestError(440, "Address Family not Supported: IPv4 relays only")
-        if self._per_user.get(username, 0) >= self.settings.max_allocations_per_user:
+        user = rest_user(username)
+        if self._per_user.get(user, 0) >= self.settings.max_allocations_per_user:
             self.quota_rejections += 1
             raise RequestError(486, "Allocation Quota Reached")
         if len(self.allocations) >= self.settings.max_allocations:
@@ -547,7 +549,7 @@ class TurnCore:
             alloc.limiter = RateLimiter(self.settings.max_bps_per_allocation, now)
         self.allocations[key] = alloc
         self._local_relays[relay.address] = alloc
-        self._per_user[username] = self._per_user.get(username, 0) + 1
+        self._per_user[user] = self._per_user.get(user, 0) + 1
         self.allocations_created += 1
         alloc.response = self._success(
             ALLOCATE,
@@ -650,11 +652,12 @@ class TurnCore:
             del self._local_relays[relay.address]
         if self.allocations.get(alloc.client_key) is alloc:
             del self.allocations[alloc.client_key]
-            left = self._per_user.get(alloc.username, 1) - 1
+            user = rest_user(alloc.username)
+            left = self._per_user.get(user, 1) - 1
             if left:
-                self._per_user[alloc.username] = left
+                self._per_user[user] = left
             else:
-                self._per_user.pop(alloc.username, None)
+                self._per_user.pop(user, None)
             self.allocations_deleted += 1
         alloc.close()
 

@@ -71,6 +71,22 @@ class UdpClient(asyncio.DatagramProtocol):
             await asyncio.wait_for(self.queue.get(), seconds)
 
 
+async def allocate(
+    client: UdpClient, server: tuple[str, int], username: str, password: str
+) -> stun.Message:
+    """Allocate a UDP relay the way clients do: unsigned first, then signed with the nonce."""
+    attributes = {"REQUESTED-TRANSPORT": 0x11000000}
+    challenge = await client.request(
+        stun.Message(stun.Method.ALLOCATE, stun.Class.REQUEST, attributes=dict(attributes)),
+        server,
+    )
+    assert challenge.attributes["ERROR-CODE"][0] == 401, challenge
+    nonce = challenge.attributes["NONCE"]
+    return await client.request(
+        signed(stun.Method.ALLOCATE, attributes, username, password, nonce), server
+    )
+
+
 class Receiver(asyncio.DatagramProtocol):
     def __init__(self) -> None:
         self.queue: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue()

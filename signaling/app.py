@@ -223,6 +223,7 @@ def turn_settings(cfg: Config, secret: str) -> TurnSettings:
             tcp=t.tcp,
             max_allocations=t.max_allocations,
             max_allocations_per_user=t.max_allocations_per_user,
+            max_allocations_per_address=t.max_allocations_per_address,
             max_bps_per_allocation=t.max_bps_per_allocation,
             default_lifetime_s=t.default_lifetime_s,
             max_lifetime_s=t.max_lifetime_s,

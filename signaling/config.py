@@ -111,6 +111,7 @@ class TurnSection:
     tls_port: int = 5349
     max_allocations: int = 1000
     max_allocations_per_user: int = 10
+    max_allocations_per_address: int = 300  # per client IP address (a NAT counts as one)
     max_bps_per_allocation: int = 0  # bytes/s per allocation, both directions; 0 = unlimited
     default_lifetime_s: int = 600  # allocation lifetime granted without a longer request
     max_lifetime_s: int = 3600  # longest lifetime a client may request

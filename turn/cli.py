@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-allocations", type=int, default=1000)
     parser.add_argument("--max-allocations-per-user", type=int, default=10)
+    parser.add_argument("--max-allocations-per-address", type=int, default=300)
     parser.add_argument(
         "--max-bps", type=int, default=0, help="bytes per second per allocation (0 = unlimited)"
     )
@@ -85,6 +86,7 @@ def settings_from_args(args: argparse.Namespace) -> TurnSettings:
         external_address=args.external_ip,
         max_allocations=args.max_allocations,
         max_allocations_per_user=args.max_allocations_per_user,
+        max_allocations_per_address=args.max_allocations_per_address,
         max_bps_per_allocation=args.max_bps,
         tcp=not args.no_tcp,
         tls_cert=args.tls_cert,

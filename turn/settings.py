@@ -33,6 +33,9 @@ class TurnSettings:
     default_lifetime_s: int = 600
     max_lifetime_s: int = 3600
     max_allocations_per_user: int = 10
+    # Allocations per client IP address, so that one address (a NAT, or one attacker with
+    # many usernames) cannot take every relay; high enough for an office behind one NAT.
+    max_allocations_per_address: int = 300
     max_allocations: int = 1000
     max_bps_per_allocation: int = 0  # bytes per second, both directions together; 0 = unlimited
     tcp: bool = True
@@ -81,6 +84,7 @@ class TurnSettings:
             raise ValueError("turn: max_packet_size must be 548-65535")
         for name in (
             "max_allocations_per_user",
+            "max_allocations_per_address",
             "max_allocations",
             "max_permissions_per_allocation",
             "max_tcp_connections",

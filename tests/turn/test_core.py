@@ -103,10 +103,14 @@ class Harness:
         self.nonce = b""
 
     def raw(
-        self, data: bytes, key: Any = CLIENT, endpoint: FakeEndpoint | None = None
+        self,
+        data: bytes,
+        key: Any = CLIENT,
+        endpoint: FakeEndpoint | None = None,
+        address: tuple[str, int] = CLIENT,
     ) -> bytes | None:
         mv = memoryview(data)
-        return self.core.from_client(key, CLIENT, endpoint or self.endpoint, mv, len(data))
+        return self.core.from_client(key, address, endpoint or self.endpoint, mv, len(data))
 
     def fetch_nonce(self) -> None:
         if not self.nonce:
@@ -392,6 +396,35 @@ def test_a_username_without_colon_is_its_own_user() -> None:
         assert response.message_class == stun.Class.RESPONSE
     password = rest_password(SECRET, "1700003600")
     assert error(allocate_as(h, "1700003600", password, ("203.0.113.1", 9)))[0] == 486
+
+
+def test_allocations_per_address_486_and_the_slot_comes_back() -> None:
+    h = Harness(max_allocations_per_address=2)
+    nat = ("203.0.113.50", 0)
+    for port in (1, 2):
+        username, password = rest_credentials(SECRET, f"user{port}", 600, h.wall.now)
+        attrs = {"REQUESTED-TRANSPORT": 0x11000000}
+        response = h.request(
+            stun.Method.ALLOCATE,
+            attrs,
+            username,
+            password,
+            key=(nat[0], port),
+            address=(nat[0], port),
+        )
+        assert response.message_class == stun.Class.RESPONSE
+    username, password = rest_credentials(SECRET, "user3", 600, h.wall.now)
+    attrs = {"REQUESTED-TRANSPORT": 0x11000000}
+    third = (nat[0], 3)
+    response = h.request(stun.Method.ALLOCATE, attrs, username, password, key=third, address=third)
+    assert error(response) == (486, "Allocation Quota Reached: too many from this address")
+    assert h.core.stats["address_quota_rejections"] == 1
+    other = ("203.0.113.51", 3)
+    response = h.request(stun.Method.ALLOCATE, attrs, username, password, key=other, address=other)
+    assert response.message_class == stun.Class.RESPONSE
+    h.core.client_gone((nat[0], 1))
+    response = h.request(stun.Method.ALLOCATE, attrs, username, password, key=third, address=third)
+    assert response.message_class == stun.Class.RESPONSE
 
 
 def test_no_relay_port_gets_508() -> None:

@@ -221,6 +221,8 @@ def turn_settings(cfg: Config, secret: str) -> TurnSettings:
             relay_host=t.relay_host,
             external_address=t.external_address,
             tcp=t.tcp,
+            max_tcp_connections_per_address=t.max_tcp_connections_per_address,
+            tcp_first_request_timeout_s=t.tcp_first_request_timeout_s,
             max_allocations=t.max_allocations,
             max_allocations_per_user=t.max_allocations_per_user,
             max_allocations_per_address=t.max_allocations_per_address,

@@ -107,6 +107,9 @@ class TurnSection:
     relay_host: str = ""
     external_address: str = ""
     tcp: bool = True
+    max_tcp_connections_per_address: int = 300  # TCP and TLS connections per client IP address
+    # A new TCP/TLS connection whose first STUN request is not answered by then is closed.
+    tcp_first_request_timeout_s: float = 5.0
     # TURN over TLS with server.tls_cert/tls_key (when set); 0 = no TLS listener.
     tls_port: int = 5349
     max_allocations: int = 1000

@@ -110,6 +110,7 @@ def start_rallypoint(port: int) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "turn", "--listen", f"127.0.0.1:{port}"]
     command += ["--secret", SECRET, "--allow-peer", "127.0.0.0/8", "--relay-ip", "127.0.0.1"]
     command += ["--relay-ports", "40000-44999", "--max-allocations-per-user", "1000"]
+    command += ["--max-allocations-per-address", "5000"]
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

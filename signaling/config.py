@@ -120,10 +120,14 @@ class TurnSection:
     relay_host: str = ""
     external_address: str = ""
     tcp: bool = True
+    max_tcp_connections_per_address: int = 300  # TCP and TLS connections per client IP address
+    # A new TCP/TLS connection whose first STUN request is not answered by then is closed.
+    tcp_first_request_timeout_s: float = 5.0
     # TURN over TLS with server.tls_cert/tls_key (when set); 0 = no TLS listener.
     tls_port: int = 5349
     max_allocations: int = 1000
     max_allocations_per_user: int = 10
+    max_allocations_per_address: int = 300  # per client IP address (a NAT counts as one)
     max_bps_per_allocation: int = 0  # bytes/s per allocation, both directions; 0 = unlimited
     default_lifetime_s: int = 600  # allocation lifetime granted without a longer request
     max_lifetime_s: int = 3600  # longest lifetime a client may request

@@ -60,10 +60,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-allocations", type=int, default=1000)
     parser.add_argument("--max-allocations-per-user", type=int, default=10)
+    parser.add_argument("--max-allocations-per-address", type=int, default=300)
     parser.add_argument(
         "--max-bps", type=int, default=0, help="bytes per second per allocation (0 = unlimited)"
     )
     parser.add_argument("--no-tcp", action="store_true", help="UDP only")
+    parser.add_argument(
+        "--max-tcp-connections-per-address",
+        type=int,
+        default=300,
+        help="TCP and TLS connections per client IP address",
+    )
+    parser.add_argument(
+        "--tcp-first-request-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="close a TCP/TLS connection whose first STUN request has not come by then",
+    )
     parser.add_argument("--tls-cert", default="")
     parser.add_argument("--tls-key", default="")
     parser.add_argument("--tls-port", type=int, default=5349)
@@ -85,8 +99,11 @@ def settings_from_args(args: argparse.Namespace) -> TurnSettings:
         external_address=args.external_ip,
         max_allocations=args.max_allocations,
         max_allocations_per_user=args.max_allocations_per_user,
+        max_allocations_per_address=args.max_allocations_per_address,
         max_bps_per_allocation=args.max_bps,
         tcp=not args.no_tcp,
+        max_tcp_connections_per_address=args.max_tcp_connections_per_address,
+        tcp_first_request_timeout_s=args.tcp_first_request_timeout,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_port=args.tls_port,

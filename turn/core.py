@@ -29,7 +29,7 @@ from .allocation import (
     RelayFactory,
     Reservation,
 )
-from .credentials import NonceIssuer, long_term_key, rest_expiry, rest_password
+from .credentials import NonceIssuer, long_term_key, rest_expiry, rest_password, rest_user
 from .peerpolicy import PeerPolicy
 from .settings import TurnSettings
 
@@ -89,7 +89,9 @@ class TurnCore:
         self._policy = PeerPolicy(settings.allow_peers)
         self._max_packet = settings.max_packet_size
         self.allocations: dict[Hashable, Allocation] = {}
+        # Allocations per user (the REST username's user part, see `rest_user`).
         self._per_user: dict[str, int] = {}
+        self._per_address: dict[str, int] = {}  # allocations per client IP address
         self._reservations: dict[bytes, tuple[Reservation, float]] = {}
         # Scratch buffer for data from peers: the I/O layer receives into `peer_view`
         # and the core writes the ChannelData or Data indication header in front.
@@ -124,6 +126,7 @@ class TurnCore:
         self.stale_nonces = 0
         self.peers_denied = 0
         self.quota_rejections = 0
+        self.address_quota_rejections = 0
         self.capacity_rejections = 0
 
     @property
@@ -152,6 +155,7 @@ class TurnCore:
             "stale_nonces": self.stale_nonces,
             "peers_denied": self.peers_denied,
             "quota_rejections": self.quota_rejections,
+            "address_quota_rejections": self.address_quota_rejections,
             "capacity_rejections": self.capacity_rejections,
         }
 
@@ -506,9 +510,18 @@ class TurnCore:
         family = raw.get(wire.ATTR_REQUESTED_ADDRESS_FAMILY)
         if family is not None and (len(family) < 1 or family[0] != IPV4_FAMILY):
             raise RequestError(440, "Address Family not Supported: IPv4 relays only")
-        if self._per_user.get(username, 0) >= self.settings.max_allocations_per_user:
+        user = rest_user(username)
+        if self._per_user.get(user, 0) >= self.settings.max_allocations_per_user:
             self.quota_rejections += 1
             raise RequestError(486, "Allocation Quota Reached")
+        ip = address[0]
+        if self._per_address.get(ip, 0) >= self.settings.max_allocations_per_address:
+            # RFC 8656 section 7.2 leaves the quota to the server but says it SHOULD be
+            # keyed on the username, not the transport address: that is the user quota
+            # above. This one only stops a single address (with any number of users)
+            # from taking every relay, so it is far higher, and it answers the same 486.
+            self.address_quota_rejections += 1
+            raise RequestError(486, "Allocation Quota Reached: too many from this address")
         if len(self.allocations) >= self.settings.max_allocations:
             self.capacity_rejections += 1
             raise RequestError(508, "Insufficient Capacity: too many allocations")
@@ -547,7 +560,8 @@ class TurnCore:
             alloc.limiter = RateLimiter(self.settings.max_bps_per_allocation, now)
         self.allocations[key] = alloc
         self._local_relays[relay.address] = alloc
-        self._per_user[username] = self._per_user.get(username, 0) + 1
+        self._per_user[user] = self._per_user.get(user, 0) + 1
+        self._per_address[ip] = self._per_address.get(ip, 0) + 1
         self.allocations_created += 1
         alloc.response = self._success(
             ALLOCATE,
@@ -650,11 +664,18 @@ class TurnCore:
             del self._local_relays[relay.address]
         if self.allocations.get(alloc.client_key) is alloc:
             del self.allocations[alloc.client_key]
-            left = self._per_user.get(alloc.username, 1) - 1
+            user = rest_user(alloc.username)
+            left = self._per_user.get(user, 1) - 1
             if left:
-                self._per_user[alloc.username] = left
+                self._per_user[user] = left
             else:
-                self._per_user.pop(alloc.username, None)
+                self._per_user.pop(user, None)
+            ip = alloc.client_address[0]
+            left = self._per_address.get(ip, 1) - 1
+            if left:
+                self._per_address[ip] = left
+            else:
+                self._per_address.pop(ip, None)
             self.allocations_deleted += 1
         alloc.close()
 

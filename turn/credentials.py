@@ -43,6 +43,17 @@ def rest_expiry(username: str) -> int | None:
     return int(stamp)
 
 
+def rest_user(username: str) -> str:
+    """The user a REST username belongs to: everything after the first ':'.
+
+    Every credential minted for a user has another expiry, so quotas must count the user,
+    not the whole username. A username without ':' (a bare timestamp, as
+    ``turnutils_uclient -W`` sends) is its own user.
+    """
+    stamp, sep, user = username.partition(":")
+    return user if sep else stamp
+
+
 def long_term_key(username: str, realm: str, password: str) -> bytes:
     """The MESSAGE-INTEGRITY key for long-term credentials (RFC 8489 section 9.2.2)."""
     return hashlib.md5(f"{username}:{realm}:{password}".encode()).digest()

@@ -173,6 +173,9 @@ class _StreamClient(asyncio.Protocol):
         self._pending = b""
         self.address: Address = ("0.0.0.0", 0)
         self.last_active = 0.0
+        # Closes the connection unless a first request is answered in time (see
+        # TurnSettings.tcp_first_request_timeout_s); None once one was.
+        self._deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, hence the cast.
@@ -183,9 +186,21 @@ class _StreamClient(asyncio.Protocol):
         self.last_active = self._server.loop_time()
         if not self._server.add_stream_client(self):
             transport.abort()
+            return
+        self._deadline = self._server.call_later(
+            self._server.settings.tcp_first_request_timeout_s, self._no_first_request
+        )
+
+    def _no_first_request(self) -> None:
+        self._deadline = None
+        self._server.tcp_first_request_timeouts += 1
+        self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         self._server.remove_stream_client(self)
 
     def sendto(self, data: Any, addr: Address) -> None:
@@ -241,8 +256,14 @@ class _StreamClient(asyncio.Protocol):
             frame = mv[pos : pos + total]
             pos += total
             response = core.from_client(self, self.address, self, frame, total)
-            if response is not None and self._transport is not None:
-                self._transport.write(response)
+            if response is not None:
+                # Only requests get an answer (RFC 8489 section 6.3): this connection has
+                # sent a valid one, so its first-request deadline is met.
+                if self._deadline is not None:
+                    self._deadline.cancel()
+                    self._deadline = None
+                if self._transport is not None:
+                    self._transport.write(response)
         if pos < size:
             self._pending = data[pos:]
 
@@ -258,6 +279,12 @@ class TurnServer:
         self._udp_endpoint: _UdpEndpoint | None = None
         self._servers: list[asyncio.Server] = []
         self._stream_clients: set[_StreamClient] = set()
+        self._stream_per_address: dict[str, int] = {}  # TCP/TLS connections per client IP
+        # Counters of the TCP/TLS connection limits (see `stats`).
+        self.tcp_refused = 0
+        self.tcp_refused_per_address = 0
+        self.tcp_first_request_timeouts = 0
+        self.tcp_idle_timeouts = 0
         self._sweeper: asyncio.Task[None] | None = None
         self._relay_host = ""
         self._closed = False
@@ -269,6 +296,10 @@ class TurnServer:
         """Counters: allocations, relayed packets, dropped garbage, auth failures..."""
         stats = self.core.stats if self.core is not None else {}
         stats["tcp_connections"] = len(self._stream_clients)
+        stats["tcp_refused"] = self.tcp_refused
+        stats["tcp_refused_per_address"] = self.tcp_refused_per_address
+        stats["tcp_first_request_timeouts"] = self.tcp_first_request_timeouts
+        stats["tcp_idle_timeouts"] = self.tcp_idle_timeouts
         return stats
 
     @property
@@ -384,6 +415,10 @@ class TurnServer:
                     host,
                     settings.tls_port,
                     ssl=context,
+                    # The protocol (and so the connection limits and the first-request
+                    # deadline) only sees the connection after the handshake: bound the
+                    # handshake by the same deadline (asyncio's default is 60 s).
+                    ssl_handshake_timeout=settings.tcp_first_request_timeout_s,
                     reuse_address=True,
                 )
             )
@@ -447,16 +482,41 @@ class TurnServer:
         """The event loop's clock."""
         return self._loop.time() if self._loop is not None else 0.0
 
+    def call_later(self, delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
+        """Run ``callback`` after ``delay`` seconds on the server's loop."""
+        assert self._loop is not None
+        return self._loop.call_later(delay, callback)
+
     def add_stream_client(self, client: _StreamClient) -> bool:
-        """Register a TCP/TLS connection; False if over the limit or closing."""
-        if self._closed or len(self._stream_clients) >= self.settings.max_tcp_connections:
+        """Register a TCP/TLS connection; False if over a limit or closing.
+
+        Per address first, so that one host's connections (idle ones too, until their
+        first-request deadline) cannot fill the global limit for everyone else.
+        """
+        if self._closed:
+            return False
+        ip = client.address[0]
+        count = self._stream_per_address.get(ip, 0)
+        if count >= self.settings.max_tcp_connections_per_address:
+            self.tcp_refused_per_address += 1
+            return False
+        if len(self._stream_clients) >= self.settings.max_tcp_connections:
+            self.tcp_refused += 1
             return False
         self._stream_clients.add(client)
+        self._stream_per_address[ip] = count + 1
         return True
 
     def remove_stream_client(self, client: _StreamClient) -> None:
         """Forget a connection and its allocation (RFC 8656 section 6)."""
-        self._stream_clients.discard(client)
+        if client in self._stream_clients:
+            self._stream_clients.remove(client)
+            ip = client.address[0]
+            left = self._stream_per_address.get(ip, 1) - 1
+            if left:
+                self._stream_per_address[ip] = left
+            else:
+                self._stream_per_address.pop(ip, None)
         if self.core is not None:
             self.core.client_gone(client)
 
@@ -470,4 +530,5 @@ class TurnServer:
             idle = self.loop_time() - self.settings.tcp_idle_timeout_s
             for client in list(self._stream_clients):
                 if client.last_active < idle and client not in core.allocations:
+                    self.tcp_idle_timeouts += 1
                     client.close()

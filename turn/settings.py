@@ -33,6 +33,9 @@ class TurnSettings:
     default_lifetime_s: int = 600
     max_lifetime_s: int = 3600
     max_allocations_per_user: int = 10
+    # Allocations per client IP address, so that one address (a NAT, or one attacker with
+    # many usernames) cannot take every relay; high enough for an office behind one NAT.
+    max_allocations_per_address: int = 300
     max_allocations: int = 1000
     max_bps_per_allocation: int = 0  # bytes per second, both directions together; 0 = unlimited
     tcp: bool = True
@@ -45,6 +48,12 @@ class TurnSettings:
     max_packet_size: int = 4096
     max_permissions_per_allocation: int = 256
     max_tcp_connections: int = 1000
+    # TCP/TLS connections per client IP address, so that one host cannot hold every one
+    # of max_tcp_connections; high enough for an office behind one NAT.
+    max_tcp_connections_per_address: int = 300
+    # A new TCP/TLS connection is closed unless its first STUN request arrives (and is
+    # answered) within this time; it also bounds the TLS handshake.
+    tcp_first_request_timeout_s: float = 5.0
     # A TCP/TLS connection that has no allocation is closed after this idle time.
     tcp_idle_timeout_s: float = 60.0
     software: str = ""  # SOFTWARE attribute in authenticated responses; "" = none
@@ -81,13 +90,18 @@ class TurnSettings:
             raise ValueError("turn: max_packet_size must be 548-65535")
         for name in (
             "max_allocations_per_user",
+            "max_allocations_per_address",
             "max_allocations",
             "max_permissions_per_allocation",
             "max_tcp_connections",
+            "max_tcp_connections_per_address",
             "nonce_lifetime_s",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"turn: {name} must be >= 1")
+        for name in ("tcp_first_request_timeout_s", "tcp_idle_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"turn: {name} must be > 0")
         if self.max_bps_per_allocation < 0:
             raise ValueError("turn: max_bps_per_allocation must be >= 0")
         if bool(self.tls_cert) != bool(self.tls_key):

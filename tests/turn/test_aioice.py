@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import ssl
 from pathlib import Path
 from typing import Any
@@ -13,7 +11,15 @@ import pytest
 from aioice import stun
 from aioice.turn import TurnTransport, create_turn_endpoint
 from nethelpers import machine_ip
-from turn_helpers import SECRET, Receiver, ServerFactory, UdpClient, close, credentials
+from turn_helpers import (
+    SECRET,
+    Receiver,
+    ServerFactory,
+    UdpClient,
+    close,
+    credentials,
+    self_signed,
+)
 
 
 async def relay_round_trip(
@@ -57,44 +63,9 @@ async def test_aioice_gets_a_relay_and_exchanges_data(
     assert server.stats["allocations"] == 0
 
 
-def _self_signed(tmp_path: Path, ip: str) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rallypoint-test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 async def test_aioice_over_tls(make_server: ServerFactory, udp_client: Any, tmp_path: Path) -> None:
     ip = machine_ip()
-    cert, key = _self_signed(tmp_path, ip)
+    cert, key = self_signed(tmp_path, ip)
     server = await make_server(tls_cert=str(cert), tls_key=str(key), tls_port=0)
     assert server.tls_address is not None
     context = ssl.create_default_context(cafile=str(cert))

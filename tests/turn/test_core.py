@@ -12,7 +12,7 @@ from turn_helpers import REALM, SECRET, signed
 from turn import wire
 from turn.allocation import Allocation, Reservation
 from turn.core import UNAUTHENTICATED_RESPONSE_MAX, TurnCore
-from turn.credentials import rest_credentials
+from turn.credentials import rest_credentials, rest_password
 from turn.settings import TurnSettings
 
 CLIENT = ("203.0.113.7", 40000)
@@ -103,10 +103,14 @@ class Harness:
         self.nonce = b""
 
     def raw(
-        self, data: bytes, key: Any = CLIENT, endpoint: FakeEndpoint | None = None
+        self,
+        data: bytes,
+        key: Any = CLIENT,
+        endpoint: FakeEndpoint | None = None,
+        address: tuple[str, int] = CLIENT,
     ) -> bytes | None:
         mv = memoryview(data)
-        return self.core.from_client(key, CLIENT, endpoint or self.endpoint, mv, len(data))
+        return self.core.from_client(key, address, endpoint or self.endpoint, mv, len(data))
 
     def fetch_nonce(self) -> None:
         if not self.nonce:
@@ -357,6 +361,70 @@ def test_quota_per_user_486_and_total_capacity_508() -> None:
     assert error(full)[0] == 508
     assert h.core.stats["quota_rejections"] == 1
     assert h.core.stats["capacity_rejections"] == 1
+
+
+def allocate_as(h: Harness, username: str, password: str, key: Any) -> stun.Message:
+    attrs = {"REQUESTED-TRANSPORT": 0x11000000}
+    return h.request(stun.Method.ALLOCATE, attrs, username=username, password=password, key=key)
+
+
+def test_quota_counts_the_user_not_each_username() -> None:
+    # Every welcome mints a username with a new expiry: they all belong to one user.
+    h = Harness(max_allocations_per_user=2)
+    for i, ttl in enumerate((600, 601)):
+        username, password = rest_credentials(SECRET, "alice", ttl, h.wall.now)
+        response = allocate_as(h, username, password, ("203.0.113.1", i))
+        assert response.message_class == stun.Class.RESPONSE
+    username, password = rest_credentials(SECRET, "alice", 602, h.wall.now)
+    assert error(allocate_as(h, username, password, ("203.0.113.1", 9)))[0] == 486
+    assert h.core.stats["quota_rejections"] == 1
+    bob, bob_password = rest_credentials(SECRET, "bob", 600, h.wall.now)
+    response = allocate_as(h, bob, bob_password, ("203.0.113.2", 1))
+    assert response.message_class == stun.Class.RESPONSE
+    # Deleting one of alice's allocations gives her the slot back.
+    h.core.client_gone(("203.0.113.1", 0))
+    response = allocate_as(h, username, password, ("203.0.113.1", 9))
+    assert response.message_class == stun.Class.RESPONSE
+
+
+def test_a_username_without_colon_is_its_own_user() -> None:
+    # turnutils_uclient -W sends a bare timestamp; "1700003600" and "1700003601" differ.
+    h = Harness(max_allocations_per_user=1)
+    for i, stamp in enumerate(("1700003600", "1700003601")):
+        password = rest_password(SECRET, stamp)
+        response = allocate_as(h, stamp, password, ("203.0.113.1", i))
+        assert response.message_class == stun.Class.RESPONSE
+    password = rest_password(SECRET, "1700003600")
+    assert error(allocate_as(h, "1700003600", password, ("203.0.113.1", 9)))[0] == 486
+
+
+def test_allocations_per_address_486_and_the_slot_comes_back() -> None:
+    h = Harness(max_allocations_per_address=2)
+    nat = ("203.0.113.50", 0)
+    for port in (1, 2):
+        username, password = rest_credentials(SECRET, f"user{port}", 600, h.wall.now)
+        attrs = {"REQUESTED-TRANSPORT": 0x11000000}
+        response = h.request(
+            stun.Method.ALLOCATE,
+            attrs,
+            username,
+            password,
+            key=(nat[0], port),
+            address=(nat[0], port),
+        )
+        assert response.message_class == stun.Class.RESPONSE
+    username, password = rest_credentials(SECRET, "user3", 600, h.wall.now)
+    attrs = {"REQUESTED-TRANSPORT": 0x11000000}
+    third = (nat[0], 3)
+    response = h.request(stun.Method.ALLOCATE, attrs, username, password, key=third, address=third)
+    assert error(response) == (486, "Allocation Quota Reached: too many from this address")
+    assert h.core.stats["address_quota_rejections"] == 1
+    other = ("203.0.113.51", 3)
+    response = h.request(stun.Method.ALLOCATE, attrs, username, password, key=other, address=other)
+    assert response.message_class == stun.Class.RESPONSE
+    h.core.client_gone((nat[0], 1))
+    response = h.request(stun.Method.ALLOCATE, attrs, username, password, key=third, address=third)
+    assert response.message_class == stun.Class.RESPONSE
 
 
 def test_no_relay_port_gets_508() -> None:

@@ -1,10 +1,13 @@
 """Helpers for the TURN tests: credentials, signed requests, a raw UDP client, an aioice
-TURN client's receiving end."""
+TURN client's receiving end, a self-signed certificate."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -71,6 +74,22 @@ class UdpClient(asyncio.DatagramProtocol):
             await asyncio.wait_for(self.queue.get(), seconds)
 
 
+async def allocate(
+    client: UdpClient, server: tuple[str, int], username: str, password: str
+) -> stun.Message:
+    """Allocate a UDP relay the way clients do: unsigned first, then signed with the nonce."""
+    attributes = {"REQUESTED-TRANSPORT": 0x11000000}
+    challenge = await client.request(
+        stun.Message(stun.Method.ALLOCATE, stun.Class.REQUEST, attributes=dict(attributes)),
+        server,
+    )
+    assert challenge.attributes["ERROR-CODE"][0] == 401, challenge
+    nonce = challenge.attributes["NONCE"]
+    return await client.request(
+        signed(stun.Method.ALLOCATE, attributes, username, password, nonce), server
+    )
+
+
 class Receiver(asyncio.DatagramProtocol):
     def __init__(self) -> None:
         self.queue: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue()
@@ -91,3 +110,39 @@ class Receiver(asyncio.DatagramProtocol):
 async def close(transport: TurnTransport, receiver: Receiver) -> None:
     transport.close()
     await asyncio.wait_for(receiver.closed, 10)
+
+
+def self_signed(tmp_path: Path, ip: str) -> tuple[Path, Path]:
+    """A self-signed certificate for ``ip`` and its key, as PEM files in ``tmp_path``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rallypoint-test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path

@@ -43,6 +43,7 @@ from .groupcall.router import GroupCall
 from .net import http_api
 from .net import web as web_page
 from .net.endpoint import Endpoint
+from .net.listener import AddressBook
 from .net.metrics import Metrics
 from .notify.events import MessagePushes
 from .notify.push import PushQueue
@@ -58,6 +59,7 @@ CALLS: web.AppKey[CallService] = web.AppKey("calls", CallService)
 ENDPOINT: web.AppKey[Endpoint] = web.AppKey("endpoint", Endpoint)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 PUSH: web.AppKey[PushQueue] = web.AppKey("push", PushQueue)
+ADDRESSES: web.AppKey[AddressBook] = web.AppKey("addresses", AddressBook)
 STORE: web.AppKey[SqliteStore] = web.AppKey("store", SqliteStore)
 
 #: The protocol's parts, in the order the document and the schema list them.
@@ -109,6 +111,7 @@ def make_app(cfg: Config) -> web.Application:
     groupcall = GroupCall(hub, cfg.sfu)
     core = CoreHandlers(hub)
     gc_monitor = GcMonitor()
+    addresses = AddressBook(cfg.server.max_connections_per_address)  # for net.listener.serve
 
     # Wiring: who hears about what.
     hub.media = groupcall
@@ -124,7 +127,9 @@ def make_app(cfg: Config) -> web.Application:
     handlers = handlers_of(proto, features)
     inline = frozenset().union(*(f.inline for f in features))
     endpoint = Endpoint(cfg, hub, proto, handlers, inline, gc_monitor)
-    metrics = Metrics([endpoint, hub, store, calls, push.counters, gc_monitor], [groupcall.metrics])
+    metrics = Metrics(
+        [endpoint, hub, store, calls, push.counters, gc_monitor, addresses], [groupcall.metrics]
+    )
 
     app[CONFIG] = cfg
     app[HUB] = hub
@@ -132,6 +137,7 @@ def make_app(cfg: Config) -> web.Application:
     app[ENDPOINT] = endpoint
     app[METRICS] = metrics
     app[PUSH] = push
+    app[ADDRESSES] = addresses
     app[STORE] = store
 
     # Start-up and shutdown, in order; each stops only if it started.

@@ -6,10 +6,9 @@ import argparse
 import asyncio
 import logging
 import os
+import resource
 import ssl
 import sys
-
-from aiohttp import web
 
 from .config import Config, ConfigError, load_config
 from .core.tokens import DEFAULT_GRANTS, GRANTS, create_token
@@ -56,8 +55,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError:  # pragma: no cover - non-Linux
         loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    from .app import make_app
+    from .app import ADDRESSES, make_app
+    from .net.listener import serve
 
+    raise_fd_limit(cfg)
     app = make_app(cfg)
     scheme = "https" if ssl_ctx else "http"
     log.info(
@@ -67,17 +68,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cfg.server.port,
         cfg.server.data_dir,
     )
-    web.run_app(
-        app,
-        host=cfg.server.host,
-        port=cfg.server.port,
-        ssl_context=ssl_ctx,
-        print=None,
-        shutdown_timeout=5.0,
-        loop=loop,
-        access_log=None,
-    )
+    serve(app, cfg, app[ADDRESSES], loop, ssl_ctx)
     return 0
+
+
+def fd_needs(cfg: Config) -> int:
+    """File descriptors the configuration may use at once: every WebSocket session, the TURN
+    server's relays and TCP connections, and room for the rest (store, SFU channels, logs)."""
+    need = cfg.limits.max_sessions + 256
+    if cfg.turn.enabled:
+        need += cfg.turn.max_allocations + 1000  # relay sockets; TCP/TLS clients (cap 1000)
+    return need
+
+
+def raise_fd_limit(cfg: Config) -> None:
+    """Raise the soft limit on open files to what the configuration needs (the common default
+    soft limit, 1,024, is far below 20,000 sessions: new connections, health checks included,
+    would fail); warn if the hard limit is lower."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = fd_needs(cfg)
+    if soft >= need:
+        return
+    target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        log.info("raised the open-file limit from %d to %d", soft, target)
+    if target < need:
+        log.warning(
+            "the open-file limit is %d but this configuration may need %d (limits.max_sessions "
+            "and the TURN server's sockets): raise the hard limit (systemd: LimitNOFILE=%d; "
+            "see docs/OPERATIONS.md) or lower limits.max_sessions",
+            target,
+            need,
+            need,
+        )
 
 
 def cmd_token(args: argparse.Namespace) -> int:

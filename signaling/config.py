@@ -34,6 +34,14 @@ class ServerSection:
     # permessage-deflate costs ~6x memory per connection and halves fan-out; off by default.
     compression: bool = False
     log_level: str = "info"
+    # A connection whose first request's headers are not complete this long after it opened
+    # is closed (slow-header attacks hold sockets open for minutes otherwise).
+    header_timeout_s: float = 10.0
+    # Idle keep-alive HTTP connections are closed after this.
+    keepalive_timeout_s: float = 15.0
+    # Open connections (HTTP and WebSocket) per client address; 0 = no cap. An office or a
+    # mobile carrier puts many users behind one address: keep it well above one user's needs.
+    max_connections_per_address: int = 1200
     # "HOST:PORT" of a listener of its own for /metrics (no credentials: bind it to an address
     # only Prometheus reaches); "" = /metrics on the main listener, where in token mode it
     # needs the API credentials.
@@ -65,6 +73,8 @@ class LimitsSection:
     max_reply_bytes: int = 131072
     hello_timeout_s: float = 10.0
     max_sessions: int = 20000
+    # WebSocket connections per client address; 0 = no cap (see server.max_connections_...).
+    max_sessions_per_address: int = 1000
 
 
 @dataclass
@@ -214,6 +224,13 @@ class Config:
             host, sep, port = self.server.metrics_listen.rpartition(":")
             if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ConfigError("server.metrics_listen must be HOST:PORT, e.g. 127.0.0.1:9100")
+        if self.server.header_timeout_s <= 0 or self.server.keepalive_timeout_s <= 0:
+            raise ConfigError("server.header_timeout_s and server.keepalive_timeout_s must be > 0")
+        if self.server.max_connections_per_address < 0 or self.limits.max_sessions_per_address < 0:
+            raise ConfigError(
+                "server.max_connections_per_address and limits.max_sessions_per_address must "
+                "be >= 0 (0 = no cap)"
+            )
         if not 0 < self.server.port < 65536:
             raise ConfigError("server.port must be 1-65535")
         lim = self.limits

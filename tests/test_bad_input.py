@@ -413,3 +413,21 @@ async def test_a_connection_flooding_far_above_its_rate_is_closed(
     assert (await other.request({"type": "ping"}))["type"] == "pong"
     hist = await other.request({"type": "history", "conversation": "room:f"})
     assert hist["last_seq"] <= 10  # at most what the rate allowed was stored
+
+
+async def test_websocket_sessions_per_address_are_capped(
+    start_server: Start, clients: Connect
+) -> None:
+    server = await start_server(limits__max_sessions_per_address=3)
+    held = [await clients(server, name=f"u{i}") for i in range(3)]
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+            await http.ws_connect(ws_url(server))
+        assert e.value.status == 503
+    await held[0].close()
+    async with asyncio.timeout(5):  # the slot comes back once the server saw it go
+        while len(server.app[ENDPOINT].connections) > 2:
+            await asyncio.sleep(0.01)
+    again = await clients(server, name="again")
+    assert (await again.request({"type": "ping"}))["type"] == "pong"
+    assert server.app[ENDPOINT].refused_per_address == 1

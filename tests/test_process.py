@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,10 @@ class Server:
         *,
         session: bool = False,
         cwd: Path | None = None,
+        preexec: Callable[[], None] | None = None,
     ) -> None:
         self.cwd = cwd
+        self.preexec = preexec
         self.port = free_port()
         self.data = data
         self.env = {**os.environ, "RALLYPOINT_TURN_ENABLED": "false", **(env or {})}
@@ -68,6 +71,7 @@ class Server:
                 stderr=subprocess.STDOUT,
                 start_new_session=self.session,
                 cwd=self.cwd,
+                preexec_fn=self.preexec,
             )
         for _ in range(200):
             try:
@@ -442,3 +446,99 @@ async def test_child_processes_import_only_the_installed_package(
     await c.close()
     assert srv.stop() == 0
     assert not marker.exists(), marker.read_text()
+
+
+async def _closed_by_server(reader: asyncio.StreamReader, within_s: float) -> bool:
+    """Whether the server closes this connection within ``within_s`` (reads until EOF)."""
+    try:
+        async with asyncio.timeout(within_s):
+            while await reader.read(4096):
+                pass
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        return True
+    return True
+
+
+async def test_slow_headers_are_cut_off_and_one_address_cannot_take_every_socket(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """Incomplete requests were held ~75 s and one address could open connections until the
+    file descriptors ran out, health checks included."""
+    srv = Server(
+        tmp_path / "data",
+        env={
+            "RALLYPOINT_SERVER_HEADER_TIMEOUT_S": "1",
+            "RALLYPOINT_SERVER_MAX_CONNECTIONS_PER_ADDRESS": "5",
+        },
+    )
+    servers.append(srv)
+    await srv.start()
+    slow = []
+    for _ in range(5):  # slowloris: a request line and a header, never the end of the headers
+        r, w = await asyncio.open_connection("127.0.0.1", srv.port)
+        w.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: 1")
+        slow.append((r, w))
+    # The sixth from the same address is refused at once...
+    r6, w6 = await asyncio.open_connection("127.0.0.1", srv.port)
+    w6.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert await _closed_by_server(r6, 5)
+    # ...while another address is served (the kernel accepts any 127/8 source on loopback).
+    r7, w7 = await asyncio.open_connection("127.0.0.1", srv.port, local_addr=("127.0.0.2", 0))
+    w7.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    async with asyncio.timeout(5):
+        answer = await r7.read()
+    assert answer.startswith(b"HTTP/1.1 200")
+    # The slow ones are closed by the header deadline, and their address is free again.
+    for r, _ in slow:
+        assert await _closed_by_server(r, 5)
+    r8, w8 = await asyncio.open_connection("127.0.0.1", srv.port)
+    w8.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    async with asyncio.timeout(5):
+        assert (await r8.read()).startswith(b"HTTP/1.1 200")
+    for w in [w for _, w in slow] + [w6, w7, w8]:
+        w.close()
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{srv.port}/metrics") as resp:
+            text = await resp.text()
+    samples = dict(line.split() for line in text.splitlines() if not line.startswith("#"))
+    assert float(samples["rallypoint_http_connections_refused_per_address_total"]) >= 1
+    assert float(samples["rallypoint_http_header_timeouts_total"]) == 5
+
+
+def _soft_nofile(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no open-file limit in /proc")
+
+
+async def test_the_open_file_limit_is_raised_to_what_the_configuration_needs(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """Under the common soft limit of 1,024 the server ran out of sockets long before
+    limits.max_sessions (20,000): 1,100 half-open connections made every new one fail."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    assert hard >= 4000, "this test needs a hard limit of at least 4,000 open files"
+    srv = Server(
+        tmp_path / "data",
+        env={"RALLYPOINT_LIMITS_MAX_SESSIONS": "3000"},
+        preexec=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)),
+    )
+    servers.append(srv)
+    await srv.start()
+    assert srv.proc is not None
+    assert _soft_nofile(srv.proc.pid) == 3000 + 256  # sessions + room for the rest
+    srv.stop()
+    low = Server(  # a hard limit below the needs: raised as far as it goes, and a warning
+        tmp_path / "data2",
+        env={"RALLYPOINT_LIMITS_MAX_SESSIONS": "3000"},
+        preexec=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 1024)),
+    )
+    servers.append(low)
+    await low.start()
+    assert low.proc is not None
+    assert _soft_nofile(low.proc.pid) == 1024
+    low.stop()
+    assert "LimitNOFILE" in low.log.read_text()

@@ -90,6 +90,8 @@ class Endpoint:
         self.inline = {t: handlers[t] for t in inline}
         self.gc = gc_monitor
         self.connections: set[Connection] = set()
+        self.per_address: dict[str, int] = {}  # open WebSocket connections per client address
+        self.refused_per_address = 0
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """``GET /ws``."""
@@ -102,6 +104,18 @@ class Endpoint:
         if len(self.connections) >= cfg.limits.max_sessions:
             return web.json_response(
                 {"code": "server_full", "message": "too many connections, retry later"},
+                status=503,
+                headers={"Retry-After": "5"},
+            )
+        address = request.remote or ""
+        per_address = cfg.limits.max_sessions_per_address
+        if per_address and self.per_address.get(address, 0) >= per_address:
+            self.refused_per_address += 1
+            return web.json_response(
+                {
+                    "code": "too_many_from_address",
+                    "message": "too many connections from this address, retry later",
+                },
                 status=503,
                 headers={"Retry-After": "5"},
             )
@@ -125,6 +139,7 @@ class Endpoint:
             hub.counters,
         )
         self.connections.add(conn)
+        self.per_address[address] = self.per_address.get(address, 0) + 1
         try:
             if await self._hello(conn, request.host):
                 # Freeze long-lived objects during connection ramps too, not only every 5 s: a
@@ -136,6 +151,9 @@ class Endpoint:
             log.exception("connection handler failed")
         finally:
             self.connections.discard(conn)
+            left = self.per_address.pop(address, 1) - 1
+            if left > 0:
+                self.per_address[address] = left
             hub.detach(conn)
             self.gc.maybe_freeze(len(self.connections))
             if not ws.closed and not conn.closing:
@@ -144,6 +162,12 @@ class Endpoint:
 
     def metrics(self) -> Iterable[Metric]:
         yield Metric("connections", "gauge", "Open WebSocket connections.", len(self.connections))
+        yield Metric(
+            "sessions_refused_per_address",
+            "counter",
+            "WebSocket connections refused: their address had limits.max_sessions_per_address.",
+            self.refused_per_address,
+        )
 
     def sweep(self, now: float) -> None:
         """Periodic: close connections that stopped sending (no ping in 2.5 intervals)."""

@@ -18,8 +18,9 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import orjson
 from aiohttp import web
@@ -38,6 +39,7 @@ from .core.gc import GcMonitor
 from .core.handlers import CoreHandlers
 from .core.hub import Hub
 from .core.ice import IceServers
+from .core.metrics import Metric
 from .groupcall import messages as groupcall_messages
 from .groupcall.router import GroupCall
 from .net import http_api
@@ -112,6 +114,7 @@ def make_app(cfg: Config) -> web.Application:
     core = CoreHandlers(hub)
     gc_monitor = GcMonitor()
     addresses = AddressBook(cfg.server.max_connections_per_address)  # for net.listener.serve
+    turn_metrics = TurnMetrics()
 
     # Wiring: who hears about what.
     hub.media = groupcall
@@ -128,7 +131,8 @@ def make_app(cfg: Config) -> web.Application:
     inline = frozenset().union(*(f.inline for f in features))
     endpoint = Endpoint(cfg, hub, proto, handlers, inline, gc_monitor)
     metrics = Metrics(
-        [endpoint, hub, store, calls, push.counters, gc_monitor, addresses], [groupcall.metrics]
+        [endpoint, hub, store, calls, push.counters, gc_monitor, addresses, turn_metrics],
+        [groupcall.metrics],
     )
 
     app[CONFIG] = cfg
@@ -172,7 +176,7 @@ def make_app(cfg: Config) -> web.Application:
     app.cleanup_ctx.append(media_ctx)
     app.cleanup_ctx.append(services_ctx)
     if cfg.turn.enabled and secret:
-        app.cleanup_ctx.append(_turn_ctx(cfg, secret))
+        app.cleanup_ctx.append(_turn_ctx(cfg, secret, turn_metrics))
 
     async def on_shutdown(app: web.Application) -> None:
         await endpoint.close_all(CloseCode.GOING_AWAY, "server shutting down")
@@ -246,7 +250,25 @@ def turn_settings(cfg: Config, secret: str) -> TurnSettings:
         raise ConfigError(str(e)) from None
 
 
-def _turn_ctx(cfg: Config, secret: str) -> Callable[[web.Application], AsyncIterator[None]]:
+class TurnMetrics:
+    """The embedded TURN server's counters in /metrics (``turn_<name>``; docs/TURN.md)."""
+
+    GAUGES = frozenset({"allocations", "tcp_connections"})
+
+    def __init__(self) -> None:
+        self.stats: Callable[[], dict[str, int]] | None = None
+
+    def metrics(self) -> Iterable[Metric]:
+        if self.stats is None:
+            return
+        for name, value in self.stats().items():
+            kind: Literal["counter", "gauge"] = "gauge" if name in self.GAUGES else "counter"
+            yield Metric(f"turn_{name}", kind, f"TURN server: {name} (see docs/TURN.md).", value)
+
+
+def _turn_ctx(
+    cfg: Config, secret: str, turn_metrics: TurnMetrics
+) -> Callable[[web.Application], AsyncIterator[None]]:
     settings = turn_settings(cfg, secret)
 
     async def turn_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -254,6 +276,7 @@ def _turn_ctx(cfg: Config, secret: str) -> Callable[[web.Application], AsyncIter
 
         server = TurnServer(settings)
         await server.start()
+        turn_metrics.stats = lambda: server.stats
         t = cfg.turn
         log.info(
             "TURN server on %s:%d (udp%s%s)",
@@ -263,6 +286,7 @@ def _turn_ctx(cfg: Config, secret: str) -> Callable[[web.Application], AsyncIter
             f", tls {t.tls_port}" if settings.tls else "",
         )
         yield
+        turn_metrics.stats = None
         await server.close()
 
     return turn_ctx

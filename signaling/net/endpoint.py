@@ -92,6 +92,9 @@ class Endpoint:
         self.connections: set[Connection] = set()
         self.per_address: dict[str, int] = {}  # open WebSocket connections per client address
         self.refused_per_address = 0
+        self.refused_full = 0
+        self.hello_timeouts = 0
+        self.frames_too_large = 0
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """``GET /ws``."""
@@ -102,6 +105,7 @@ class Endpoint:
                 {"code": "forbidden_origin", "message": "this origin may not connect"}, status=403
             )
         if len(self.connections) >= cfg.limits.max_sessions:
+            self.refused_full += 1
             return web.json_response(
                 {"code": "server_full", "message": "too many connections, retry later"},
                 status=503,
@@ -168,6 +172,24 @@ class Endpoint:
             "WebSocket connections refused: their address had limits.max_sessions_per_address.",
             self.refused_per_address,
         )
+        yield Metric(
+            "sessions_refused_full",
+            "counter",
+            "WebSocket connections refused: the server had limits.max_sessions.",
+            self.refused_full,
+        )
+        yield Metric(
+            "hello_timeouts",
+            "counter",
+            "Connections closed with 4003: no hello within limits.hello_timeout_s.",
+            self.hello_timeouts,
+        )
+        yield Metric(
+            "frames_too_large",
+            "counter",
+            "Frames refused for limits.max_frame_bytes (frame_too_large).",
+            self.frames_too_large,
+        )
 
     def sweep(self, now: float) -> None:
         """Periodic: close connections that stopped sending (no ping in 2.5 intervals)."""
@@ -185,6 +207,7 @@ class Endpoint:
     def _oversized(self, conn: Connection, data: bytes) -> ProtocolError | None:
         limit = self.cfg.limits.max_frame_bytes
         if len(data) > limit:
+            self.frames_too_large += 1
             return ProtocolError("frame_too_large", f"frames are limited to {limit} bytes")
         return None
 
@@ -232,6 +255,7 @@ class Endpoint:
             try:
                 msg = await asyncio.wait_for(ws.receive(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
+                self.hello_timeouts += 1
                 await conn.close(CloseCode.HELLO_TIMEOUT, "no hello in time")
                 return False
             if msg.type in _CLOSED:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import aiohttp
 import pytest
 from aioice import stun
 from aioice.turn import create_turn_endpoint
@@ -124,3 +125,24 @@ async def test_welcome_credentials_relay_through_the_embedded_server(
         with pytest.raises(stun.TransactionFailed) as info:
             await create_turn_endpoint(Receiver, address, user, password, transport="udp")
         assert info.value.response.error_code == 401
+
+
+async def test_the_embedded_turn_servers_counters_are_in_metrics(
+    embedded: tuple[str, int],
+) -> None:
+    url, _ = embedded
+    welcome = await welcome_of(url)
+    address, username, credential = turn_udp_server(welcome["ice_servers"])
+    transport, receiver = await create_turn_endpoint(
+        Receiver, address, username, credential, transport="udp"
+    )
+    metrics_url = url.replace("ws://", "http://").replace("/ws", "/metrics")
+    async with aiohttp.ClientSession() as http:
+        async with http.get(metrics_url) as r:
+            text = await r.text()
+    samples = dict(line.split() for line in text.splitlines() if not line.startswith("#"))
+    assert float(samples["rallypoint_turn_allocations"]) == 1
+    assert float(samples["rallypoint_turn_allocations_created_total"]) == 1
+    assert "rallypoint_turn_quota_rejections_total" in samples
+    assert "# TYPE rallypoint_turn_allocations gauge" in text
+    await close(transport, receiver)

@@ -124,3 +124,21 @@ def test_api_document_says_which_401_is_which() -> None:
     assert "`unauthorized`: the request has no `Authorization` header" in desc
     assert "`bad_credentials`: credentials were given but are wrong" in desc
     assert "every route but this document answers 403" in desc
+
+
+def test_operations_guide_lists_every_limit() -> None:
+    """docs/OPERATIONS.md names every `[limits]` key and every per-address or timeout key of
+    `[server]` (a new limit must be documented for operators)."""
+    import dataclasses
+
+    from signaling.config import LimitsSection, ServerSection
+
+    doc = (ROOT / "docs" / "OPERATIONS.md").read_text()
+    keys = [f"limits.{f.name}" for f in dataclasses.fields(LimitsSection)]
+    keys += [
+        f"server.{f.name}"
+        for f in dataclasses.fields(ServerSection)
+        if f.name.endswith(("_per_address", "_timeout_s")) or f.name == "allowed_origins"
+    ]
+    missing = [k for k in keys if f"`{k}`" not in doc]
+    assert not missing, missing

@@ -239,6 +239,10 @@ class Endpoint:
         if flood.take(now):
             hub.counters.flooding += 1
             conn.abandon(CloseCode.FLOODING, "far above the rate limit")
+            # Read nothing more (close() stops reading at once, then sends what is queued, the
+            # close frame last): a flooder's backlog would otherwise be parsed, and dropped,
+            # until the abort, at everyone else's cost.
+            conn.transport.close()
             return FLOODING
         err = ProtocolError(
             "rate_limited", "too many messages", retry_after_ms=int(wait * 1000) + 1

@@ -1,6 +1,6 @@
 """A full disk, on a real (small) tmpfs: the chat store refuses writes with the retryable
 ``store_full`` (never a false acknowledgement, never a hang), its checkpoint thread lives on and
-keeps checking for space, its metrics say so, and when space is back it recovers by
+keeps checking for space, /metrics and /healthz say so, and when space is back it recovers by
 itself: every acknowledged message is stored exactly once, nothing refused is stored, and the
 WAL is back under its bound. Restarts while the disk is full (the store closed and opened, the
 writer process killed) and a migration on a full disk are covered too.
@@ -12,6 +12,7 @@ say why rather than skip.
 from __future__ import annotations
 
 import asyncio
+import base64
 import errno
 import os
 import sqlite3
@@ -19,16 +20,23 @@ import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp.test_utils import TestServer
+from prometheus_client.parser import text_string_to_metric_families
 
 from signaling.chat import schema
 from signaling.chat import sqlite as sqlite_store
 from signaling.chat.schema import MIGRATIONS
 from signaling.chat.sqlite import SqliteStore
 from signaling.chat.store import AppendResult, NewMessage, StoredMessage
+from signaling.core.tokens import create_token
+from signaling.sdk.wsclient import Client, ClientError
 from signaling.wire.errors import ProtocolError
 
+KEY, SECRET = "test-key", "a-test-secret-of-at-least-32-bytes"
 TEXT = "x" * 1000
 RESTART_FRAMES = 64  # the stores here restart their WAL after 64 pages (256 KiB)
 PAGE = 4096
@@ -92,6 +100,13 @@ def _mount(path: Path, size: str) -> Iterator[Disk]:
 def disk(tmp_path: Path) -> Iterator[Disk]:
     """A 4 MiB tmpfs."""
     yield from _mount(tmp_path / "disk", "4m")
+
+
+@pytest.fixture
+def data_disk(tmp_path: Path) -> Iterator[Disk]:
+    """A 24 MiB tmpfs: the server's store keeps its default WAL bound (16 MiB), and writes
+    resume once that much fits again."""
+    yield from _mount(tmp_path / "disk", "24m")
 
 
 async def until(cond: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
@@ -309,3 +324,123 @@ async def test_a_migration_on_a_full_disk_stops_start_up_and_runs_once_there_is_
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     db.close()
+
+
+# -- through the server ----------------------------------------------------------------------
+
+
+async def _get(http: aiohttp.ClientSession, url: str) -> tuple[int, str]:
+    async with http.get(url) as r:
+        return r.status, await r.text()
+
+
+def _samples(text: str) -> dict[str, float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        assert family.documentation, family.name
+        for s in family.samples:
+            out[s.name] = s.value
+    return out
+
+
+async def test_a_full_disk_through_the_server(
+    data_disk: Disk,
+    start_server: Callable[..., Awaitable[TestServer]],
+    clients: Callable[..., Awaitable[Client]],
+) -> None:
+    server = await start_server(
+        server__data_dir=str(data_disk.path), auth__api_key=KEY, auth__api_secret=SECRET
+    )
+    base = f"http://127.0.0.1:{server.port}"
+    token = create_token(KEY, SECRET, "alice", rooms={"full": ["join", "chat"]})
+    alice = await clients(server, token=token)
+    await alice.request({"type": "join", "room": "full"})
+    api_auth = {"Authorization": "Basic " + base64.b64encode(f"{KEY}:{SECRET}".encode()).decode()}
+
+    async def send(cid: str) -> dict[str, Any]:
+        return await alice.request(
+            {"type": "send", "conversation": "room:full", "cid": cid, "text": TEXT}, timeout=10
+        )
+
+    # Fill the disk while sending: acknowledged, or refused with store_full, nothing else.
+    data_disk.fill(leave=256 * 1024)
+    acked: dict[str, int] = {}
+    refused: list[str] = []
+    while not refused:
+        assert len(acked) < 5000, "the disk never filled"
+        cid = f"c{len(acked)}"
+        try:
+            sent = await send(cid)
+        except ClientError as e:
+            assert (e.code, e.msg.get("retry_after_ms")) == ("store_full", 5000), e.msg
+            refused.append(cid)
+        else:
+            assert not sent["duplicate"]
+            acked[cid] = sent["seq"]
+    assert acked
+    with pytest.raises(ClientError) as e:  # read marks too
+        await alice.request({"type": "read", "conversation": "room:full", "seq": 1})
+    assert e.value.code == "store_full"
+    # The rest goes on: a new client connects and joins, history reads what was acknowledged.
+    bob = await clients(server, token=create_token(KEY, SECRET, "bob", rooms={"full": ["join"]}))
+    await bob.request({"type": "join", "room": "full"})
+    page = await bob.request(
+        {"type": "history", "conversation": "room:full", "after": 0, "limit": 200}
+    )
+    assert [m["cid"] for m in page["messages"]] == list(acked)
+
+    async with aiohttp.ClientSession() as http:
+        status, text = await _get(http, f"{base}/metrics")
+        assert status == 200
+        samples = _samples(text)
+        assert samples["rallypoint_store_disk_full"] == 1
+        assert samples["rallypoint_store_disk_full_errors_total"] >= 1
+        assert "# HELP rallypoint_store_disk_full " in text
+        async with http.get(f"{base}/healthz") as r:
+            assert (r.status, await r.json()) == (
+                200,
+                {"status": "degraded", "reasons": ["store_full"]},
+            )
+        async with http.post(
+            f"{base}/api/conversations/room%3Afull/messages",
+            json={"text": "from the backend", "cid": "api-1"},
+            headers=api_auth,
+        ) as r:
+            assert (r.status, r.headers.get("Retry-After")) == (503, "5")
+            assert (await r.json())["code"] == "store_full"
+        async with http.post(  # a token records its identity: a write too
+            f"{base}/api/tokens", json={"identity": "carol"}, headers=api_auth
+        ) as r:
+            assert (r.status, r.headers.get("Retry-After")) == (503, "5")
+            assert (await r.json())["code"] == "store_full"
+
+        data_disk.free()
+
+        async def healthy() -> bool:
+            async with http.get(f"{base}/healthz") as r:
+                return r.status == 200 and (await r.json()) == {"status": "ok"}
+
+        deadline = time.monotonic() + 30
+        while not await healthy():
+            assert time.monotonic() < deadline, "the store did not recover within 30 s"
+            await asyncio.sleep(0.05)
+        assert _samples((await _get(http, f"{base}/metrics"))[1])["rallypoint_store_disk_full"] == 0
+
+        for cid in [*refused, "after"]:  # the client's retries, with the same cids
+            sent = await send(cid)
+            assert not sent["duplicate"], cid
+            acked[cid] = sent["seq"]
+        async with http.post(
+            f"{base}/api/conversations/room%3Afull/messages",
+            json={"text": "from the backend", "cid": "api-1"},
+            headers=api_auth,
+        ) as r:
+            assert r.status == 201
+            acked["api-1"] = (await r.json())["seq"]
+    await alice.request({"type": "read", "conversation": "room:full", "seq": 1})
+    page = await alice.request(
+        {"type": "history", "conversation": "room:full", "after": 0, "limit": 200}
+    )
+    assert not page["more"]
+    assert [(m["cid"], m["seq"]) for m in page["messages"]] == list(acked.items())
+    assert list(acked.values()) == list(range(1, len(acked) + 1))

@@ -196,6 +196,17 @@ def make_app(cfg: Config) -> web.Application:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """``{"status": "ok"}``, or ``{"status": "degraded", "reasons": [...]}`` while the server
+    runs but refuses something (``store_full``: the chat store's disk is full, chat writes are
+    refused). Both with 200: a degraded server still serves calls, reads and presence, and a
+    load balancer or orchestrator that took it out (or restarted it) for a full disk would
+    turn a refused chat write into an outage and fix nothing; alert on the reasons instead
+    (and on ``rallypoint_store_disk_full``). See docs/OPERATIONS.md."""
+    reasons = []
+    if request.app[STORE].disk_full:
+        reasons.append("store_full")
+    if reasons:
+        return web.json_response({"status": "degraded", "reasons": reasons})
     return web.json_response({"status": "ok"})
 
 

@@ -7,9 +7,11 @@ Both ends import these functions, so the request and result formats are defined 
   ``RegisterIdentity``);
 - a transaction's answer is one line: a JSON array with a result per request, in request order;
   a result is ``[1, value]``, or ``[0, code, message]`` for a refusal (a ``ProtocolError``) or a
-  failure; an append's value is the stored row (the fields of ``StoredMessage`` in order) and
-  the duplicate flag;
-- the writer's first line is ``["ready", epoch]`` or ``["fail", reason]``.
+  failure, with a fourth element, ``retry_after_ms``, when there is one; an append's value is
+  the stored row (the fields of ``StoredMessage`` in order) and the duplicate flag;
+- the writer's first line is ``["ready", epoch]`` or ``["fail", reason]``;
+- between answers, ``["full", 1]``: the writer hit a full disk (one line per ENOSPC), and
+  ``["full", 0]``: space is back.
 
 ``tests/test_store.py`` round-trips every value through it.
 """
@@ -106,11 +108,13 @@ def ok(value: Any) -> Result:
 
 
 def refused(err: ProtocolError) -> Result:
-    return [0, err.code, err.message]
+    return failed(err.code, err.message, err.retry_after_ms)
 
 
-def failed(code: str, message: str) -> Result:
-    return [0, code, message]
+def failed(code: str, message: str, retry_after_ms: int | None = None) -> Result:
+    if retry_after_ms is None:
+        return [0, code, message]
+    return [0, code, message, retry_after_ms]
 
 
 def row(
@@ -166,7 +170,7 @@ def decode_result(r: Result, row: bool) -> Any:
     """A result's value (an append's as ``(StoredMessage, duplicate)``), or the refusal as a
     ``ProtocolError`` (returned, not raised)."""
     if not r[0]:
-        return ProtocolError(r[1], r[2])
+        return ProtocolError(r[1], r[2], retry_after_ms=r[3] if len(r) > 3 else None)
     return decode_row(r[1]) if row else r[1]
 
 
@@ -176,3 +180,7 @@ def ready_line(epoch: str) -> bytes:
 
 def fail_line(reason: str) -> bytes:
     return orjson.dumps(["fail", reason]) + b"\n"
+
+
+def full_line(full: bool) -> bytes:
+    return b'["full", 1]\n' if full else b'["full", 0]\n'

@@ -26,6 +26,8 @@ ERRORS: Final[dict[str, str]] = {
     "not_author": "Only the author or a moderator may edit or delete a message.",
     "edit_window_passed": "The time limit for editing or deleting this message has passed.",
     "already_deleted": "The message was deleted.",
+    "store_full": "The server's disk is full: the write (`send`, `edit`, `delete`, `read`) was "
+    "not stored. Retryable: retry after `retry_after_ms` (a `send` with the same `cid`).",
 }
 
 _CONV = Field(

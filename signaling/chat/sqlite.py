@@ -11,6 +11,10 @@
   the event loop's GIL, and its SQLite time the loop's core (see docs/BENCHMARKS.md).
 - One reader thread serves history and sync queries from its own connection (WAL readers do not
   block the writer).
+- A full disk: the writer reports each ENOSPC it hits and, later, that space is back (see
+  ``signaling.chat.writer``). In between every write is refused at once with ``store_full``
+  (retryable, ``retry_after_ms``) instead of being sent to fail; reads go on. ``disk_full``
+  shows the state (``/healthz``, ``/metrics``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
+import os
 import socket
 import sqlite3
 import sys
@@ -43,6 +48,9 @@ Waiter = tuple[asyncio.Future[Any] | AppendDone, bool]
 WAL_RESTART_FRAMES = 4096  # WAL pages (16 MiB) after which the writer finishes a checkpoint
 CHECKPOINT_INTERVAL_S = 1.0  # between background checkpoints while there are writes
 RESTART_DELAY_S = 1.0  # before a writer process that died is started again
+# While the disk is full the writer checks for space at least this often (backing off up to
+# it); a refused write's retry_after_ms.
+FULL_RETRY_S = 5.0
 # Requests are written to the writer at the end of the loop turn, or as soon as this many are
 # waiting: under load a turn takes milliseconds, and requests from its start would otherwise
 # wait for its end while the writer idles. At 7,800 msgs/s (alternating steps, four each):
@@ -73,9 +81,12 @@ class _Link(asyncio.Protocol):
         *lines, self.buf = (self.buf + data).split(b"\n")
         for line in lines:
             results = codec.decode_results(line)
-            if self.ready.done():
+            head = results[0]
+            if type(head) is not str:  # a transaction's results
                 self.store._resolve(results)
-            elif results[0] == "ready":
+            elif head == "full":
+                self.store._disk(bool(results[1]))
+            elif head == "ready":
                 self.ready.set_result(str(results[1]))
             else:
                 self.ready.set_exception(RuntimeError(results[1]))
@@ -97,11 +108,13 @@ class SqliteStore:
         *,
         wal_restart_frames: int = WAL_RESTART_FRAMES,
         checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S,
+        full_retry_s: float = FULL_RETRY_S,
     ) -> None:
         self.path = Path(path)
         self.synchronous = synchronous
         self.wal_restart_frames = wal_restart_frames
         self.checkpoint_interval_s = checkpoint_interval_s
+        self.full_retry_s = full_retry_s
         self.epoch = ""
         self.proc: asyncio.subprocess.Process | None = None
         self._link: _Link | None = None
@@ -115,6 +128,8 @@ class SqliteStore:
         self.commits = 0
         self.batched = 0
         self.restarts = 0
+        self.disk_full = False  # writes are refused (``store_full``) until the writer says
+        self.disk_full_errors = 0  # ENOSPC the writer hit
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -143,6 +158,10 @@ class SqliteStore:
                 str(self.wal_restart_frames),
                 "--checkpoint-interval",
                 str(self.checkpoint_interval_s),
+                "--full-retry",
+                str(self.full_retry_s),
+                # A writer started again while the disk is full goes on checking for space.
+                *(["--full"] if self.disk_full else []),
                 pass_fds=[child.fileno()],
                 stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True,  # a terminal's Ctrl-C is the server's to handle
@@ -227,11 +246,27 @@ class SqliteStore:
         failed = [waiting.popleft() for _ in range(n)]
         _settle(failed, [codec.refused(err)] * n)
 
+    def _disk(self, full: bool) -> None:
+        """The writer's report: it hit a full disk (once per ENOSPC), or space is back."""
+        if full:
+            self.disk_full_errors += 1
+            if not self.disk_full:
+                log.error("the chat store's disk is full: chat writes are refused")
+        elif self.disk_full:
+            log.warning("the chat store has space again: chat writes are accepted")
+        self.disk_full = full
+
     # -- writes ----------------------------------------------------------------------------------
 
     def _send(self, line: bytes, waiter: Waiter) -> None:
         if self._closing or self._loop is None:
             raise RuntimeError("the store is closed")
+        if self.disk_full:  # it would fail in the writer: refuse it now, queue nothing
+            raise ProtocolError(
+                "store_full",
+                "the server's disk is full: nothing was stored",
+                retry_after_ms=int(self.full_retry_s * 1000),
+            )
         out = self._out
         if not out:
             self._loop.call_soon(self._flush)
@@ -289,6 +324,31 @@ class SqliteStore:
             "counter",
             "Times the store writer process died and was started again.",
             self.restarts,
+        )
+        yield Metric(
+            "store_disk_full",
+            "gauge",
+            "1 while the chat store's disk is full: chat writes are refused (store_full) until "
+            "the writer finds space again.",
+            float(self.disk_full),
+        )
+        yield Metric(
+            "store_disk_full_errors",
+            "counter",
+            "Times the chat store hit a full disk (ENOSPC): in a commit, a checkpoint, the WAL "
+            "restart, or a check for space while full.",
+            self.disk_full_errors,
+        )
+        try:
+            wal = os.stat(f"{self.path}-wal").st_size
+        except FileNotFoundError:
+            wal = 0
+        yield Metric(
+            "store_wal_bytes",
+            "gauge",
+            "Size of the chat store's WAL file; it stays near wal_restart_frames pages unless "
+            "checkpoints fail.",
+            wal,
         )
 
     # -- reads -----------------------------------------------------------------------------------

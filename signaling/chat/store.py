@@ -154,13 +154,16 @@ class ChatStore(Protocol):
         """Store ``msg`` durably; resolves to it with its sequence and whether it was a
         duplicate (same conversation, sender and cid as an earlier message, which is returned
         instead). Raises ``ProtocolError`` for a refused edit or delete; nothing is stored then.
-        A plain function returning an awaitable: it runs once per chat message."""
+        Raises ``ProtocolError`` ``store_full`` at once (not from the awaitable) while the store
+        cannot take writes. A plain function returning an awaitable: it runs once per chat
+        message."""
         ...
 
     def append_nowait(self, msg: NewMessage, done: AppendDone) -> None:
         """``append`` for the chat hot path: ``done`` is called on the event loop with the
         result or the ``ProtocolError``, in the order the appends were made, with no future
-        and no task switch per message. ``done`` must not raise."""
+        and no task switch per message. ``done`` must not raise. A write the store cannot take
+        now (``store_full``) raises ``ProtocolError`` here instead, and ``done`` is not called."""
         ...
 
     async def mark_read(self, conversation: str, identity: str, seq: int) -> int | None:

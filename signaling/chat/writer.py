@@ -26,6 +26,16 @@ system can run the writer on another core (bench/signaling.py measures both).
   of 21 of 25.
 - Sequence numbers are assigned here, inside the transaction that stores the message, so they
   are gap-free and never reused, even across crashes.
+- A full disk (ENOSPC, wherever it shows: a commit, a checkpoint, the writer's WAL restart)
+  fails only what it touched: a commit's writes are answered ``store_full`` (rolled back,
+  nothing stored), and the process tells the server, which refuses writes at once from then on
+  instead of sending ones that would fail (``["full", 1]``, a line per ENOSPC). The checkpoint
+  thread survives it and checks for space, with a backoff up to ``--full-retry`` seconds: when
+  ``wal_restart_frames`` pages fit beside the store again (one WAL cycle, which the checkpoint
+  needs to copy the WAL into the database) and a truncating checkpoint has emptied the WAL, it
+  says so (``["full", 0]``) and writes go on. Space is probed, not read from ``statvfs``: a
+  write that fits is what counts (quotas, reserved blocks, odd filesystems). A writer started
+  again while the disk was full starts in that state (``--full``).
 - End of input (the server closed its end, or died) means: commit what has arrived, answer,
   checkpoint, exit. The process ignores SIGINT and SIGTERM (it runs in its own session, so a
   terminal's Ctrl-C reaches only the server, which then closes the store in order).
@@ -35,7 +45,9 @@ system can run the writer on another core (bench/signaling.py measures both).
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import signal
 import socket
 import sqlite3
@@ -58,6 +70,88 @@ CATCH_UP_PASSES = 4  # background passes at most before the writer finishes a ch
 QUICK_PASS_S = 0.005  # a pass this short left little for the writer
 # A delete blanks the edits of its original too (index messages_edits, migration 3).
 BLANK_EDITS = "UPDATE messages SET text=NULL WHERE conversation=? AND kind='edit' AND ref=?"
+FULL_RETRY_MIN_S = 0.25  # the first check for space after the disk filled; doubles from there
+# What SQLite says when the disk is full: SQLITE_FULL (its ENOSPC), and a failure to grow the
+# WAL index (-shm), which it extends by writing to it: ENOSPC in practice, and missing it would
+# leave a full disk looking like a bug (internal_error) until a checkpoint also failed.
+NO_SPACE_CODES = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR_SHMSIZE})
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+NO_FALLOCATE_ERRNOS = frozenset({errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL})
+
+
+def no_space(e: BaseException) -> bool:
+    """Whether ``e`` says the disk (or the quota) is full."""
+    if isinstance(e, sqlite3.Error):
+        return e.sqlite_errorcode in NO_SPACE_CODES
+    return isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS
+
+
+def probe(path: str, nbytes: int) -> None:
+    """Raise OSError (ENOSPC) unless ``nbytes`` more fit beside the store at ``path``."""
+    name = path + "-space"
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        try:  # blocks reserved, no data written (glibc writes them where the FS cannot)
+            os.posix_fallocate(fd, 0, nbytes)
+        except (OSError, AttributeError) as e:
+            if isinstance(e, OSError) and e.errno not in NO_FALLOCATE_ERRNOS:
+                raise
+            zeros = bytes(1 << 16)  # no posix_fallocate here (macOS, musl on some FS)
+            done = 0
+            while done < nbytes:
+                done += os.write(fd, zeros)
+    finally:
+        try:
+            os.unlink(name)  # first: the blocks go at the close, whatever the close says
+        finally:
+            os.close(fd)  # may raise ENOSPC too: NFS reports write errors here
+
+
+class Space:
+    """Whether the disk is full, and the socket to the server: both threads report on it, so
+    a lock keeps their lines whole and the state in step with what the server heard."""
+
+    def __init__(self, sock: socket.socket, full: bool, retry_ms: int) -> None:
+        self.sock = sock
+        self.lock = threading.Lock()
+        self.full = full
+        self.hits = 0  # ENOSPC seen; a check for space that saw a new one meanwhile is stale
+        self.retry_ms = retry_ms  # the longest wait between checks: when writers should retry
+
+    def send(self, data: bytes) -> None:
+        with self.lock:
+            self.sock.sendall(data)
+
+    def _report(self, full: bool) -> None:
+        try:
+            self.sock.sendall(codec.full_line(full))
+        except OSError:  # the server went away: the main thread sees end of input and exits
+            pass
+
+    def hit(self, where: str, e: BaseException) -> None:
+        """The disk is full: the server refuses writes from now on (each call is one ENOSPC)."""
+        with self.lock:
+            was = self.full
+            self.full = True
+            self.hits += 1
+            self._report(True)
+        if not was:
+            log.error("the disk is full (%s: %s); writes are refused until space is back", where, e)
+
+    def cleared(self, hits: int) -> bool:
+        """Space is back, unless the disk filled again since ``hits`` was read."""
+        with self.lock:
+            if self.hits != hits:
+                return False
+            self.full = False
+            self._report(False)
+        log.warning("space is back: writes are accepted again")
+        return True
+
+    def store_full(self) -> codec.Result:
+        return codec.failed(
+            "store_full", "the server's disk is full: nothing was stored", self.retry_ms
+        )
 
 
 class Writer:
@@ -225,7 +319,7 @@ def execute(w: Writer, req: codec.WriterRequest) -> Any:
     raise TypeError(f"unknown writer request {req!r}")
 
 
-def run_batch(w: Writer, batch: list[bytes]) -> list[codec.Result]:
+def run_batch(w: Writer, batch: list[bytes], space: Space) -> list[codec.Result]:
     """Execute requests in one transaction; a result per request, in order."""
     db = w.db
     results: list[codec.Result] = []
@@ -248,47 +342,98 @@ def run_batch(w: Writer, batch: list[bytes]) -> list[codec.Result]:
         if db.in_transaction:
             db.execute("ROLLBACK")
         w.rolled_back()
-        fail = codec.failed("internal_error", f"the store failed ({e.__class__.__name__})")
+        if no_space(e):  # before the answers, so the server refuses what comes next at once
+            space.hit("commit", e)
+            fail = space.store_full()
+        else:
+            fail = codec.failed("internal_error", f"the store failed ({e.__class__.__name__})")
         results = [fail] * len(batch)
     return results
 
 
 class Checkpointer(threading.Thread):
-    """Background checkpoints while there are writes (see the module docstring)."""
+    """Background checkpoints while there are writes, and the checks for space while the disk
+    is full (see the module docstring). Nothing it meets ends it: a dead checkpoint thread
+    lets the WAL grow without end."""
 
-    def __init__(self, path: str, synchronous: str, restart_frames: int, interval_s: float):
+    def __init__(
+        self,
+        path: str,
+        synchronous: str,
+        restart_frames: int,
+        interval_s: float,
+        space: Space,
+        retry_max_s: float,
+    ) -> None:
         super().__init__(name="store-ckpt", daemon=True)
         self.path = path
         self.synchronous = synchronous
         self.restart_frames = restart_frames
         self.interval_s = interval_s
+        self.space = space
+        self.retry_max_s = retry_max_s
         self.dirty = threading.Event()
+        # A first pass at start: the WAL a previous writer could not empty (a full disk shows
+        # now, not at the first write).
+        self.dirty.set()
         self.stopping = threading.Event()
         self.wal_full = threading.Event()  # the writer should finish a checkpoint
 
     def run(self) -> None:
-        db = connect(self.path, self.synchronous)
-        try:
-            while not self.stopping.is_set():
+        db: sqlite3.Connection | None = None
+        delay = 0.0  # after a failure: until the next attempt (doubles up to retry_max_s)
+        while not self.stopping.is_set():
+            if delay or self.space.full:
+                delay = min(max(delay * 2, FULL_RETRY_MIN_S), self.retry_max_s)
+                self.stopping.wait(delay)
+            else:
                 self.dirty.wait()
                 self.dirty.clear()
-                if self.stopping.is_set():
-                    break
-                _, frames, _ = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                if frames >= self.restart_frames:
-                    # The writer stops committing while it finishes the checkpoint, and that
-                    # takes as long as copying and syncing what it wrote since this pass
-                    # began. Catch up first: each pass copies what arrived during the last.
-                    for _ in range(CATCH_UP_PASSES):
-                        t = time.monotonic()
-                        db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                        if time.monotonic() - t < QUICK_PASS_S:
-                            break
-                    self.wal_full.set()
-                self.stopping.wait(self.interval_s)
-            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        finally:
+            if self.stopping.is_set():
+                break
+            try:
+                if db is None:
+                    db = connect(self.path, self.synchronous)
+                if self.space.full:
+                    if not self._space_is_back(db):
+                        continue
+                else:
+                    self._pass(db)
+            except Exception as e:
+                if no_space(e):
+                    self.space.hit("checkpoint", e)
+                else:
+                    log.exception("checkpoint failed")
+                continue
+            delay = 0.0
+            self.stopping.wait(self.interval_s)
+        if db is not None:
+            try:
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as e:  # the WAL stays; the next writer checkpoints it
+                log.warning("final checkpoint failed: %s", e)
             db.close()
+
+    def _pass(self, db: sqlite3.Connection) -> None:
+        _, frames, _ = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if frames >= self.restart_frames:
+            # The writer stops committing while it finishes the checkpoint, and that takes as
+            # long as copying and syncing what it wrote since this pass began. Catch up first:
+            # each pass copies what arrived during the last.
+            for _ in range(CATCH_UP_PASSES):
+                t = time.monotonic()
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                if time.monotonic() - t < QUICK_PASS_S:
+                    break
+            self.wal_full.set()
+
+    def _space_is_back(self, db: sqlite3.Connection) -> bool:
+        """Whether a WAL cycle fits again and the WAL is empty (raises on ENOSPC)."""
+        hits = self.space.hits
+        page: int = db.execute("PRAGMA page_size").fetchone()[0]
+        probe(self.path, self.restart_frames * page)
+        busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return not busy and self.space.cleared(hits)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -296,8 +441,9 @@ class Checkpointer(threading.Thread):
         self.join()
 
 
-def serve(sock: socket.socket, db: sqlite3.Connection, ckpt: Checkpointer) -> None:
-    """Answer requests from ``sock`` until it reaches end of input."""
+def serve(space: Space, db: sqlite3.Connection, ckpt: Checkpointer) -> None:
+    """Answer requests from ``space.sock`` until it reaches end of input."""
+    sock = space.sock
     w = Writer(db)
     buf = b""
     lines: list[bytes] = []
@@ -323,16 +469,19 @@ def serve(sock: socket.socket, db: sqlite3.Connection, ckpt: Checkpointer) -> No
             if not lines:
                 continue
         batch, lines = lines[:MAX_BATCH], lines[MAX_BATCH:]
-        results = run_batch(w, batch)
+        results = run_batch(w, batch, space)
         last = len(batch)
         ckpt.dirty.set()
-        sock.sendall(codec.encode_results(results))
+        space.send(codec.encode_results(results))
         if ckpt.wal_full.is_set():  # after the server heard: this takes a few ms
             ckpt.wal_full.clear()
             try:
                 db.execute("PRAGMA wal_checkpoint(PASSIVE)")
             except sqlite3.Error as e:
-                log.warning("checkpoint failed: %s", e)
+                if no_space(e):
+                    space.hit("WAL restart", e)
+                else:
+                    log.warning("checkpoint failed: %s", e)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -342,6 +491,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--synchronous", default="normal")
     p.add_argument("--wal-restart-frames", type=int, default=4096)
     p.add_argument("--checkpoint-interval", type=float, default=1.0)
+    p.add_argument("--full-retry", type=float, default=5.0, help="longest wait between checks")
+    p.add_argument("--full", action="store_true", help="the disk was full: check for space first")
     a = p.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -353,13 +504,24 @@ def main(argv: list[str] | None = None) -> None:
         db.execute("PRAGMA wal_autocheckpoint=0")
         epoch = db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()[0]
     except (sqlite3.Error, RuntimeError, OSError) as e:
-        sock.sendall(codec.fail_line(str(e)))
+        reason = str(e)
+        if no_space(e):  # a store created or migrated now needs space: say so, and where
+            reason = f"the disk is full ({e}); free space in {os.path.dirname(a.path) or '.'}"
+        sock.sendall(codec.fail_line(reason))
         return
-    ckpt = Checkpointer(a.path, a.synchronous, a.wal_restart_frames, a.checkpoint_interval)
+    space = Space(sock, a.full, int(a.full_retry * 1000))
+    sock.sendall(codec.ready_line(epoch))  # first: the checkpoint thread may report at once
+    ckpt = Checkpointer(
+        a.path,
+        a.synchronous,
+        a.wal_restart_frames,
+        a.checkpoint_interval,
+        space,
+        a.full_retry,
+    )
     ckpt.start()
-    sock.sendall(codec.ready_line(epoch))
     try:
-        serve(sock, db, ckpt)
+        serve(space, db, ckpt)
     except OSError as e:  # the server went away while we answered: what is committed stays
         log.warning("store writer lost the server: %s", e)
     finally:

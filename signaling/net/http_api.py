@@ -12,9 +12,10 @@ A request with no ``Authorization`` header, or with a scheme other than these tw
 token that is not valid or lacks the claim) get 401 ``bad_credentials``. In open mode (no API
 secret) the API is disabled: every route answers 403 ``api_disabled``, except the OpenAPI
 document itself. Errors are JSON ``{"code": ..., "message": ...}`` with the stable codes in
-``API_ERRORS``. The OpenAPI document (``openapi.json`` beside this module, package data; linked
-from ``docs/openapi.json``) is served without credentials, in every mode, at
-``/api/openapi.json``.
+``API_ERRORS``; a write while the chat store's disk is full gets 503 ``store_full`` with
+``Retry-After`` (nothing was stored; retry, with the same ``cid`` for a message). The OpenAPI
+document (``openapi.json`` beside this module, package data; linked from ``docs/openapi.json``)
+is served without credentials, in every mode, at ``/api/openapi.json``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from ..core.directory import DeviceDirectory
 from ..core.hub import Hub
 from ..core.rooms import Room
 from ..core.tokens import create_token
+from ..wire.errors import ProtocolError
 from ..wire.spec import (
     CONVERSATION_PATTERN,
     IDENTITY_PATTERN,
@@ -71,6 +73,7 @@ API_ERRORS: Final[dict[str, int]] = {
     "no_such_participant": 404,
     "no_such_identity": 404,
     "internal_error": 500,
+    "store_full": 503,
 }
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -172,10 +175,21 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         return web.json_response(
             {"code": "bad_field", "message": e.reason}, status=e.status if e.status < 500 else 400
         )
+    except ProtocolError as e:
+        if e.code != "store_full":  # the store's other refusals are failures here
+            return _failed(request)
+        # Retryable: nothing was stored, and the writer checks for space this often.
+        retry_s = -(-(e.retry_after_ms or 1000) // 1000)
+        return _error("store_full", e.message, {"Retry-After": str(retry_s)})
     except Exception:
-        request.app[API].hub.counters.internal_errors += 1
-        log.exception("API handler failed")
-        return _error("internal_error", "the server failed to handle this request")
+        return _failed(request)
+
+
+def _failed(request: web.Request) -> web.Response:
+    """A bug or a failure while handling ``request`` (call from an ``except`` block)."""
+    request.app[API].hub.counters.internal_errors += 1
+    log.exception("API handler failed")
+    return _error("internal_error", "the server failed to handle this request")
 
 
 # --- input --------------------------------------------------------------------------------------

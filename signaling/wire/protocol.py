@@ -27,7 +27,12 @@ WIRE_MESSAGES: Final = Messages(
             "A request failed or a frame was refused.",
             out("code", "string", "Stable error code."),
             out("message", "string", "Human-readable explanation."),
-            out("retry_after_ms", "integer", "With `rate_limited`: when to retry.", required=False),
+            out(
+                "retry_after_ms",
+                "integer",
+                "With a retryable refusal (`rate_limited`, `store_full`): when to retry, in ms.",
+                required=False,
+            ),
             RE,
         ),
     ),

@@ -330,7 +330,10 @@ async def test_a_migration_on_a_full_disk_stops_start_up_and_runs_once_there_is_
 
 
 async def _get(http: aiohttp.ClientSession, url: str) -> tuple[int, str]:
-    async with http.get(url) as r:
+    # In token mode /metrics needs the API credentials.
+    async with http.get(
+        url, headers={"Authorization": aiohttp.encode_basic_auth(KEY, SECRET)}
+    ) as r:
         return r.status, await r.text()
 
 

@@ -33,7 +33,7 @@ ERRORS: Final[dict[str, str]] = {
 _CONV = Field(
     "conversation",
     "string",
-    "Conversation id: `room:<room>` or `dm:<a>|<b>` (sorted).",
+    "Conversation id: `room:<room>`, `dm:<a>|<b>` (sorted) or `group:<id>`.",
     required=True,
     pattern=CONVERSATION_PATTERN,
 )

@@ -65,6 +65,37 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX messages_edits ON messages (conversation, ref) WHERE kind = 'edit';
     """,
+    # 4: groups and their members' windows (a member sees seq joined_seq..left_seq; a member
+    # removed and added again has one row per window), per-identity conversation settings
+    # (mute), and the time of a conversation's last message (the conversation list's order).
+    # ``members`` now also lists the rooms an identity chatted in.
+    """
+    CREATE TABLE groups (
+        conversation TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        created_by TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        deleted INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
+    CREATE TABLE group_members (
+        conversation TEXT NOT NULL,
+        identity TEXT NOT NULL,
+        joined_seq INTEGER NOT NULL,
+        left_seq INTEGER,
+        role TEXT NOT NULL,
+        PRIMARY KEY (conversation, identity, joined_seq)
+    ) WITHOUT ROWID;
+    CREATE INDEX group_members_identity ON group_members (identity, conversation);
+    CREATE TABLE conversation_settings (
+        identity TEXT NOT NULL,
+        conversation TEXT NOT NULL,
+        muted INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (identity, conversation)
+    ) WITHOUT ROWID;
+    ALTER TABLE conversations ADD COLUMN updated_at INTEGER NOT NULL DEFAULT 0;
+    UPDATE conversations SET updated_at = COALESCE(
+        (SELECT MAX(ts) FROM messages WHERE messages.conversation = conversations.id), created_at);
+    """,
 ]
 
 

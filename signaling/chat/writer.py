@@ -164,10 +164,12 @@ class Writer:
         self.pending: dict[str, int] = {}  # changed in the open transaction
 
     def flush(self) -> None:
-        """Write the last sequence of every conversation changed in this transaction."""
+        """Write the last sequence (and the time) of every conversation changed in this
+        transaction."""
+        now = int(time.time() * 1000)
         self.db.executemany(
-            "UPDATE conversations SET last_seq=? WHERE id=?",
-            [(seq, conv) for conv, seq in self.pending.items()],
+            "UPDATE conversations SET last_seq=?, updated_at=? WHERE id=?",
+            [(seq, now, conv) for conv, seq in self.pending.items()],
         )
 
     def committed(self) -> None:
@@ -190,7 +192,10 @@ class Writer:
         if r is not None:
             self.last[conversation] = seq = int(r[0])
             return seq
-        self.db.execute("INSERT INTO conversations VALUES (?, 0, ?)", (conversation, now))
+        self.db.execute(
+            "INSERT INTO conversations (id, last_seq, created_at, updated_at) VALUES (?, 0, ?, ?)",
+            (conversation, now, now),
+        )
         self.db.executemany(
             "INSERT OR IGNORE INTO members VALUES (?, ?)", [(m, conversation) for m in members]
         )

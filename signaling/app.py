@@ -122,7 +122,7 @@ def make_app(cfg: Config) -> web.Application:
     hub.on_session_resume.append(calls.session_resumed)
     hub.on_session_end.append(calls.session_ended)
     hub.room_grants.append(calls.room_grants)
-    chat.on_message.append(MessagePushes(hub, push, cfg.push.include_text).on_message)
+    chat.on_message.append(MessagePushes(hub, push, cfg.push.include_text, chat.muted).on_message)
 
     # The protocol and its handlers.
     proto = protocol()
@@ -147,6 +147,7 @@ def make_app(cfg: Config) -> web.Application:
     # Start-up and shutdown, in order; each stops only if it started.
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         await store.open()
+        await chat.start()
         yield
         await store.close()
 

@@ -95,6 +95,7 @@ class SessionSection:
 class ChatSection:
     edit_window_s: int = 900
     history_page_default: int = 50
+    max_group_members: int = 1000
 
 
 @dataclass
@@ -233,6 +234,8 @@ class Config:
             )
         if not 0 < self.server.port < 65536:
             raise ConfigError("server.port must be 1-65535")
+        if not 2 <= self.chat.max_group_members <= 100_000:
+            raise ConfigError("chat.max_group_members must be 2-100000")
         lim = self.limits
         if not 4 * lim.max_text_chars + 8192 <= lim.max_reply_bytes <= lim.max_outbox_bytes // 2:
             raise ConfigError(

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
+from push_helpers import Receiver
 
 from signaling.app import make_app
 from signaling.config import Config, load_config
@@ -88,3 +90,20 @@ async def phones() -> AsyncIterator[Callable[..., Awaitable[RallypointClient]]]:
     yield make
     for c in made:
         await c.close()
+
+
+@pytest.fixture
+async def receiver_factory(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+) -> Callable[..., Awaitable[tuple[Receiver, str]]]:
+    """An app backend's push webhook on loopback: ``receiver, url = await
+    receiver_factory(fail_first=1)``."""
+
+    async def make(fail_first: int = 0) -> tuple[Receiver, str]:
+        rec = Receiver(fail_first)
+        app = web.Application()
+        app.router.add_post("/hook", rec.handle)
+        srv = await aiohttp_server(app, host="127.0.0.1")
+        return rec, f"http://127.0.0.1:{srv.port}/hook"
+
+    return make

@@ -26,7 +26,12 @@ Start = Callable[..., Awaitable[TestServer]]
 KEY, SECRET = "test-key", "a-test-secret-of-at-least-32-bytes"
 SPEC = json.loads((Path(__file__).resolve().parent.parent / "docs" / "openapi.json").read_text())
 BASIC = {"Authorization": "Basic " + base64.b64encode(f"{KEY}:{SECRET}".encode()).decode()}
-SAMPLE_PARAMS = {"{room}": "lobby", "{conversation}": quote("dm:a|b", safe=""), "{identity}": "a"}
+SAMPLE_PARAMS = {
+    "{room}": "lobby",
+    "{conversation}": quote("dm:a|b", safe=""),
+    "{identity}": "a",
+    "{group}": "group:abc",
+}
 
 
 def api_jwt(**claims: Any) -> dict[str, str]:

@@ -167,7 +167,16 @@ async def test_direct_messages_reach_every_device(server: TestServer, clients: C
         await eve.request({"type": "history", "conversation": "dm:alice|bob"})
     assert e.value.code == "bad_conversation"
     convs = await bob.request({"type": "conversations"})
-    assert convs["items"] == [{"conversation": "dm:alice|bob", "last_seq": 2, "read_seq": 0}]
+    (item,) = convs["items"]
+    assert convs["more"] is False and "cursor" not in convs
+    assert {k: item[k] for k in ("conversation", "kind", "last_seq", "read_seq", "unread")} == {
+        "conversation": "dm:alice|bob",
+        "kind": "dm",
+        "last_seq": 2,
+        "read_seq": 0,
+        "unread": 1,  # alice's "hey"; bob's own "psst" does not count
+    }
+    assert item["last_message"]["text"] == "hey" and item["muted"] is False
 
 
 async def test_read_receipts_and_typing(server: TestServer, clients: Connect) -> None:
@@ -183,8 +192,10 @@ async def test_read_receipts_and_typing(server: TestServer, clients: Connect) ->
     await b.request({"type": "read", "conversation": "room:rr", "seq": 1})  # no move, no event
     await b.request({"type": "read", "conversation": "room:rr", "seq": 3})
     assert (await a.next_event("receipt"))["seq"] == 3
-    items = (await b.request({"type": "conversations"}))["items"]
-    assert items == [{"conversation": "room:rr", "last_seq": 3, "read_seq": 3}]
+    (item,) = (await b.request({"type": "conversations"}))["items"]  # bob read in it
+    assert item["conversation"] == "room:rr" and item["kind"] == "room"
+    assert (item["last_seq"], item["read_seq"], item["unread"]) == (3, 3, 0)
+    assert item["last_message"]["text"] == "m2"
 
 
 async def test_edit_and_delete(server: TestServer, clients: Connect) -> None:

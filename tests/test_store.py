@@ -11,10 +11,11 @@ import pytest
 from signaling.chat import codec, schema
 from signaling.chat import sqlite as sqlite_store
 from signaling.chat import writer as store_writer
-from signaling.chat.codec import MarkRead, RegisterIdentity, TouchDevice
+from signaling.chat.codec import MarkRead, RegisterIdentity, SetMute, TouchDevice
+from signaling.chat.groups import ChangeGroup, GroupState
 from signaling.chat.schema import MIGRATIONS
 from signaling.chat.sqlite import SqliteStore
-from signaling.chat.store import AppendResult, NewMessage, StoredMessage, wire_size
+from signaling.chat.store import AppendResult, GroupResult, NewMessage, StoredMessage, wire_size
 from signaling.wire.errors import ProtocolError
 
 
@@ -351,6 +352,10 @@ async def test_close_answers_every_write_sent_before_it(tmp_path: Path) -> None:
         MarkRead("dm:a|b", "a", 7),
         TouchDevice("alice", "phone", "Alice", 1_700_000_000_000),
         RegisterIdentity("carol", 1_700_000_000_000),
+        ChangeGroup("group:g", "added", "ann", "Ann", "c4", ["bob", "cy"], None, None, 1000),
+        ChangeGroup("group:g", "created", "system:api", "System", "c5", ["ann"], None, "G", 9),
+        ChangeGroup("group:g", "role", "ann", "Ann", "c6", ["bob"], "admin", None, 1000),
+        SetMute("ann", "group:g", True),
     ],
 )
 def test_writer_requests_round_trip(request_: codec.WriterRequest) -> None:
@@ -378,6 +383,17 @@ def test_writer_results_round_trip() -> None:
         "not_author",
         "only the author",
     )
+
+
+def test_group_results_round_trip() -> None:
+    event = StoredMessage(
+        "group:g", 3, 9, "c", "ann", "Ann", "system", "Ann removed cy", None, 5, '{"a":1}'
+    )
+    state = GroupState("group:g", "G", "ann", {"ann": "owner", "bob": "admin"})
+    value = codec.group_value(codec.encode_row(event, False), True, state, ("cy",))
+    (back,) = codec.decode_results(codec.encode_results([codec.ok(value)]))
+    result = codec.decode_group_value(codec.decode_result(back, False))
+    assert result == GroupResult(event, True, state, ("cy",))
 
 
 def test_a_row_built_from_fields_is_the_stored_message() -> None:

@@ -25,7 +25,8 @@ from typing import Any, Final
 import orjson
 
 from ..wire.errors import ProtocolError
-from .store import NewMessage, StoredMessage
+from .groups import ChangeGroup, GroupState
+from .store import GroupResult, NewMessage, StoredMessage
 
 #: The columns of a stored message, in ``StoredMessage`` order (SELECTs list them so).
 ROW_FIELDS: Final = tuple(f.name for f in dataclasses.fields(StoredMessage))
@@ -53,7 +54,14 @@ class RegisterIdentity:
     now_ms: int
 
 
-WriterRequest = NewMessage | MarkRead | TouchDevice | RegisterIdentity
+@dataclass(slots=True)
+class SetMute:
+    identity: str
+    conversation: str
+    muted: bool
+
+
+WriterRequest = NewMessage | MarkRead | TouchDevice | RegisterIdentity | ChangeGroup | SetMute
 Result = list[Any]  # [1, value] | [0, code, message]
 
 _OPS: Final[dict[type, str]] = {
@@ -61,6 +69,8 @@ _OPS: Final[dict[type, str]] = {
     MarkRead: "r",
     TouchDevice: "d",
     RegisterIdentity: "i",
+    ChangeGroup: "g",
+    SetMute: "m",
 }
 _TYPES: Final = {op: t for t, op in _OPS.items()}
 
@@ -155,6 +165,26 @@ def encode_row(m: StoredMessage, duplicate: bool) -> list[Any]:
 
 def decode_row(value: list[Any]) -> tuple[StoredMessage, bool]:
     return StoredMessage(*value[:-1]), value[-1]
+
+
+def group_value(
+    row: list[Any], duplicate: bool, state: GroupState, gone: tuple[str, ...]
+) -> list[Any]:
+    """A group change's value: the event's row (``row``, duplicate flag last), the group as it
+    is now, and who left it with this change."""
+    members = [[i, r] for i, r in state.members.items()]
+    return [
+        [*row[:-1], duplicate],
+        [state.conversation, state.name, state.created_by, members, state.deleted],
+        list(gone),
+    ]
+
+
+def decode_group_value(value: list[Any]) -> GroupResult:
+    stored, duplicate = decode_row(value[0])
+    conv, name, created_by, members, deleted = value[1]
+    state = GroupState(conv, name, created_by, {i: r for i, r in members}, deleted)
+    return GroupResult(stored, duplicate, state, tuple(value[2]))
 
 
 def encode_results(results: list[Result]) -> bytes:

@@ -1,12 +1,17 @@
-"""Chat: the handlers of `send`, `edit`, `delete`, `read`, `typing`, `history`, `sync` and
-`conversations`, and posting on behalf of the app's backend (the HTTP API).
+"""Chat: the handlers of `send`, `edit`, `delete`, `read`, `typing`, `history`, `sync`,
+`conversations`, `conversation_mute` and the group requests, and posting on behalf of the app's
+backend (the HTTP API).
 
 Between a store write completing and the fan-out there is no ``await``, so every recipient sees
-a conversation's messages in sequence order.
+a conversation's messages in sequence order. That holds for group changes too: the store calls
+``group_changed`` as it settles the change, before the results after it, so a message stored
+after a removal never reaches the removed member.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Callable
 from typing import Any
 
@@ -17,8 +22,16 @@ from ..core.hub import Hub
 from ..core.session import Session
 from ..wire.errors import ProtocolError
 from ..wire.framing import encode
+from .groups import ChangeGroup, GroupState, group_id
 from .messages import MESSAGES
-from .store import AppendResult, ChatStore, NewMessage, StoredMessage
+from .store import (
+    AppendResult,
+    ChatStore,
+    ConversationRow,
+    GroupResult,
+    NewMessage,
+    StoredMessage,
+)
 
 #: Bytes of a history or sync reply besides its pages (type, ids, epoch, punctuation).
 REPLY_ENVELOPE = 512
@@ -28,8 +41,12 @@ SYNC_PAGE_MIN = 1024
 MAX_READS_IN_SYNC = 200
 
 #: Called after a message was stored and delivered (not for duplicates), with a direct
-#: conversation's two members (empty for room chat).
+#: conversation's two members or a group's members (empty for room chat).
 MessageHook = Callable[[StoredMessage, tuple[str, ...]], None]
+#: Page size of `conversations` without `limit`.
+CONVERSATIONS_PAGE = 50
+KINDS = {"d": "dm", "g": "group", "r": "room"}
+ELEVATED = frozenset({"owner", "admin"})
 
 
 class Chat:
@@ -46,6 +63,18 @@ class Chat:
         self.max_reply_bytes = hub.cfg.limits.max_reply_bytes
         self.counters = hub.counters
         self.on_message: list[MessageHook] = []
+        self.max_group_members = hub.cfg.chat.max_group_members
+        # Every group that exists, with its current members (loaded at start, then kept by
+        # ``group_changed``), and who muted which conversation: read on every group message.
+        self.groups: dict[str, GroupState] = {}
+        self.muted: dict[str, set[str]] = {}
+
+    async def start(self) -> None:
+        """Load the groups and mutes (after the store opened)."""
+        groups, muted = await self.store.load_groups()
+        self.groups.update(groups)
+        self.muted.update(muted)
+        self.store.on_group = self.group_changed
 
     def feature(self) -> Feature:
         return Feature(
@@ -60,6 +89,15 @@ class Chat:
                 "history": self.on_history,
                 "sync": self.on_sync,
                 "conversations": self.on_conversations,
+                "conversation_mute": self.on_mute,
+                "group_create": self.on_group_create,
+                "group_rename": self.on_group_rename,
+                "group_add": self.on_group_add,
+                "group_remove": self.on_group_remove,
+                "group_leave": self.on_group_leave,
+                "group_role": self.on_group_role,
+                "group_delete": self.on_group_delete,
+                "group_info": self.on_group_info,
             },
             inline=frozenset({"send", "edit", "delete"}),
         )
@@ -73,9 +111,21 @@ class Chat:
 
         Room chat needs the room in the token (``join`` grant), and ``joined`` actions (send,
         typing) need the session to be in the room with the ``chat`` grant. A direct conversation
-        needs the identity to be one of its two members.
+        needs the identity to be one of its two members. A group needs it to be a member (its
+        owner and admins moderate); for reads (not ``joined``) a former member passes with no
+        members, and the store lets it read up to its removal (``viewer``).
         """
         kind, _, rest = conv.partition(":")
+        if kind == "group":
+            g = self.groups.get(conv)
+            role = None if g is None else g.members.get(session.identity)
+            if role is None:
+                if joined:
+                    raise ProtocolError("bad_conversation", f"{conv!r} is not a group of yours")
+                # A former member still reads what it saw: the store checks its windows.
+                return (), False
+            assert g is not None
+            return tuple(g.members), role in ELEVATED
         if kind == "room":
             grants = self.hub.grants_for(session, rest)
             if grants is None:
@@ -126,9 +176,12 @@ class Chat:
                     s.reply(stored.ack(dup), m)
                     if not dup:
                         self.counters.messages_stored += 1
-                        hub.publish_conversation(conv, members, encode(stored.to_wire()), s.id)
+                        # A group's members as the message finds them (the changes before it
+                        # are applied by now), not as they were when it was sent.
+                        to = members if conv[0] != "g" else self.group_members(conv) or ()
+                        hub.publish_conversation(conv, to, encode(stored.to_wire()), s.id)
                         for hook in self.on_message:
-                            hook(stored, members)
+                            hook(stored, to)
             except Exception:
                 hub.failed(s, m.get("id"), "chat completion failed")
             conn.settle(after)
@@ -142,7 +195,7 @@ class Chat:
                 kind,
                 text,
                 m.get("ref"),
-                members,
+                members if conv[0] == "d" else (),
                 moderator,
                 self.edit_window_ms,
             ),
@@ -159,34 +212,50 @@ class Chat:
     def on_delete(self, s: Session, m: dict[str, Any]) -> None:
         self._append(s, m, "delete")
 
+    def group_members(self, conv: str) -> tuple[str, ...] | None:
+        """A group's current members, or None if there is no such group."""
+        g = self.groups.get(conv)
+        return None if g is None else tuple(g.members)
+
     async def post(
         self, conv: str, members: tuple[str, ...], msg: NewMessage
     ) -> tuple[StoredMessage, bool]:
-        """Store ``msg`` (from the app's backend) and deliver it like any chat message."""
+        """Store ``msg`` (from the app's backend) and deliver it like any chat message (to a
+        group's members as they are when it is stored)."""
         stored, dup = await self.store.append(msg)
         if not dup:
             self.counters.messages_stored += 1
+            if conv[0] == "g":
+                members = self.group_members(conv) or ()
             self.hub.publish_conversation(conv, members, encode(stored.to_wire()), "")
         return stored, dup
 
     # -- the rest --------------------------------------------------------------------------------
 
     async def on_read(self, s: Session, m: dict[str, Any]) -> None:
+        """Others get `receipt`; the identity's other devices get it with the unread count
+        left, so every device shows the same count."""
         conv: str = m["conversation"]
+        me = s.identity
         members, _ = self._conversation(s, conv, joined=False)
-        seq = await self.store.mark_read(conv, s.identity, m["seq"])
+        seq = await self.store.mark_read(conv, me, m["seq"])
         if seq is not None:
             hub = self.hub
-            frame = encode(
-                {"type": "receipt", "conversation": conv, "identity": s.identity, "seq": seq}
-            )
+            receipt = {"type": "receipt", "conversation": conv, "identity": me, "seq": seq}
+            frame = encode(receipt)
             if members:
-                hub.publish_conversation(conv, members, frame, s.id)
-            else:
+                for identity in members:
+                    if identity != me:
+                        hub.bus.publish(f"user:{identity}", frame)
+            elif conv[0] == "r":
                 hub.bus.publish(conv, frame, s.id)
-                for other in hub.sessions_of(s.identity):  # own devices not in the room
-                    if other is not s and conv[5:] not in other.rooms:
-                        other.deliver(frame)
+            mine = [x for x in hub.sessions_of(me) if x is not s]
+            if mine:
+                receipt["unread"] = await self.store.unread(conv, me)
+                own = encode(receipt)
+                for other in mine:  # also in the room? Then this one replaces the plain one
+                    if conv[0] != "r" or conv[5:] not in other.rooms:
+                        other.deliver(own)
         s.ok(m)
 
     async def on_typing(self, s: Session, m: dict[str, Any]) -> None:
@@ -220,6 +289,7 @@ class Chat:
             after=m.get("after"),
             limit=m.get("limit", self.hub.cfg.chat.history_page_default),
             max_bytes=budget - REPLY_ENVELOPE,
+            viewer=s.identity,
         )
         msg: dict[str, Any] = {
             "type": "history",
@@ -263,7 +333,12 @@ class Chat:
                 reads = dict(top)
             reads_size = len(orjson.dumps(reads))
             page = await self.store.page(
-                conv, before=None, after=seq, limit=limit, max_bytes=max(room - reads_size, 1)
+                conv,
+                before=None,
+                after=seq,
+                limit=limit,
+                max_bytes=max(room - reads_size, 1),
+                viewer=s.identity,
             )
             entry: dict[str, Any] = {
                 "conversation": conv,
@@ -292,17 +367,168 @@ class Chat:
         s.reply(reply, m)
 
     async def on_conversations(self, s: Session, m: dict[str, Any]) -> None:
-        items = [
-            {"conversation": c, "last_seq": last, "read_seq": read}
-            for c, last, read in await self.store.conversations_of(s.identity)
-        ]
-        for name in sorted(s.rooms):
-            conv = f"room:{name}"
-            items.append(
-                {
-                    "conversation": conv,
-                    "last_seq": await self.store.last_seq(conv),
-                    "read_seq": await self.store.read_seq(conv, s.identity),
-                }
+        after = _cursor_position(m["cursor"]) if "cursor" in m else None
+        rows, more = await self.store.conversation_list(
+            s.identity, m.get("limit", CONVERSATIONS_PAGE), after
+        )
+        reply: dict[str, Any] = {
+            "type": "conversations",
+            "items": [_conversation_item(r) for r in rows],
+            "more": more,
+        }
+        if more and rows:
+            reply["cursor"] = _cursor(rows[-1])
+        s.reply(reply, m)
+
+    async def on_mute(self, s: Session, m: dict[str, Any]) -> None:
+        conv: str = m["conversation"]
+        muted: bool = m["muted"]
+        self._conversation(s, conv, joined=conv[0] == "g")  # a group: members only
+        await self.store.set_mute(s.identity, conv, muted)
+        who = self.muted.setdefault(conv, set())
+        if muted:
+            who.add(s.identity)
+        else:
+            who.discard(s.identity)
+            if not who:
+                del self.muted[conv]
+        self.hub.bus.publish(
+            f"user:{s.identity}",
+            encode({"type": "conversation_muted", "conversation": conv, "muted": muted}),
+            s.id,
+        )
+        s.ok(m)
+
+    # -- groups ----------------------------------------------------------------------------------
+
+    def group_changed(self, result: GroupResult) -> None:
+        """A group change was stored (called as the store settles it, in order): keep the
+        cache, and deliver the event to every device of the members and of those it took
+        out."""
+        state = result.state
+        conv = state.conversation
+        if state.deleted:
+            self.groups.pop(conv, None)
+        else:
+            self.groups[conv] = state
+        frame = encode(result.event.to_wire())
+        publish = self.hub.bus.publish
+        for identity in (*state.members, *result.gone):
+            publish(f"user:{identity}", frame)
+        self.counters.messages_stored += 1
+
+    async def change_group(
+        self,
+        conv: str,
+        action: str,
+        actor: str,
+        actor_name: str,
+        cid: str,
+        identities: list[str] | tuple[str, ...] = (),
+        *,
+        role: str | None = None,
+        name: str | None = None,
+    ) -> GroupResult:
+        """Ask the store to make a group change (by an identity, or ``API_ACTOR``)."""
+        return await self.store.change_group(
+            ChangeGroup(
+                conv,
+                action,
+                actor,
+                actor_name,
+                cid,
+                list(identities),
+                role,
+                name,
+                self.max_group_members,
             )
-        s.reply({"type": "conversations", "items": items}, m)
+        )
+
+    async def _group_request(
+        self,
+        s: Session,
+        m: dict[str, Any],
+        action: str,
+        identities: list[str] | tuple[str, ...] = (),
+        **kw: str | None,
+    ) -> None:
+        conv = m["conversation"] if action != "created" else group_id(s.identity, m["cid"])
+        result = await self.change_group(
+            conv, action, s.identity, s.name, m["cid"], identities, **kw
+        )
+        reply = _group_wire(result.state)
+        reply["message"] = result.event.to_wire()
+        reply["duplicate"] = result.duplicate
+        s.reply(reply, m)
+
+    async def on_group_create(self, s: Session, m: dict[str, Any]) -> None:
+        if not s.claims.groups:
+            raise ProtocolError("forbidden", "the token does not allow creating groups")
+        await self._group_request(s, m, "created", m["identities"], name=m["name"])
+
+    async def on_group_rename(self, s: Session, m: dict[str, Any]) -> None:
+        await self._group_request(s, m, "renamed", name=m["name"])
+
+    async def on_group_add(self, s: Session, m: dict[str, Any]) -> None:
+        await self._group_request(s, m, "added", m["identities"])
+
+    async def on_group_remove(self, s: Session, m: dict[str, Any]) -> None:
+        await self._group_request(s, m, "removed", m["identities"])
+
+    async def on_group_leave(self, s: Session, m: dict[str, Any]) -> None:
+        await self._group_request(s, m, "left")
+
+    async def on_group_role(self, s: Session, m: dict[str, Any]) -> None:
+        await self._group_request(s, m, "role", (m["identity"],), role=m["role"])
+
+    async def on_group_delete(self, s: Session, m: dict[str, Any]) -> None:
+        await self._group_request(s, m, "deleted")
+
+    async def on_group_info(self, s: Session, m: dict[str, Any]) -> None:
+        conv: str = m["conversation"]
+        g = self.groups.get(conv)
+        if g is None or s.identity not in g.members:
+            raise ProtocolError("bad_conversation", f"{conv!r} is not a group of yours")
+        s.reply(_group_wire(g), m)
+
+
+def _group_wire(g: GroupState) -> dict[str, Any]:
+    out = g.to_wire()
+    out["type"] = "group"
+    return out
+
+
+def _conversation_item(r: ConversationRow) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        "conversation": r.conversation,
+        "kind": KINDS[r.conversation[0]],
+        "last_seq": r.last_seq,
+        "read_seq": r.read_seq,
+        "unread": r.unread,
+        "muted": r.muted,
+        "updated_at": r.updated_at,
+    }
+    if r.name is not None:
+        item["name"] = r.name
+    if r.role is not None:
+        item["role"] = r.role
+    if r.last_message is not None:
+        item["last_message"] = r.last_message.to_wire()
+    return item
+
+
+def _cursor(r: ConversationRow) -> str:
+    raw = orjson.dumps([r.updated_at, r.conversation])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _cursor_position(cursor: str) -> tuple[int, str]:
+    """The position a `cursor` names; ``bad_field`` for anything this server did not make."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        updated, conv = orjson.loads(raw)
+    except (binascii.Error, ValueError, TypeError):
+        raise ProtocolError("bad_field", "`cursor` is not one this server gave") from None
+    if type(updated) is not int or type(conv) is not str:
+        raise ProtocolError("bad_field", "`cursor` is not one this server gave")
+    return updated, conv

@@ -1,4 +1,4 @@
-"""The messages of chat (room chat and direct messages) and their error codes."""
+"""The messages of chat (room chat, direct messages and groups) and their error codes."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Final
 
 from ..wire.spec import (
     CONVERSATION_PATTERN,
+    IDENTITY_PATTERN,
     RE,
     TOKEN_PATTERN,
     Field,
@@ -26,6 +27,8 @@ ERRORS: Final[dict[str, str]] = {
     "not_author": "Only the author or a moderator may edit or delete a message.",
     "edit_window_passed": "The time limit for editing or deleting this message has passed.",
     "already_deleted": "The message was deleted.",
+    "group_full": "The group would have more members than the server allows "
+    "(`chat.max_group_members`).",
     "store_full": "The server's disk is full: the write (`send`, `edit`, `delete`, `read`) was "
     "not stored. Retryable: retry after `retry_after_ms` (a `send` with the same `cid`).",
 }
@@ -44,6 +47,37 @@ _CID = Field(
     required=True,
     pattern=TOKEN_PATTERN,
 )
+GROUP_PATTERN: Final = r"^group:[A-Za-z0-9_-]{1,64}$"
+_GROUP = Field(
+    "conversation",
+    "string",
+    "The group's conversation id (`group:<id>`).",
+    required=True,
+    pattern=GROUP_PATTERN,
+)
+_CHANGE_CID = Field(
+    "cid",
+    "string",
+    "Client-generated id of this change; a retry with the same cid changes nothing and gets "
+    "the same answer (`duplicate`).",
+    required=True,
+    pattern=TOKEN_PATTERN,
+)
+_GROUP_NAME = Field("name", "string", "The group's name, 1-64 characters.", required=True)
+
+
+def _identities(doc: str) -> Field:
+    return Field(
+        "identities",
+        "array",
+        doc,
+        required=True,
+        items="string",
+        max_items=1000,
+        item_pattern=IDENTITY_PATTERN,
+    )
+
+
 _TEXT = Field("text", "string", "Message text (at most `limits.max_text_chars`).", required=True)
 _SEQ = Field("seq", "integer", "Sequence number in the conversation.", required=True, minimum=0)
 
@@ -78,11 +112,71 @@ DEFINITIONS: Final[dict[str, dict[str, object]]] = {
     },
     "ConversationInfo": {
         "type": "object",
-        "required": ["conversation", "last_seq", "read_seq"],
+        "required": [
+            "conversation",
+            "kind",
+            "last_seq",
+            "read_seq",
+            "unread",
+            "muted",
+            "updated_at",
+        ],
         "properties": {
             "conversation": {"type": "string"},
-            "last_seq": {"type": "integer"},
-            "read_seq": {"type": "integer"},
+            "kind": {"enum": ["dm", "group", "room"]},
+            "last_seq": {
+                "type": "integer",
+                "description": "The last sequence this identity sees (a former group member: "
+                "the event that took it out).",
+            },
+            "read_seq": {"type": "integer", "description": "This identity's read watermark."},
+            "unread": {
+                "type": "integer",
+                "description": "Messages of others (texts and call logs, not deleted) after "
+                "the read watermark.",
+            },
+            "muted": {"type": "boolean"},
+            "updated_at": {"type": "integer", "description": "Time of `last_seq`, ms."},
+            "name": {"type": "string", "description": "Groups: the group's name."},
+            "role": {
+                "enum": ["owner", "admin", "member"],
+                "description": "Groups: this identity's role; absent once it left the group.",
+            },
+            "last_message": {
+                "$ref": "#/$defs/server/message",
+                "description": "The newest text, call log or group change not deleted, as last "
+                "edited. Absent when there is none.",
+            },
+        },
+    },
+    "GroupMember": {
+        "type": "object",
+        "required": ["identity", "role"],
+        "properties": {
+            "identity": {"type": "string"},
+            "role": {"enum": ["owner", "admin", "member"]},
+        },
+    },
+    "GroupEvent": {
+        "type": "object",
+        "required": ["action", "by"],
+        "properties": {
+            "action": {
+                "enum": ["created", "renamed", "added", "removed", "left", "role", "deleted"]
+            },
+            "by": {
+                "type": "string",
+                "description": "Who made the change: an identity, or `system:api` (the app's "
+                "backend).",
+            },
+            "identities": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "created: every member, the owner first; added, removed, "
+                "left, role: whom it is about.",
+            },
+            "name": {"type": "string", "description": "created, renamed: the name."},
+            "role": {"enum": ["owner", "admin", "member"], "description": "role: the new role."},
         },
     },
 }
@@ -146,7 +240,91 @@ MESSAGES: Final = Messages(
             ),
         ),
         request(
-            "conversations", "List this identity's conversations; answered with `conversations`."
+            "conversations",
+            "List this identity's conversations, newest first; answered with `conversations`.",
+            Field("limit", "integer", "Page size (default 50).", minimum=1, maximum=200),
+            Field(
+                "cursor",
+                "string",
+                "Where the page starts: `cursor` of the previous answer.",
+                max_length=300,
+            ),
+        ),
+        request(
+            "conversation_mute",
+            "Mute or unmute a conversation for this identity (no pushes but mentions); "
+            "answered with `ok`, and the identity's other devices get `conversation_muted`.",
+            _CONV,
+            Field("muted", "boolean", "Muted.", required=True),
+        ),
+        request(
+            "group_create",
+            "Create a group with this identity as its owner (needs the token's `groups` "
+            "claim); answered with `group`. The group's id is derived from the identity and "
+            "`cid`, so a retry creates nothing new.",
+            _CHANGE_CID,
+            _GROUP_NAME,
+            _identities("The other members (may be empty)."),
+        ),
+        request(
+            "group_rename",
+            "Rename a group (owner, admin); answered with `group`.",
+            _GROUP,
+            _CHANGE_CID,
+            _GROUP_NAME,
+        ),
+        request(
+            "group_add",
+            "Add members (owner, admin); answered with `group`.",
+            _GROUP,
+            _CHANGE_CID,
+            _identities("Who to add."),
+        ),
+        request(
+            "group_remove",
+            "Remove members (owner: anyone; admin: members); answered with `group`.",
+            _GROUP,
+            _CHANGE_CID,
+            _identities("Who to remove."),
+        ),
+        request(
+            "group_leave",
+            "Leave a group (an owner hands it over first, unless alone in it); answered with "
+            "`group`.",
+            _GROUP,
+            _CHANGE_CID,
+        ),
+        request(
+            "group_role",
+            "Set a member's role (owner only); role `owner` hands the group over and makes "
+            "the old owner an admin. Answered with `group`.",
+            _GROUP,
+            _CHANGE_CID,
+            Field(
+                "identity",
+                "string",
+                "The member.",
+                required=True,
+                pattern=IDENTITY_PATTERN,
+            ),
+            Field(
+                "role",
+                "string",
+                "The new role.",
+                required=True,
+                enum=("owner", "admin", "member"),
+            ),
+        ),
+        request(
+            "group_delete",
+            "Delete a group (owner only): every member is taken out; answered with `group`.",
+            _GROUP,
+            _CHANGE_CID,
+        ),
+        request(
+            "group_info",
+            "A group's name and members (members only); answered with `group`.",
+            _GROUP,
         ),
     ),
     server=(
@@ -170,6 +348,13 @@ MESSAGES: Final = Messages(
                 required=False,
                 ref="CallLog",
             ),
+            out(
+                "group",
+                "object",
+                "For a group change (kind `system` in a group): what changed.",
+                required=False,
+                ref="GroupEvent",
+            ),
         ),
         event(
             "sent",
@@ -188,6 +373,12 @@ MESSAGES: Final = Messages(
             out("conversation", "string", "Conversation id."),
             out("identity", "string", "Reader."),
             out("seq", "integer", "Read up to."),
+            out(
+                "unread",
+                "integer",
+                "Only to the reader's own devices: its unread count in the conversation now.",
+                required=False,
+            ),
         ),
         event(
             "typing",
@@ -225,8 +416,44 @@ MESSAGES: Final = Messages(
             out(
                 "items",
                 "array",
-                "Conversations with last and read sequence.",
+                "Conversations, newest first.",
                 ref="ConversationInfo",
+            ),
+            out("more", "boolean", "More conversations follow: ask again with `cursor`."),
+            out(
+                "cursor",
+                "string",
+                "With `more`: the `cursor` of the next page.",
+                required=False,
+            ),
+            RE,
+        ),
+        event(
+            "conversation_muted",
+            "To the identity's other devices: a conversation was muted or unmuted.",
+            out("conversation", "string", "Conversation id."),
+            out("muted", "boolean", "Muted."),
+        ),
+        event(
+            "group",
+            "Answer to a group request: the group as it is now.",
+            out("conversation", "string", "The group's conversation id."),
+            out("name", "string", "Its name."),
+            out("created_by", "string", "Who created it (an identity, or `system:api`)."),
+            out("members", "array", "Current members (none once deleted).", ref="GroupMember"),
+            out(
+                "message",
+                "object",
+                "For a change: its event, as stored (the `message` every member's devices "
+                "get, this one's included).",
+                required=False,
+                ref="message",
+            ),
+            out(
+                "duplicate",
+                "boolean",
+                "For a change: true if this `cid` was done before (nothing changed now).",
+                required=False,
             ),
             RE,
         ),

@@ -35,15 +35,31 @@ from ..core.directory import DeviceInfo
 from ..core.metrics import Metric
 from ..wire.errors import ProtocolError
 from . import codec
-from .codec import COLUMNS, MarkRead, RegisterIdentity, TouchDevice, WriterRequest
+from .codec import (
+    COLUMNS,
+    MarkRead,
+    RegisterIdentity,
+    SetMute,
+    TouchDevice,
+    WriterRequest,
+)
+from .groups import ChangeGroup, GroupState
 from .schema import connect
-from .store import AppendDone, NewMessage, Page, StoredMessage, wire_size
+from .store import (
+    AppendDone,
+    ConversationRow,
+    GroupResult,
+    NewMessage,
+    Page,
+    StoredMessage,
+    wire_size,
+)
 
 log = logging.getLogger(__name__)
 
 # Who hears about a write: a future (``_submit``) or an ``append_nowait`` callback; and
 # whether its value is a stored row to turn into ``(StoredMessage, duplicate)``.
-Waiter = tuple[asyncio.Future[Any] | AppendDone, bool]
+Waiter = tuple[asyncio.Future[Any] | Callable[[Any], None], bool]
 
 WAL_RESTART_FRAMES = 4096  # WAL pages (16 MiB) after which the writer finishes a checkpoint
 CHECKPOINT_INTERVAL_S = 1.0  # between background checkpoints while there are writes
@@ -116,6 +132,7 @@ class SqliteStore:
         self.checkpoint_interval_s = checkpoint_interval_s
         self.full_retry_s = full_retry_s
         self.epoch = ""
+        self.on_group: Callable[[GroupResult], None] | None = None
         self.proc: asyncio.subprocess.Process | None = None
         self._link: _Link | None = None
         self._out: list[bytes] = []  # request lines not yet written to the writer
@@ -314,6 +331,27 @@ class SqliteStore:
     async def register_identity(self, identity: str, now_ms: int) -> None:
         await self._submit(RegisterIdentity(identity, now_ms))
 
+    def change_group(self, req: ChangeGroup) -> asyncio.Future[GroupResult]:
+        assert self._loop is not None, "store is not open"
+        fut: asyncio.Future[GroupResult] = self._loop.create_future()
+
+        def done(value: list[Any] | ProtocolError) -> None:
+            if isinstance(value, ProtocolError):
+                if not fut.done():
+                    fut.set_exception(value)
+                return
+            result = codec.decode_group_value(value)
+            if not result.duplicate and self.on_group is not None:
+                self.on_group(result)  # now, before the results after this one
+            if not fut.done():
+                fut.set_result(result)
+
+        self._send(codec.encode_request(req), (done, False))
+        return fut
+
+    async def set_mute(self, identity: str, conversation: str, muted: bool) -> None:
+        await self._submit(SetMute(identity, conversation, muted))
+
     def metrics(self) -> Iterable[Metric]:
         yield Metric(
             "store_commits", "counter", "Transactions the store writer committed.", self.commits
@@ -373,6 +411,34 @@ class SqliteStore:
         result: int = await self._read(self._last_seq_sync, conversation)
         return result
 
+    def _windows_sync(self, conversation: str, identity: str) -> list[tuple[int, int | None]]:
+        rows = (
+            self._rconn()
+            .execute(
+                "SELECT joined_seq, left_seq FROM group_members "
+                "WHERE conversation=? AND identity=? ORDER BY joined_seq",
+                (conversation, identity),
+            )
+            .fetchall()
+        )
+        return [(int(a), None if b is None else int(b)) for a, b in rows]
+
+    def _visible(
+        self, conversation: str, viewer: str | None, last: int
+    ) -> tuple[str, tuple[int, ...], int]:
+        """The SQL condition on ``seq`` that keeps what ``viewer`` may see of a group (its
+        windows), its parameters, and the last sequence it sees. Raises ``bad_conversation``
+        for a group ``viewer`` never belonged to."""
+        if viewer is None or conversation[0] != "g":
+            return "", (), last
+        windows = self._windows_sync(conversation, viewer)
+        if not windows:
+            raise ProtocolError("bad_conversation", f"{conversation!r} is not a group of yours")
+        cond = " AND (" + " OR ".join("seq BETWEEN ? AND ?" for _ in windows) + ")"
+        params = tuple(x for lo, hi in windows for x in (lo, last if hi is None else hi))
+        end = windows[-1][1]
+        return cond, params, last if end is None else min(last, end)
+
     def _page_sync(
         self,
         conversation: str,
@@ -380,23 +446,25 @@ class SqliteStore:
         after: int | None,
         limit: int,
         max_bytes: int | None,
+        viewer: str | None,
     ) -> Page:
         db = self._rconn()
         db.execute("BEGIN")  # one snapshot for the page and last_seq
         try:
             last = self._last_seq_sync(conversation)
+            cond, params, last = self._visible(conversation, viewer, last)
             if after is not None:
                 cursor = db.execute(
-                    f"SELECT {COLUMNS} FROM messages WHERE conversation=? AND seq>? "
+                    f"SELECT {COLUMNS} FROM messages WHERE conversation=? AND seq>?{cond} "
                     "ORDER BY seq LIMIT ?",
-                    (conversation, after, limit + 1),
+                    (conversation, after, *params, limit + 1),
                 )
             else:
-                b = last + 1 if before is None else before
+                b = last + 1 if before is None else min(before, last + 1)
                 cursor = db.execute(
-                    f"SELECT {COLUMNS} FROM messages WHERE conversation=? AND seq<? "
+                    f"SELECT {COLUMNS} FROM messages WHERE conversation=? AND seq<?{cond} "
                     "ORDER BY seq DESC LIMIT ?",
-                    (conversation, b, limit + 1),
+                    (conversation, b, *params, limit + 1),
                 )
             # Row by row: a page never holds more than its byte budget (and one row more).
             msgs: list[StoredMessage] = []
@@ -428,9 +496,10 @@ class SqliteStore:
         after: int | None,
         limit: int,
         max_bytes: int | None = None,
+        viewer: str | None = None,
     ) -> Page:
         result: Page = await self._read(
-            self._page_sync, conversation, before, after, limit, max_bytes
+            self._page_sync, conversation, before, after, limit, max_bytes, viewer
         )
         return result
 
@@ -450,6 +519,171 @@ class SqliteStore:
 
     async def conversations_of(self, identity: str) -> list[tuple[str, int, int]]:
         result: list[tuple[str, int, int]] = await self._read(self._conversations_sync, identity)
+        return result
+
+    def _unread_sync(
+        self, conversation: str, identity: str, upto: int | None
+    ) -> tuple[int, int, int]:
+        """(read watermark, unread count, last visible sequence) of ``identity``."""
+        last = self._last_seq_sync(conversation)
+        if upto is not None:
+            last = min(last, upto)
+        cond, params, last = self._visible(conversation, identity, last)
+        read = self._read_seq_sync(conversation, identity)
+        return read, self._count_unread(conversation, identity, read, last, cond, params), last
+
+    def _count_unread(
+        self,
+        conversation: str,
+        identity: str,
+        read: int,
+        last: int,
+        cond: str,
+        params: tuple[int, ...],
+    ) -> int:
+        if read >= last:
+            return 0
+        r = (
+            self._rconn()
+            .execute(
+                "SELECT COUNT(*) FROM messages WHERE conversation=? AND seq>? AND seq<=? "
+                f"AND sender<>? AND kind IN ('text', 'call') AND deleted=0{cond}",
+                (conversation, read, last, identity, *params),
+            )
+            .fetchone()
+        )
+        return int(r[0])
+
+    async def unread(self, conversation: str, identity: str, upto: int | None = None) -> int:
+        """Messages of others (texts and call logs, not deleted) after ``identity``'s read
+        watermark, within what it sees (up to ``upto``)."""
+        _, n, _ = await self._read(self._unread_sync, conversation, identity, upto)
+        return int(n)
+
+    def _list_sync(
+        self, identity: str, limit: int, after: tuple[int, str] | None
+    ) -> tuple[list[ConversationRow], bool]:
+        db = self._rconn()
+        db.execute("BEGIN")  # one snapshot
+        try:
+            # Direct conversations and rooms (listed in ``members``), then groups: a current
+            # member sees up to the end, a former member up to its removal.
+            found: list[tuple[int, str, int, str | None]] = [
+                (int(u), str(c), int(last), None)
+                for c, last, u in db.execute(
+                    "SELECT c.id, c.last_seq, c.updated_at FROM members m "
+                    "JOIN conversations c ON c.id = m.conversation WHERE m.identity = ?",
+                    (identity,),
+                )
+            ]
+            latest: dict[str, tuple[int | None, str]] = {}
+            for conv, left, role in db.execute(
+                "SELECT conversation, left_seq, role FROM group_members WHERE identity=? "
+                "ORDER BY conversation, joined_seq",
+                (identity,),
+            ):
+                latest[conv] = (left, role)
+            for conv, (left, role) in latest.items():
+                r = db.execute(
+                    "SELECT last_seq, updated_at FROM conversations WHERE id=?", (conv,)
+                ).fetchone()
+                if left is None:
+                    found.append((int(r[1]), conv, int(r[0]), role))
+                else:
+                    t = db.execute(
+                        "SELECT ts FROM messages WHERE conversation=? AND seq=?", (conv, left)
+                    ).fetchone()
+                    found.append((int(t[0]), conv, int(left), None))
+            found.sort(key=lambda x: (-x[0], x[1]))
+            if after is not None:
+                au, ac = after
+                found = [x for x in found if x[0] < au or (x[0] == au and x[1] > ac)]
+            more = len(found) > limit
+            rows: list[ConversationRow] = []
+            for updated, conv, _, role in found[:limit]:
+                rows.append(self._row_of(identity, conv, updated, role))
+        finally:
+            db.execute("COMMIT")
+        return rows, more
+
+    def _row_of(self, identity: str, conv: str, updated: int, role: str | None) -> ConversationRow:
+        db = self._rconn()
+        last = self._last_seq_sync(conv)
+        cond, params, last = self._visible(conv, identity, last)
+        read = self._read_seq_sync(conv, identity)
+        m = db.execute(
+            "SELECT muted FROM conversation_settings WHERE identity=? AND conversation=?",
+            (identity, conv),
+        ).fetchone()
+        row = ConversationRow(
+            conv,
+            last,
+            updated,
+            read,
+            self._count_unread(conv, identity, read, last, cond, params),
+            bool(m and m[0]),
+            role=role,
+        )
+        if conv[0] == "g":
+            g = db.execute("SELECT name FROM groups WHERE conversation=?", (conv,)).fetchone()
+            row.name = str(g[0])
+        r = db.execute(
+            f"SELECT {COLUMNS} FROM messages WHERE conversation=? AND seq<=? "
+            f"AND kind IN ('text', 'call', 'system') AND deleted=0{cond} "
+            "ORDER BY seq DESC LIMIT 1",
+            (conv, last, *params),
+        ).fetchone()
+        if r is not None:
+            msg = _row(r)
+            if msg.kind == "text":  # as last edited (within what the identity sees)
+                e = db.execute(
+                    "SELECT text FROM messages WHERE conversation=? AND kind='edit' AND ref=? "
+                    "AND seq<=? ORDER BY seq DESC LIMIT 1",
+                    (conv, msg.seq, last),
+                ).fetchone()
+                if e is not None:
+                    msg.text = e[0]
+            row.last_message = msg
+        return row
+
+    async def conversation_list(
+        self, identity: str, limit: int, after: tuple[int, str] | None = None
+    ) -> tuple[list[ConversationRow], bool]:
+        """``identity``'s conversations, newest first (by the time of the last message it
+        sees), at most ``limit`` after the position ``after`` ((updated_at, conversation) of
+        the last one of the previous page); and whether there are more."""
+        result: tuple[list[ConversationRow], bool] = await self._read(
+            self._list_sync, identity, limit, after
+        )
+        return result
+
+    def _groups_sync(self) -> tuple[dict[str, GroupState], dict[str, set[str]]]:
+        db = self._rconn()
+        groups = {
+            str(c): GroupState(str(c), str(n), str(b))
+            for c, n, b in db.execute(
+                "SELECT conversation, name, created_by FROM groups WHERE deleted=0"
+            )
+        }
+        for c, i, r in db.execute(
+            "SELECT conversation, identity, role FROM group_members WHERE left_seq IS NULL"
+        ):
+            g = groups.get(c)
+            if g is not None:
+                g.members[str(i)] = str(r)
+        muted: dict[str, set[str]] = {}
+        for i, c in db.execute(
+            "SELECT identity, conversation FROM conversation_settings WHERE muted=1"
+        ):
+            muted.setdefault(str(c), set()).add(str(i))
+        return groups, muted
+
+    async def load_groups(self) -> tuple[dict[str, GroupState], dict[str, set[str]]]:
+        """Every group that exists, with its current members, and who muted what
+        (conversation -> identities): the server keeps both in memory."""
+        result: tuple[dict[str, GroupState], dict[str, set[str]]] = await self._read(
+            self._groups_sync
+        )
         return result
 
     def _read_marks_sync(self, conversation: str) -> dict[str, int]:

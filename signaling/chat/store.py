@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import orjson
 
 from ..wire.errors import ProtocolError
+from .groups import ChangeGroup, GroupState
 
 
 # StoredMessage and NewMessage are made once per chat message: not frozen, because a frozen
@@ -34,7 +35,9 @@ class StoredMessage:
     text: str | None
     ref: int | None
     ts: int  # ms since the Unix epoch
-    meta: str | None = None  # JSON; for kind "call" the call log object (wire field `call`)
+    # JSON: for kind "call" the call log (wire field `call`), for a group change (kind
+    # "system") what changed (wire field `group`).
+    meta: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -52,8 +55,8 @@ class StoredMessage:
             out["text"] = self.text
         if self.ref is not None:
             out["ref"] = self.ref
-        if self.meta is not None and self.kind == "call":
-            out["call"] = orjson.loads(self.meta)
+        if self.meta is not None:  # a call log, or a group change (system messages)
+            out["call" if self.kind == "call" else "group"] = orjson.loads(self.meta)
         return out
 
     def ack(self, duplicate: bool) -> dict[str, Any]:
@@ -107,6 +110,17 @@ def wire_size(m: StoredMessage) -> int:
 
 
 @dataclass(slots=True, frozen=True)
+class GroupResult:
+    """What a group change did: its event (``duplicate``: a retry, nothing changed), the group
+    now, and the identities it took out (their window closed at the event)."""
+
+    event: StoredMessage
+    duplicate: bool
+    state: GroupState
+    gone: tuple[str, ...]
+
+
+@dataclass(slots=True, frozen=True)
 class Original:
     """What the edit/delete rule needs to know about the referenced message."""
 
@@ -139,11 +153,34 @@ class Page:
     last_seq: int
 
 
+@dataclass(slots=True)
+class ConversationRow:
+    """A conversation in an identity's list (``ChatStore.conversation_list``)."""
+
+    conversation: str
+    last_seq: int  # the last sequence the identity sees (a former member: its removal)
+    updated_at: int  # ms: the time of that message (the list's order)
+    read_seq: int
+    unread: int
+    muted: bool
+    name: str | None = None  # a group's name
+    role: str | None = None  # the identity's role in a group it is a member of
+    last_message: StoredMessage | None = None
+
+
+#: The kinds of message that count as unread and show as a conversation's last message
+#: (edits and deletes change earlier ones; group changes are system messages).
+UNREAD_KINDS: Final = ("text", "call")
+
+
 class ChatStore(Protocol):
     """Durable conversations: append with gap-free sequence numbers, read, and read marks.
     (It is also the core's ``ConversationIndex``: ``epoch`` and ``last_seq``.)"""
 
     epoch: str
+    #: Called with every group change stored (not retries), as the store settles it: before
+    #: the results of the writes that came after it.
+    on_group: Callable[[GroupResult], None] | None
 
     async def open(self) -> None: ...
 
@@ -179,16 +216,40 @@ class ChatStore(Protocol):
         after: int | None,
         limit: int,
         max_bytes: int | None = None,
+        viewer: str | None = None,
     ) -> Page:
         """Messages with seq < before (the newest such), or seq > after (the oldest such);
         with ``max_bytes``, no more than fit in that many bytes on the wire (``wire_size``; at
-        least one), read no further than that, and ``more`` set if any were left out."""
+        least one), read no further than that, and ``more`` set if any were left out. With
+        ``viewer``, only what it may see of a group (its membership windows; ``last_seq`` is
+        the last it sees), and ``bad_conversation`` for a group it never belonged to."""
         ...
 
     async def last_seq(self, conversation: str) -> int: ...
 
-    async def conversations_of(self, identity: str) -> list[tuple[str, int, int]]:
-        """(conversation, last_seq, read_seq) for each direct conversation of ``identity``."""
+    async def conversation_list(
+        self, identity: str, limit: int, after: tuple[int, str] | None = None
+    ) -> tuple[list[ConversationRow], bool]:
+        """``identity``'s direct conversations, groups (current and former) and the rooms it
+        chatted or read in, newest first, at most ``limit`` after ``after`` (the
+        ``(updated_at, conversation)`` of the previous page's last); and whether more follow."""
+        ...
+
+    async def unread(self, conversation: str, identity: str, upto: int | None = None) -> int:
+        """How many messages of others (``UNREAD_KINDS``, not deleted) ``identity`` has not
+        read in ``conversation`` (up to sequence ``upto``)."""
+        ...
+
+    def change_group(self, req: ChangeGroup) -> Awaitable[GroupResult]:
+        """Apply a group change and append its event in one transaction; ``ProtocolError``
+        (nothing written) when the rules refuse it."""
+        ...
+
+    async def set_mute(self, identity: str, conversation: str, muted: bool) -> None: ...
+
+    async def load_groups(self) -> tuple[dict[str, GroupState], dict[str, set[str]]]:
+        """Every group not deleted with its current members, and the muted conversations
+        (conversation -> identities)."""
         ...
 
     async def read_seq(self, conversation: str, identity: str) -> int: ...

@@ -55,9 +55,12 @@ import threading
 import time
 from typing import Any
 
+import orjson
+
 from ..wire.errors import ProtocolError
 from . import codec
-from .codec import COLUMNS, MarkRead, RegisterIdentity, TouchDevice
+from .codec import COLUMNS, MarkRead, RegisterIdentity, SetMute, TouchDevice
+from .groups import ChangeGroup, GroupChange, GroupState, plan
 from .schema import connect, migrate
 from .store import NewMessage, Original, StoredMessage, check_amend
 
@@ -70,6 +73,11 @@ CATCH_UP_PASSES = 4  # background passes at most before the writer finishes a ch
 QUICK_PASS_S = 0.005  # a pass this short left little for the writer
 # A delete blanks the edits of its original too (index messages_edits, migration 3).
 BLANK_EDITS = "UPDATE messages SET text=NULL WHERE conversation=? AND kind='edit' AND ref=?"
+# Is the sender of a message in a group a member now (the server checked its cache; this is
+# the word that counts, in the transaction)?
+IS_MEMBER = "SELECT 1 FROM group_members WHERE conversation=? AND identity=? AND left_seq IS NULL"
+GROUP_EXISTS = "SELECT 1 FROM groups WHERE conversation=? AND deleted=0"
+ROOM_CHATTERS_CACHE = 100_000  # (identity, room) pairs known to be in ``members``
 FULL_RETRY_MIN_S = 0.25  # the first check for space after the disk filled; doubles from there
 # What SQLite says when the disk is full: SQLITE_FULL (its ENOSPC), and a failure to grow the
 # WAL index (-shm), which it extends by writing to it: ENOSPC in practice, and missing it would
@@ -162,6 +170,9 @@ class Writer:
         self.cur = db.cursor()  # reused: Connection.execute makes a new cursor per statement
         self.last: dict[str, int] = {}
         self.pending: dict[str, int] = {}  # changed in the open transaction
+        # (identity, room conversation) pairs in ``members`` (the rooms an identity chatted or
+        # read in: its conversation list); an insert per message otherwise.
+        self.chatters: set[tuple[str, str]] = set()
 
     def flush(self) -> None:
         """Write the last sequence (and the time) of every conversation changed in this
@@ -178,6 +189,7 @@ class Writer:
 
     def rolled_back(self) -> None:
         self.pending.clear()
+        self.chatters.clear()
 
     def _last(self, conversation: str, members: tuple[str, ...], now: int) -> int:
         seq = self.pending.get(conversation)
@@ -213,6 +225,19 @@ class Writer:
         """Store ``msg``; the stored row and whether it was a duplicate."""
         db = self.db
         now = int(time.time() * 1000)
+        conv = msg.conversation
+        if conv[0] == "g" and msg.meta is None and msg.kind == "system":  # the backend's post
+            if db.execute(GROUP_EXISTS, (conv,)).fetchone() is None:
+                raise ProtocolError("bad_conversation", f"no group {conv!r}")
+        elif conv[0] == "g" and msg.kind != "system" and msg.kind != "call":
+            if db.execute(IS_MEMBER, (conv, msg.sender)).fetchone() is None:
+                # Removed while the message was on its way (the server's cache said yes).
+                found = self._duplicate(msg)  # unless it is a retry of one stored before
+                if found is not None:
+                    return found
+                raise ProtocolError("bad_conversation", f"{conv!r} is not a group of yours")
+        elif conv[0] == "r":
+            self._chatted(msg.sender, conv)
         if msg.kind in ("edit", "delete"):
             # A retried edit or delete must get its first acknowledgement, not a refusal
             # because the first attempt already changed the original: look for it first.
@@ -275,6 +300,87 @@ class Writer:
             False,
         )
 
+    def _chatted(self, identity: str, room: str) -> None:
+        key = (identity, room)
+        if key not in self.chatters:
+            if len(self.chatters) >= ROOM_CHATTERS_CACHE:
+                self.chatters.clear()
+            self.db.execute("INSERT OR IGNORE INTO members VALUES (?, ?)", key)
+            self.chatters.add(key)  # forgotten if the transaction rolls back
+
+    def group_state(self, conversation: str) -> GroupState | None:
+        db = self.db
+        g = db.execute(
+            "SELECT name, created_by, deleted FROM groups WHERE conversation=?", (conversation,)
+        ).fetchone()
+        if g is None:
+            return None
+        rows = db.execute(
+            "SELECT identity, role FROM group_members WHERE conversation=? AND left_seq IS NULL",
+            (conversation,),
+        ).fetchall()
+        return GroupState(conversation, g[0], g[1], dict(rows), bool(g[2]))
+
+    def change_group(self, req: ChangeGroup) -> list[Any]:
+        """Apply a group change (``signaling.chat.groups.plan`` decides, before anything is
+        written) and append its event; ``codec.group_value``."""
+        db = self.db
+        conv = req.conversation
+        event = NewMessage(conv, req.cid, req.actor, req.actor_name, "system", None)
+        found = self._duplicate(event)
+        state = self.group_state(conv)
+        if found is not None:  # a retry: what the first attempt did
+            assert state is not None
+            return codec.group_value(found, True, state, ())
+        change = GroupChange(
+            conv,
+            req.action,
+            req.actor,
+            req.actor_name,
+            req.cid,
+            tuple(req.identities),
+            req.role,
+            req.name,
+        )
+        p = plan(state, change, req.max_members)
+        now = int(time.time() * 1000)
+        event.text = p.text
+        event.meta = orjson.dumps(p.event).decode()
+        if state is None:
+            db.execute(
+                "INSERT INTO groups VALUES (?, ?, ?, ?, 0)",
+                (conv, p.state.name, p.state.created_by, now),
+            )
+        else:
+            db.execute(
+                "UPDATE groups SET name=?, deleted=? WHERE conversation=?",
+                (p.state.name, int(p.state.deleted), conv),
+            )
+        row = self.append(event)
+        seq = row[1]
+        db.executemany(
+            "INSERT INTO group_members VALUES (?, ?, ?, NULL, ?)",
+            [(conv, i, seq, role) for i, role in p.joined.items()],
+        )
+        db.executemany(
+            "UPDATE group_members SET left_seq=? "
+            "WHERE conversation=? AND identity=? AND left_seq IS NULL",
+            [(seq, conv, i) for i in p.gone],
+        )
+        db.executemany(
+            "UPDATE group_members SET role=? "
+            "WHERE conversation=? AND identity=? AND left_seq IS NULL",
+            [(role, conv, i) for i, role in p.roles.items()],
+        )
+        return codec.group_value(row, False, p.state, p.gone)
+
+    def set_mute(self, identity: str, conversation: str, muted: bool) -> None:
+        self.db.execute(
+            "INSERT INTO conversation_settings VALUES (?, ?, ?) "
+            "ON CONFLICT (identity, conversation) DO UPDATE SET muted=excluded.muted",
+            (identity, conversation, int(muted)),
+        )
+
     def touch_device(self, identity: str, device: str, name: str, now: int) -> None:
         self.db.execute("INSERT OR IGNORE INTO identities VALUES (?, ?)", (identity, now))
         self.db.execute(
@@ -294,6 +400,18 @@ class Writer:
                 "SELECT last_seq FROM conversations WHERE id=?", (conversation,)
             ).fetchone()
             last = int(r[0]) if r else 0
+        if conversation[0] == "g":  # a former member reads no further than their removal
+            r = db.execute(
+                "SELECT left_seq FROM group_members WHERE conversation=? AND identity=? "
+                "ORDER BY joined_seq DESC LIMIT 1",
+                (conversation, identity),
+            ).fetchone()
+            if r is None:
+                raise ProtocolError("bad_conversation", f"{conversation!r} is not a group of yours")
+            if r[0] is not None:
+                last = min(last, r[0])
+        elif conversation[0] == "r":
+            self._chatted(identity, conversation)
         seq = min(seq, last)
         r = db.execute(
             "SELECT seq FROM read_marks WHERE conversation=? AND identity=?",
@@ -321,6 +439,10 @@ def execute(w: Writer, req: codec.WriterRequest) -> Any:
         return w.touch_device(req.identity, req.device, req.name, req.now_ms)
     if type(req) is RegisterIdentity:
         return w.register_identity(req.identity, req.now_ms)
+    if type(req) is ChangeGroup:
+        return w.change_group(req)
+    if type(req) is SetMute:
+        return w.set_mute(req.identity, req.conversation, req.muted)
     raise TypeError(f"unknown writer request {req!r}")
 
 

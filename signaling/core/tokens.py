@@ -5,7 +5,9 @@ Claims (see docs/PROTOCOL.md, "Tokens"):
 - ``iss``: the API key that signed the token; ``sub``: the identity; ``name``: display name;
 - ``exp`` / ``iat``: expiry and issue time (Unix seconds);
 - ``rooms``: ``{room name or "*": [grant, ...]}`` with grants from ``GRANTS``;
-- ``dm``: whether the identity may use direct messages (default true).
+- ``dm``: whether the identity may use direct messages (default true);
+- ``groups``: whether the identity may create groups (default false: the app's backend
+  decides who may; in open mode everyone may).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class Claims:
     rooms: Mapping[str, frozenset[str]] = field(default_factory=dict)
     dm: bool = True
     expires_at: float | None = None
+    groups: bool = False
 
     def grants_for(self, room: str) -> frozenset[str] | None:
         """Grants in ``room``, or None when the token names neither the room nor ``*``."""
@@ -50,7 +53,7 @@ class Claims:
 
 def open_claims(identity: str, name: str) -> Claims:
     """Claims of a participant in open mode: every grant but moderate, in every room."""
-    return Claims(identity, name, {"*": frozenset(DEFAULT_GRANTS)})
+    return Claims(identity, name, {"*": frozenset(DEFAULT_GRANTS)}, groups=True)
 
 
 def create_token(
@@ -62,6 +65,7 @@ def create_token(
     name: str | None = None,
     ttl_s: int = 3600,
     dm: bool = True,
+    groups: bool = False,
     now: float | None = None,
 ) -> str:
     """Sign a token. ``rooms`` maps room names (or ``*``) to grants."""
@@ -86,6 +90,8 @@ def create_token(
         "rooms": norm,
         "dm": dm,
     }
+    if groups:
+        payload["groups"] = True
     return jwt.encode(payload, api_secret, algorithm="HS256")
 
 
@@ -159,4 +165,7 @@ def verify_token(
     dm = payload.get("dm", True)
     if not isinstance(dm, bool):
         raise ProtocolError("token_invalid", "the token's `dm` must be a boolean")
-    return Claims(sub, name, rooms, dm, float(payload["exp"]))
+    groups = payload.get("groups", False)
+    if not isinstance(groups, bool):
+        raise ProtocolError("token_invalid", "the token's `groups` must be a boolean")
+    return Claims(sub, name, rooms, dm, float(payload["exp"]), groups)

@@ -35,7 +35,9 @@ import jwt
 import orjson
 from aiohttp import web
 
+from ..chat.groups import API_ACTOR, ROLES, GroupState, group_id
 from ..chat.handlers import Chat
+from ..chat.messages import GROUP_PATTERN
 from ..chat.store import ChatStore, NewMessage
 from ..core.directory import DeviceDirectory
 from ..core.hub import Hub
@@ -72,6 +74,9 @@ API_ERRORS: Final[dict[str, int]] = {
     "no_such_room": 404,
     "no_such_participant": 404,
     "no_such_identity": 404,
+    "no_such_group": 404,
+    "forbidden": 403,
+    "group_full": 409,
     "internal_error": 500,
     "store_full": 503,
 }
@@ -214,7 +219,13 @@ async def _json_body(request: web.Request, fields: dict[str, type]) -> dict[str,
     return body
 
 
-_TYPE_NAMES: Final = {str: "string", int: "integer", bool: "boolean", dict: "object"}
+_TYPE_NAMES: Final = {
+    str: "string",
+    int: "integer",
+    bool: "boolean",
+    dict: "object",
+    list: "array",
+}
 
 
 def _match(pattern: str, value: str, what: str) -> str:
@@ -259,7 +270,8 @@ async def create_token_route(request: web.Request) -> web.Response:
     api = request.app[API]
     hub = api.hub
     body = await _json_body(
-        request, {"identity": str, "name": str, "rooms": dict, "ttl_s": int, "dm": bool}
+        request,
+        {"identity": str, "name": str, "rooms": dict, "ttl_s": int, "dm": bool, "groups": bool},
     )
     if "identity" not in body:
         raise ApiError("bad_field", "`identity` is required")
@@ -285,6 +297,7 @@ async def create_token_route(request: web.Request) -> web.Response:
             name=name.strip() if name else None,
             ttl_s=ttl,
             dm=body.get("dm", True),
+            groups=body.get("groups", False),
             now=now,
         )
     except ValueError as e:
@@ -369,6 +382,8 @@ async def post_message(request: web.Request) -> web.Response:
     api = request.app[API]
     hub = api.hub
     conv, members = _conversation(request.match_info["conversation"])
+    if conv[0] == "g" and conv not in api.chat.groups:
+        raise ApiError("no_such_group", f"no group {conv!r}")
     body = await _json_body(request, {"text": str, "cid": str, "name": str})
     text = body.get("text")
     limit = hub.cfg.limits.max_text_chars
@@ -378,9 +393,14 @@ async def post_message(request: web.Request) -> web.Response:
     name = body.get("name", "System").strip()
     if not 0 < len(name) <= 64:
         raise ApiError("bad_field", "`name` must have 1-64 characters")
-    stored, dup = await api.chat.post(
-        conv, members, NewMessage(conv, cid, SYSTEM_SENDER, name, "system", text, None, members)
-    )
+    try:
+        stored, dup = await api.chat.post(
+            conv, members, NewMessage(conv, cid, SYSTEM_SENDER, name, "system", text, None, members)
+        )
+    except ProtocolError as e:
+        if e.code != "bad_conversation":
+            raise
+        raise ApiError("no_such_group", e.message) from None
     ack = {k: v for k, v in stored.ack(dup).items() if k != "type"}
     return web.json_response(ack, status=200 if dup else 201)
 
@@ -409,6 +429,124 @@ async def devices(request: web.Request) -> web.Response:
     )
 
 
+# --- groups -------------------------------------------------------------------------------------
+
+#: What a refused group change is on the API (``signaling.chat.groups.plan``'s codes).
+_GROUP_REFUSALS: Final = {
+    "bad_field": "bad_field",
+    "forbidden": "forbidden",
+    "group_full": "group_full",
+    "bad_conversation": "no_such_group",
+}
+
+
+def _identities(body: dict[str, Any], key: str) -> list[str]:
+    value = body.get(key)
+    if not isinstance(value, list) or not all(isinstance(i, str) for i in value):
+        raise ApiError("bad_field", f"`{key}` must be a list of identities")
+    if len(value) > 1000:
+        raise ApiError("bad_field", f"`{key}` has at most 1000 identities")
+    for i in value:
+        _match(IDENTITY_PATTERN, i, key)
+    return value
+
+
+def _cid(request: web.Request, body: dict[str, Any] | None = None) -> str:
+    cid = (body or {}).get("cid") or request.query.get("cid") or secrets.token_hex(8)
+    return _match(TOKEN_PATTERN, cid, "cid")
+
+
+def _group_json(g: GroupState, status: int = 200, **extra: Any) -> web.Response:
+    return web.json_response(
+        {**g.to_wire(), **extra}, status=status, dumps=lambda o: orjson.dumps(o).decode()
+    )
+
+
+async def _change(
+    request: web.Request,
+    conv: str,
+    action: str,
+    cid: str,
+    identities: list[str] | tuple[str, ...] = (),
+    **kw: str | None,
+) -> web.Response:
+    api = request.app[API]
+    try:
+        result = await api.chat.change_group(
+            conv, action, API_ACTOR, "System", cid, identities, **kw
+        )
+    except ProtocolError as e:
+        code = _GROUP_REFUSALS.get(e.code)
+        if code is None:
+            raise
+        raise ApiError(code, e.message) from None
+    created = action == "created" and not result.duplicate
+    return _group_json(
+        result.state,
+        201 if created else 200,
+        seq=result.event.seq,
+        duplicate=result.duplicate,
+    )
+
+
+def _group(request: web.Request) -> str:
+    return _match(GROUP_PATTERN, request.match_info["group"], "group")
+
+
+async def create_group(request: web.Request) -> web.Response:
+    body = await _json_body(request, {"name": str, "owner": str, "members": list, "cid": str})
+    if "owner" not in body or "name" not in body:
+        raise ApiError("bad_field", "`name` and `owner` are required")
+    owner = _match(IDENTITY_PATTERN, body["owner"], "owner")
+    members = _identities(body, "members") if "members" in body else []
+    cid = _cid(request, body)
+    return await _change(
+        request, group_id(API_ACTOR, cid), "created", cid, [owner, *members], name=body["name"]
+    )
+
+
+async def get_group(request: web.Request) -> web.Response:
+    conv = _group(request)
+    g = request.app[API].chat.groups.get(conv)
+    if g is None:
+        raise ApiError("no_such_group", f"no group {conv!r}")
+    return _group_json(g)
+
+
+async def rename_group(request: web.Request) -> web.Response:
+    conv = _group(request)
+    body = await _json_body(request, {"name": str, "cid": str})
+    if "name" not in body:
+        raise ApiError("bad_field", "`name` is required")
+    return await _change(request, conv, "renamed", _cid(request, body), name=body["name"])
+
+
+async def delete_group(request: web.Request) -> web.Response:
+    return await _change(request, _group(request), "deleted", _cid(request))
+
+
+async def add_members(request: web.Request) -> web.Response:
+    conv = _group(request)
+    body = await _json_body(request, {"identities": list, "cid": str})
+    ids = _identities(body, "identities")
+    return await _change(request, conv, "added", _cid(request, body), ids)
+
+
+async def remove_member(request: web.Request) -> web.Response:
+    conv = _group(request)
+    identity = _match(IDENTITY_PATTERN, request.match_info["identity"], "identity")
+    return await _change(request, conv, "removed", _cid(request), (identity,))
+
+
+async def set_role(request: web.Request) -> web.Response:
+    conv = _group(request)
+    identity = _match(IDENTITY_PATTERN, request.match_info["identity"], "identity")
+    body = await _json_body(request, {"role": str, "cid": str})
+    if body.get("role") not in ROLES:
+        raise ApiError("bad_field", "`role` is owner, admin or member")
+    return await _change(request, conv, "role", _cid(request, body), (identity,), role=body["role"])
+
+
 ROUTES: Final = (
     ("GET", "/api/openapi.json", openapi),
     ("POST", "/api/tokens", create_token_route),
@@ -418,6 +556,13 @@ ROUTES: Final = (
     ("GET", "/api/conversations/{conversation}/messages", history),
     ("POST", "/api/conversations/{conversation}/messages", post_message),
     ("GET", "/api/identities/{identity}/devices", devices),
+    ("POST", "/api/groups", create_group),
+    ("GET", "/api/groups/{group}", get_group),
+    ("PATCH", "/api/groups/{group}", rename_group),
+    ("DELETE", "/api/groups/{group}", delete_group),
+    ("POST", "/api/groups/{group}/members", add_members),
+    ("DELETE", "/api/groups/{group}/members/{identity}", remove_member),
+    ("PATCH", "/api/groups/{group}/members/{identity}", set_role),
 )
 
 

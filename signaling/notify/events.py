@@ -3,8 +3,10 @@ Pure; the webhook that delivers them is ``signaling.notify.push``. See docs/PUSH
 
 from __future__ import annotations
 
+import re
 import time
-from typing import Any, Protocol
+from collections.abc import Iterable, Mapping
+from typing import Any, Final, Protocol
 
 from ..chat.store import StoredMessage
 from ..core.directory import SessionDirectory
@@ -13,9 +15,9 @@ from ..core.directory import SessionDirectory
 class PushSink(Protocol):
     """Where events go (``PushQueue``)."""
 
-    def submit(self, event: dict[str, Any], *, unread: tuple[str, str, int] | None = None) -> bool:
-        """Queue ``event`` (it has an ``id``); ``unread`` = (conversation, identity, seq) asks for
-        the recipient's unread count to be added. False if it was not queued."""
+    def submit(self, event: dict[str, Any], *, unread: str | None = None) -> bool:
+        """Queue ``event`` (it has an ``id``); ``unread`` = a conversation asks for the
+        recipients' unread counts in it to be added. False if it was not queued."""
         ...
 
 
@@ -47,21 +49,55 @@ def call_event(
     return out
 
 
-class MessagePushes:
-    """Push a ``message.new`` event for each direct-message recipient with no live device
-    (``on_message`` is a chat message hook)."""
+#: Recipients in one `message.batch` event (a large group's message is several events).
+BATCH: Final = 100
+PUSHED_KINDS: Final = frozenset({"text", "call"})
 
-    def __init__(self, sessions: SessionDirectory, queue: PushSink, include_text: bool) -> None:
+
+def mentions(text: str | None, identities: Iterable[str]) -> set[str]:
+    """The ``identities`` named as ``@identity`` in ``text`` (a whole name: ``@bob`` does
+    not mention ``bob`` in ``@bobby``; a full stop after it ends the sentence, not the name)."""
+    if not text or "@" not in text:
+        return set()
+    named: set[str] = set()
+    for m in _MENTION.finditer(text):
+        name = m.group(1)
+        named.add(name)
+        named.add(name.rstrip("."))
+    return named.intersection(identities)
+
+
+_MENTION: Final = re.compile(r"@([A-Za-z0-9_.@+~-]+)")
+
+
+class MessagePushes:
+    """Push `message.new` to a direct-message recipient with no live device, and
+    `message.batch` events (up to ``BATCH`` identities each) to a group's members with none:
+    one per identity, never per device; members who muted the group get nothing unless the
+    message mentions them (``@identity``). ``on_message`` is a chat message hook."""
+
+    def __init__(
+        self,
+        sessions: SessionDirectory,
+        queue: PushSink,
+        include_text: bool,
+        muted: Mapping[str, set[str]],
+    ) -> None:
         self.sessions = sessions
         self.queue = queue
         self.include_text = include_text
+        self.muted = muted
 
     def on_message(self, msg: StoredMessage, members: tuple[str, ...]) -> None:
         if msg.kind != "text" or not members:
             return
+        if msg.conversation[0] == "g":
+            self._group(msg, members)
+            return
         queue = self.queue
+        muted = self.muted.get(msg.conversation, ())
         for identity in members:
-            if identity == msg.sender:
+            if identity == msg.sender or identity in muted:
                 continue
             if self.sessions.online(identity):
                 continue
@@ -77,4 +113,34 @@ class MessagePushes:
             }
             if self.include_text and msg.text is not None:
                 event["text"] = msg.text
-            queue.submit(event, unread=(msg.conversation, identity, msg.seq))
+            queue.submit(event, unread=msg.conversation)
+
+    def _group(self, msg: StoredMessage, members: tuple[str, ...]) -> None:
+        online = self.sessions.online
+        muted = self.muted.get(msg.conversation, ())
+        named = mentions(msg.text, members)
+        away: list[dict[str, Any]] = []
+        for identity in members:
+            if identity == msg.sender or online(identity):
+                continue
+            mention = identity in named
+            if identity in muted and not mention:
+                continue
+            r: dict[str, Any] = {"identity": identity}
+            if mention:
+                r["mention"] = True
+            away.append(r)
+        for n, i in enumerate(range(0, len(away), BATCH)):
+            event: dict[str, Any] = {
+                "id": f"message.{msg.mid}.batch{n}",
+                "type": "message.batch",
+                "ts": msg.ts,
+                "recipients": away[i : i + BATCH],
+                "conversation": msg.conversation,
+                "seq": msg.seq,
+                "mid": msg.mid,
+                "from": msg.sender,
+            }
+            if self.include_text and msg.text is not None:
+                event["text"] = msg.text
+            self.queue.submit(event, unread=msg.conversation)

@@ -62,10 +62,10 @@ def backoff_s(attempt: int, base: float, cap: float) -> float:
     return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
 
 
-class ReadMarks(Protocol):
-    """What the queue needs of the chat store: a recipient's read watermark."""
+class UnreadCounts(Protocol):
+    """What the queue needs of the chat store: a recipient's unread count."""
 
-    async def read_seq(self, conversation: str, identity: str) -> int: ...
+    async def unread(self, conversation: str, identity: str, upto: int | None = None) -> int: ...
 
 
 class PushCounters:
@@ -94,13 +94,11 @@ class PushQueue:
     worker tasks. ``submit`` never blocks.
     """
 
-    def __init__(self, cfg: PushSection, store: ReadMarks | None = None) -> None:
+    def __init__(self, cfg: PushSection, store: UnreadCounts | None = None) -> None:
         self.cfg = cfg
         self.counters = PushCounters()
         self.store = store
-        self.queue: asyncio.Queue[tuple[dict[str, Any], tuple[str, str, int] | None]] = (
-            asyncio.Queue(cfg.queue_size)
-        )
+        self.queue: asyncio.Queue[tuple[dict[str, Any], str | None]] = asyncio.Queue(cfg.queue_size)
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._http: aiohttp.ClientSession | None = None
         self._workers: list[asyncio.Task[None]] = []
@@ -131,10 +129,11 @@ class PushQueue:
             await self._http.close()
             self._http = None
 
-    def submit(self, event: dict[str, Any], *, unread: tuple[str, str, int] | None = None) -> bool:
+    def submit(self, event: dict[str, Any], *, unread: str | None = None) -> bool:
         """Queue ``event`` (it has an ``id``); False if it is a duplicate or the queue is full.
 
-        ``unread`` = (conversation, identity, seq): the worker adds the recipient's unread count.
+        ``unread`` = a conversation: the worker adds the recipient's unread count in it, as of
+        the event's ``seq`` (``unread`` beside ``identity``, or in each of ``recipients``).
         """
         if not self.enabled:
             return False
@@ -158,8 +157,12 @@ class PushQueue:
             event, unread = await self.queue.get()
             try:
                 if unread is not None and self.store is not None:
-                    conv, identity, seq = unread
-                    event["unread"] = max(0, seq - await self.store.read_seq(conv, identity))
+                    # As of this message: a later one does not change what this push says.
+                    count, seq = self.store.unread, event["seq"]
+                    if "identity" in event:
+                        event["unread"] = await count(unread, event["identity"], seq)
+                    for r in event.get("recipients", ()):
+                        r["unread"] = await count(unread, r["identity"], seq)
                 await self._deliver(event)
             except asyncio.CancelledError:
                 raise

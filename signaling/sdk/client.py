@@ -396,9 +396,95 @@ class RallypointClient:
         reply = await self.request({"type": "history", "conversation": conversation, **paging})
         return list(reply["messages"])
 
-    async def sync(self) -> int:
-        """Fetch every message newer than what this client has seen; returns how many were new."""
+    async def conversations(self, *, page: int = 50) -> list[dict[str, Any]]:
+        """Every conversation of this identity, newest first (all pages of `conversations`)."""
+        items: list[dict[str, Any]] = []
+        msg: dict[str, Any] = {"type": "conversations", "limit": page}
+        while True:
+            reply = await self.request(msg)
+            items.extend(reply["items"])
+            if not reply["more"]:
+                return items
+            msg["cursor"] = reply["cursor"]
+
+    async def mute(self, conversation: str, muted: bool = True) -> None:
+        await self.request(
+            {"type": "conversation_mute", "conversation": conversation, "muted": muted}
+        )
+
+    async def read(self, conversation: str, seq: int) -> None:
+        await self.request({"type": "read", "conversation": conversation, "seq": seq})
+
+    # -- groups ----------------------------------------------------------------------------------
+
+    async def _change(self, type_: str, cid: str | None, **fields: Any) -> dict[str, Any]:
+        """A group request, retried under the same ``cid`` across timeouts and reconnects
+        (a retry changes nothing twice); returns `group`."""
+        msg = {"type": type_, "cid": cid or uuid.uuid4().hex, **fields}
+        delay = 0.1
+        for attempt in range(6):
+            try:
+                reply = await self.request(msg, timeout=5.0)
+            except (TimeoutError, ConnectionError):
+                if attempt == 5:
+                    raise
+                await asyncio.sleep(random.uniform(0, delay))
+                delay = min(delay * 2, 5.0)
+                continue
+            if "message" in reply:
+                self._message(reply["message"])
+            return reply
+        raise AssertionError("unreachable")
+
+    async def create_group(
+        self, name: str, members: list[str] | tuple[str, ...] = (), *, cid: str | None = None
+    ) -> dict[str, Any]:
+        """Create a group (the token needs the `groups` claim); returns `group`, whose
+        `conversation` is the group's id."""
+        return await self._change("group_create", cid, name=name, identities=list(members))
+
+    async def group_add(
+        self, group: str, *identities: str, cid: str | None = None
+    ) -> dict[str, Any]:
+        return await self._change("group_add", cid, conversation=group, identities=list(identities))
+
+    async def group_remove(
+        self, group: str, *identities: str, cid: str | None = None
+    ) -> dict[str, Any]:
+        return await self._change(
+            "group_remove", cid, conversation=group, identities=list(identities)
+        )
+
+    async def group_rename(
+        self, group: str, name: str, *, cid: str | None = None
+    ) -> dict[str, Any]:
+        return await self._change("group_rename", cid, conversation=group, name=name)
+
+    async def group_role(
+        self, group: str, identity: str, role: str, *, cid: str | None = None
+    ) -> dict[str, Any]:
+        return await self._change(
+            "group_role", cid, conversation=group, identity=identity, role=role
+        )
+
+    async def group_leave(self, group: str, *, cid: str | None = None) -> dict[str, Any]:
+        return await self._change("group_leave", cid, conversation=group)
+
+    async def group_delete(self, group: str, *, cid: str | None = None) -> dict[str, Any]:
+        return await self._change("group_delete", cid, conversation=group)
+
+    async def group_info(self, group: str) -> dict[str, Any]:
+        return await self.request({"type": "group_info", "conversation": group})
+
+    async def sync(self, *, discover: bool = True) -> int:
+        """Fetch every message newer than what this client has seen; returns how many were new.
+        With ``discover``, direct conversations and groups it has not seen yet (a group it was
+        added to while away) are fetched from the start (`conversations`)."""
         new = 0
+        if discover:
+            for item in await self.conversations():
+                if item["kind"] != "room":  # rooms need the token's grant: joined ones only
+                    self._last_seq.setdefault(item["conversation"], 0)
         pending = dict(self._last_seq)
         while pending:
             reply = await self.request({"type": "sync", "since": pending})

@@ -122,6 +122,7 @@ def make_app(cfg: Config) -> web.Application:
     hub.on_session_resume.append(calls.session_resumed)
     hub.on_session_end.append(calls.session_ended)
     hub.room_grants.append(calls.room_grants)
+    calls.group_members = chat.group_members
     chat.on_message.append(MessagePushes(hub, push, cfg.push.include_text, chat.muted).on_message)
 
     # The protocol and its handlers.

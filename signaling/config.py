@@ -150,6 +150,9 @@ class CallsSection:
     # How a 1:1 call's media flows: "p2p" (between the two devices, TURN as fallback) or "sfu"
     # (through the server, like group calls).
     one_to_one_media: str = "p2p"
+    # A call started from a group rings its other members: at most this many (a larger group
+    # is refused with `bad_field`: start the call in a room, or call some members).
+    max_group_callees: int = 32
 
 
 @dataclass
@@ -248,6 +251,8 @@ class Config:
             raise ConfigError("session.heartbeat_interval_s and limits.rate_per_s must be > 0")
         if self.calls.one_to_one_media not in ("p2p", "sfu"):
             raise ConfigError("calls.one_to_one_media must be 'p2p' or 'sfu'")
+        if not 1 <= self.calls.max_group_callees <= 1000:
+            raise ConfigError("calls.max_group_callees must be 1-1000")
         if self.calls.ring_timeout_s <= 0:
             raise ConfigError("calls.ring_timeout_s must be > 0")
         if self.push.webhook_url:

@@ -590,3 +590,50 @@ async def test_unread_count_ignores_edits_deletes_and_own(
     (item,) = await bob.conversations()
     assert item["unread"] == 1 and item["last_message"]["text"] == "mine"
     assert orjson.dumps(item)  # plain JSON
+
+
+async def test_calling_a_group_rings_members_and_pushes_the_rest(
+    start_server: Start, receiver_factory: Any, phones: Phone
+) -> None:
+    receiver, url = await receiver_factory()
+    server = await push_server(start_server, url, calls__max_group_callees=3)
+    ann = await phones(server, "ann")
+    bob = await phones(server, "bob", device="phone")
+    bob2 = await phones(server, "bob", device="tablet")
+    dan = await phones(server, "dan")
+    conv = (await ann.create_group("G", ["bob", "carol", "dan"]))["conversation"]
+    call = await ann.call(group=conv, video=True)
+    assert call.group and call.media == "sfu" and call.conversation == conv
+    for dev in (bob, bob2, dan):  # every device of every online member rings
+        incoming = await dev.next_call()
+        assert incoming.id == call.id and incoming.conversation == conv
+    (push,) = await receiver.wait_for(1)  # carol never connected: pushed
+    assert (push["type"], push["identity"], push["call"]["group"]) == (
+        "call.incoming",
+        "carol",
+        True,
+    )
+    await bob.calls[call.id].accept()
+    assert (await bob2.calls[call.id].next_event("call_answered_elsewhere"))["call"] == call.id
+    await dan.calls[call.id].decline()
+    await call.hangup()
+    assert await call.wait_ended() == "completed"
+    await bob.calls[call.id].hangup()  # carol's phone still rang: the call ends now
+    cancelled = (await receiver.wait_for(2))[1]  # and her push is taken back
+    assert (cancelled["type"], cancelled["identity"]) == ("call.cancelled", "carol")
+    # One log entry, in the group, for every member (carol gets it when she syncs).
+    for dev in (ann, bob, dan):
+        log = await dev.next_message(conv, where=lambda m: m["kind"] == "call")
+        assert log["call"]["outcome"] == "completed" and log["call"]["group"] is True
+        assert "callee" not in log["call"]
+    carol = await phones(server, "carol")
+    await carol.sync()
+    got = [await carol.next_message(conv) for _ in range(2)]
+    assert [m["kind"] for m in got] == ["system", "call"]
+    # Who may call a group, and how big it may be.
+    eve = await phones(server, "eve")
+    assert await refused(eve, {"type": "call_invite", "group": conv}) == "bad_conversation"
+    assert await refused(ann, {"type": "call_invite", "group": conv, "to": ["bob"]}) == "bad_field"
+    assert await refused(ann, {"type": "call_invite", "video": True}) == "bad_field"
+    await ann.group_add(conv, "fay")  # four others now: more than calls.max_group_callees
+    assert await refused(ann, {"type": "call_invite", "group": conv}) == "bad_field"

@@ -128,6 +128,7 @@ class Call:
     ended_at: int | None = None
     outcome: str | None = None
     cancelled: bool = False
+    conversation: str | None = None  # a call started from a group: its `group:<id>`
 
     @property
     def group(self) -> bool:
@@ -176,6 +177,8 @@ class Call:
         }
         if self.media == "sfu":
             out["room"] = self.media_room
+        if self.conversation is not None:
+            out["conversation"] = self.conversation
         if self.ended_at is None and self.pending():
             out["expires_at"] = self.expires_at
         return out
@@ -294,11 +297,13 @@ class CallBook:
         devices: Mapping[str, Sequence[str]],
         reachable: set[str],
         now: int,
+        conversation: str | None = None,
     ) -> tuple[Call, list[Effect]]:
         """Start a call from ``session`` of ``caller`` to ``to``.
 
         ``devices`` maps each callee to its sessions (all are rung); ``reachable`` holds the
-        callees with a live connection (the others get a push).
+        callees with a live connection (the others get a push). ``conversation``: a call
+        started from a group (its members are ``to``), logged there once.
         """
         callees = list(dict.fromkeys(to))
         if not callees:
@@ -321,6 +326,7 @@ class CallBook:
             room,
             now,
             now + self.ring_timeout_ms,
+            conversation=conversation,
         )
         self.calls[call_id] = call
         self.by_identity.setdefault(caller, set()).add(call_id)
@@ -605,10 +611,11 @@ class CallBook:
     @staticmethod
     def _logs(call: Call, outcome: str, duration: int) -> list[Effect]:
         caller = call.caller.identity
-        if call.room is not None:
+        where = call.conversation or (f"room:{call.room}" if call.room is not None else None)
+        if where is not None:  # one entry, where the call was started
             return [
                 Log(
-                    f"room:{call.room}",
+                    where,
                     (),
                     call.id,
                     caller,
@@ -617,7 +624,7 @@ class CallBook:
                     outcome,
                     duration,
                     call.video,
-                    True,
+                    call.group,
                 )
             ]
         out: list[Effect] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Final
 
 from ..wire.spec import (
+    GROUP_PATTERN,
     IDENTITY_PATTERN,
     RE,
     ROOM_PATTERN,
@@ -46,6 +47,12 @@ _CALL_INFO = (
     out("group", "boolean", "A group call (more than one callee)."),
     out("media", "string", "`p2p` (WebRTC between the two devices) or `sfu` (join `room`)."),
     out("room", "string", "With `sfu`: the media room to `join`.", required=False),
+    out(
+        "conversation",
+        "string",
+        "A call started from a group: the group's conversation id.",
+        required=False,
+    ),
     out("expires_at", "integer", "Server time when ringing stops, ms.", required=False),
 )
 
@@ -65,15 +72,23 @@ MESSAGES: Final = Messages(
     client=(
         request(
             "call_invite",
-            "Call one identity (1:1) or several (group call); answered with `call_state`.",
+            "Call one identity (1:1), several (group call) or a group's members; answered with "
+            "`call_state`.",
             Field(
                 "to",
                 "array",
-                "Identities to call: one for a 1:1 call, more for a group call.",
-                required=True,
+                "Identities to call: one for a 1:1 call, more for a group call (give `to` or "
+                "`group`).",
                 items="string",
                 max_items=MAX_CALLEES,
                 item_pattern=IDENTITY_PATTERN,
+            ),
+            Field(
+                "group",
+                "string",
+                "Call a group you are a member of: rings its other members (at most "
+                "`calls.max_group_callees`); the call log goes into the group.",
+                pattern=GROUP_PATTERN,
             ),
             Field("video", "boolean", "A video call (default false: audio only)."),
             Field(

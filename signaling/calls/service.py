@@ -12,7 +12,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Final
 
 import orjson
@@ -68,6 +68,9 @@ class CallService:
         self._stopped = False
         self.calls_started = 0
         self.call_logs_stored = 0
+        self.max_group_callees = cfg.max_group_callees
+        #: A group's current members, or None if there is no such group (wired to chat).
+        self.group_members: Callable[[str], tuple[str, ...] | None] = lambda conv: None
 
     def feature(self) -> Feature:
         return Feature(
@@ -178,8 +181,11 @@ class CallService:
             return
         self.call_logs_stored += 1
         hub.counters.messages_stored += 1
-        # Every device of every party sees the log, and so does everyone in a group's room.
+        # Every device of every party sees the log, and so does everyone in a group's room, or
+        # every member of the group the call was started from.
         identities = set(entry.members) or {entry.caller, *self._parties_of_log(entry)}
+        if entry.conversation[0] == "g":
+            identities.update(self.group_members(entry.conversation) or ())
         targets: dict[str, Session] = {}
         for ident in identities:
             for s in hub.sessions_of(ident):
@@ -246,24 +252,53 @@ class CallService:
 
     # -- handlers ----------------------------------------------------------------------------
 
+    def _group_callees(self, s: Session, m: dict[str, Any]) -> list[str]:
+        """The members a call started from a group rings: every other member."""
+        if "to" in m or "room" in m:
+            raise ProtocolError("bad_field", "give `group` alone, without `to` or `room`")
+        conv: str = m["group"]
+        members = self.group_members(conv)
+        if members is None or s.identity not in members:
+            raise ProtocolError("bad_conversation", f"{conv!r} is not a group of yours")
+        to = [i for i in members if i != s.identity]
+        if not to:
+            raise ProtocolError("bad_field", "you are alone in this group")
+        if len(to) > self.max_group_callees:
+            raise ProtocolError(
+                "bad_field",
+                f"a call from a group rings at most {self.max_group_callees} members: "
+                "start it in a room, or call some of them",
+            )
+        return to
+
     async def on_call_invite(self, s: Session, m: dict[str, Any]) -> None:
-        to: list[str] = list(dict.fromkeys(m["to"]))
+        group: str | None = m.get("group")
         room: str | None = m.get("room")
-        if room is None:
-            if not s.claims.dm:
-                raise ProtocolError("forbidden", "the token does not allow direct calls")
+        if group is not None:
+            # Membership is the permission; members who never connected are pushed like
+            # any offline member.
+            to = self._group_callees(s, m)
+        elif "to" not in m:
+            raise ProtocolError("bad_field", "give `to` (identities) or `group`")
         else:
-            grants = self.hub.grants_for(s, room)
-            if grants is None:
-                raise ProtocolError(
-                    "token_wrong_room", f"the token grants nothing in room {room!r}"
-                )
-            if "join" not in grants:
-                raise ProtocolError("forbidden", f"the token has no join grant in room {room!r}")
-        unknown = await self.hub.unknown_identities(to)
-        if unknown:
-            names = ", ".join(sorted(unknown)[:5])
-            raise ProtocolError("unknown_identity", f"unknown identity: {names}")
+            to = list(dict.fromkeys(m["to"]))
+            if room is None:
+                if not s.claims.dm:
+                    raise ProtocolError("forbidden", "the token does not allow direct calls")
+            else:
+                grants = self.hub.grants_for(s, room)
+                if grants is None:
+                    raise ProtocolError(
+                        "token_wrong_room", f"the token grants nothing in room {room!r}"
+                    )
+                if "join" not in grants:
+                    raise ProtocolError(
+                        "forbidden", f"the token has no join grant in room {room!r}"
+                    )
+            unknown = await self.hub.unknown_identities(to)
+            if unknown:
+                names = ", ".join(sorted(unknown)[:5])
+                raise ProtocolError("unknown_identity", f"unknown identity: {names}")
         # No await from here on: the state machine step and its effects are one atomic change.
         devices = {i: [x.id for x in self.hub.sessions_of(i)] for i in to}
         reachable = {i for i in to if any(x.conn is not None for x in self.hub.sessions_of(i))}
@@ -278,6 +313,7 @@ class CallService:
             devices=devices,
             reachable=reachable,
             now=_ms(),
+            conversation=group,
         )
         self.calls_started += 1
         self.reply_state(s, call, m)

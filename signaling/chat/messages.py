@@ -6,6 +6,7 @@ from typing import Final
 
 from ..wire.spec import (
     CONVERSATION_PATTERN,
+    GROUP_PATTERN,
     IDENTITY_PATTERN,
     RE,
     TOKEN_PATTERN,
@@ -47,7 +48,6 @@ _CID = Field(
     required=True,
     pattern=TOKEN_PATTERN,
 )
-GROUP_PATTERN: Final = r"^group:[A-Za-z0-9_-]{1,64}$"
 _GROUP = Field(
     "conversation",
     "string",

@@ -37,7 +37,6 @@ from aiohttp import web
 
 from ..chat.groups import API_ACTOR, ROLES, GroupState, group_id
 from ..chat.handlers import Chat
-from ..chat.messages import GROUP_PATTERN
 from ..chat.store import ChatStore, NewMessage
 from ..core.directory import DeviceDirectory
 from ..core.hub import Hub
@@ -46,6 +45,7 @@ from ..core.tokens import create_token
 from ..wire.errors import ProtocolError
 from ..wire.spec import (
     CONVERSATION_PATTERN,
+    GROUP_PATTERN,
     IDENTITY_PATTERN,
     ROOM_PATTERN,
     TOKEN_PATTERN,

@@ -52,6 +52,7 @@ class Call:
         self.group: bool = info.get("group", False)
         self.media: str = info.get("media", "p2p")
         self.room: str | None = info.get("room")
+        self.conversation: str | None = info.get("conversation")  # started from a group
         self.ice_servers: list[dict[str, Any]] = info.get("ice_servers", [])
         self.state = "ringing"
         self.parties: dict[str, str] = {}  # identity -> status
@@ -532,9 +533,20 @@ class RallypointClient:
             call._update(ev)
         call.events.put_nowait(ev)
 
-    async def call(self, *identities: str, video: bool = False, room: str | None = None) -> Call:
-        """Call one identity (1:1) or several (a group call)."""
-        msg: dict[str, Any] = {"type": "call_invite", "to": list(identities), "video": video}
+    async def call(
+        self,
+        *identities: str,
+        video: bool = False,
+        room: str | None = None,
+        group: str | None = None,
+    ) -> Call:
+        """Call one identity (1:1), several (a group call), or the members of ``group`` (a
+        `group:<id>` conversation; no identities then)."""
+        msg: dict[str, Any] = {"type": "call_invite", "video": video}
+        if group is not None:
+            msg["group"] = group
+        else:
+            msg["to"] = list(identities)
         if room is not None:
             msg["room"] = room
         state = await self.request(msg)

@@ -19,6 +19,7 @@ _ID_BODY = r"[A-Za-z0-9_.@+~-]{1,128}"
 CONVERSATION_PATTERN: Final = (
     rf"^(room:[A-Za-z0-9_.~-]{{1,64}}|dm:{_ID_BODY}\|{_ID_BODY}|group:[A-Za-z0-9_-]{{1,64}})$"
 )
+GROUP_PATTERN: Final = r"^group:[A-Za-z0-9_-]{1,64}$"
 TOKEN_PATTERN: Final = r"^[\x21-\x7e]{1,64}$"  # client ids, device ids, request ids
 
 _COMPILED: dict[str, re.Pattern[str]] = {}

@@ -637,3 +637,23 @@ async def test_calling_a_group_rings_members_and_pushes_the_rest(
     assert await refused(ann, {"type": "call_invite", "video": True}) == "bad_field"
     await ann.group_add(conv, "fay")  # four others now: more than calls.max_group_callees
     assert await refused(ann, {"type": "call_invite", "group": conv}) == "bad_field"
+
+
+async def test_group_chat_moderation_and_typing(server: TestServer, phones: Phone) -> None:
+    ann = await phones(server, "ann")
+    bob = await phones(server, "bob")
+    cy = await phones(server, "cy")
+    conv = (await ann.create_group("G", ["bob", "cy"]))["conversation"]
+    await ann.group_role(conv, "bob", "admin")
+    cys = await cy.send(conv, "spam")
+    anns = await ann.send(conv, "hello")
+    # A member may not delete another's message; an admin may (any time, as a moderator).
+    delete = {"type": "delete", "conversation": conv, "cid": "d1", "ref": anns["seq"]}
+    assert await refused(cy, delete) == "not_author"
+    await bob.request({**delete, "ref": cys["seq"]})
+    got = await cy.next_message(conv, where=lambda m: m["kind"] == "delete")
+    assert got["ref"] == cys["seq"] and got["from"] == "bob"
+    await cy.request({"type": "typing", "conversation": conv, "active": True})
+    for dev in (ann, bob):
+        t = await dev.next_event("typing")
+        assert (t["conversation"], t["identity"], t["active"]) == (conv, "cy", True)

@@ -221,9 +221,12 @@ async def test_read_marks_only_move_forward(store: SqliteStore) -> None:
     assert await store.mark_read("dm:alice|bob", "bob", 2) is None
     assert await store.mark_read("dm:alice|bob", "bob", 50) == 5  # clamped to the last seq
     assert await store.read_seq("dm:alice|bob", "bob") == 5
-    assert await store.conversations_of("bob") == [("dm:alice|bob", 5, 5)]
-    assert await store.conversations_of("alice") == [("dm:alice|bob", 5, 0)]
-    assert await store.conversations_of("carol") == []
+    (bob,), _ = await store.conversation_list("bob", 10)
+    (alice,), _ = await store.conversation_list("alice", 10)
+    # msg() sends as alice: all five are unread for bob until he read them, none for her.
+    assert (bob.last_seq, bob.read_seq, bob.unread) == (5, 5, 0)
+    assert (alice.last_seq, alice.read_seq, alice.unread) == (5, 0, 0)
+    assert await store.conversation_list("carol", 10) == ([], False)
 
 
 async def test_reopen_keeps_sequence_and_epoch(tmp_path: Path) -> None:

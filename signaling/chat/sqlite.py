@@ -503,24 +503,6 @@ class SqliteStore:
         )
         return result
 
-    def _conversations_sync(self, identity: str) -> list[tuple[str, int, int]]:
-        rows = (
-            self._rconn()
-            .execute(
-                "SELECT c.id, c.last_seq, COALESCE(r.seq, 0) FROM members m "
-                "JOIN conversations c ON c.id = m.conversation "
-                "LEFT JOIN read_marks r ON r.conversation = m.conversation AND r.identity = ? "
-                "WHERE m.identity = ? ORDER BY c.id",
-                (identity, identity),
-            )
-            .fetchall()
-        )
-        return [(str(a), int(b), int(c)) for a, b, c in rows]
-
-    async def conversations_of(self, identity: str) -> list[tuple[str, int, int]]:
-        result: list[tuple[str, int, int]] = await self._read(self._conversations_sync, identity)
-        return result
-
     def _unread_sync(
         self, conversation: str, identity: str, upto: int | None
     ) -> tuple[int, int, int]:

@@ -1,10 +1,10 @@
 """The composition root: the one place that builds every service, merges every feature's
 messages and handlers, and owns the aiohttp application's keys, routes and cleanup contexts.
 
-Features (``core``, ``chat``, ``calls``, ``groupcall``) each hand over a ``Feature``: their
-message specs and error codes, and the handlers of their client messages. Nothing registers
-itself by being imported; ``protocol()`` merges the specs, and ``make_app`` checks at start-up
-that the handled client message types are exactly the documented ones.
+Features (``core``, ``chat``, ``calls``, ``groupcall``, ``relations``) each hand over a
+``Feature``: their message specs and error codes, and the handlers of their client messages.
+Nothing registers itself by being imported; ``protocol()`` merges the specs, and ``make_app``
+checks at start-up that the handled client message types are exactly the documented ones.
 
 ``python -m signaling.app schema`` prints the JSON Schema of the protocol
 (``docs/protocol.schema.json``).
@@ -49,6 +49,8 @@ from .net.listener import AddressBook
 from .net.metrics import Metrics
 from .notify.events import MessagePushes
 from .notify.push import PushQueue
+from .relations import messages as relations_messages
+from .relations.service import Relations
 from .wire.errors import CloseCode
 from .wire.protocol import Protocol
 from .wire.schema import json_schema
@@ -70,6 +72,7 @@ MESSAGES = (
     chat_messages.MESSAGES,
     calls_messages.MESSAGES,
     groupcall_messages.MESSAGES,
+    relations_messages.MESSAGES,
 )
 
 
@@ -106,12 +109,13 @@ def make_app(cfg: Config) -> web.Application:
 
     # Services.
     store = SqliteStore(Path(cfg.server.data_dir) / "chat.sqlite3", cfg.store.synchronous)
-    hub = Hub(cfg, store, store, IceServers(cfg, secret))
+    hub = Hub(cfg, store, store, store, IceServers(cfg, secret))
     chat = Chat(hub, store)
     push = PushQueue(cfg.push, store)
     calls = CallService(hub, store, push)
     groupcall = GroupCall(hub, cfg.sfu)
     core = CoreHandlers(hub)
+    relations = Relations(hub, store)
     gc_monitor = GcMonitor()
     addresses = AddressBook(cfg.server.max_connections_per_address)  # for net.listener.serve
     turn_metrics = TurnMetrics()
@@ -124,10 +128,17 @@ def make_app(cfg: Config) -> web.Application:
     hub.room_grants.append(calls.room_grants)
     calls.group_members = chat.group_members
     chat.on_message.append(MessagePushes(hub, push, cfg.push.include_text, chat.muted).on_message)
+    chat.on_message.append(relations.message_stored)
 
     # The protocol and its handlers.
     proto = protocol()
-    features = [core.feature(), chat.feature(), calls.feature(), groupcall.feature()]
+    features = [
+        core.feature(),
+        chat.feature(),
+        calls.feature(),
+        groupcall.feature(),
+        relations.feature(),
+    ]
     handlers = handlers_of(proto, features)
     inline = frozenset().union(*(f.inline for f in features))
     endpoint = Endpoint(cfg, hub, proto, handlers, inline, gc_monitor)
@@ -149,6 +160,7 @@ def make_app(cfg: Config) -> web.Application:
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         await store.open()
         await chat.start()
+        await hub.load_blocks()
         yield
         await store.close()
 
@@ -193,7 +205,7 @@ def make_app(cfg: Config) -> web.Application:
     else:  # public in open mode (loopback by default); the API credentials in token mode
         app.router.add_get("/metrics", metrics.handler(hub, protected=not cfg.open_mode))
     web_page.setup(app)
-    http_api.setup(app, http_api.Api(hub, chat, store, store))
+    http_api.setup(app, http_api.Api(hub, chat, store, store, relations))
     return app
 
 

@@ -138,6 +138,7 @@ def cmd_token(args: argparse.Namespace) -> int:
             name=args.name,
             ttl_s=ttl,
             dm=not args.no_dm,
+            contacts=args.contacts,
         )
     except ValueError as e:
         print(f"rallypoint token: {e}", file=sys.stderr)
@@ -174,6 +175,11 @@ def parser() -> argparse.ArgumentParser:
         f"(default {','.join(DEFAULT_GRANTS)})",
     )
     t.add_argument("--no-dm", action="store_true", help="forbid direct messages")
+    t.add_argument(
+        "--contacts",
+        action="store_true",
+        help="let the identity manage its own contacts (request, accept, decline, remove)",
+    )
     t.add_argument("--config", help="TOML config file with the API key and secret")
     t.add_argument("--api-key", help="API key (overrides the config)")
     t.add_argument("--api-secret", help="API secret (overrides the config)")

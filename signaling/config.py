@@ -156,6 +156,19 @@ class CallsSection:
 
 
 @dataclass
+class PrivacySection:
+    # Who may `watch` an identity's presence: "private" (its contacts, the members of a group
+    # it is in, and the partners of direct conversations in which both have written) or
+    # "open" (anyone). Nobody it blocked, either way.
+    presence: str = "private"
+    # Direct messages and calls to identities that are not contacts; off: contacts only.
+    dm_strangers: bool = True
+    call_strangers: bool = True
+    # Contact requests an identity may have waiting for an answer (spam protection).
+    max_pending_requests: int = 500
+
+
+@dataclass
 class PushSection:
     # The app backend's webhook for devices that are offline; "" = no pushes.
     webhook_url: str = ""
@@ -194,6 +207,7 @@ class Config:
     sfu: SfuSection = field(default_factory=SfuSection)
     calls: CallsSection = field(default_factory=CallsSection)
     push: PushSection = field(default_factory=PushSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
 
     @property
     def open_mode(self) -> bool:
@@ -262,6 +276,10 @@ class Config:
                 raise ConfigError(
                     "push.secret must be at least 16 bytes when push.webhook_url is set"
                 )
+        if self.privacy.presence not in ("private", "open"):
+            raise ConfigError("privacy.presence must be 'private' or 'open'")
+        if self.privacy.max_pending_requests < 1:
+            raise ConfigError("privacy.max_pending_requests must be >= 1")
         if self.push.max_attempts < 1 or self.push.queue_size < 1:
             raise ConfigError("push.max_attempts and push.queue_size must be >= 1")
         for s in self.ice.servers:

@@ -254,7 +254,10 @@ async def test_duplicate_sends_are_stored_once(server: TestServer, clients: Conn
     assert [m["text"] for m in hist["messages"]] == ["once", "next"]
 
 
-async def test_presence_across_devices_for_watchers(server: TestServer, clients: Connect) -> None:
+async def test_presence_across_devices_for_watchers(
+    start_server: Callable[..., Awaitable[TestServer]], clients: Connect
+) -> None:
+    server = await start_server(privacy__presence="open")  # anyone may watch (test_privacy.py)
     w = await clients(server, name="Watcher", identity="watcher")
     state = await w.request({"type": "watch", "identities": ["alice"]})
     assert state["presence"] == [{"identity": "alice", "status": "offline"}]
@@ -276,7 +279,7 @@ async def test_presence_across_devices_for_watchers(server: TestServer, clients:
 async def test_resume_after_dropped_socket(
     start_server: Callable[..., Awaitable[TestServer]], clients: Connect
 ) -> None:
-    server = await start_server()
+    server = await start_server(privacy__presence="open")
     a, b = await joined(clients, server, "res", "alice", "bob")
     await a.send_chat("room:res", "before")
     await b.next_event("message")

@@ -95,6 +95,10 @@ def test_tokens_round_trip_and_grants() -> None:
     assert claims.grants_for("elsewhere") is None
     star = verify_token(create_token("key", SECRET, "bob", rooms={"*": ["join"]}), "key", SECRET)
     assert star.can("anything", "join")
+    # Users manage their own contacts only where a token says so.
+    assert claims.contacts is False and star.contacts is False
+    own = verify_token(create_token("key", SECRET, "c", rooms={}, contacts=True), "key", SECRET)
+    assert own.contacts is True
 
 
 @pytest.mark.parametrize(
@@ -140,6 +144,14 @@ def test_tokens_round_trip_and_grants() -> None:
             lambda: jwt.encode({"iss": "key", "sub": "a"}, SECRET, algorithm="HS256"),
             "token_invalid",
         ),
+        (
+            lambda: jwt.encode(
+                {"iss": "key", "sub": "a", "exp": int(time.time()) + 60, "contacts": "yes"},
+                SECRET,
+                algorithm="HS256",
+            ),
+            "token_invalid",
+        ),
     ],
 )
 def test_bad_tokens(make: object, code: str) -> None:
@@ -180,6 +192,8 @@ def test_config_layers(tmp_path: Path) -> None:
         ("[auth]\napi_key = 'k'\n", {}, "api_secret"),
         ("[auth]\napi_key = 'k'\napi_secret = 'short'\n", {}, "32 bytes"),
         ("[server\n", {}, "not valid TOML"),
+        ("[privacy]\npresence = 'friends'\n", {}, "privacy.presence"),
+        ("[privacy]\nmax_pending_requests = 0\n", {}, "privacy.max_pending_requests"),
     ],
 )
 def test_config_errors_name_the_key(

@@ -207,7 +207,7 @@ async def test_upgraded_store_finds_edits_by_index(tmp_path: Path) -> None:
     await s.close()
     assert d.seq == 3 and [m.text for m in page.messages] == [None, None, None]
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 4
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 5
     plan = db.execute("EXPLAIN QUERY PLAN " + store_writer.BLANK_EDITS, ("room:u", 1)).fetchall()
     db.close()
     # Not a walk over the whole conversation (messages_seq), which took ~130 ms at 500k.

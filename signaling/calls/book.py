@@ -9,6 +9,10 @@ Rules (see docs/PROTOCOL.md, "Calls"):
 
 - Every device of a callee rings (``call_incoming``); a device that connects while its identity is
   still being rung rings too, which is how a phone woken by a push gets the call.
+- A callee the caller may not reach (unknown, blocking the caller, or a stranger where calls are
+  for contacts: ``signaling.core.privacy``) is *unseen*: invited like one that is offline, but
+  none of its devices rings, it gets no push, is never busy, cannot act on the call, and its
+  call-log entry is withheld from it. The caller sees a callee that never answers.
 - A callee already in a call (caller of a live call, or joined to one) is ``busy`` at once.
 - The first device of a callee to accept wins; the identity's other devices get
   ``call_answered_elsewhere``. No answer within the ring timeout is ``missed``.
@@ -79,6 +83,7 @@ class Log:
     duration_ms: int
     video: bool
     group: bool
+    hidden_from: str | None = None  # an unseen callee: the entry is the caller's alone
 
 
 Effect = Send | Push | Log
@@ -103,6 +108,7 @@ class Party:
     devices: set[str] = field(default_factory=set)
     device: str | None = None
     pushed: bool = False  # an incoming-call push went out: a cancel push must follow
+    unseen: bool = False  # never rung, never told (see the module docstring)
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"identity": self.identity, "status": self.status}
@@ -258,7 +264,7 @@ class CallBook:
                 raise ProtocolError("call_ended", f"call {call_id} has ended")
             raise ProtocolError("no_such_call", f"no call {call_id!r} involves you")
         p = call.party(identity)
-        if p is None:
+        if p is None or p.unseen:
             raise ProtocolError("no_such_call", f"no call {call_id!r} involves you")
         return call, p
 
@@ -298,12 +304,14 @@ class CallBook:
         reachable: set[str],
         now: int,
         conversation: str | None = None,
+        unseen: frozenset[str] = frozenset(),
     ) -> tuple[Call, list[Effect]]:
         """Start a call from ``session`` of ``caller`` to ``to``.
 
         ``devices`` maps each callee to its sessions (all are rung); ``reachable`` holds the
-        callees with a live connection (the others get a push). ``conversation``: a call
-        started from a group (its members are ``to``), logged there once.
+        callees with a live connection (the others get a push); ``unseen`` the callees the
+        caller may not reach (invited, never rung). ``conversation``: a call started from a
+        group (its members are ``to``), logged there once.
         """
         callees = list(dict.fromkeys(to))
         if not callees:
@@ -335,6 +343,9 @@ class CallBook:
         incoming.update(from_device=session, to=callees)
         for p in call.callees.values():
             self.by_identity.setdefault(p.identity, set()).add(call_id)
+            if p.identity in unseen:  # as if offline for good: no device, no push, not busy
+                p.unseen = True
+                continue
             if self.in_call(p.identity):
                 p.status = BUSY
                 fx.append(Send((session,), self._about("call_busy", call, p.identity)))
@@ -459,7 +470,7 @@ class CallBook:
         fx: list[Effect] = []
         for call in self.calls_of(identity):
             p = call.callees.get(identity)
-            if p is None or p.status not in PENDING or session in p.devices:
+            if p is None or p.unseen or p.status not in PENDING or session in p.devices:
                 continue
             p.devices.add(session)
             incoming = {"type": "call_incoming", **call.info()}
@@ -603,7 +614,7 @@ class CallBook:
                 if not ids:
                     del self.by_identity[p.identity]
         del self.calls[call.id]
-        self.ended[call.id] = frozenset(p.identity for p in call.parties())
+        self.ended[call.id] = frozenset(p.identity for p in call.parties() if not p.unseen)
         while len(self.ended) > ENDED_MEMORY:
             self.ended.popitem(last=False)
         return fx
@@ -642,6 +653,7 @@ class CallBook:
                     duration if o == "completed" else 0,
                     call.video,
                     call.group,
+                    p.identity if p.unseen else None,
                 )
             )
         return out

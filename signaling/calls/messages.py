@@ -22,8 +22,6 @@ CALL_SIGNAL_KINDS: Final = ("offer", "answer", "candidate", "end_of_candidates")
 CALL_PARTY_STATUSES: Final = ("invited", "ringing", "joined", "declined", "busy", "missed", "left")
 
 ERRORS: Final[dict[str, str]] = {
-    "unknown_identity": "A callee has never connected to this server and was never issued a "
-    "token through the HTTP API.",
     "no_such_call": "No call with this id involves you (unknown, forged or forgotten).",
     "call_ended": "The call is over for you (ended, declined, missed or cancelled).",
     "already_answered": "The call was already answered (on this or another device).",

@@ -23,6 +23,7 @@ from ..chat.store import ChatStore, NewMessage
 from ..core.feature import Feature
 from ..core.hub import Hub
 from ..core.metrics import Metric
+from ..core.privacy import callee_unreachable
 from ..core.session import Session
 from ..notify.events import PushSink, call_event
 from ..wire.errors import ProtocolError
@@ -175,6 +176,7 @@ class CallService:
                 None,
                 entry.members,
                 meta=orjson.dumps(meta).decode(),
+                hidden_from=entry.hidden_from,
             )
         )
         if dup:
@@ -182,10 +184,13 @@ class CallService:
         self.call_logs_stored += 1
         hub.counters.messages_stored += 1
         # Every device of every party sees the log, and so does everyone in a group's room, or
-        # every member of the group the call was started from.
+        # every member of the group the call was started from; an unseen callee's entry only
+        # the caller.
         identities = set(entry.members) or {entry.caller, *self._parties_of_log(entry)}
         if entry.conversation[0] == "g":
             identities.update(self.group_members(entry.conversation) or ())
+        if entry.hidden_from is not None:
+            identities.discard(entry.hidden_from)
         targets: dict[str, Session] = {}
         for ident in identities:
             for s in hub.sessions_of(ident):
@@ -260,9 +265,11 @@ class CallService:
         members = self.group_members(conv)
         if members is None or s.identity not in members:
             raise ProtocolError("bad_conversation", f"{conv!r} is not a group of yours")
-        to = [i for i in members if i != s.identity]
+        # Members the caller blocks are not called (calling them directly is refused).
+        blocks = self.hub.blocks
+        to = [i for i in members if i != s.identity and not blocks.blocked(s.identity, i)]
         if not to:
-            raise ProtocolError("bad_field", "you are alone in this group")
+            raise ProtocolError("bad_field", "nobody in this group to call")
         if len(to) > self.max_group_callees:
             raise ProtocolError(
                 "bad_field",
@@ -295,10 +302,10 @@ class CallService:
                     raise ProtocolError(
                         "forbidden", f"the token has no join grant in room {room!r}"
                     )
-            unknown = await self.hub.unknown_identities(to)
-            if unknown:
-                names = ", ".join(sorted(unknown)[:5])
-                raise ProtocolError("unknown_identity", f"unknown identity: {names}")
+        if group is None:
+            unseen = await self._unseen(s.identity, to)
+        else:
+            unseen = self._unseen_members(s, to)
         # No await from here on: the state machine step and its effects are one atomic change.
         devices = {i: [x.id for x in self.hub.sessions_of(i)] for i in to}
         reachable = {i for i in to if any(x.conn is not None for x in self.hub.sessions_of(i))}
@@ -314,10 +321,41 @@ class CallService:
             reachable=reachable,
             now=_ms(),
             conversation=group,
+            unseen=unseen,
         )
         self.calls_started += 1
         self.reply_state(s, call, m)
         self.apply(fx)
+
+    def _unseen_members(self, s: Session, to: list[str]) -> frozenset[str]:
+        """A call from a group: the members who block the caller are invited but never rung
+        (as ``_unseen``); members who never connected are rung like any offline member (they
+        are members: nothing is probed)."""
+        blocked = self.hub.blocks.blocked
+        return frozenset(i for i in to if blocked(i, s.identity))
+
+    async def _unseen(self, caller: str, to: list[str]) -> frozenset[str]:
+        """The callees ``caller`` may not reach (``privacy.callee_unreachable``); ``blocked``
+        if it blocks one. The directory (and, where calls are for contacts, the contact list)
+        is asked about every callee, so every call is answered after the same steps."""
+        hub = self.hub
+        blocks = hub.blocks
+        mine = [i for i in to if blocks.blocked(caller, i)]
+        if mine:
+            raise ProtocolError("blocked", f"you block {mine[0]!r}: unblock it to call it")
+        strangers_ok = hub.cfg.privacy.call_strangers
+        unknown = await hub.unknown_identities(to)
+        contacts = set() if strangers_ok else await hub.relations.contacts_among(caller, to)
+        return frozenset(
+            i
+            for i in to
+            if callee_unreachable(
+                unknown=i in unknown,
+                blocked=blocks.blocked(i, caller),
+                contact=i in contacts,
+                call_strangers=strangers_ok,
+            )
+        )
 
     async def on_call_ringing(self, s: Session, m: dict[str, Any]) -> None:
         self.apply(self.book.ringing(m["call"], s.identity, s.id))

@@ -4,11 +4,12 @@ Both ends import these functions, so the request and result formats are defined 
 
 - a request is one JSON array per line: an op letter, then the fields of its value in the order
   of the dataclass (``NewMessage`` for an append, ``MarkRead``, ``TouchDevice``,
-  ``RegisterIdentity``);
+  ``RegisterIdentity``, ``ChangeRelation``);
 - a transaction's answer is one line: a JSON array with a result per request, in request order;
   a result is ``[1, value]``, or ``[0, code, message]`` for a refusal (a ``ProtocolError``) or a
   failure, with a fourth element, ``retry_after_ms``, when there is one; an append's value is
-  the stored row (the fields of ``StoredMessage`` in order) and the duplicate flag;
+  the stored row (the fields of ``StoredMessage`` in order) and the duplicate flag; a relation
+  change's is the pair before and after (``Pair.to_list``, twice);
 - the writer's first line is ``["ready", epoch]`` or ``["fail", reason]``;
 - between answers, ``["full", 1]``: the writer hit a full disk (one line per ENOSPC), and
   ``["full", 0]``: space is back.
@@ -24,6 +25,7 @@ from typing import Any, Final
 
 import orjson
 
+from ..core.privacy import Pair
 from ..wire.errors import ProtocolError
 from .groups import ChangeGroup, GroupState
 from .store import GroupResult, NewMessage, StoredMessage
@@ -61,7 +63,20 @@ class SetMute:
     muted: bool
 
 
-WriterRequest = NewMessage | MarkRead | TouchDevice | RegisterIdentity | ChangeGroup | SetMute
+@dataclass(slots=True)
+class ChangeRelation:
+    """``actor`` does ``action`` toward ``other`` (``signaling.core.privacy.plan``)."""
+
+    action: str
+    actor: str
+    other: str
+    now_ms: int
+    max_pending: int  # contact requests ``actor`` may have waiting
+
+
+WriterRequest = (
+    NewMessage | MarkRead | TouchDevice | RegisterIdentity | ChangeGroup | SetMute | ChangeRelation
+)
 Result = list[Any]  # [1, value] | [0, code, message]
 
 _OPS: Final[dict[type, str]] = {
@@ -71,6 +86,7 @@ _OPS: Final[dict[type, str]] = {
     RegisterIdentity: "i",
     ChangeGroup: "g",
     SetMute: "m",
+    ChangeRelation: "c",
 }
 _TYPES: Final = {op: t for t, op in _OPS.items()}
 
@@ -92,6 +108,8 @@ def append_request(m: NewMessage) -> bytes:
                 m.moderator,
                 m.edit_window_ms,
                 m.meta,
+                m.hidden_from,
+                m.contact_required,
             )
         )
         + b"\n"
@@ -140,10 +158,25 @@ def row(
     ts: int,
     meta: str | None,
     duplicate: bool,
+    hidden_from: str | None = None,
 ) -> list[Any]:
     """An append's value: the stored message's fields in ``StoredMessage`` order, then the
     duplicate flag (the writer's per-message path: no object, no reflection)."""
-    return [conversation, seq, mid, cid, sender, name, kind, text, ref, ts, meta, duplicate]
+    return [
+        conversation,
+        seq,
+        mid,
+        cid,
+        sender,
+        name,
+        kind,
+        text,
+        ref,
+        ts,
+        meta,
+        hidden_from,
+        duplicate,
+    ]
 
 
 def encode_row(m: StoredMessage, duplicate: bool) -> list[Any]:
@@ -160,6 +193,7 @@ def encode_row(m: StoredMessage, duplicate: bool) -> list[Any]:
         m.ts,
         m.meta,
         duplicate,
+        m.hidden_from,
     )
 
 
@@ -185,6 +219,15 @@ def decode_group_value(value: list[Any]) -> GroupResult:
     conv, name, created_by, members, deleted = value[1]
     state = GroupState(conv, name, created_by, {i: r for i, r in members}, deleted)
     return GroupResult(stored, duplicate, state, tuple(value[2]))
+
+
+def relation_value(before: Pair, after: Pair) -> list[Any]:
+    """A relation change's value: the pair before and after it."""
+    return [before.to_list(), after.to_list()]
+
+
+def decode_relation_value(value: list[Any]) -> tuple[Pair, Pair]:
+    return Pair.from_list(value[0]), Pair.from_list(value[1])
 
 
 def encode_results(results: list[Result]) -> bytes:

@@ -161,7 +161,7 @@ def plan(state: GroupState | None, change: GroupChange, max_members: int) -> Pla
             raise _refuse("forbidden", "only the owner or an admin may add members")
         adding = tuple(dict.fromkeys(i for i in change.identities if i not in new.members))
         if not adding:
-            raise _refuse("bad_field", "everyone named is a member already")
+            raise _refuse("bad_field", "nobody named could be added (members already)")
         if len(new.members) + len(adding) > max_members:
             raise _refuse("group_full", f"a group has at most {max_members} members")
         new.members.update({i: "member" for i in adding})

@@ -40,8 +40,9 @@ SYNC_PAGE_MIN = 1024
 #: Read marks per conversation in a sync page (the furthest readers).
 MAX_READS_IN_SYNC = 200
 
-#: Called after a message was stored and delivered (not for duplicates), with a direct
-#: conversation's two members or a group's members (empty for room chat).
+#: Called after a message was stored and delivered (not for duplicates), with the identities
+#: that receive it: a direct conversation's two members (its sender alone when the other blocks
+#: it), a group's members, nobody for room chat.
 MessageHook = Callable[[StoredMessage, tuple[str, ...]], None]
 #: Page size of `conversations` without `limit`.
 CONVERSATIONS_PAGE = 50
@@ -62,6 +63,8 @@ class Chat:
         # never cut off as a slow consumer for the size of an answer it asked for.
         self.max_reply_bytes = hub.cfg.limits.max_reply_bytes
         self.counters = hub.counters
+        self.blocks = hub.blocks
+        self.dm_strangers = hub.cfg.privacy.dm_strangers
         self.on_message: list[MessageHook] = []
         self.max_group_members = hub.cfg.chat.max_group_members
         # Every group that exists, with its current members (loaded at start, then kept by
@@ -149,6 +152,19 @@ class Chat:
             raise ProtocolError("forbidden", "the token does not allow direct messages")
         return (a, b), False
 
+    def _withheld(self, s: Session, members: tuple[str, ...], writes: bool) -> str | None:
+        """For a direct conversation: the other member if it blocks the sender (what the
+        sender writes is then stored for the sender alone, so it cannot tell from someone
+        who never reads); ``blocked`` if the sender blocks the other and ``writes``."""
+        blocks = self.blocks
+        if not blocks:  # no block on the server: the common case, two lookups saved
+            return None
+        a, b = members
+        other = b if a == s.identity else a
+        if writes and blocks.blocked(s.identity, other):
+            raise ProtocolError("blocked", f"you block {other!r}: unblock it to write to it")
+        return other if blocks.blocked(other, s.identity) else None
+
     # -- writes ----------------------------------------------------------------------------------
 
     def _append(self, s: Session, m: dict[str, Any], kind: str) -> None:
@@ -162,6 +178,8 @@ class Chat:
         text: str | None = m.get("text")
         if text is not None and not 0 < len(text) <= self.max_text_chars:
             raise ProtocolError("bad_field", f"`text` must have 1-{self.max_text_chars} characters")
+        direct = conv[0] == "d"
+        hidden = self._withheld(s, members, kind == "text") if direct else None
         conn = s.conn
         assert conn is not None, "handlers run on a live connection"
         after: list[bytes] = []  # replies to this connection's later requests (``Link.send``)
@@ -179,6 +197,8 @@ class Chat:
                         # A group's members as the message finds them (the changes before it
                         # are applied by now), not as they were when it was sent.
                         to = members if conv[0] != "g" else self.group_members(conv) or ()
+                        if stored.hidden_from is not None:  # the sender's devices alone
+                            to = (stored.sender,)
                         hub.publish_conversation(conv, to, encode(stored.to_wire()), s.id)
                         for hook in self.on_message:
                             hook(stored, to)
@@ -198,6 +218,9 @@ class Chat:
                 members if conv[0] == "d" else (),
                 moderator,
                 self.edit_window_ms,
+                None,
+                hidden,
+                direct and kind == "text" and not self.dm_strangers,
             ),
             done,
         )
@@ -261,6 +284,16 @@ class Chat:
     async def on_typing(self, s: Session, m: dict[str, Any]) -> None:
         conv: str = m["conversation"]
         members, _ = self._conversation(s, conv, joined=True)
+        if conv[0] == "d":  # as a text would go: refused, withheld, or to both
+            hidden = self._withheld(s, members, True)
+            if not self.dm_strangers:
+                other = members[0] if members[1] == s.identity else members[1]
+                if not await self.hub.relations.contacts_among(s.identity, [other]):
+                    raise ProtocolError(
+                        "not_contact", "direct messages on this server are between contacts only"
+                    )
+            if hidden is not None:
+                members = (s.identity,)
         self.hub.publish_conversation(
             conv,
             members,
@@ -407,10 +440,15 @@ class Chat:
         out."""
         state = result.state
         conv = state.conversation
+        old = self.groups.get(conv)
         if state.deleted:
             self.groups.pop(conv, None)
         else:
             self.groups[conv] = state
+        before = old.members.keys() if old is not None else set()
+        joined = [i for i in state.members if i not in before]
+        if joined or result.gone:  # a shared group lets members watch each other's presence
+            self.hub.recheck_groups(joined, result.gone, state.members)
         frame = encode(result.event.to_wire())
         publish = self.hub.bus.publish
         for identity in (*state.members, *result.gone):
@@ -461,16 +499,24 @@ class Chat:
         reply["duplicate"] = result.duplicate
         s.reply(reply, m)
 
+    def _addable(self, s: Session, identities: list[str]) -> list[str]:
+        """Those of ``identities`` that ``s`` may add to a group: not those who block it."""
+        blocks = self.hub.blocks
+        if not blocks:
+            return identities
+        return [i for i in identities if not blocks.blocked(i, s.identity)]
+
     async def on_group_create(self, s: Session, m: dict[str, Any]) -> None:
         if not s.claims.groups:
             raise ProtocolError("forbidden", "the token does not allow creating groups")
-        await self._group_request(s, m, "created", m["identities"], name=m["name"])
+        members = self._addable(s, m["identities"])
+        await self._group_request(s, m, "created", members, name=m["name"])
 
     async def on_group_rename(self, s: Session, m: dict[str, Any]) -> None:
         await self._group_request(s, m, "renamed", name=m["name"])
 
     async def on_group_add(self, s: Session, m: dict[str, Any]) -> None:
-        await self._group_request(s, m, "added", m["identities"])
+        await self._group_request(s, m, "added", self._addable(s, m["identities"]))
 
     async def on_group_remove(self, s: Session, m: dict[str, Any]) -> None:
         await self._group_request(s, m, "removed", m["identities"])

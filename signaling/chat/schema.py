@@ -96,6 +96,32 @@ MIGRATIONS: list[str] = [
     UPDATE conversations SET updated_at = COALESCE(
         (SELECT MAX(ts) FROM messages WHERE messages.conversation = conversations.id), created_at);
     """,
+    # 5: contacts (a pair is stored both ways), contact requests (``dismissed``: the target
+    # declined; the requester is not told), blocks, and the identity a message is withheld from
+    # (a direct message from someone it blocks: stored for its sender alone).
+    """
+    CREATE TABLE contacts (
+        identity TEXT NOT NULL,
+        contact TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (identity, contact)
+    ) WITHOUT ROWID;
+    CREATE TABLE contact_requests (
+        requester TEXT NOT NULL,
+        target TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        dismissed INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (requester, target)
+    ) WITHOUT ROWID;
+    CREATE INDEX contact_requests_target ON contact_requests (target, requester);
+    CREATE TABLE blocks (
+        identity TEXT NOT NULL,
+        blocked TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (identity, blocked)
+    ) WITHOUT ROWID;
+    ALTER TABLE messages ADD COLUMN hidden_from TEXT;
+    """,
 ]
 
 

@@ -33,10 +33,12 @@ from typing import Any
 
 from ..core.directory import DeviceInfo
 from ..core.metrics import Metric
+from ..core.privacy import Pair, Relation, Side, view
 from ..wire.errors import ProtocolError
 from . import codec
 from .codec import (
     COLUMNS,
+    ChangeRelation,
     MarkRead,
     RegisterIdentity,
     SetMute,
@@ -352,6 +354,12 @@ class SqliteStore:
     async def set_mute(self, identity: str, conversation: str, muted: bool) -> None:
         await self._submit(SetMute(identity, conversation, muted))
 
+    async def change_relation(
+        self, action: str, actor: str, other: str, now_ms: int, max_pending: int
+    ) -> tuple[Pair, Pair]:
+        value = await self._submit(ChangeRelation(action, actor, other, now_ms, max_pending))
+        return codec.decode_relation_value(value)
+
     def metrics(self) -> Iterable[Metric]:
         yield Metric(
             "store_commits", "counter", "Transactions the store writer committed.", self.commits
@@ -425,12 +433,26 @@ class SqliteStore:
 
     def _visible(
         self, conversation: str, viewer: str | None, last: int
-    ) -> tuple[str, tuple[int, ...], int]:
-        """The SQL condition on ``seq`` that keeps what ``viewer`` may see of a group (its
-        windows), its parameters, and the last sequence it sees. Raises ``bad_conversation``
-        for a group ``viewer`` never belonged to."""
-        if viewer is None or conversation[0] != "g":
+    ) -> tuple[str, tuple[int | str, ...], int]:
+        """What ``viewer`` sees of a conversation: the SQL condition that keeps it, its
+        parameters, and the last sequence it sees. Of a group: its membership windows
+        (``bad_conversation`` for a group it never belonged to); of a direct conversation:
+        everything but the messages withheld from it (it blocks their sender)."""
+        if viewer is None or conversation[0] == "r":
             return "", (), last
+        if conversation[0] == "d":
+            if last:
+                r = (
+                    self._rconn()
+                    .execute(
+                        "SELECT seq FROM messages WHERE conversation=? AND seq<=? "
+                        "AND hidden_from IS NOT ? ORDER BY seq DESC LIMIT 1",
+                        (conversation, last, viewer),
+                    )
+                    .fetchone()
+                )
+                last = int(r[0]) if r else 0
+            return " AND hidden_from IS NOT ?", (viewer,), last
         windows = self._windows_sync(conversation, viewer)
         if not windows:
             raise ProtocolError("bad_conversation", f"{conversation!r} is not a group of yours")
@@ -521,7 +543,7 @@ class SqliteStore:
         read: int,
         last: int,
         cond: str,
-        params: tuple[int, ...],
+        params: tuple[int | str, ...],
     ) -> int:
         if read >= last:
             return 0
@@ -550,14 +572,23 @@ class SqliteStore:
         try:
             # Direct conversations and rooms (listed in ``members``), then groups: a current
             # member sees up to the end, a former member up to its removal.
-            found: list[tuple[int, str, int, str | None]] = [
-                (int(u), str(c), int(last), None)
-                for c, last, u in db.execute(
-                    "SELECT c.id, c.last_seq, c.updated_at FROM members m "
-                    "JOIN conversations c ON c.id = m.conversation WHERE m.identity = ?",
-                    (identity,),
-                )
-            ]
+            found: list[tuple[int, str, int, str | None]] = []
+            for c, last, u, hidden in db.execute(
+                "SELECT c.id, c.last_seq, c.updated_at, (SELECT hidden_from FROM messages x "
+                "WHERE x.conversation = c.id AND x.seq = c.last_seq) FROM members m "
+                "JOIN conversations c ON c.id = m.conversation WHERE m.identity = ?",
+                (identity,),
+            ):
+                if hidden == identity:  # its last messages are withheld from it
+                    r = db.execute(
+                        "SELECT seq, ts FROM messages WHERE conversation=? "
+                        "AND hidden_from IS NOT ? ORDER BY seq DESC LIMIT 1",
+                        (c, identity),
+                    ).fetchone()
+                    if r is None:  # nothing but withheld messages: not a conversation of its
+                        continue
+                    last, u = r
+                found.append((int(u), str(c), int(last), None))
             latest: dict[str, tuple[int | None, str]] = {}
             for conv, left, role in db.execute(
                 "SELECT conversation, left_seq, role FROM group_members WHERE identity=? "
@@ -709,6 +740,102 @@ class SqliteStore:
 
     async def known_identities(self, identities: list[str]) -> set[str]:
         result: set[str] = await self._read(self._known_sync, identities)
+        return result
+
+    # -- relations (signaling.core.privacy) ------------------------------------------------------
+
+    def _blocks_sync(self) -> list[tuple[str, str]]:
+        rows = self._rconn().execute("SELECT identity, blocked FROM blocks").fetchall()
+        return [(str(a), str(b)) for a, b in rows]
+
+    async def all_blocks(self) -> list[tuple[str, str]]:
+        result: list[tuple[str, str]] = await self._read(self._blocks_sync)
+        return result
+
+    def _contacts_among_sync(self, identity: str, others: list[str]) -> set[str]:
+        db = self._rconn()
+        q = "SELECT 1 FROM contacts WHERE identity=? AND contact=?"
+        return {o for o in others if db.execute(q, (identity, o)).fetchone() is not None}
+
+    async def contacts_among(self, identity: str, others: list[str]) -> set[str]:
+        result: set[str] = await self._read(self._contacts_among_sync, identity, others)
+        return result
+
+    def _related_sync(self, identity: str, others: list[str]) -> set[str]:
+        db = self._rconn()
+        out = set()
+        for o in others:
+            if (
+                db.execute(
+                    "SELECT 1 FROM contacts WHERE identity=? AND contact=?", (identity, o)
+                ).fetchone()
+                or db.execute(
+                    "SELECT 1 FROM group_members m1 "
+                    "JOIN group_members m2 ON m2.conversation = m1.conversation "
+                    "JOIN groups g ON g.conversation = m1.conversation "
+                    "WHERE m1.identity=? AND m1.left_seq IS NULL AND m2.identity=? "
+                    "AND m2.left_seq IS NULL AND g.deleted = 0 LIMIT 1",
+                    (identity, o),
+                ).fetchone()
+                or self._both_wrote(db, identity, o)
+            ):
+                out.add(o)
+        return out
+
+    @staticmethod
+    def _both_wrote(db: sqlite3.Connection, a: str, b: str) -> bool:
+        """Whether ``a`` and ``b`` each have a text of their own in their direct conversation
+        (a message from a stranger alone unlocks nothing)."""
+        x, y = sorted((a, b))
+        conv = f"dm:{x}|{y}"
+        q = (
+            "SELECT 1 FROM messages WHERE conversation=? AND sender=? AND kind='text' "
+            "AND hidden_from IS NULL LIMIT 1"
+        )
+        return all(db.execute(q, (conv, who)).fetchone() is not None for who in (a, b))
+
+    async def related(self, identity: str, others: list[str]) -> set[str]:
+        result: set[str] = await self._read(self._related_sync, identity, others)
+        return result
+
+    def _relations_sync(self, identity: str) -> list[Relation]:
+        db = self._rconn()
+        contacts = {
+            str(r[0])
+            for r in db.execute("SELECT contact FROM contacts WHERE identity=?", (identity,))
+        }
+        asked = {
+            str(r[0])
+            for r in db.execute(
+                "SELECT target FROM contact_requests WHERE requester=?", (identity,)
+            )
+        }
+        incoming = {
+            str(r[0]): bool(r[1])
+            for r in db.execute(
+                "SELECT requester, dismissed FROM contact_requests WHERE target=?", (identity,)
+            )
+        }
+        blocks = {
+            str(r[0])
+            for r in db.execute("SELECT blocked FROM blocks WHERE identity=?", (identity,))
+        }
+        out = []
+        for other in sorted(contacts | asked | set(incoming) | blocks):
+            # Only what this side sees: the other's blocks and dismissals stay out of it.
+            pair = Pair(
+                other in contacts,
+                Side(other in asked, incoming.get(other, False), other in blocks),
+                Side(requested=other in incoming),
+            )
+            rel = view(pair, other)
+            if rel.listed:
+                out.append(rel)
+        return out
+
+    async def relations_of(self, identity: str) -> list[Relation]:
+        """How ``identity`` sees everyone it has a relation with (its `contacts` list)."""
+        result: list[Relation] = await self._read(self._relations_sync, identity)
         return result
 
     def _devices_sync(self, identity: str) -> list[DeviceInfo]:

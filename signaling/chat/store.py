@@ -38,6 +38,9 @@ class StoredMessage:
     # JSON: for kind "call" the call log (wire field `call`), for a group change (kind
     # "system") what changed (wire field `group`).
     meta: str | None = None
+    # The member of a direct conversation it is withheld from (its sender is blocked there):
+    # never on the wire, never delivered or read back to that member.
+    hidden_from: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -73,7 +76,10 @@ class StoredMessage:
 
 @dataclass(slots=True)
 class NewMessage:
-    """A message to append. ``members`` lists a direct conversation's two identities."""
+    """A message to append. ``members`` lists a direct conversation's two identities;
+    ``hidden_from`` names the one it is withheld from (it blocks the sender), and
+    ``contact_required`` refuses a text to a member that is not the sender's contact
+    (``not_contact``; ``privacy.dm_strangers`` off)."""
 
     conversation: str
     cid: str
@@ -86,6 +92,8 @@ class NewMessage:
     moderator: bool = False
     edit_window_ms: int = 0
     meta: str | None = None  # JSON stored with the message (call logs)
+    hidden_from: str | None = None
+    contact_required: bool = False
 
 
 # What ``ChatStore.append_nowait`` hands its callback: the stored message and whether it was a
@@ -221,8 +229,9 @@ class ChatStore(Protocol):
         """Messages with seq < before (the newest such), or seq > after (the oldest such);
         with ``max_bytes``, no more than fit in that many bytes on the wire (``wire_size``; at
         least one), read no further than that, and ``more`` set if any were left out. With
-        ``viewer``, only what it may see of a group (its membership windows; ``last_seq`` is
-        the last it sees), and ``bad_conversation`` for a group it never belonged to."""
+        ``viewer``, as that identity sees the conversation: only what it may see of a group
+        (its membership windows), without the messages withheld from it, ``last_seq`` the last
+        it sees; and ``bad_conversation`` for a group it never belonged to."""
         ...
 
     async def last_seq(self, conversation: str) -> int: ...

@@ -57,10 +57,13 @@ from typing import Any
 
 import orjson
 
+from ..core.privacy import Pair, Side
+from ..core.privacy import plan as relation_plan
 from ..wire.errors import ProtocolError
 from . import codec
-from .codec import COLUMNS, MarkRead, RegisterIdentity, SetMute, TouchDevice
-from .groups import ChangeGroup, GroupChange, GroupState, plan
+from .codec import COLUMNS, ChangeRelation, MarkRead, RegisterIdentity, SetMute, TouchDevice
+from .groups import ChangeGroup, GroupChange, GroupState
+from .groups import plan as group_plan
 from .schema import connect, migrate
 from .store import NewMessage, Original, StoredMessage, check_amend
 
@@ -225,6 +228,14 @@ class Writer:
         """Store ``msg``; the stored row and whether it was a duplicate."""
         db = self.db
         now = int(time.time() * 1000)
+        hidden = msg.hidden_from
+        if msg.contact_required and not self._contacts(msg):
+            found = self._duplicate(msg)  # a retry of one sent while they were contacts
+            if found is not None:
+                return found
+            raise ProtocolError(
+                "not_contact", "direct messages on this server are between contacts only"
+            )
         conv = msg.conversation
         if conv[0] == "g" and msg.meta is None and msg.kind == "system":  # the backend's post
             if db.execute(GROUP_EXISTS, (conv,)).fetchone() is None:
@@ -245,10 +256,13 @@ class Writer:
             if found is not None:
                 return found
             r = db.execute(
-                "SELECT sender, kind, ts, deleted FROM messages WHERE conversation=? AND seq=?",
+                "SELECT sender, kind, ts, deleted, hidden_from FROM messages "
+                "WHERE conversation=? AND seq=?",
                 (msg.conversation, msg.ref),
             ).fetchone()
             check_amend(msg, Original(r[0], r[1], r[2], bool(r[3])) if r else None, now)
+            if r[4] is not None:  # a change to a withheld message is withheld too
+                hidden = r[4]
             if msg.kind == "delete":
                 # The text is gone from the store, not only hidden; the event stream keeps the
                 # delete so every device removes it too.
@@ -262,8 +276,8 @@ class Writer:
         try:
             cur.execute(
                 "INSERT INTO messages "
-                "(conversation, seq, sender, name, cid, kind, text, ref, ts, meta) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "(conversation, seq, sender, name, cid, kind, text, ref, ts, meta, hidden_from) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     msg.conversation,
                     seq,
@@ -275,6 +289,7 @@ class Writer:
                     msg.ref,
                     now,
                     msg.meta,
+                    hidden,
                 ),
             )
         except sqlite3.IntegrityError:
@@ -298,6 +313,7 @@ class Writer:
             now,
             msg.meta,
             False,
+            hidden,
         )
 
     def _chatted(self, identity: str, room: str) -> None:
@@ -342,7 +358,7 @@ class Writer:
             req.role,
             req.name,
         )
-        p = plan(state, change, req.max_members)
+        p = group_plan(state, change, req.max_members)
         now = int(time.time() * 1000)
         event.text = p.text
         event.meta = orjson.dumps(p.event).decode()
@@ -380,6 +396,85 @@ class Writer:
             "ON CONFLICT (identity, conversation) DO UPDATE SET muted=excluded.muted",
             (identity, conversation, int(muted)),
         )
+
+    def _contacts(self, msg: NewMessage) -> bool:
+        """Whether the sender of a direct message and the other member are contacts."""
+        a, b = msg.members
+        other = b if msg.sender == a else a
+        return (
+            self.db.execute(
+                "SELECT 1 FROM contacts WHERE identity=? AND contact=?", (msg.sender, other)
+            ).fetchone()
+            is not None
+        )
+
+    # -- relations (signaling.core.privacy) -----------------------------------------------------
+
+    def _pair(self, a: str, b: str) -> Pair:
+        db = self.db
+        contact = (
+            db.execute("SELECT 1 FROM contacts WHERE identity=? AND contact=?", (a, b)).fetchone()
+            is not None
+        )
+
+        def request(x: str, y: str) -> tuple[bool, bool]:  # x asked y; y dismissed it
+            r = db.execute(
+                "SELECT dismissed FROM contact_requests WHERE requester=? AND target=?", (x, y)
+            ).fetchone()
+            return (r is not None, bool(r[0]) if r is not None else False)
+
+        def blocks(x: str, y: str) -> bool:
+            q = "SELECT 1 FROM blocks WHERE identity=? AND blocked=?"
+            return db.execute(q, (x, y)).fetchone() is not None
+
+        a_asked, b_dismissed = request(a, b)
+        b_asked, a_dismissed = request(b, a)
+        return Pair(
+            contact,
+            Side(a_asked, a_dismissed, blocks(a, b)),
+            Side(b_asked, b_dismissed, blocks(b, a)),
+        )
+
+    def _write_side(self, x: str, y: str, old: Pair, new: Pair, now: int) -> None:
+        """Write what changed of side ``a`` of ``new`` (``x`` toward ``y``)."""
+        db = self.db
+        if (old.a.requested, old.b.dismissed) != (new.a.requested, new.b.dismissed):
+            if new.a.requested:
+                db.execute(
+                    "INSERT INTO contact_requests VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (requester, target) DO UPDATE SET dismissed=excluded.dismissed",
+                    (x, y, now, int(new.b.dismissed)),
+                )
+            else:
+                db.execute("DELETE FROM contact_requests WHERE requester=? AND target=?", (x, y))
+        if old.a.blocks != new.a.blocks:
+            if new.a.blocks:
+                db.execute("INSERT INTO blocks VALUES (?, ?, ?)", (x, y, now))
+            else:
+                db.execute("DELETE FROM blocks WHERE identity=? AND blocked=?", (x, y))
+        if old.contact != new.contact:
+            if new.contact:
+                db.execute("INSERT INTO contacts VALUES (?, ?, ?)", (x, y, now))
+            else:
+                db.execute("DELETE FROM contacts WHERE identity=? AND contact=?", (x, y))
+
+    def change_relation(self, req: ChangeRelation) -> list[Any]:
+        """Apply ``req`` to the pair (``plan``); the pair before and after."""
+        a, b = req.actor, req.other
+        if a == b:
+            raise ProtocolError("bad_field", "that is yourself")
+        before = self._pair(a, b)
+        outgoing = 0
+        if req.action == "request":
+            r = self.db.execute(
+                "SELECT count(*) FROM contact_requests WHERE requester=?", (a,)
+            ).fetchone()
+            outgoing = int(r[0])
+        after = relation_plan(req.action, before, outgoing=outgoing, max_pending=req.max_pending)
+        if after != before:
+            self._write_side(a, b, before, after, req.now_ms)
+            self._write_side(b, a, before.swapped(), after.swapped(), req.now_ms)
+        return codec.relation_value(before, after)
 
     def touch_device(self, identity: str, device: str, name: str, now: int) -> None:
         self.db.execute("INSERT OR IGNORE INTO identities VALUES (?, ?)", (identity, now))
@@ -443,6 +538,8 @@ def execute(w: Writer, req: codec.WriterRequest) -> Any:
         return w.change_group(req)
     if type(req) is SetMute:
         return w.set_mute(req.identity, req.conversation, req.muted)
+    if type(req) is ChangeRelation:
+        return w.change_relation(req)
     raise TypeError(f"unknown writer request {req!r}")
 
 

@@ -176,13 +176,20 @@ class CoreHandlers:
         s.ok(m)
 
     async def on_watch(self, s: Session, m: dict[str, Any]) -> None:
+        """Identities it may not see (``Hub.watchable``), or that do not exist, are answered
+        and treated as offline ever after: the same frames at the same time as an identity
+        that is offline and never comes online."""
+        hub = self.hub
         idents = frozenset(m["identities"])
-        self.hub.watch(s, idents)
+        allowed = await hub.watchable(s.identity, idents)
+        if hub.sessions.get(s.id) is not s:  # ended meanwhile: nothing to follow
+            return
+        hub.watch(s, idents, allowed)
         s.reply(
             {
                 "type": "presence_state",
                 "presence": [
-                    {"identity": i, "status": self.hub.presence.status(i)} for i in sorted(idents)
+                    {"identity": i, "status": hub.status_for(s, i)} for i in sorted(idents)
                 ],
             },
             m,

@@ -27,6 +27,7 @@ from .directory import DeviceDirectory
 from .media import NullMedia, RoomMedia
 from .metrics import HubCounters, Metric
 from .presence import PresenceBook
+from .privacy import Blocks, RelationIndex, may_watch
 from .rooms import RoomRegistry
 from .session import Link, Session
 from .tokens import Claims, open_claims, verify_token
@@ -62,11 +63,16 @@ class Hub:
         cfg: Config,
         conversations: ConversationIndex,
         devices: DeviceDirectory,
+        relations: RelationIndex,
         ice: IceProvider | None = None,
     ) -> None:
         self.cfg = cfg
         self.conversations = conversations
         self.devices = devices
+        self.relations = relations
+        # Every block (read per direct message, typing indicator and group add); loaded with
+        # ``load_blocks`` once the store is open, kept by ``signaling.relations``.
+        self.blocks = Blocks()
         self.ice: IceProvider = ice or (lambda _session, _host: [])
         self.media: RoomMedia = NullMedia()
         self.bus = LocalBus()
@@ -211,7 +217,7 @@ class Hub:
                 {
                     "type": "presence_state",
                     "presence": [
-                        {"identity": i, "status": self.presence.status(i)}
+                        {"identity": i, "status": self.status_for(session, i)}
                         for i in sorted(session.watching)
                     ],
                 }
@@ -260,7 +266,7 @@ class Hub:
         for name in list(session.rooms):
             self.leave(session, name, reason)
         self.bus.unsubscribe(f"user:{session.identity}", session.id)
-        self.watch(session, frozenset())
+        self.watch(session, frozenset(), frozenset())
         changed = self.presence.remove(session.identity, session.id)
         if changed is not None:
             self._publish_presence(session.identity, changed)
@@ -309,11 +315,15 @@ class Hub:
                 self._touching[identity] = n
 
     async def unknown_identities(self, identities: list[str]) -> set[str]:
-        """The identities never seen here: no session now, no device or API token stored."""
-        unknown = {i for i in identities if not self.sessions_of(i) and i not in self._touching}
-        if unknown:
-            unknown -= await self.devices.known_identities(sorted(unknown))
-        return unknown
+        """The identities never seen here: no session now, no device or API token stored.
+        The directory is asked about every one of them, online or not, so the answer takes
+        as long whoever they are."""
+        known = await self.devices.known_identities(sorted(set(identities)))
+        return {
+            i
+            for i in identities
+            if i not in known and not self.sessions_of(i) and i not in self._touching
+        }
 
     # -- presence --------------------------------------------------------------------------------
 
@@ -333,17 +343,110 @@ class Hub:
             for s in watchers:
                 s.deliver(frame)
 
-    def watch(self, session: Session, identities: frozenset[str]) -> None:
-        """Follow the presence of ``identities`` (replacing what ``session`` followed)."""
-        for ident in session.watching - identities:
-            w = self.watchers.get(ident)
-            if w is not None:
-                w.discard(session)
-                if not w:
-                    del self.watchers[ident]
-        for ident in identities - session.watching:
+    async def load_blocks(self) -> None:
+        """Read every block from the store (at start-up, once it is open)."""
+        self.blocks.load(await self.relations.all_blocks())
+
+    async def watchable(self, watcher: str, targets: Iterable[str]) -> frozenset[str]:
+        """Those of ``targets`` whose presence ``watcher`` may see (``privacy.may_watch``).
+
+        With the ``private`` rule the store is asked about every target but the watcher
+        itself, whoever they are (blocked, unknown or not): every refusal takes the same way
+        and the same time as an answer about someone offline."""
+        targets = set(targets)
+        rule = self.cfg.privacy.presence
+        others = sorted(targets - {watcher})
+        private = rule == "private" and others
+        related = await self.relations.related(watcher, others) if private else set()
+        blocks = self.blocks
+        return frozenset(
+            t
+            for t in targets
+            if may_watch(
+                rule, own=t == watcher, blocked=blocks.blocked(t, watcher), related=t in related
+            )
+        )
+
+    def status_for(self, session: Session, identity: str) -> str:
+        """``identity``'s presence as ``session`` sees it (offline if it may not see it)."""
+        return "offline" if identity in session.unseen else self.presence.status(identity)
+
+    def watch(self, session: Session, identities: frozenset[str], allowed: frozenset[str]) -> None:
+        """Follow the presence of ``identities`` (replacing what ``session`` followed); those
+        not ``allowed`` stay offline to it."""
+        seen = identities & allowed
+        before = session.watching - session.unseen
+        for ident in before - seen:
+            self._unwatch(session, ident)
+        for ident in seen - before:
             self.watchers.setdefault(ident, set()).add(session)
         session.watching = identities
+        session.unseen = identities - seen
+
+    def _unwatch(self, session: Session, ident: str) -> None:
+        w = self.watchers.get(ident)
+        if w is not None:
+            w.discard(session)
+            if not w:
+                del self.watchers[ident]
+
+    def rewatch(self, session: Session, ident: str, allowed: bool) -> None:
+        """A relation changed: ``session``, watching ``ident``, may see it now, or no longer.
+        It hears as if ``ident`` came online or went offline (nothing if it is offline)."""
+        if ident not in session.watching or (ident not in session.unseen) == allowed:
+            return
+        status = self.presence.status(ident)
+        if allowed:
+            session.unseen -= {ident}
+            self.watchers.setdefault(ident, set()).add(session)
+        else:
+            session.unseen |= {ident}
+            self._unwatch(session, ident)
+        if status != "offline":
+            seen = status if allowed else "offline"
+            session.send({"type": "presence", "identity": ident, "status": seen})
+
+    async def recheck_watches(self, a: str, b: str) -> None:
+        """A relation between ``a`` and ``b`` changed: their watches of each other follow."""
+        for watcher, target in ((a, b), (b, a)):
+            sessions = [s for s in self.sessions_of(watcher) if target in s.watching]
+            if not sessions:
+                continue
+            allowed = target in await self.watchable(watcher, [target])
+            for s in sessions:
+                if self.sessions.get(s.id) is s:  # still there after the await
+                    self.rewatch(s, target, allowed)
+
+    def recheck_groups(
+        self, joined: Iterable[str], gone: Iterable[str], members: Iterable[str]
+    ) -> None:
+        """Group membership changed (``joined`` and ``gone``; ``members`` are the members now):
+        the watches it may open or close follow, in the background. Only pairs where one
+        session watches the other are looked at (sessions' ``unseen`` and ``watching`` sets),
+        so a large group costs a set intersection per online member's session."""
+        joined, gone, now = frozenset(joined), frozenset(gone), frozenset(members)
+        pairs: set[tuple[str, str]] = set()
+        for ident, others, attr in (
+            *((j, now, "unseen") for j in joined),  # a new member may now see the others
+            *((g, now, "watching") for g in gone),  # a former one may no longer
+        ):
+            for s in self.sessions_of(ident):
+                pairs.update((ident, t) for t in getattr(s, attr) & others if t != ident)
+        if joined or gone:
+            for m in now:
+                for s in self.sessions_of(m):
+                    pairs.update((m, t) for t in s.unseen & joined if t != m)
+                    pairs.update((m, t) for t in s.watching & gone)
+        for a, b in pairs:
+            self._spawn(self.recheck_watches(a, b))
+
+    def recheck_soon(self, a: str, b: str) -> None:
+        """``recheck_watches`` in the background, if either watches the other unseen now (a
+        direct conversation may just have become mutual)."""
+        if any(b in s.unseen for s in self.sessions_of(a)) or any(
+            a in s.unseen for s in self.sessions_of(b)
+        ):
+            self._spawn(self.recheck_watches(a, b))
 
     # -- rooms -----------------------------------------------------------------------------------
 

@@ -57,6 +57,7 @@ class Session:
         "resume_token",
         "rooms",
         "status",
+        "unseen",
         "watching",
     )
 
@@ -70,7 +71,9 @@ class Session:
         self.conn: Link | None = None
         self.rooms: dict[str, Participant] = {}
         self.status = "online"
-        self.watching: frozenset[str] = frozenset()
+        self.watching: frozenset[str] = frozenset()  # identities it asked to watch
+        # Those of them it may not see (``privacy.may_watch``): offline to it, whatever they do.
+        self.unseen: frozenset[str] = frozenset()
         self.expiry: asyncio.TimerHandle | None = None
         self.host = ""  # host the client connected to (for TURN URLs handed out later)
 

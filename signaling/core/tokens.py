@@ -8,6 +8,8 @@ Claims (see docs/PROTOCOL.md, "Tokens"):
 - ``dm``: whether the identity may use direct messages (default true);
 - ``groups``: whether the identity may create groups (default false: the app's backend
   decides who may; in open mode everyone may).
+- ``contacts``: whether the identity may manage its contacts itself (request, accept, decline,
+  remove; default false: the app's backend keeps them through the HTTP API).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ class Claims:
     rooms: Mapping[str, frozenset[str]] = field(default_factory=dict)
     dm: bool = True
     expires_at: float | None = None
-    groups: bool = False
+    groups: bool = False  # may create groups
+    contacts: bool = False  # may manage its own contacts (request, accept, decline, remove)
 
     def grants_for(self, room: str) -> frozenset[str] | None:
         """Grants in ``room``, or None when the token names neither the room nor ``*``."""
@@ -52,8 +55,9 @@ class Claims:
 
 
 def open_claims(identity: str, name: str) -> Claims:
-    """Claims of a participant in open mode: every grant but moderate, in every room."""
-    return Claims(identity, name, {"*": frozenset(DEFAULT_GRANTS)}, groups=True)
+    """Claims of a participant in open mode: every grant but moderate, in every room, groups,
+    and its own contacts (there is no backend to keep them: the HTTP API is off in open mode)."""
+    return Claims(identity, name, {"*": frozenset(DEFAULT_GRANTS)}, groups=True, contacts=True)
 
 
 def create_token(
@@ -66,9 +70,11 @@ def create_token(
     ttl_s: int = 3600,
     dm: bool = True,
     groups: bool = False,
+    contacts: bool = False,
     now: float | None = None,
 ) -> str:
-    """Sign a token. ``rooms`` maps room names (or ``*``) to grants."""
+    """Sign a token. ``rooms`` maps room names (or ``*``) to grants; ``contacts`` lets the
+    identity manage its own contacts."""
     if compiled(IDENTITY_PATTERN).match(identity) is None:
         raise ValueError(f"bad identity {identity!r}")
     norm: dict[str, list[str]] = {}
@@ -92,6 +98,8 @@ def create_token(
     }
     if groups:
         payload["groups"] = True
+    if contacts:
+        payload["contacts"] = True
     return jwt.encode(payload, api_secret, algorithm="HS256")
 
 
@@ -168,4 +176,7 @@ def verify_token(
     groups = payload.get("groups", False)
     if not isinstance(groups, bool):
         raise ProtocolError("token_invalid", "the token's `groups` must be a boolean")
-    return Claims(sub, name, rooms, dm, float(payload["exp"]), groups)
+    contacts = payload.get("contacts", False)
+    if not isinstance(contacts, bool):
+        raise ProtocolError("token_invalid", "the token's `contacts` must be a boolean")
+    return Claims(sub, name, rooms, dm, float(payload["exp"]), groups, contacts)

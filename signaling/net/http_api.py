@@ -1,4 +1,5 @@
-"""The HTTP API for app backends: tokens, rooms, kicks, conversation history, system messages.
+"""The HTTP API for app backends: tokens, rooms, kicks, conversation history, system messages,
+devices, contacts and blocks.
 
 Every route under ``/api/`` needs the API credentials, either
 
@@ -42,6 +43,7 @@ from ..core.directory import DeviceDirectory
 from ..core.hub import Hub
 from ..core.rooms import Room
 from ..core.tokens import create_token
+from ..relations.service import Relations
 from ..wire.errors import ProtocolError
 from ..wire.spec import (
     CONVERSATION_PATTERN,
@@ -92,6 +94,7 @@ class Api:
     chat: Chat
     store: ChatStore
     devices: DeviceDirectory
+    relations: Relations
 
 
 API: web.AppKey[Api] = web.AppKey("api", Api)
@@ -271,7 +274,15 @@ async def create_token_route(request: web.Request) -> web.Response:
     hub = api.hub
     body = await _json_body(
         request,
-        {"identity": str, "name": str, "rooms": dict, "ttl_s": int, "dm": bool, "groups": bool},
+        {
+            "identity": str,
+            "name": str,
+            "rooms": dict,
+            "ttl_s": int,
+            "dm": bool,
+            "groups": bool,
+            "contacts": bool,
+        },
     )
     if "identity" not in body:
         raise ApiError("bad_field", "`identity` is required")
@@ -298,6 +309,7 @@ async def create_token_route(request: web.Request) -> web.Response:
             ttl_s=ttl,
             dm=body.get("dm", True),
             groups=body.get("groups", False),
+            contacts=body.get("contacts", False),
             now=now,
         )
     except ValueError as e:
@@ -366,7 +378,10 @@ async def history(request: web.Request) -> web.Response:
     limit = _int_param(request, "limit", 1, 200) or hub.cfg.chat.history_page_default
     if before is not None and after is not None:
         raise ApiError("bad_field", "give `before` or `after`, not both")
-    page = await api.store.page(conv, before=before, after=after, limit=limit)
+    viewer = request.query.get("viewer")
+    if viewer is not None:
+        _match(IDENTITY_PATTERN, viewer, "viewer")
+    page = await api.store.page(conv, before=before, after=after, limit=limit, viewer=viewer)
     return web.json_response(
         {
             "conversation": conv,
@@ -427,6 +442,30 @@ async def devices(request: web.Request) -> web.Response:
             ],
         }
     )
+
+
+def _pair(request: web.Request) -> tuple[str, str]:
+    identity = _match(IDENTITY_PATTERN, request.match_info["identity"], "identity")
+    other = _match(IDENTITY_PATTERN, request.match_info["other"], "other")
+    if identity == other:
+        raise ApiError("bad_field", "an identity has no relation with itself")
+    return identity, other
+
+
+async def relations(request: web.Request) -> web.Response:
+    api = request.app[API]
+    identity = _match(IDENTITY_PATTERN, request.match_info["identity"], "identity")
+    found = await api.relations.relations_of(identity)
+    return web.json_response({"identity": identity, "relations": [r.to_wire() for r in found]})
+
+
+def _relation_route(action: str) -> Handler:
+    async def route(request: web.Request) -> web.Response:
+        identity, other = _pair(request)
+        relation = await request.app[API].relations.change(action, identity, other)
+        return web.json_response({"identity": identity, "relation": relation.to_wire()})
+
+    return route
 
 
 # --- groups -------------------------------------------------------------------------------------
@@ -556,6 +595,11 @@ ROUTES: Final = (
     ("GET", "/api/conversations/{conversation}/messages", history),
     ("POST", "/api/conversations/{conversation}/messages", post_message),
     ("GET", "/api/identities/{identity}/devices", devices),
+    ("GET", "/api/identities/{identity}/relations", relations),
+    ("PUT", "/api/identities/{identity}/contacts/{other}", _relation_route("link")),
+    ("DELETE", "/api/identities/{identity}/contacts/{other}", _relation_route("unlink")),
+    ("PUT", "/api/identities/{identity}/blocks/{other}", _relation_route("block")),
+    ("DELETE", "/api/identities/{identity}/blocks/{other}", _relation_route("unblock")),
     ("POST", "/api/groups", create_group),
     ("GET", "/api/groups/{group}", get_group),
     ("PATCH", "/api/groups/{group}", rename_group),

@@ -22,6 +22,7 @@ from push_helpers import PUSH_SECRET, Receiver, push_barrier
 from signaling.app import CALLS, HUB, STORE
 from signaling.core.privacy import Relation
 from signaling.core.tokens import create_token
+from signaling.sdk import RallypointClient
 from signaling.sdk.wsclient import Client, ClientError
 
 Start = Callable[..., Awaitable[TestServer]]
@@ -733,3 +734,40 @@ async def test_someone_who_blocks_you_is_not_added_to_your_groups(
     )
     added = await cy.request({**add, "cid": "a2"})
     assert [m["identity"] for m in added["members"]] == ["ann", "bob", "cy"]
+
+
+async def test_the_sdk_covers_contacts_blocks_and_presence(
+    server: TestServer, phones: Callable[..., Awaitable[RallypointClient]]
+) -> None:
+    """The SDK's helpers, end to end (open mode: every identity may manage its contacts)."""
+    ann = await phones(server, "ann")
+    bob = await phones(server, "bob")
+    assert await ann.watch("bob", "nobody") == {"bob": "offline", "nobody": "offline"}
+    await ann.contact_request("bob")
+    assert (await bob.next_event("relation"))["status"] == "incoming"
+    await bob.contact_accept("ann")
+    assert await ann.contacts() == [{"identity": "bob", "status": "contact", "blocked": False}]
+    # Contacts see each other: the live watch follows the new relation.
+    assert await ann.next_event("presence", where=lambda e: e["identity"] == "bob") == {
+        "type": "presence",
+        "identity": "bob",
+        "status": "online",
+    }
+    await bob.set_presence("busy")
+    assert (await ann.next_event("presence"))["status"] == "busy"
+    await bob.block("ann")
+    assert (await ann.next_event("presence"))["status"] == "offline"
+    # A block keeps the contact (unblocking restores it) and stops everything else.
+    assert await bob.contacts() == [{"identity": "ann", "status": "contact", "blocked": True}]
+    await bob.unblock("ann")
+    await bob.contact_remove("ann")
+    await bob.block("ann")
+    with pytest.raises(ClientError) as e:
+        await bob.contact_request("ann")
+    assert e.value.code == "blocked"
+    await bob.unblock("ann")
+    await ann.contact_request("bob")
+    await bob.contact_decline("ann")
+    await ann.contact_remove("bob")
+    assert await ann.contacts() == [] and await bob.contacts() == []
+    assert await ann.watch("bob") == {"bob": "offline"}  # strangers again

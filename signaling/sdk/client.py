@@ -477,6 +477,51 @@ class RallypointClient:
     async def group_info(self, group: str) -> dict[str, Any]:
         return await self.request({"type": "group_info", "conversation": group})
 
+    # -- contacts, blocks and presence ---------------------------------------------------------
+
+    async def contact_request(self, identity: str) -> None:
+        """Ask ``identity`` to be a contact (the token needs the `contacts` claim); accepts
+        its request if it asked first. The answer is the same whether it exists or not."""
+        await self.request({"type": "contact_request", "identity": identity})
+
+    async def contact_accept(self, identity: str) -> None:
+        await self.request({"type": "contact_accept", "identity": identity})
+
+    async def contact_decline(self, identity: str) -> None:
+        await self.request({"type": "contact_decline", "identity": identity})
+
+    async def contact_remove(self, identity: str) -> None:
+        """End a contact (both ways), or take back your own request."""
+        await self.request({"type": "contact_remove", "identity": identity})
+
+    async def block(self, identity: str) -> None:
+        await self.request({"type": "block", "identity": identity})
+
+    async def unblock(self, identity: str) -> None:
+        await self.request({"type": "unblock", "identity": identity})
+
+    async def contacts(self, *, page: int = 500) -> list[dict[str, Any]]:
+        """Every relation of this identity (contacts, requests both ways, blocks), sorted by
+        identity (all pages of `contacts`)."""
+        items: list[dict[str, Any]] = []
+        msg: dict[str, Any] = {"type": "contacts", "limit": page}
+        while True:
+            reply = await self.request(msg)
+            items.extend(reply["relations"])
+            if not reply["more"] or not items:
+                return items
+            msg["after"] = items[-1]["identity"]
+
+    async def watch(self, *identities: str) -> dict[str, str]:
+        """Follow these identities' presence (replaces the previous list); returns each one's
+        status now. Anyone the server does not let you see is `offline`, exactly as if it
+        were; later changes arrive as `presence` events (``next_event("presence")``)."""
+        reply = await self.request({"type": "watch", "identities": list(identities)})
+        return {p["identity"]: p["status"] for p in reply["presence"]}
+
+    async def set_presence(self, status: str) -> None:
+        await self.request({"type": "presence", "status": status})
+
     async def sync(self, *, discover: bool = True) -> int:
         """Fetch every message newer than what this client has seen; returns how many were new.
         With ``discover``, direct conversations and groups it has not seen yet (a group it was

@@ -16,7 +16,13 @@ Phases, each bounded in time:
 4. the raw server under the same search, its steps taking turns with Rallypoint's (both
    servers run side by side, each with its own load generator process, the idle one quiet), so
    both are measured in the same minutes; ``fanout_ratio_vs_raw`` = Rallypoint deliveries/s
-   over raw deliveries/s, both at the sustainable rate.
+   over raw deliveries/s, both at the sustainable rate;
+5. encodings (in this process, first): bytes per typical message in JSON and in MessagePack
+   (the ``rallypoint.msgpack`` subprotocol), as WebSocket frames (client frames with their mask
+   key) and as payloads; and the server's CPU per chat message on each: parse and validate the
+   ``send``, encode the ``sent`` ack and the ``message`` for the fan-out (a MessagePack
+   connection converts the core's JSON frame, once per fan-out), JSON and MessagePack timed in
+   alternating rounds. Targets: chat messages >= 30 % fewer bytes, CPU no worse than JSON.
 
 Each server is pinned to the first core and the load generator (``bench/wsload.py``, raw asyncio
 Protocols, not aiohttp's client) to the second. Rallypoint's chat store writes in a process of
@@ -73,6 +79,9 @@ TARGETS = {
     "ack_p99_ms": 10.0,
     "gc_max_pause_ms": 50.0,
 }
+
+
+ENCODING_TARGETS = {"chat_bytes_saved": 0.30, "cpu_ratio_max": 1.0}
 
 
 def log(msg: str) -> None:
@@ -756,6 +765,243 @@ def print_table(res: dict[str, Any], s: dict[str, Any]) -> None:
     print(f"runtime {s['runtime_s']} s")
 
 
+# -- encodings ------------------------------------------------------------------------------------
+
+
+def _client_frame_bytes(payload: bytes) -> int:
+    """A client frame's size: header, mask key (RFC 6455 section 5.3) and payload."""
+    n = len(payload)
+    return n + (2 if n < 126 else 4 if n < 65536 else 10) + 4
+
+
+def _sdp_offer() -> str:
+    """A real offer (aiortc: one audio and one video transceiver), as a client sends one."""
+    import asyncio
+
+    from aiortc import RTCPeerConnection
+
+    async def offer() -> str:
+        pc = RTCPeerConnection()
+        try:
+            pc.addTransceiver("audio")
+            pc.addTransceiver("video")
+            o = await pc.createOffer()
+            return str(o.sdp)
+        finally:
+            await pc.close()
+
+    return asyncio.run(offer())
+
+
+def typical_messages() -> dict[str, tuple[str, dict[str, Any]]]:
+    """Typical messages, by name: (who sends it, the message). Chat texts are 40 characters
+    (about the median of chat messages) and cids are the SDK's (a UUID in hex)."""
+    cid = "3f22e7bf4ef2440085e378550e602d30"
+    text = "Running ten minutes late, start without me"[:40]
+    conv = "group:Wm3qkP1vX2bRt9sLc0Hd"
+    ts = 1795812967724
+    delivered = {
+        "type": "message",
+        "conversation": conv,
+        "seq": 1842,
+        "mid": 905113,
+        "cid": cid,
+        "from": "alice.martin",
+        "name": "Alice Martin",
+        "kind": "text",
+        "ts": ts,
+        "text": text,
+    }
+    page = [
+        {
+            "conversation": f"group:Wm3qkP1vX2bRt9sLc{i:04d}",
+            "kind": "group",
+            "last_seq": 1842 + i,
+            "read_seq": 1830 + i,
+            "unread": 12,
+            "muted": i % 7 == 0,
+            "updated_at": ts - i * 60_000,
+            "name": f"Group {i}",
+            "role": "member",
+            "last_message": {**delivered, "seq": 1842 + i, "mid": 905113 - i},
+        }
+        for i in range(50)
+    ]
+    return {
+        "chat send (client)": (
+            "client",
+            {"type": "send", "conversation": conv, "cid": cid, "text": text, "id": "r1042"},
+        ),
+        "chat message (delivered)": ("server", delivered),
+        "chat ack (sent)": (
+            "server",
+            {
+                "type": "sent",
+                "conversation": conv,
+                "cid": cid,
+                "mid": 905113,
+                "seq": 1842,
+                "ts": ts,
+                "duplicate": False,
+                "re": "r1042",
+            },
+        ),
+        "presence": ("server", {"type": "presence", "identity": "alice.martin", "status": "busy"}),
+        "SDP offer (call_signal)": (
+            "client",
+            {
+                "type": "call_signal",
+                "call": "p2VqR0cLTbC4kW8y",
+                "kind": "offer",
+                "sdp": _sdp_offer(),
+                "id": "r1043",
+            },
+        ),
+        "ICE candidate (ice)": (
+            "client",
+            {
+                "type": "ice",
+                "room": "lobby",
+                "target": "publisher",
+                "candidate": {
+                    "candidate": "candidate:1 1 udp 2122260223 192.0.2.10 54321 typ host",
+                    "sdpMid": "0",
+                    "sdpMLineIndex": 0,
+                },
+            },
+        ),
+        "conversation list (50)": (
+            "server",
+            {"type": "conversations", "items": page, "more": True, "cursor": "c50", "re": "r9"},
+        ),
+    }
+
+
+def encoding_phase(a: argparse.Namespace) -> dict[str, Any]:
+    """Bytes per typical message and the server's CPU per chat message, JSON and MessagePack."""
+    import msgpack
+    import orjson
+
+    # This file is `signaling` too: import the server's package, not this script.
+    here = Path(__file__).resolve().parent
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+    sys.modules.pop("signaling", None)
+    try:
+        from signaling.app import protocol
+        from signaling.wire.encodings import Transcoder
+        from signaling.wire.framing import encode
+    finally:
+        sys.path[:] = saved
+
+    sizes: dict[str, Any] = {}
+    for name, (side, m) in typical_messages().items():
+        j, p = orjson.dumps(m), msgpack.packb(m)
+        if side == "client":
+            jf, pf = _client_frame_bytes(j), _client_frame_bytes(p)
+        else:
+            jf, pf = len(encode(m)), len(Transcoder()(encode(m)))
+        sizes[name] = {
+            "side": side,
+            "json_bytes": jf,
+            "msgpack_bytes": pf,
+            "saved": round(1 - pf / jf, 3),
+            "json_payload": len(j),
+            "msgpack_payload": len(p),
+            "payload_saved": round(1 - len(p) / len(j), 3),
+        }
+        log(
+            f"encodings: {name}: JSON {jf} B, MessagePack {pf} B ({1 - pf / jf:.1%} fewer; "
+            f"payloads {len(j)} / {len(p)} B)"
+        )
+
+    # The server's work per chat message, as the load phases make it: parse and validate the
+    # send, encode the ack for the sender, encode the message once for the fan-out. On a
+    # MessagePack connection the ack is packed directly; the fan-out's message is the core's
+    # JSON frame, converted (once for every MessagePack recipient).
+    proto = protocol()
+    msgs = typical_messages()
+    send, ack, delivered = (
+        msgs["chat send (client)"][1],
+        msgs["chat ack (sent)"][1],
+        msgs["chat message (delivered)"][1],
+    )
+    send_json, send_packed = orjson.dumps(send), msgpack.packb(send)
+    parse, parse_packed = proto.parse, proto.parse_msgpack
+    ack_conv, msg_conv = Transcoder(), Transcoder()  # the server has one: no hits across
+
+    def json_path() -> None:
+        parse(send_json)
+        encode(ack)
+        encode(delivered)
+
+    def packed_path() -> None:
+        parse_packed(send_packed)
+        ack_conv.pack(ack)  # a reply is packed for its one connection
+        msg_conv(encode(delivered))
+
+    def per_call_ns(fn: Any, n: int) -> float:
+        t = time.perf_counter_ns()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter_ns() - t) / n
+
+    n = 2000 if a.quick else 20_000
+    rounds = 6 if a.quick else 30
+    per_call_ns(json_path, n)  # warm up both
+    per_call_ns(packed_path, n)
+    ja: list[float] = []
+    pa: list[float] = []
+    for i in range(rounds):  # alternating, and in both orders: this machine's speed drifts
+        for fn, out in ((json_path, ja), (packed_path, pa))[:: 1 if i % 2 == 0 else -1]:
+            out.append(per_call_ns(fn, n))
+    ja.sort()
+    pa.sort()
+    json_us, packed_us = ja[len(ja) // 2] / 1000, pa[len(pa) // 2] / 1000
+    ratios = sorted(p / j for j, p in zip(ja, pa, strict=True))
+    cpu_ratio = packed_us / json_us
+    log(
+        f"encodings: server CPU per chat message (parse + validate + ack + fan-out encode): "
+        f"JSON {json_us:.2f} us, MessagePack {packed_us:.2f} us (x{cpu_ratio:.2f}; "
+        f"median of {rounds} alternating rounds of {n})"
+    )
+    chat = [v["saved"] for k, v in sizes.items() if k.startswith("chat")]
+    return {
+        "sizes": sizes,
+        "chat_bytes_saved_min": min(chat),
+        "cpu_us_per_chat_message_json": round(json_us, 3),
+        "cpu_us_per_chat_message_msgpack": round(packed_us, 3),
+        "cpu_ratio_msgpack_vs_json": round(cpu_ratio, 3),
+        "cpu_ratio_spread": [round(ratios[0], 3), round(ratios[-1], 3)],
+        "targets_met": {
+            "msgpack_chat_30pct_fewer_bytes": min(chat) >= ENCODING_TARGETS["chat_bytes_saved"],
+            "msgpack_cpu_no_worse_than_json": cpu_ratio <= ENCODING_TARGETS["cpu_ratio_max"],
+        },
+    }
+
+
+def print_encodings(e: dict[str, Any]) -> None:
+    print("encodings: bytes per message (WebSocket frames; client frames with their mask key)")
+    print(f"  {'message':<26} {'JSON':>7} {'msgpack':>7} {'fewer':>6}   payloads")
+    for name, v in e["sizes"].items():
+        print(
+            f"  {name:<26} {v['json_bytes']:7d} {v['msgpack_bytes']:7d} {v['saved']:6.1%}   "
+            f"{v['json_payload']} / {v['msgpack_payload']} ({v['payload_saved']:.1%})"
+        )
+    t = e["targets_met"]
+    print(
+        f"  chat messages: at least {e['chat_bytes_saved_min']:.1%} fewer bytes "
+        f"(target >= 30 %: {'met' if t['msgpack_chat_30pct_fewer_bytes'] else 'NOT met'})"
+    )
+    print(
+        f"  server CPU per chat message: JSON {e['cpu_us_per_chat_message_json']} us, "
+        f"MessagePack {e['cpu_us_per_chat_message_msgpack']} us "
+        f"(x{e['cpu_ratio_msgpack_vs_json']}, rounds {e['cpu_ratio_spread'][0]}-"
+        f"{e['cpu_ratio_spread'][1]}; target no worse: "
+        f"{'met' if t['msgpack_cpu_no_worse_than_json'] else 'NOT met'})\n"
+    )
+
+
 # -- main -----------------------------------------------------------------------------------------
 
 
@@ -795,6 +1041,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-raw", action="store_true", help="no raw baseline (no ratio)")
     p.add_argument("--skip-memory", action="store_true", help="no memory phase")
     p.add_argument("--skip-load", action="store_true", help="no latency and throughput phases")
+    p.add_argument("--skip-encodings", action="store_true", help="no JSON/MessagePack figures")
     p.add_argument(
         "--noise-threshold",
         type=float,
@@ -881,6 +1128,9 @@ def main(argv: list[str] | None = None) -> int:
         srv.stop()
 
     try:
+        if not a.skip_encodings:
+            log("phase 0: encodings, JSON and MessagePack (in this process)")
+            res["encodings"] = encoding_phase(a)
         if not a.skip_memory:
             log(f"phase 1: memory, {a.connections} connections in rooms of {a.room_size}")
             srv = rallypoint_server(
@@ -944,6 +1194,9 @@ def main(argv: list[str] | None = None) -> int:
     res["gc_max_pause_ms"] = max(gc_pauses) if gc_pauses else math.nan
     res["gc_pauses_over_50ms"] = gc_over
     summary = report(res, a)
+    if "encodings" in res:
+        summary["encodings"] = res["encodings"]
+        print_encodings(res["encodings"])
     print_table(res, summary)
     print(json.dumps(summary, allow_nan=True))
     return 0

@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..wire.framing import encode
-
 if TYPE_CHECKING:
     from .rooms import Participant
     from .tokens import Claims
@@ -27,7 +25,12 @@ class Link(Protocol):
     tail: list[bytes] | None
 
     def write(self, frame: bytes) -> None:
-        """Queue a complete frame (never blocks; a full outbox cuts the client off)."""
+        """Queue a complete frame (never blocks; a full outbox cuts the client off). The core's
+        frames are JSON text frames (``framing.encode``); a connection that speaks another
+        encoding converts them."""
+
+    def write_message(self, msg: dict[str, Any]) -> None:
+        """Encode ``msg`` for this connection alone and ``write`` it."""
 
     def send(self, msg: dict[str, Any]) -> None:
         """Send a reply, after the replies to this connection's chat writes in flight."""
@@ -87,7 +90,7 @@ class Session:
     def send(self, msg: dict[str, Any]) -> None:
         c = self.conn
         if c is not None:
-            c.write(encode(msg))
+            c.write_message(msg)
 
     def send_frame(self, frame: bytes) -> None:
         """Send an already encoded reply."""

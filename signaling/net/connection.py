@@ -16,6 +16,7 @@ from aiohttp import web
 from ..core.metrics import HubCounters
 from ..core.ratelimit import TokenBucket
 from ..core.session import Session
+from ..wire.encodings import Transcoder
 from ..wire.errors import CloseCode
 from ..wire.framing import close_frame, encode
 
@@ -89,6 +90,10 @@ class Connection:
             self.counters.slow_consumers += 1
             self.abandon(CloseCode.SLOW_CONSUMER, "outbox full: the client is not reading")
 
+    def write_message(self, msg: dict[str, Any]) -> None:
+        """Encode ``msg`` for this connection and write it."""
+        self.write(encode(msg))
+
     def send(self, msg: dict[str, Any]) -> None:
         """Send a reply, after the replies to this connection's chat writes in flight."""
         tail = self.tail
@@ -142,3 +147,39 @@ class Connection:
             await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()), 3.0)
         except (TimeoutError, ConnectionError, RuntimeError):
             self.transport.abort()
+
+
+class PackedConnection(Connection):
+    """A connection that chose MessagePack (``rallypoint.msgpack``): the core's JSON text
+    frames are converted to binary frames on the way into its outbox (once per message for
+    every such connection, by the shared ``Transcoder``), its own replies packed directly."""
+
+    __slots__ = ("transcode",)
+
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        transport: asyncio.Transport,
+        limit: int,
+        bucket: TokenBucket,
+        now: float,
+        counters: HubCounters,
+        transcode: Transcoder,
+    ) -> None:
+        super().__init__(ws, transport, limit, bucket, now, counters)
+        self.transcode = transcode
+
+    def write(self, frame: bytes) -> None:
+        if frame[0] == 0x81:  # a text frame: JSON from the core
+            frame = self.transcode(frame)
+        super().write(frame)
+
+    def write_message(self, msg: dict[str, Any]) -> None:
+        super().write(self.transcode.pack(msg))
+
+    def send(self, msg: dict[str, Any]) -> None:
+        tail = self.tail
+        if tail is not None:
+            tail.append(self.transcode.pack(msg))
+        else:
+            super().write(self.transcode.pack(msg))

@@ -2,7 +2,11 @@
 loop. A thin edge: frames are validated by the ``Protocol`` and handed to the handlers the
 features registered with ``signaling.app``.
 
-The hot path (a chat frame): ``fastws`` offers each text frame to ``_sink`` inside aiohttp's
+A connection speaks JSON (text frames) unless the client offered the ``rallypoint.msgpack``
+subprotocol (``wire.encodings``): then binary MessagePack frames, the same messages, parsed by
+``Protocol.parse_msgpack``; a frame of the other kind is refused (``bad_message``).
+
+The hot path (a chat frame): ``fastws`` offers each data frame to ``_sink`` inside aiohttp's
 ``data_received``; a frame of an inline type (``send``, ``edit``, ``delete``) is parsed and its
 handler runs there, handing the write to the store without a task switch. Anything else goes to
 ``_serve`` (the connection's task), which waits for the connection's chat writes in flight
@@ -27,15 +31,17 @@ from ..core.gc import GcMonitor
 from ..core.hub import Hub
 from ..core.metrics import Metric
 from ..core.ratelimit import TokenBucket
+from ..wire.encodings import MSGPACK, SUBPROTOCOLS, Transcoder
 from ..wire.errors import CloseCode, ProtocolError
 from ..wire.protocol import Protocol
-from .connection import Connection
+from .connection import Connection, PackedConnection
 from .fastws import FastWebSocket, available
 
 log = logging.getLogger("rallypoint.server")
 
 _CLOSED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
-NOT_TEXT = ProtocolError("bad_message", "frames must be text")
+NOT_TEXT = ProtocolError("bad_message", "frames must be text (JSON) on this connection")
+NOT_BINARY = ProtocolError("bad_message", "frames must be binary (MessagePack) on this connection")
 # Not sent: the connection is closed with 4029 instead (``Endpoint._rate_limited``).
 FLOODING = ProtocolError("rate_limited", "far above the rate limit")
 FAST_WS = available()
@@ -95,6 +101,15 @@ class Endpoint:
         self.refused_full = 0
         self.hello_timeouts = 0
         self.frames_too_large = 0
+        self.transcode = Transcoder()  # shared by every MessagePack connection
+
+    def _encoding(
+        self, conn: Connection
+    ) -> tuple[WSMsgType, Callable[[bytes], dict[str, Any]], ProtocolError]:
+        """The frames ``conn`` takes: their type, their parser, and the wrong type's error."""
+        if isinstance(conn, PackedConnection):
+            return WSMsgType.BINARY, self.protocol.parse_msgpack, NOT_BINARY
+        return WSMsgType.TEXT, self.protocol.parse, NOT_TEXT
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """``GET /ws``."""
@@ -128,19 +143,19 @@ class Endpoint:
             compress=cfg.server.compression,
             decode_text=False,
             timeout=3.0,
+            protocols=SUBPROTOCOLS,
         )
         await ws.prepare(request)
         transport = request.transport
         if transport is None:  # pragma: no cover - the client vanished during the handshake
             return ws
         now = time.monotonic()
-        conn = Connection(
-            ws,
-            transport,
-            cfg.limits.max_outbox_bytes,
-            TokenBucket(cfg.limits.rate_per_s, cfg.limits.burst, now),
-            now,
-            hub.counters,
+        bucket = TokenBucket(cfg.limits.rate_per_s, cfg.limits.burst, now)
+        limit = cfg.limits.max_outbox_bytes
+        conn = (
+            PackedConnection(ws, transport, limit, bucket, now, hub.counters, self.transcode)
+            if ws.ws_protocol == MSGPACK
+            else Connection(ws, transport, limit, bucket, now, hub.counters)
         )
         self.connections.add(conn)
         self.per_address[address] = self.per_address.get(address, 0) + 1
@@ -255,6 +270,7 @@ class Endpoint:
         hub = self.hub
         ws = conn.ws
         deadline = time.monotonic() + self.cfg.limits.hello_timeout_s
+        kind, parse, wrong_kind = self._encoding(conn)
         while True:
             try:
                 msg = await asyncio.wait_for(ws.receive(), max(0.0, deadline - time.monotonic()))
@@ -265,8 +281,8 @@ class Endpoint:
             if msg.type in _CLOSED:
                 return False
             conn.last_recv = time.monotonic()
-            if msg.type is not WSMsgType.TEXT:
-                hub.refuse(conn, NOT_TEXT, None)
+            if msg.type is not kind:
+                hub.refuse(conn, wrong_kind, None)
                 continue
             too_large = self._oversized(conn, msg.data)
             if too_large is not None:
@@ -274,7 +290,7 @@ class Endpoint:
                 continue
             m: dict[str, Any] | None = None
             try:
-                m = self.protocol.parse(msg.data)
+                m = parse(msg.data)
                 if m["type"] != "hello":
                     raise ProtocolError("hello_required", "send `hello` first")
                 hub.welcome(conn, m, host.rsplit(":", 1)[0] if host.count(":") == 1 else host)
@@ -291,7 +307,7 @@ class Endpoint:
         ``_serve`` (a frame parsed here goes with its message, so it is not parsed twice)."""
         hub = self.hub
         max_frame = self.cfg.limits.max_frame_bytes
-        parse = self.protocol.parse
+        parse = self._encoding(conn)[1]
         inline = self.inline
         monotonic = time.monotonic
 
@@ -335,20 +351,20 @@ class Endpoint:
         ws = conn.ws
         max_frame = self.cfg.limits.max_frame_bytes
         handlers = self.handlers
-        parse = self.protocol.parse
+        kind, parse, wrong_kind = self._encoding(conn)
         monotonic = time.monotonic
         if isinstance(ws, FastWebSocket):
-            ws.set_sink(self._sink(conn))
+            ws.set_sink(self._sink(conn), kind)
         while True:
             conn.busy = False
             msg = await ws.receive()
             conn.busy = True
             now = monotonic()
             conn.last_recv = now
-            if msg.type is not WSMsgType.TEXT:
+            if msg.type is not kind:
                 if msg.type in _CLOSED:
                     return
-                if self._refuse_frame(conn, NOT_TEXT, now, None) is FLOODING:
+                if self._refuse_frame(conn, wrong_kind, now, None) is FLOODING:
                     return
                 continue
             data = msg.data

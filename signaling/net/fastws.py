@@ -1,9 +1,10 @@
-"""Hand text frames to the hub as aiohttp parses them, without a task switch per frame.
+"""Hand data frames to the hub as aiohttp parses them, without a task switch per frame.
 
 aiohttp's ``WebSocketResponse`` puts every parsed frame into a queue and wakes the handler task,
 which takes it with ``receive()``: a future, a loop callback and a task step per frame. For the
 chat hot path that is most of the per-message cost outside our own code. ``FastWebSocket``
-installs a queue whose ``feed_data`` first offers each text frame to a *sink* (a plain function
+installs a queue whose ``feed_data`` first offers each data frame of the connection's encoding
+(text for JSON, binary for MessagePack) to a *sink* (a plain function
 called inside ``data_received``); frames the sink declines (anything it cannot finish without
 awaiting, or that would overtake a frame still being handled) go into the queue as usual, and
 the handler task takes them with ``receive()`` in order.
@@ -33,7 +34,7 @@ from ..wire.framing import close_frame
 
 log = logging.getLogger(__name__)
 
-# A sink takes a text frame's bytes and says whether it handled it.
+# A sink takes a data frame's bytes and says whether it handled it.
 Sink = Callable[[bytes], bool]
 
 try:
@@ -71,22 +72,18 @@ def available() -> bool:
 if _IMPORTED:
 
     class _SinkQueue(WebSocketDataQueue):
-        """aiohttp's frame queue, offering text frames to ``sink`` first."""
+        """aiohttp's frame queue, offering frames of type ``kind`` to ``sink`` first."""
 
-        __slots__ = ("sink",)  # one per connection: no instance dict
+        __slots__ = ("kind", "sink")  # one per connection: no instance dict
 
         def __init__(self, protocol: Any, limit: int, *, loop: Any) -> None:
             super().__init__(protocol, limit, loop=loop)
             self.sink: Sink | None = None
+            self.kind = WSMsgType.TEXT
 
         def feed_data(self, data: Any, size: int) -> None:
             sink = self.sink
-            if (
-                sink is not None
-                and data[0] is WSMsgType.TEXT
-                and not self._buffer
-                and sink(data[1])
-            ):
+            if sink is not None and data[0] is self.kind and not self._buffer and sink(data[1]):
                 return
             super().feed_data(data, size)
 
@@ -161,7 +158,7 @@ class MaskCheck:
 
 
 class FastWebSocket(web.WebSocketResponse):
-    """A ``WebSocketResponse`` whose text frames can be taken by a sink (``set_sink``), and
+    """A ``WebSocketResponse`` whose data frames can be taken by a sink (``set_sink``), and
     that closes with 1002 on an unmasked client frame (``MaskCheck``)."""
 
     def _post_start(self, request: web.BaseRequest, protocol: str | None, writer: Any) -> None:
@@ -189,7 +186,9 @@ class FastWebSocket(web.WebSocketResponse):
         request.protocol.set_parser(MaskCheck(self._parser, unmasked), data_received_cb=cb)  # type: ignore[arg-type]
         request.protocol.keep_alive(False)
 
-    def set_sink(self, sink: Sink | None) -> None:
+    def set_sink(self, sink: Sink | None, kind: WSMsgType = WSMsgType.TEXT) -> None:
+        """Offer frames of type ``kind`` (text or binary) to ``sink`` as they are parsed."""
         reader = self._reader
         if isinstance(reader, _SinkQueue):
             reader.sink = sink
+            reader.kind = kind

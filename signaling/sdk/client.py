@@ -29,7 +29,7 @@ import aiohttp
 
 from sfu.tasks import TaskSet
 
-from .wsclient import Client, ClientError, next_matching
+from .wsclient import Client, ClientError, Encoding, next_matching
 
 log = logging.getLogger("rallypoint.sdk")
 
@@ -159,6 +159,8 @@ class RallypointClient:
 
     ``token`` (token mode) or ``identity``/``name`` (open mode) authenticate; ``device`` should
     be stable per installation; ``resume`` resumes a session from an earlier ``welcome.resume``.
+    ``encoding="msgpack"`` speaks MessagePack instead of JSON (the same messages, fewer bytes;
+    docs/PROTOCOL.md, "Encodings").
     """
 
     def __init__(
@@ -172,8 +174,12 @@ class RallypointClient:
         resume: str | None = None,
         reconnect: bool = True,
         max_backoff_s: float = 20.0,
+        encoding: Encoding = "json",
     ) -> None:
+        if encoding not in ("json", "msgpack"):
+            raise ValueError(f"encoding must be 'json' or 'msgpack', not {encoding!r}")
         self.url = url
+        self.encoding: Encoding = encoding
         self.hello: dict[str, Any] = {
             k: v
             for k, v in (("token", token), ("identity", identity), ("name", name))
@@ -221,7 +227,7 @@ class RallypointClient:
 
     async def _open(self, resume: str | None) -> None:
         assert self._http is not None
-        conn = Client(self.url, session=self._http)
+        conn = Client(self.url, session=self._http, encoding=self.encoding)
         hello = dict(self.hello)
         if resume:
             hello["resume"] = resume

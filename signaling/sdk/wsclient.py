@@ -4,6 +4,10 @@
 ``re`` (raising ``ClientError`` for an ``error`` reply); every other server message goes to
 ``events`` and can be awaited with ``next_event``. ``send_chat`` retries with the same ``cid``
 so a message is stored once however often it is sent.
+
+``encoding="msgpack"`` offers the ``rallypoint.msgpack`` WebSocket subprotocol: the same
+messages as MessagePack maps in binary frames (docs/PROTOCOL.md, "Encodings"); the default is
+JSON in text frames.
 """
 
 from __future__ import annotations
@@ -12,10 +16,15 @@ import asyncio
 import itertools
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final, Literal
 
 import aiohttp
+import msgpack
 import orjson
+
+#: The subprotocol that selects MessagePack (docs/PROTOCOL.md, "Encodings").
+MSGPACK_SUBPROTOCOL: Final = "rallypoint.msgpack"
+Encoding = Literal["json", "msgpack"]
 
 
 async def next_matching(
@@ -52,8 +61,17 @@ class ClientError(Exception):
 class Client:
     """One connection to a Rallypoint server."""
 
-    def __init__(self, url: str, *, session: aiohttp.ClientSession | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        session: aiohttp.ClientSession | None = None,
+        encoding: Encoding = "json",
+    ) -> None:
+        if encoding not in ("json", "msgpack"):
+            raise ValueError(f"encoding must be 'json' or 'msgpack', not {encoding!r}")
         self.url = url
+        self.encoding = encoding
         self._own_http = session is None
         self._http = session
         self.ws: aiohttp.ClientWebSocketResponse | None = None
@@ -74,9 +92,17 @@ class Client:
         if self._http is None:
             self._http = aiohttp.ClientSession()
         headers = {"Origin": origin} if origin else None
+        packed = self.encoding == "msgpack"
         self.ws = await self._http.ws_connect(
-            self.url, headers=headers, autoping=True, max_msg_size=0
+            self.url,
+            headers=headers,
+            autoping=True,
+            max_msg_size=0,
+            protocols=(MSGPACK_SUBPROTOCOL,) if packed else (),
         )
+        if packed and self.ws.protocol != MSGPACK_SUBPROTOCOL:
+            await self.ws.close()
+            raise ConnectionError("the server does not offer MessagePack (rallypoint.msgpack)")
         self._reader = asyncio.create_task(self._read())
         self.welcome = await self.request({"type": "hello", "v": 1, **hello})
         if heartbeat:
@@ -91,10 +117,15 @@ class Client:
     async def _read(self) -> None:
         assert self.ws is not None
         try:
+            kind, loads = (
+                (aiohttp.WSMsgType.BINARY, msgpack.unpackb)
+                if self.encoding == "msgpack"
+                else (aiohttp.WSMsgType.TEXT, orjson.loads)
+            )
             async for msg in self.ws:
-                if msg.type is not aiohttp.WSMsgType.TEXT:
+                if msg.type is not kind:
                     continue
-                data = orjson.loads(msg.data)
+                data = loads(msg.data)
                 fut = self._pending.pop(data.get("re", ""), None) if "re" in data else None
                 if fut is not None and not fut.done():
                     fut.set_result(data)
@@ -112,10 +143,14 @@ class Client:
             self.events.put_nowait({"type": "_closed", "code": self.ws.close_code})
 
     async def send_raw(self, msg: dict[str, Any] | str | bytes) -> None:
-        """Send a message (or raw text) without waiting for a reply."""
+        """Send a message in the connection's encoding, or a raw text (``str``) or binary
+        (``bytes``) frame as it is, without waiting for a reply."""
         assert self.ws is not None
         if isinstance(msg, dict):
-            await self.ws.send_str(orjson.dumps(msg).decode())
+            if self.encoding == "msgpack":
+                await self.ws.send_bytes(msgpack.packb(msg))
+            else:
+                await self.ws.send_str(orjson.dumps(msg).decode())
         elif isinstance(msg, bytes):
             await self.ws.send_bytes(msg)
         else:

@@ -25,7 +25,11 @@ class CloseCode(IntEnum):
 #: Errors any frame can get, whatever features the server has.
 WIRE_ERRORS: Final[dict[str, str]] = {
     "bad_json": "The frame is not valid UTF-8 JSON.",
-    "bad_message": "The frame is not a JSON object with a string `type`, or is binary.",
+    "bad_msgpack": "The binary frame (on a `rallypoint.msgpack` connection) is not one "
+    "MessagePack value in JSON's data model: not MessagePack, something after the value, a "
+    "bin or ext value, a non-string key, a non-finite float, or nesting too deep.",
+    "bad_message": "The frame is not an object (a map) with a string `type`, or is of the "
+    "wrong kind for the connection: binary on JSON, text on MessagePack.",
     "unknown_type": "No client message has this `type`.",
     "bad_field": "A field is missing, has the wrong type or value, or is not part of the message.",
     "frame_too_large": "The frame is larger than `welcome.limits.max_frame_bytes` (frames "

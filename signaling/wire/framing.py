@@ -20,6 +20,16 @@ def frame(payload: bytes) -> bytes:
     return struct.pack("!BBQ", 0x81, 127, n) + payload
 
 
+def binary_frame(payload: bytes) -> bytes:
+    """Wrap ``payload`` in an unmasked, final WebSocket binary frame (RFC 6455 section 5.2)."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x82, n)) + payload
+    if n < 65536:
+        return struct.pack("!BBH", 0x82, 126, n) + payload
+    return struct.pack("!BBQ", 0x82, 127, n) + payload
+
+
 def encode(msg: dict[str, Any]) -> bytes:
     """Serialize a server message into a ready-to-write WebSocket frame."""
     return frame(orjson.dumps(msg))

@@ -13,6 +13,7 @@ from typing import Any, Final
 
 import orjson
 
+from .encodings import bad_msgpack, is_plain, unpack
 from .errors import WIRE_ERRORS, ProtocolError
 from .spec import RE, TOKEN_PATTERN, Field, Messages, MessageSpec, compiled, event, out
 
@@ -153,8 +154,8 @@ class Protocol:
         self._request_id = compiled(TOKEN_PATTERN).match
 
     def parse(self, data: bytes | str) -> dict[str, Any]:
-        """Decode and validate one client frame; raise ``ProtocolError`` on any problem (with
-        ``re`` set whenever the frame is an object with a readable ``id``).
+        """Decode and validate one JSON client frame; raise ``ProtocolError`` on any problem
+        (with ``re`` set whenever the frame is an object with a readable ``id``).
 
         Unknown fields are refused rather than ignored: a client cannot set fields the server
         owns (such as ``from``), and typos surface at once.
@@ -165,9 +166,26 @@ class Protocol:
             raise ProtocolError("bad_json", "the frame is not valid JSON") from None
         if type(msg) is not dict:
             raise ProtocolError("bad_message", "a message must be a JSON object")
+        return self._validate(msg, False)
+
+    def parse_msgpack(self, data: bytes) -> dict[str, Any]:
+        """``parse`` for a MessagePack client frame (``encodings``): the same checks, the same
+        errors, and ``bad_msgpack`` for what JSON could not have said."""
+        msg = unpack(data)
+        if type(msg) is not dict:
+            raise ProtocolError("bad_message", "a message must be a MessagePack map")
+        return self._validate(msg, True)
+
+    def _validate(self, msg: dict[Any, Any], packed: bool) -> dict[str, Any]:
+        """Check a decoded message against its spec. A value that fails its field's one-line
+        test gets the full check; for MessagePack (``packed``) that first checks it is in
+        JSON's data model, so the JSON path pays nothing for it and a valid MessagePack value
+        of a string, integer or boolean field nothing either."""
         try:
             type_ = msg.get("type")
             if type(type_) is not str:
+                if packed and not is_plain(type_):
+                    raise bad_msgpack()
                 raise ProtocolError("bad_message", "a message needs a string `type`")
             checks = self._checks.get(type_)
             if checks is None:
@@ -177,8 +195,12 @@ class Protocol:
                     continue
                 check = checks.get(key)
                 if check is None:
+                    if packed and type(key) is not str:
+                        raise bad_msgpack()
                     raise ProtocolError("bad_field", f"`{key[:40]}` is not a field of `{type_}`")
                 if not check(value):
+                    if packed and not is_plain(value):
+                        raise bad_msgpack()
                     _check_value(self.client[type_].by_name[key], value, key)
             for f in self.client[type_].fields:
                 if f.required and f.name not in msg:

@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import stores
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from push_helpers import Receiver
+from stores import BACKENDS, Backend, Store
 
 from signaling.app import make_app
 from signaling.config import Config, load_config
@@ -107,3 +109,19 @@ async def receiver_factory(
         return rec, f"http://127.0.0.1:{srv.port}/hook"
 
     return make
+
+
+@pytest.fixture(params=BACKENDS)
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    """Each chat store back end in turn (``tests/stores.py``)."""
+    async with stores.backend(request.param, tmp_path) as b:
+        yield b
+
+
+@pytest.fixture
+async def store(backend: Backend) -> AsyncIterator[Store]:
+    """An open chat store of each back end, closed at the end."""
+    s = backend.new()
+    await s.open()
+    yield s
+    await s.close()

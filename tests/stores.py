@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
@@ -67,3 +69,19 @@ async def backend(kind: str, tmp_path: Path) -> AsyncIterator[Backend]:
         return
     async with pg_schema() as url:
         yield Backend(kind, tmp_path, url)
+
+
+async def query(store: Store, sql: str) -> list[tuple[Any, ...]]:
+    """Rows of ``sql`` (plain SQL both back ends take) read straight from ``store``'s
+    database, for tests that check what was (not) written."""
+    if isinstance(store, SqliteStore):
+        db = sqlite3.connect(store.path)
+        try:
+            return [tuple(r) for r in db.execute(sql).fetchall()]
+        finally:
+            db.close()
+    conn = await asyncpg.connect(store.url)
+    try:
+        return [tuple(r) for r in await conn.fetch(sql)]
+    finally:
+        await conn.close()

@@ -153,6 +153,11 @@ class PostgresStore:
         self.reconnects = 0
         self.failures = 0  # transactions failed because the server was unavailable
 
+    @property
+    def available(self) -> bool:
+        """Whether writes are taken (the writer is connected)."""
+        return self._conn is not None
+
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def _connect(self) -> asyncpg.Connection:

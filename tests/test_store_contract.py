@@ -434,3 +434,25 @@ async def test_close_answers_every_write_accepted_before_it(backend: Backend) ->
     await s.close()
     results = await asyncio.gather(*pending)
     assert [m.seq for m, _ in results] == list(range(1, 501))
+
+
+async def test_batches_to_known_conversations_keep_order_and_find_retries(store: Store) -> None:
+    firsts = [(await store.append(msg(f"room:k{r}", f"first{r}")))[0] for r in range(3)]
+    plan = [msg(f"room:k{i % 3}", f"c{i}") for i in range(300)]
+    results = await asyncio.gather(*(store.append(m) for m in plan))  # one batch
+    for r in range(3):
+        seqs = [m.seq for m, _ in results if m.conversation == f"room:k{r}"]
+        assert seqs == list(range(2, 102))
+    mids = [m.mid for m, _ in results]
+    assert mids == sorted(mids) and len(set(mids)) == 300 and mids[0] > firsts[-1].mid
+    assert not any(dup for _, dup in results)
+    # The same with retries of stored messages among new ones, and a retry of a first.
+    plan = [msg(f"room:k{i % 3}", f"d{i}") for i in range(30)]
+    plan[10:10] = [msg("room:k1", "c7"), msg("room:k0", "first0")]
+    results = await asyncio.gather(*(store.append(m) for m in plan))
+    assert [dup for _, dup in results].count(True) == 2
+    assert results[11] == (firsts[0], True)
+    fresh = [m for m, dup in results if not dup]
+    for r in range(3):
+        assert [m.seq for m in fresh if m.conversation == f"room:k{r}"] == list(range(102, 112))
+        assert await store.last_seq(f"room:k{r}") == 111

@@ -42,7 +42,7 @@ from . import pgread
 from .codec import ChangeRelation, MarkRead, RegisterIdentity, SetMute, TouchDevice, WriterRequest
 from .groups import ChangeGroup, GroupState
 from .pgschema import migrate
-from .pgwrite import Transaction, plain
+from .pgwrite import Transaction, append_run, one_statement, plain
 from .store import AppendDone, ConversationRow, GroupResult, NewMessage, Page, StoredMessage
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class PostgresStore:
         self.disk_full = False  # the SQLite store's state; PostgreSQL has its own alerts
         self._conn: asyncpg.Connection | None = None  # the writer's; None while unavailable
         self._pool: asyncpg.Pool | None = None
-        self._queue: list[tuple[WriterRequest, Waiter, bool]] = []
+        self._queue: list[tuple[WriterRequest, Waiter]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._reconnect: asyncio.Task[None] | None = None
@@ -194,14 +194,14 @@ class PostgresStore:
 
     # -- writes ----------------------------------------------------------------------------------
 
-    def _send(self, req: WriterRequest, waiter: Waiter, row: bool) -> None:
+    def _send(self, req: WriterRequest, waiter: Waiter) -> None:
         if self._closing or self._task is None:
             raise RuntimeError("the store is closed")
         if self._conn is None:  # it would fail: refuse it now, queue nothing
             raise unavailable(self.retry_after_s)
         if not self._queue:
             self._wake.set()
-        self._queue.append((req, waiter, row))
+        self._queue.append((req, waiter))
 
     async def _write_forever(self) -> None:
         while True:
@@ -217,11 +217,37 @@ class PostgresStore:
             if conn is None:  # lost with these queued
                 results: list[Any] = [unavailable(self.retry_after_s)] * len(batch)
             else:
-                results = await self._run(conn, [req for req, _, _ in batch])
+                results = await self._run(conn, [req for req, _ in batch])
             _settle(batch, results)
 
     async def _run(self, conn: asyncpg.Connection, batch: list[WriterRequest]) -> list[Any]:
-        """Execute requests in one transaction: a value or ``ProtocolError`` per request."""
+        """Execute requests in one transaction: a value or ``ProtocolError`` per request.
+        Plain appends with nothing to check go as one statement (``pgwrite.append_run``),
+        which saves the transaction's other round trips; when it meets a duplicate (nothing
+        written) or a conversation it does not know, they go the general way."""
+        if one_statement(batch, self._known, self._chatters):
+            try:
+                done = await append_run(conn, batch)  # type: ignore[arg-type]
+            except asyncpg.UniqueViolationError:
+                pass
+            except UNAVAILABLE:
+                self.failures += 1
+                self._lost(conn)
+                return [unavailable(self.retry_after_s)] * len(batch)
+            except CONFLICTS:
+                return [unavailable(self.retry_after_s)] * len(batch)
+            else:
+                self.commits += 1
+                self.batched += len(batch)
+                left = [req for req, r in zip(batch, done, strict=True) if r is None]
+                if not left:
+                    return done
+                self._known.difference_update(r.conversation for r in left)  # type: ignore[union-attr]
+                rest = iter(await self._transaction(conn, left))
+                return [next(rest) if r is None else r for r in done]
+        return await self._transaction(conn, batch)
+
+    async def _transaction(self, conn: asyncpg.Connection, batch: list[WriterRequest]) -> list[Any]:
         w = Transaction(conn, self._known, self._chatters)
         try:
             async with conn.transaction():
@@ -262,26 +288,26 @@ class PostgresStore:
         self._chatters.update(w.chatted)
         return w.results
 
-    def _future(self, req: WriterRequest, row: bool) -> asyncio.Future[Any]:
+    def _future(self, req: WriterRequest) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._send(req, fut, row)
+        self._send(req, fut)
         return fut
 
     def append(self, msg: NewMessage) -> asyncio.Future[tuple[StoredMessage, bool]]:
-        return self._future(msg, True)
+        return self._future(msg)
 
     def append_nowait(self, msg: NewMessage, done: AppendDone) -> None:
-        self._send(msg, done, True)
+        self._send(msg, done)
 
     async def mark_read(self, conversation: str, identity: str, seq: int) -> int | None:
-        result: int | None = await self._future(MarkRead(conversation, identity, seq), False)
+        result: int | None = await self._future(MarkRead(conversation, identity, seq))
         return result
 
     async def touch_device(self, identity: str, device: str, name: str, now_ms: int) -> None:
-        await self._future(TouchDevice(identity, device, name, now_ms), False)
+        await self._future(TouchDevice(identity, device, name, now_ms))
 
     async def register_identity(self, identity: str, now_ms: int) -> None:
-        await self._future(RegisterIdentity(identity, now_ms), False)
+        await self._future(RegisterIdentity(identity, now_ms))
 
     def change_group(self, req: ChangeGroup) -> asyncio.Future[GroupResult]:
         fut: asyncio.Future[GroupResult] = asyncio.get_running_loop().create_future()
@@ -296,17 +322,17 @@ class PostgresStore:
             if not fut.done():
                 fut.set_result(value)
 
-        self._send(req, done, False)
+        self._send(req, done)
         return fut
 
     async def set_mute(self, identity: str, conversation: str, muted: bool) -> None:
-        await self._future(SetMute(identity, conversation, muted), False)
+        await self._future(SetMute(identity, conversation, muted))
 
     async def change_relation(
         self, action: str, actor: str, other: str, now_ms: int, max_pending: int
     ) -> tuple[Pair, Pair]:
         value: tuple[Pair, Pair] = await self._future(
-            ChangeRelation(action, actor, other, now_ms, max_pending), False
+            ChangeRelation(action, actor, other, now_ms, max_pending)
         )
         return value
 
@@ -330,18 +356,20 @@ class PostgresStore:
     # -- reads -----------------------------------------------------------------------------------
 
     async def _read(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn(conn, *args)`` on a pooled connection in a read-only snapshot; once more
-        on another connection if this one was dead."""
+        """Run ``fn(conn, *args)`` on a pooled connection in a read-only snapshot. A pooled
+        connection found dead (PostgreSQL restarted since it was used) is replaced and the
+        read tried again, up to once per pooled connection; not after a timeout, so a read
+        waits ``timeout_s`` at most."""
         pool = self._pool
         if pool is None:
             raise RuntimeError("the store is not open")
-        for attempt in (1, 2):
+        for attempt in range(READ_POOL + 1):
             try:
                 async with pool.acquire() as conn:
                     async with conn.transaction(isolation="repeatable_read", readonly=True):
                         return await fn(conn, *args)
             except UNAVAILABLE as e:
-                if attempt == 2 or not isinstance(e, asyncpg.ConnectionDoesNotExistError):
+                if attempt == READ_POOL or isinstance(e, (TimeoutError, OSError)):
                     raise unavailable(self.retry_after_s) from e
         raise AssertionError("unreachable")
 
@@ -415,9 +443,9 @@ class PostgresStore:
         return result
 
 
-def _settle(batch: list[tuple[WriterRequest, Waiter, bool]], results: list[Any]) -> None:
+def _settle(batch: list[tuple[WriterRequest, Waiter]], results: list[Any]) -> None:
     """Settle each write's future, or call its callback, in request order."""
-    for (_, waiter, _), value in zip(batch, results, strict=True):
+    for (_, waiter), value in zip(batch, results, strict=True):
         if not isinstance(waiter, asyncio.Future):
             try:
                 waiter(value)

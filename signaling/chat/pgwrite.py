@@ -252,9 +252,11 @@ class Transaction:
     async def appends(self, run: list[NewMessage]) -> None:
         """A run of texts and call logs with a few statements, whatever its length.
 
-        The checks (duplicates, group membership, contacts) read before the conversations'
-        rows are locked: a duplicate another server stores meanwhile makes the insert fail
-        (a unique index), and so the transaction, with a retryable error."""
+        Duplicates and contacts are read before the conversations' rows are locked: a
+        duplicate another server stores meanwhile makes the insert fail (a unique index), and
+        so the transaction, with a retryable error. Group membership is read under the
+        group's lock, which every group change takes: no message from a member another server
+        has just removed is stored after its removal."""
         conn = self.conn
         now = self.now
         found: dict[tuple[str, str, str], StoredMessage] = {
@@ -270,6 +272,7 @@ class Transaction:
         in_groups = [m for m in run if m.conversation[0] == "g" and m.kind == "text"]
         is_member: set[tuple[str, str]] = set()
         if in_groups:
+            await self._lock(m.conversation for m in in_groups)
             is_member = {
                 (r[0], r[1])
                 for r in await conn.fetch(
@@ -373,6 +376,7 @@ class Transaction:
             ):
                 raise ProtocolError("bad_conversation", f"no group {conv!r}")
         elif conv[0] == "g" and msg.kind != "system" and msg.kind != "call":
+            await self._lock((conv,))  # membership under the lock group changes take
             if await conn.fetchval(IS_MEMBER, conv, msg.sender) is None:
                 found = await self._duplicate(msg)
                 if found is not None:

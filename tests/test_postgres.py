@@ -200,3 +200,14 @@ async def test_clients_get_store_unavailable_and_their_retry_is_stored_once(
     again = await alice.request(send)
     assert (sent["seq"], sent["duplicate"]) == (first["seq"] + 1, False)
     assert (again["seq"], again["duplicate"]) == (sent["seq"], True)
+
+
+async def test_a_store_that_cannot_reach_postgresql_does_not_open() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there
+    store = PostgresStore(f"postgresql://postgres:sekrit@127.0.0.1:{port}/x", timeout_s=2.0)
+    with pytest.raises(RuntimeError, match="cannot be reached") as e:
+        await store.open()
+    assert "sekrit" not in str(e.value)
+    await store.close()

@@ -122,8 +122,13 @@ class PostgresStore:
         return conn
 
     async def open(self) -> None:
+        """Connect, migrate, start the writer. ``RuntimeError`` (naming neither the URL nor its
+        password) when PostgreSQL cannot be reached."""
         self._closing = False
-        conn = await self._connect()
+        try:
+            conn = await self._connect()
+        except UNAVAILABLE as e:
+            raise RuntimeError(f"the chat store's PostgreSQL cannot be reached: {e!r}") from e
         try:
             _, self.epoch = await migrate(conn)
             self._pool = await asyncpg.create_pool(

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestServer
+from stores import pg_schema
 
 from signaling.chat.postgres import PostgresStore
 from signaling.chat.store import AppendResult, NewMessage, StoredMessage
@@ -211,3 +212,35 @@ async def test_a_store_that_cannot_reach_postgresql_does_not_open() -> None:
         await store.open()
     assert "sekrit" not in str(e.value)
     await store.close()
+
+
+async def test_a_failing_statement_fails_its_batch_and_burns_no_sequence() -> None:
+    async with pg_schema() as url:
+        store = PostgresStore(url)
+        await store.open()
+        try:
+            await store.append(msg("a"))
+            await store.append(msg("b"))  # the conversation is known: the one-statement path
+            conn = await asyncpg.connect(url)
+            try:
+                await conn.execute(
+                    "CREATE TABLE fail_once (n INTEGER); INSERT INTO fail_once VALUES (1); "
+                    "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                    "IF (SELECT n FROM fail_once) = 1 THEN RAISE EXCEPTION 'disk on fire'; END IF; "
+                    "RETURN NEW; END $$; "
+                    "CREATE TRIGGER boom BEFORE INSERT ON messages "
+                    "FOR EACH ROW EXECUTE FUNCTION boom()"
+                )
+                edit = NewMessage("room:drill", "d", "alice", "A", "edit", "x", 1)
+                edit.edit_window_ms = 60_000
+                for m in (msg("c"), edit):  # one statement, then a transaction
+                    with pytest.raises(ProtocolError) as e:
+                        await store.append(m)
+                    assert e.value.code == "internal_error"
+                await conn.execute("UPDATE fail_once SET n = 0")
+            finally:
+                await conn.close()
+            m, _ = await store.append(msg("c"))
+            assert m.seq == 3 and store.available
+        finally:
+            await store.close()

@@ -222,7 +222,13 @@ class PostgresStore:
             if conn is None:  # lost with these queued
                 results: list[Any] = [unavailable(self.retry_after_s)] * len(batch)
             else:
-                results = await self._run(conn, [req for req, _ in batch])
+                try:
+                    results = await self._run(conn, [req for req, _ in batch])
+                except Exception:  # a bug: fail this batch, never the task (writes would hang)
+                    log.exception("chat store write failed")
+                    if conn.is_closed():
+                        self._lost(conn)
+                    results = [ProtocolError("internal_error", "the store failed")] * len(batch)
             _settle(batch, results)
 
     async def _run(self, conn: asyncpg.Connection, batch: list[WriterRequest]) -> list[Any]:

@@ -43,6 +43,7 @@ Prints progress on stderr, then a table, then one JSON line (the last line of st
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import ctypes
 import datetime
@@ -59,6 +60,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +117,7 @@ class Server:
         self.core = core
         self.log_path = log_path
         self.port = int(argv[argv.index("--port") + 1])
+        self.store_processes = False  # PostgreSQL's processes count as the server's
         self.cwd: str | None = None
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -159,8 +162,11 @@ class Server:
         return self.proc.pid
 
     def pids(self) -> list[int]:
-        """The server and its child processes (Rallypoint's store writer)."""
+        """The server and its child processes (Rallypoint's store writer), and PostgreSQL's
+        processes when it is the store (``--store-url``)."""
         out = [self.pid]
+        if self.store_processes:
+            out += postgres_pids()
         for pid in out:  # grows while walking: children of children
             for task in Path(f"/proc/{pid}/task").iterdir():
                 try:
@@ -211,8 +217,48 @@ class Server:
             stop(self.proc, 20.0)
 
 
+def postgres_pids() -> list[int]:
+    """Every PostgreSQL process on this machine (the store's, with ``--store-url``)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (d / "comm").read_text().strip() in ("postgres", "postmaster"):
+                    out.append(int(d.name))
+    return out
+
+
+@contextlib.contextmanager
+def store_schema(url: str | None) -> Iterator[str | None]:
+    """With a PostgreSQL ``url``: a fresh schema for the run (dropped after), as a URL."""
+    if not url or not url.startswith(("postgresql://", "postgres://")):
+        yield url
+        return
+    import asyncpg
+
+    name = f"bench_{os.getpid()}_{int(time.time())}"
+
+    async def sql(q: str) -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(q)
+        finally:
+            await conn.close()
+
+    asyncio.run(sql(f"CREATE SCHEMA {name}"))
+    try:
+        yield f"{url}{'&' if '?' in url else '?'}search_path={name}"
+    finally:
+        asyncio.run(sql(f"DROP SCHEMA {name} CASCADE"))
+
+
 def rallypoint_server(
-    data_dir: Path, core: int | None, max_conns: int, room_size: int, server_path: str | None
+    data_dir: Path,
+    core: int | None,
+    max_conns: int,
+    room_size: int,
+    server_path: str | None,
+    store_url: str | None = None,
 ) -> Server:
     exe = Path(sys.executable).parent / "rallypoint"
     base = [str(exe)] if exe.exists() and not server_path else [sys.executable, "-m", "signaling"]
@@ -226,6 +272,8 @@ def rallypoint_server(
         RALLYPOINT_LIMITS_MAX_SESSIONS=str(max(50_000, max_conns * 2)),
         RALLYPOINT_ROOMS_MAX_PARTICIPANTS=str(max(100, room_size)),
     )
+    if store_url:
+        env["RALLYPOINT_STORE_URL"] = store_url
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = [
         *base,
@@ -238,6 +286,7 @@ def rallypoint_server(
         str(data_dir),
     ]
     srv = Server("rallypoint", argv, env, core, data_dir / "server.log")
+    srv.store_processes = bool(store_url) and "://" in str(store_url)
     if server_path:  # `python -m` looks in the working directory first
         srv.cwd = env["PYTHONPATH"]
     return srv
@@ -616,6 +665,7 @@ def report(res: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
         "server_cpu_at_sustainable": round(best["server_cpu"], 3) if best else None,
         "server_children_cpu_at_sustainable": round(best["server_child_cpu"], 3) if best else None,
         "store_writer_core": res["store_core"],
+        "store": res["store_url"],
         "server_us_per_delivery": round(best["server_cpu"] / best["deliveries_per_s"] * 1e6, 1)
         if best
         else None,
@@ -1053,6 +1103,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument(
+        "--store-url",
+        help="the server's store.url, e.g. postgresql://postgres@127.0.0.1/test (a schema of "
+        "the run's own is made and dropped; PostgreSQL's processes count as the server's)",
+    )
+    p.add_argument(
         "--server-path",
         help="run `python -m signaling` from this directory instead of the installed server",
     )
@@ -1109,6 +1164,9 @@ def main(argv: list[str] | None = None) -> int:
     gc_pauses: list[float] = []
     gc_over = 0
     servers: list[Server] = []
+    schema = contextlib.ExitStack()
+    store_url = schema.enter_context(store_schema(a.store_url))
+    res["store_url"] = a.store_url or "sqlite"
 
     def finish_rp(srv: Server, label: str) -> None:
         nonlocal gc_over
@@ -1134,7 +1192,7 @@ def main(argv: list[str] | None = None) -> int:
         if not a.skip_memory:
             log(f"phase 1: memory, {a.connections} connections in rooms of {a.room_size}")
             srv = rallypoint_server(
-                work / "mem", cores[0], a.connections, a.room_size, a.server_path
+                work / "mem", cores[0], a.connections, a.room_size, a.server_path, store_url
             )
             servers.append(srv)
             srv.start()
@@ -1151,7 +1209,7 @@ def main(argv: list[str] | None = None) -> int:
         if not a.skip_load:
             log(f"phase 2+3: latency and throughput, {a.load_connections} connections")
             srv = rallypoint_server(
-                work / "load", cores[0], a.load_connections, a.room_size, a.server_path
+                work / "load", cores[0], a.load_connections, a.room_size, a.server_path, store_url
             )
             servers.append(srv)
             srv.start()
@@ -1185,6 +1243,7 @@ def main(argv: list[str] | None = None) -> int:
             g.stop()
         for srv in servers:
             srv.stop()
+        schema.close()
         if a.keep:
             log(f"kept {work}")
         else:

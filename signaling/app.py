@@ -31,6 +31,7 @@ from .calls import messages as calls_messages
 from .calls.service import CallService
 from .chat import messages as chat_messages
 from .chat.handlers import Chat
+from .chat.postgres import PostgresStore
 from .chat.sqlite import SqliteStore
 from .config import Config, ConfigError
 from .core import messages as core_messages
@@ -64,7 +65,9 @@ ENDPOINT: web.AppKey[Endpoint] = web.AppKey("endpoint", Endpoint)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 PUSH: web.AppKey[PushQueue] = web.AppKey("push", PushQueue)
 ADDRESSES: web.AppKey[AddressBook] = web.AppKey("addresses", AddressBook)
-STORE: web.AppKey[SqliteStore] = web.AppKey("store", SqliteStore)
+#: The chat store (and device directory and relation store) ``store.url`` selects.
+Store = SqliteStore | PostgresStore
+STORE: web.AppKey[Store] = web.AppKey("store")
 
 #: The protocol's parts, in the order the document and the schema list them.
 MESSAGES = (
@@ -100,6 +103,15 @@ def handlers_of(proto: Protocol, features: Sequence[Feature]) -> dict[str, Handl
     return handlers
 
 
+def make_store(cfg: Config) -> Store:
+    """The chat store ``store.url`` names: PostgreSQL, or a SQLite file (by default
+    ``chat.sqlite3`` in the data directory)."""
+    if cfg.store.postgres:
+        return PostgresStore(cfg.store.url)
+    path = Path(cfg.store.url) if cfg.store.url else Path(cfg.server.data_dir) / "chat.sqlite3"
+    return SqliteStore(path, cfg.store.synchronous)
+
+
 def make_app(cfg: Config) -> web.Application:
     """Build the server: signaling, chat store, calls, push, SFU workers and (unless disabled)
     the embedded TURN server. Services start in the app's cleanup contexts and stop in reverse
@@ -108,7 +120,7 @@ def make_app(cfg: Config) -> web.Application:
     secret = turn_secret(cfg) if cfg.turn.enabled else None
 
     # Services.
-    store = SqliteStore(Path(cfg.server.data_dir) / "chat.sqlite3", cfg.store.synchronous)
+    store = make_store(cfg)
     hub = Hub(cfg, store, store, store, IceServers(cfg, secret))
     chat = Chat(hub, store)
     push = PushQueue(cfg.push, store)
@@ -212,13 +224,18 @@ def make_app(cfg: Config) -> web.Application:
 async def healthz(request: web.Request) -> web.Response:
     """``{"status": "ok"}``, or ``{"status": "degraded", "reasons": [...]}`` while the server
     runs but refuses something (``store_full``: the chat store's disk is full, chat writes are
+    refused; ``store_unavailable``: its PostgreSQL cannot be reached, chat writes are
     refused). Both with 200: a degraded server still serves calls, reads and presence, and a
     load balancer or orchestrator that took it out (or restarted it) for a full disk would
     turn a refused chat write into an outage and fix nothing; alert on the reasons instead
-    (and on ``rallypoint_store_disk_full``). See docs/OPERATIONS.md."""
+    (and on ``rallypoint_store_disk_full``, ``rallypoint_store_unavailable``). See
+    docs/OPERATIONS.md."""
     reasons = []
-    if request.app[STORE].disk_full:
+    store = request.app[STORE]
+    if store.disk_full:
         reasons.append("store_full")
+    if isinstance(store, PostgresStore) and not store.available:
+        reasons.append("store_unavailable")
     if reasons:
         return web.json_response({"status": "degraded", "reasons": reasons})
     return web.json_response({"status": "ok"})

@@ -100,8 +100,16 @@ class ChatSection:
 
 @dataclass
 class StoreSection:
-    # "normal": survives a process crash (SQLite WAL); "full": also survives power loss.
+    # Where chat is stored: "" (the default) is the SQLite file chat.sqlite3 in
+    # server.data_dir; a path is that SQLite file; "postgresql://user@host:port/db" is
+    # PostgreSQL (libpq URL syntax; "?search_path=schema" picks a schema).
+    url: str = ""
+    # SQLite only: "normal" survives a process crash (WAL); "full" also survives power loss.
     synchronous: str = "normal"
+
+    @property
+    def postgres(self) -> bool:
+        return self.url.startswith(("postgresql://", "postgres://"))
 
 
 @dataclass
@@ -238,6 +246,11 @@ class Config:
             raise ConfigError("sfu.workers must be >= 0 (0 = one per core)")
         if self.store.synchronous not in ("normal", "full"):
             raise ConfigError("store.synchronous must be 'normal' or 'full'")
+        if "://" in self.store.url and not self.store.postgres:
+            raise ConfigError(
+                "store.url must be empty (SQLite in server.data_dir), a SQLite file's path, "
+                "or postgresql://..."
+            )
         if self.server.metrics_listen:
             host, sep, port = self.server.metrics_listen.rpartition(":")
             if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:

@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import stores
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from push_helpers import Receiver
+from stores import BACKENDS, Backend, Store
 
 from signaling.app import make_app
 from signaling.config import Config, load_config
@@ -37,16 +39,31 @@ def make_config(tmp_path: Path, **overrides: Any) -> Config:
 
 
 @pytest.fixture
+def server_store() -> str:
+    """The chat store back end of the servers a test starts (``tests/stores.py``): SQLite; a
+    module runs on both with ``server_store = pytest.fixture(params=BACKENDS)(...)``."""
+    return "sqlite"
+
+
+@pytest.fixture
 async def start_server(
-    tmp_path: Path, aiohttp_server: Callable[..., Awaitable[TestServer]]
-) -> ServerFactory:
+    tmp_path: Path, aiohttp_server: Callable[..., Awaitable[TestServer]], server_store: str
+) -> AsyncIterator[ServerFactory]:
     """Start the real app; keyword args override config (``limits__rate_per_s=5``)."""
+    started: list[TestServer] = []
+    async with stores.backend(server_store, tmp_path) as b:
 
-    async def start(**overrides: Any) -> TestServer:
-        cfg = make_config(tmp_path, **overrides)
-        return await aiohttp_server(make_app(cfg), host="127.0.0.1")
+        async def start(**overrides: Any) -> TestServer:
+            if b.url is not None:
+                overrides.setdefault("store__url", b.url)
+            cfg = make_config(tmp_path, **overrides)
+            srv = await aiohttp_server(make_app(cfg), host="127.0.0.1")
+            started.append(srv)
+            return srv
 
-    return start
+        yield start
+        for srv in started:  # before the schema goes
+            await srv.close()
 
 
 @pytest.fixture
@@ -107,3 +124,19 @@ async def receiver_factory(
         return rec, f"http://127.0.0.1:{srv.port}/hook"
 
     return make
+
+
+@pytest.fixture(params=BACKENDS)
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    """Each chat store back end in turn (``tests/stores.py``)."""
+    async with stores.backend(request.param, tmp_path) as b:
+        yield b
+
+
+@pytest.fixture
+async def store(backend: Backend) -> AsyncIterator[Store]:
+    """An open chat store of each back end, closed at the end."""
+    s = backend.new()
+    await s.open()
+    yield s
+    await s.close()

@@ -11,11 +11,19 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 from call_helpers import Phone
+from stores import BACKENDS
 
 from signaling.app import CALLS
 from signaling.core.tokens import create_token
 from signaling.sdk import RallypointClient
 from signaling.sdk.wsclient import ClientError
+
+
+@pytest.fixture(params=BACKENDS)
+def server_store(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on both chat store back ends."""
+    return str(request.param)
+
 
 Start = Callable[..., Awaitable[TestServer]]
 KEY, SECRET = "test-key", "a-test-secret-of-at-least-32-bytes"

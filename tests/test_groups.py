@@ -15,6 +15,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 from push_helpers import Receiver, push_barrier, push_server
+from stores import BACKENDS
 
 from signaling.app import HUB, STORE
 from signaling.chat.groups import GroupChange, GroupState, plan
@@ -23,6 +24,13 @@ from signaling.notify.events import mentions
 from signaling.sdk import RallypointClient
 from signaling.sdk.wsclient import Client, ClientError
 from signaling.wire.errors import ProtocolError
+
+
+@pytest.fixture(params=BACKENDS)
+def server_store(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on both chat store back ends."""
+    return str(request.param)
+
 
 Connect = Callable[..., Awaitable[Client]]
 Phone = Callable[..., Awaitable[RallypointClient]]

@@ -18,9 +18,17 @@ import pytest
 from aiohttp.test_utils import TestServer
 from call_helpers import Phone
 from openapi_spec_validator import validate
+from stores import BACKENDS
 
 from signaling.app import CALLS
 from signaling.core.tokens import create_token
+
+
+@pytest.fixture(params=BACKENDS)
+def server_store(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on both chat store back ends."""
+    return str(request.param)
+
 
 Start = Callable[..., Awaitable[TestServer]]
 KEY, SECRET = "test-key", "a-test-secret-of-at-least-32-bytes"

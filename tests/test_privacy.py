@@ -7,9 +7,7 @@ them and one that does not exist apart: the frames they get are compared one by 
 from __future__ import annotations
 
 import base64
-import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -18,12 +16,20 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from push_helpers import PUSH_SECRET, Receiver, push_barrier
+from stores import BACKENDS, query
 
 from signaling.app import CALLS, HUB, STORE
 from signaling.core.privacy import Relation
 from signaling.core.tokens import create_token
 from signaling.sdk import RallypointClient
 from signaling.sdk.wsclient import Client, ClientError
+
+
+@pytest.fixture(params=BACKENDS)
+def server_store(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on both chat store back ends."""
+    return str(request.param)
+
 
 Start = Callable[..., Awaitable[TestServer]]
 KEY, SECRET = "test-key", "a-test-secret-of-at-least-32-bytes"
@@ -318,9 +324,7 @@ async def test_direct_messages_to_strangers_off_look_the_same(
     assert [f["type"] for f in sent["t-offline"][1]] == ["message", "typing"]
     assert [f for f in await barrier(contact_blocker) if f["type"] in ("message", "typing")] == []
     # Nothing refused was stored.
-    db = sqlite3.connect(Path(net.store.path))
-    convs = {r[0] for r in db.execute("SELECT DISTINCT conversation FROM messages")}
-    db.close()
+    convs = {r[0] for r in await query(net.store, "SELECT DISTINCT conversation FROM messages")}
     assert convs == {dm("ann", "t-cblocker"), dm("ann", "t-offline")}
 
 
@@ -588,12 +592,10 @@ async def test_bad_input_is_refused_and_stores_nothing(
         Relation("b2", "outgoing", False),
         Relation("b4", "none", True),
     ]
-    db = sqlite3.connect(Path(net.store.path))
     counts = [
-        db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        (await query(net.store, f"SELECT count(*) FROM {table}"))[0][0]
         for table in ("contacts", "contact_requests", "blocks")
     ]
-    db.close()
     assert counts == [0, 2, 1]
     assert net.server.app[HUB].counters.internal_errors == 0
 

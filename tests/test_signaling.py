@@ -10,10 +10,14 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp.test_utils import TestServer
+from stores import BACKENDS
 
 from signaling.app import ENDPOINT, STORE
 from signaling.net import endpoint as endpoint_module
 from signaling.sdk.wsclient import Client, ClientError
+
+#: The chat tests run on each chat store back end (``tests/stores.py``).
+ON_BOTH_STORES = pytest.mark.parametrize("server_store", BACKENDS)
 
 Connect = Callable[..., Awaitable[Client]]
 
@@ -104,6 +108,7 @@ async def test_moderation_kick_mute_lock(server: TestServer, clients: Connect) -
     assert e.value.code == "no_such_participant"
 
 
+@ON_BOTH_STORES
 async def test_chat_in_order_to_three_clients(server: TestServer, clients: Connect) -> None:
     a, b, c = await joined(clients, server, "chat", "alice", "bob", "carol")
     # Everyone sends concurrently; each receiver sees the others' messages in seq order.
@@ -123,6 +128,7 @@ async def test_chat_in_order_to_three_clients(server: TestServer, clients: Conne
         assert len(mine) == 20  # its own messages came back only as acks
 
 
+@ON_BOTH_STORES
 async def test_history_paging(server: TestServer, clients: Connect) -> None:
     (a,) = await joined(clients, server, "h", "alice")
     for i in range(1, 13):
@@ -143,6 +149,7 @@ async def test_history_paging(server: TestServer, clients: Connect) -> None:
     assert e.value.code == "bad_field"
 
 
+@ON_BOTH_STORES
 async def test_direct_messages_reach_every_device(server: TestServer, clients: Connect) -> None:
     alice = await clients(server, name="Alice", identity="alice", device="laptop")
     alice_phone = await clients(server, name="Alice", identity="alice", device="phone")
@@ -179,6 +186,7 @@ async def test_direct_messages_reach_every_device(server: TestServer, clients: C
     assert item["last_message"]["text"] == "hey" and item["muted"] is False
 
 
+@ON_BOTH_STORES
 async def test_read_receipts_and_typing(server: TestServer, clients: Connect) -> None:
     a, b = await joined(clients, server, "rr", "alice", "bob")
     for i in range(3):
@@ -198,6 +206,7 @@ async def test_read_receipts_and_typing(server: TestServer, clients: Connect) ->
     assert item["last_message"]["text"] == "m2"
 
 
+@ON_BOTH_STORES
 async def test_edit_and_delete(server: TestServer, clients: Connect) -> None:
     mod, a, b = await joined(clients, server, "ed", "mod", "alice", "bob")
     orig = await a.send_chat("room:ed", "helo")
@@ -239,6 +248,7 @@ async def test_edit_and_delete(server: TestServer, clients: Connect) -> None:
     assert "text" not in hist["messages"][0]
 
 
+@ON_BOTH_STORES
 async def test_duplicate_sends_are_stored_once(server: TestServer, clients: Connect) -> None:
     a, b = await joined(clients, server, "dup", "alice", "bob")
     first = await a.send_chat("room:dup", "once", cid="same-cid")
@@ -374,6 +384,7 @@ async def test_update_is_all_or_nothing(server: TestServer, clients: Connect) ->
     assert ev["participant"]["audio_muted"] is True
 
 
+@ON_BOTH_STORES
 async def test_delete_erases_edited_text_too(server: TestServer, clients: Connect) -> None:
     (a,) = await joined(clients, server, "del", "alice")
     orig = await a.send_chat("room:del", "secret")
@@ -397,6 +408,7 @@ async def test_delete_erases_edited_text_too(server: TestServer, clients: Connec
 
 
 @pytest.mark.parametrize("inline", [True, False], ids=["fastws", "receive"])
+@ON_BOTH_STORES
 async def test_replies_keep_request_order_behind_chat_writes(
     server: TestServer, clients: Connect, monkeypatch: pytest.MonkeyPatch, inline: bool
 ) -> None:
@@ -496,6 +508,7 @@ async def _fill(c: Client, conv: str, n: int, size: int) -> None:
         await c.send_chat(conv, f"{i:04d}" + "x" * (size - 4), cid=f"{conv}-{i}")
 
 
+@ON_BOTH_STORES
 async def test_history_pages_are_cut_by_size_and_nobody_is_cut_off(
     start_server: Callable[..., Awaitable[TestServer]], clients: Connect
 ) -> None:
@@ -522,6 +535,7 @@ async def test_history_pages_are_cut_by_size_and_nobody_is_cut_off(
     assert (await a.request({"type": "ping"}))["type"] == "pong"  # still connected
 
 
+@ON_BOTH_STORES
 async def test_sync_over_many_conversations_stays_within_the_reply_budget(
     start_server: Callable[..., Awaitable[TestServer]], clients: Connect
 ) -> None:

@@ -194,6 +194,7 @@ def test_config_layers(tmp_path: Path) -> None:
         ("[server\n", {}, "not valid TOML"),
         ("[privacy]\npresence = 'friends'\n", {}, "privacy.presence"),
         ("[privacy]\nmax_pending_requests = 0\n", {}, "privacy.max_pending_requests"),
+        ("[store]\nurl = 'mysql://db/chat'\n", {}, "store.url"),
     ],
 )
 def test_config_errors_name_the_key(
@@ -264,3 +265,19 @@ def test_a_maximum_token_lifetime() -> None:
     assert e.value.code == "token_invalid" and "longer" in e.value.message
     near = _signed(exp=int(time.time()) + 3600)
     assert verify_token(near, "key", SECRET, max_lifetime_s=30 * 86400).identity == "a"
+
+
+def test_store_url_selects_the_back_end(tmp_path: Path) -> None:
+    from signaling.app import make_store
+    from signaling.chat.postgres import PostgresStore
+    from signaling.chat.sqlite import SqliteStore
+
+    def store(url: str) -> object:
+        return make_store(load_config(None, env={}, overrides={"store.url": url}))
+
+    default = store("")
+    assert isinstance(default, SqliteStore) and default.path == Path("data/chat.sqlite3")
+    own = store(str(tmp_path / "x.db"))
+    assert isinstance(own, SqliteStore) and own.path == tmp_path / "x.db"
+    pg = store("postgresql://rp@db.example.com/chat")
+    assert isinstance(pg, PostgresStore) and pg.url == "postgresql://rp@db.example.com/chat"

@@ -1,4 +1,6 @@
-"""The SQLite chat store: gap-free sequences, duplicates, amend rules, paging, read marks."""
+"""What only the SQLite chat store has: its writer process (failures, restarts, closing), the
+WAL, its migrations, and the codec of the writer's socket. The contract every store keeps
+(sequences, duplicates, amend rules, paging, ...) is ``test_store_contract.py``."""
 
 from __future__ import annotations
 
@@ -11,12 +13,15 @@ import pytest
 from signaling.chat import codec, schema
 from signaling.chat import sqlite as sqlite_store
 from signaling.chat import writer as store_writer
-from signaling.chat.codec import MarkRead, RegisterIdentity, SetMute, TouchDevice
+from signaling.chat.codec import ChangeRelation, MarkRead, RegisterIdentity, SetMute, TouchDevice
 from signaling.chat.groups import ChangeGroup, GroupState
 from signaling.chat.schema import MIGRATIONS
 from signaling.chat.sqlite import SqliteStore
-from signaling.chat.store import AppendResult, GroupResult, NewMessage, StoredMessage, wire_size
+from signaling.chat.store import AppendResult, GroupResult, NewMessage, StoredMessage
+from signaling.core.privacy import Pair, Side
 from signaling.wire.errors import ProtocolError
+
+NOW = 1_700_000_000_000
 
 
 def msg(
@@ -41,59 +46,6 @@ async def store(tmp_path: Path) -> SqliteStore:
     await s.open()
     yield s  # type: ignore[misc]
     await s.close()
-
-
-async def test_concurrent_appends_get_gap_free_sequences(store: SqliteStore) -> None:
-    results = await asyncio.gather(
-        *(store.append(msg(f"room:r{i % 3}", f"c{i}")) for i in range(300))
-    )
-    for r in range(3):
-        seqs = sorted(m.seq for m, dup in results if m.conversation == f"room:r{r}")
-        assert seqs == list(range(1, 101))
-    assert len({m.mid for m, _ in results}) == 300
-    assert not any(dup for _, dup in results)
-    assert await store.last_seq("room:r0") == 100
-
-
-async def test_duplicate_cid_returns_the_original(store: SqliteStore) -> None:
-    first, dup1 = await store.append(msg("room:r", "same"))
-    again, dup2 = await store.append(msg("room:r", "same", text="changed"))
-    assert (dup1, dup2) == (False, True)
-    assert again == first
-    other, _ = await store.append(msg("room:r", "same", sender="bob"))  # cids are per sender
-    assert other.seq == 2
-    page = await store.page("room:r", before=None, after=None, limit=10)
-    assert [m.text for m in page.messages] == ["hi", "hi"]
-
-
-async def test_duplicates_within_one_batch(store: SqliteStore) -> None:
-    a, b = await asyncio.gather(store.append(msg("room:r", "x")), store.append(msg("room:r", "x")))
-    assert a[0] == b[0] and sorted([a[1], b[1]]) == [False, True]
-    assert await store.last_seq("room:r") == 1
-
-
-async def test_append_nowait_calls_back_in_order_with_results_and_refusals(
-    store: SqliteStore,
-) -> None:
-    got: list[AppendResult] = []
-    done = asyncio.get_running_loop().create_future()
-
-    def cb(result: AppendResult) -> None:
-        got.append(result)
-        if len(got) == 4 and not done.done():
-            done.set_result(None)
-
-    store.append_nowait(msg("room:n", "a"), cb)
-    store.append_nowait(msg("room:n", "b"), cb)
-    store.append_nowait(msg("room:n", "e", kind="edit", ref=99, text="x"), cb)  # refused
-    store.append_nowait(msg("room:n", "a"), cb)  # a retry
-    await asyncio.wait_for(done, 10)
-    first, second, refused, retry = got
-    assert isinstance(first, tuple) and isinstance(second, tuple) and isinstance(retry, tuple)
-    assert (first[0].seq, first[1], second[0].seq, second[1]) == (1, False, 2, False)
-    assert isinstance(refused, ProtocolError) and refused.code == "no_such_message"
-    assert retry == (first[0], True)
-    assert await store.last_seq("room:n") == 2
 
 
 async def test_wal_starts_over_under_steady_writes(tmp_path: Path) -> None:
@@ -131,60 +83,6 @@ async def test_wal_starts_over_under_steady_writes(tmp_path: Path) -> None:
     assert max(sizes) < 16 * 1024 * 1024, (max(sizes), n)
 
 
-async def test_paging_both_ways(store: SqliteStore) -> None:
-    for i in range(25):
-        await store.append(msg("room:p", f"c{i}", text=f"m{i + 1}"))
-    newest = await store.page("room:p", before=None, after=None, limit=10)
-    assert [m.seq for m in newest.messages] == list(range(16, 26)) and newest.more
-    older = await store.page("room:p", before=16, after=None, limit=10)
-    assert [m.seq for m in older.messages] == list(range(6, 16)) and older.more
-    oldest = await store.page("room:p", before=6, after=None, limit=10)
-    assert [m.seq for m in oldest.messages] == list(range(1, 6)) and not oldest.more
-    fwd = await store.page("room:p", before=None, after=20, limit=3)
-    assert [m.seq for m in fwd.messages] == [21, 22, 23] and fwd.more and fwd.last_seq == 25
-    end = await store.page("room:p", before=None, after=23, limit=3)
-    assert [m.seq for m in end.messages] == [24, 25] and not end.more
-    empty = await store.page("room:none", before=None, after=0, limit=3)
-    assert empty.messages == [] and empty.last_seq == 0
-
-
-async def test_edit_and_delete_rules(store: SqliteStore) -> None:
-    orig, _ = await store.append(msg("room:e", "o1"))
-    edit, _ = await store.append(msg("room:e", "e1", kind="edit", ref=orig.seq, text="fixed"))
-    assert edit.seq == 2 and edit.ref == 1 and edit.kind == "edit"
-
-    async def refused(m: NewMessage) -> str:
-        with pytest.raises(ProtocolError) as e:
-            await store.append(m)
-        return e.value.code
-
-    assert await refused(msg("room:e", "e2", sender="bob", kind="edit", ref=1)) == "not_author"
-    assert await refused(msg("room:e", "e3", kind="edit", ref=99)) == "no_such_message"
-    assert await refused(msg("room:e", "e4", kind="edit", ref=2)) == "no_such_message"  # an edit
-    assert (
-        await refused(msg("room:e", "e5", kind="edit", ref=1, window_ms=-1)) == "edit_window_passed"
-    )
-    # A moderator may delete someone else's message, even after the window.
-    d, _ = await store.append(
-        msg(
-            "room:e",
-            "d1",
-            sender="mod",
-            kind="delete",
-            text=None,
-            ref=1,
-            moderator=True,
-            window_ms=-1,
-        )
-    )
-    assert d.seq == 3
-    assert await refused(msg("room:e", "e6", kind="edit", ref=1)) == "already_deleted"
-    page = await store.page("room:e", before=None, after=0, limit=10)
-    assert page.messages[0].text is None  # the deleted text is gone from the store
-    assert [m.kind for m in page.messages] == ["text", "edit", "delete"]
-    assert page.last_seq == 3  # refusals took no sequence numbers
-
-
 async def test_upgraded_store_finds_edits_by_index(tmp_path: Path) -> None:
     # A store made by the previous schema (version 2), with an edit in it.
     path = tmp_path / "old.db"
@@ -212,21 +110,6 @@ async def test_upgraded_store_finds_edits_by_index(tmp_path: Path) -> None:
     db.close()
     # Not a walk over the whole conversation (messages_seq), which took ~130 ms at 500k.
     assert "USING INDEX messages_edits (conversation=? AND ref=?)" in plan[0][3], plan
-
-
-async def test_read_marks_only_move_forward(store: SqliteStore) -> None:
-    for i in range(5):
-        await store.append(msg("dm:alice|bob", f"c{i}", members=("alice", "bob")))
-    assert await store.mark_read("dm:alice|bob", "bob", 3) == 3
-    assert await store.mark_read("dm:alice|bob", "bob", 2) is None
-    assert await store.mark_read("dm:alice|bob", "bob", 50) == 5  # clamped to the last seq
-    assert await store.read_seq("dm:alice|bob", "bob") == 5
-    (bob,), _ = await store.conversation_list("bob", 10)
-    (alice,), _ = await store.conversation_list("alice", 10)
-    # msg() sends as alice: all five are unread for bob until he read them, none for her.
-    assert (bob.last_seq, bob.read_seq, bob.unread) == (5, 5, 0)
-    assert (alice.last_seq, alice.read_seq, alice.unread) == (5, 0, 0)
-    assert await store.conversation_list("carol", 10) == ([], False)
 
 
 async def test_reopen_keeps_sequence_and_epoch(tmp_path: Path) -> None:
@@ -275,22 +158,6 @@ async def test_store_failure_is_reported_and_sequence_not_burnt(store: SqliteSto
     db.close()
     m, _ = await store.append(msg("room:f", "b"))
     assert m.seq == 2
-
-
-async def test_a_large_batch_with_a_retry_inside_keeps_order_and_mids(store: SqliteStore) -> None:
-    # One transaction with hundreds of sends, a retried cid in the middle (answered with the
-    # original) and an edit between them.
-    first, _ = await store.append(msg("room:big", "c0"))
-    plan = [msg("room:big", f"c{i}") for i in range(1, 600)]
-    plan.insert(300, msg("room:big", "c5"))  # a retry of an earlier send
-    plan.insert(400, msg("room:big", "e1", kind="edit", text="new", ref=1))
-    results = await asyncio.gather(*(store.append(m) for m in plan))  # queued in plan order
-    fresh = [m for m, dup in results if not dup]
-    assert [m.seq for m in fresh] == list(range(2, 2 + len(fresh)))  # in queue order, no gaps
-    assert [m.mid for m in fresh] == list(range(first.mid + 1, first.mid + 1 + len(fresh)))
-    (retry,) = [m for m, dup in results if dup]
-    assert retry.cid == "c5" and retry == results[4][0]  # plan[4] is c5
-    assert await store.last_seq("room:big") == 601
 
 
 async def test_mids_keep_increasing_after_reopen(tmp_path: Path) -> None:
@@ -411,16 +278,17 @@ def test_row_order_is_the_select_order() -> None:
     assert codec.ROW_FIELDS == tuple(StoredMessage.__dataclass_fields__)
 
 
-async def test_pages_are_cut_by_bytes(store: SqliteStore) -> None:
-    for i in range(50):
-        await store.append(NewMessage("room:b", f"c{i}", "alice", "Alice", "text", "é" * 1000))
-    one = wire_size((await store.page("room:b", before=None, after=0, limit=1)).messages[0])
-    assert one > 2000  # "é" is two bytes of UTF-8
-    page = await store.page("room:b", before=None, after=0, limit=500, max_bytes=5 * one)
-    assert [m.seq for m in page.messages] == [1, 2, 3, 4, 5] and page.more
-    newest = await store.page("room:b", before=None, after=None, limit=500, max_bytes=3 * one + 9)
-    assert [m.seq for m in newest.messages] == [48, 49, 50] and newest.more
-    at_least_one = await store.page("room:b", before=None, after=10, limit=500, max_bytes=10)
-    assert [m.seq for m in at_least_one.messages] == [11] and at_least_one.more
-    everything = await store.page("room:b", before=None, after=0, limit=500, max_bytes=10**9)
-    assert len(everything.messages) == 50 and not everything.more
+def test_relation_requests_and_values_round_trip() -> None:
+    for req in (
+        ChangeRelation("request", "alice", "bob", NOW, 500),
+        NewMessage("dm:a|b", "c", "a", "A", "text", "x", None, ("a", "b"), False, 0, None, "b"),
+        NewMessage("dm:a|b", "c", "a", "A", "text", "x", None, ("a", "b"), contact_required=True),
+    ):
+        assert codec.decode_request(codec.encode_request(req)) == req
+    before, after = Pair(), Pair(True, Side(), Side(blocks=True))
+    value = codec.decode_results(
+        codec.encode_results([codec.ok(codec.relation_value(before, after))])
+    )
+    assert codec.decode_relation_value(value[0][1]) == (before, after)
+    stored = StoredMessage("dm:a|b", 1, 1, "c", "a", "A", "text", "x", None, 5, None, "b")
+    assert codec.decode_row(codec.encode_row(stored, False)) == (stored, False)

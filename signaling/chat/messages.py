@@ -32,6 +32,10 @@ ERRORS: Final[dict[str, str]] = {
     "(`chat.max_group_members`).",
     "store_full": "The server's disk is full: the write (`send`, `edit`, `delete`, `read`) was "
     "not stored. Retryable: retry after `retry_after_ms` (a `send` with the same `cid`).",
+    "store_unavailable": "The chat store (PostgreSQL) cannot be reached, or the connection "
+    "failed during the write: nothing is acknowledged that was not committed. Retryable: retry "
+    "after `retry_after_ms` with the same `cid` (stored once, whether or not the first attempt "
+    "was).",
 }
 
 _CONV = Field(

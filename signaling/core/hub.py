@@ -318,11 +318,17 @@ class Hub:
         """The identities never seen here: no session now, no device or API token stored.
         The directory is asked about every one of them, online or not, so the answer takes
         as long whoever they are."""
+        # Taken before the read: a write that commits while the read runs is not in the
+        # read's snapshot, and is out of ``_touching`` by the time the read returns.
+        touching = set(self._touching)
         known = await self.devices.known_identities(sorted(set(identities)))
         return {
             i
             for i in identities
-            if i not in known and not self.sessions_of(i) and i not in self._touching
+            if i not in known
+            and not self.sessions_of(i)
+            and i not in touching
+            and i not in self._touching
         }
 
     # -- presence --------------------------------------------------------------------------------

@@ -81,6 +81,7 @@ API_ERRORS: Final[dict[str, int]] = {
     "group_full": 409,
     "internal_error": 500,
     "store_full": 503,
+    "store_unavailable": 503,
 }
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -184,11 +185,12 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
             {"code": "bad_field", "message": e.reason}, status=e.status if e.status < 500 else 400
         )
     except ProtocolError as e:
-        if e.code != "store_full":  # the store's other refusals are failures here
-            return _failed(request)
-        # Retryable: nothing was stored, and the writer checks for space this often.
+        if e.code not in ("store_full", "store_unavailable"):  # the store's other refusals
+            return _failed(request)  # are failures here
+        # Retryable: nothing was stored (or it will be stored once on a retry with the same
+        # cid), and the store checks for space, or reconnects, this often.
         retry_s = -(-(e.retry_after_ms or 1000) // 1000)
-        return _error("store_full", e.message, {"Retry-After": str(retry_s)})
+        return _error(e.code, e.message, {"Retry-After": str(retry_s)})
     except Exception:
         return _failed(request)
 

@@ -31,7 +31,8 @@ WIRE_MESSAGES: Final = Messages(
             out(
                 "retry_after_ms",
                 "integer",
-                "With a retryable refusal (`rate_limited`, `store_full`): when to retry, in ms.",
+                "With a retryable refusal (`rate_limited`, `store_full`, `store_unavailable`): "
+                "when to retry, in ms.",
                 required=False,
             ),
             RE,

@@ -233,6 +233,9 @@ def rallypoint_server(
         RALLYPOINT_LIMITS_RATE_PER_S="1000",
         RALLYPOINT_LIMITS_BURST="1000",
         RALLYPOINT_LIMITS_MAX_SESSIONS=str(max(50_000, max_conns * 2)),
+        # every client of the benchmark comes from 127.0.0.1
+        RALLYPOINT_LIMITS_MAX_SESSIONS_PER_ADDRESS="0",
+        RALLYPOINT_SERVER_MAX_CONNECTIONS_PER_ADDRESS="0",
         RALLYPOINT_ROOMS_MAX_PARTICIPANTS=str(max(100, room_size)),
     )
     data_dir.mkdir(parents=True, exist_ok=True)

@@ -20,9 +20,10 @@ Phases, each bounded in time:
 5. encodings (in this process, first): bytes per typical message in JSON and in MessagePack
    (the ``rallypoint.msgpack`` subprotocol), as WebSocket frames (client frames with their mask
    key) and as payloads; and the server's CPU per chat message on each: parse and validate the
-   ``send``, encode the ``sent`` ack and the ``message`` for the fan-out (a MessagePack
-   connection converts the core's JSON frame, once per fan-out), JSON and MessagePack timed in
-   alternating rounds. Targets: chat messages >= 30 % fewer bytes, CPU no worse than JSON;
+   ``send``, encode the ``sent`` ack and the ``message`` for the fan-out (for MessagePack
+   connections converted once per fan-out), JSON and MessagePack timed in
+   alternating rounds. Targets: chat messages >= 30 % fewer bytes, CPU no worse than JSON
+   (judged by 6, end to end; this is the codec alone);
 6. encodings end to end (``encodings_load_phase``, after 5): one server, ``--load-connections``
    JSON clients and as many MessagePack clients (``rallypoint.msgpack``) in rooms of their own,
    each set with its own load generator; at each ``--encoding-rates`` (4,000 and 6,000 msgs/s)
@@ -40,8 +41,8 @@ memory are those of the server and its child processes (from /proc/<pid>/stat an
 busy time of each core (from /proc/stat) is printed too because loopback TCP charges part of the
 receiver's work to the sender's core as softirq.
 
-    .venv/bin/python bench/signaling.py            # full run, ~6-8 minutes
-    .venv/bin/python bench/signaling.py --quick    # smoke run, < 60 s
+    .venv/bin/python bench/signaling.py            # full run, ~9-12 minutes
+    .venv/bin/python bench/signaling.py --quick    # smoke run, < 90 s
 
 Prints progress on stderr, then a table, then one JSON line (the last line of stdout).
 """
@@ -1102,7 +1103,9 @@ def encoding_phase(a: argparse.Namespace) -> dict[str, Any]:
         "cpu_ratio_spread": [round(ratios[0], 3), round(ratios[-1], 3)],
         "targets_met": {
             "msgpack_chat_30pct_fewer_bytes": min(chat) >= ENCODING_TARGETS["chat_bytes_saved"],
-            "msgpack_cpu_no_worse_than_json": cpu_ratio <= ENCODING_TARGETS["cpu_ratio_max"],
+            # the codec alone; the target is judged end to end (phase 0b), which sets
+            # msgpack_cpu_no_worse_than_json
+            "codec_cpu_no_worse_than_json": cpu_ratio <= ENCODING_TARGETS["cpu_ratio_max"],
         },
     }
 
@@ -1124,8 +1127,7 @@ def print_encodings(e: dict[str, Any]) -> None:
         f"  server CPU per chat message: JSON {e['cpu_us_per_chat_message_json']} us, "
         f"MessagePack {e['cpu_us_per_chat_message_msgpack']} us "
         f"(x{e['cpu_ratio_msgpack_vs_json']}, rounds {e['cpu_ratio_spread'][0]}-"
-        f"{e['cpu_ratio_spread'][1]}; target no worse: "
-        f"{'met' if t['msgpack_cpu_no_worse_than_json'] else 'NOT met'})\n"
+        f"{e['cpu_ratio_spread'][1]}; the codec alone: the target is judged end to end)\n"
     )
 
 
@@ -1134,7 +1136,7 @@ def print_encodings(e: dict[str, Any]) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--quick", action="store_true", help="short smoke run (< 60 s)")
+    p.add_argument("--quick", action="store_true", help="short smoke run (< 90 s)")
     p.add_argument("--connections", type=int, help="memory phase connections (10000)")
     p.add_argument("--load-connections", type=int, help="throughput/latency connections (1000)")
     p.add_argument("--room-size", type=int, default=10)
@@ -1364,7 +1366,11 @@ def main(argv: list[str] | None = None) -> int:
         summary["encodings"] = res["encodings"]
         print_encodings(res["encodings"])
     if "encodings_e2e" in res:
-        summary.setdefault("encodings", {})["end_to_end"] = res["encodings_e2e"]
+        enc = summary.setdefault("encodings", {})
+        enc["end_to_end"] = res["encodings_e2e"]
+        enc.setdefault("targets_met", {})["msgpack_cpu_no_worse_than_json"] = res["encodings_e2e"][
+            "cpu_no_worse_than_json"
+        ]
         print_encodings_e2e(res["encodings_e2e"])
     print_table(res, summary)
     print(json.dumps(summary, allow_nan=True))

@@ -23,9 +23,12 @@ import random
 import time
 from typing import Any
 
+import msgpack
+
 HANDSHAKE, JOINING, READY, FAILED, CLOSED = range(5)
 MASK = b"\0\0\0\0"  # a zero masking key leaves the payload unchanged
 PING_PAYLOAD = b'{"type":"ping"}'
+MSGPACK = b"rallypoint.msgpack"
 SEND_TEMPLATE = b'{"type":"send","conversation":"room:%b","cid":"%d","id":"%d","text":"%d %b"}'
 IDLE_PING_S = 20.0  # the server closes connections silent for 62.5 s
 
@@ -43,6 +46,7 @@ def client_frame(payload: bytes, opcode: int = 1) -> bytes:
 
 
 PING_FRAME = client_frame(PING_PAYLOAD)
+PACKED_PING_FRAME = client_frame(msgpack.packb({"type": "ping"}), opcode=2)
 CLOSE_FRAME = client_frame(b"\x03\xe8", opcode=8)
 
 
@@ -101,6 +105,7 @@ class Client(asyncio.Protocol):
         "ready",
         "rest",
         "room",
+        "room_s",
         "state",
         "transport",
     )
@@ -109,6 +114,7 @@ class Client(asyncio.Protocol):
         self.gen = gen
         self.idx = idx
         self.room = room
+        self.room_s = room.decode()
         self.observer = observer
         self.state = HANDSHAKE
         self.hs = b""
@@ -123,10 +129,11 @@ class Client(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
         g = self.gen
         path = b"/ws?room=" + self.room if g.mode == "raw" else b"/ws"
+        offer = b"Sec-WebSocket-Protocol: %b\r\n" % MSGPACK if g.packed else b""
         self.transport.write(
             b"GET %b HTTP/1.1\r\nHost: %b\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            % (path, g.hostport)
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n%b\r\n"
+            % (path, g.hostport, offer)
         )
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -165,10 +172,27 @@ class Client(asyncio.Protocol):
         g = self.gen
         if g.mode == "rp":
             name = b"%b%d" % (g.prefix, self.idx)
-            self.transport.write(
-                client_frame(b'{"type":"hello","v":1,"name":"%b","identity":"%b"}' % (name, name))
-                + client_frame(b'{"type":"join","room":"%b","id":"j"}' % self.room)
-            )
+            if g.packed:
+                if MSGPACK not in buf[:k]:
+                    self._fail("the server did not choose rallypoint.msgpack")
+                    self.transport.abort()
+                    return None
+                nm = name.decode()
+                self.transport.write(
+                    client_frame(
+                        msgpack.packb({"type": "hello", "v": 1, "name": nm, "identity": nm}), 2
+                    )
+                    + client_frame(
+                        msgpack.packb({"type": "join", "room": self.room.decode(), "id": "j"}), 2
+                    )
+                )
+            else:
+                self.transport.write(
+                    client_frame(
+                        b'{"type":"hello","v":1,"name":"%b","identity":"%b"}' % (name, name)
+                    )
+                    + client_frame(b'{"type":"join","room":"%b","id":"j"}' % self.room)
+                )
             self.state = JOINING
         else:
             self.state = READY
@@ -191,6 +215,8 @@ class Client(asyncio.Protocol):
         g = self.gen
         stats = g.stats
         raw = g.mode == "raw"
+        packed = g.packed
+        unpackb = msgpack.unpackb
         observer = self.observer
         n = len(data)
         i = 0
@@ -215,32 +241,49 @@ class Client(asyncio.Protocol):
                 break
             op = data[i] & 0x0F
             if op == 1 or op == 2:
-                c = data[i + h + 9] if ln > 9 else 0  # first letter of the type: {"type":"x
+                if packed:  # a map (fixmap or map 16), "type" first: \x8N \xa4type \xa7m...
+                    t = i + h + (7 if data[i + h] < 0x90 else 9)
+                else:  # {"type":"m...
+                    t = i + h + 9
+                c = data[t] if t < end else 0  # the first letter of the type
                 if raw or c == 109:  # a chat message (raw: everything is one)
                     deliveries += 1
                     if observer:
-                        p = data.find(b'"text":"', i + h, end)
-                        if p > 0:
-                            q = data.find(b" ", p + 8, end)
+                        if packed:
+                            text = unpackb(data[i + h : end])["text"]
                             if now == 0:
                                 now = time.perf_counter_ns()
-                            stats.del_lat.append(now - int(data[p + 8 : q]))
+                            stats.del_lat.append(now - int(text[: text.index(" ")]))
+                        else:
+                            p = data.find(b'"text":"', i + h, end)
+                            if p > 0:
+                                q = data.find(b" ", p + 8, end)
+                                if now == 0:
+                                    now = time.perf_counter_ns()
+                                stats.del_lat.append(now - int(data[p + 8 : q]))
                 elif c == 115:  # sent: ... ,"re":"<send time ns>"}
-                    q = end - 2
-                    p = data.rfind(b'"', i + h, q)
+                    if packed:
+                        sent_ns = int(unpackb(data[i + h : end])["re"])
+                    else:
+                        q = end - 2
+                        p = data.rfind(b'"', i + h, q)
+                        sent_ns = int(data[p + 1 : q])
                     if now == 0:
                         now = time.perf_counter_ns()
-                    stats.ack_lat.append(now - int(data[p + 1 : q]))
+                    stats.ack_lat.append(now - sent_ns)
                     stats.acks += 1
                 elif c == 101:  # error
                     stats.errors += 1
                     if len(stats.error_samples) < 5:
+                        body = data[i + h : end]
                         stats.error_samples.append(
-                            data[i + h : end][:300].decode("utf-8", "replace")
+                            (repr(unpackb(body)) if packed else body.decode("utf-8", "replace"))[
+                                :300
+                            ]
                         )
                     if self.state == JOINING:
                         self._fail("join failed")
-                elif c == 106 and self.state == JOINING and data.startswith(b"joined", i + h + 9):
+                elif c == 106 and self.state == JOINING and data.startswith(b"joined", t):
                     self.state = READY
                     self.ready.set_result(True)
             elif op == 8:  # close
@@ -260,13 +303,26 @@ class Client(asyncio.Protocol):
         g = self.gen
         t = time.perf_counter_ns()
         g.cid += 1
-        payload = SEND_TEMPLATE % (self.room, g.cid, t, t, g.pad)
+        if g.packed:  # the same message as SEND_TEMPLATE's
+            payload = g.packer.pack(
+                {
+                    "type": "send",
+                    "conversation": "room:" + self.room_s,
+                    "cid": str(g.cid),
+                    "id": str(t),
+                    "text": f"{t} {g.pad_s}",
+                }
+            )
+            head = 0x82
+        else:
+            payload = SEND_TEMPLATE % (self.room, g.cid, t, t, g.pad)
+            head = 0x81
         n = len(payload)
         assert self.transport is not None
         if n < 126:
-            self.transport.write(bytes((0x81, 0x80 | n)) + MASK + payload)
+            self.transport.write(bytes((head, 0x80 | n)) + MASK + payload)
         else:
-            self.transport.write(b"\x81\xfe" + n.to_bytes(2, "big") + MASK + payload)
+            self.transport.write(bytes((head, 0xFE)) + n.to_bytes(2, "big") + MASK + payload)
         g.stats.sent += 1
         self.last_send = time.monotonic()
 
@@ -278,6 +334,9 @@ class LoadGenWorker:
         self.clients: list[Client] = []
         self.stats = Stats()
         self.mode = "rp"
+        self.packed = False  # rp over MessagePack (rallypoint.msgpack)
+        self.packer = msgpack.Packer()
+        self.pad_s = ""
         self.prefix = b"u"
         self.hostport = b""
         self.cid = 0
@@ -291,6 +350,7 @@ class LoadGenWorker:
         t = time.perf_counter_ns()
         sample = SEND_TEMPLATE % (b"r999", 10**6, t, t, b"")
         self.pad = b"x" * max(1, message_bytes - len(sample))
+        self.pad_s = self.pad.decode()
 
     async def connect(
         self,
@@ -303,11 +363,16 @@ class LoadGenWorker:
         concurrency: int = 64,
         timeout_s: float = 120.0,
         message_bytes: int = 150,
+        encoding: str = "json",
+        room_prefix: str = "r",
     ) -> dict[str, Any]:
-        """Open ``n`` connections (rooms of ``room_size`` in order); rp clients hello and join."""
+        """Open ``n`` connections (rooms of ``room_size`` in order, named ``room_prefix`` and
+        a number); rp clients hello and join, in JSON or (``encoding="msgpack"``) MessagePack.
+        """
         await self.close()
         self.stats = Stats()
         self.mode = mode
+        self.packed = mode == "rp" and encoding == "msgpack"
         self.prefix = prefix.encode()
         self.hostport = f"{host}:{port}".encode()
         self._set_pad(message_bytes)
@@ -316,7 +381,7 @@ class LoadGenWorker:
         deadline = time.monotonic() + timeout_s
 
         async def one(i: int) -> None:
-            room = b"r%d" % (i // room_size)
+            room = b"%b%d" % (room_prefix.encode(), i // room_size)
             c = Client(self, i, room, i % room_size == room_size - 1)
             self.clients.append(c)
             async with sem:
@@ -358,7 +423,7 @@ class LoadGenWorker:
             for k, c in enumerate(self.clients):
                 if c.state == READY and c.last_send < limit:
                     assert c.transport is not None
-                    c.transport.write(PING_FRAME)
+                    c.transport.write(PACKED_PING_FRAME if self.packed else PING_FRAME)
                     c.last_send = time.monotonic()
                     if k % 500 == 499:
                         await asyncio.sleep(0.001)

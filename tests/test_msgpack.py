@@ -3,10 +3,12 @@ through real WebSockets, bad input, and Hypothesis round trips for every message
 
 from __future__ import annotations
 
+import ast
 import math
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -18,11 +20,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from signaling.app import ENDPOINT, HUB, protocol
+from signaling.chat.store import StoredMessage
 from signaling.sdk import RallypointClient
 from signaling.sdk.wsclient import Client
 from signaling.wire.encodings import MSGPACK, Transcoder, is_plain, json_payload, pack
 from signaling.wire.errors import ProtocolError
-from signaling.wire.framing import encode
+from signaling.wire.framing import encode, encode_fresh
 from signaling.wire.schema import json_schema
 from signaling.wire.spec import Field, MessageSpec
 
@@ -145,6 +148,28 @@ async def test_fan_out_converts_once(server: TestServer, clients: Connect, packe
     for c in readers:
         assert (await c.next_event("message"))["text"] == "to three MessagePack readers"
     assert endpoint.transcode.conversions - before == 1
+
+
+async def test_fan_out_packs_the_message(
+    server: TestServer, clients: Connect, packed: Connect
+) -> None:
+    """The fan-outs of chat messages, typing and presence pack the message the core encoded
+    (``encode_fresh``) instead of parsing its frame back, and MessagePack readers get exactly
+    what JSON readers get."""
+    sender = await clients(server, identity="s")
+    plain = await clients(server, identity="j")
+    reader = await packed(server, identity="p")
+    for c in (sender, plain, reader):
+        await c.request({"type": "join", "room": "fresh"})
+    t = server.app[ENDPOINT].transcode
+    for c in (plain, reader):
+        c.drain()
+    before = t.from_messages
+    await sender.send_chat("room:fresh", "packed from the dict")
+    await sender.request({"type": "typing", "conversation": "room:fresh", "active": True})
+    for kind in ("message", "typing"):
+        assert await reader.next_event(kind) == await plain.next_event(kind)
+    assert t.from_messages - before == 2
 
 
 # -- bad input ------------------------------------------------------------------------------------
@@ -449,6 +474,8 @@ def test_server_messages_round_trip(type_: str) -> None:
         assert as_json == m
         converted = Transcoder()(frame)
         assert converted[0] == 0x82 and msgpack.unpackb(_payload(converted)) == as_json
+        fresh = Transcoder()
+        assert fresh(encode_fresh(m)) == converted and fresh.from_messages == 1  # same bytes
         assert msgpack.unpackb(_payload(pack(m))) == as_json
         assert is_plain(as_json)
 
@@ -471,3 +498,52 @@ def test_long_frames_convert() -> None:
     for n in (10, 200, 70_000):
         m = {"type": "history", "messages": [], "text": "x" * n}
         assert msgpack.unpackb(_payload(t(encode(m)))) == m
+
+
+def test_fresh_frames_pack_only_the_last() -> None:
+    """Only the last ``encode_fresh`` frame is packed from its message; any other frame (an
+    earlier one, one from ``encode``, an equal copy from a bus) is parsed back, the same
+    bytes either way."""
+    a, b = {"type": "typing", "active": True}, {"type": "typing", "active": False}
+    t = Transcoder()
+    fa = encode_fresh(a)
+    fb = encode_fresh(b)
+    out = [t(f) for f in (fa, fb, encode(a), bytes(bytearray(fb)))]
+    assert [msgpack.unpackb(_payload(x)) for x in out] == [a, b, a, b]
+    assert t.conversions == 4 and t.from_messages == 1
+
+
+def _fresh_arguments() -> list[tuple[str, int, ast.expr]]:
+    import signaling
+
+    root = Path(signaling.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "encode_fresh"
+            ):
+                assert len(node.args) == 1 and not node.keywords, f"{path}:{node.lineno}"
+                found.append((str(path.relative_to(root)), node.lineno, node.args[0]))
+    return found
+
+
+def test_encode_fresh_gets_messages_nobody_else_holds() -> None:
+    """``encode_fresh``'s message must not change after it is encoded (the converter packs it
+    as it is then). Every call passes a dict display or a ``to_wire()`` call, so no other
+    reference to the message exists; and ``to_wire`` makes a new dict each time."""
+    calls = _fresh_arguments()
+    assert len(calls) >= 3  # chat messages (2 sites), typing, presence
+    for where, line, arg in calls:
+        fresh = isinstance(arg, ast.Dict) or (
+            isinstance(arg, ast.Call)
+            and isinstance(arg.func, ast.Attribute)
+            and arg.func.attr == "to_wire"
+            and not arg.args
+        )
+        assert fresh, f"signaling/{where}:{line}: encode_fresh of {ast.unparse(arg)}"
+    m = StoredMessage("room:a", 1, 1, "c", "alice", "Alice", "text", "hi", None, 1, meta="{}")
+    a, b = m.to_wire(), m.to_wire()
+    assert a is not b and a == b and a["group"] is not b["group"]

@@ -21,7 +21,7 @@ from ..core.feature import Feature
 from ..core.hub import Hub
 from ..core.session import Session
 from ..wire.errors import ProtocolError
-from ..wire.framing import encode
+from ..wire.framing import encode, encode_fresh
 from .groups import ChangeGroup, GroupState, group_id
 from .messages import MESSAGES
 from .store import (
@@ -199,7 +199,7 @@ class Chat:
                         to = members if conv[0] != "g" else self.group_members(conv) or ()
                         if stored.hidden_from is not None:  # the sender's devices alone
                             to = (stored.sender,)
-                        hub.publish_conversation(conv, to, encode(stored.to_wire()), s.id)
+                        hub.publish_conversation(conv, to, encode_fresh(stored.to_wire()), s.id)
                         for hook in self.on_message:
                             hook(stored, to)
             except Exception:
@@ -250,7 +250,7 @@ class Chat:
             self.counters.messages_stored += 1
             if conv[0] == "g":
                 members = self.group_members(conv) or ()
-            self.hub.publish_conversation(conv, members, encode(stored.to_wire()), "")
+            self.hub.publish_conversation(conv, members, encode_fresh(stored.to_wire()), "")
         return stored, dup
 
     # -- the rest --------------------------------------------------------------------------------
@@ -297,7 +297,7 @@ class Chat:
         self.hub.publish_conversation(
             conv,
             members,
-            encode(
+            encode_fresh(
                 {
                     "type": "typing",
                     "conversation": conv,

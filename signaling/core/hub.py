@@ -20,7 +20,7 @@ from sfu.tasks import TaskSet
 
 from ..config import Config
 from ..wire.errors import CloseCode, ProtocolError
-from ..wire.framing import encode, error_message
+from ..wire.framing import encode, encode_fresh, error_message
 from ..wire.protocol import PROTOCOL_VERSION
 from .bus import LocalBus
 from .directory import DeviceDirectory
@@ -345,7 +345,7 @@ class Hub:
     def _publish_presence(self, identity: str, status: str) -> None:
         watchers = self.watchers.get(identity)
         if watchers:
-            frame = encode({"type": "presence", "identity": identity, "status": status})
+            frame = encode_fresh({"type": "presence", "identity": identity, "status": status})
             for s in watchers:
                 s.deliver(frame)
 

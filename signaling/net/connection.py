@@ -170,16 +170,23 @@ class PackedConnection(Connection):
         self.transcode = transcode
 
     def write(self, frame: bytes) -> None:
+        # Once per delivery: the fan-out's frame was converted for the first recipient, so
+        # look at the transcoder's last frame here, and call the base directly (``super()``
+        # costs an object per call): 190 ns against a JSON connection's 112, not 432.
         if frame[0] == 0x81:  # a text frame: JSON from the core
-            frame = self.transcode(frame)
-        super().write(frame)
+            t = self.transcode
+            frame = t.last_packed if frame is t.last_json else t(frame)
+        _write(self, frame)
 
     def write_message(self, msg: dict[str, Any]) -> None:
-        super().write(self.transcode.pack(msg))
+        _write(self, self.transcode.pack(msg))
 
     def send(self, msg: dict[str, Any]) -> None:
         tail = self.tail
         if tail is not None:
             tail.append(self.transcode.pack(msg))
         else:
-            super().write(self.transcode.pack(msg))
+            _write(self, self.transcode.pack(msg))
+
+
+_write = Connection.write

@@ -9,7 +9,10 @@ keys; nil, booleans, integers, finite floats, strings, arrays and maps; no bin o
 
 The server's core encodes each message once, as a JSON frame, for every recipient (the bus
 carries bytes); a MessagePack connection's outbox converts it (``Transcoder``), once per message
-however many MessagePack connections receive it, so the JSON path pays nothing for this.
+however many MessagePack connections receive it. The converter packs the message itself when the
+frame is the last one ``framing.encode_fresh`` made (the fan-outs of chat messages, typing and
+presence: what most frames are), and parses the frame back otherwise (and for frames that came
+through a bus from another server), so the JSON path pays next to nothing for this.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import msgpack
 import orjson
 
 from .errors import ProtocolError
-from .framing import binary_frame
+from .framing import binary_frame, last_fresh
 
 #: The subprotocol names a client may offer; without one the connection speaks JSON.
 JSON: Final = "rallypoint.json"
@@ -106,23 +109,31 @@ class Transcoder:
     the last one: a fan-out hands the same bytes object to every recipient in one go, so each
     message is converted once however many MessagePack connections receive it."""
 
-    __slots__ = ("_json", "_packed", "_packer", "conversions")
+    __slots__ = ("_packer", "conversions", "from_messages", "last_json", "last_packed")
 
     def __init__(self) -> None:
-        self._json = b""  # held, so its identity cannot be reused by another object
-        self._packed = b""
+        # The last frame converted (held, so its identity cannot be taken by another object)
+        # and what it became: a connection checks these itself before calling (cheaper).
+        self.last_json = b""
+        self.last_packed = b""
         self._packer = msgpack.Packer()
         self.conversions = 0
+        self.from_messages = 0  # conversions that packed the message, not parsed the frame
 
     def pack(self, msg: dict[str, Any]) -> bytes:
         """``pack(msg)`` with this transcoder's packer (a reply to one connection)."""
         return pack(msg, self._packer)
 
     def __call__(self, frame: bytes) -> bytes:
-        if frame is self._json:
-            return self._packed
-        packed = binary_frame(self._packer.pack(orjson.loads(json_payload(frame))))
-        self._json = frame
-        self._packed = packed
+        if frame is self.last_json:
+            return self.last_packed
+        fresh, msg = last_fresh()
+        if frame is fresh:  # its message as it was encoded (``encode_fresh``)
+            packed = pack(msg, self._packer)
+            self.from_messages += 1
+        else:
+            packed = binary_frame(self._packer.pack(orjson.loads(json_payload(frame))))
+        self.last_json = frame
+        self.last_packed = packed
         self.conversions += 1
         return packed

@@ -35,6 +35,31 @@ def encode(msg: dict[str, Any]) -> bytes:
     return frame(orjson.dumps(msg))
 
 
+# The last frame ``encode_fresh`` made and its message. Held (not weak), so the frame's
+# identity cannot be taken by another object while it is here.
+_last_fresh: tuple[bytes, dict[str, Any]] = (b"", {})
+
+
+def encode_fresh(msg: dict[str, Any]) -> bytes:
+    """``encode(msg)`` for a message made for this call, which nobody changes afterwards (a
+    dict literal, ``to_wire()``): the frame and the message are kept until the next call, so
+    a MessagePack connection receiving this frame packs the message instead of parsing the
+    frame back (``encodings.Transcoder``). The JSON path pays one tuple for it.
+
+    Only for such messages: one changed after it was encoded would be packed as it is then,
+    not as the frame says.
+    """
+    global _last_fresh
+    f = frame(orjson.dumps(msg))
+    _last_fresh = (f, msg)
+    return f
+
+
+def last_fresh() -> tuple[bytes, dict[str, Any]]:
+    """The last frame ``encode_fresh`` made, with its message."""
+    return _last_fresh
+
+
 def close_frame(code: int, reason: str) -> bytes:
     """An unmasked WebSocket close frame (RFC 6455 section 5.5.1)."""
     payload = struct.pack("!H", code) + reason.encode()[:120]

@@ -49,7 +49,14 @@ def main() -> int:
     p.add_argument("--rates", default="6000,8000", help="offered msgs/s, each run in order")
     p.add_argument("--duration", default="8", help="measured seconds per step")
     a = p.parse_args()
-    extra = ["--duration", a.duration, "--noise-budget", "120", "--skip-encodings"]
+    extra = [
+        "--duration",
+        a.duration,
+        "--noise-budget",
+        "120",
+        "--skip-encodings",
+        "--skip-encodings-load",
+    ]
     sides: dict[str, list[dict[str, Any]]] = {"this": [], "base": []}
     for rnd in range(a.rounds):
         order = ["this", "base"] if rnd % 2 == 0 else ["base", "this"]

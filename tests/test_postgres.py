@@ -7,19 +7,13 @@ hanging; afterwards the same client ids retried are stored once, without gaps.""
 from __future__ import annotations
 
 import asyncio
-import glob
-import os
-import pwd
-import shutil
 import socket
-import subprocess
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestServer
-from stores import pg_schema
+from stores import PrivatePostgres, pg_schema
 
 from signaling.chat.postgres import PostgresStore
 from signaling.chat.store import AppendResult, NewMessage, StoredMessage
@@ -31,54 +25,6 @@ Connect = Callable[..., Awaitable[Client]]
 
 #: Longer than any send may stay unanswered: the store's statement timeout, and then some.
 ANSWER_BOUND_S = 8.0
-
-
-def _bin(name: str) -> str:
-    found = shutil.which(name) or next(
-        iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None
-    )
-    if found is None:
-        raise RuntimeError(f"{name} not found: install postgresql (tests/apt-packages.txt)")
-    return found
-
-
-class PrivatePostgres:
-    """A PostgreSQL of this test's own, as the postgres user when run as root (PostgreSQL
-    refuses to run as root)."""
-
-    def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="rallypoint-pg-")
-        self.data = os.path.join(self.dir, "data")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.user: list[str] = []
-        if os.geteuid() == 0:
-            pw = pwd.getpwnam("postgres")
-            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
-            self.user = ["runuser", "-u", "postgres", "--"]
-        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-
-    def _run(self, *args: str) -> None:
-        subprocess.run([*self.user, *args], check=True, capture_output=True, timeout=60)
-
-    def init(self) -> None:
-        self._run(_bin("initdb"), "-D", self.data, "-A", "trust", "-U", "postgres", "--no-sync")
-
-    def start(self) -> None:
-        opts = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
-        log = os.path.join(self.dir, "log")
-        self._run(_bin("pg_ctl"), "-D", self.data, "-o", opts, "-l", log, "-w", "start")
-
-    def stop(self, mode: str = "immediate") -> None:
-        self._run(_bin("pg_ctl"), "-D", self.data, "-m", mode, "-w", "stop")
-
-    def remove(self) -> None:
-        try:
-            self.stop("fast")
-        except subprocess.CalledProcessError:
-            pass  # already stopped
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture

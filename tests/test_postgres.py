@@ -17,11 +17,13 @@ from stores import PrivatePostgres, pg_schema
 
 from signaling.chat.postgres import PostgresStore
 from signaling.chat.store import AppendResult, NewMessage, StoredMessage
+from signaling.sdk import RallypointClient
 from signaling.sdk.wsclient import Client, ClientError
 from signaling.wire.errors import ProtocolError
 
 Start = Callable[..., Awaitable[TestServer]]
 Connect = Callable[..., Awaitable[Client]]
+Phone = Callable[..., Awaitable[RallypointClient]]
 
 #: Longer than any send may stay unanswered: the store's statement timeout, and then some.
 ANSWER_BOUND_S = 8.0
@@ -147,6 +149,27 @@ async def test_clients_get_store_unavailable_and_their_retry_is_stored_once(
     again = await alice.request(send)
     assert (sent["seq"], sent["duplicate"]) == (first["seq"] + 1, False)
     assert (again["seq"], again["duplicate"]) == (sent["seq"], True)
+
+
+async def test_the_sdk_retries_a_send_the_store_refused_until_postgresql_is_back(
+    private_pg: PrivatePostgres, start_server: Start, phones: Phone
+) -> None:
+    server = await start_server(store__url=private_pg.url)
+    alice = await phones(server, "alice")
+    await alice.join("r")
+    await alice.send("room:r", "before")
+    await asyncio.to_thread(private_pg.stop)
+    probe = {"type": "send", "conversation": "room:r", "cid": "probe", "text": "p"}
+    with pytest.raises(ClientError) as e:  # the store refuses now (as test above)
+        await asyncio.wait_for(alice.request(probe), ANSWER_BOUND_S)
+    assert (e.value.code, e.value.msg["retry_after_ms"]) == ("store_unavailable", 1000)
+    # Sent while PostgreSQL is down (refused), retried by the SDK after retry_after_ms.
+    sending = asyncio.create_task(alice.send("room:r", "during", cid="during"))
+    await asyncio.to_thread(private_pg.start)
+    sent = await asyncio.wait_for(sending, 30)
+    assert (sent["seq"], sent["duplicate"]) == (2, False)
+    stored = await alice.history("room:r")
+    assert [(m["seq"], m["cid"]) for m in stored][1:] == [(2, "during")]
 
 
 async def test_a_store_that_cannot_reach_postgresql_does_not_open() -> None:

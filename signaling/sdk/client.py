@@ -10,8 +10,9 @@ This layer adds what an app needs on top:
   expired) it starts a new one and joins its rooms again; either way it catches up on chat with
   ``sync``.
 - **Chat**: ``send`` retries under one client message id (``cid``) until acknowledged, across
-  reconnects, so a message is stored once; received messages are de-duplicated by
-  (conversation, seq) and handed out in order by ``next_message``.
+  reconnects and the store's retryable refusals, so a message is stored once; received
+  messages are de-duplicated by (conversation, seq) and handed out in order by
+  ``next_message``.
 - **Calls**: ``call`` starts one; ``next_call`` waits for an incoming one; a ``Call`` tracks its
   state from the server's events and offers ``accept``, ``decline``, ``cancel``, ``hangup`` and
   ``signal`` (WebRTC negotiation relay).
@@ -38,6 +39,10 @@ log = logging.getLogger("rallypoint.sdk")
 CallError = ClientError  # the server refused a call request; ``.code`` is the error code
 
 _TERMINAL = ("call_ended", "call_answered_elsewhere")
+# Refusals that say nothing was done and when to come back (``retry_after_ms``).
+_COME_BACK = ("rate_limited", "store_full", "store_unavailable")
+#: How long a chat send or group change is retried while the server refuses it that way.
+REFUSED_RETRY_S = 30.0
 
 
 class Call:
@@ -404,26 +409,43 @@ class RallypointClient:
     async def send(
         self, conversation: str, text: str, *, cid: str | None = None, attempts: int = 6
     ) -> dict[str, Any]:
-        """Send a chat message; retried under the same ``cid`` (also across reconnects) until
-        the server acknowledges it. Returns `sent` (``duplicate`` true if a retry hit)."""
+        """Send a chat message; retried under the same ``cid`` (also across reconnects, and
+        while the store refuses writes: ``_retried``) until the server acknowledges it.
+        Returns `sent` (``duplicate`` true if a retry hit)."""
         cid = cid or uuid.uuid4().hex
+        msg = {"type": "send", "conversation": conversation, "cid": cid, "text": text}
+        sent = await self._retried(msg, attempts)
+        self._seen.setdefault(conversation, set()).add(sent["seq"])
+        return sent
+
+    async def _retried(self, msg: dict[str, Any], attempts: int) -> dict[str, Any]:
+        """A request that carries a ``cid`` (stored or applied once however often it is sent),
+        retried as docs/PROTOCOL.md's "Retry recipe for sending" says: after a timeout or a
+        lost connection (``attempts`` in all, full-jitter backoff, across reconnects), and
+        after a refusal that says when to come back (`rate_limited`, `store_full`,
+        `store_unavailable`: its ``retry_after_ms``, for up to ``REFUSED_RETRY_S``)."""
         delay = 0.1
-        for attempt in range(attempts):
+        refused_until: float | None = None
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
             try:
-                sent = await self.request(
-                    {"type": "send", "conversation": conversation, "cid": cid, "text": text},
-                    timeout=5.0,
-                )
+                return await self.request(msg, timeout=5.0)
             except (TimeoutError, ConnectionError):
-                if attempt == attempts - 1:
+                attempt += 1
+                if attempt == attempts:
                     raise
                 await asyncio.sleep(random.uniform(0, delay))
                 delay = min(delay * 2, 5.0)
-                continue
-            seen = self._seen.setdefault(conversation, set())
-            seen.add(sent["seq"])
-            return sent
-        raise AssertionError("unreachable")
+            except ClientError as e:
+                wait_ms = e.msg.get("retry_after_ms")
+                if e.code not in _COME_BACK or not isinstance(wait_ms, int):
+                    raise
+                if refused_until is None:
+                    refused_until = loop.time() + REFUSED_RETRY_S
+                if loop.time() + wait_ms / 1000 > refused_until:
+                    raise
+                await asyncio.sleep(wait_ms / 1000)
 
     async def next_message(
         self,
@@ -473,20 +495,10 @@ class RallypointClient:
         """A group request, retried under the same ``cid`` across timeouts and reconnects
         (a retry changes nothing twice); returns `group`."""
         msg = {"type": type_, "cid": cid or uuid.uuid4().hex, **fields}
-        delay = 0.1
-        for attempt in range(6):
-            try:
-                reply = await self.request(msg, timeout=5.0)
-            except (TimeoutError, ConnectionError):
-                if attempt == 5:
-                    raise
-                await asyncio.sleep(random.uniform(0, delay))
-                delay = min(delay * 2, 5.0)
-                continue
-            if "message" in reply:
-                self._message(reply["message"])
-            return reply
-        raise AssertionError("unreachable")
+        reply = await self._retried(msg, 6)
+        if "message" in reply:
+            self._message(reply["message"])
+        return reply
 
     async def create_group(
         self, name: str, members: list[str] | tuple[str, ...] = (), *, cid: str | None = None

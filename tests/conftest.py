@@ -11,6 +11,7 @@ import pytest
 import stores
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from processes import Server
 from push_helpers import Receiver
 from stores import BACKENDS, Backend, Store
 
@@ -107,6 +108,18 @@ async def phones() -> AsyncIterator[Callable[..., Awaitable[RallypointClient]]]:
     yield make
     for c in made:
         await c.close()
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Server]]:
+    """Server processes a test starts (``tests/processes.py``), killed at the end if still
+    running: ``servers.append(srv := Server(...)); await srv.start()``."""
+    made: list[Server] = []
+    yield made
+    for s in made:
+        if s.proc is not None and s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait()
 
 
 @pytest.fixture

@@ -7,9 +7,15 @@ trust auth; ``tests/run`` starts one if nothing answers there)."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import pwd
 import secrets
+import shutil
+import socket
 import sqlite3
+import subprocess
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -85,3 +91,51 @@ async def query(store: Store, sql: str) -> list[tuple[Any, ...]]:
         return [tuple(r) for r in await conn.fetch(sql)]
     finally:
         await conn.close()
+
+
+def _bin(name: str) -> str:
+    found = shutil.which(name) or next(
+        iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None
+    )
+    if found is None:
+        raise RuntimeError(f"{name} not found: install postgresql (tests/apt-packages.txt)")
+    return found
+
+
+class PrivatePostgres:
+    """A PostgreSQL of this test's own, as the postgres user when run as root (PostgreSQL
+    refuses to run as root)."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="rallypoint-pg-")
+        self.data = os.path.join(self.dir, "data")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.user: list[str] = []
+        if os.geteuid() == 0:
+            pw = pwd.getpwnam("postgres")
+            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+            self.user = ["runuser", "-u", "postgres", "--"]
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str) -> None:
+        subprocess.run([*self.user, *args], check=True, capture_output=True, timeout=60)
+
+    def init(self) -> None:
+        self._run(_bin("initdb"), "-D", self.data, "-A", "trust", "-U", "postgres", "--no-sync")
+
+    def start(self) -> None:
+        opts = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        log = os.path.join(self.dir, "log")
+        self._run(_bin("pg_ctl"), "-D", self.data, "-o", opts, "-l", log, "-w", "start")
+
+    def stop(self, mode: str = "immediate") -> None:
+        self._run(_bin("pg_ctl"), "-D", self.data, "-m", mode, "-w", "stop")
+
+    def remove(self) -> None:
+        try:
+            self.stop("fast")
+        except subprocess.CalledProcessError:
+            pass  # already stopped
+        shutil.rmtree(self.dir, ignore_errors=True)

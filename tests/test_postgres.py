@@ -7,78 +7,26 @@ hanging; afterwards the same client ids retried are stored once, without gaps.""
 from __future__ import annotations
 
 import asyncio
-import glob
-import os
-import pwd
-import shutil
 import socket
-import subprocess
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestServer
-from stores import pg_schema
+from stores import PrivatePostgres, pg_schema
 
 from signaling.chat.postgres import PostgresStore
 from signaling.chat.store import AppendResult, NewMessage, StoredMessage
+from signaling.sdk import RallypointClient
 from signaling.sdk.wsclient import Client, ClientError
 from signaling.wire.errors import ProtocolError
 
 Start = Callable[..., Awaitable[TestServer]]
 Connect = Callable[..., Awaitable[Client]]
+Phone = Callable[..., Awaitable[RallypointClient]]
 
 #: Longer than any send may stay unanswered: the store's statement timeout, and then some.
 ANSWER_BOUND_S = 8.0
-
-
-def _bin(name: str) -> str:
-    found = shutil.which(name) or next(
-        iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None
-    )
-    if found is None:
-        raise RuntimeError(f"{name} not found: install postgresql (tests/apt-packages.txt)")
-    return found
-
-
-class PrivatePostgres:
-    """A PostgreSQL of this test's own, as the postgres user when run as root (PostgreSQL
-    refuses to run as root)."""
-
-    def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="rallypoint-pg-")
-        self.data = os.path.join(self.dir, "data")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.user: list[str] = []
-        if os.geteuid() == 0:
-            pw = pwd.getpwnam("postgres")
-            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
-            self.user = ["runuser", "-u", "postgres", "--"]
-        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-
-    def _run(self, *args: str) -> None:
-        subprocess.run([*self.user, *args], check=True, capture_output=True, timeout=60)
-
-    def init(self) -> None:
-        self._run(_bin("initdb"), "-D", self.data, "-A", "trust", "-U", "postgres", "--no-sync")
-
-    def start(self) -> None:
-        opts = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
-        log = os.path.join(self.dir, "log")
-        self._run(_bin("pg_ctl"), "-D", self.data, "-o", opts, "-l", log, "-w", "start")
-
-    def stop(self, mode: str = "immediate") -> None:
-        self._run(_bin("pg_ctl"), "-D", self.data, "-m", mode, "-w", "stop")
-
-    def remove(self) -> None:
-        try:
-            self.stop("fast")
-        except subprocess.CalledProcessError:
-            pass  # already stopped
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -201,6 +149,27 @@ async def test_clients_get_store_unavailable_and_their_retry_is_stored_once(
     again = await alice.request(send)
     assert (sent["seq"], sent["duplicate"]) == (first["seq"] + 1, False)
     assert (again["seq"], again["duplicate"]) == (sent["seq"], True)
+
+
+async def test_the_sdk_retries_a_send_the_store_refused_until_postgresql_is_back(
+    private_pg: PrivatePostgres, start_server: Start, phones: Phone
+) -> None:
+    server = await start_server(store__url=private_pg.url)
+    alice = await phones(server, "alice")
+    await alice.join("r")
+    await alice.send("room:r", "before")
+    await asyncio.to_thread(private_pg.stop)
+    probe = {"type": "send", "conversation": "room:r", "cid": "probe", "text": "p"}
+    with pytest.raises(ClientError) as e:  # the store refuses now (as test above)
+        await asyncio.wait_for(alice.request(probe), ANSWER_BOUND_S)
+    assert (e.value.code, e.value.msg["retry_after_ms"]) == ("store_unavailable", 1000)
+    # Sent while PostgreSQL is down (refused), retried by the SDK after retry_after_ms.
+    sending = asyncio.create_task(alice.send("room:r", "during", cid="during"))
+    await asyncio.to_thread(private_pg.start)
+    sent = await asyncio.wait_for(sending, 30)
+    assert (sent["seq"], sent["duplicate"]) == (2, False)
+    stored = await alice.history("room:r")
+    assert [(m["seq"], m["cid"]) for m in stored][1:] == [(2, "during")]
 
 
 async def test_a_store_that_cannot_reach_postgresql_does_not_open() -> None:

@@ -9,97 +9,17 @@ import resource
 import signal
 import socket
 import subprocess
-import sys
 import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
-from nethelpers import free_port
+from processes import RALLYPOINT, Server
 
 from signaling.core.tokens import verify_token
 from signaling.sdk.wsclient import Client, ClientError
 
 SECRET = "a-test-secret-of-at-least-32-bytes"
-# -P: the server itself never imports from the working directory (a test runs it in one
-# that holds a `signaling/` folder); what it starts must not either.
-RALLYPOINT = [sys.executable, "-P", "-m", "signaling"]
-
-
-class Server:
-    def __init__(
-        self,
-        data: Path,
-        env: dict[str, str] | None = None,
-        args: list[str] | None = None,
-        *,
-        session: bool = False,
-        cwd: Path | None = None,
-        preexec: Callable[[], None] | None = None,
-    ) -> None:
-        self.cwd = cwd
-        self.preexec = preexec
-        self.port = free_port()
-        self.data = data
-        self.env = {**os.environ, "RALLYPOINT_TURN_ENABLED": "false", **(env or {})}
-        self.args = args or []
-        self.session = session  # its own session and process group, as a terminal gives it
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = data.parent / f"server-{self.port}.log"
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    async def start(self) -> None:
-        self.data.parent.mkdir(parents=True, exist_ok=True)
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    *RALLYPOINT,
-                    "serve",
-                    "--port",
-                    str(self.port),
-                    "--data-dir",
-                    str(self.data),
-                    *self.args,
-                ],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=self.session,
-                cwd=self.cwd,
-                preexec_fn=self.preexec,
-            )
-        for _ in range(200):
-            try:
-                _, w = await asyncio.open_connection("127.0.0.1", self.port)
-                w.close()
-                await w.wait_closed()
-                return
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(self.log.read_text()) from None
-                await asyncio.sleep(0.05)
-        raise RuntimeError("server did not start")
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(timeout=20)
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[list[Server]]:
-    made: list[Server] = []
-    yield made
-    for s in made:
-        if s.proc is not None and s.proc.poll() is None:
-            s.proc.kill()
-            s.proc.wait()
 
 
 async def test_open_mode_start_up_and_sigterm(tmp_path: Path, servers: list[Server]) -> None:

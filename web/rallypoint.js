@@ -83,6 +83,9 @@ function randomId(prefix = "") {
   return prefix + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
+/** How long a chat send is retried while the server's store refuses writes. */
+const STORE_RETRY_MS = 30000;
+
 function sleep(ms) {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
@@ -757,6 +760,7 @@ export class Room extends Emitter {
     };
     this.chat.pending.set(cid, message);
     this.emit("message", message);
+    let storeDeadline = null; // when to stop retrying a store that refuses writes
     for (let attempt = 0; attempt < 6; attempt++) {
       if (this.client.state !== "open") await this.client.once("welcome", 30000).catch(() => null);
       try {
@@ -775,6 +779,18 @@ export class Room extends Emitter {
         this.emit("message", message);
         return message;
       } catch (err) {
+        if (err.code === "store_full" || err.code === "store_unavailable") {
+          // The store refused it (disk full, PostgreSQL away): nothing was stored, and the
+          // server says when to come back. Retry under the same cid for up to
+          // STORE_RETRY_MS (PROTOCOL.md, "Retry recipe for sending"), not counting attempts.
+          const wait = err.retry_after_ms ?? 1000;
+          storeDeadline ??= Date.now() + STORE_RETRY_MS;
+          if (Date.now() + wait <= storeDeadline) {
+            attempt--;
+            await sleep(wait);
+            continue;
+          }
+        }
         const retry = ["disconnected", "timeout", "internal_error", "rate_limited", "not_in_room"];
         if (!retry.includes(err.code)) {
           message.failed = true;

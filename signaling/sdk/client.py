@@ -4,12 +4,15 @@ Built on the low-level ``signaling.sdk.wsclient.Client`` (one WebSocket, request
 replies).
 This layer adds what an app needs on top:
 
-- **Resume**: when the socket drops, it reconnects with full-jitter backoff and the resume token
-  from ``welcome``; if the session was gone it starts a new one and joins its rooms again; either
-  way it catches up on chat with ``sync``.
+- **Resume and failover**: when the socket drops, it reconnects with the resume token from
+  ``welcome``, first to the same server, then to each other server URL it was given, with
+  full-jitter backoff between rounds; if the session was gone (another node, or the grace
+  expired) it starts a new one and joins its rooms again; either way it catches up on chat with
+  ``sync``.
 - **Chat**: ``send`` retries under one client message id (``cid``) until acknowledged, across
-  reconnects, so a message is stored once; received messages are de-duplicated by
-  (conversation, seq) and handed out in order by ``next_message``.
+  reconnects and the store's retryable refusals, so a message is stored once; received
+  messages are de-duplicated by (conversation, seq) and handed out in order by
+  ``next_message``.
 - **Calls**: ``call`` starts one; ``next_call`` waits for an incoming one; a ``Call`` tracks its
   state from the server's events and offers ``accept``, ``decline``, ``cancel``, ``hangup`` and
   ``signal`` (WebRTC negotiation relay).
@@ -22,7 +25,7 @@ import contextlib
 import logging
 import random
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import aiohttp
@@ -36,6 +39,10 @@ log = logging.getLogger("rallypoint.sdk")
 CallError = ClientError  # the server refused a call request; ``.code`` is the error code
 
 _TERMINAL = ("call_ended", "call_answered_elsewhere")
+# Refusals that say nothing was done and when to come back (``retry_after_ms``).
+_COME_BACK = ("rate_limited", "store_full", "store_unavailable")
+#: How long a chat send or group change is retried while the server refuses it that way.
+REFUSED_RETRY_S = 30.0
 
 
 class Call:
@@ -157,6 +164,11 @@ class Call:
 class RallypointClient:
     """One device's connection to a Rallypoint server, with resume, chat and calls.
 
+    ``url`` is one server's WebSocket URL, or a list of the URLs of a cluster's nodes, tried in
+    that order (``shuffle``: in a random order, once, so that clients sharing one list spread
+    over the nodes); a lost connection is retried on the same node first (where the session
+    can resume), then on the next; ``connect_timeout_s`` bounds each attempt.
+
     ``token`` (token mode) or ``identity``/``name`` (open mode) authenticate; ``device`` should
     be stable per installation; ``resume`` resumes a session from an earlier ``welcome.resume``.
     ``encoding="msgpack"`` speaks MessagePack instead of JSON (the same messages, fewer bytes;
@@ -165,7 +177,7 @@ class RallypointClient:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         token: str | None = None,
         identity: str | None = None,
@@ -175,10 +187,20 @@ class RallypointClient:
         reconnect: bool = True,
         max_backoff_s: float = 20.0,
         encoding: Encoding = "json",
+        shuffle: bool = False,
+        connect_timeout_s: float = 10.0,
     ) -> None:
         if encoding not in ("json", "msgpack"):
             raise ValueError(f"encoding must be 'json' or 'msgpack', not {encoding!r}")
-        self.url = url
+        urls = [url] if isinstance(url, str) else list(url)
+        if not urls or not all(isinstance(u, str) and u for u in urls):
+            raise ValueError("url must be a WebSocket URL or a non-empty list of them")
+        if shuffle:
+            random.shuffle(urls)
+        #: The server URLs, in the order they are tried.
+        self.urls: tuple[str, ...] = tuple(urls)
+        self._node = 0  # index in ``urls`` of the node connected (or last tried)
+        self.connect_timeout_s = connect_timeout_s
         self.encoding: Encoding = encoding
         self.hello: dict[str, Any] = {
             k: v
@@ -202,6 +224,7 @@ class RallypointClient:
         self._last_seq: dict[str, int] = {}
         self._early: dict[str, list[dict[str, Any]]] = {}
         self._conn: Client | None = None
+        self._last_error: Exception | None = None
         self._http: aiohttp.ClientSession | None = None
         self._connected = asyncio.Event()
         self._closing = False
@@ -214,25 +237,49 @@ class RallypointClient:
         return str(self.welcome.get("identity", ""))
 
     @property
+    def url(self) -> str:
+        """The URL of the server this client is connected to (or last tried)."""
+        return self.urls[self._node]
+
+    @property
     def session(self) -> str:
         """This device's session id (also its participant id and call device id)."""
         return str(self.welcome.get("session", ""))
 
     async def connect(self) -> dict[str, Any]:
-        """Connect and send `hello`; returns `welcome`."""
+        """Connect to the first server that answers (each URL once, in order) and send
+        `hello`; returns `welcome`. Raises the last server's error if none answers."""
         if self._http is None:
             self._http = aiohttp.ClientSession()
-        await self._open(resume=self._resume)
+        if not await self._open_any(self._resume, self._node):
+            assert self._last_error is not None
+            raise self._last_error
         return self.welcome
 
-    async def _open(self, resume: str | None) -> None:
+    async def _open_any(self, resume: str | None, first: int) -> bool:
+        """Try each server once, from ``urls[first]`` on; whether one answered."""
+        for k in range(len(self.urls)):
+            node = (first + k) % len(self.urls)
+            try:
+                await self._open(resume, node)
+            except (aiohttp.ClientError, OSError, ConnectionError, TimeoutError, ClientError) as e:
+                log.debug("cannot connect to %s: %r", self.urls[node], e)
+                self._last_error = e
+                continue
+            return True
+        return False
+
+    async def _open(self, resume: str | None, node: int) -> None:
         assert self._http is not None
+        self._node = node
         conn = Client(self.url, session=self._http, encoding=self.encoding)
         hello = dict(self.hello)
         if resume:
             hello["resume"] = resume
         try:
-            self.welcome = await conn.connect(heartbeat=True, **hello)
+            # Bounded: a node that accepts TCP but never answers must not stall the failover.
+            async with asyncio.timeout(self.connect_timeout_s):
+                self.welcome = await conn.connect(heartbeat=True, **hello)
         except BaseException:
             await conn.close()
             raise
@@ -260,14 +307,15 @@ class RallypointClient:
                 self.events.put_nowait(ev)
 
     async def _reconnect(self) -> None:
-        """Reconnect with full-jitter backoff (0.05 s doubling up to ``max_backoff_s``)."""
+        """Reconnect: each round tries the node just lost first (only it knows the resume
+        token), then the others in order; full-jitter backoff (0.05 s doubling up to
+        ``max_backoff_s``) before each round."""
         resume = self.welcome.get("resume")
+        lost = self._node
         delay = 0.05
         while not self._closing:
             await asyncio.sleep(random.uniform(0, delay))
-            try:
-                await self._open(resume)
-            except (aiohttp.ClientError, OSError, ConnectionError, TimeoutError, ClientError):
+            if not await self._open_any(resume, lost):
                 delay = min(self.max_backoff_s, delay * 2)
                 continue
             self.reconnects += 1
@@ -275,10 +323,12 @@ class RallypointClient:
                 for room in sorted(self.rooms):
                     with contextlib.suppress(ClientError):
                         await self.request({"type": "join", "room": room})
-            if self._last_seq:
+            if self._seen:  # it has chatted (sent or received): catch up
                 with contextlib.suppress(ClientError, ConnectionError, TimeoutError):
                     await self.sync()
-            self.events.put_nowait({"type": "_reconnected", "resumed": self.welcome["resumed"]})
+            self.events.put_nowait(
+                {"type": "_reconnected", "resumed": self.welcome["resumed"], "url": self.url}
+            )
             return
 
     async def close(self, *, bye: bool = True) -> None:
@@ -359,26 +409,43 @@ class RallypointClient:
     async def send(
         self, conversation: str, text: str, *, cid: str | None = None, attempts: int = 6
     ) -> dict[str, Any]:
-        """Send a chat message; retried under the same ``cid`` (also across reconnects) until
-        the server acknowledges it. Returns `sent` (``duplicate`` true if a retry hit)."""
+        """Send a chat message; retried under the same ``cid`` (also across reconnects, and
+        while the store refuses writes: ``_retried``) until the server acknowledges it.
+        Returns `sent` (``duplicate`` true if a retry hit)."""
         cid = cid or uuid.uuid4().hex
+        msg = {"type": "send", "conversation": conversation, "cid": cid, "text": text}
+        sent = await self._retried(msg, attempts)
+        self._seen.setdefault(conversation, set()).add(sent["seq"])
+        return sent
+
+    async def _retried(self, msg: dict[str, Any], attempts: int) -> dict[str, Any]:
+        """A request that carries a ``cid`` (stored or applied once however often it is sent),
+        retried as docs/PROTOCOL.md's "Retry recipe for sending" says: after a timeout or a
+        lost connection (``attempts`` in all, full-jitter backoff, across reconnects), and
+        after a refusal that says when to come back (`rate_limited`, `store_full`,
+        `store_unavailable`: its ``retry_after_ms``, for up to ``REFUSED_RETRY_S``)."""
         delay = 0.1
-        for attempt in range(attempts):
+        refused_until: float | None = None
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
             try:
-                sent = await self.request(
-                    {"type": "send", "conversation": conversation, "cid": cid, "text": text},
-                    timeout=5.0,
-                )
+                return await self.request(msg, timeout=5.0)
             except (TimeoutError, ConnectionError):
-                if attempt == attempts - 1:
+                attempt += 1
+                if attempt == attempts:
                     raise
                 await asyncio.sleep(random.uniform(0, delay))
                 delay = min(delay * 2, 5.0)
-                continue
-            seen = self._seen.setdefault(conversation, set())
-            seen.add(sent["seq"])
-            return sent
-        raise AssertionError("unreachable")
+            except ClientError as e:
+                wait_ms = e.msg.get("retry_after_ms")
+                if e.code not in _COME_BACK or not isinstance(wait_ms, int):
+                    raise
+                if refused_until is None:
+                    refused_until = loop.time() + REFUSED_RETRY_S
+                if loop.time() + wait_ms / 1000 > refused_until:
+                    raise
+                await asyncio.sleep(wait_ms / 1000)
 
     async def next_message(
         self,
@@ -428,20 +495,10 @@ class RallypointClient:
         """A group request, retried under the same ``cid`` across timeouts and reconnects
         (a retry changes nothing twice); returns `group`."""
         msg = {"type": type_, "cid": cid or uuid.uuid4().hex, **fields}
-        delay = 0.1
-        for attempt in range(6):
-            try:
-                reply = await self.request(msg, timeout=5.0)
-            except (TimeoutError, ConnectionError):
-                if attempt == 5:
-                    raise
-                await asyncio.sleep(random.uniform(0, delay))
-                delay = min(delay * 2, 5.0)
-                continue
-            if "message" in reply:
-                self._message(reply["message"])
-            return reply
-        raise AssertionError("unreachable")
+        reply = await self._retried(msg, 6)
+        if "message" in reply:
+            self._message(reply["message"])
+        return reply
 
     async def create_group(
         self, name: str, members: list[str] | tuple[str, ...] = (), *, cid: str | None = None

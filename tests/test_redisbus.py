@@ -17,7 +17,9 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import redis.asyncio as aioredis
 
-from signaling.cluster.redisbus import RedisBus
+from signaling.app import make_app
+from signaling.cluster.redisbus import RedisBus, node_id
+from signaling.config import ConfigError, load_config
 
 REDIS_URL = os.environ.get("RALLYPOINT_TEST_REDIS", "redis://127.0.0.1:6379/0")
 BOUND_S = 10.0  # longer than any reconnect may take
@@ -248,3 +250,22 @@ async def test_a_bus_started_without_redis_connects_when_it_comes() -> None:
     finally:
         await bus.close()
         r.kill()
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+def test_the_server_refuses_a_half_cluster() -> None:
+    cfg = load_config(env={"RALLYPOINT_CLUSTER_REDIS_URL": REDIS_URL})
+    with pytest.raises(ConfigError, match=r"cluster mode is not complete yet \(issue 14\)"):
+        make_app(cfg)
+
+
+def test_node_ids_are_new_on_each_start_unless_configured() -> None:
+    a, b = node_id(), node_id()
+    assert a != b
+    cfg = load_config(env={})
+    assert (cfg.cluster.node_id, cfg.cluster.key_prefix) == ("", "rallypoint")
+    assert node_id("n1") == "n1"
+    # A generated id is one the configuration would take.
+    assert load_config(env={"RALLYPOINT_CLUSTER_NODE_ID": a}).cluster.node_id == a

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
+import socket
 from collections import deque
 from collections.abc import Iterable
 from typing import Any, Final
@@ -49,6 +51,16 @@ MAX_PIPELINE: Final = 512  # PUBLISH commands per round trip
 
 #: What a dead or unreachable Redis looks like.
 UNAVAILABLE: Final = (OSError, TimeoutError, RedisConnectionError, RedisTimeoutError)
+
+
+def node_id(configured: str = "") -> str:
+    """``cluster.node_id``, or when empty the host name and a random suffix: new on each
+    start (a restarted node must not take frames meant for the one it replaced as its own
+    echo), and still telling an operator which machine it is."""
+    if configured:
+        return configured
+    host = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname())
+    return f"{host[:48] or 'node'}-{secrets.token_hex(4)}"
 
 
 class RedisBus:

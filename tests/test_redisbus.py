@@ -137,6 +137,27 @@ async def test_many_topics_in_order_per_publisher(two_nodes: tuple[RedisBus, Red
     assert all(c == 0 for _, c in counts)
 
 
+async def test_subscriptions_follow_quick_changes(two_nodes: tuple[RedisBus, RedisBus]) -> None:
+    a, b = two_nodes
+    topics = [f"room:q{i}" for i in range(20)]
+    for i, t in enumerate(topics):
+        b.subscribe(t, "s", Inbox())
+        if i % 3 == 0:
+            await asyncio.sleep(0)  # let a subscription go out before it is taken back
+        b.unsubscribe(t, "s")
+    keep = Inbox()
+    b.subscribe(topics[0], "k", keep)
+    await until(lambda: b.connected)
+    probe = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        counts = dict(await probe.pubsub_numsub(*(f"{b.prefix}:{t}" for t in topics)))
+    finally:
+        await probe.aclose()
+    assert counts == {f"{b.prefix}:{t}".encode(): int(t == topics[0]) for t in topics}
+    a.publish(topics[0], b"k")
+    await until(lambda: keep.frames == [b"k"])
+
+
 # -- the fault drill -------------------------------------------------------------------------
 
 

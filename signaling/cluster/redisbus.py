@@ -143,6 +143,7 @@ class RedisBus:
     async def close(self) -> None:
         """Stop both tasks and close the connections; frames still queued are dropped."""
         self._closing = True
+        self._publishing = False
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -161,7 +162,7 @@ class RedisBus:
 
     def unsubscribe(self, topic: str, key: str) -> None:
         self.local.unsubscribe(topic, key)
-        if topic not in self.local.topics and topic in self._subscribed:
+        if topic not in self.local.topics:
             self._changed.set()
 
     def publish(self, topic: str, frame: bytes, exclude: str | None = None) -> None:
@@ -279,12 +280,13 @@ class RedisBus:
             wanted = self.local.topics.keys()
             add = [t for t in wanted if t not in self._subscribed]
             drop = [t for t in self._subscribed if t not in wanted]
+            # Recorded before the await: a change meanwhile is measured against it.
             if add:
-                await pubsub.subscribe(*[self._channel_of + t for t in add])
                 self._subscribed.update(add)
+                await pubsub.subscribe(*[self._channel_of + t for t in add])
             if drop:
-                await pubsub.unsubscribe(*[self._channel_of + t for t in drop])
                 self._subscribed.difference_update(drop)
+                await pubsub.unsubscribe(*[self._channel_of + t for t in drop])
 
     async def _read(self, pubsub: PubSub) -> None:
         header = self._header

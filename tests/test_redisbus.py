@@ -158,6 +158,25 @@ async def test_subscriptions_follow_quick_changes(two_nodes: tuple[RedisBus, Red
     await until(lambda: keep.frames == [b"k"])
 
 
+class Broken:
+    def deliver(self, frame: bytes) -> None:
+        raise RuntimeError("a bug in a sink")
+
+
+async def test_a_failing_sink_costs_neither_the_others_nor_the_subscription(
+    two_nodes: tuple[RedisBus, RedisBus],
+) -> None:
+    a, b = two_nodes
+    ok = Inbox()
+    b.subscribe("room:f", "broken", Broken())
+    b.subscribe("room:f", "ok", ok)
+    await until(lambda: b.connected)
+    a.publish("room:f", b"1")
+    a.publish("room:f", b"2")
+    await until(lambda: ok.frames == [b"1", b"2"])
+    assert b.connected and b.reconnects == 0
+
+
 # -- the fault drill -------------------------------------------------------------------------
 
 

@@ -200,6 +200,10 @@ class RedisBus:
                     log.error("the bus's Redis connection failed (%s); reconnecting", e)
                     await self._connect_publisher(lost=True)
                     break
+                except Exception:  # a refusal (e.g. ResponseError): the connection is fine
+                    self.dropped += n
+                    log.exception("the bus's Redis refused %d frames; dropped", n)
+                    continue
                 self.published += n
 
     async def _connect_publisher(self, *, lost: bool) -> None:
@@ -236,6 +240,9 @@ class RedisBus:
                     lost = True
                 else:
                     log.debug("the bus's Redis is still unavailable: %s", e)
+            except Exception as e:  # not an outage: say what it was, and start over
+                log.exception("the bus's Redis subscription failed: %r", e)
+                lost = True
             finally:
                 self._listening = False
                 self._subscribed = set()
@@ -312,7 +319,10 @@ class RedisBus:
             frame = data[data[0] + 1 :]
             self.received += 1
             for sink in subs.values():
-                sink.deliver(frame)
+                try:
+                    sink.deliver(frame)
+                except Exception:  # a sink's bug must cost neither the others nor the node
+                    log.exception("a sink of %s failed", msg["channel"])
 
     # -- metrics ---------------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ import secrets
 import socket
 from collections import deque
 from collections.abc import Iterable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
@@ -39,7 +39,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..core.bus import LocalBus, Sink
+from ..core.bus import LocalBus, MessageBus, Sink
 from ..core.metrics import Metric
 
 log = logging.getLogger(__name__)
@@ -359,3 +359,9 @@ async def _abandon(pubsub: PubSub) -> None:
         await asyncio.wait_for(pubsub.aclose(), TIMEOUT_S)
     except (*UNAVAILABLE, RuntimeError):
         pass
+
+
+if TYPE_CHECKING:
+
+    def _is_a_message_bus(bus: RedisBus) -> MessageBus:
+        return bus  # mypy checks that RedisBus has the protocol's methods

@@ -309,3 +309,16 @@ def test_node_ids_are_new_on_each_start_unless_configured() -> None:
     assert node_id("n1") == "n1"
     # A generated id is one the configuration would take.
     assert load_config(env={"RALLYPOINT_CLUSTER_NODE_ID": a}).cluster.node_id == a
+
+
+async def test_a_bus_closes_promptly_while_redis_is_down() -> None:
+    bus = RedisBus(PrivateRedis().url, "node-a", "drill", timeout_s=1.0, retry_s=0.1)
+    bus.subscribe("room:c", "a", Inbox())
+    await bus.start()
+    await asyncio.sleep(0.2)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await bus.close()
+    assert loop.time() - t0 < 1.0
+    bus.publish("room:c", b"after close")  # local only, counted, no queue left growing
+    assert bus.dropped == 1 and not bus._queue

@@ -116,6 +116,13 @@ def make_app(cfg: Config) -> web.Application:
     """Build the server: signaling, chat store, calls, push, SFU workers and (unless disabled)
     the embedded TURN server. Services start in the app's cleanup contexts and stop in reverse
     order after SIGTERM has closed every socket with GOING_AWAY."""
+    if cfg.cluster.redis_url:
+        # Only the bus exists (signaling/cluster/redisbus.py): rooms, presence, sessions and
+        # calls are per node, so a "cluster" now would split them without saying so.
+        raise ConfigError(
+            "cluster.redis_url: cluster mode is not complete yet (issue 14): only the bus "
+            "exists; leave cluster.redis_url empty"
+        )
     app = web.Application(client_max_size=cfg.limits.max_frame_bytes)
     secret = turn_secret(cfg) if cfg.turn.enabled else None
 

@@ -9,12 +9,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tomllib
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+#: A node id or key prefix: safe in a Redis channel name and a log line.
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class ConfigError(Exception):
@@ -110,6 +114,19 @@ class StoreSection:
     @property
     def postgres(self) -> bool:
         return self.url.startswith(("postgresql://", "postgres://"))
+
+
+@dataclass
+class ClusterSection:
+    # Issue 14, not complete: only the bus between nodes exists, and the server refuses to
+    # start with a redis_url (rooms, presence, sessions and calls are still per node).
+    # "redis://host:6379/0" (or rediss://, unix://): the Redis of the bus; "" = one node.
+    redis_url: str = ""
+    # This node's name on the bus; "" = the host name and a random suffix, new on each start
+    # (two nodes must never share one: a node ignores frames that carry its own id).
+    node_id: str = ""
+    # Every Redis key and channel of this cluster starts with this and a colon.
+    key_prefix: str = "rallypoint"
 
 
 @dataclass
@@ -210,6 +227,7 @@ class Config:
     session: SessionSection = field(default_factory=SessionSection)
     chat: ChatSection = field(default_factory=ChatSection)
     store: StoreSection = field(default_factory=StoreSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
     ice: IceSection = field(default_factory=IceSection)
     turn: TurnSection = field(default_factory=TurnSection)
     sfu: SfuSection = field(default_factory=SfuSection)
@@ -251,6 +269,13 @@ class Config:
                 "store.url must be empty (SQLite in server.data_dir), a SQLite file's path, "
                 "or postgresql://..."
             )
+        cl = self.cluster
+        if cl.redis_url and not cl.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError("cluster.redis_url must be empty, redis://, rediss:// or unix://")
+        if cl.node_id and not _NAME.fullmatch(cl.node_id):
+            raise ConfigError("cluster.node_id must be 1-64 of A-Z a-z 0-9 . _ - (or empty)")
+        if not _NAME.fullmatch(cl.key_prefix):
+            raise ConfigError("cluster.key_prefix must be 1-64 of A-Z a-z 0-9 . _ -")
         if self.server.metrics_listen:
             host, sep, port = self.server.metrics_listen.rpartition(":")
             if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:

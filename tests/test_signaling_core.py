@@ -195,6 +195,9 @@ def test_config_layers(tmp_path: Path) -> None:
         ("[privacy]\npresence = 'friends'\n", {}, "privacy.presence"),
         ("[privacy]\nmax_pending_requests = 0\n", {}, "privacy.max_pending_requests"),
         ("[store]\nurl = 'mysql://db/chat'\n", {}, "store.url"),
+        ("[cluster]\nredis_url = 'http://r:6379'\n", {}, "cluster.redis_url"),
+        ("", {"RALLYPOINT_CLUSTER_NODE_ID": "a b"}, "cluster.node_id"),
+        ("[cluster]\nkey_prefix = ''\n", {}, "cluster.key_prefix"),
     ],
 )
 def test_config_errors_name_the_key(

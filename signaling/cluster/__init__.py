@@ -1,0 +1,1 @@
+"""What carries a node's state to the others: the bus between nodes (``redisbus``)."""

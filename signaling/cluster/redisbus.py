@@ -1,0 +1,367 @@
+"""``MessageBus`` between nodes on Redis pub/sub (issue 14, the first piece of the cluster).
+
+A ``RedisBus`` keeps a ``LocalBus`` for this node's sinks (so ``topics`` still answers for local
+introspection) and carries every topic over Redis on the channel ``<prefix>:<topic>``:
+
+- ``publish`` delivers to this node's sinks at once (the same bytes object to each, as
+  ``LocalBus`` does) and queues the frame for Redis behind a small header, the origin's node id,
+  so the origin skips its own echo. The queue is bounded and sent by one task in pipelines
+  (many ``PUBLISH`` per round trip); ``publish`` never awaits and never raises for Redis.
+- A node subscribes to a topic's channel when the topic gets its first local subscriber and
+  unsubscribes when the last one leaves; a frame from another node is stripped of its header
+  once and handed, as one bytes object, to every local sink of its topic.
+- **At most once between nodes.** While Redis cannot be reached (or the queue is full), frames
+  are still delivered on their own node but dropped for the others and counted
+  (``bus_dropped``); frames other nodes published while this node's subscription was down are
+  lost uncounted (pub/sub keeps nothing). Clients recover what they missed through ``seq``
+  gaps and ``sync`` (``docs/CLUSTER.md``). Both connections reconnect by themselves every
+  ``retry_s``; the subscription is re-made for every topic with local subscribers.
+- ``exclude`` names a session of this node (the sender's); other nodes do not see it.
+
+Nothing is logged per frame: a lost connection once, each failed attempt at debug level, the
+return once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import socket
+from collections import deque
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Final
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ..core.bus import LocalBus, MessageBus, Sink
+from ..core.metrics import Metric
+
+log = logging.getLogger(__name__)
+
+TIMEOUT_S: Final = 2.0  # a connection attempt or a pipeline that takes longer has failed
+RETRY_S: Final = 0.5  # between attempts to reconnect
+MAX_QUEUED: Final = 10_000  # frames waiting for Redis; more are dropped (counted)
+MAX_PIPELINE: Final = 512  # PUBLISH commands per round trip
+
+#: What a dead or unreachable Redis looks like.
+UNAVAILABLE: Final = (OSError, TimeoutError, RedisConnectionError, RedisTimeoutError)
+
+
+def node_id(configured: str = "") -> str:
+    """``cluster.node_id``, or when empty the host name and a random suffix: new on each
+    start (a restarted node must not take frames meant for the one it replaced as its own
+    echo), and still telling an operator which machine it is."""
+    if configured:
+        return configured
+    host = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname())
+    return f"{host[:48] or 'node'}-{secrets.token_hex(4)}"
+
+
+class RedisBus:
+    """A ``MessageBus`` over Redis pub/sub (see the module docstring). ``start`` and ``close``
+    own its two tasks: the publisher and the subscriber."""
+
+    def __init__(
+        self,
+        url: str,
+        node_id: str,
+        prefix: str = "rallypoint",
+        *,
+        timeout_s: float = TIMEOUT_S,
+        retry_s: float = RETRY_S,
+        max_queued: int = MAX_QUEUED,
+    ) -> None:
+        nid = node_id.encode()
+        if not 0 < len(nid) < 256:
+            raise ValueError("node_id must be 1-255 bytes")
+        self.node_id = node_id
+        self.prefix = prefix
+        self.local = LocalBus()
+        self.timeout_s = timeout_s
+        self.retry_s = retry_s
+        self.max_queued = max_queued
+        # A length-prefixed id: no node's header is a prefix of another's.
+        self._header = bytes((len(nid),)) + nid
+        self._channel_of = prefix + ":"
+        self._skip = len(prefix) + 1  # a channel's length before its topic
+        # Retries are ours (and counted): redis-py's own would hide an outage for seconds.
+        self._redis = aioredis.Redis.from_url(
+            url,
+            socket_connect_timeout=timeout_s,
+            socket_timeout=timeout_s,
+            socket_keepalive=True,
+            retry=Retry(NoBackoff(), 0),
+        )
+        # Publishing.
+        self._queue: deque[tuple[str, bytes]] = deque()
+        self._wake = asyncio.Event()
+        self._publishing = False  # the publish connection is up
+        # Subscribing: what Redis has on the current connection, against ``local.topics``.
+        self._subscribed: set[str] = set()
+        self._confirmed: set[str] = set()  # what Redis said it has subscribed
+        self._changed = asyncio.Event()
+        self._listening = False  # the subscription connection is up and current
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        # Counters.
+        self.dropped = 0  # frames not sent to other nodes
+        self.published = 0  # frames sent to Redis
+        self.received = 0  # frames from other nodes delivered here
+        self.reconnects = 0  # connections made again after losing one (both kinds)
+
+    @property
+    def topics(self) -> dict[str, dict[str, Sink]]:
+        """This node's topics and their local sinks."""
+        return self.local.topics
+
+    @property
+    def connected(self) -> bool:
+        """Both connections are up and Redis has confirmed a subscription to every local
+        topic (and no other)."""
+        return (
+            self._publishing
+            and self._listening
+            and self._confirmed.difference((f"node:{self.node_id}",)) == self.local.topics.keys()
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the publisher and the subscriber. Redis need not be up: they keep trying."""
+        self._closing = False
+        self._tasks = [
+            asyncio.create_task(self._publish_forever(), name="redisbus-publish"),
+            asyncio.create_task(self._subscribe_forever(), name="redisbus-subscribe"),
+        ]
+
+    async def close(self) -> None:
+        """Stop both tasks and close the connections; frames still queued are dropped."""
+        self._closing = True
+        self._publishing = False
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        self.dropped += len(self._queue)
+        self._queue.clear()
+        await self._redis.aclose()
+
+    # -- the MessageBus --------------------------------------------------------------------------
+
+    def subscribe(self, topic: str, key: str, sink: Sink) -> None:
+        first = topic not in self.local.topics
+        self.local.subscribe(topic, key, sink)
+        if first:
+            self._changed.set()
+
+    def unsubscribe(self, topic: str, key: str) -> None:
+        self.local.unsubscribe(topic, key)
+        if topic not in self.local.topics:
+            self._changed.set()
+
+    def publish(self, topic: str, frame: bytes, exclude: str | None = None) -> None:
+        subs = self.local.topics.get(topic)
+        if subs is not None:
+            for key, sink in subs.items():
+                if key != exclude:
+                    sink.deliver(frame)
+        if not self._publishing or len(self._queue) >= self.max_queued:
+            self.dropped += 1
+            return
+        self._queue.append((self._channel_of + topic, self._header + frame))
+        self._wake.set()
+
+    # -- publishing ------------------------------------------------------------------------------
+
+    async def _publish_forever(self) -> None:
+        await self._connect_publisher(lost=False)
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            queue = self._queue
+            while queue:
+                n = min(len(queue), MAX_PIPELINE)
+                pipe = self._redis.pipeline(transaction=False)
+                for _ in range(n):
+                    channel, data = queue.popleft()
+                    pipe.publish(channel, data)
+                try:
+                    await pipe.execute()
+                except UNAVAILABLE as e:
+                    self._publishing = False
+                    self.dropped += n + len(queue)
+                    queue.clear()
+                    log.error("the bus's Redis connection failed (%s); reconnecting", e)
+                    await self._connect_publisher(lost=True)
+                    break
+                except Exception:  # a refusal (e.g. ResponseError): the connection is fine
+                    self.dropped += n
+                    log.exception("the bus's Redis refused %d frames; dropped", n)
+                    continue
+                self.published += n
+
+    async def _connect_publisher(self, *, lost: bool) -> None:
+        """Ping until Redis answers; then take frames again."""
+        said = lost  # the loss was logged
+        while True:
+            try:
+                await self._redis.ping()
+            except UNAVAILABLE as e:
+                if not said:
+                    log.error("the bus's Redis cannot be reached (%s); retrying", e)
+                    said = True
+                else:
+                    log.debug("the bus's Redis is still unavailable: %s", e)
+                await asyncio.sleep(self.retry_s)
+                continue
+            if lost:
+                self.reconnects += 1
+                log.warning("the bus's Redis connection is back: frames go to other nodes again")
+            self._publishing = True
+            return
+
+    # -- subscribing -----------------------------------------------------------------------------
+
+    async def _subscribe_forever(self) -> None:
+        lost = False
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                await self._listen(pubsub, lost)
+            except UNAVAILABLE as e:
+                if self._listening:
+                    log.error("the bus's Redis subscription failed (%s); reconnecting", e)
+                    lost = True
+                else:
+                    log.debug("the bus's Redis is still unavailable: %s", e)
+            except Exception as e:  # not an outage: say what it was, and start over
+                log.exception("the bus's Redis subscription failed: %r", e)
+                lost = True
+            finally:
+                self._listening = False
+                self._subscribed = set()
+                self._confirmed = set()
+                await _abandon(pubsub)
+            await asyncio.sleep(self.retry_s)
+
+    async def _listen(self, pubsub: PubSub, lost: bool) -> None:
+        # The node's own channel keeps the connection subscribed, so reads block (and nothing
+        # is ever published on it yet).
+        await pubsub.subscribe(f"{self.prefix}:node:{self.node_id}")
+        self._changed.set()
+        await self._sync(pubsub)
+        self._listening = True
+        if lost:
+            self.reconnects += 1
+            log.warning("the bus's Redis subscription is back")
+        # Subscription changes are sent while the reader waits: whichever of the two meets
+        # the failed connection first ends both.
+        tasks = [
+            asyncio.create_task(self._sync_forever(pubsub)),
+            asyncio.create_task(self._read(pubsub)),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for t in done:
+            t.result()  # raises what ended it
+
+    async def _sync_forever(self, pubsub: PubSub) -> None:
+        while True:
+            await self._changed.wait()
+            await self._sync(pubsub)
+
+    async def _sync(self, pubsub: PubSub) -> None:
+        """Subscribe and unsubscribe until Redis has exactly the local topics."""
+        while self._changed.is_set():
+            self._changed.clear()
+            wanted = self.local.topics.keys()
+            add = [t for t in wanted if t not in self._subscribed]
+            drop = [t for t in self._subscribed if t not in wanted]
+            # Recorded before the await: a change meanwhile is measured against it.
+            if add:
+                self._subscribed.update(add)
+                await pubsub.subscribe(*[self._channel_of + t for t in add])
+            if drop:
+                self._subscribed.difference_update(drop)
+                await pubsub.unsubscribe(*[self._channel_of + t for t in drop])
+
+    async def _read(self, pubsub: PubSub) -> None:
+        header = self._header
+        skip = self._skip
+        topics = self.local.topics
+        while True:
+            msg: dict[str, Any] | None = await pubsub.get_message(timeout=None)
+            if msg is None:
+                continue
+            if msg["type"] != "message":
+                kind = msg["type"]
+                if kind == "subscribe":
+                    self._confirmed.add(msg["channel"].decode()[skip:])
+                elif kind == "unsubscribe":
+                    self._confirmed.discard(msg["channel"].decode()[skip:])
+                continue
+            data: bytes = msg["data"]
+            if data.startswith(header):
+                continue  # our own, delivered when it was published
+            subs = topics.get(msg["channel"].decode()[skip:])
+            if not subs:
+                continue  # unsubscribed meanwhile
+            frame = data[data[0] + 1 :]
+            self.received += 1
+            for sink in subs.values():
+                try:
+                    sink.deliver(frame)
+                except Exception:  # a sink's bug must cost neither the others nor the node
+                    log.exception("a sink of %s failed", msg["channel"])
+
+    # -- metrics ---------------------------------------------------------------------------------
+
+    def metrics(self) -> Iterable[Metric]:
+        yield Metric(
+            "bus_published", "counter", "Frames this node sent to other nodes.", self.published
+        )
+        yield Metric(
+            "bus_received", "counter", "Frames from other nodes delivered here.", self.received
+        )
+        yield Metric(
+            "bus_dropped",
+            "counter",
+            "Frames not sent to other nodes: Redis unavailable or the queue full.",
+            self.dropped,
+        )
+        yield Metric(
+            "bus_unavailable",
+            "gauge",
+            "1 while either bus connection to Redis is down.",
+            float(not (self._publishing and self._listening)),
+        )
+        yield Metric(
+            "bus_reconnects",
+            "counter",
+            "Times a bus connection to Redis was made again after it was lost.",
+            self.reconnects,
+        )
+
+
+async def _abandon(pubsub: PubSub) -> None:
+    """Drop a subscription connection, alive or not, without waiting on a dead server."""
+    try:
+        await asyncio.wait_for(pubsub.aclose(), TIMEOUT_S)
+    except (*UNAVAILABLE, RuntimeError):
+        pass
+
+
+if TYPE_CHECKING:
+
+    def _is_a_message_bus(bus: RedisBus) -> MessageBus:
+        return bus  # mypy checks that RedisBus has the protocol's methods

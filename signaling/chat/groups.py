@@ -94,6 +94,19 @@ class ChangeGroup:
     name: str | None
     max_members: int
 
+    def change(self) -> GroupChange:
+        """The change for ``plan``."""
+        return GroupChange(
+            self.conversation,
+            self.action,
+            self.actor,
+            self.actor_name,
+            self.cid,
+            tuple(self.identities),
+            self.role,
+            self.name,
+        )
+
 
 @dataclass(slots=True)
 class Plan:

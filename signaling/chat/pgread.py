@@ -13,7 +13,7 @@ from ..core.privacy import Pair, Relation, Side, view
 from ..wire.errors import ProtocolError
 from .codec import COLUMNS
 from .groups import GroupState
-from .store import ConversationRow, Page, StoredMessage, wire_size
+from .store import ConversationRow, Page, StoredMessage, fill_page
 
 SEL: Final = f"SELECT {COLUMNS} FROM messages"
 IS_CONTACT: Final = "SELECT 1 FROM contacts WHERE identity=$1 AND contact=$2"
@@ -95,20 +95,7 @@ async def page(
         b = last + 1 if before is None else min(before, last + 1)
         q = f"{SEL} WHERE conversation=$1 AND seq<$2 {cond} ORDER BY seq DESC LIMIT $3"
         rows = await conn.fetch(q, conversation, b, limit + 1, *params)
-    msgs: list[StoredMessage] = []
-    size = 0
-    more = False
-    for r in rows:
-        m = row(r)
-        if len(msgs) == limit:
-            more = True
-            break
-        if max_bytes is not None:
-            size += wire_size(m)
-            if size > max_bytes and msgs:
-                more = True
-                break
-        msgs.append(m)
+    msgs, more = fill_page(map(row, rows), limit, max_bytes)
     if after is None:
         msgs.reverse()
     return Page(msgs, more, last)

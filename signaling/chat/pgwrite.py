@@ -21,7 +21,7 @@ from ..core.privacy import Pair, Side
 from ..core.privacy import plan as relation_plan
 from ..wire.errors import ProtocolError
 from .codec import ChangeRelation, MarkRead, RegisterIdentity, SetMute, TouchDevice, WriterRequest
-from .groups import ChangeGroup, GroupChange, GroupState
+from .groups import ChangeGroup, GroupState
 from .groups import plan as group_plan
 from .pgread import IS_CONTACT, SEL, row
 from .store import GroupResult, NewMessage, Original, StoredMessage, check_amend
@@ -460,17 +460,7 @@ class Transaction:
         if found is not None:  # a retry: what the first attempt did
             assert state is not None
             return GroupResult(found[0], True, state, ())
-        change = GroupChange(
-            conv,
-            req.action,
-            req.actor,
-            req.actor_name,
-            req.cid,
-            tuple(req.identities),
-            req.role,
-            req.name,
-        )
-        p = group_plan(state, change, req.max_members)
+        p = group_plan(state, req.change(), req.max_members)
         event.text = p.text
         event.meta = orjson.dumps(p.event).decode()
         if state is None:

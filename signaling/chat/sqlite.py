@@ -54,7 +54,7 @@ from .store import (
     NewMessage,
     Page,
     StoredMessage,
-    wire_size,
+    fill_page,
 )
 
 log = logging.getLogger(__name__)
@@ -489,20 +489,7 @@ class SqliteStore:
                     (conversation, b, *params, limit + 1),
                 )
             # Row by row: a page never holds more than its byte budget (and one row more).
-            msgs: list[StoredMessage] = []
-            size = 0
-            more = False
-            for r in cursor:
-                m = _row(r)
-                if len(msgs) == limit:
-                    more = True
-                    break
-                if max_bytes is not None:
-                    size += wire_size(m)
-                    if size > max_bytes and msgs:
-                        more = True
-                        break
-                msgs.append(m)
+            msgs, more = fill_page(map(_row, cursor), limit, max_bytes)
             cursor.close()
             if after is None:
                 msgs.reverse()

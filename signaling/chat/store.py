@@ -8,7 +8,7 @@ pure function so every store applies them the same way.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -115,6 +115,25 @@ def wire_size(m: StoredMessage) -> int:
     if m.meta is not None:
         n += len(m.meta)
     return n
+
+
+def fill_page(
+    rows: Iterable[StoredMessage], limit: int, max_bytes: int | None
+) -> tuple[list[StoredMessage], bool]:
+    """Take messages from ``rows`` (read lazily, in the page's order) until ``limit`` of them
+    or ``max_bytes`` of them on the wire (``wire_size``; always at least one); and whether more
+    were left. A page never holds more than its byte budget, and at most one row more is read."""
+    msgs: list[StoredMessage] = []
+    size = 0
+    for m in rows:
+        if len(msgs) == limit:
+            return msgs, True
+        if max_bytes is not None:
+            size += wire_size(m)
+            if size > max_bytes and msgs:
+                return msgs, True
+        msgs.append(m)
+    return msgs, False
 
 
 @dataclass(slots=True, frozen=True)

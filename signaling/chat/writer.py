@@ -62,7 +62,7 @@ from ..core.privacy import plan as relation_plan
 from ..wire.errors import ProtocolError
 from . import codec
 from .codec import COLUMNS, ChangeRelation, MarkRead, RegisterIdentity, SetMute, TouchDevice
-from .groups import ChangeGroup, GroupChange, GroupState
+from .groups import ChangeGroup, GroupState
 from .groups import plan as group_plan
 from .schema import connect, migrate
 from .store import NewMessage, Original, StoredMessage, check_amend
@@ -348,17 +348,7 @@ class Writer:
         if found is not None:  # a retry: what the first attempt did
             assert state is not None
             return codec.group_value(found, True, state, ())
-        change = GroupChange(
-            conv,
-            req.action,
-            req.actor,
-            req.actor_name,
-            req.cid,
-            tuple(req.identities),
-            req.role,
-            req.name,
-        )
-        p = group_plan(state, change, req.max_members)
+        p = group_plan(state, req.change(), req.max_members)
         now = int(time.time() * 1000)
         event.text = p.text
         event.meta = orjson.dumps(p.event).decode()

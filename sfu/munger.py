@@ -45,10 +45,6 @@ def _signed32(x: int) -> int:
     return x - (1 << 32) if x & 0x80000000 else x
 
 
-def _newer(a: int, b: int, mod: int) -> bool:
-    return a != b and ((a - b) % mod) < mod // 2
-
-
 class LayerMunger:
     """Forwarding state of one subscriber for one simulcast video track."""
 
@@ -157,10 +153,11 @@ class LayerMunger:
                 except VP8Error:
                     return None
         out_seq = (seq + self.seq_offset) & 0xFFFF
-        if out_seq == self.next_seq or seq_newer(out_seq, self.next_seq):
+        # Comparisons inlined (RFC 3550 wrapping arithmetic): this runs once per packet.
+        if ((out_seq - self.next_seq) & 0xFFFF) < 0x8000:  # the next one or newer
             self.next_seq = (out_seq + 1) & 0xFFFF
         out_ts = (ts + self.ts_offset) & TS_MASK
-        if _newer(out_ts, self.last_out_ts, 1 << 32):
+        if 0 < ((out_ts - self.last_out_ts) & TS_MASK) < 0x80000000:
             self.last_out_ts = out_ts
             self.last_in_ts = ts
         if desc is None:
@@ -170,15 +167,15 @@ class LayerMunger:
         if pid is not None:
             out_pid = (pid + self.pid_offset) & 0x7FFF
             last = self.out_pid
-            mod = 0x8000 if desc.long_picture_id else 0x80
-            if last is None or _newer(out_pid % mod, last % mod, mod):
+            mask = 0x7FFF if desc.long_picture_id else 0x7F
+            if last is None or 0 < ((out_pid - last) & mask) <= mask >> 1:
                 self.out_pid = out_pid
         tl0 = desc.tl0picidx
         out_tl0: int | None = None
         if tl0 is not None:
             out_tl0 = (tl0 + self.tl0_offset) & 0xFF
             last = self.out_tl0
-            if last is None or _newer(out_tl0, last, 256):
+            if last is None or 0 < ((out_tl0 - last) & 0xFF) < 0x80:
                 self.out_tl0 = out_tl0
         if out_pid == pid and out_tl0 == tl0:
             return out_seq, out_ts, payload

@@ -37,9 +37,12 @@ class VP8Error(ValueError):
     """A payload too short for the descriptor its flags announce."""
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class VP8Descriptor:
-    """The fields of one packet's payload descriptor, and where the rewritable ones sit."""
+    """The fields of one packet's payload descriptor, and where the rewritable ones sit.
+
+    Not frozen: a frozen dataclass's ``__init__`` costs twice as much, and one is built per
+    forwarded packet."""
 
     start: bool  # S: first packet of a VP8 partition
     partition: int  # PID (partition index)
@@ -108,20 +111,20 @@ def parse(payload: bytes) -> VP8Descriptor:
                 keyidx = b & 0x1F
             i += 1
     keyframe = start and partition == 0 and i < n and not (payload[i] & 0x01)
-    return VP8Descriptor(
-        start=start,
-        partition=partition,
-        non_reference=bool(b0 & 0x20),
-        picture_id=picture_id,
-        long_picture_id=long_id,
-        tl0picidx=tl0,
-        tid=tid,
-        layer_sync=sync,
-        keyidx=keyidx,
-        keyframe=keyframe,
-        size=i,
-        picture_id_at=pid_at,
-        tl0picidx_at=tl0_at,
+    return VP8Descriptor(  # positional: this runs once per forwarded packet
+        start,
+        partition,
+        bool(b0 & 0x20),
+        picture_id,
+        long_id,
+        tl0,
+        tid,
+        sync,
+        keyidx,
+        keyframe,
+        i,
+        pid_at,
+        tl0_at,
     )
 
 

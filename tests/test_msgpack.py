@@ -246,6 +246,17 @@ BAD_PACKED: list[tuple[str, bytes | str, str]] = [
         "bad_field",
     ),
     ("unknown type", msgpack.packb({"type": "fly"}), "unknown_type"),
+    # A value outside JSON's data model is `bad_msgpack` wherever it is, also in a field the
+    # validator never checks: an unknown field, one after a refused field, an unknown type.
+    ("NaN in an unknown field", msgpack.packb({"type": "ping", "x": math.nan}), "bad_msgpack"),
+    ("empty bin in an unknown field", msgpack.packb({"type": "ping", "x": b""}), "bad_msgpack"),
+    (
+        "NaN after an unknown field",
+        msgpack.packb({"type": "watch", "zz": 1, "identities": [math.nan]}),
+        "bad_msgpack",
+    ),
+    ("NaN with an unknown type", msgpack.packb({"type": "fly", "x": math.nan}), "bad_msgpack"),
+    ("NaN without a type", msgpack.packb({"x": math.inf}), "bad_msgpack"),
     (
         "server field",
         msgpack.packb(
@@ -292,6 +303,9 @@ async def test_errors_answer_the_request_id_in_msgpack(server: TestServer, packe
     await c.send_raw(msgpack.packb({"type": "teleport", "id": "q2"}))
     ev = await c.next_event("error")
     assert ev["code"] == "unknown_type" and ev["re"] == "q2"
+    await c.send_raw(msgpack.packb({"type": "ping", "id": "q3", "x": math.nan}))
+    ev = await c.next_event("error")
+    assert ev["code"] == "bad_msgpack" and ev["re"] == "q3"
 
 
 async def test_binary_hello_on_json_is_refused(server: TestServer) -> None:

@@ -121,6 +121,18 @@ def test_schema_file_is_current() -> None:
     assert on_disk == json.loads(orjson.dumps(json_schema(PROTOCOL)))
 
 
+def test_schema_knows_the_relation_statuses() -> None:
+    """The `relation` event's `status` is one of the four PROTOCOL.md names, as the Relation
+    object's in `contacts` (the schema took any string)."""
+    schema = json_schema(PROTOCOL)
+    validator = jsonschema.Draft202012Validator(schema)
+    event = {"type": "relation", "identity": "alice", "status": "incoming", "blocked": False}
+    assert validator.is_valid(event)
+    assert not validator.is_valid({**event, "status": "pending"})
+    status = schema["$defs"]["server"]["relation"]["properties"]["status"]
+    assert status["enum"] == schema["$defs"]["Relation"]["properties"]["status"]["enum"]
+
+
 def test_schema_validates_what_the_parser_accepts() -> None:
     schema = json_schema(PROTOCOL)
     validator = jsonschema.Draft202012Validator(schema)

@@ -89,7 +89,12 @@ MESSAGES: Final = Messages(
             "Your relation with an identity changed (on another device of yours, by that "
             "identity, or by the app's backend).",
             out("identity", "string", "The other identity."),
-            out("status", "string", "contact | incoming | outgoing | none"),
+            out(
+                "status",
+                "string",
+                "contact | incoming | outgoing | none",
+                enum=("contact", "incoming", "outgoing", "none"),
+            ),
             out("blocked", "boolean", "You block it."),
         ),
         event(

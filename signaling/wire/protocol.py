@@ -207,8 +207,13 @@ class Protocol:
                 if f.required and f.name not in msg:
                     raise ProtocolError("bad_field", f"`{type_}` needs `{f.name}`")
         except ProtocolError as e:
+            if packed and e.code != "bad_msgpack" and not is_plain(msg):
+                # A value JSON could not have said, in a field that was never checked (an
+                # unknown type or field, or one after the refused one): `bad_msgpack`, as
+                # documented, not the error its JSON twin would get.
+                e = bad_msgpack()
             rid = msg.get("id")
             if type(rid) is str and self._request_id(rid):
                 e.re = rid
-            raise
+            raise e from None
         return msg

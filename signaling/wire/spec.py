@@ -102,9 +102,10 @@ def out(
     required: bool = True,
     ref: str | None = None,
     items: str | None = None,
+    enum: tuple[str, ...] | None = None,
 ) -> Field:
     """A field of a server message (required unless said otherwise)."""
-    return Field(name, kind, doc, required=required, ref=ref, items=items)
+    return Field(name, kind, doc, required=required, ref=ref, items=items, enum=enum)
 
 
 #: The `re` field of a reply.

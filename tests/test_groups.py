@@ -665,3 +665,25 @@ async def test_group_chat_moderation_and_typing(server: TestServer, phones: Phon
     for dev in (ann, bob):
         t = await dev.next_event("typing")
         assert (t["conversation"], t["identity"], t["active"]) == (conv, "cy", True)
+
+
+async def test_a_former_member_learns_nothing_after_it_left(
+    server: TestServer, phones: Phone
+) -> None:
+    """Not the group's later name or members: not from the conversation list, not from a
+    retry of its own old change (which is still answered as a duplicate)."""
+    ann = await phones(server, "ann")
+    dave = await phones(server, "dave")
+    conv = (await ann.create_group("G", ["dave"]))["conversation"]
+    left = await dave.group_leave(conv, cid="bye")
+    assert left["name"] == "G" and left["duplicate"] is False
+    await ann.group_rename(conv, "Secret plan")
+    await ann.group_add(conv, "erin")
+    items = {i["conversation"]: i for i in await dave.conversations()}
+    assert items[conv]["name"] == "G" and "role" not in items[conv]
+    again = await dave.group_leave(conv, cid="bye")
+    assert again["duplicate"] is True and again["message"] == left["message"]
+    assert again["name"] == "G" and again["members"] == []
+    # A member sees the group as it is.
+    items = {i["conversation"]: i for i in await ann.conversations()}
+    assert items[conv]["name"] == "Secret plan"

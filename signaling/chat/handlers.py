@@ -495,6 +495,10 @@ class Chat:
             conv, action, s.identity, s.name, m["cid"], identities, **kw
         )
         reply = _group_wire(result.state)
+        if result.duplicate and s.identity not in result.state.members:
+            # A former member retrying: the group as it knew it, not what came after it left.
+            reply["name"] = await self.store.group_name_at(conv, result.event.seq)
+            reply["members"] = []
         reply["message"] = result.event.to_wire()
         reply["duplicate"] = result.duplicate
         s.reply(reply, m)

@@ -444,7 +444,13 @@ MESSAGES: Final = Messages(
             out("conversation", "string", "The group's conversation id."),
             out("name", "string", "Its name."),
             out("created_by", "string", "Who created it (an identity, or `system:api`)."),
-            out("members", "array", "Current members (none once deleted).", ref="GroupMember"),
+            out(
+                "members",
+                "array",
+                "Current members (none once deleted, and none in the answer to a former "
+                "member's retry: it gets the name as of its change, nothing later).",
+                ref="GroupMember",
+            ),
             out(
                 "message",
                 "object",

@@ -189,6 +189,17 @@ async def conversation_list(
     return rows, more
 
 
+async def group_name_at(conn: asyncpg.Connection, conversation: str, seq: int) -> str:
+    name = await conn.fetchval(
+        "SELECT meta::jsonb->>'name' FROM messages WHERE conversation=$1 AND kind='system' "
+        "AND seq<=$2 AND meta::jsonb->>'action' IN ('created', 'renamed') "
+        "ORDER BY seq DESC LIMIT 1",
+        conversation,
+        seq,
+    )
+    return "" if name is None else str(name)
+
+
 async def row_of(
     conn: asyncpg.Connection, identity: str, conv: str, updated: int, role: str | None
 ) -> ConversationRow:
@@ -210,7 +221,11 @@ async def row_of(
         role=role,
     )
     if conv[0] == "g":
-        item.name = str(await conn.fetchval("SELECT name FROM groups WHERE conversation=$1", conv))
+        if role is None:  # a former member: the name it knew, not a later one
+            item.name = await group_name_at(conn, conv, last)
+        else:
+            q = "SELECT name FROM groups WHERE conversation=$1"
+            item.name = str(await conn.fetchval(q, conv))
     r = await conn.fetchrow(
         f"{SEL} WHERE conversation=$1 AND seq<=$2 "
         f"AND kind IN ('text', 'call', 'system') AND NOT deleted{condition(conv, params, 3)} "

@@ -425,6 +425,10 @@ class PostgresStore:
         result: dict[str, int] = await self._read(pgread.read_marks, conversation)
         return result
 
+    async def group_name_at(self, conversation: str, seq: int) -> str:
+        result: str = await self._read(pgread.group_name_at, conversation, seq)
+        return result
+
     async def read_seq(self, conversation: str, identity: str) -> int:
         result: int = await self._read(pgread.read_seq, conversation, identity)
         return result

@@ -625,8 +625,11 @@ class SqliteStore:
             role=role,
         )
         if conv[0] == "g":
-            g = db.execute("SELECT name FROM groups WHERE conversation=?", (conv,)).fetchone()
-            row.name = str(g[0])
+            if role is None:  # a former member: the name it knew, not a later one
+                row.name = self._group_name_at_sync(conv, last)
+            else:
+                g = db.execute("SELECT name FROM groups WHERE conversation=?", (conv,)).fetchone()
+                row.name = str(g[0])
         r = db.execute(
             f"SELECT {COLUMNS} FROM messages WHERE conversation=? AND seq<=? "
             f"AND kind IN ('text', 'call', 'system') AND deleted=0{cond} "
@@ -645,6 +648,24 @@ class SqliteStore:
                     msg.text = e[0]
             row.last_message = msg
         return row
+
+    def _group_name_at_sync(self, conversation: str, seq: int) -> str:
+        r = (
+            self._rconn()
+            .execute(
+                "SELECT json_extract(meta, '$.name') FROM messages WHERE conversation=? "
+                "AND kind='system' AND seq<=? "
+                "AND json_extract(meta, '$.action') IN ('created', 'renamed') "
+                "ORDER BY seq DESC LIMIT 1",
+                (conversation, seq),
+            )
+            .fetchone()
+        )
+        return str(r[0]) if r and r[0] is not None else ""
+
+    async def group_name_at(self, conversation: str, seq: int) -> str:
+        name: str = await self._read(self._group_name_at_sync, conversation, seq)
+        return name
 
     async def conversation_list(
         self, identity: str, limit: int, after: tuple[int, str] | None = None

@@ -282,6 +282,11 @@ class ChatStore(Protocol):
 
     async def read_seq(self, conversation: str, identity: str) -> int: ...
 
+    async def group_name_at(self, conversation: str, seq: int) -> str:
+        """A group's name as of its event ``seq`` (its latest `created` or `renamed` event up
+        to there): what a former member may know of it."""
+        ...
+
     async def read_marks(self, conversation: str) -> dict[str, int]:
         """Every identity's read watermark in ``conversation``."""
         ...

@@ -9,7 +9,7 @@ from typing import Any, Final
 import asyncpg
 
 from ..core.directory import DeviceInfo
-from ..core.privacy import Pair, Relation, Side, view
+from ..core.privacy import Relation, contacts_list
 from ..wire.errors import ProtocolError
 from .codec import COLUMNS
 from .groups import GroupState
@@ -356,17 +356,7 @@ async def relations_of(conn: asyncpg.Connection, identity: str) -> list[Relation
         str(r[0])
         for r in await conn.fetch("SELECT blocked FROM blocks WHERE identity=$1", identity)
     }
-    out = []
-    for other in sorted(contacts | asked | set(incoming) | blocks):
-        pair = Pair(
-            other in contacts,
-            Side(other in asked, incoming.get(other, False), other in blocks),
-            Side(requested=other in incoming),
-        )
-        rel = view(pair, other)
-        if rel.listed:
-            out.append(rel)
-    return out
+    return contacts_list(contacts, asked, incoming, blocks)
 
 
 async def devices_of(conn: asyncpg.Connection, identity: str) -> list[DeviceInfo]:

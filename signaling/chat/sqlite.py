@@ -33,7 +33,7 @@ from typing import Any
 
 from ..core.directory import DeviceInfo
 from ..core.metrics import Metric
-from ..core.privacy import Pair, Relation, Side, view
+from ..core.privacy import Pair, Relation, contacts_list
 from ..wire.errors import ProtocolError
 from . import codec
 from .codec import (
@@ -828,18 +828,7 @@ class SqliteStore:
             str(r[0])
             for r in db.execute("SELECT blocked FROM blocks WHERE identity=?", (identity,))
         }
-        out = []
-        for other in sorted(contacts | asked | set(incoming) | blocks):
-            # Only what this side sees: the other's blocks and dismissals stay out of it.
-            pair = Pair(
-                other in contacts,
-                Side(other in asked, incoming.get(other, False), other in blocks),
-                Side(requested=other in incoming),
-            )
-            rel = view(pair, other)
-            if rel.listed:
-                out.append(rel)
-        return out
+        return contacts_list(contacts, asked, incoming, blocks)
 
     async def relations_of(self, identity: str) -> list[Relation]:
         """How ``identity`` sees everyone it has a relation with (its `contacts` list)."""

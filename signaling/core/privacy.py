@@ -123,6 +123,25 @@ def view(pair: Pair, other: str) -> Relation:
     return Relation(other, status, a.blocks)
 
 
+def contacts_list(
+    contacts: set[str], asked: set[str], incoming: dict[str, bool], blocks: set[str]
+) -> list[Relation]:
+    """An identity's `contacts` list, sorted, from its rows: its contacts, the targets of its
+    requests, the requesters of requests to it (identity -> dismissed) and whom it blocks.
+    Only what this side sees: the other's blocks and dismissals stay out of it."""
+    out = []
+    for other in sorted(contacts | asked | incoming.keys() | blocks):
+        pair = Pair(
+            other in contacts,
+            Side(other in asked, incoming.get(other, False), other in blocks),
+            Side(requested=other in incoming),
+        )
+        rel = view(pair, other)
+        if rel.listed:
+            out.append(rel)
+    return out
+
+
 def plan(action: str, pair: Pair, *, outgoing: int = 0, max_pending: int = 0) -> Pair:
     """``pair`` after ``a`` does ``action`` (or the backend does it for ``a``); raises
     ``ProtocolError`` for a change that cannot be made, before anything is written.

@@ -24,6 +24,7 @@ import asyncpg
 
 from signaling.chat.postgres import PostgresStore
 from signaling.chat.sqlite import SqliteStore
+from signaling.chat.store import NewMessage
 
 PG_URL = os.environ.get("RALLYPOINT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 BACKENDS = ("sqlite", "postgres")
@@ -139,3 +140,20 @@ class PrivatePostgres:
         except subprocess.CalledProcessError:
             pass  # already stopped
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def msg(
+    conv: str,
+    cid: str,
+    sender: str = "alice",
+    text: str | None = "hi",
+    kind: str = "text",
+    ref: int | None = None,
+    moderator: bool = False,
+    window_ms: int = 60_000,
+    members: tuple[str, ...] = (),
+) -> NewMessage:
+    """A message to append, as the chat handlers make one."""
+    return NewMessage(
+        conv, cid, sender, sender.title(), kind, text, ref, members, moderator, window_ms
+    )

@@ -9,6 +9,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from stores import msg
 
 from signaling.chat import codec, schema
 from signaling.chat import sqlite as sqlite_store
@@ -22,22 +23,6 @@ from signaling.core.privacy import Pair, Side
 from signaling.wire.errors import ProtocolError
 
 NOW = 1_700_000_000_000
-
-
-def msg(
-    conv: str,
-    cid: str,
-    sender: str = "alice",
-    text: str | None = "hi",
-    kind: str = "text",
-    ref: int | None = None,
-    moderator: bool = False,
-    window_ms: int = 60_000,
-    members: tuple[str, ...] = (),
-) -> NewMessage:
-    return NewMessage(
-        conv, cid, sender, sender.title(), kind, text, ref, members, moderator, window_ms
-    )
 
 
 @pytest.fixture

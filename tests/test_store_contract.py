@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from stores import Backend, Store
+from stores import Backend, Store, msg
 
 from signaling.chat.groups import ChangeGroup
 from signaling.chat.store import AppendResult, NewMessage, StoredMessage, wire_size
@@ -18,22 +18,6 @@ from signaling.core.privacy import Pair, Relation
 from signaling.wire.errors import ProtocolError
 
 NOW = 1_700_000_000_000
-
-
-def msg(
-    conv: str,
-    cid: str,
-    sender: str = "alice",
-    text: str | None = "hi",
-    kind: str = "text",
-    ref: int | None = None,
-    moderator: bool = False,
-    window_ms: int = 60_000,
-    members: tuple[str, ...] = (),
-) -> NewMessage:
-    return NewMessage(
-        conv, cid, sender, sender.title(), kind, text, ref, members, moderator, window_ms
-    )
 
 
 def dm(sender: str, other: str, cid: str, **kw: object) -> NewMessage:

@@ -33,14 +33,16 @@ from .chat import messages as chat_messages
 from .chat.handlers import Chat
 from .chat.postgres import PostgresStore
 from .chat.sqlite import SqliteStore
+from .cluster.redisbus import RedisBus, node_id
 from .config import Config, ConfigError
 from .core import messages as core_messages
+from .core.bus import LocalBus
 from .core.feature import Feature, Handler
 from .core.gc import GcMonitor
 from .core.handlers import CoreHandlers
 from .core.hub import Hub
 from .core.ice import IceServers
-from .core.metrics import Metric
+from .core.metrics import Metric, MetricSource
 from .groupcall import messages as groupcall_messages
 from .groupcall.router import GroupCall
 from .net import http_api
@@ -112,23 +114,27 @@ def make_store(cfg: Config) -> Store:
     return SqliteStore(path, cfg.store.synchronous)
 
 
+def make_bus(cfg: Config) -> LocalBus | RedisBus:
+    """The message bus: this process's topics (one node), or Redis pub/sub in cluster mode
+    (``cluster.redis_url`` set; the configuration has checked that ``store.url`` is
+    PostgreSQL)."""
+    cl = cfg.cluster
+    if not cl.redis_url:
+        return LocalBus()
+    return RedisBus(cl.redis_url, node_id(cl.node_id), cl.key_prefix)
+
+
 def make_app(cfg: Config) -> web.Application:
     """Build the server: signaling, chat store, calls, push, SFU workers and (unless disabled)
     the embedded TURN server. Services start in the app's cleanup contexts and stop in reverse
     order after SIGTERM has closed every socket with GOING_AWAY."""
-    if cfg.cluster.redis_url:
-        # Only the bus exists (signaling/cluster/redisbus.py): rooms, presence, sessions and
-        # calls are per node, so a "cluster" now would split them without saying so.
-        raise ConfigError(
-            "cluster.redis_url: cluster mode is not complete yet (issue 14): only the bus "
-            "exists; leave cluster.redis_url empty"
-        )
     app = web.Application(client_max_size=cfg.limits.max_frame_bytes)
     secret = turn_secret(cfg) if cfg.turn.enabled else None
 
     # Services.
     store = make_store(cfg)
-    hub = Hub(cfg, store, store, store, IceServers(cfg, secret))
+    bus = make_bus(cfg)
+    hub = Hub(cfg, store, store, store, IceServers(cfg, secret), bus)
     chat = Chat(hub, store)
     push = PushQueue(cfg.push, store)
     calls = CallService(hub, store, push)
@@ -161,10 +167,19 @@ def make_app(cfg: Config) -> web.Application:
     handlers = handlers_of(proto, features)
     inline = frozenset().union(*(f.inline for f in features))
     endpoint = Endpoint(cfg, hub, proto, handlers, inline, gc_monitor)
-    metrics = Metrics(
-        [endpoint, hub, store, calls, push.counters, gc_monitor, addresses, turn_metrics],
-        [groupcall.metrics],
-    )
+    sources: list[MetricSource] = [
+        endpoint,
+        hub,
+        store,
+        calls,
+        push.counters,
+        gc_monitor,
+        addresses,
+        turn_metrics,
+    ]
+    if isinstance(bus, RedisBus):
+        sources.append(bus)
+    metrics = Metrics(sources, [groupcall.metrics])
 
     app[CONFIG] = cfg
     app[HUB] = hub
@@ -182,6 +197,20 @@ def make_app(cfg: Config) -> web.Application:
         await hub.load_blocks()
         yield
         await store.close()
+
+    async def cluster_ctx(app: web.Application) -> AsyncIterator[None]:
+        if not isinstance(bus, RedisBus):
+            yield
+            return
+        log.warning(
+            "cluster mode (node %s): rooms, chat and presence are shared; calls ringing "
+            "across nodes, group-call media placement and resuming on another node are not "
+            "yet (docs/CLUSTER.md, Limits)",
+            bus.node_id,
+        )
+        await bus.start()
+        yield
+        await bus.close()
 
     async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
         gc_monitor.install()
@@ -205,6 +234,7 @@ def make_app(cfg: Config) -> web.Application:
         await push.stop()
 
     app.cleanup_ctx.append(store_ctx)
+    app.cleanup_ctx.append(cluster_ctx)
     app.cleanup_ctx.append(runtime_ctx)
     app.cleanup_ctx.append(media_ctx)
     app.cleanup_ctx.append(services_ctx)

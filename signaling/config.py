@@ -118,15 +118,22 @@ class StoreSection:
 
 @dataclass
 class ClusterSection:
-    # Issue 14, not complete: only the bus between nodes exists, and the server refuses to
-    # start with a redis_url (rooms, presence, sessions and calls are still per node).
-    # "redis://host:6379/0" (or rediss://, unix://): the Redis of the bus; "" = one node.
+    # Several nodes as one (docs/CLUSTER.md). Cluster mode = this and a PostgreSQL store.url.
+    # "redis://host:6379/0" (or rediss://, unix://): the cluster's Redis; "" = one node.
     redis_url: str = ""
     # This node's name on the bus; "" = the host name and a random suffix, new on each start
     # (two nodes must never share one: a node ignores frames that carry its own id).
     node_id: str = ""
     # Every Redis key and channel of this cluster starts with this and a colon.
     key_prefix: str = "rallypoint"
+    # How often this node refreshes its heartbeat in Redis. A node silent for 3 heartbeats
+    # is dead: the others take its devices offline and its participants out of their rooms.
+    heartbeat_s: float = 1.0
+
+    @property
+    def dead_after_s(self) -> float:
+        """A node whose heartbeat is older than this is dead (its key expires)."""
+        return 3 * self.heartbeat_s
 
 
 @dataclass
@@ -276,6 +283,13 @@ class Config:
             raise ConfigError("cluster.node_id must be 1-64 of A-Z a-z 0-9 . _ - (or empty)")
         if not _NAME.fullmatch(cl.key_prefix):
             raise ConfigError("cluster.key_prefix must be 1-64 of A-Z a-z 0-9 . _ -")
+        if cl.redis_url and not self.store.postgres:
+            raise ConfigError(
+                "cluster.redis_url needs store.url = postgresql://... (every node of a cluster "
+                "shares one chat store; a SQLite file is one node's)"
+            )
+        if not 0.05 <= cl.heartbeat_s <= 60:
+            raise ConfigError("cluster.heartbeat_s must be between 0.05 and 60")
         if self.server.metrics_listen:
             host, sep, port = self.server.metrics_listen.rpartition(":")
             if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:

@@ -17,9 +17,10 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import redis.asyncio as aioredis
 
-from signaling.app import make_app
+from signaling.app import make_bus
 from signaling.cluster.redisbus import RedisBus, node_id
 from signaling.config import ConfigError, load_config
+from signaling.core.bus import LocalBus
 
 REDIS_URL = os.environ.get("RALLYPOINT_TEST_REDIS", "redis://127.0.0.1:6379/0")
 BOUND_S = 10.0  # longer than any reconnect may take
@@ -295,10 +296,21 @@ async def test_a_bus_started_without_redis_connects_when_it_comes() -> None:
 # -- configuration ---------------------------------------------------------------------------
 
 
-def test_the_server_refuses_a_half_cluster() -> None:
-    cfg = load_config(env={"RALLYPOINT_CLUSTER_REDIS_URL": REDIS_URL})
-    with pytest.raises(ConfigError, match=r"cluster mode is not complete yet \(issue 14\)"):
-        make_app(cfg)
+def test_cluster_mode_needs_both_redis_and_postgresql() -> None:
+    """A Redis without a shared store would split chat between nodes: refused, naming the
+    key; with both, the app takes the Redis bus, and without Redis the local one."""
+    with pytest.raises(ConfigError, match=r"cluster.redis_url needs store.url = postgresql"):
+        load_config(env={"RALLYPOINT_CLUSTER_REDIS_URL": REDIS_URL})
+    with pytest.raises(ConfigError, match=r"cluster.heartbeat_s"):
+        load_config(env={"RALLYPOINT_CLUSTER_HEARTBEAT_S": "0"})
+    cfg = load_config(
+        env={
+            "RALLYPOINT_CLUSTER_REDIS_URL": REDIS_URL,
+            "RALLYPOINT_STORE_URL": "postgresql://postgres@127.0.0.1:5432/test",
+        }
+    )
+    assert isinstance(make_bus(cfg), RedisBus)
+    assert isinstance(make_bus(load_config(env={})), LocalBus)
 
 
 def test_node_ids_are_new_on_each_start_unless_configured() -> None:

@@ -196,7 +196,7 @@ class CallService:
             for s in hub.sessions_of(ident):
                 targets[s.id] = s
         if not entry.members:
-            for key, sink in hub.bus.topics.get(entry.conversation, {}).items():
+            for key, sink in hub.bus.local_subscribers(entry.conversation).items():
                 if isinstance(sink, Session):
                     targets[key] = sink
         frame = encode(stored.to_wire())

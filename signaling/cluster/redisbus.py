@@ -29,7 +29,7 @@ import logging
 import secrets
 import socket
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 import redis.asyncio as aioredis
@@ -39,7 +39,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..core.bus import LocalBus, MessageBus, Sink
+from ..core.bus import NOBODY, LocalBus, MessageBus, Sink
 from ..core.metrics import Metric
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,9 @@ class RedisBus:
         self.local.unsubscribe(topic, key)
         if topic not in self.local.topics:
             self._changed.set()
+
+    def local_subscribers(self, topic: str) -> Mapping[str, Sink]:
+        return self.local.topics.get(topic, NOBODY)
 
     def publish(self, topic: str, frame: bytes, exclude: str | None = None) -> None:
         subs = self.local.topics.get(topic)

@@ -22,7 +22,7 @@ from ..config import Config
 from ..wire.errors import CloseCode, ProtocolError
 from ..wire.framing import encode, encode_fresh, error_message
 from ..wire.protocol import PROTOCOL_VERSION
-from .bus import LocalBus
+from .bus import LocalBus, MessageBus
 from .directory import DeviceDirectory
 from .media import NullMedia, RoomMedia
 from .metrics import HubCounters, Metric
@@ -65,6 +65,7 @@ class Hub:
         devices: DeviceDirectory,
         relations: RelationIndex,
         ice: IceProvider | None = None,
+        bus: MessageBus | None = None,
     ) -> None:
         self.cfg = cfg
         self.conversations = conversations
@@ -75,7 +76,8 @@ class Hub:
         self.blocks = Blocks()
         self.ice: IceProvider = ice or (lambda _session, _host: [])
         self.media: RoomMedia = NullMedia()
-        self.bus = LocalBus()
+        # Chosen by ``signaling.app``: this process's topics, or a cluster's.
+        self.bus: MessageBus = bus if bus is not None else LocalBus()
         self.sessions: dict[str, Session] = {}
         self.by_resume: dict[str, Session] = {}
         self.rooms = RoomRegistry(cfg.rooms.max_participants, cfg.rooms.empty_room_grace_s)
@@ -287,7 +289,7 @@ class Hub:
 
     def sessions_of(self, identity: str) -> list[Session]:
         """Every session of ``identity`` on this node (``SessionDirectory``)."""
-        subs = self.bus.topics.get(f"user:{identity}", {})
+        subs = self.bus.local_subscribers(f"user:{identity}")
         return [x for x in subs.values() if isinstance(x, Session)]
 
     def online(self, identity: str) -> bool:

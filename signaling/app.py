@@ -152,6 +152,8 @@ def make_app(cfg: Config) -> web.Application:
     hub.on_session_end.append(calls.session_ended)
     hub.room_grants.append(calls.room_grants)
     calls.group_members = chat.group_members
+    if isinstance(bus, RedisBus):
+        chat.share_cache()
     chat.on_message.append(MessagePushes(hub, push, cfg.push.include_text, chat.muted).on_message)
     chat.on_message.append(relations.message_stored)
 

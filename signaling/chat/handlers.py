@@ -33,6 +33,12 @@ from .store import (
     StoredMessage,
 )
 
+#: Cluster mode: the bus topic on which a node tells the others that a group or a mute changed,
+#: published before the change's events (one node's frames reach the others in order), so a
+#: node knows of a group before its members there hear of it.
+CACHE_TOPIC = "chat:cache"
+CACHE_KEY = "chat"  # the sink's key on every node (and the publisher's exclude)
+
 #: Bytes of a history or sync reply besides its pages (type, ids, epoch, punctuation).
 REPLY_ENVELOPE = 512
 #: A sync reply stops adding conversations when less than this is left of its budget.
@@ -71,6 +77,45 @@ class Chat:
         # ``group_changed``), and who muted which conversation: read on every group message.
         self.groups: dict[str, GroupState] = {}
         self.muted: dict[str, set[str]] = {}
+        self._shared = False  # cluster mode: other nodes keep copies of both
+
+    def share_cache(self) -> None:
+        """Cluster mode (``signaling.app``): tell the other nodes of every group and mute
+        change made here, and apply theirs to ``groups`` and ``muted``."""
+        self._shared = True
+        self.hub.bus.subscribe(CACHE_TOPIC, CACHE_KEY, _CacheSink(self))
+
+    def _cache_changed(self, change: dict[str, Any]) -> None:
+        if self._shared:
+            self.hub.bus.publish(CACHE_TOPIC, orjson.dumps(change), CACHE_KEY)
+
+    def apply_cache_change(self, frame: bytes) -> None:
+        """Another node changed a group or a mute (``_cache_changed``)."""
+        change = orjson.loads(frame)
+        if "group" in change:
+            g = change["group"]
+            conv = g["conversation"]
+            old = self.groups.get(conv)
+            before = old.members.keys() if old is not None else set()
+            members: dict[str, str] = g["members"]
+            if g["deleted"]:
+                self.groups.pop(conv, None)
+            else:
+                self.groups[conv] = GroupState(conv, g["name"], g["created_by"], members)
+            joined = [i for i in members if i not in before]
+            gone = [i for i in before if i not in members]
+            if joined or gone:
+                self.hub.recheck_groups(joined, gone, members)
+        elif "mute" in change:
+            conv, identity = change["mute"], change["identity"]
+            if change["muted"]:
+                self.muted.setdefault(conv, set()).add(identity)
+            else:
+                who = self.muted.get(conv)
+                if who is not None:
+                    who.discard(identity)
+                    if not who:
+                        del self.muted[conv]
 
     async def start(self) -> None:
         """Load the groups and mutes (after the store opened)."""
@@ -425,6 +470,7 @@ class Chat:
             who.discard(s.identity)
             if not who:
                 del self.muted[conv]
+        self._cache_changed({"mute": conv, "identity": s.identity, "muted": muted})
         self.hub.bus.publish(
             f"user:{s.identity}",
             encode({"type": "conversation_muted", "conversation": conv, "muted": muted}),
@@ -440,6 +486,17 @@ class Chat:
         out."""
         state = result.state
         conv = state.conversation
+        self._cache_changed(
+            {
+                "group": {
+                    "conversation": conv,
+                    "name": state.name,
+                    "created_by": state.created_by,
+                    "members": state.members,
+                    "deleted": state.deleted,
+                }
+            }
+        )
         old = self.groups.get(conv)
         if state.deleted:
             self.groups.pop(conv, None)
@@ -582,3 +639,15 @@ def _cursor_position(cursor: str) -> tuple[int, str]:
     if type(updated) is not int or type(conv) is not str:
         raise ProtocolError("bad_field", "`cursor` is not one this server gave")
     return updated, conv
+
+
+class _CacheSink:
+    """The bus sink of ``CACHE_TOPIC``: another node's group and mute changes."""
+
+    __slots__ = ("chat",)
+
+    def __init__(self, chat: Chat) -> None:
+        self.chat = chat
+
+    def deliver(self, frame: bytes) -> None:
+        self.chat.apply_cache_change(frame)

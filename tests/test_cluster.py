@@ -1,0 +1,155 @@
+"""Cluster mode (issue 14) with real processes: two server nodes on one PostgreSQL schema and
+one Redis (a key prefix of the test's own), clients on different nodes.
+
+The shared services are the ones at ``RALLYPOINT_TEST_PG`` and ``RALLYPOINT_TEST_REDIS``
+(default: 127.0.0.1:5432 database ``test``, 127.0.0.1:6379); each test has its own schema
+and key prefix, and removes both."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+from processes import Server
+from stores import pg_schema
+
+from signaling.sdk import RallypointClient
+
+REDIS_URL = os.environ.get("RALLYPOINT_TEST_REDIS", "redis://127.0.0.1:6379/0")
+HEARTBEAT_S = 0.2  # the nodes' heartbeat here: a dead node is noticed within ~0.6 s
+
+
+class Cluster:
+    """Nodes sharing a store and a Redis; ``clients`` are closed at the end."""
+
+    def __init__(self, nodes: list[Server], prefix: str) -> None:
+        self.nodes = nodes
+        self.prefix = prefix
+        self.clients: list[RallypointClient] = []
+
+    async def client(self, node: int, identity: str, **kw: Any) -> RallypointClient:
+        c = RallypointClient(self.nodes[node].url, identity=identity, name=identity.title(), **kw)
+        self.clients.append(c)
+        await c.connect()
+        return c
+
+
+@contextlib.asynccontextmanager
+async def cluster(
+    tmp_path: Path, servers: list[Server], n: int = 2, extra: str = ""
+) -> AsyncIterator[Cluster]:
+    prefix = "test" + secrets.token_hex(5)
+    async with pg_schema() as store_url:
+        config = tmp_path / "cluster.toml"
+        config.write_text(
+            f'[store]\nurl = "{store_url}"\n\n'
+            f'[cluster]\nredis_url = "{REDIS_URL}"\nkey_prefix = "{prefix}"\n'
+            f"heartbeat_s = {HEARTBEAT_S}\n\n"
+            f"[sfu]\nenabled = false\n\n{extra}"
+        )
+        nodes = [Server(tmp_path / f"n{i}", args=["--config", str(config)]) for i in range(n)]
+        servers.extend(nodes)
+        await asyncio.gather(*(s.start() for s in nodes))
+        c = Cluster(nodes, prefix)
+        try:
+            yield c
+        finally:
+            for client in c.clients:
+                await client.close()
+            for s in nodes:
+                if s.proc is not None and s.proc.poll() is None:
+                    s.stop()
+            r = aioredis.Redis.from_url(REDIS_URL)
+            keys = [k async for k in r.scan_iter(match=f"{prefix}:*", count=1000)]
+            if keys:
+                await r.delete(*keys)
+            await r.aclose()
+
+
+async def until(cond: Callable[[], Any], timeout: float = 10.0) -> None:
+    """Wait, bounded, for ``cond`` (polled every 20 ms)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+def no_event(c: RallypointClient, type_: str) -> bool:
+    return all(e["type"] != type_ for e in list(c.events._queue))  # type: ignore[attr-defined]
+
+
+# -- chat ------------------------------------------------------------------------------------
+
+
+async def test_chat_reaches_devices_on_the_other_node(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """A room's chat, a direct message and a group message sent on node A reach the
+    recipient's devices on node B with the same ids and seq; typing and receipts too."""
+    async with cluster(tmp_path, servers) as cl, asyncio.timeout(60):
+        alice = await cl.client(0, "alice")
+        bob = await cl.client(1, "bob")
+        bob2 = await cl.client(0, "bob")  # bob's second device, on alice's node
+
+        # Room chat.
+        await alice.join("lobby")
+        await bob.join("lobby")
+        sent = await alice.send("room:lobby", "hello room")
+        got = await bob.next_message("room:lobby")
+        assert (got["mid"], got["seq"], got["text"]) == (sent["mid"], sent["seq"], "hello room")
+
+        # A direct message: both of bob's devices, one on each node.
+        dm = "dm:alice|bob"
+        sent = await alice.send(dm, "hello bob")
+        for device in (bob, bob2):
+            got = await device.next_message(dm)
+            assert (got["mid"], got["seq"], got["from"]) == (sent["mid"], sent["seq"], "alice")
+        back = await bob.send(dm, "hello alice")
+        got = await alice.next_message(dm)
+        assert (got["mid"], got["seq"]) == (back["mid"], back["seq"]) and back["seq"] == 2
+
+        # Typing and a receipt, from B to A.
+        await bob.request({"type": "typing", "conversation": dm, "active": True})
+        ev = await alice.next_event("typing")
+        assert (ev["conversation"], ev["identity"]) == (dm, "bob")
+        await bob.read(dm, 1)
+        ev = await alice.next_event("receipt")
+        assert (ev["conversation"], ev["identity"], ev["seq"]) == (dm, "bob", 1)
+
+        # A group made on A: bob hears of it on B, and writes to it from B at once.
+        group = (await alice.create_group("team", ["bob"]))["conversation"]
+        created = await bob.next_message(group)
+        assert (created["seq"], created["group"]["action"]) == (1, "created")
+        sent = await alice.send(group, "hello team")
+        got = await bob.next_message(group)
+        assert (got["mid"], got["seq"]) == (sent["mid"], sent["seq"])
+        reply = await bob.send(group, "hi from B")
+        got = await alice.next_message(group, where=lambda m: m["from"] == "bob")
+        assert (got["mid"], got["seq"]) == (reply["mid"], sent["seq"] + 1)
+
+
+async def test_a_retried_client_id_on_the_other_node_is_stored_once(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    async with cluster(tmp_path, servers) as cl, asyncio.timeout(60):
+        on_a = await cl.client(0, "alice")
+        on_b = await cl.client(1, "alice")  # the same identity, as after failing over
+        bob = await cl.client(1, "bob")
+        dm = "dm:alice|bob"
+        first = await on_a.send(dm, "once", cid="c-1")
+        again = await on_b.send(dm, "once", cid="c-1")
+        assert (again["mid"], again["seq"], again["duplicate"]) == (
+            first["mid"],
+            first["seq"],
+            True,
+        )
+        stored = await bob.history(dm, after=0, limit=10)
+        assert [m["cid"] for m in stored] == ["c-1"]

@@ -34,6 +34,7 @@ from .chat.handlers import Chat
 from .chat.postgres import PostgresStore
 from .chat.sqlite import SqliteStore
 from .cluster.redisbus import RedisBus, node_id
+from .cluster.state import ClusterState
 from .config import Config, ConfigError
 from .core import messages as core_messages
 from .core.bus import LocalBus
@@ -135,6 +136,17 @@ def make_app(cfg: Config) -> web.Application:
     store = make_store(cfg)
     bus = make_bus(cfg)
     hub = Hub(cfg, store, store, store, IceServers(cfg, secret), bus)
+    shared: ClusterState | None = None
+    if isinstance(bus, RedisBus):  # cluster mode: rooms and presence in Redis too
+        shared = ClusterState(
+            cfg.cluster.redis_url,
+            bus.node_id,
+            cfg.cluster.key_prefix,
+            heartbeat_s=cfg.cluster.heartbeat_s,
+            room_grace_s=cfg.rooms.empty_room_grace_s,
+        )
+        shared.hub = hub
+        hub.share(shared)
     chat = Chat(hub, store)
     push = PushQueue(cfg.push, store)
     calls = CallService(hub, store, push)
@@ -181,6 +193,8 @@ def make_app(cfg: Config) -> web.Application:
     ]
     if isinstance(bus, RedisBus):
         sources.append(bus)
+    if shared is not None:
+        sources.append(shared)
     metrics = Metrics(sources, [groupcall.metrics])
 
     app[CONFIG] = cfg
@@ -201,17 +215,20 @@ def make_app(cfg: Config) -> web.Application:
         await store.close()
 
     async def cluster_ctx(app: web.Application) -> AsyncIterator[None]:
-        if not isinstance(bus, RedisBus):
+        if not isinstance(bus, RedisBus) or shared is None:
             yield
             return
         log.warning(
-            "cluster mode (node %s): rooms, chat and presence are shared; calls ringing "
-            "across nodes, group-call media placement and resuming on another node are not "
-            "yet (docs/CLUSTER.md, Limits)",
+            "cluster mode (node %s, heartbeat %.2f s): rooms, chat and presence are shared; "
+            "calls ringing across nodes, group-call media placement and resuming on another "
+            "node are not yet (docs/CLUSTER.md, Limits)",
             bus.node_id,
+            cfg.cluster.heartbeat_s,
         )
         await bus.start()
+        await shared.start()
         yield
+        await shared.close()
         await bus.close()
 
     async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -16,11 +16,13 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 from processes import Server
 from stores import pg_schema
 
 from signaling.sdk import RallypointClient
+from signaling.sdk.wsclient import ClientError
 
 REDIS_URL = os.environ.get("RALLYPOINT_TEST_REDIS", "redis://127.0.0.1:6379/0")
 HEARTBEAT_S = 0.2  # the nodes' heartbeat here: a dead node is noticed within ~0.6 s
@@ -153,3 +155,84 @@ async def test_a_retried_client_id_on_the_other_node_is_stored_once(
         )
         stored = await bob.history(dm, after=0, limit=10)
         assert [m["cid"] for m in stored] == ["c-1"]
+
+
+# -- rooms -----------------------------------------------------------------------------------
+
+
+async def test_a_room_spans_nodes(tmp_path: Path, servers: list[Server]) -> None:
+    """Joins, updates, the lock, mute and kick between participants on different nodes."""
+    async with cluster(tmp_path, servers) as cl, asyncio.timeout(60):
+        alice = await cl.client(0, "alice")
+        bob = await cl.client(1, "bob")
+        carol = await cl.client(1, "carol")
+
+        a = await alice.join("r")
+        assert a["self"]["moderator"] is True and a["participants"] == []  # the first joiner
+        b = await bob.join("r")
+        assert b["self"]["moderator"] is False
+        assert [p["identity"] for p in b["participants"]] == ["alice"]
+        ev = await alice.next_event("participant_joined")
+        assert ev["participant"]["id"] == b["self"]["id"]
+
+        await bob.request({"type": "update", "room": "r", "audio_muted": True})
+        ev = await alice.next_event("participant_updated")
+        assert (ev["participant"]["id"], ev["participant"]["audio_muted"]) == (
+            b["self"]["id"],
+            True,
+        )
+        c = await carol.join("r")  # sees bob's update, stored in Redis
+        flags = {p["identity"]: p["audio_muted"] for p in c["participants"]}
+        assert flags == {"alice": False, "bob": True}
+        await alice.next_event("participant_joined")
+
+        # The lock: told on the other node, and it holds there.
+        await alice.request({"type": "lock", "room": "r", "locked": True})
+        ev = await bob.next_event("room_updated")
+        assert (ev["locked"], ev["by"]) == (True, a["self"]["id"])
+        dave = await cl.client(1, "dave")
+        with pytest.raises(ClientError) as refused:
+            await dave.join("r")
+        assert refused.value.code == "room_locked"
+        await alice.request({"type": "lock", "room": "r", "locked": False})
+        assert (await bob.next_event("room_updated"))["locked"] is False
+
+        # A moderator on A mutes and kicks a participant on B.
+        await alice.request(
+            {"type": "mute", "room": "r", "participant": b["self"]["id"], "kind": "audio"}
+        )
+        ev = await bob.next_event("mute_requested")
+        assert (ev["room"], ev["kind"], ev["by"]) == ("r", "audio", a["self"]["id"])
+        await alice.request({"type": "kick", "room": "r", "participant": b["self"]["id"]})
+        ev = await bob.next_event("kicked")
+        assert (ev["room"], ev["by"]) == ("r", a["self"]["id"])
+        for watcher in (alice, carol):
+            ev = await watcher.next_event(
+                "participant_left", where=lambda e: e["participant"] == b["self"]["id"]
+            )
+            assert ev["reason"] == "kicked"
+        with pytest.raises(ClientError) as gone:
+            await alice.request({"type": "kick", "room": "r", "participant": b["self"]["id"]})
+        assert gone.value.code == "no_such_participant"
+
+        # A leave on B is seen on A; the room left on B has alice and nobody else.
+        await carol.leave("r")
+        ev = await alice.next_event("participant_left")
+        assert (ev["participant"], ev["reason"]) == (c["self"]["id"], "left")
+        again = await bob.join("r")
+        assert [p["identity"] for p in again["participants"]] == ["alice"]
+
+
+async def test_one_first_joiner_moderates_whatever_the_race(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """Two participants on two nodes join empty rooms at the same time: in each room, one of
+    them (the one Redis saw first) is the moderator."""
+    async with cluster(tmp_path, servers) as cl, asyncio.timeout(60):
+        on_a = await cl.client(0, "alice")
+        on_b = await cl.client(1, "bob")
+        for i in range(20):
+            ja, jb = await asyncio.gather(on_a.join(f"race{i}"), on_b.join(f"race{i}"))
+            assert [ja["self"]["moderator"], jb["self"]["moderator"]].count(True) == 1
+            # The second to join sees the first (and the first nobody, or the second).
+            assert len(ja["participants"]) + len(jb["participants"]) == 1

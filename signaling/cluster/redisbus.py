@@ -124,10 +124,11 @@ class RedisBus:
     def connected(self) -> bool:
         """Both connections are up and Redis has confirmed a subscription to every local
         topic (and no other)."""
+        own = f"node:{self.node_id}"  # subscribed always, with or without a local sink
         return (
             self._publishing
             and self._listening
-            and self._confirmed.difference((f"node:{self.node_id}",)) == self.local.topics.keys()
+            and self._confirmed | {own} == self.local.topics.keys() | {own}
         )
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -254,8 +255,8 @@ class RedisBus:
             await asyncio.sleep(self.retry_s)
 
     async def _listen(self, pubsub: PubSub, lost: bool) -> None:
-        # The node's own channel keeps the connection subscribed, so reads block (and nothing
-        # is ever published on it yet).
+        # The node's own channel keeps the connection subscribed, so reads block (and
+        # carries other nodes' requests for this node's sessions: ``Hub.share``).
         await pubsub.subscribe(f"{self.prefix}:node:{self.node_id}")
         self._changed.set()
         await self._sync(pubsub)

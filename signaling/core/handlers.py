@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import orjson
+
 from ..wire.errors import CloseCode, ProtocolError
 from ..wire.framing import encode
 from .feature import Feature
@@ -84,6 +86,9 @@ class CoreHandlers:
         if "join" not in grants:
             raise ProtocolError("forbidden", f"the token has no join grant in room {name!r}")
         conv = f"room:{name}"
+        if hub.shared is not None:
+            await self._join_shared(s, m, name, grants)
+            return
         # Before any state changes: no await after this.
         last_seq = await hub.conversations.last_seq(conv)
         room = hub.rooms.get_or_create(name)
@@ -119,6 +124,78 @@ class CoreHandlers:
             m,
         )
 
+    async def _join_shared(
+        self, s: Session, m: dict[str, Any], name: str, grants: frozenset[str]
+    ) -> None:
+        """`join` in cluster mode: the room's checks and its participants are the cluster's
+        (``SharedState.join``); this node's ``rooms`` keeps its own participants."""
+        hub = self.hub
+        shared = hub.shared
+        assert shared is not None
+        conv = f"room:{name}"
+        last_seq = await hub.conversations.last_seq(conv)
+        p = s.rooms.get(name)
+        if p is None:
+            cfg = hub.cfg
+            new = Participant(s.id, s.identity, s.name, ms(), "moderate" in grants)
+            new.node = shared.node_id
+            p, locked, others = await shared.join(
+                name,
+                new,
+                first_moderates=cfg.open_mode and cfg.rooms.first_joiner_moderates,
+                max_participants=cfg.rooms.max_participants,
+            )
+            if hub.sessions.get(s.id) is not s:  # ended meanwhile
+                shared.leave(name, p.id)
+                return
+            room = hub.rooms.get_or_create(name)
+            room.locked = locked
+            room.add(p)
+            s.rooms[name] = p
+            hub.bus.subscribe(conv, s.id, s)
+            hub.bus.publish(
+                conv,
+                encode({"type": "participant_joined", "room": name, "participant": p.to_wire()}),
+                s.id,
+            )
+            tracks = hub.media.joined(s, name)
+        else:
+            everyone, locked = await shared.room(name)
+            others = [o for o in everyone if o.id != s.id]
+            tracks = hub.media.tracks_of(name)
+        # This node's own participants, whatever Redis answered (while it is unreachable).
+        known = {o.id for o in others}
+        here = hub.rooms.get(name)
+        if here is not None:
+            others.extend(o for o in here.others(s.id) if o.id not in known)
+        s.reply(
+            {
+                "type": "joined",
+                "room": name,
+                "self": p.to_wire(),
+                "participants": [o.to_wire() for o in others],
+                "locked": locked,
+                "conversation": conv,
+                "last_seq": last_seq,
+                "tracks": tracks,
+            },
+            m,
+        )
+
+    async def _target(self, room: Room, pid: str) -> Participant:
+        """A participant of ``room`` on any node (``no_such_participant`` if none)."""
+        shared = self.hub.shared
+        if shared is None:
+            return room.target(pid)
+        p = room.participants.get(pid) or await shared.participant(room.name, pid)
+        if p is None:
+            raise ProtocolError("no_such_participant", f"no participant {pid!r} in {room.name!r}")
+        return p
+
+    def _ask_node(self, target: Participant, req: dict[str, Any]) -> None:
+        """Ask the node of ``target`` (another node's participant) to kick or mute it."""
+        self.hub.bus.publish(f"node:{target.node}", orjson.dumps(req))
+
     async def on_leave(self, s: Session, m: dict[str, Any]) -> None:
         self._room_in(s, m["room"])
         self.hub.leave(s, m["room"], "left")
@@ -135,6 +212,8 @@ class CoreHandlers:
             p.video_muted = m["video_muted"]
         if name is not None:
             p.name = name
+        if self.hub.shared is not None:
+            self.hub.shared.update(room.name, p)
         self.hub.bus.publish(
             f"room:{room.name}",
             encode({"type": "participant_updated", "room": room.name, "participant": p.to_wire()}),
@@ -144,25 +223,43 @@ class CoreHandlers:
 
     async def on_kick(self, s: Session, m: dict[str, Any]) -> None:
         room = self._moderator_in(s, m["room"])
-        target = room.target(m["participant"])
+        target = await self._target(room, m["participant"])
         victim = self.hub.sessions.get(target.id)
         if victim is not None:
-            self.hub.kick(victim, room.name, s.id)
+            if room.name in victim.rooms:
+                self.hub.kick(victim, room.name, s.id)
+        elif target.node:
+            self._ask_node(
+                target, {"op": "kick", "room": room.name, "participant": target.id, "by": s.id}
+            )
         s.ok(m)
 
     async def on_mute(self, s: Session, m: dict[str, Any]) -> None:
         room = self._moderator_in(s, m["room"])
-        target = room.target(m["participant"])
+        target = await self._target(room, m["participant"])
         victim = self.hub.sessions.get(target.id)
         if victim is not None:
             victim.send(
                 {"type": "mute_requested", "room": room.name, "kind": m["kind"], "by": s.id}
+            )
+        elif target.node:
+            self._ask_node(
+                target,
+                {
+                    "op": "mute",
+                    "room": room.name,
+                    "participant": target.id,
+                    "kind": m["kind"],
+                    "by": s.id,
+                },
             )
         s.ok(m)
 
     async def on_lock(self, s: Session, m: dict[str, Any]) -> None:
         room = self._moderator_in(s, m["room"])
         room.locked = m["locked"]
+        if self.hub.shared is not None:
+            await self.hub.shared.lock(room.name, room.locked)
         self.hub.bus.publish(
             f"room:{room.name}",
             encode({"type": "room_updated", "room": room.name, "locked": room.locked, "by": s.id}),
@@ -185,12 +282,4 @@ class CoreHandlers:
         if hub.sessions.get(s.id) is not s:  # ended meanwhile: nothing to follow
             return
         hub.watch(s, idents, allowed)
-        s.reply(
-            {
-                "type": "presence_state",
-                "presence": [
-                    {"identity": i, "status": hub.status_for(s, i)} for i in sorted(idents)
-                ],
-            },
-            m,
-        )
+        s.reply({"type": "presence_state", "presence": await hub.presence_of(s, idents)}, m)

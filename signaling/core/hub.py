@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Protocol
 
+import orjson
+
 from sfu.tasks import TaskSet
 
 from ..config import Config
@@ -30,6 +32,7 @@ from .presence import PresenceBook
 from .privacy import Blocks, RelationIndex, may_watch
 from .rooms import RoomRegistry
 from .session import Link, Session
+from .shared import SharedState
 from .tokens import Claims, open_claims, verify_token
 
 log = logging.getLogger("rallypoint.hub")
@@ -83,6 +86,8 @@ class Hub:
         self.rooms = RoomRegistry(cfg.rooms.max_participants, cfg.rooms.empty_room_grace_s)
         self.presence = PresenceBook()
         self.watchers: dict[str, set[Session]] = {}
+        # Cluster mode (``share``): rooms and presence of every node, in Redis.
+        self.shared: SharedState | None = None
         self.counters = HubCounters()
         # Features hook session starts, resumes and ends (``signaling.app`` wires them).
         self.on_session_start: list[Callable[[Session], None]] = []
@@ -92,6 +97,27 @@ class Hub:
         # Identities with a device write not committed yet (the directory cannot vouch yet).
         self._touching: dict[str, int] = {}
         self._tasks = TaskSet(self._task_failed)
+
+    def share(self, shared: SharedState) -> None:
+        """Cluster mode (``signaling.app``): rooms and presence are kept with the other nodes
+        in ``shared``; other nodes' requests for this node's sessions (kick, mute) arrive on
+        the bus topic ``node:<node id>``."""
+        self.shared = shared
+        self.bus.subscribe(f"node:{shared.node_id}", "node", _NodeRequests(self))
+
+    def node_request(self, frame: bytes) -> None:
+        """Another node asks something of a session here (``_NodeRequests``)."""
+        req = orjson.loads(frame)
+        victim = self.sessions.get(req["participant"])
+        room = req["room"]
+        if victim is None or room not in victim.rooms:
+            return
+        if req["op"] == "kick":
+            self.kick(victim, room, req["by"])
+        elif req["op"] == "mute":
+            victim.send(
+                {"type": "mute_requested", "room": room, "kind": req["kind"], "by": req["by"]}
+            )
 
     async def stop(self) -> None:
         """Finish the device-directory writes in flight (before the store closes)."""
@@ -214,7 +240,10 @@ class Hub:
         if "id" in hello:
             msg["re"] = hello["id"]
         conn.send(msg)
-        if resumed and session.watching:
+        if self.shared is not None:  # other nodes' participants and statuses: from Redis
+            if session.rooms or (resumed and session.watching):
+                self._spawn(self._send_shared_state(session, resumed))
+        elif resumed and session.watching:
             conn.send(
                 {
                     "type": "presence_state",
@@ -224,7 +253,7 @@ class Hub:
                     ],
                 }
             )
-        for name in session.rooms:
+        for name in session.rooms if self.shared is None else ():
             room = self.rooms.get(name)
             if room is not None:
                 conn.send(
@@ -241,6 +270,25 @@ class Hub:
             for resume_hook in self.on_session_resume:
                 resume_hook(session)
         return session
+
+    async def _send_shared_state(self, session: Session, resumed: bool) -> None:
+        """`presence_state` and `room_state` after a resume, in cluster mode."""
+        shared = self.shared
+        assert shared is not None
+        if resumed and session.watching:
+            presence = await self.presence_of(session, session.watching)
+            session.send({"type": "presence_state", "presence": presence})
+        for name in list(session.rooms):
+            participants, locked = await shared.room(name)
+            if name in session.rooms:
+                session.send(
+                    {
+                        "type": "room_state",
+                        "room": name,
+                        "locked": locked,
+                        "participants": [p.to_wire() for p in participants],
+                    }
+                )
 
     def detach(self, conn: Link) -> None:
         """The connection ended: suspend its session for the resume grace period."""
@@ -270,7 +318,9 @@ class Hub:
         self.bus.unsubscribe(f"user:{session.identity}", session.id)
         self.watch(session, frozenset(), frozenset())
         changed = self.presence.remove(session.identity, session.id)
-        if changed is not None:
+        if self.shared is not None:
+            self.shared.presence_remove(session.identity, session.id)
+        elif changed is not None:
             self._publish_presence(session.identity, changed)
         conn = session.conn
         session.conn = None
@@ -341,7 +391,9 @@ class Hub:
     def _set_presence(self, session: Session, status: str) -> None:
         session.status = status
         changed = self.presence.set(session.identity, session.id, status)
-        if changed is not None:
+        if self.shared is not None:  # its script tells every node's watchers
+            self.shared.presence_set(session.identity, session.id, status)
+        elif changed is not None:
             self._publish_presence(session.identity, changed)
 
     def _publish_presence(self, identity: str, status: str) -> None:
@@ -375,6 +427,25 @@ class Hub:
             )
         )
 
+    async def presence_of(
+        self, session: Session, identities: Iterable[str]
+    ) -> list[dict[str, str]]:
+        """`presence_state` entries of ``identities`` as ``session`` sees them, sorted: this
+        node's statuses, or in cluster mode every node's."""
+        idents = sorted(identities)
+        if self.shared is None:
+            return [{"identity": i, "status": self.status_for(session, i)} for i in idents]
+        found = await self.shared.statuses(i for i in idents if i not in session.unseen)
+        return [
+            {
+                "identity": i,
+                "status": "offline"
+                if i in session.unseen
+                else found.get(i) or self.presence.status(i),
+            }
+            for i in idents
+        ]
+
     def status_for(self, session: Session, identity: str) -> str:
         """``identity``'s presence as ``session`` sees it (offline if it may not see it)."""
         return "offline" if identity in session.unseen else self.presence.status(identity)
@@ -387,9 +458,17 @@ class Hub:
         for ident in before - seen:
             self._unwatch(session, ident)
         for ident in seen - before:
-            self.watchers.setdefault(ident, set()).add(session)
+            self._watch(session, ident)
         session.watching = identities
         session.unseen = identities - seen
+
+    def _watch(self, session: Session, ident: str) -> None:
+        w = self.watchers.get(ident)
+        if w is None:
+            w = self.watchers[ident] = set()
+            if self.shared is not None:  # this node hears of ident's changes on any node
+                self.bus.subscribe(f"presence:{ident}", "watchers", _Watchers(w))
+        w.add(session)
 
     def _unwatch(self, session: Session, ident: str) -> None:
         w = self.watchers.get(ident)
@@ -397,16 +476,18 @@ class Hub:
             w.discard(session)
             if not w:
                 del self.watchers[ident]
+                if self.shared is not None:
+                    self.bus.unsubscribe(f"presence:{ident}", "watchers")
 
-    def rewatch(self, session: Session, ident: str, allowed: bool) -> None:
-        """A relation changed: ``session``, watching ``ident``, may see it now, or no longer.
-        It hears as if ``ident`` came online or went offline (nothing if it is offline)."""
+    def rewatch(self, session: Session, ident: str, allowed: bool, status: str) -> None:
+        """A relation changed: ``session``, watching ``ident`` (whose status is ``status``),
+        may see it now, or no longer. It hears as if ``ident`` came online or went offline
+        (nothing if it is offline)."""
         if ident not in session.watching or (ident not in session.unseen) == allowed:
             return
-        status = self.presence.status(ident)
         if allowed:
             session.unseen -= {ident}
-            self.watchers.setdefault(ident, set()).add(session)
+            self._watch(session, ident)
         else:
             session.unseen |= {ident}
             self._unwatch(session, ident)
@@ -421,9 +502,12 @@ class Hub:
             if not sessions:
                 continue
             allowed = target in await self.watchable(watcher, [target])
+            status = self.presence.status(target)
+            if self.shared is not None:
+                status = (await self.shared.statuses([target])).get(target) or status
             for s in sessions:
                 if self.sessions.get(s.id) is s:  # still there after the await
-                    self.rewatch(s, target, allowed)
+                    self.rewatch(s, target, allowed, status)
 
     def recheck_groups(
         self, joined: Iterable[str], gone: Iterable[str], members: Iterable[str]
@@ -466,6 +550,8 @@ class Hub:
             return
         p = room.leave(session.id, time.monotonic())
         self.bus.unsubscribe(f"room:{name}", session.id)
+        if p is not None and self.shared is not None:
+            self.shared.leave(name, p.id)
         if p is not None:
             self.media.left(session, name)
             self.bus.publish(
@@ -512,3 +598,29 @@ class Hub:
         self.counters.internal_errors += 1
         log.exception(what)
         to.send(error_message(INTERNAL_ERROR, rid))
+
+
+class _Watchers:
+    """Cluster mode: the bus sink of ``presence:<identity>``, for this node's sessions that
+    may see it (the hub's set, kept by ``watch``)."""
+
+    __slots__ = ("sessions",)
+
+    def __init__(self, sessions: set[Session]) -> None:
+        self.sessions = sessions
+
+    def deliver(self, frame: bytes) -> None:
+        for s in self.sessions:
+            s.deliver(frame)
+
+
+class _NodeRequests:
+    """Cluster mode: the bus sink of ``node:<this node>`` (``Hub.node_request``)."""
+
+    __slots__ = ("hub",)
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    def deliver(self, frame: bytes) -> None:
+        self.hub.node_request(frame)

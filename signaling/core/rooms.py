@@ -23,6 +23,7 @@ class Participant:
     moderator: bool = False
     audio_muted: bool = False
     video_muted: bool = False
+    node: str = ""  # cluster mode: the node of its session (not sent to clients)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -61,6 +62,12 @@ class Room:
             raise ProtocolError(
                 "room_full", f"room {self.name!r} is full ({self.max_participants} participants)"
             )
+        self.participants[p.id] = p
+        self.empty_since = None
+
+    def add(self, p: Participant) -> None:
+        """Add ``p`` without the checks of ``join``: the cluster's shared room (which has
+        every node's participants) has made them."""
         self.participants[p.id] = p
         self.empty_since = None
 

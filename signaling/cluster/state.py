@@ -1,0 +1,534 @@
+"""Rooms and presence across nodes, kept in Redis (issue 14): the ``SharedState`` of
+``signaling.core.shared``.
+
+Keys (``P`` is ``cluster.key_prefix``):
+
+- ``P:room:<room>``: hash, participant id -> the participant (JSON, with its node).
+- ``P:room:<room>:locked``: ``1`` while the room is locked; expires ``rooms.empty_room_grace_s``
+  after the room empties, as a node's own room would be forgotten.
+- ``P:presence:<identity>``: hash, ``<node> <session>`` -> that device's status.
+- ``P:nodes``: set of the nodes with entries here; ``P:alive:<node>``: the node's heartbeat
+  (written every ``heartbeat_s``, expiring after three); ``P:noderooms:<node>`` and
+  ``P:nodedevices:<node>``: sets of the node's participants and sessions, what to remove
+  when it dies.
+
+Every change that must be atomic is one Lua script: a join (the lock, the room's size and
+"the first joiner moderates" are checked and the participant added in one step, so two
+nodes can never both make a first joiner), a presence change (the identity's status across
+its devices is computed before and after, and a `presence` event published on the bus's
+channel when it changed, in Redis's order), and the removal of a dead node's entries (one
+node wins it: ``SREM`` of the dead node from ``P:nodes``).
+
+Frames published by the scripts carry the origin ``*`` (no node has that id), so every node
+delivers them, the one that caused them included. The scripts build the names of the keys
+they touch beyond ``KEYS`` from the prefix: this needs one Redis, not a Redis Cluster.
+
+Each node owns its own entries: it writes them as its sessions change and all of them again
+after it lost Redis (or was taken for dead), from its memory. Writes of this node go through
+one queue, in order; a write that finds Redis unavailable is dropped and the node marked for
+that re-assertion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Final
+
+import orjson
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from ..core.metrics import Metric
+from ..core.rooms import Participant
+from ..core.shared import SharedState
+from ..wire.errors import ProtocolError
+from .redisbus import TIMEOUT_S, UNAVAILABLE
+
+if TYPE_CHECKING:
+    from ..core.hub import Hub
+
+log = logging.getLogger(__name__)
+
+#: The origin of frames the scripts publish: not a node id (``config._NAME`` excludes ``*``).
+SCRIPT_ORIGIN: Final = b"\x01*"
+
+_STATUS_LUA = """
+local RANK = {offline = 0, away = 1, online = 2, busy = 3}
+local function status(key)
+  local best, rank = 'offline', 0
+  for _, v in ipairs(redis.call('HVALS', key)) do
+    local r = RANK[v] or 0
+    if r > rank then best, rank = v, r end
+  end
+  return best
+end
+local function presence_frame(identity, st)
+  return '{"type":"presence","identity":' .. cjson.encode(identity) .. ',"status":"' .. st .. '"}'
+end
+"""
+
+# KEYS: presence hash, node's devices set. ARGV: field, status ('' = removed), identity,
+# channel, devices-set member, origin header.
+_PRESENCE = (
+    _STATUS_LUA
+    + """
+local before = status(KEYS[1])
+if ARGV[2] == '' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('SREM', KEYS[2], ARGV[5])
+else
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('SADD', KEYS[2], ARGV[5])
+end
+local after = status(KEYS[1])
+if after ~= before then
+  redis.call('PUBLISH', ARGV[4], ARGV[6] .. presence_frame(ARGV[3], after))
+end
+return after
+"""
+)
+
+# KEYS: room hash, lock key, node's rooms set. ARGV: pid, participant JSON, the same as
+# moderator, moderate grant ('1'/'0'), first joiner moderates ('1'/'0'), max participants,
+# rooms-set member.
+_JOIN = """
+local existing = redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1
+local locked = redis.call('EXISTS', KEYS[2]) == 1
+local mod = ARGV[4] == '1'
+if not existing then
+  local n = redis.call('HLEN', KEYS[1])
+  if ARGV[5] == '1' and n == 0 then mod = true end
+  if locked and not mod then return {'room_locked'} end
+  if n >= tonumber(ARGV[6]) then return {'room_full'} end
+end
+redis.call('HSET', KEYS[1], ARGV[1], mod and ARGV[3] or ARGV[2])
+redis.call('PERSIST', KEYS[2])
+redis.call('SADD', KEYS[3], ARGV[7])
+local out = {'ok', mod and '1' or '0', locked and '1' or '0'}
+for _, v in ipairs(redis.call('HVALS', KEYS[1])) do out[#out + 1] = v end
+return out
+"""
+
+# KEYS: room hash, lock key, node's rooms set. ARGV: pid, rooms-set member, grace ms.
+_LEAVE = """
+redis.call('SREM', KEYS[3], ARGV[2])
+local gone = redis.call('HDEL', KEYS[1], ARGV[1])
+if gone == 1 and redis.call('HLEN', KEYS[1]) == 0 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+end
+return gone
+"""
+
+# KEYS: room hash. ARGV: pid, participant JSON.
+_UPDATE = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: nodes set, the node's heartbeat, its rooms set, its devices set. ARGV: node id,
+# prefix, origin header, grace ms. Returns how many entries it removed (0: alive, or
+# another node reaped it first).
+_REAP = (
+    _STATUS_LUA
+    + """
+if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+if redis.call('SREM', KEYS[1], ARGV[1]) == 0 then return -1 end
+local P, H, n = ARGV[2], ARGV[3], 0
+for _, m in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  local sp = string.find(m, ' ', 1, true)
+  local pid, room = string.sub(m, 1, sp - 1), string.sub(m, sp + 1)
+  local key = P .. ':room:' .. room
+  local pj = redis.call('HGET', key, pid)
+  if pj then
+    redis.call('HDEL', key, pid)
+    n = n + 1
+    local ident = cjson.decode(pj)['identity']
+    redis.call('PUBLISH', P .. ':room:' .. room, H .. cjson.encode({type = 'participant_left',
+      room = room, participant = pid, identity = ident, reason = 'disconnected'}))
+    if redis.call('HLEN', key) == 0 then redis.call('PEXPIRE', key .. ':locked', ARGV[4]) end
+  end
+end
+redis.call('DEL', KEYS[3])
+for _, m in ipairs(redis.call('SMEMBERS', KEYS[4])) do
+  local sp = string.find(m, ' ', 1, true)
+  local sid, ident = string.sub(m, 1, sp - 1), string.sub(m, sp + 1)
+  local key = P .. ':presence:' .. ident
+  local before = status(key)
+  n = n + redis.call('HDEL', key, ARGV[1] .. ' ' .. sid)
+  local after = status(key)
+  if after ~= before then
+    redis.call('PUBLISH', key, H .. presence_frame(ident, after))
+  end
+end
+redis.call('DEL', KEYS[4])
+return n
+"""
+)
+
+
+def _participant(raw: bytes | str) -> Participant:
+    return Participant(**orjson.loads(raw))
+
+
+class ClusterState:
+    """``SharedState`` on Redis (module docstring). ``start`` and ``close`` own its two
+    tasks: the writer (this node's changes, in order) and the heartbeat (which also removes
+    dead nodes' entries and re-asserts this node's after an outage)."""
+
+    def __init__(
+        self,
+        url: str,
+        node_id: str,
+        prefix: str,
+        *,
+        heartbeat_s: float,
+        room_grace_s: float,
+        timeout_s: float = TIMEOUT_S,
+    ) -> None:
+        self.node_id = node_id
+        self.prefix = prefix
+        self.heartbeat_s = heartbeat_s
+        self.dead_after_ms = int(heartbeat_s * 3000)
+        self.grace_ms = max(1, int(room_grace_s * 1000))
+        self.hub: Hub | None = None  # whose sessions this node re-asserts (``signaling.app``)
+        self._redis = aioredis.Redis.from_url(
+            url,
+            socket_connect_timeout=timeout_s,
+            socket_timeout=timeout_s,
+            socket_keepalive=True,
+            retry=Retry(NoBackoff(), 0),
+        )
+        r = self._redis
+        self._presence = r.register_script(_PRESENCE)
+        self._join = r.register_script(_JOIN)
+        self._leave = r.register_script(_LEAVE)
+        self._update = r.register_script(_UPDATE)
+        self._reap = r.register_script(_REAP)
+        self._origin = SCRIPT_ORIGIN.decode()
+        self._nodes = f"{prefix}:nodes"
+        self._alive = f"{prefix}:alive:{node_id}"
+        self._rooms_of_node = f"{prefix}:noderooms:{node_id}"
+        self._devices_of_node = f"{prefix}:nodedevices:{node_id}"
+        self._ops: deque[Callable[[], Awaitable[Any]]] = deque()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._dirty = False  # a write was lost: re-assert everything once Redis answers
+        self.available = False
+        # Counters.
+        self.lost_writes = 0
+        self.reaped = 0  # entries of dead nodes this node removed
+        self.reasserts = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the writer and the heartbeat (Redis need not be up: they keep trying)."""
+        self._tasks = [
+            asyncio.create_task(self._write_forever(), name="cluster-writer"),
+            asyncio.create_task(self._beat_forever(), name="cluster-heartbeat"),
+        ]
+
+    async def close(self) -> None:
+        """Stop; a node that stops cleanly removes its own entries at once (its sessions
+        have ended by now) rather than leaving them to expire."""
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        try:
+            await self._redis.delete(self._alive)
+            await self._reap_node(self.node_id)
+        except UNAVAILABLE:
+            pass
+        await self._redis.aclose()
+
+    # -- the writer: this node's changes, in order ------------------------------------------------
+
+    def _queue(self, op: Callable[[], Awaitable[Any]]) -> None:
+        self._ops.append(op)
+        self._wake.set()
+
+    async def _call(self, op: Callable[[], Awaitable[Any]]) -> Any:
+        """Run ``op`` in the writer's order and return its result."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        async def run() -> None:
+            try:
+                fut.set_result(await op())
+            except BaseException as e:
+                if not fut.done():
+                    fut.set_exception(e)
+                raise
+
+        self._queue(run)
+        return await fut
+
+    async def _write_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._ops:
+                op = self._ops.popleft()
+                try:
+                    await op()
+                except UNAVAILABLE as e:
+                    self._lost(e)
+                except ProtocolError:
+                    pass  # answered to the caller
+                except Exception:
+                    self.lost_writes += 1
+                    log.exception("a cluster state write failed")
+
+    def _lost(self, e: BaseException) -> None:
+        self.lost_writes += 1
+        self._dirty = True
+        if self.available:
+            self.available = False
+            log.error("the cluster's Redis cannot be reached (%s); re-asserting later", e)
+
+    # -- rooms -----------------------------------------------------------------------------------
+
+    def _room_key(self, room: str) -> str:
+        return f"{self.prefix}:room:{room}"
+
+    async def join(
+        self, room: str, p: Participant, *, first_moderates: bool, max_participants: int
+    ) -> tuple[Participant, bool, list[Participant]]:
+        key = self._room_key(room)
+        grant = "1" if p.moderator else "0"  # the token's moderate grant
+        p.moderator = False
+        plain = orjson.dumps(p)
+        p.moderator = True
+        as_moderator = orjson.dumps(p)
+        p.moderator = grant == "1"
+        try:
+            out = await self._call(
+                lambda: self._join(
+                    keys=[key, f"{key}:locked", self._rooms_of_node],
+                    args=[
+                        p.id,
+                        plain,
+                        as_moderator,
+                        grant,
+                        "1" if first_moderates else "0",
+                        max_participants,
+                        f"{p.id} {room}",
+                    ],
+                )
+            )
+        except UNAVAILABLE as e:  # one node's view until Redis is back (then re-asserted)
+            self._lost(e)
+            return p, False, []
+        if out[0] == b"room_locked":
+            raise ProtocolError("room_locked", f"room {room!r} is locked")
+        if out[0] == b"room_full":
+            raise ProtocolError(
+                "room_full", f"room {room!r} is full ({max_participants} participants)"
+            )
+        p.moderator = out[1] == b"1"
+        others = [x for x in map(_participant, out[3:]) if x.id != p.id]
+        return p, out[2] == b"1", others
+
+    def leave(self, room: str, pid: str) -> None:
+        key = self._room_key(room)
+        self._queue(
+            lambda: self._leave(
+                keys=[key, f"{key}:locked", self._rooms_of_node],
+                args=[pid, f"{pid} {room}", self.grace_ms],
+            )
+        )
+
+    def update(self, room: str, p: Participant) -> None:
+        data = orjson.dumps(p)
+        self._queue(lambda: self._update(keys=[self._room_key(room)], args=[p.id, data]))
+
+    async def lock(self, room: str, locked: bool) -> None:
+        key = f"{self._room_key(room)}:locked"
+
+        async def op() -> None:
+            if locked:
+                await self._redis.set(key, b"1")
+            else:
+                await self._redis.delete(key)
+
+        try:
+            await self._call(op)
+        except UNAVAILABLE as e:
+            self._lost(e)
+
+    async def room(self, room: str) -> tuple[list[Participant], bool]:
+        key = self._room_key(room)
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hvals(key)
+                pipe.exists(f"{key}:locked")
+                values, locked = await pipe.execute()
+        except UNAVAILABLE as e:
+            self._lost(e)
+            return [], False
+        return [_participant(v) for v in values], bool(locked)
+
+    async def participant(self, room: str, pid: str) -> Participant | None:
+        try:
+            raw = await self._redis.hget(self._room_key(room), pid)
+        except UNAVAILABLE as e:
+            self._lost(e)
+            return None
+        return None if raw is None else _participant(raw)
+
+    # -- presence --------------------------------------------------------------------------------
+
+    def _presence_op(self, identity: str, session: str, status: str) -> Awaitable[Any]:
+        key = f"{self.prefix}:presence:{identity}"
+        return self._presence(
+            keys=[key, self._devices_of_node],
+            args=[
+                f"{self.node_id} {session}",
+                status,
+                identity,
+                key,
+                f"{session} {identity}",
+                SCRIPT_ORIGIN,
+            ],
+        )
+
+    def presence_set(self, identity: str, session: str, status: str) -> None:
+        self._queue(lambda: self._presence_op(identity, session, status))
+
+    def presence_remove(self, identity: str, session: str) -> None:
+        self._queue(lambda: self._presence_op(identity, session, ""))
+
+    async def statuses(self, identities: Iterable[str]) -> dict[str, str]:
+        idents = list(identities)
+        if not idents:
+            return {}
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for i in idents:
+                    pipe.hvals(f"{self.prefix}:presence:{i}")
+                found = await pipe.execute()
+        except UNAVAILABLE as e:
+            self._lost(e)
+            return {}
+        out = {}
+        for i, values in zip(idents, found, strict=True):
+            best = max((RANK.get(v.decode(), 0) for v in values), default=0)
+            out[i] = STATUSES[best]
+        return out
+
+    # -- heartbeat, dead nodes, re-assertion ----------------------------------------------------
+
+    async def _beat_forever(self) -> None:
+        first = True
+        while True:
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    pipe.set(self._alive, b"1", px=self.dead_after_ms)
+                    pipe.sadd(self._nodes, self.node_id)
+                    pipe.smembers(self._nodes)
+                    _, added, nodes = await pipe.execute()
+                if not self.available:
+                    if not first:
+                        log.warning("the cluster's Redis is back")
+                    self.available = True
+                if (added and not first) or self._dirty:
+                    # Redis lost what this node had there (a restart), or the others took
+                    # it for dead (it stalled for longer than 3 heartbeats): write it again.
+                    self._dirty = False
+                    await self._call(self._reassert)
+                first = False
+                for node in nodes:
+                    name = node.decode()
+                    if name != self.node_id:
+                        await self._reap_node(name)
+            except UNAVAILABLE as e:
+                self._lost(e)
+            await asyncio.sleep(self.heartbeat_s)
+
+    async def _reap_node(self, node: str) -> None:
+        p = self.prefix
+        n = await self._reap(
+            keys=[
+                self._nodes,
+                f"{p}:alive:{node}",
+                f"{p}:noderooms:{node}",
+                f"{p}:nodedevices:{node}",
+            ],
+            args=[node, p, SCRIPT_ORIGIN, self.grace_ms],
+        )
+        if n >= 0 and node != self.node_id:
+            self.reaped += n
+            log.warning("node %s is gone (no heartbeat): removed its %d entries", node, n)
+
+    async def _reassert(self) -> None:
+        """Write every entry of this node again, from memory (the sessions and rooms)."""
+        hub = self.hub
+        if hub is None:
+            return
+        self.reasserts += 1
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.sadd(self._nodes, self.node_id)
+            for s in list(hub.sessions.values()):
+                for room, part in s.rooms.items():
+                    pipe.hset(self._room_key(room), part.id, orjson.dumps(part))
+                    pipe.sadd(self._rooms_of_node, f"{part.id} {room}")
+                key = f"{self.prefix}:presence:{s.identity}"
+                await self._presence(
+                    keys=[key, self._devices_of_node],
+                    args=[
+                        f"{self.node_id} {s.id}",
+                        s.status,
+                        s.identity,
+                        key,
+                        f"{s.id} {s.identity}",
+                        SCRIPT_ORIGIN,
+                    ],
+                    client=pipe,
+                )
+            await pipe.execute()
+        log.warning("re-asserted this node's sessions and participants in the cluster's Redis")
+
+    # -- metrics ---------------------------------------------------------------------------------
+
+    def metrics(self) -> Iterable[Metric]:
+        yield Metric(
+            "cluster_unavailable",
+            "gauge",
+            "1 while the cluster's Redis (rooms, presence) cannot be reached.",
+            float(not self.available),
+        )
+        yield Metric(
+            "cluster_lost_writes",
+            "counter",
+            "Room or presence writes Redis did not take (re-asserted once it is back).",
+            self.lost_writes,
+        )
+        yield Metric(
+            "cluster_reaped",
+            "counter",
+            "Entries of dead nodes this node removed.",
+            self.reaped,
+        )
+        yield Metric(
+            "cluster_reasserts",
+            "counter",
+            "Times this node wrote all its entries again after losing Redis.",
+            self.reasserts,
+        )
+
+
+RANK: Final = {"offline": 0, "away": 1, "online": 2, "busy": 3}
+STATUSES: Final = ("offline", "away", "online", "busy")
+
+
+if TYPE_CHECKING:
+
+    def _is_shared_state(s: ClusterState) -> SharedState:
+        return s  # mypy checks that ClusterState has the protocol's methods

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -56,7 +57,9 @@ async def cluster(
             f"heartbeat_s = {HEARTBEAT_S}\n\n"
             f"[sfu]\nenabled = false\n\n{extra}"
         )
-        nodes = [Server(tmp_path / f"n{i}", args=["--config", str(config)]) for i in range(n)]
+        # A node that hangs can be made to show where (SIGABRT: its traceback in its log).
+        env = {"PYTHONFAULTHANDLER": "1"}
+        nodes = [Server(tmp_path / f"n{i}", env, ["--config", str(config)]) for i in range(n)]
         servers.extend(nodes)
         await asyncio.gather(*(s.start() for s in nodes))
         c = Cluster(nodes, prefix)
@@ -236,3 +239,88 @@ async def test_one_first_joiner_moderates_whatever_the_race(
             assert [ja["self"]["moderator"], jb["self"]["moderator"]].count(True) == 1
             # The second to join sees the first (and the first nobody, or the second).
             assert len(ja["participants"]) + len(jb["participants"]) == 1
+
+
+# -- presence --------------------------------------------------------------------------------
+
+
+async def test_presence_spans_nodes_and_a_dead_nodes_devices_go_offline(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """An identity online on any node is online everywhere (its strongest device wins), to
+    those the privacy rule lets see it; when its node is SIGKILLed, its devices go offline
+    on the other node within the documented bound (4 x heartbeat_s), and its participants
+    leave their rooms."""
+    async with cluster(tmp_path, servers) as cl, asyncio.timeout(60):
+        alice = await cl.client(0, "alice")
+        carol = await cl.client(0, "carol")  # not a contact of bob's: sees him offline
+        bob = await cl.client(1, "bob")
+        await bob.contact_request("alice")
+        await alice.contact_accept("bob")
+
+        assert await alice.watch("bob") == {"bob": "online"}  # online on the other node
+        assert await carol.watch("bob") == {"bob": "offline"}
+        await bob.set_presence("away")
+        ev = await alice.next_event("presence")
+        assert (ev["identity"], ev["status"]) == ("bob", "away")
+        phone = await cl.client(0, "bob")  # a second device, on alice's node
+        ev = await alice.next_event("presence")
+        assert (ev["identity"], ev["status"]) == ("bob", "online")
+        await phone.set_presence("busy")
+        assert (await alice.next_event("presence"))["status"] == "busy"
+        await phone.close()  # `bye`: the device on B is what is left
+        assert (await alice.next_event("presence"))["status"] == "away"
+        assert await alice.watch("bob") == {"bob": "away"}
+
+        await alice.join("r")
+        joined = await bob.join("r")
+        await alice.next_event("participant_joined")
+
+        node_b = cl.nodes[1]
+        assert node_b.proc is not None
+        killed = time.monotonic()
+        node_b.stop(signal.SIGKILL)
+        told: dict[str, dict[str, Any]] = {}
+        for _ in range(2):  # in either order
+            ev = await alice.next_event(
+                timeout=10, where=lambda e: e["type"] in ("presence", "participant_left")
+            )
+            told[ev["type"]] = ev
+        took = time.monotonic() - killed
+        assert (told["presence"]["identity"], told["presence"]["status"]) == ("bob", "offline")
+        left = told["participant_left"]
+        assert (left["participant"], left["reason"]) == (joined["self"]["id"], "disconnected")
+        bound = 4 * HEARTBEAT_S
+        assert took < bound + 1.0, f"offline after {took:.2f} s (bound {bound:.2f} s)"
+        assert await alice.watch("bob") == {"bob": "offline"}
+        assert no_event(carol, "presence")  # never told anything about bob
+        print(f"\nbob offline on node A {took:.3f} s after node B was SIGKILLed")
+
+
+async def test_nodes_write_their_entries_again_when_redis_lost_them(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """Every key of the cluster is removed (what a Redis restart without persistence does,
+    done here without restarting the shared Redis): each node notices on its next heartbeat
+    and writes its own participants and statuses again, from memory."""
+    async with cluster(tmp_path, servers) as cl, asyncio.timeout(60):
+        alice = await cl.client(0, "alice")
+        a = await alice.join("r")
+        r = aioredis.Redis.from_url(REDIS_URL)
+        try:
+            keys = [k async for k in r.scan_iter(match=f"{cl.prefix}:*", count=1000)]
+            assert keys
+            await r.delete(*keys)
+            room = f"{cl.prefix}:room:r"
+            deadline = time.monotonic() + 10
+            while not await r.hexists(room, a["self"]["id"]):
+                assert time.monotonic() < deadline, "not re-asserted"
+                await asyncio.sleep(0.05)
+        finally:
+            await r.aclose()
+        bob = await cl.client(1, "bob")
+        b = await bob.join("r")
+        assert [p["id"] for p in b["participants"]] == [a["self"]["id"]]
+        await bob.contact_request("alice")
+        await alice.contact_accept("bob")
+        assert await bob.watch("alice") == {"alice": "online"}

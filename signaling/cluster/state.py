@@ -66,8 +66,16 @@ local function status(key)
   end
   return best
 end
+-- A WebSocket text frame, as signaling.wire.framing.frame makes (RFC 6455 section 5.2):
+-- what the bus hands to sessions. Identities and room names keep these short of 64 KiB.
+local function ws(payload)
+  local n = #payload
+  if n < 126 then return string.char(0x81, n) .. payload end
+  return string.char(0x81, 126, math.floor(n / 256), n % 256) .. payload
+end
 local function presence_frame(identity, st)
-  return '{"type":"presence","identity":' .. cjson.encode(identity) .. ',"status":"' .. st .. '"}'
+  local ident = cjson.encode(identity)
+  return ws('{"type":"presence","identity":' .. ident .. ',"status":"' .. st .. '"}')
 end
 """
 
@@ -150,8 +158,8 @@ for _, m in ipairs(redis.call('SMEMBERS', KEYS[3])) do
     redis.call('HDEL', key, pid)
     n = n + 1
     local ident = cjson.decode(pj)['identity']
-    redis.call('PUBLISH', P .. ':room:' .. room, H .. cjson.encode({type = 'participant_left',
-      room = room, participant = pid, identity = ident, reason = 'disconnected'}))
+    redis.call('PUBLISH', P .. ':room:' .. room, H .. ws(cjson.encode({type = 'participant_left',
+      room = room, participant = pid, identity = ident, reason = 'disconnected'})))
     if redis.call('HLEN', key) == 0 then redis.call('PEXPIRE', key .. ':locked', ARGV[4]) end
   end
 end
@@ -171,6 +179,14 @@ redis.call('DEL', KEYS[4])
 return n
 """
 )
+
+
+def _raise_if_cancelled() -> None:
+    """redis-py's own timeouts can turn a cancellation that meets them into a
+    ``TimeoutError`` (which is also what an outage raises): a task being cancelled stops."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _participant(raw: bytes | str) -> Participant:
@@ -220,6 +236,8 @@ class ClusterState:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._dirty = False  # a write was lost: re-assert everything once Redis answers
+        self._closing = False
+        self.timeout_s = timeout_s
         self.available = False
         # Counters.
         self.lost_writes = 0
@@ -238,9 +256,15 @@ class ClusterState:
     async def close(self) -> None:
         """Stop; a node that stops cleanly removes its own entries at once (its sessions
         have ended by now) rather than leaving them to expire."""
+        self._closing = True
+        self._wake.set()
         for t in self._tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Bounded: a cancellation that meets one of redis-py's timeouts can be taken for
+        # that timeout; the writer then sees ``_closing`` and returns by itself.
+        _, stuck = await asyncio.wait(self._tasks, timeout=self.timeout_s)
+        if stuck:
+            log.warning("cluster state tasks did not stop: %s", [t.get_name() for t in stuck])
         self._tasks = []
         try:
             await self._redis.delete(self._alive)
@@ -271,14 +295,15 @@ class ClusterState:
         return await fut
 
     async def _write_forever(self) -> None:
-        while True:
+        while not self._closing:
             await self._wake.wait()
             self._wake.clear()
-            while self._ops:
+            while self._ops and not self._closing:
                 op = self._ops.popleft()
                 try:
                     await op()
                 except UNAVAILABLE as e:
+                    _raise_if_cancelled()
                     self._lost(e)
                 except ProtocolError:
                     pass  # answered to the caller
@@ -427,7 +452,7 @@ class ClusterState:
 
     async def _beat_forever(self) -> None:
         first = True
-        while True:
+        while not self._closing:
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     pipe.set(self._alive, b"1", px=self.dead_after_ms)
@@ -449,7 +474,10 @@ class ClusterState:
                     if name != self.node_id:
                         await self._reap_node(name)
             except UNAVAILABLE as e:
+                _raise_if_cancelled()
                 self._lost(e)
+            except Exception:  # not an outage: say what it was, and beat again
+                log.exception("the cluster heartbeat failed")
             await asyncio.sleep(self.heartbeat_s)
 
     async def _reap_node(self, node: str) -> None:

@@ -144,6 +144,7 @@ def make_app(cfg: Config) -> web.Application:
             cfg.cluster.key_prefix,
             heartbeat_s=cfg.cluster.heartbeat_s,
             room_grace_s=cfg.rooms.empty_room_grace_s,
+            resume_grace_s=cfg.session.resume_grace_s,
         )
         shared.hub = hub
         hub.share(shared)
@@ -219,9 +220,9 @@ def make_app(cfg: Config) -> web.Application:
             yield
             return
         log.warning(
-            "cluster mode (node %s, heartbeat %.2f s): rooms, chat and presence are shared; "
-            "calls ringing across nodes, group-call media placement and resuming on another "
-            "node are not yet (docs/CLUSTER.md, Limits)",
+            "cluster mode (node %s, heartbeat %.2f s): rooms, chat, presence and resuming are "
+            "shared; calls ringing across nodes and group-call media placement are not yet "
+            "(docs/CLUSTER.md, Limits)",
             bus.node_id,
             cfg.cluster.heartbeat_s,
         )

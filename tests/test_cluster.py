@@ -324,3 +324,109 @@ async def test_nodes_write_their_entries_again_when_redis_lost_them(
         await bob.contact_request("alice")
         await alice.contact_accept("bob")
         assert await bob.watch("alice") == {"alice": "online"}
+
+
+# -- resuming on another node ----------------------------------------------------------------
+
+
+async def sessions_on(node: Server) -> float:
+    """The node's `sessions` gauge (connected or waiting for a resume)."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{node.port}/metrics") as r:
+            text = await r.text()
+    return next(
+        float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith("rallypoint_sessions ")
+    )
+
+
+async def test_a_session_resumes_on_another_node(tmp_path: Path, servers: list[Server]) -> None:
+    """Alice's connection to node A drops; she resumes with her token on node B: the same
+    session, in the same room, watching the same identities; bob (on B) sees no leave or
+    join, and node A forgets the session at once instead of waiting for the resume grace."""
+    async with cluster(tmp_path, servers) as cl, asyncio.timeout(60):
+        bob = await cl.client(1, "bob")
+        alice = await cl.client(0, "alice")
+        await bob.contact_request("alice")
+        await alice.contact_accept("bob")
+        await bob.join("r")
+        a = await alice.join("r")
+        await bob.next_event("participant_joined")
+        assert await alice.watch("bob") == {"bob": "online"}
+        await alice.set_presence("away")
+        token, sid = alice.welcome["resume"], alice.session
+        await recorded(cl, token, b'"status":"away"')
+        await alice.close(bye=False)  # the socket goes; the session waits on A
+
+        again = await cl.client(1, "alice", resume=token)
+        assert (again.welcome["resumed"], again.session) == (True, sid)
+        assert again.welcome["rooms"] == ["r"]
+        told = {}
+        for _ in range(2):  # in either order
+            ev = await again.next_event(
+                where=lambda e: e["type"] in ("room_state", "presence_state")
+            )
+            told[ev["type"]] = ev
+        state = told["room_state"]["participants"]
+        assert sorted(p["identity"] for p in state) == ["alice", "bob"]
+        assert told["presence_state"]["presence"] == [{"identity": "bob", "status": "online"}]
+        sent = await again.send("room:r", "back, on B")
+        got = await bob.next_message("room:r")
+        assert (got["mid"], got["from"]) == (sent["mid"], "alice")
+        assert await bob.watch("alice") == {"alice": "away"}  # her status came along
+        await until_async(lambda: sessions_on(cl.nodes[0]), 0.0)
+        assert no_event(bob, "participant_left") and no_event(bob, "participant_joined")
+        # The token does not resume twice (it was rotated, and the old one taken once).
+        late = await cl.client(0, "alice", resume=token)
+        assert late.welcome["resumed"] is False
+        assert a["self"]["id"] == sid
+
+
+async def test_a_session_resumes_after_its_node_was_killed(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    async with cluster(tmp_path, servers) as cl, asyncio.timeout(60):
+        bob = await cl.client(1, "bob")
+        alice = await cl.client(0, "alice")
+        await bob.join("r")
+        await alice.join("r")
+        token, sid = alice.welcome["resume"], alice.session
+        await recorded(cl, token, b'"r"')
+        node_a = cl.nodes[0]
+        assert node_a.proc is not None
+        node_a.stop(signal.SIGKILL)
+        await asyncio.sleep(4 * HEARTBEAT_S + 0.3)  # past the bound: A's entries are removed
+        left = await bob.next_event("participant_left")
+        assert (left["participant"], left["reason"]) == (sid, "disconnected")
+
+        again = await cl.client(1, "alice", resume=token)
+        assert (again.welcome["resumed"], again.session) == (True, sid)
+        joined = await bob.next_event("participant_joined")  # back in the room, from B
+        assert joined["participant"]["id"] == sid
+        sent = await again.send("room:r", "still here")
+        assert (await bob.next_message("room:r"))["mid"] == sent["mid"]
+
+
+async def recorded(cl: Cluster, token: str, part: bytes) -> None:
+    """Wait, bounded, until the resume record of ``token`` contains ``part``: it is written
+    just after a change is answered (a node that dies within that moment, or a resume on
+    another node that fast, finds the session as it was before the change)."""
+    r = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        deadline = time.monotonic() + 10
+        while part not in (await r.get(f"{cl.prefix}:resume:{token}") or b""):
+            assert time.monotonic() < deadline, f"no {part!r} in the resume record"
+            await asyncio.sleep(0.02)
+    finally:
+        await r.aclose()
+
+
+async def until_async(read: Callable[[], Any], want: Any, timeout: float = 10.0) -> None:
+    """Wait, bounded, until the coroutine ``read()`` returns ``want`` (every 50 ms)."""
+    deadline = time.monotonic() + timeout
+    while (got := await read()) != want:
+        assert time.monotonic() < deadline, f"still {got!r}, not {want!r}"
+        await asyncio.sleep(0.05)

@@ -44,7 +44,9 @@ from redis.backoff import NoBackoff
 
 from ..core.metrics import Metric
 from ..core.rooms import Participant
-from ..core.shared import SharedState
+from ..core.session import Session
+from ..core.shared import ResumedSession, SharedState
+from ..core.tokens import Claims
 from ..wire.errors import ProtocolError
 from .redisbus import TIMEOUT_S, UNAVAILABLE
 
@@ -121,28 +123,87 @@ for _, v in ipairs(redis.call('HVALS', KEYS[1])) do out[#out + 1] = v end
 return out
 """
 
-# KEYS: room hash, lock key, node's rooms set. ARGV: pid, rooms-set member, grace ms.
-_LEAVE = """
-redis.call('SREM', KEYS[3], ARGV[2])
-local gone = redis.call('HDEL', KEYS[1], ARGV[1])
-if gone == 1 and redis.call('HLEN', KEYS[1]) == 0 then
-  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+# Whether participant ARGV[1] of room hash KEYS[1] is this node's (ARGV[4]); another node
+# has it when its session resumed there.
+_MINE = """
+local function mine()
+  local pj = redis.call('HGET', KEYS[1], ARGV[1])
+  return pj and cjson.decode(pj)['node'] == ARGV[4]
 end
-return gone
 """
 
-# KEYS: room hash. ARGV: pid, participant JSON.
-_UPDATE = """
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+# KEYS: room hash, lock key, node's rooms set. ARGV: pid, rooms-set member, grace ms, node.
+_LEAVE = (
+    _MINE
+    + """
+redis.call('SREM', KEYS[3], ARGV[2])
+if not mine() then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+if redis.call('HLEN', KEYS[1]) == 0 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+end
+return 1
+"""
+)
+
+# KEYS: room hash. ARGV: pid, participant JSON, (unused), node.
+_UPDATE = (
+    _MINE
+    + """
+if mine() then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
   return 1
 end
 return 0
 """
+)
+
+# Take a session that resumes here from the node that had it. KEYS: the resume record, the
+# record's set of this node. ARGV: this node, prefix, token. The record (JSON), taken once
+# (DEL), and its participants and its device's status moved to this node if they are still
+# there (its old node did not end it, nobody removed them): returns {record, status or '',
+# room, 1 or 0 (moved), ...}; nil if there is no record, or it is this node's.
+_CLAIM = """
+local rec = redis.call('GET', KEYS[1])
+if not rec then return nil end
+local r = cjson.decode(rec)
+local old, new, P = r['node'], ARGV[1], ARGV[2]
+if old == new then return nil end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', P .. ':noderesume:' .. old, ARGV[3])
+local sid, ident = r['sid'], r['identity']
+local pkey = P .. ':presence:' .. ident
+local st = redis.call('HGET', pkey, old .. ' ' .. sid)
+if st then
+  redis.call('HDEL', pkey, old .. ' ' .. sid)
+  redis.call('HSET', pkey, new .. ' ' .. sid, st)
+  redis.call('SREM', P .. ':nodedevices:' .. old, sid .. ' ' .. ident)
+  redis.call('SADD', P .. ':nodedevices:' .. new, sid .. ' ' .. ident)
+end
+local out = {rec, st or ''}
+for room, _ in pairs(r['rooms']) do
+  local key = P .. ':room:' .. room
+  local pj = redis.call('HGET', key, sid)
+  local moved = 0
+  if pj then
+    local p = cjson.decode(pj)
+    if p['node'] == old then
+      p['node'] = new
+      redis.call('HSET', key, sid, cjson.encode(p))
+      redis.call('SREM', P .. ':noderooms:' .. old, sid .. ' ' .. room)
+      redis.call('SADD', P .. ':noderooms:' .. new, sid .. ' ' .. room)
+      moved = 1
+    end
+  end
+  out[#out + 1] = room
+  out[#out + 1] = tostring(moved)
+end
+return out
+"""
 
 # KEYS: nodes set, the node's heartbeat, its rooms set, its devices set. ARGV: node id,
-# prefix, origin header, grace ms. Returns how many entries it removed (0: alive, or
-# another node reaped it first).
+# prefix, origin header, room grace ms, resume grace ms. Returns how many entries it removed
+# (-1: alive, or another node reaped it first).
 _REAP = (
     _STATUS_LUA
     + """
@@ -176,6 +237,12 @@ for _, m in ipairs(redis.call('SMEMBERS', KEYS[4])) do
   end
 end
 redis.call('DEL', KEYS[4])
+-- Its sessions may resume on another node for the resume grace from now.
+local rset = P .. ':noderesume:' .. ARGV[1]
+for _, token in ipairs(redis.call('SMEMBERS', rset)) do
+  redis.call('PEXPIRE', P .. ':resume:' .. token, ARGV[5])
+end
+redis.call('DEL', rset)
 return n
 """
 )
@@ -206,6 +273,7 @@ class ClusterState:
         *,
         heartbeat_s: float,
         room_grace_s: float,
+        resume_grace_s: float,
         timeout_s: float = TIMEOUT_S,
     ) -> None:
         self.node_id = node_id
@@ -227,11 +295,14 @@ class ClusterState:
         self._leave = r.register_script(_LEAVE)
         self._update = r.register_script(_UPDATE)
         self._reap = r.register_script(_REAP)
+        self._claim = r.register_script(_CLAIM)
+        self.resume_grace_ms = max(1, int(resume_grace_s * 1000))
         self._origin = SCRIPT_ORIGIN.decode()
         self._nodes = f"{prefix}:nodes"
         self._alive = f"{prefix}:alive:{node_id}"
         self._rooms_of_node = f"{prefix}:noderooms:{node_id}"
         self._devices_of_node = f"{prefix}:nodedevices:{node_id}"
+        self._resume_of_node = f"{prefix}:noderesume:{node_id}"
         self._ops: deque[Callable[[], Awaitable[Any]]] = deque()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -366,13 +437,15 @@ class ClusterState:
         self._queue(
             lambda: self._leave(
                 keys=[key, f"{key}:locked", self._rooms_of_node],
-                args=[pid, f"{pid} {room}", self.grace_ms],
+                args=[pid, f"{pid} {room}", self.grace_ms, self.node_id],
             )
         )
 
     def update(self, room: str, p: Participant) -> None:
         data = orjson.dumps(p)
-        self._queue(lambda: self._update(keys=[self._room_key(room)], args=[p.id, data]))
+        self._queue(
+            lambda: self._update(keys=[self._room_key(room)], args=[p.id, data, "", self.node_id])
+        )
 
     async def lock(self, room: str, locked: bool) -> None:
         key = f"{self._room_key(room)}:locked"
@@ -407,6 +480,103 @@ class ClusterState:
             self._lost(e)
             return None
         return None if raw is None else _participant(raw)
+
+    # -- sessions: resuming on another node ---------------------------------------------------
+
+    def save_session(self, session: Session, drop_token: str = "") -> None:
+        """Keep ``session``'s resume record (``P:resume:<token>``) up to date: what another
+        node needs to resume it. Written in the background, as the session is then (one write
+        per change of its token, rooms, watches or status)."""
+        hub = self.hub
+
+        async def op() -> None:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                if drop_token:
+                    pipe.delete(f"{self.prefix}:resume:{drop_token}")
+                    pipe.srem(self._resume_of_node, drop_token)
+                if hub is not None and hub.sessions.get(session.id) is session:
+                    token = session.resume_token
+                    pipe.set(f"{self.prefix}:resume:{token}", self._record(session))
+                    pipe.sadd(self._resume_of_node, token)
+                await pipe.execute()
+
+        self._queue(op)
+
+    def drop_session(self, token: str) -> None:
+        """The session ended: nobody may resume it."""
+
+        async def op() -> None:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(f"{self.prefix}:resume:{token}")
+                pipe.srem(self._resume_of_node, token)
+                await pipe.execute()
+
+        self._queue(op)
+
+    def _record(self, s: Session) -> bytes:
+        c = s.claims
+        return orjson.dumps(
+            {
+                "sid": s.id,
+                "identity": s.identity,
+                "name": s.name,
+                "device": s.device,
+                "node": self.node_id,
+                "status": s.status,
+                "watching": sorted(s.watching),
+                "rooms": {room: p for room, p in s.rooms.items()},
+                "claims": {
+                    "name": c.name,
+                    "rooms": {r: sorted(g) for r, g in c.rooms.items()},
+                    "dm": c.dm,
+                    "expires_at": c.expires_at,
+                    "groups": c.groups,
+                    "contacts": c.contacts,
+                },
+            }
+        )
+
+    async def claim_resume(self, token: str) -> ResumedSession | None:
+        """Take the session of resume ``token`` from the node that had it (once: a second
+        claim finds nothing), with its participants and status if they are still in Redis;
+        None if no node has such a session (unknown, ended, or its grace is over)."""
+        try:
+            out = await self._call(
+                lambda: self._claim(
+                    keys=[f"{self.prefix}:resume:{token}", self._resume_of_node],
+                    args=[self.node_id, self.prefix, token],
+                )
+            )
+        except UNAVAILABLE as e:
+            self._lost(e)
+            return None
+        if out is None:
+            return None
+        r = orjson.loads(out[0])
+        c = r["claims"]
+        claims = Claims(
+            r["identity"],
+            c["name"],
+            {room: frozenset(g) for room, g in c["rooms"].items()},
+            c["dm"],
+            c["expires_at"],
+            c["groups"],
+            c["contacts"],
+        )
+        moved = {out[i].decode(): out[i + 1] == b"1" for i in range(2, len(out), 2)}
+        rooms = {}
+        for room, p in r["rooms"].items():
+            p["node"] = self.node_id
+            rooms[room] = (Participant(**p), moved.get(room, False))
+        return ResumedSession(
+            r["sid"],
+            claims,
+            r["device"],
+            r["node"],
+            out[1].decode() or r["status"],
+            frozenset(r["watching"]),
+            rooms,
+        )
 
     # -- presence --------------------------------------------------------------------------------
 
@@ -489,7 +659,7 @@ class ClusterState:
                 f"{p}:noderooms:{node}",
                 f"{p}:nodedevices:{node}",
             ],
-            args=[node, p, SCRIPT_ORIGIN, self.grace_ms],
+            args=[node, p, SCRIPT_ORIGIN, self.grace_ms, self.resume_grace_ms],
         )
         if n >= 0 and node != self.node_id:
             self.reaped += n
@@ -507,6 +677,8 @@ class ClusterState:
                 for room, part in s.rooms.items():
                     pipe.hset(self._room_key(room), part.id, orjson.dumps(part))
                     pipe.sadd(self._rooms_of_node, f"{part.id} {room}")
+                pipe.set(f"{self.prefix}:resume:{s.resume_token}", self._record(s))
+                pipe.sadd(self._resume_of_node, s.resume_token)
                 key = f"{self.prefix}:presence:{s.identity}"
                 await self._presence(
                     keys=[key, self._devices_of_node],

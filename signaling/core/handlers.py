@@ -152,6 +152,7 @@ class CoreHandlers:
             room.locked = locked
             room.add(p)
             s.rooms[name] = p
+            shared.save_session(s)
             hub.bus.subscribe(conv, s.id, s)
             hub.bus.publish(
                 conv,
@@ -214,6 +215,7 @@ class CoreHandlers:
             p.name = name
         if self.hub.shared is not None:
             self.hub.shared.update(room.name, p)
+            self.hub.shared.save_session(s)
         self.hub.bus.publish(
             f"room:{room.name}",
             encode({"type": "participant_updated", "room": room.name, "participant": p.to_wire()}),

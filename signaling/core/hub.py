@@ -108,6 +108,9 @@ class Hub:
     def node_request(self, frame: bytes) -> None:
         """Another node asks something of a session here (``_NodeRequests``)."""
         req = orjson.loads(frame)
+        if req["op"] == "forget":
+            self.forget(req["session"])
+            return
         victim = self.sessions.get(req["participant"])
         room = req["room"]
         if victim is None or room not in victim.rooms:
@@ -118,6 +121,91 @@ class Hub:
             victim.send(
                 {"type": "mute_requested", "room": room, "kind": req["kind"], "by": req["by"]}
             )
+
+    async def adopt(self, hello: dict[str, Any]) -> None:
+        """Cluster mode, before ``welcome``: a `hello` whose resume token this node does not
+        know may name a session of another node. Take it over (``SharedState.claim_resume``:
+        once, whichever nodes try) so that ``welcome`` resumes it here: its rooms (re-joined
+        where its old node's entries were gone already), watches and status; the old node,
+        if alive, forgets it without a word to the others (``forget``)."""
+        shared = self.shared
+        token = hello.get("resume")
+        if shared is None or not isinstance(token, str) or not token or token in self.by_resume:
+            return
+        r = await shared.claim_resume(token)
+        if r is None or r.sid in self.sessions:
+            return
+        session = Session(r.sid, r.claims, r.device, token)
+        session.status = r.status
+        self.sessions[session.id] = session
+        self.by_resume[token] = session
+        self.bus.subscribe(f"user:{session.identity}", session.id, session)
+        self.presence.set(session.identity, session.id, r.status)
+        shared.presence_set(session.identity, session.id, r.status)
+        self._touch(session)
+        for hook in self.on_session_start:
+            hook(session)
+        cfg = self.cfg
+        for name, (p, there) in r.rooms.items():
+            if not there:  # its old node's entries were removed: join again
+                try:
+                    p, _, _ = await shared.join(
+                        name, p, first_moderates=False, max_participants=cfg.rooms.max_participants
+                    )
+                except ProtocolError:
+                    continue  # locked or full meanwhile: it is in the room no longer
+            if self.sessions.get(session.id) is not session:
+                return
+            self.rooms.get_or_create(name).add(p)
+            session.rooms[name] = p
+            self.bus.subscribe(f"room:{name}", session.id, session)
+            if not there:
+                self.bus.publish(
+                    f"room:{name}",
+                    encode(
+                        {"type": "participant_joined", "room": name, "participant": p.to_wire()}
+                    ),
+                    session.id,
+                )
+        if r.watching:
+            allowed = await self.watchable(session.identity, r.watching)
+            if self.sessions.get(session.id) is session:
+                self.watch(session, r.watching, allowed)
+        # Until ``welcome`` binds it (a failed hello leaves it to the resume grace).
+        session.expiry = asyncio.get_running_loop().call_later(
+            cfg.session.resume_grace_s, self.end_session, session, "disconnected"
+        )
+        self.bus.publish(f"node:{r.node}", orjson.dumps({"op": "forget", "session": session.id}))
+
+    def forget(self, sid: str) -> None:
+        """Another node resumed session ``sid``: drop it here without telling anyone (its
+        participants and status are that node's now); its connection, if any, is closed."""
+        session = self.sessions.pop(sid, None)
+        if session is None:
+            return
+        if session.expiry is not None:
+            session.expiry.cancel()
+            session.expiry = None
+        self.by_resume.pop(session.resume_token, None)
+        for name in list(session.rooms):
+            session.rooms.pop(name, None)
+            room = self.rooms.get(name)
+            if room is not None and room.leave(session.id, time.monotonic()) is not None:
+                self.media.left(session, name)
+            self.bus.unsubscribe(f"room:{name}", session.id)
+        self.bus.unsubscribe(f"user:{session.identity}", session.id)
+        for ident in session.watching - session.unseen:
+            self._unwatch(session, ident)
+        self.presence.remove(session.identity, session.id)
+        if self.shared is not None:  # a status this node wrote after the move, if any
+            self.shared.presence_remove(session.identity, session.id)
+        for hook in self.on_session_end:
+            hook(session, "moved")
+        conn = session.conn
+        session.conn = None
+        if conn is not None:
+            conn.session = None
+            conn.abandon(CloseCode.REPLACED, "session resumed on another node")
 
     async def stop(self) -> None:
         """Finish the device-directory writes in flight (before the store closes)."""
@@ -206,8 +294,11 @@ class Hub:
                 old_conn.session = None
                 old_conn.abandon(CloseCode.REPLACED, "session resumed on another connection")
             del self.by_resume[session.resume_token]
+        old_token = session.resume_token
         session.resume_token = secrets.token_urlsafe(24)
         self.by_resume[session.resume_token] = session
+        if self.shared is not None:  # another node can resume it: with the new token only
+            self.shared.save_session(session, old_token)
         session.conn = conn
         session.host = host
         conn.session = session
@@ -310,6 +401,8 @@ class Hub:
             session.expiry.cancel()
             session.expiry = None
         self.by_resume.pop(session.resume_token, None)
+        if self.shared is not None:
+            self.shared.drop_session(session.resume_token)
         self._touch(session)
         for hook in self.on_session_end:
             hook(session, reason)
@@ -393,6 +486,8 @@ class Hub:
         changed = self.presence.set(session.identity, session.id, status)
         if self.shared is not None:  # its script tells every node's watchers
             self.shared.presence_set(session.identity, session.id, status)
+            if session.resume_token:
+                self.shared.save_session(session)
         elif changed is not None:
             self._publish_presence(session.identity, changed)
 
@@ -461,6 +556,8 @@ class Hub:
             self._watch(session, ident)
         session.watching = identities
         session.unseen = identities - seen
+        if self.shared is not None and self.sessions.get(session.id) is session:
+            self.shared.save_session(session)
 
     def _watch(self, session: Session, ident: str) -> None:
         w = self.watchers.get(ident)
@@ -552,6 +649,7 @@ class Hub:
         self.bus.unsubscribe(f"room:{name}", session.id)
         if p is not None and self.shared is not None:
             self.shared.leave(name, p.id)
+            self.shared.save_session(session)
         if p is not None:
             self.media.left(session, name)
             self.bus.publish(

@@ -9,10 +9,29 @@ nodes remove a dead node's entries once its heartbeat has expired.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Protocol
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from .rooms import Participant
+
+if TYPE_CHECKING:
+    from .session import Session
+    from .tokens import Claims
+
+
+@dataclass(slots=True, frozen=True)
+class ResumedSession:
+    """A session another node had, taken over to resume it here (``claim_resume``)."""
+
+    sid: str
+    claims: Claims
+    device: str
+    node: str  # the node that had it
+    status: str
+    watching: frozenset[str]
+    #: room -> (its participant, now of this node; whether it was still in the room)
+    rooms: Mapping[str, tuple[Participant, bool]]
 
 
 class SharedState(Protocol):
@@ -57,4 +76,15 @@ class SharedState(Protocol):
 
     async def statuses(self, identities: Iterable[str]) -> dict[str, str]:
         """Each identity's status across the cluster (``offline`` if no device anywhere)."""
+        ...
+
+    def save_session(self, session: Session, drop_token: str = "") -> None:
+        """Keep what another node needs to resume ``session`` (under its resume token; a
+        previous token ``drop_token`` no longer resumes), in the background."""
+
+    def drop_session(self, token: str) -> None:
+        """The session of ``token`` ended: no node may resume it."""
+
+    async def claim_resume(self, token: str) -> ResumedSession | None:
+        """Take the session of resume ``token`` from the node that has it (once), or None."""
         ...

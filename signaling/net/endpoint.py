@@ -293,6 +293,8 @@ class Endpoint:
                 m = parse(msg.data)
                 if m["type"] != "hello":
                     raise ProtocolError("hello_required", "send `hello` first")
+                if hub.shared is not None and "resume" in m:  # a session of another node?
+                    await hub.adopt(m)
                 hub.welcome(conn, m, host.rsplit(":", 1)[0] if host.count(":") == 1 else host)
                 return True
             except ProtocolError as e:

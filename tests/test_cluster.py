@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from processes import Server
@@ -46,14 +47,14 @@ class Cluster:
 
 @contextlib.asynccontextmanager
 async def cluster(
-    tmp_path: Path, servers: list[Server], n: int = 2, extra: str = ""
+    tmp_path: Path, servers: list[Server], n: int = 2, extra: str = "", redis_url: str = REDIS_URL
 ) -> AsyncIterator[Cluster]:
     prefix = "test" + secrets.token_hex(5)
     async with pg_schema() as store_url:
         config = tmp_path / "cluster.toml"
         config.write_text(
             f'[store]\nurl = "{store_url}"\n\n'
-            f'[cluster]\nredis_url = "{REDIS_URL}"\nkey_prefix = "{prefix}"\n'
+            f'[cluster]\nredis_url = "{redis_url}"\nkey_prefix = "{prefix}"\n'
             f"heartbeat_s = {HEARTBEAT_S}\n\n"
             f"[sfu]\nenabled = false\n\n{extra}"
         )
@@ -71,11 +72,12 @@ async def cluster(
             for s in nodes:
                 if s.proc is not None and s.proc.poll() is None:
                     s.stop()
-            r = aioredis.Redis.from_url(REDIS_URL)
-            keys = [k async for k in r.scan_iter(match=f"{prefix}:*", count=1000)]
-            if keys:
-                await r.delete(*keys)
-            await r.aclose()
+            if redis_url == REDIS_URL:
+                r = aioredis.Redis.from_url(REDIS_URL)
+                keys = [k async for k in r.scan_iter(match=f"{prefix}:*", count=1000)]
+                if keys:
+                    await r.delete(*keys)
+                await r.aclose()
 
 
 async def until(cond: Callable[[], Any], timeout: float = 10.0) -> None:
@@ -85,6 +87,18 @@ async def until(cond: Callable[[], Any], timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+async def metric(node: Server, name: str) -> float:
+    """A value of the node's /metrics (``rallypoint_<name>``)."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{node.port}/metrics") as r:
+            text = await r.text()
+    return next(
+        float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith(f"rallypoint_{name} ")
+    )
 
 
 def no_event(c: RallypointClient, type_: str) -> bool:
@@ -329,20 +343,6 @@ async def test_nodes_write_their_entries_again_when_redis_lost_them(
 # -- resuming on another node ----------------------------------------------------------------
 
 
-async def sessions_on(node: Server) -> float:
-    """The node's `sessions` gauge (connected or waiting for a resume)."""
-    import aiohttp
-
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"http://127.0.0.1:{node.port}/metrics") as r:
-            text = await r.text()
-    return next(
-        float(line.split()[1])
-        for line in text.splitlines()
-        if line.startswith("rallypoint_sessions ")
-    )
-
-
 async def test_a_session_resumes_on_another_node(tmp_path: Path, servers: list[Server]) -> None:
     """Alice's connection to node A drops; she resumes with her token on node B: the same
     session, in the same room, watching the same identities; bob (on B) sees no leave or
@@ -377,7 +377,7 @@ async def test_a_session_resumes_on_another_node(tmp_path: Path, servers: list[S
         got = await bob.next_message("room:r")
         assert (got["mid"], got["from"]) == (sent["mid"], "alice")
         assert await bob.watch("alice") == {"alice": "away"}  # her status came along
-        await until_async(lambda: sessions_on(cl.nodes[0]), 0.0)
+        await until_async(lambda: metric(cl.nodes[0], "sessions"), 0.0)
         assert no_event(bob, "participant_left") and no_event(bob, "participant_joined")
         # The token does not resume twice (it was rotated, and the old one taken once).
         late = await cl.client(0, "alice", resume=token)
@@ -430,3 +430,44 @@ async def until_async(read: Callable[[], Any], want: Any, timeout: float = 10.0)
     while (got := await read()) != want:
         assert time.monotonic() < deadline, f"still {got!r}, not {want!r}"
         await asyncio.sleep(0.05)
+
+
+# -- Redis unavailable -----------------------------------------------------------------------
+
+
+async def test_without_redis_rooms_answer_at_once_and_come_back_after(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """On a private redis-server: while it is down a join is answered at once (by the node
+    alone), never after a timeout; once it is back (empty: nothing kept on disk) each node
+    writes its own participants and statuses again, and the other node sees them."""
+    from test_redisbus import PrivateRedis
+
+    redis = PrivateRedis()
+    redis.start()
+    try:
+        await until_async(redis.answers, True)
+        async with cluster(tmp_path, servers, redis_url=redis.url) as cl, asyncio.timeout(60):
+            alice = await cl.client(0, "alice")
+            bob = await cl.client(1, "bob")
+            await bob.contact_request("alice")
+            await alice.contact_accept("bob")
+            a = await alice.join("r")
+
+            redis.kill()
+            await until_async(lambda: metric(cl.nodes[0], "cluster_unavailable"), 1.0)
+            carol = await cl.client(0, "carol")
+            started = time.monotonic()
+            c = await carol.join("r")
+            assert time.monotonic() - started < 1.0  # no Redis timeout in the way
+            assert [p["id"] for p in c["participants"]] == [a["self"]["id"]]  # A's own
+
+            redis.start()
+            await until_async(lambda: metric(cl.nodes[0], "cluster_unavailable"), 0.0)
+            await until_async(lambda: metric(cl.nodes[0], "cluster_reasserts_total"), 1.0)
+            b = await bob.join("r")
+            ids = sorted(p["id"] for p in b["participants"])
+            assert ids == sorted([a["self"]["id"], c["self"]["id"]])
+            assert await bob.watch("alice") == {"alice": "online"}
+    finally:
+        redis.kill()

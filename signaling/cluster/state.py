@@ -41,6 +41,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from ..core.metrics import Metric
 from ..core.rooms import Participant
@@ -248,6 +249,10 @@ return n
 )
 
 
+def _unavailable() -> RedisConnectionError:
+    return RedisConnectionError("the cluster's Redis is unavailable")
+
+
 def _raise_if_cancelled() -> None:
     """redis-py's own timeouts can turn a cancellation that meets them into a
     ``TimeoutError`` (which is also what an outage raises): a task being cancelled stops."""
@@ -303,7 +308,7 @@ class ClusterState:
         self._rooms_of_node = f"{prefix}:noderooms:{node_id}"
         self._devices_of_node = f"{prefix}:nodedevices:{node_id}"
         self._resume_of_node = f"{prefix}:noderesume:{node_id}"
-        self._ops: deque[Callable[[], Awaitable[Any]]] = deque()
+        self._ops: deque[tuple[Callable[[], Awaitable[Any]], asyncio.Future[Any] | None]] = deque()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._dirty = False  # a write was lost: re-assert everything once Redis answers
@@ -346,23 +351,19 @@ class ClusterState:
 
     # -- the writer: this node's changes, in order ------------------------------------------------
 
-    def _queue(self, op: Callable[[], Awaitable[Any]]) -> None:
-        self._ops.append(op)
+    def _queue(
+        self, op: Callable[[], Awaitable[Any]], fut: asyncio.Future[Any] | None = None
+    ) -> None:
+        self._ops.append((op, fut))
         self._wake.set()
 
     async def _call(self, op: Callable[[], Awaitable[Any]]) -> Any:
-        """Run ``op`` in the writer's order and return its result."""
+        """Run ``op`` in the writer's order and return its result; while Redis is known to
+        be unavailable, raise at once (``UNAVAILABLE``) rather than wait for a timeout."""
+        if not self.available:
+            raise _unavailable()
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-
-        async def run() -> None:
-            try:
-                fut.set_result(await op())
-            except BaseException as e:
-                if not fut.done():
-                    fut.set_exception(e)
-                raise
-
-        self._queue(run)
+        self._queue(op, fut)
         return await fut
 
     async def _write_forever(self) -> None:
@@ -370,17 +371,31 @@ class ClusterState:
             await self._wake.wait()
             self._wake.clear()
             while self._ops and not self._closing:
-                op = self._ops.popleft()
+                op, fut = self._ops.popleft()
+                if not self.available:  # fail fast; the heartbeat re-asserts once it is back
+                    self.lost_writes += 1
+                    self._dirty = True
+                    if fut is not None and not fut.done():
+                        fut.set_exception(
+                            RedisConnectionError("the cluster's Redis is unavailable")
+                        )
+                    continue
                 try:
-                    await op()
+                    result = await op()
                 except UNAVAILABLE as e:
                     _raise_if_cancelled()
                     self._lost(e)
-                except ProtocolError:
-                    pass  # answered to the caller
-                except Exception:
-                    self.lost_writes += 1
-                    log.exception("a cluster state write failed")
+                    if fut is not None and not fut.done():
+                        fut.set_exception(e)
+                except Exception as e:
+                    if fut is not None and not fut.done():
+                        fut.set_exception(e)  # the caller's to handle
+                    else:
+                        self.lost_writes += 1
+                        log.exception("a cluster state write failed")
+                else:
+                    if fut is not None and not fut.done():
+                        fut.set_result(result)
 
     def _lost(self, e: BaseException) -> None:
         self.lost_writes += 1
@@ -462,6 +477,8 @@ class ClusterState:
             self._lost(e)
 
     async def room(self, room: str) -> tuple[list[Participant], bool]:
+        if not self.available:
+            return [], False
         key = self._room_key(room)
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
@@ -474,6 +491,8 @@ class ClusterState:
         return [_participant(v) for v in values], bool(locked)
 
     async def participant(self, room: str, pid: str) -> Participant | None:
+        if not self.available:
+            return None
         try:
             raw = await self._redis.hget(self._room_key(room), pid)
         except UNAVAILABLE as e:
@@ -602,7 +621,7 @@ class ClusterState:
 
     async def statuses(self, identities: Iterable[str]) -> dict[str, str]:
         idents = list(identities)
-        if not idents:
+        if not idents or not self.available:
             return {}
         try:
             async with self._redis.pipeline(transaction=False) as pipe:

@@ -27,7 +27,7 @@ from signaling.sdk import RallypointClient
 from signaling.sdk.wsclient import ClientError
 
 REDIS_URL = os.environ.get("RALLYPOINT_TEST_REDIS", "redis://127.0.0.1:6379/0")
-HEARTBEAT_S = 0.2  # the nodes' heartbeat here: a dead node is noticed within ~0.6 s
+HEARTBEAT_S = 0.3  # the nodes' heartbeat here: a dead node is gone for the others within 1.2 s
 
 
 class Cluster:

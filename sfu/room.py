@@ -8,7 +8,9 @@ of a subscriber connection is serialized: a change while an offer is out is fold
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -26,8 +28,16 @@ from aiortc.exceptions import InternalError, InvalidStateError, OperationError
 from aiortc.sdp import SessionDescription
 
 from .bandwidth import BandwidthAllocator
-from .channel import SubscribeOfferEvent, TrackInfo, TrackMeta, WorkerEvent
+from .channel import (
+    RecordStartRequest,
+    SubscribeOfferEvent,
+    TrackInfo,
+    TrackMeta,
+    WorkerEvent,
+)
 from .forward import Counters, DownTrack, UpTrack
+from .recording.manifest import Manifest
+from .recording.recorder import RoomRecorder
 from .rtc import (
     FastSender,
     NeverTrack,
@@ -82,6 +92,8 @@ def _config() -> RTCConfiguration:
 class Participant:
     id: str
     subscribe: bool = True
+    identity: str = ""
+    name: str = ""
     pub: RTCPeerConnection | None = None
     sub: RTCPeerConnection | None = None
     hooks: dict[str, PublisherHooks] = field(default_factory=dict)  # by publisher-side mid
@@ -107,6 +119,7 @@ class Room:
         self.tracks: dict[str, UpTrack] = {}
         self.allocators: dict[str, BandwidthAllocator] = {}
         self.speaker = SpeakerDetector()
+        self.recorder: RoomRecorder | None = None
         self._tasks = TaskSet(self._failed)
 
     # -- helpers -------------------------------------------------------------------------------
@@ -139,10 +152,12 @@ class Room:
 
     # -- membership ----------------------------------------------------------------------------
 
-    def join(self, pid: str, subscribe: bool) -> list[TrackInfo]:
+    def join(
+        self, pid: str, subscribe: bool, identity: str = "", name: str = ""
+    ) -> list[TrackInfo]:
         p = self.participants.get(pid)
         if p is None:
-            p = self.participants[pid] = Participant(pid, subscribe)
+            p = self.participants[pid] = Participant(pid, subscribe, identity, name)
         if subscribe and any(t.publisher != pid for t in self.tracks.values()):
             self._spawn(self._renegotiate(p))
         return self.track_list()
@@ -162,7 +177,75 @@ class Room:
     async def close(self) -> None:
         for pid in list(self.participants):
             await self.leave(pid)
+        rec = self.recorder
+        if rec is not None:
+            self.recorder = None
+            if rec.active:
+                reason = await rec.stop("room_closed")
+                self.emit(
+                    {
+                        "ev": "recording_stopped",
+                        "room": self.name,
+                        "recording": rec.id,
+                        "reason": "room_closed" if reason == "room_closed" else "error",
+                    }
+                )
         await self._tasks.cancel()
+
+    # -- recording -----------------------------------------------------------------------------
+
+    def start_recording(self, req: RecordStartRequest) -> None:
+        """Start recording every (selected) track, present and to come (docs/RECORDING.md)."""
+        if self.recorder is not None:
+            raise MediaError("already_recording", f"room {self.name!r} is being recorded")
+        directory = req["directory"]
+        if not os.path.isabs(directory):
+            raise MediaError("bad_request", "the recording directory must be an absolute path")
+        manifest = Manifest(
+            req["recording"],
+            self.name,
+            directory,
+            by=req["by"],
+            audio_only=req["audio_only"],
+            identities=req["identities"],
+        )
+        rec = RoomRecorder(
+            manifest,
+            max_bytes=req["max_bytes"],
+            loop=asyncio.get_running_loop(),
+            stopped_by_itself=lambda reason: self._recording_stopped(rec, reason),
+        )
+        self.recorder = rec
+        for up in self.tracks.values():
+            self._record(up)
+
+    async def stop_recording(self) -> str:
+        """Stop the recording; returns its id once the final manifest is written."""
+        rec = self.recorder
+        if rec is None:
+            raise MediaError("not_recording", f"room {self.name!r} is not being recorded")
+        self.recorder = None
+        await rec.stop("stopped")
+        return rec.id
+
+    def _record(self, up: UpTrack) -> None:
+        rec = self.recorder
+        p = self.participants.get(up.publisher)
+        if rec is not None and p is not None and rec.wants(up.kind, p.identity):
+            rec.attach(up, p.identity, p.name)
+
+    def _recording_stopped(self, rec: RoomRecorder, reason: str) -> None:
+        """The recording's writer thread stopped by itself (a limit, the disk, an error)."""
+        if self.recorder is rec:
+            self.recorder = None
+        self.emit(
+            {
+                "ev": "recording_stopped",
+                "room": self.name,
+                "recording": rec.id,
+                "reason": reason if reason in ("disk_full", "size_limit") else "error",  # type: ignore[typeddict-item]
+            }
+        )
 
     # -- publishing ----------------------------------------------------------------------------
 
@@ -241,12 +324,15 @@ class Room:
         self.tracks[tid] = up
         if kind == "video":
             self.allocators[tid] = BandwidthAllocator()
+        self._record(up)
         self.emit({"ev": "track_published", "room": self.name, "track": up.info()})
         for other in self.participants.values():
             if other.id != p.id and other.subscribe:
                 self._spawn(self._renegotiate(other))
 
     def _unpublish(self, up: UpTrack) -> None:
+        if self.recorder is not None:
+            self.recorder.detach(up)
         self.tracks.pop(up.id, None)
         self.allocators.pop(up.id, None)
         owner = self.participants.get(up.publisher)
@@ -508,7 +594,10 @@ class Room:
     # -- periodic ------------------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
-        """Every ~250 ms: active speaker, and keyframes for subscribers still waiting."""
+        """Every ~250 ms: the recording's batch, active speaker, and keyframes for subscribers
+        still waiting."""
+        if self.recorder is not None:
+            self.recorder.flush()
         order = self.speaker.tick(now)
         if order is not None:
             self.emit({"ev": "active_speaker", "room": self.name, "speakers": order})

@@ -138,6 +138,8 @@ class GroupCall:
                         "room": room,
                         "participant": s.id,
                         "subscribe": "subscribe" in grants,
+                        "identity": s.identity,
+                        "name": s.name,
                     }
                 )
             )

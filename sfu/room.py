@@ -194,7 +194,7 @@ class Room:
 
     # -- recording -----------------------------------------------------------------------------
 
-    def start_recording(self, req: RecordStartRequest) -> None:
+    async def start_recording(self, req: RecordStartRequest) -> None:
         """Start recording every (selected) track, present and to come (docs/RECORDING.md)."""
         if self.recorder is not None:
             raise MediaError("already_recording", f"room {self.name!r} is being recorded")
@@ -216,6 +216,10 @@ class Room:
             stopped_by_itself=lambda reason: self._recording_stopped(rec, reason),
         )
         self.recorder = rec
+        if not await rec.wait_ready():
+            if self.recorder is rec:
+                self.recorder = None
+            raise MediaError("record_failed", "the recording directory cannot be written")
         for up in self.tracks.values():
             self._record(up)
 

@@ -68,7 +68,7 @@ class Worker:
                 raise MediaError("not_in_room", "nobody is in the room's media: nothing to record")
             raise MediaError("not_in_room", "join the room before sending media")
         if req["op"] == "record_start":
-            room.start_recording(req)
+            await room.start_recording(req)
             return {}
         if req["op"] == "record_stop":
             return {"recording": await room.stop_recording()}

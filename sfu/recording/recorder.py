@@ -78,8 +78,10 @@ class RecordingThread:
         loop: asyncio.AbstractEventLoop,
         request_keyframe: Callable[[str], None],
         finished: Callable[[str], None],
+        started: Callable[[], None],
     ) -> None:
         self.manifest = manifest
+        self.started = started
         self.max_bytes = max_bytes
         self.loop = loop
         self.request_keyframe = request_keyframe
@@ -111,6 +113,7 @@ class RecordingThread:
         try:
             os.makedirs(self.manifest.directory, exist_ok=True)
             self.manifest.write()
+            self._call(self.started)
             reason = self._loop()
         except (OSError, av.FFmpegError) as e:
             log.warning("recording %s: %s", self.manifest.id, e)
@@ -298,10 +301,24 @@ class RoomRecorder:
         self.stopped_by_itself = stopped_by_itself
         self.tracks: dict[str, Recordable] = {}  # track id -> the UpTrack tapped
         self.done: asyncio.Future[str] = loop.create_future()
+        self.ready: asyncio.Future[None] = loop.create_future()
         self.stopping = False
         self._keys = 0
-        self._thread = RecordingThread(manifest, max_bytes, loop, self._keyframe, self._finished)
+        self._thread = RecordingThread(
+            manifest, max_bytes, loop, self._keyframe, self._finished, self._started
+        )
         self._thread.start()
+
+    async def wait_ready(self) -> bool:
+        """Wait until the directory and the first manifest are written; False if that failed
+        (the recording is over then)."""
+        either: list[asyncio.Future[Any]] = [self.ready, self.done]
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        return self.ready.done()
+
+    def _started(self) -> None:
+        if not self.ready.done():
+            self.ready.set_result(None)
 
     @property
     def active(self) -> bool:
@@ -378,5 +395,5 @@ class RoomRecorder:
         self.stopping = True
         if not self.done.done():
             self.done.set_result(reason)
-        if by_itself:
+        if by_itself and self.ready.done():
             self.stopped_by_itself(reason)

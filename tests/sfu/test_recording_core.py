@@ -158,7 +158,7 @@ def test_a_late_repair_within_the_deadline_fills_the_gap(vp8: Clip) -> None:
         a.push(p)
     out = a.pop(packets[59][4])
     assert len(out) < 10  # held back at the gap
-    a.push(late[:4] + (packets[59][4],))  # the RTX repair arrives 0.3 s later
+    a.push((*late[:4], packets[59][4]))  # the RTX repair arrives 0.3 s later
     for p in packets[60:]:
         a.push(p)
     out += a.pop(100.0, final=True)

@@ -5,6 +5,7 @@ clips published into a room, and the files decoded with PyAV afterwards."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import socket
@@ -25,7 +26,7 @@ from media.clip import Clip, ClipSpec, load_clip
 from media.loss import inject_loss
 from media.marker import read_marker
 from media.tracks import EncodedAudioTrack, EncodedVideoTrack, attach_keyframe_requests
-from sfu.channel import Request, read_frame
+from sfu.channel import read_frame
 from sfu.room import MediaError
 from sfu.worker import Worker
 
@@ -249,7 +250,7 @@ def decode_audio(path: Path) -> tuple[list[float], int]:
 
 
 def consecutive(indices: list[int]) -> bool:
-    return all(b == (a + 1) % CLIP_FRAMES for a, b in zip(indices, indices[1:], strict=False))
+    return all(b == (a + 1) % CLIP_FRAMES for a, b in itertools.pairwise(indices))
 
 
 def video_error(vf: VideoFile, start: float, sent: list[float]) -> list[float]:
@@ -422,9 +423,7 @@ async def test_recording_under_loss_stays_decodable(sfu: SfuFactory, tmp_path: P
     (seg,) = track_of(doc, "pa", "video")["segments"]
     vf = decode_video(tmp_path / rec / seg["file"])
     assert vf.corrupt == 0 and len(vf.indices) == seg["frames"]  # every frame decodes
-    gaps = sum(
-        1 for a, b in zip(vf.indices, vf.indices[1:], strict=False) if b != (a + 1) % CLIP_FRAMES
-    )
+    gaps = sum(1 for a, b in itertools.pairwise(vf.indices) if b != (a + 1) % CLIP_FRAMES)
     # NACK/RTX repairs video loss: almost every frame is there.
     print("loss", loss.counts, "frames", seg["frames"], "gaps", gaps)
     assert seg["frames"] >= 4 * FPS - 15

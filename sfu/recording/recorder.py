@@ -36,6 +36,13 @@ log = logging.getLogger("rallypoint.sfu.recording")
 
 VIDEO_RATE: Final = 90000
 AUDIO_RATE: Final = 48000
+#: Space kept aside in the recording's directory while it runs (a file of zeros), freed when it
+#: ends: on a full disk the files still get their trailers and the manifest its last write.
+RESERVE_BYTES: Final = 64 * 1024
+RESERVE_NAME: Final = ".reserve"
+#: Below this much free space the recording stops (disk_full) before a write can fail, so its
+#: files end with their trailers (index, duration).
+MIN_FREE_BYTES: Final = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,19 +117,27 @@ class RecordingThread:
 
     def _run(self) -> None:
         reason = "error"
+        failed = True  # a write failed: the files may lack their ends
         try:
             os.makedirs(self.manifest.directory, exist_ok=True)
+            with open(self._reserve, "wb") as f:
+                f.write(bytes(RESERVE_BYTES))
             self.manifest.write()
             self._call(self.started)
             reason = self._loop()
+            failed = False
         except (OSError, av.FFmpegError) as e:
             log.warning("recording %s: %s", self.manifest.id, e)
             reason = "disk_full" if getattr(e, "errno", None) == errno.ENOSPC else "error"
         except Exception:
             log.exception("recording %s failed", self.manifest.id)
             reason = "error"
-        self._finish(reason, clean=reason in ("stopped", "room_closed", "size_limit"))
+        self._finish(reason, failed=failed)
         self._call(self.finished, reason)
+
+    @property
+    def _reserve(self) -> str:
+        return os.path.join(self.manifest.directory, RESERVE_NAME)
 
     def _loop(self) -> str:
         """Carry out commands until a stop (its reason) or a limit."""
@@ -133,15 +148,15 @@ class RecordingThread:
                 _, key, spec = command
                 self._open(key, spec)
             elif op == "batch":
-                if self._batch(command[1], final=False):
-                    return "size_limit"
+                if reason := self._batch(command[1], final=False):
+                    return reason
             elif op == "close":
                 _, key, packets, reports = command
-                if self._batch([(key, packets, reports)], final=True):
-                    return "size_limit"
+                if reason := self._batch([(key, packets, reports)], final=True):
+                    return reason
                 seg = self.segments.pop(key, None)
                 if seg is not None:
-                    self._close(seg, clean=True)
+                    self._close(seg)
                     self._write_manifest()
             elif op == "stop":
                 return str(command[1])
@@ -160,8 +175,14 @@ class RecordingThread:
             spec, FrameAssembler(spec.codec, keyframe), TrackClock(rate, publisher)
         )
 
-    def _batch(self, items: list[tuple[int, list[Packet], list[Report]]], final: bool) -> bool:
-        """Feed packets and reports; write the frames they complete. True: the size limit."""
+    def _batch(
+        self, items: list[tuple[int, list[Packet], list[Report]]], final: bool
+    ) -> str | None:
+        """Feed packets and reports; write the frames they complete. A reason to stop: the
+        size limit, or a disk about to be full."""
+        st = os.statvfs(self.manifest.directory)
+        if st.f_bavail * st.f_frsize < MIN_FREE_BYTES:
+            return "disk_full"
         now = time.time()
         started = False
         for key, packets, reports in items:
@@ -191,10 +212,10 @@ class RecordingThread:
                 seg.bytes += len(frame.data)
                 self.bytes += len(frame.data)
                 if self.bytes >= self.max_bytes:
-                    return True
+                    return "size_limit"
         if started:
             self._write_manifest()
-        return False
+        return None
 
     def _start(self, seg: _Segment, data: bytes) -> bool:
         """Create the segment's file for its first frame (a keyframe for video)."""
@@ -243,24 +264,41 @@ class RecordingThread:
             self._update(seg)
         self.manifest.write()
 
-    def _close(self, seg: _Segment, clean: bool) -> None:
+    def _close(self, seg: _Segment) -> None:
+        """Close the segment's file; it is complete if that worked (trailer written)."""
         if seg.file is None or seg.entry is None:
             return
+        clean = True
         try:
             seg.file.close()
-            seg.bytes = os.path.getsize(seg.file.path)
         except (OSError, av.FFmpegError) as e:
             log.warning("recording %s: closing %s: %s", self.manifest.id, seg.file.path, e)
             clean = False
+        try:
+            seg.bytes = os.path.getsize(seg.file.path)
+        except OSError:
+            pass
         self._update(seg)
         seg.entry["complete"] = clean
 
-    def _finish(self, reason: str, clean: bool) -> None:
-        """Close every file (keeping what was written playable) and write the last manifest."""
-        for seg in self.segments.values():
-            self._close(seg, clean)
-        self.segments.clear()
+    def _finish(self, reason: str, failed: bool) -> None:
+        """Close every file (keeping what was written playable) and write the last manifest.
+
+        After a failed write the space kept aside is freed and the manifest written first (the
+        segments not complete), as closing the files may take that space again."""
+        try:
+            os.unlink(self._reserve)
+        except OSError:
+            pass
         self.manifest.end(reason)
+        if failed:
+            try:
+                self._write_manifest()
+            except OSError as e:
+                log.warning("recording %s: the final manifest: %s", self.manifest.id, e)
+        for seg in self.segments.values():
+            self._close(seg)
+        self.segments.clear()
         try:
             self.manifest.write()
         except OSError as e:

@@ -10,9 +10,10 @@ import json
 import os
 import socket
 import statistics
+import subprocess
 import time
 from array import array
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -492,3 +493,52 @@ async def test_republished_track_gets_a_second_segment_and_selection_holds(
     for seg in (s1, s2):
         samples, _ = decode_audio(tmp_path / rec / seg["file"])
         assert seg["frames"] >= 40 and abs(len(samples) - seg["frames"] * 960) <= 960
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1.5 MiB tmpfs: a disk that fills up (mounting needs root, as CI and tests/run have)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(disk)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs: {done.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+async def test_full_disk_stops_cleanly_and_forwarding_goes_on(
+    sfu: SfuFactory, small_disk: Path
+) -> None:
+    s = await sfu("vp8")
+    alice = await s.publish("pa", "alice", clip(1))
+    await frames_after(alice, 15, 20)
+    rec = await s.start(small_disk)
+    ev = await s.event("recording_stopped", 30)
+    assert ev == {
+        "ev": "recording_stopped",
+        "room": "call",
+        "recording": rec,
+        "reason": "disk_full",
+    }
+    assert s.uptrack(alice, "video").tap is None and s.worker.rooms[s.room].recorder is None
+    packets = s.worker.counters.packets_in
+    await frames_after(alice, 10, 10)
+    assert s.worker.counters.packets_in > packets  # the room goes on
+    doc = manifest(small_disk, rec)  # the last manifest was written (the reserve was freed)
+    assert doc["stop_reason"] == "disk_full" and doc["ended_at"] is not None
+    assert not (small_disk / rec / ".reserve").exists()
+    # It stopped before a write failed: the files are whole, every frame decodes, in order.
+    (seg,) = track_of(doc, "pa", "video")["segments"]
+    assert seg["complete"] is True
+    vf = decode_video(small_disk / rec / seg["file"])
+    assert vf.corrupt == 0 and consecutive(vf.indices) and len(vf.indices) == seg["frames"] >= 10
+    (aseg,) = track_of(doc, "pa", "audio")["segments"]
+    samples, _ = decode_audio(small_disk / rec / aseg["file"])
+    assert aseg["complete"] and abs(len(samples) - aseg["frames"] * 960) <= 960

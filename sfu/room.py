@@ -37,7 +37,7 @@ from .channel import (
 )
 from .forward import Counters, DownTrack, UpTrack
 from .recording.manifest import Manifest
-from .recording.recorder import RoomRecorder
+from .recording.recorder import MIN_FREE_BYTES, RoomRecorder
 from .rtc import (
     FastSender,
     NeverTrack,
@@ -194,8 +194,11 @@ class Room:
 
     # -- recording -----------------------------------------------------------------------------
 
-    async def start_recording(self, req: RecordStartRequest) -> None:
-        """Start recording every (selected) track, present and to come (docs/RECORDING.md)."""
+    async def start_recording(
+        self, req: RecordStartRequest, *, min_free: int = MIN_FREE_BYTES
+    ) -> None:
+        """Start recording every (selected) track, present and to come (docs/RECORDING.md);
+        it stops when less than ``min_free`` bytes are free on its disk."""
         if self.recorder is not None:
             raise MediaError("already_recording", f"room {self.name!r} is being recorded")
         directory = req["directory"]
@@ -214,6 +217,7 @@ class Room:
             max_bytes=req["max_bytes"],
             loop=asyncio.get_running_loop(),
             stopped_by_itself=lambda reason: self._recording_stopped(rec, reason),
+            min_free=min_free,
         )
         self.recorder = rec
         if not await rec.wait_ready():

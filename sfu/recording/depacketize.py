@@ -209,3 +209,34 @@ def h264_size(sps: bytes) -> tuple[int, int]:
         width -= (left + right) * cx
         height -= (top + bottom) * cy
     return width, height
+
+
+def opus_samples(packet: bytes) -> int:
+    """Samples at 48 kHz in an Opus packet, from its TOC byte (RFC 6716 section 3.1); 960
+    (20 ms) for a packet too short to say."""
+    if not packet:
+        return 960
+    toc = packet[0]
+    config = toc >> 3
+    if config < 12:  # SILK: 10, 20, 40, 60 ms
+        size = (480, 960, 1920, 2880)[config & 3]
+    elif config < 16:  # hybrid: 10, 20 ms
+        size = (480, 960)[config & 1]
+    else:  # CELT: 2.5, 5, 10, 20 ms
+        size = (120, 240, 480, 960)[config & 3]
+    code = toc & 3
+    if code == 0:
+        frames = 1
+    elif code < 3:
+        frames = 2
+    else:
+        if len(packet) < 2:
+            return 960
+        frames = packet[1] & 0x3F
+    return size * frames
+
+
+def opus_lost(previous: bytes) -> bytes:
+    """An Opus packet that stands for one lost frame like ``previous``'s: its TOC byte with
+    code 0 and no frame data, which a decoder conceals (RFC 6716 section 3.2.1)."""
+    return bytes(((previous[0] if previous else 0xF8) & 0xFC,))

@@ -27,7 +27,7 @@ import av
 
 from .assembler import FrameAssembler, Packet
 from .clock import PublisherClock, TrackClock
-from .depacketize import h264_size, vp8_size
+from .depacketize import h264_size, opus_lost, opus_samples, vp8_size
 from .manifest import Manifest
 from .tap import Report, TrackTap
 from .writer import SegmentFile, extension
@@ -43,6 +43,9 @@ RESERVE_NAME: Final = ".reserve"
 #: Below this much free space the recording stops (disk_full) before a write can fail, so its
 #: files end with their trailers (index, duration).
 MIN_FREE_BYTES: Final = 1024 * 1024
+#: Lost Opus packets in a row replaced by concealment packets (10 min at 20 ms); a longer gap
+#: (the publisher stopped sending) stays a gap.
+MAX_CONCEALED: Final = 30_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +68,9 @@ class _Segment:
         self.spec = spec
         self.assembler = assembler
         self.clock = clock
-        self.rate = AUDIO_RATE if spec.kind == "audio" else VIDEO_RATE
+        self.audio = spec.kind == "audio"
+        self.rate = AUDIO_RATE if self.audio else VIDEO_RATE
+        self.last_packet = b""  # the last Opus packet written
         self.file: SegmentFile | None = None
         self.entry: dict[str, Any] | None = None  # its manifest entry, once it has a file
         self.first_ts = 0
@@ -86,8 +91,10 @@ class RecordingThread:
         request_keyframe: Callable[[str], None],
         finished: Callable[[str], None],
         started: Callable[[], None],
+        min_free: int = MIN_FREE_BYTES,
     ) -> None:
         self.manifest = manifest
+        self.min_free = min_free
         self.started = started
         self.max_bytes = max_bytes
         self.loop = loop
@@ -181,7 +188,7 @@ class RecordingThread:
         """Feed packets and reports; write the frames they complete. A reason to stop: the
         size limit, or a disk about to be full."""
         st = os.statvfs(self.manifest.directory)
-        if st.f_bavail * st.f_frsize < MIN_FREE_BYTES:
+        if st.f_bavail * st.f_frsize < self.min_free:
             return "disk_full"
         now = time.time()
         started = False
@@ -204,7 +211,12 @@ class RecordingThread:
                 pts = frame.ts - seg.first_ts
                 if pts <= seg.last_pts:
                     continue  # not after the last frame: a container would refuse it
-                if seg.last_pts >= 0:
+                if seg.audio:
+                    if seg.last_pts >= 0:
+                        self._conceal(seg, pts)
+                    seg.step = opus_samples(frame.data)
+                    seg.last_packet = frame.data
+                elif seg.last_pts >= 0:
                     seg.step = pts - seg.last_pts
                 seg.file.write(frame.data, pts, frame.keyframe, seg.step)
                 seg.last_pts = pts
@@ -216,6 +228,24 @@ class RecordingThread:
         if started:
             self._write_manifest()
         return None
+
+    def _conceal(self, seg: _Segment, pts: int) -> None:
+        """Fill a gap in Opus timestamps (packets lost: audio is not repaired) with packets a
+        decoder conceals, so the Ogg stream stays continuous: players that ignore the gap
+        would otherwise play everything after it early."""
+        assert seg.file is not None
+        filler = opus_lost(seg.last_packet)
+        size = opus_samples(filler)
+        at = seg.last_pts + seg.step
+        count = (pts - at) // size
+        if count <= 0 or count > MAX_CONCEALED:
+            return
+        for _ in range(count):
+            seg.file.write(filler, at, True, size)
+            at += size
+            seg.frames += 1
+        seg.last_pts = at - size
+        seg.step = size
 
     def _start(self, seg: _Segment, data: bytes) -> bool:
         """Create the segment's file for its first frame (a keyframe for video)."""
@@ -328,6 +358,7 @@ class RoomRecorder:
         max_bytes: int,
         loop: asyncio.AbstractEventLoop,
         stopped_by_itself: Callable[[str], None],
+        min_free: int = MIN_FREE_BYTES,
     ) -> None:
         self.manifest = manifest
         self.id = manifest.id
@@ -343,7 +374,7 @@ class RoomRecorder:
         self.stopping = False
         self._keys = 0
         self._thread = RecordingThread(
-            manifest, max_bytes, loop, self._keyframe, self._finished, self._started
+            manifest, max_bytes, loop, self._keyframe, self._finished, self._started, min_free
         )
         self._thread.start()
 

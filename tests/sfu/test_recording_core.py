@@ -16,7 +16,14 @@ from aiortc.codecs.vpx import Vp8Encoder
 from media.clip import Clip, ClipSpec, load_clip
 from sfu.recording.assembler import FrameAssembler, Packet, unwrap
 from sfu.recording.clock import PublisherClock, TrackClock
-from sfu.recording.depacketize import H264Depacketizer, h264_size, vp8_frame, vp8_size
+from sfu.recording.depacketize import (
+    H264Depacketizer,
+    h264_size,
+    opus_lost,
+    opus_samples,
+    vp8_frame,
+    vp8_size,
+)
 from sfu.rtp import NTP_EPOCH_OFFSET
 
 SEQ0 = 65_500  # sequence numbers wrap after 36 packets
@@ -233,3 +240,18 @@ def test_clock_maps_through_sender_reports_with_the_smallest_offset() -> None:
     # RTP timestamp 45000 + 9000 (wrapped past 2**32 since the first report) is 0.1 s later.
     assert video.to_server((1 << 32) + 54000) == pytest.approx(401.1 + 100.005, abs=1e-6)
     assert audio.to_server(7000 + 4800) == pytest.approx(400.3 + 100.005, abs=1e-6)
+
+
+def test_opus_durations_and_concealment_packets() -> None:
+    clip_audio = load_clip(ClipSpec(publisher_id=3, seconds=2.0)).audio
+    assert {opus_samples(p.data) for p in clip_audio} == {960}
+    assert opus_samples(bytes((0b01111_000,))) == 960  # hybrid FB 20 ms, one frame
+    assert opus_samples(bytes((0b00011_001, 0))) == 2 * 2880  # SILK 60 ms, two frames
+    assert opus_samples(bytes((0b11100_011, 3))) == 3 * 120  # CELT 2.5 ms, three frames
+    lost = opus_lost(clip_audio[5].data)
+    assert len(lost) == 1 and opus_samples(lost) == 960
+    # A decoder takes it as a lost frame and conceals it: 20 ms of samples.
+    ctx = av.CodecContext.create("opus", "r")
+    ctx.decode(av.Packet(clip_audio[0].data))
+    (frame,) = ctx.decode(av.Packet(lost))
+    assert frame.samples == 960

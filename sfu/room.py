@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ log = logging.getLogger("rallypoint.sfu.room")
 
 Emit = Callable[[WorkerEvent], None]
 SOURCES = ("camera", "microphone", "screen")
+RECORDING_ID = re.compile(r"rec_[0-9a-f]{16}")
 CODECS = {"vp8": "video/VP8", "h264": "video/H264"}
 
 
@@ -204,6 +206,10 @@ class Room:
         directory = req["directory"]
         if not os.path.isabs(directory):
             raise MediaError("bad_request", "the recording directory must be an absolute path")
+        if not RECORDING_ID.fullmatch(req["recording"]):
+            raise MediaError("bad_request", "a recording id is rec_ and 16 lowercase hex digits")
+        if req["max_bytes"] <= 0:
+            raise MediaError("bad_request", "max_bytes must be positive")
         manifest = Manifest(
             req["recording"],
             self.name,

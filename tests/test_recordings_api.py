@@ -707,3 +707,41 @@ def test_recording_config_defaults() -> None:
     assert cfg.recording == RecordingSection(max_age_days=0)
     assert cfg.recording.max_bytes == 2 * 1024**3 and cfg.recording.max_total_bytes == 20 * 1024**3
     assert cfg.recording.enabled and not cfg.recording.mix and cfg.recording.path == ""
+
+
+# --- the documents ------------------------------------------------------------------------------
+
+SPEC = json.loads((Path(__file__).resolve().parent.parent / "docs" / "openapi.json").read_text())
+
+
+def check_against_spec(schema: str, value: Any) -> None:
+    """``value`` is valid for ``components.schemas[schema]`` of docs/openapi.json."""
+    from jsonschema import Draft202012Validator
+
+    Draft202012Validator(
+        {"$ref": f"#/components/schemas/{schema}", "components": SPEC["components"]}
+    ).validate(value)
+
+
+async def test_answers_match_the_documented_schemas(api: Http, root: Path) -> None:
+    make_recording(root, rec_id(1), mixed={"file": "mixed.webm", "status": "done", "error": None})
+    made, _ = await api.server.app[RECORDINGS].create(room="lobby", by={"api": True})
+    status, body = await api.json("GET", "/api/recordings")
+    assert status == 200 and len(body["recordings"]) == 2
+    check_against_spec("RecordingList", body)
+    for rid in (rec_id(1), made.id):
+        status, body = await api.json("GET", f"/api/recordings/{rid}")
+        check_against_spec("RecordingManifest", body)
+    from jsonschema import ValidationError
+
+    bad_track = {**manifest(rec_id(1))["tracks"][0], "kind": "smell"}
+    with pytest.raises(ValidationError, match="'smell' is not one of"):
+        check_against_spec("RecordingManifest", {**body, "tracks": [bad_track]})
+
+
+def test_documented_error_codes_are_the_servers() -> None:
+    from signaling.net.http_api import API_ERRORS
+
+    assert set(SPEC["components"]["schemas"]["Error"]["properties"]["code"]["enum"]) == set(
+        API_ERRORS
+    )

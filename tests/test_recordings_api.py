@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import shutil
 import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -745,3 +746,24 @@ def test_documented_error_codes_are_the_servers() -> None:
     assert set(SPEC["components"]["schemas"]["Error"]["properties"]["code"]["enum"]) == set(
         API_ERRORS
     )
+
+
+async def test_changes_on_disk_are_seen(api: Http, root: Path) -> None:
+    """Finished recordings are remembered between looks (by their manifest's inode, mtime and
+    size): a rewritten manifest, a directory without one and a removed one are seen all the
+    same, and the storage total counts what is not a recording."""
+    library = api.server.app[RECORDINGS]
+    make_recording(root, rec_id(1))
+    make_recording(root, rec_id(2), ended_at=None)
+    assert [r["id"] for r in (await library.list_page())[0]] == [rec_id(2), rec_id(1)]
+    m = manifest(rec_id(1), room="renamed")
+    (root / rec_id(1) / "manifest.json").write_text(json.dumps(m))
+    (root / rec_id(2) / "t3-s1.webm").write_bytes(WEBM)  # still recording: grows
+    (root / rec_id(3)).mkdir()  # no manifest (yet): not listed, its bytes counted
+    (root / rec_id(3) / "t1-s1.webm").write_bytes(WEBM)
+    found, _ = await library.list_page()
+    assert [(r["id"], r["room"]) for r in found] == [(rec_id(2), "lobby"), (rec_id(1), "renamed")]
+    assert found[0]["bytes"] == bytes_under(root / rec_id(2))
+    assert await library.total_bytes() == bytes_under(root)
+    await asyncio.to_thread(shutil.rmtree, root / rec_id(1))
+    assert [r["id"] for r in (await library.list_page())[0]] == [rec_id(2)]

@@ -407,6 +407,9 @@ class RecordingLibrary:
         self.clock = clock
         self._create_lock = asyncio.Lock()  # admission and creation, one at a time
         self._task: asyncio.Task[None] | None = None
+        # Finished recordings by id, with the (inode, mtime, size) of the manifest they were
+        # read from: a scan reads again only what changed (docs/RECORDING.md, "Access").
+        self._cache: dict[str, tuple[tuple[int, int, int], Stored]] = {}
         # For /metrics: gauges as of the last scan, counters since start.
         self.stored = 0
         self.stored_bytes = 0
@@ -471,6 +474,7 @@ class RecordingLibrary:
         except FileNotFoundError:
             return scan
         other = 0
+        cache: dict[str, tuple[tuple[int, int, int], Stored]] = {}
         with it:
             for entry in it:
                 if not entry.is_dir(follow_symlinks=False):
@@ -478,6 +482,17 @@ class RecordingLibrary:
                 path = Path(entry.path)
                 try:
                     if RECORDING_ID.fullmatch(entry.name):
+                        try:
+                            mst = os.lstat(path / MANIFEST)
+                            key = (mst.st_ino, mst.st_mtime_ns, mst.st_size)
+                        except FileNotFoundError:
+                            key = (0, 0, -1)  # matches no cache entry
+                        cached = self._cache.get(entry.name)
+                        if cached is not None and cached[0] == key:
+                            # Finished and its manifest untouched: its files are as they were.
+                            scan.recordings.append(cached[1])
+                            cache[entry.name] = cached
+                            continue
                         size, last = _usage(path)
                         try:
                             manifest = _read_manifest(path, entry.name)
@@ -486,12 +501,16 @@ class RecordingLibrary:
                             scan.invalid.append(entry.name)
                             other += size
                             continue
-                        scan.recordings.append(Stored(manifest, size, last))
+                        stored = Stored(manifest, size, last)
+                        scan.recordings.append(stored)
+                        if not manifest.busy:
+                            cache[entry.name] = (key, stored)
                     elif _TRASH.fullmatch(entry.name):
                         scan.trash.append(entry.name)
                         other += _tree_bytes(path)
                 except FileNotFoundError:  # deleted while we looked
                     continue
+        self._cache = cache  # one assignment: a concurrent scan sees the old or the new
         return Scan(scan.recordings, other, scan.invalid, scan.trash)
 
     async def list_page(

@@ -31,6 +31,7 @@ from signaling.recording.library import (
     DAY_MS,
     Manifest,
     RecordingError,
+    RecordingLibrary,
     Scan,
     Stored,
     admits,
@@ -457,9 +458,9 @@ async def test_prune_by_age_on_the_running_server(
         auth__api_secret=SECRET,
         recording__path=str(root),
         recording__max_age_days=2,
-        recording__prune_interval_s=0.5,
     )
     api, library = Http(http, server), server.app[RECORDINGS]
+    assert library._task is not None and not library._task.done()  # the periodic pass runs
     now = library.now_ms()
     make_recording(root, rec_id(1), started_at=now - 5 * DAY_MS, ended_at=now - 3 * DAY_MS)
     make_recording(root, rec_id(2), started_at=now - 3 * DAY_MS, ended_at=now - DAY_MS)
@@ -486,6 +487,29 @@ async def test_prune_by_age_on_the_running_server(
         text = await r.text()
     assert "rallypoint_recordings_pruned_total 2.0" in text
     assert re.search(r"^rallypoint_recordings 2\.0$", text, re.M)
+
+
+async def test_the_periodic_pass_prunes(tmp_path: Path) -> None:
+    """The task ``start()`` runs prunes every ``prune_interval_s``, and goes on after a pass
+    that failed."""
+    root = tmp_path / "recs"
+    cfg = RecordingSection(max_age_days=1, prune_interval_s=0.01)
+    library = RecordingLibrary(root, cfg, clock=lambda: NOW / 1000)
+    root.write_bytes(b"")  # not a directory: the first passes fail
+    library.start()
+    try:
+        async with asyncio.timeout(5):
+            while library.prune_failures == 0:
+                await asyncio.sleep(0.01)
+            root.unlink()
+            make_recording(root, rec_id(1), started_at=NOW - 3 * DAY_MS, ended_at=NOW - 2 * DAY_MS)
+            make_recording(root, rec_id(2), started_at=NOW - 3 * DAY_MS, ended_at=NOW)
+            while (root / rec_id(1)).exists():
+                await asyncio.sleep(0.01)
+    finally:
+        await library.close()
+    assert (root / rec_id(2)).exists()
+    assert library.pruned == 1 and library._task is None
 
 
 async def test_start_up_closes_what_a_crash_left_and_prunes(

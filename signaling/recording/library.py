@@ -454,7 +454,7 @@ class RecordingLibrary:
             await asyncio.sleep(self.cfg.prune_interval_s)
             try:
                 await self.prune()
-            except OSError:  # a disk error: say so, try again next time
+            except Exception:  # a disk error (or a bug): say so, try again next time
                 self.prune_failures += 1
                 log.exception("pruning recordings failed")
 

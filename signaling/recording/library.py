@@ -59,6 +59,8 @@ CONTENT_TYPES: Final = {
 }
 SERVABLE_NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,64}\.(webm|ogg|mkv|json)")
 DAY_MS: Final = 86_400_000
+#: A manifest's inode, modification time (ns) and size: changed when the recorder rewrites it.
+_ManifestKey = tuple[int, int, int]
 
 
 class RecordingError(Exception):
@@ -409,7 +411,7 @@ class RecordingLibrary:
         self._task: asyncio.Task[None] | None = None
         # Finished recordings by id, with the (inode, mtime, size) of the manifest they were
         # read from: a scan reads again only what changed (docs/RECORDING.md, "Access").
-        self._cache: dict[str, tuple[tuple[int, int, int], Stored]] = {}
+        self._cache: dict[str, tuple[_ManifestKey, Stored]] = {}
         # For /metrics: gauges as of the last scan, counters since start.
         self.stored = 0
         self.stored_bytes = 0
@@ -468,13 +470,15 @@ class RecordingLibrary:
         return scan
 
     def _scan(self) -> Scan:
-        scan = Scan()
+        recordings: list[Stored] = []
+        invalid: list[str] = []
+        trash: list[str] = []
+        other = 0
+        cache: dict[str, tuple[_ManifestKey, Stored]] = {}
         try:
             it = os.scandir(self.root)
         except FileNotFoundError:
-            return scan
-        other = 0
-        cache: dict[str, tuple[tuple[int, int, int], Stored]] = {}
+            return Scan()
         with it:
             for entry in it:
                 if not entry.is_dir(follow_symlinks=False):
@@ -482,36 +486,45 @@ class RecordingLibrary:
                 path = Path(entry.path)
                 try:
                     if RECORDING_ID.fullmatch(entry.name):
-                        try:
-                            mst = os.lstat(path / MANIFEST)
-                            key = (mst.st_ino, mst.st_mtime_ns, mst.st_size)
-                        except FileNotFoundError:
-                            key = (0, 0, -1)  # matches no cache entry
-                        cached = self._cache.get(entry.name)
-                        if cached is not None and cached[0] == key:
-                            # Finished and its manifest untouched: its files are as they were.
-                            scan.recordings.append(cached[1])
-                            cache[entry.name] = cached
-                            continue
-                        size, last = _usage(path)
-                        try:
-                            manifest = _read_manifest(path, entry.name)
-                        except (OSError, ValueError) as e:
-                            log.debug("recording %s has no usable manifest: %s", entry.name, e)
-                            scan.invalid.append(entry.name)
-                            other += size
-                            continue
-                        stored = Stored(manifest, size, last)
-                        scan.recordings.append(stored)
-                        if not manifest.busy:
-                            cache[entry.name] = (key, stored)
+                        stored = self._look(path, entry.name, cache)
+                        if isinstance(stored, Stored):
+                            recordings.append(stored)
+                        else:
+                            invalid.append(entry.name)
+                            other += stored
                     elif _TRASH.fullmatch(entry.name):
-                        scan.trash.append(entry.name)
+                        trash.append(entry.name)
                         other += _tree_bytes(path)
                 except FileNotFoundError:  # deleted while we looked
                     continue
         self._cache = cache  # one assignment: a concurrent scan sees the old or the new
-        return Scan(scan.recordings, other, scan.invalid, scan.trash)
+        return Scan(recordings, other, invalid, trash)
+
+    def _look(
+        self, path: Path, rec_id: str, cache: dict[str, tuple[_ManifestKey, Stored]]
+    ) -> Stored | int:
+        """The recording in ``path``, or the bytes of a directory without a usable manifest;
+        a finished recording whose manifest is unchanged since the last look is not read
+        again (its files are as they were), and goes into ``cache``."""
+        try:
+            mst = os.lstat(path / MANIFEST)
+            key = (mst.st_ino, mst.st_mtime_ns, mst.st_size)
+        except FileNotFoundError:
+            key = (0, 0, -1)  # matches no cache entry
+        cached = self._cache.get(rec_id)
+        if cached is not None and cached[0] == key:
+            cache[rec_id] = cached
+            return cached[1]
+        size, last = _usage(path)
+        try:
+            manifest = _read_manifest(path, rec_id)
+        except (OSError, ValueError) as e:
+            log.debug("recording %s has no usable manifest: %s", rec_id, e)
+            return size
+        stored = Stored(manifest, size, last)
+        if not manifest.busy:
+            cache[rec_id] = (key, stored)
+        return stored
 
     async def list_page(
         self, *, room: str | None = None, limit: int = 50, cursor: str | None = None

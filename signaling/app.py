@@ -50,6 +50,7 @@ from .net.listener import AddressBook
 from .net.metrics import Metrics
 from .notify.events import MessagePushes
 from .notify.push import PushQueue
+from .recording.library import RecordingLibrary, recordings_root
 from .relations import messages as relations_messages
 from .relations.service import Relations
 from .wire.errors import CloseCode
@@ -65,6 +66,7 @@ ENDPOINT: web.AppKey[Endpoint] = web.AppKey("endpoint", Endpoint)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 PUSH: web.AppKey[PushQueue] = web.AppKey("push", PushQueue)
 ADDRESSES: web.AppKey[AddressBook] = web.AppKey("addresses", AddressBook)
+RECORDINGS: web.AppKey[RecordingLibrary] = web.AppKey("recordings", RecordingLibrary)
 #: The chat store (and device directory and relation store) ``store.url`` selects.
 Store = SqliteStore | PostgresStore
 STORE: web.AppKey[Store] = web.AppKey("store")
@@ -138,6 +140,9 @@ def make_app(cfg: Config) -> web.Application:
     gc_monitor = GcMonitor()
     addresses = AddressBook(cfg.server.max_connections_per_address)  # for net.listener.serve
     turn_metrics = TurnMetrics()
+    recordings = RecordingLibrary(
+        recordings_root(cfg.recording, cfg.server.data_dir), cfg.recording
+    )
 
     # Wiring: who hears about what.
     hub.media = groupcall
@@ -162,7 +167,17 @@ def make_app(cfg: Config) -> web.Application:
     inline = frozenset().union(*(f.inline for f in features))
     endpoint = Endpoint(cfg, hub, proto, handlers, inline, gc_monitor)
     metrics = Metrics(
-        [endpoint, hub, store, calls, push.counters, gc_monitor, addresses, turn_metrics],
+        [
+            endpoint,
+            hub,
+            store,
+            calls,
+            push.counters,
+            gc_monitor,
+            addresses,
+            turn_metrics,
+            recordings,
+        ],
         [groupcall.metrics],
     )
 
@@ -174,6 +189,7 @@ def make_app(cfg: Config) -> web.Application:
     app[PUSH] = push
     app[ADDRESSES] = addresses
     app[STORE] = store
+    app[RECORDINGS] = recordings
 
     # Start-up and shutdown, in order; each stops only if it started.
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -191,6 +207,13 @@ def make_app(cfg: Config) -> web.Application:
         await asyncio.gather(sweeper, return_exceptions=True)
         gc_monitor.uninstall()
 
+    async def recordings_ctx(app: web.Application) -> AsyncIterator[None]:
+        # Before the SFU starts: what a previous run left unfinished is closed first.
+        await recordings.open()
+        recordings.start()
+        yield
+        await recordings.close()
+
     async def media_ctx(app: web.Application) -> AsyncIterator[None]:
         await groupcall.start()
         yield
@@ -206,6 +229,7 @@ def make_app(cfg: Config) -> web.Application:
 
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(runtime_ctx)
+    app.cleanup_ctx.append(recordings_ctx)
     app.cleanup_ctx.append(media_ctx)
     app.cleanup_ctx.append(services_ctx)
     if cfg.turn.enabled and secret:
@@ -224,7 +248,7 @@ def make_app(cfg: Config) -> web.Application:
     else:  # public in open mode (loopback by default); the API credentials in token mode
         app.router.add_get("/metrics", metrics.handler(hub, protected=not cfg.open_mode))
     web_page.setup(app)
-    http_api.setup(app, http_api.Api(hub, chat, store, store, relations))
+    http_api.setup(app, http_api.Api(hub, chat, store, store, relations, recordings))
     return app
 
 

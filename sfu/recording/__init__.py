@@ -1,0 +1,1 @@
+"""Recording group calls without transcoding (see docs/RECORDING.md)."""

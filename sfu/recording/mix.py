@@ -37,6 +37,7 @@ from typing import Any
 import av
 import av.error
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from sfu.recording.mixplan import (
     SAMPLE_RATE,
@@ -63,8 +64,11 @@ VIDEO_BIT_RATE = 1_500_000
 AUDIO_BIT_RATE = 64_000
 BLACK = (16, 128, 128)
 CPU_SECONDS_BASE = 60.0
-CPU_SECONDS_PER_SECOND = 2.0
-"""Default CPU budget: base + this per second of timeline (measured cost: docs/RECORDING.md)."""
+CPU_SECONDS_PER_SECOND = 1.0
+CPU_SECONDS_PER_VIDEO_SECOND = 0.5
+"""Default CPU budget: base, plus per second of timeline 1 s and 0.5 s per participant with
+video: over ten times the measured cost (docs/RECORDING.md), to catch a job that runs away,
+not a slow machine."""
 
 SHORT_BY = 1.0
 """Seconds a complete segment's frames may end before its declared end without a note."""
@@ -77,6 +81,10 @@ class MixFailed(Exception):
 
 
 class _CpuLimit(Exception):
+    pass
+
+
+class _Stopped(Exception):
     pass
 
 
@@ -275,6 +283,9 @@ class Canvas:
         self.v = self.buffer[n + n // 4 :].reshape(HEIGHT // 2, WIDTH // 2)
         self.y[:], self.u[:], self.v[:] = BLACK
         self._shown: dict[str, object] = {}
+        # One scaler per cell: it keeps its swscale context while the size stays the same.
+        self._scalers: dict[str, VideoReformatter] = {}
+        self._sizes: dict[str, tuple[int, int] | None] = {}
         for cell in cells:
             if not cell.video:
                 draw_label(*self._planes(cell), cell.identity or cell.participant, cell.name)
@@ -294,11 +305,16 @@ class Canvas:
             return
         self._shown[cell.participant] = frame
         py, pu, pv = self._planes(cell)
-        py[:], pu[:], pv[:] = BLACK
-        if frame is None:
+        size = fit(frame.width, frame.height, cell.rect.w, cell.rect.h) if frame else None
+        if size is None or self._sizes.get(cell.participant) != size:
+            py[:], pu[:], pv[:] = BLACK  # the bars around a picture of another shape
+            self._sizes[cell.participant] = size
+        if frame is None or size is None:
             return
-        w, h = fit(frame.width, frame.height, cell.rect.w, cell.rect.h)
-        flat = frame.reformat(width=w, height=h, format="yuv420p").to_ndarray().reshape(-1)
+        w, h = size
+        scaler = self._scalers.setdefault(cell.participant, VideoReformatter())
+        scaled = scaler.reformat(frame, width=w, height=h, format="yuv420p", interpolation="AREA")
+        flat = scaled.to_ndarray().reshape(-1)
         ox, oy = ((cell.rect.w - w) // 2) & ~1, ((cell.rect.h - h) // 2) & ~1
         n, c = w * h, (w // 2) * (h // 2)
         py[oy : oy + h, ox : ox + w] = flat[:n].reshape(h, w)
@@ -355,9 +371,9 @@ def _write(
             v_out.width, v_out.height, v_out.pix_fmt = WIDTH, HEIGHT, "yuv420p"
             v_out.bit_rate = VIDEO_BIT_RATE
             v_out.thread_count = 1
-            # Realtime speed: a recording is watched at meeting quality, and the job's cost
-            # is mostly this encoder (docs/RECORDING.md has the numbers).
-            v_out.options = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}
+            # The encoder is most of the job's cost. "good" at cpu-used 5 costs 58% of
+            # "realtime" at 8 for about the same PSNR on a grid (measured: RECORDING.md).
+            v_out.options = {"deadline": "good", "cpu-used": "5"}
             canvas = Canvas(cells)
         limiter = Limiter()
         tick = 0
@@ -449,6 +465,10 @@ def _on_cpu_limit(signum: int, frame: FrameType | None) -> None:
     raise _CpuLimit
 
 
+def _on_stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stopped
+
+
 def run(directory: Path, cpu_seconds: float | None = None) -> int:
     """The job: returns the exit code (see the module docstring)."""
     try:
@@ -458,12 +478,18 @@ def run(directory: Path, cpu_seconds: float | None = None) -> int:
         return 2
     budget = cpu_seconds
     if budget is None:
-        budget = CPU_SECONDS_BASE + CPU_SECONDS_PER_SECOND * p.duration
+        videos = sum(1 for c in p.cells if c.video)
+        per_second = CPU_SECONDS_PER_SECOND + CPU_SECONDS_PER_VIDEO_SECOND * videos
+        budget = CPU_SECONDS_BASE + per_second * p.duration
     # The kernel's limit backs the loop's own check up, for a decoder stuck in one call:
     # SIGXCPU (-> failed) a little later, SIGKILL later still (the manifest stays pending).
     soft = int(budget) + 10
     resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 10))
     signal.signal(signal.SIGXCPU, _on_cpu_limit)
+    # Stopped (e.g. the server shutting down): say so in the manifest, so that it does not
+    # stay pending and a later run may start again.
+    signal.signal(signal.SIGTERM, _on_stop)
+    signal.signal(signal.SIGINT, _on_stop)
 
     name = "mixed.ogg" if p.audio_only else "mixed.webm"
     # One job per recording: a lock on the directory itself (no lock file to list or clean
@@ -481,9 +507,11 @@ def run(directory: Path, cpu_seconds: float | None = None) -> int:
         partial = directory / f".{name}.part"
         try:
             notes = mix(directory, p, partial, budget)
-        except (MixFailed, _CpuLimit, *_DECODE_ERRORS) as e:
+        except (MixFailed, _CpuLimit, _Stopped, *_DECODE_ERRORS) as e:
             if isinstance(e, _CpuLimit):
                 error = f"gave up after {budget:.0f} s of CPU"
+            elif isinstance(e, _Stopped):
+                error = "stopped by a signal"
             elif isinstance(e, MixFailed):
                 error = str(e)
             else:
@@ -493,6 +521,11 @@ def run(directory: Path, cpu_seconds: float | None = None) -> int:
             set_mixed(directory, name, "failed", error[:500])
             print(f"mix: {directory.name}: {error}", file=sys.stderr)
             return 1
+        except Exception as e:  # a bug: fail the mix in the manifest, then the traceback
+            with contextlib.suppress(OSError):
+                partial.unlink()
+            set_mixed(directory, name, "failed", f"internal error ({type(e).__name__})")
+            raise
         os.replace(partial, directory / name)
         set_mixed(directory, name, "done", "; ".join(notes)[:500] if notes else None)
         if notes:
@@ -511,11 +544,18 @@ def main(argv: list[str] | None = None) -> int:
         "--cpu-seconds",
         type=float,
         default=None,
-        help="give up after this much CPU time (default: 60 + 2 per second of recording)",
+        help="give up after this much CPU time (default: 60, plus 1 and 0.5 per participant"
+        " with video for each second of recording)",
     )
     args = parser.parse_args(argv)
     os.nice(19)  # a background job: the media workers and signaling come first
-    return run(args.directory, args.cpu_seconds)
+    try:
+        return run(args.directory, args.cpu_seconds)
+    except (_Stopped, _CpuLimit, OSError) as e:
+        # Outside the mix itself: a signal between two steps, or the manifest not writable.
+        what = _reason(e) if isinstance(e, OSError) else "stopped"
+        print(f"mix: {args.directory.name}: {what}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,14 @@ BLACK = (16, 128, 128)
 # --- building recordings ---------------------------------------------------------------
 
 
+def solid(colour: tuple[int, int, int], w: int = 320, h: int = 240) -> av.VideoFrame:
+    planes = np.empty(w * h * 3 // 2, dtype=np.uint8)
+    planes[: w * h] = colour[0]
+    planes[w * h : w * h * 5 // 4] = colour[1]
+    planes[w * h * 5 // 4 :] = colour[2]
+    return av.VideoFrame.from_ndarray(planes.reshape(h * 3 // 2, w), format="yuv420p")
+
+
 def write_video(
     path: Path, codec: str, colours: list[tuple[float, tuple[int, int, int]]], seconds: float
 ) -> int:
@@ -58,16 +67,33 @@ def write_video(
             stream.options = {"deadline": "realtime", "cpu-used": "8"}
         n = round(seconds * fps)
         for i in range(n):
-            colour = [c for t, c in colours if t <= i / fps][-1]
-            planes = np.empty(320 * 240 * 3 // 2, dtype=np.uint8)
-            planes[: 320 * 240] = colour[0]
-            planes[320 * 240 : 320 * 240 * 5 // 4] = colour[1]
-            planes[320 * 240 * 5 // 4 :] = colour[2]
-            frame = av.VideoFrame.from_ndarray(planes.reshape(360, 320), format="yuv420p")
+            frame = solid([c for t, c in colours if t <= i / fps][-1])
             frame.pts, frame.time_base = i, Fraction(1, fps)
             out.mux(stream.encode(frame))
         out.mux(stream.encode(None))
     return n
+
+
+def write_resized_vp8(path: Path, parts: list[tuple[int, int, tuple[int, int, int]]]) -> int:
+    """VP8 WebM at 15 fps whose picture size changes, as a WebRTC sender's does under
+    congestion: one second of each ``(width, height, colour)``, each from a keyframe."""
+    packets: list[av.Packet] = []
+    for w, h, colour in parts:
+        encoder = av.CodecContext.create("libvpx", "w")
+        encoder.width, encoder.height, encoder.pix_fmt = w, h, "yuv420p"
+        encoder.time_base, encoder.bit_rate = Fraction(1, 15), 300_000
+        for i in range(15):
+            frame = solid(colour, w, h)
+            frame.pts = i
+            packets.extend(encoder.encode(frame))
+        packets.extend(encoder.encode(None))
+    with av.open(str(path), "w", format="webm") as out:
+        stream = out.add_mux_stream("vp8", rate=15, width=parts[0][0], height=parts[0][1])
+        for i, packet in enumerate(packets):
+            packet.stream, packet.time_base = stream, Fraction(1, 15)
+            packet.pts = packet.dts = i
+            out.mux(packet)
+    return len(packets)
 
 
 def write_tone(path: Path, freq: float, seconds: float) -> int:
@@ -401,6 +427,116 @@ def test_unusable_manifest_leaves_it_alone(
     assert result.returncode == 2
     assert message in result.stderr and result.stderr.count("\n") == 1
     assert (recording / "manifest.json").read_bytes() == before
+
+
+def one_person(directory: Path, tracks: list[Any], end: float) -> Path:
+    m = manifest(tracks, end)
+    m["participants"] = m["participants"][:1]
+    (directory / "manifest.json").write_text(json.dumps(m))
+    return directory
+
+
+def test_screen_before_camera_and_gaps_between_segments(tmp_path: Path) -> None:
+    """Alice's camera in two segments with a gap (black between them), and a screen share
+    that takes her cell while it runs."""
+    d = tmp_path / "rec_00000000000000bb"
+    d.mkdir()
+    cam1 = write_video(d / "t1-s1.webm", "vp8", [(0, RED)], 1.0)
+    cam2 = write_video(d / "t1-s2.webm", "vp8", [(0, RED)], 1.0)
+    screen = write_video(d / "t2-s1.mkv", "h264", [(0, GREEN)], 0.6)
+    one_person(
+        d,
+        [
+            track(
+                0,
+                "pA",
+                "video",
+                "camera",
+                "vp8",
+                segment("t1-s1.webm", 0.0, 1.0, cam1),
+                segment("t1-s2.webm", 2.0, 1.0, cam2),
+            ),
+            track(1, "pA", "video", "screen", "h264", segment("t2-s1.mkv", 2.3, 0.6, screen)),
+        ],
+        3.0,
+    )
+    result = run_mix(d)
+    assert result.returncode == 0, result.stderr
+    frames = decode_video(d / "mixed.webm")
+    whole = Rect(0, 0, 1280, 720)
+    seen = [(t, colour_at(planes, whole)) for t, planes in frames]
+    for t, expected in [(0.5, RED), (1.5, BLACK), (2.1, RED), (2.5, GREEN), (2.95, RED)]:
+        colour = min(seen, key=lambda s: abs(s[0] - t))[1]
+        assert near(colour, expected), (t, colour)
+
+
+def test_picture_size_changes_within_a_segment(tmp_path: Path) -> None:
+    """A 4:3 picture, then a 4:1 one: each scaled into the cell keeping its aspect ratio, with
+    black bars where it does not reach (and none left over from the previous size)."""
+    d = tmp_path / "rec_00000000000000cc"
+    d.mkdir()
+    count = write_resized_vp8(d / "t1-s1.webm", [(320, 240, RED), (640, 160, BLUE)])
+    one_person(
+        d, [track(0, "pA", "video", "camera", "vp8", segment("t1-s1.webm", 0.0, 2.0, count))], 2.0
+    )
+    result = run_mix(d)
+    assert result.returncode == 0, result.stderr
+    frames = decode_video(d / "mixed.webm")
+    first = min(frames, key=lambda f: abs(f[0] - 0.5))[1]
+    second = min(frames, key=lambda f: abs(f[0] - 1.5))[1]
+    middle, side, top = Rect(600, 320, 80, 80), Rect(20, 320, 80, 80), Rect(600, 40, 80, 80)
+    # 320x240 -> 960x720 from x = 160; 640x160 -> 1280x320 from y = 200.
+    assert near(colour_at(first, middle), RED) and near(colour_at(first, side), BLACK)
+    assert near(colour_at(second, middle), BLUE) and near(colour_at(second, side), BLUE)
+    assert near(colour_at(second, top), BLACK)
+
+
+def test_one_job_per_recording(recording: Path) -> None:
+    import fcntl
+    import os
+
+    before = (recording / "manifest.json").read_bytes()
+    fd = os.open(recording, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = run_mix(recording)
+    finally:
+        os.close(fd)
+    assert result.returncode == 2
+    assert "another mix of this recording is running" in result.stderr
+    assert (recording / "manifest.json").read_bytes() == before
+
+
+def test_stopped_job_says_so_and_runs_at_low_priority(recording: Path) -> None:
+    """SIGTERM (a server shutting down) leaves the manifest failed, not pending forever."""
+    m = json.loads((recording / "manifest.json").read_text())
+    m["tracks"][1]["segments"][0]["duration"] = 600.0  # ten minutes to mix: time to stop it
+    m["ended_at"] = STARTED_AT + 600_000
+    (recording / "manifest.json").write_text(json.dumps(m))
+    job = subprocess.Popen(
+        [*MIX, str(recording)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while mixed_of(recording) is None:
+            assert time.monotonic() < deadline and job.poll() is None
+            time.sleep(0.02)
+        assert mixed_of(recording)["status"] == "pending"
+        nice = int(Path(f"/proc/{job.pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+        assert nice == 19
+        job.terminate()
+        _, err = job.communicate(timeout=30)
+    finally:
+        job.kill()
+        job.wait()
+    assert job.returncode == 1
+    assert err.strip().endswith("stopped by a signal") and err.count("\n") == 1
+    assert mixed_of(recording) == {
+        "file": "mixed.webm",
+        "status": "failed",
+        "error": "stopped by a signal",
+    }
+    assert not (recording / "mixed.webm").exists() and not list(recording.glob(".*"))
 
 
 def test_missing_directory(tmp_path: Path) -> None:

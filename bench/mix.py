@@ -5,7 +5,8 @@ Builds a recording of ``--seconds`` (default 60): four participants, each with a
 WebM, two in H.264 Matroska, the pre-encoded clips of ``media.clip`` looped) and an Opus
 microphone (a tone; the fourth joins 5 s late), then runs the job as the server would
 (``python -P -m sfu.recording.mix DIR``, so at nice 19) and measures its CPU time (user +
-system, from the child's rusage) and wall time.
+system, from the child's rusage), wall time and peak memory (max RSS). The baseline, in the
+same run: the CPU time of only decoding every segment (what any mix must do), in this process.
 
     python bench/mix.py [--seconds 60] [--keep DIR]
 
@@ -125,6 +126,18 @@ def build(directory: Path, seconds: float) -> None:
     (directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
+def decode_only(directory: Path) -> float:
+    """CPU seconds to decode every segment of the recording, and nothing else."""
+    start = time.process_time()
+    for path in sorted(directory.glob("t*-s*.*")):
+        with av.open(str(path)) as container:
+            stream = container.streams[0]
+            stream.codec_context.thread_count = 1
+            for _ in container.decode(stream):
+                pass
+    return time.process_time() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=60.0)
@@ -151,10 +164,14 @@ def main() -> None:
     if result.returncode != 0:
         sys.exit(f"mix failed: {result.stderr.strip()}")
     user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+    rss_mb = after.ru_maxrss / 1024
+    decode = decode_only(directory)
     size = (directory / "mixed.webm").stat().st_size
     per_minute = (user + system) * 60 / args.seconds
     print(f"mix: {user:.1f} s user + {system:.1f} s system CPU, {wall:.1f} s wall")
     print(f"= {per_minute:.1f} s of CPU per minute of call; mixed.webm {size / 1e6:.1f} MB")
+    print(f"peak memory (max RSS) {rss_mb:.0f} MB")
+    print(f"baseline, decoding every segment only: {decode:.1f} s of CPU")
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     print(
         json.dumps(
@@ -165,6 +182,8 @@ def main() -> None:
                 "wall": round(wall, 2),
                 "cpu_per_minute": round(per_minute, 2),
                 "bytes": size,
+                "max_rss_mb": round(rss_mb),
+                "decode_only_cpu": round(decode, 2),
             }
         )
     )

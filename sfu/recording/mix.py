@@ -70,6 +70,8 @@ CPU_SECONDS_PER_VIDEO_SECOND = 0.5
 video: over ten times the measured cost (docs/RECORDING.md), to catch a job that runs away,
 not a slow machine."""
 
+MAX_BAD_RUN = 100
+"""Packets in a row that fail to decode before the rest of a segment is given up."""
 SHORT_BY = 1.0
 """Seconds a complete segment's frames may end before its declared end without a note."""
 
@@ -105,6 +107,8 @@ class _Decoded:
         self._notes = notes
         self._frames: Generator[tuple[float, Any]] | None = None
         self.decoded = 0
+        self.bad = 0
+        """Packets that did not decode."""
         self.last = segment.start
         self.ended = False
 
@@ -118,6 +122,8 @@ class _Decoded:
         except StopIteration:
             item = None
             seg = self.segment
+            if self.bad:
+                self._notes.append(f"{seg.file}: {self.bad} damaged frames left out")
             if seg.complete and self.decoded and self.last < seg.end - SHORT_BY:
                 done, declared = self.last - seg.start, seg.duration
                 self._notes.append(f"{seg.file}: ends at {done:.1f} s of {declared:.1f} s")
@@ -155,18 +161,34 @@ class _Decoded:
                 raise ValueError(f"no {seg.kind} stream")
             stream: Any = streams[0]
             stream.codec_context.thread_count = 1
-            first: float | None = None
-            frame: Any
-            for frame in container.decode(stream):
-                t = frame.time
-                if t is None:
+            # The file's time 0 is its first packet (the manifest's `start`), even if that
+            # packet does not decode.
+            origin: float | None = None
+            if stream.start_time is not None:
+                origin = float(stream.start_time * stream.time_base)
+            bad_run = 0
+            for packet in container.demux(stream):
+                try:
+                    frames = packet.decode()
+                except av.error.InvalidDataError:
+                    # One damaged frame costs that frame (and what refers to it until the
+                    # next keyframe), not the rest of the segment; a long run of them ends it.
+                    self.bad += 1
+                    bad_run += 1
+                    if bad_run > MAX_BAD_RUN:
+                        raise
                     continue
-                if first is None:
-                    first = t
-                at = seg.start + (t - first)
-                if at > seg.cap:
-                    return
-                yield at, frame
+                bad_run = 0
+                for frame in frames:
+                    t = frame.time
+                    if t is None:
+                        continue
+                    if origin is None:
+                        origin = t
+                    at = seg.start + (t - origin)
+                    if at > seg.cap:
+                        return
+                    yield at, frame
 
 
 def _reason(e: Exception) -> str:
@@ -334,6 +356,8 @@ def mix(directory: Path, p: Plan, output: Path, cpu_seconds: float) -> list[str]
 
     Raises :class:`MixFailed` when nothing could be decoded or the CPU budget ran out.
     """
+    if not p.segments:
+        raise MixFailed("the recording holds no segments")
     notes: list[str] = []
     deadline = time.process_time() + cpu_seconds
     videos = {
@@ -551,9 +575,11 @@ def main(argv: list[str] | None = None) -> int:
     os.nice(19)  # a background job: the media workers and signaling come first
     try:
         return run(args.directory, args.cpu_seconds)
-    except (_Stopped, _CpuLimit, OSError) as e:
-        # Outside the mix itself: a signal between two steps, or the manifest not writable.
-        what = _reason(e) if isinstance(e, OSError) else "stopped"
+    except (_Stopped, _CpuLimit, OSError, ManifestError) as e:
+        # Outside the mix itself: a signal between two steps, or the manifest not writable
+        # (or changed under it).
+        what = str(e) if isinstance(e, ManifestError) else "stopped"
+        what = _reason(e) if isinstance(e, OSError) else what
         print(f"mix: {args.directory.name}: {what}", file=sys.stderr)
         return 1
 

@@ -243,14 +243,14 @@ def fit(width: int, height: int, cell_w: int, cell_h: int) -> tuple[int, int]:
 
 class Limiter:
     """Clipping protection for a sum of voices: a gain that drops at once to keep each 160
-    sample chunk's peak under :attr:`CEILING` and recovers over about 100 ms, ramped
+    sample chunk's peak under :attr:`CEILING` and recovers (time constant ~70 ms), ramped
     linearly within a chunk (no steps, so no clicks); a hard clip behind it catches what a
     ramp lets through. Stateful across calls, so blocks of any size join up."""
 
     CEILING = 0.98
     CHUNK = 160
     RELEASE = 0.05
-    """Fraction of the way back to unity gain per chunk (3.3 ms): ~100 ms to recover."""
+    """Fraction of the way back to unity gain per chunk (3.3 ms)."""
 
     def __init__(self) -> None:
         self.gain = 1.0

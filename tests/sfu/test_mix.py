@@ -342,6 +342,33 @@ def test_a_corrupt_and_a_missing_file_are_skipped_and_named(recording: Path) -> 
     assert levels[0] > 0.25 and levels[1] < 0.02
 
 
+def test_damaged_frames_are_left_out_and_the_rest_kept(recording: Path) -> None:
+    """Three frames in the middle of Alice's camera that do not decode: left out, noted, and
+    her picture goes on after them (not cut at the first error)."""
+    path = recording / "t1-s1.webm"
+    with av.open(str(path)) as c:
+        packets = [(bytes(p), p.is_keyframe) for p in c.demux(video=0) if p.size]
+    with av.open(str(path), "w", format="webm") as out:
+        stream = out.add_mux_stream("vp8", rate=15, width=320, height=240)
+        for i, (data, key) in enumerate(packets):
+            packet = av.Packet(b"\xff" * 50 if 10 <= i < 13 else data)
+            packet.stream, packet.time_base = stream, Fraction(1, 15)
+            packet.pts = packet.dts = i
+            packet.is_keyframe = key
+            out.mux(packet)
+    result = run_mix(recording)
+    assert result.returncode == 0, result.stderr
+    assert mixed_of(recording) == {
+        "file": "mixed.webm",
+        "status": "done",
+        "error": "t1-s1.webm: 3 damaged frames left out",
+    }
+    frames = decode_video(recording / "mixed.webm")
+    alice = CELLS[0]
+    late = min(frames, key=lambda f: abs(f[0] - 2.8))[1]
+    assert near(colour_at(late, alice), GREEN)
+
+
 def test_a_truncated_file_gives_what_it_holds(recording: Path) -> None:
     """A segment cut short (a crash while writing): its frames up to the cut, then black."""
     data = (recording / "t1-s1.webm").read_bytes()

@@ -96,8 +96,23 @@ def write_resized_vp8(path: Path, parts: list[tuple[int, int, tuple[int, int, in
     return len(packets)
 
 
-def write_tone(path: Path, freq: float, seconds: float) -> int:
-    """``seconds`` of a sine at ``freq`` Hz (amplitude 0.4) as Opus in Ogg. Packets."""
+def write_tone(
+    path: Path, freq: float, seconds: float, gap: tuple[float, float] | None = None
+) -> int:
+    """``seconds`` of a sine at ``freq`` Hz (amplitude 0.4) as Opus in Ogg. Packets.
+
+    ``gap=(at, length)``: no packets for ``length`` seconds from ``at`` (the timestamps jump,
+    as with discontinuous transmission), the tone going on after it."""
+    jump_at = round(gap[0] * SAMPLE_RATE) if gap else None
+    jump = round(gap[1] * SAMPLE_RATE) if gap else 0
+
+    def shifted(packets: list[av.Packet]) -> list[av.Packet]:
+        for p in packets:
+            if jump_at is not None and p.pts is not None and p.pts >= jump_at:
+                p.pts += jump
+                p.dts = p.pts
+        return packets
+
     with av.open(str(path), "w", format="ogg") as out:
         stream = out.add_stream("libopus", rate=SAMPLE_RATE, layout="mono")
         t = np.arange(round(seconds * SAMPLE_RATE)) / SAMPLE_RATE
@@ -108,8 +123,8 @@ def write_tone(path: Path, freq: float, seconds: float) -> int:
             )
             frame.sample_rate, frame.pts = SAMPLE_RATE, start
             frame.time_base = Fraction(1, SAMPLE_RATE)
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode(None))
+            out.mux(shifted(stream.encode(frame)))
+        out.mux(shifted(stream.encode(None)))
     return len(wave) // 960
 
 
@@ -433,6 +448,23 @@ def test_audio_only_recording_gives_ogg(media: Path, tmp_path: Path) -> None:
     )
     assert early[0] > 0.25 and early[1] < 0.02
     assert late[0] > 0.25 and late[1] > 0.25
+
+
+def test_a_gap_in_the_audio_keeps_its_place(tmp_path: Path) -> None:
+    """No packets for a second (discontinuous transmission): silence there, and what comes
+    after it at its own time, not moved up to close the gap."""
+    d = tmp_path / "rec_00000000000000dd"
+    d.mkdir()
+    count = write_tone(d / "t1-s1.ogg", 440, 2.0, gap=(1.0, 1.0))
+    tracks = [track(0, "pA", "audio", "microphone", "opus", segment("t1-s1.ogg", 0.5, 3.0, count))]
+    (d / "manifest.json").write_text(json.dumps(manifest(tracks, 3.5, audio_only=True)))
+    result = run_mix(d)
+    assert result.returncode == 0, result.stderr
+    samples = decode_audio(d / "mixed.ogg")
+    assert len(samples) >= 3.45 * SAMPLE_RATE
+    for start, end, level in [(0.1, 0.4, 0), (0.6, 1.4, 0.4), (1.6, 2.4, 0), (2.6, 3.4, 0.4)]:
+        (measured,) = tone_levels(samples, start, end, [440])
+        assert abs(measured - level) < 0.05, (start, measured)
 
 
 @pytest.mark.parametrize(

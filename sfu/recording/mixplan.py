@@ -77,9 +77,11 @@ class Rect:
 
 @dataclass(frozen=True, slots=True)
 class Cell:
-    """A participant's place in the grid."""
+    """A person's place in the grid: one participant, or several of one identity one after
+    the other (someone who left and came back)."""
 
     participant: str
+    """The cell's first participant id."""
     identity: str
     name: str
     rect: Rect
@@ -131,6 +133,7 @@ def plan(manifest: Any, width: int = 1280, height: int = 720) -> Plan:
     video: dict[str, list[Segment]] = {}
     audio: list[Segment] = []
     order: list[str] = []
+    spans: dict[str, tuple[float, float]] = {}
     for i, t in enumerate(tracks):
         where = f"manifest: tracks[{i}]"
         pid = _text(t, "participant", where)
@@ -147,24 +150,45 @@ def plan(manifest: Any, width: int = 1280, height: int = 720) -> Plan:
             continue
         if pid not in order:
             order.append(pid)
+        first, last = spans.get(pid, (math.inf, 0.0))
+        spans[pid] = (
+            min([first] + [s.start for s in parsed]),
+            max([last] + [s.end for s in parsed]),
+        )
         if kind == "video":
             video.setdefault(pid, []).extend(parsed)
         else:
             audio.extend(parsed)
 
-    # Grid order: the manifest's participants (the order they appeared), then anyone else.
+    # One cell per person: a participant who left and came back (a new participant id, the
+    # same identity, no overlap in time) keeps the cell they had; the same identity twice at
+    # once (two devices) gets a cell each. Cells in the manifest's participants order (the
+    # order they appeared), then anyone else's.
     known = [pid for pid in names if pid in order]
-    ordered = known + [pid for pid in order if pid not in names]
-    rects = grid(len(ordered), width, height)
+    listed = known + [pid for pid in order if pid not in names]
+    lanes: list[_Lane] = []
+    for pid in sorted(listed, key=lambda p: spans[p][0]):
+        identity, name = names.get(pid, ("", pid))
+        start, end = spans[pid]
+        lane = next(
+            (ln for ln in lanes if identity and ln.identity == identity and ln.end <= start), None
+        )
+        if lane is None:
+            lanes.append(_Lane(pid, identity, name, end, list(video.get(pid, []))))
+        else:
+            lane.end = max(lane.end, end)
+            lane.video.extend(video.get(pid, []))
+    lanes.sort(key=lambda ln: listed.index(ln.participant))
+    rects = grid(len(lanes), width, height)
     cells = tuple(
         Cell(
-            participant=pid,
-            identity=names.get(pid, ("", pid))[0],
-            name=names.get(pid, ("", pid))[1],
+            participant=lane.participant,
+            identity=lane.identity,
+            name=lane.name,
             rect=rect,
-            video=tuple(sorted(video.get(pid, []), key=lambda s: s.start)),
+            video=tuple(sorted(lane.video, key=lambda s: s.start)),
         )
-        for pid, rect in zip(ordered, rects, strict=True)
+        for lane, rect in zip(lanes, rects, strict=True)
     )
     everything = [s for c in cells for s in c.video] + audio
     duration = max((s.end for s in everything), default=0.0)
@@ -174,6 +198,17 @@ def plan(manifest: Any, width: int = 1280, height: int = 720) -> Plan:
         cells=() if audio_only else cells,
         audio=tuple(sorted(audio, key=lambda s: s.start)),
     )
+
+
+@dataclass(slots=True)
+class _Lane:
+    """A cell being planned: its first participant id and where its media ends so far."""
+
+    participant: str
+    identity: str
+    name: str
+    end: float
+    video: list[Segment]
 
 
 def _segment(s: Any, kind: str, source: str, length: float, where: str) -> Segment:

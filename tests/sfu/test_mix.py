@@ -664,6 +664,32 @@ def test_label() -> None:
     assert 150 < (rows[0] + rows[-1]) / 2 < 210, "centred"
 
 
+def test_someone_who_comes_back_keeps_their_cell() -> None:
+    """Alice leaves and joins again (a new participant id): one cell, both segments. Bob on
+    two devices at once: two cells."""
+    m = manifest(
+        [
+            track(0, "pA", "video", "camera", "vp8", segment("t1-s1.webm", 0.0, 2.0, 30)),
+            track(0, "pB", "video", "camera", "vp8", segment("t2-s1.webm", 0.5, 4.0, 60)),
+            track(0, "pA2", "video", "camera", "vp8", segment("t3-s1.webm", 2.5, 1.5, 20)),
+            track(0, "pB2", "audio", "microphone", "opus", segment("t4-s1.ogg", 1.0, 1.0, 50)),
+        ],
+        5.0,
+    )
+    m["participants"] += [
+        {"participant": "pA2", "identity": "alice", "name": "Alice"},
+        {"participant": "pB2", "identity": "bob", "name": "Bob (phone)"},
+    ]
+    p = plan(m)
+    assert [(c.participant, c.name) for c in p.cells] == [
+        ("pA", "Alice"),
+        ("pB", "Bob"),
+        ("pB2", "Bob (phone)"),
+    ]
+    assert [s.file for s in p.cells[0].video] == ["t1-s1.webm", "t3-s1.webm"]
+    assert p.cells[1].rect == grid(3, 1280, 720)[1]
+
+
 def test_manifest_checks() -> None:
     good = manifest(
         [track(0, "pA", "video", "camera", "vp8", segment("t1-s1.webm", 0.5, 2.0, 30))], 3.0

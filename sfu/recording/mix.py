@@ -414,11 +414,8 @@ def _write(
             frame = av.AudioFrame.from_ndarray(
                 limiter.process(block).reshape(1, -1), format="flt", layout="mono"
             )
-            frame.sample_rate, frame.pts, frame.time_base = (
-                SAMPLE_RATE,
-                a0,
-                Fraction(1, SAMPLE_RATE),
-            )
+            frame.sample_rate = SAMPLE_RATE
+            frame.pts, frame.time_base = a0, Fraction(1, SAMPLE_RATE)
             out.mux(a_out.encode(frame))
             if canvas is not None:
                 for cell in cells:

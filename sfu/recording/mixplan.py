@@ -144,8 +144,10 @@ def plan(manifest: Any, width: int = 1280, height: int = 720) -> Plan:
         segments = t.get("segments")
         if not isinstance(segments, list):
             raise ManifestError(f"{where}.segments is not a list")
-        parsed = [_segment(s, kind, source, length, f"{where}.segments[{j}]") for j, s in
-                  enumerate(segments)]  # fmt: skip
+        parsed = [
+            _segment(s, kind, source, length, f"{where}.segments[{j}]")
+            for j, s in enumerate(segments)
+        ]
         if not parsed or (kind == "video" and audio_only):
             continue
         if pid not in order:
@@ -160,12 +162,31 @@ def plan(manifest: Any, width: int = 1280, height: int = 720) -> Plan:
         else:
             audio.extend(parsed)
 
-    # One cell per person: a participant who left and came back (a new participant id, the
-    # same identity, no overlap in time) keeps the cell they had; the same identity twice at
-    # once (two devices) gets a cell each. Cells in the manifest's participants order (the
-    # order they appeared), then anyone else's.
     known = [pid for pid in names if pid in order]
     listed = known + [pid for pid in order if pid not in names]
+    cells = _cells(listed, names, spans, video, width, height)
+    everything = [s for c in cells for s in c.video] + audio
+    duration = max((s.end for s in everything), default=0.0)
+    return Plan(
+        audio_only=audio_only,
+        duration=duration,
+        cells=() if audio_only else cells,
+        audio=tuple(sorted(audio, key=lambda s: s.start)),
+    )
+
+
+def _cells(
+    listed: list[str],
+    names: dict[str, tuple[str, str]],
+    spans: dict[str, tuple[float, float]],
+    video: dict[str, list[Segment]],
+    width: int,
+    height: int,
+) -> tuple[Cell, ...]:
+    """One cell per person, in ``listed`` order (the manifest's participants, as they
+    appeared): a participant who left and came back (a new participant id, the same identity,
+    no overlap in time) keeps the cell they had; one identity twice at once (two devices)
+    gets a cell each."""
     lanes: list[_Lane] = []
     for pid in sorted(listed, key=lambda p: spans[p][0]):
         identity, name = names.get(pid, ("", pid))
@@ -180,7 +201,7 @@ def plan(manifest: Any, width: int = 1280, height: int = 720) -> Plan:
             lane.video.extend(video.get(pid, []))
     lanes.sort(key=lambda ln: listed.index(ln.participant))
     rects = grid(len(lanes), width, height)
-    cells = tuple(
+    return tuple(
         Cell(
             participant=lane.participant,
             identity=lane.identity,
@@ -189,14 +210,6 @@ def plan(manifest: Any, width: int = 1280, height: int = 720) -> Plan:
             video=tuple(sorted(lane.video, key=lambda s: s.start)),
         )
         for lane, rect in zip(lanes, rects, strict=True)
-    )
-    everything = [s for c in cells for s in c.video] + audio
-    duration = max((s.end for s in everything), default=0.0)
-    return Plan(
-        audio_only=audio_only,
-        duration=duration,
-        cells=() if audio_only else cells,
-        audio=tuple(sorted(audio, key=lambda s: s.start)),
     )
 
 

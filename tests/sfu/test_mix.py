@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -357,20 +358,42 @@ def test_a_corrupt_and_a_missing_file_are_skipped_and_named(recording: Path) -> 
     assert levels[0] > 0.25 and levels[1] < 0.02
 
 
-def test_damaged_frames_are_left_out_and_the_rest_kept(recording: Path) -> None:
-    """Three frames in the middle of Alice's camera that do not decode: left out, noted, and
-    her picture goes on after them (not cut at the first error)."""
-    path = recording / "t1-s1.webm"
+def rewrite_vp8(path: Path, change: Callable[[int, bytes], tuple[int, bytes]]) -> None:
+    """Rewrite a 15 fps 320x240 VP8 WebM packet by packet: frame ``i`` with ``data`` becomes
+    ``change(i, data)``: (its pts in frames, its bytes)."""
     with av.open(str(path)) as c:
         packets = [(bytes(p), p.is_keyframe) for p in c.demux(video=0) if p.size]
     with av.open(str(path), "w", format="webm") as out:
         stream = out.add_mux_stream("vp8", rate=15, width=320, height=240)
         for i, (data, key) in enumerate(packets):
-            packet = av.Packet(b"\xff" * 50 if 10 <= i < 13 else data)
+            pts, changed = change(i, data)
+            packet = av.Packet(changed)
             packet.stream, packet.time_base = stream, Fraction(1, 15)
-            packet.pts = packet.dts = i
+            packet.pts = packet.dts = pts
             packet.is_keyframe = key
             out.mux(packet)
+
+
+def test_a_timestamp_far_off_does_not_stretch_the_file(recording: Path) -> None:
+    """From frame 20 on, Alice's camera says it is a day later (a corrupt file): those frames
+    are dropped, the file still ends with the call, and the note says where hers stopped."""
+    rewrite_vp8(recording / "t1-s1.webm", lambda i, data: (i + 86400 * 15 if i >= 20 else i, data))
+    result = run_mix(recording)
+    assert result.returncode == 0, result.stderr
+    assert mixed_of(recording)["error"] == "t1-s1.webm: ends at 1.3 s of 3.0 s"
+    frames = decode_video(recording / "mixed.webm")
+    assert 2.9 <= frames[-1][0] < 3.1
+    alice = CELLS[0]
+    assert near(colour_at(min(frames, key=lambda f: abs(f[0] - 1.0))[1], alice), RED)
+    assert near(colour_at(min(frames, key=lambda f: abs(f[0] - 2.0))[1], alice), BLACK)
+
+
+def test_damaged_frames_are_left_out_and_the_rest_kept(recording: Path) -> None:
+    """Three frames in the middle of Alice's camera that do not decode: left out, noted, and
+    her picture goes on after them (not cut at the first error)."""
+    rewrite_vp8(
+        recording / "t1-s1.webm", lambda i, data: (i, b"\xff" * 50 if 10 <= i < 13 else data)
+    )
     result = run_mix(recording)
     assert result.returncode == 0, result.stderr
     assert mixed_of(recording) == {

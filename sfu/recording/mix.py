@@ -505,7 +505,10 @@ def run(directory: Path, cpu_seconds: float | None = None) -> int:
     # The kernel's limit backs the loop's own check up, for a decoder stuck in one call:
     # SIGXCPU (-> failed) a little later, SIGKILL later still (the manifest stays pending).
     soft = int(budget) + 10
-    resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 10))
+    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    if hard == resource.RLIM_INFINITY or hard > soft + 10:
+        hard = soft + 10
+    resource.setrlimit(resource.RLIMIT_CPU, (min(soft, hard), hard))  # never above a limit set
     signal.signal(signal.SIGXCPU, _on_cpu_limit)
     # Stopped (e.g. the server shutting down): say so in the manifest, so that it does not
     # stay pending and a later run may start again.

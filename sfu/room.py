@@ -205,11 +205,11 @@ class Room:
             raise MediaError("already_recording", f"room {self.name!r} is being recorded")
         directory = req["directory"]
         if not os.path.isabs(directory):
-            raise MediaError("bad_request", "the recording directory must be an absolute path")
+            raise MediaError("bad_field", "the recording directory must be an absolute path")
         if not RECORDING_ID.fullmatch(req["recording"]):
-            raise MediaError("bad_request", "a recording id is rec_ and 16 lowercase hex digits")
+            raise MediaError("bad_field", "a recording id is rec_ and 16 lowercase hex digits")
         if req["max_bytes"] <= 0:
-            raise MediaError("bad_request", "max_bytes must be positive")
+            raise MediaError("bad_field", "max_bytes must be positive")
         manifest = Manifest(
             req["recording"],
             self.name,
@@ -229,7 +229,7 @@ class Room:
         if not await rec.wait_ready():
             if self.recorder is rec:
                 self.recorder = None
-            raise MediaError("record_failed", "the recording directory cannot be written")
+            raise MediaError("recording_unavailable", "the recording directory cannot be written")
         for up in self.tracks.values():
             self._record(up)
 
@@ -252,13 +252,15 @@ class Room:
         """The recording's writer thread stopped by itself (a limit, the disk, an error)."""
         if self.recorder is rec:
             self.recorder = None
+        why: Literal["disk_full", "size_limit", "error"] = (
+            "disk_full"
+            if reason == "disk_full"
+            else "size_limit"
+            if reason == "size_limit"
+            else "error"
+        )
         self.emit(
-            {
-                "ev": "recording_stopped",
-                "room": self.name,
-                "recording": rec.id,
-                "reason": reason if reason in ("disk_full", "size_limit") else "error",  # type: ignore[typeddict-item]
-            }
+            {"ev": "recording_stopped", "room": self.name, "recording": rec.id, "reason": why}
         )
 
     # -- publishing ----------------------------------------------------------------------------

@@ -50,7 +50,9 @@ from .net.listener import AddressBook
 from .net.metrics import Metrics
 from .notify.events import MessagePushes
 from .notify.push import PushQueue
+from .recording import messages as recording_messages
 from .recording.library import RecordingLibrary, recordings_root
+from .recording.service import Recordings
 from .relations import messages as relations_messages
 from .relations.service import Relations
 from .wire.errors import CloseCode
@@ -77,6 +79,7 @@ MESSAGES = (
     chat_messages.MESSAGES,
     calls_messages.MESSAGES,
     groupcall_messages.MESSAGES,
+    recording_messages.MESSAGES,
     relations_messages.MESSAGES,
 )
 
@@ -140,12 +143,15 @@ def make_app(cfg: Config) -> web.Application:
     gc_monitor = GcMonitor()
     addresses = AddressBook(cfg.server.max_connections_per_address)  # for net.listener.serve
     turn_metrics = TurnMetrics()
-    recordings = RecordingLibrary(
-        recordings_root(cfg.recording, cfg.server.data_dir), cfg.recording
+    library = RecordingLibrary(recordings_root(cfg.recording, cfg.server.data_dir), cfg.recording)
+    recordings = Recordings(
+        hub, groupcall, library, max_bytes=cfg.recording.max_bytes, mix=cfg.recording.mix
     )
 
     # Wiring: who hears about what.
     hub.media = groupcall
+    groupcall.recording_of = recordings.recording_of
+    groupcall.on_recording_ended.append(recordings.ended)
     hub.on_session_start.append(calls.session_started)
     hub.on_session_resume.append(calls.session_resumed)
     hub.on_session_end.append(calls.session_ended)
@@ -161,6 +167,7 @@ def make_app(cfg: Config) -> web.Application:
         chat.feature(),
         calls.feature(),
         groupcall.feature(),
+        recordings.feature(),
         relations.feature(),
     ]
     handlers = handlers_of(proto, features)
@@ -176,7 +183,7 @@ def make_app(cfg: Config) -> web.Application:
             gc_monitor,
             addresses,
             turn_metrics,
-            recordings,
+            library,
         ],
         [groupcall.metrics],
     )
@@ -189,7 +196,7 @@ def make_app(cfg: Config) -> web.Application:
     app[PUSH] = push
     app[ADDRESSES] = addresses
     app[STORE] = store
-    app[RECORDINGS] = recordings
+    app[RECORDINGS] = library
 
     # Start-up and shutdown, in order; each stops only if it started.
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -209,10 +216,11 @@ def make_app(cfg: Config) -> web.Application:
 
     async def recordings_ctx(app: web.Application) -> AsyncIterator[None]:
         # Before the SFU starts: what a previous run left unfinished is closed first.
-        await recordings.open()
-        recordings.start()
+        await library.open()
+        library.start()
         yield
-        await recordings.close()
+        await recordings.close()  # a mixing job still running is stopped
+        await library.close()
 
     async def media_ctx(app: web.Application) -> AsyncIterator[None]:
         await groupcall.start()
@@ -248,7 +256,7 @@ def make_app(cfg: Config) -> web.Application:
     else:  # public in open mode (loopback by default); the API credentials in token mode
         app.router.add_get("/metrics", metrics.handler(hub, protected=not cfg.open_mode))
     web_page.setup(app)
-    http_api.setup(app, http_api.Api(hub, chat, store, store, relations, recordings))
+    http_api.setup(app, http_api.Api(hub, chat, store, store, relations, library, recordings))
     return app
 
 

@@ -343,8 +343,8 @@ class Config:
         if self.push.max_attempts < 1 or self.push.queue_size < 1:
             raise ConfigError("push.max_attempts and push.queue_size must be >= 1")
         rec = self.recording
-        if rec.max_bytes < 1024**2:
-            raise ConfigError("recording.max_bytes must be at least 1048576 (1 MiB)")
+        if rec.max_bytes < 65536:
+            raise ConfigError("recording.max_bytes must be at least 65536 (64 KiB)")
         if rec.max_total_bytes and rec.max_total_bytes < rec.max_bytes:
             raise ConfigError(
                 "recording.max_total_bytes must be 0 (no cap) or at least recording.max_bytes"

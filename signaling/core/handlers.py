@@ -115,6 +115,7 @@ class CoreHandlers:
                 "conversation": conv,
                 "last_seq": last_seq,
                 "tracks": tracks,
+                **_recording(hub.media.recording_of(name)),
             },
             m,
         )
@@ -194,3 +195,8 @@ class CoreHandlers:
             },
             m,
         )
+
+
+def _recording(r: dict[str, Any] | None) -> dict[str, Any]:
+    """``joined.recording``: present while the room is being recorded."""
+    return {} if r is None else {"recording": {"active": True, **r}}

@@ -225,14 +225,16 @@ class Hub:
         for name in session.rooms:
             room = self.rooms.get(name)
             if room is not None:
-                conn.send(
-                    {
-                        "type": "room_state",
-                        "room": name,
-                        "locked": room.locked,
-                        "participants": [p.to_wire() for p in room.participants.values()],
-                    }
-                )
+                state: dict[str, Any] = {
+                    "type": "room_state",
+                    "room": name,
+                    "locked": room.locked,
+                    "participants": [p.to_wire() for p in room.participants.values()],
+                }
+                recording = self.media.recording_of(name)
+                if recording is not None:
+                    state["recording"] = {"active": True, **recording}
+                conn.send(state)
         if resumed:
             self._touch(session)
             self.media.resumed(session)

@@ -47,6 +47,7 @@ from ..core.hub import Hub
 from ..core.rooms import Room
 from ..core.tokens import create_token
 from ..recording.library import RecordingError, RecordingLibrary
+from ..recording.service import BY_API, Recordings
 from ..relations.service import Relations
 from ..wire.errors import ProtocolError
 from ..wire.spec import (
@@ -90,6 +91,10 @@ API_ERRORS: Final[dict[str, int]] = {
     "internal_error": 500,
     "store_full": 503,
     "store_unavailable": 503,
+    "recording_unavailable": 503,
+    "already_recording": 409,
+    "not_recording": 409,
+    "recording_storage_full": 507,
 }
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -104,7 +109,8 @@ class Api:
     store: ChatStore
     devices: DeviceDirectory
     relations: Relations
-    recordings: RecordingLibrary
+    library: RecordingLibrary
+    recordings: Recordings
 
 
 API: web.AppKey[Api] = web.AppKey("api", Api)
@@ -382,6 +388,52 @@ async def kick(request: web.Request) -> web.Response:
     return web.json_response({"room": room.name, "kicked": kicked})
 
 
+async def _recording_call(coro: Awaitable[Any]) -> Any:
+    """Run a recording start or stop; its refusals become the API's."""
+    try:
+        return await coro
+    except ProtocolError as e:
+        if e.code in API_ERRORS:
+            raise ApiError(e.code, e.message) from None
+        if e.code == "sfu_unavailable":
+            raise ApiError("recording_unavailable", e.message) from None
+        raise
+
+
+async def start_recording(request: web.Request) -> web.Response:
+    recordings = request.app[API].recordings
+    room = _match(ROOM_PATTERN, request.match_info["room"], "room")
+    body = await _json_body(request, {"audio_only": bool, "identities": list})
+    identities = body.get("identities")
+    if identities is not None:
+        if len(identities) > 256 or not all(isinstance(i, str) for i in identities):
+            raise ApiError("bad_field", "`identities` is an array of at most 256 identities")
+        for i in identities:
+            _match(IDENTITY_PATTERN, i, "identities")
+    a = await _recording_call(
+        recordings.start(room, BY_API, body.get("audio_only", False), identities)
+    )
+    return web.json_response({"room": room, "active": True, **a.to_wire()}, status=201)
+
+
+async def get_room_recording(request: web.Request) -> web.Response:
+    recordings = request.app[API].recordings
+    room = _match(ROOM_PATTERN, request.match_info["room"], "room")
+    r = recordings.recording_of(room)
+    if r is None:
+        raise ApiError("not_recording", f"room {room!r} is not being recorded")
+    return web.json_response({"room": room, "active": True, **r})
+
+
+async def stop_recording(request: web.Request) -> web.Response:
+    recordings = request.app[API].recordings
+    room = _match(ROOM_PATTERN, request.match_info["room"], "room")
+    a = await _recording_call(recordings.stop(room, BY_API))
+    return web.json_response(
+        {"room": room, "active": False, **a.to_wire(), "reason": "stopped", "stopped_by": BY_API}
+    )
+
+
 async def history(request: web.Request) -> web.Response:
     api = request.app[API]
     hub = api.hub
@@ -607,14 +659,14 @@ async def list_recordings(request: web.Request) -> web.Response:
     if room is not None:
         _match(ROOM_PATTERN, room, "room")
     limit = _int_param(request, "limit", 1, 200) or 50
-    found, cursor = await request.app[API].recordings.list_page(
+    found, cursor = await request.app[API].library.list_page(
         room=room, limit=limit, cursor=request.query.get("cursor")
     )
     return web.json_response({"recordings": found, "next_cursor": cursor})
 
 
 async def get_recording(request: web.Request) -> web.Response:
-    manifest = await request.app[API].recordings.get(request.match_info["recording"])
+    manifest = await request.app[API].library.get(request.match_info["recording"])
     return web.json_response(manifest.raw, dumps=lambda o: orjson.dumps(o).decode())
 
 
@@ -653,7 +705,7 @@ def _unsatisfiable(request: web.Request, size: int) -> bool:
 
 
 async def recording_file(request: web.Request) -> web.StreamResponse:
-    f = await request.app[API].recordings.file(
+    f = await request.app[API].library.file(
         request.match_info["recording"], request.match_info["file"]
     )
     if _unsatisfiable(request, f.size):
@@ -676,7 +728,7 @@ async def recording_file(request: web.Request) -> web.StreamResponse:
 
 async def delete_recording(request: web.Request) -> web.Response:
     rec_id = request.match_info["recording"]
-    await request.app[API].recordings.delete(rec_id)
+    await request.app[API].library.delete(rec_id)
     return web.json_response({"id": rec_id, "deleted": True})
 
 
@@ -686,6 +738,9 @@ ROUTES: Final = (
     ("GET", "/api/rooms", list_rooms),
     ("GET", "/api/rooms/{room}/participants", list_participants),
     ("POST", "/api/rooms/{room}/kick", kick),
+    ("POST", "/api/rooms/{room}/recording", start_recording),
+    ("GET", "/api/rooms/{room}/recording", get_room_recording),
+    ("DELETE", "/api/rooms/{room}/recording", stop_recording),
     ("GET", "/api/conversations/{conversation}/messages", history),
     ("POST", "/api/conversations/{conversation}/messages", post_message),
     ("GET", "/api/identities/{identity}/devices", devices),

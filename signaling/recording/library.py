@@ -656,6 +656,24 @@ class RecordingLibrary:
         self.deleted += 1
         log.info("recording %s deleted through the API", rec_id)
 
+    async def discard(self, rec_id: str) -> None:
+        """Remove a recording that never started (its worker refused it): nothing was
+        recorded, so nothing is kept."""
+        await asyncio.to_thread(self._remove, rec_id)
+
+    async def close_interrupted(self, rec_id: str) -> None:
+        """Close the manifest of a recording whose worker died while this server runs, as
+        ``open`` does for one a previous run left (ended at its last write, ``error``)."""
+
+        def close() -> None:
+            path = self.root / rec_id
+            _, last = _usage(path)
+            raw = interrupted(_read_manifest(path, rec_id), last)
+            if raw is not None:
+                write_manifest(path, raw)
+
+        await asyncio.to_thread(close)
+
     def _remove(self, rec_id: str) -> None:
         trash = self.root / f".{rec_id}.deleting"
         try:

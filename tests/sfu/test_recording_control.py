@@ -252,8 +252,16 @@ async def test_mixed_file_after_the_call(
 
     await until(lambda: (mixed() or {}).get("status") in ("done", "failed"), 90, step=0.25)
     assert mixed()["status"] == "done", mixed()
-    video, audio = _decoded(root / rec_id / mixed()["file"])
+    path = root / rec_id / mixed()["file"]
+    video, audio = _decoded(path)
     assert video >= 15 and audio >= 25
+    # Both participants are in the picture: two cells side by side, each with its camera
+    # (a cell without video is black, luma 0-16).
+    with av.open(str(path)) as c:
+        pictures = [f.to_ndarray(format="gray") for f in c.decode(video=0)]
+    middle = pictures[len(pictures) // 2]
+    half = middle.shape[1] // 2
+    assert middle[:, :half].mean() > 30 and middle[:, half:].mean() > 30
 
 
 def _token_mode() -> dict[str, Any]:

@@ -16,6 +16,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 from sfu_helpers import Party, PartyFactory, until
 
+from media.clip import ClipSpec, load_clip
+from media.tracks import EncodedAudioTrack, EncodedVideoTrack, attach_keyframe_requests
 from signaling.app import HUB
 from signaling.core.tokens import create_token
 from signaling.sdk.wsclient import Client, ClientError
@@ -137,6 +139,57 @@ async def test_a_resumed_session_learns_of_the_recording_it_missed(
     assert back.welcome["resumed"] is True
     state = await back.next_event("room_state")
     assert state["recording"] == {k: v for k, v in ev.items() if k not in ("type", "room")}
+
+
+async def test_recording_survives_a_publisher_reconnecting(
+    start_server: Start, party: PartyFactory, tmp_path: Path
+) -> None:
+    root = tmp_path / "recordings"
+    server = await start_server(sfu__enabled=True, sfu__workers=1, recording__path=str(root))
+    a = await party(server, "alice", n=1)
+    b = await party(server, "bob", n=2)
+    await _media_flows(a, b, 15)
+    await a.client.request({"type": "recording_start", "room": "call"})
+    rec_id = (await b.client.next_event("recording"))["recording"]
+
+    def bob_video_segments() -> list[dict[str, Any]]:
+        m = _manifest(root, rec_id)
+        return [
+            seg
+            for t in m["tracks"]
+            if t["participant"] == b.id and t["kind"] == "video"
+            for seg in t["segments"]
+        ]
+
+    await until(lambda: len(bob_video_segments()) == 1, 10)
+    # Bob's publisher connection dies; he publishes again on a new one.
+    assert b.media.pub is not None
+    pub, b.media.pub = b.media.pub, None
+    await pub.close()
+    assert (await b.client.next_event("media_failed"))["which"] == "publisher"
+    clip = load_clip(ClipSpec(publisher_id=2, seconds=3.0))
+    video = EncodedVideoTrack(clip)
+    trs = await b.media.publish([(video, "camera"), (EncodedAudioTrack(clip), "microphone")])
+    attach_keyframe_requests(trs[0].sender, video)
+    await until(lambda: len(bob_video_segments()) == 2, 15)
+
+    def bob_frames() -> int:
+        return sum(
+            c.frames
+            for tid, c in a.media.counters.items()
+            if a.media.tracks.get(tid, {}).get("participant") == b.id
+            and a.media.tracks[tid]["kind"] == "video"
+        )
+
+    start = bob_frames()
+    await until(lambda: bob_frames() >= start + 30, 15)
+    await a.client.request({"type": "recording_stop", "room": "call"})
+    segments = bob_video_segments()
+    assert len(segments) == 2 and all(s["complete"] for s in segments)
+    assert segments[1]["start"] > segments[0]["start"]
+    for seg in segments:  # every frame written decodes
+        assert _decoded(root / rec_id / seg["file"])[0] == seg["frames"] > 0
+    assert segments[1]["frames"] >= 20
 
 
 async def test_backend_records_audio_of_the_consenting_only(

@@ -275,13 +275,17 @@ class Rallypoint(ServerProcess):
 
         return Scenario([pub], [p[2] for p in parts[1:]], [[0]] * n, 1, close)
 
-    async def room(self, k: int) -> Scenario:
+    async def room(self, k: int, record: bool = False) -> Scenario:
+        """``k`` participants who all publish and subscribe; ``record``: the first (the room's
+        moderator: it joined first) records the room, every track, once media flows."""
         self.rooms += 1
         room = f"bench-{self.rooms}"
         pubs = [Publisher.make(i + 1) for i in range(k)]
         parts = []
         for i, pub in enumerate(pubs):  # one at a time: each publish renegotiates the others
             parts.append(await self._participant(room, f"participant-{i}", pub))
+        if record:
+            await parts[0][0].request({"type": "recording_start", "room": room})
 
         async def close() -> None:
             for c, s, _ in parts:
@@ -542,6 +546,15 @@ async def run_one(
 
 
 async def bench(args: argparse.Namespace, tmp: Path) -> list[Run]:
+    runs: list[Run] = []
+    if not args.only_recording:
+        runs += await bench_servers(args, tmp)
+    if args.recording_rounds > 0 and "rallypoint" in args.servers:
+        runs += await bench_recording(args, tmp)
+    return runs
+
+
+async def bench_servers(args: argparse.Namespace, tmp: Path) -> list[Run]:
     ip = host_ip()
     servers: list[Server] = []
     for name in args.servers:
@@ -613,6 +626,49 @@ async def bench_ab(args: argparse.Namespace, tmp: Path) -> list[Run]:
     return runs
 
 
+async def bench_recording(args: argparse.Namespace, tmp: Path) -> list[Run]:
+    """The 10-person room with and without recording on one server, in turns whose order
+    alternates from round to round (this machine's speed drifts within minutes)."""
+    server = Rallypoint(tmp)
+    runs: list[Run] = []
+    await server.start()
+    try:
+        for rnd in range(args.recording_rounds):
+            order = (False, True) if rnd % 2 == 0 else (True, False)
+            print(f"recording round {rnd + 1}/{args.recording_rounds}", flush=True)
+            for rec in order:
+                scenario = "room10rec" if rec else "room10"
+                runs.append(
+                    await run_one(server, scenario, ROOM_SIZE, server.room(ROOM_SIZE, rec), args)
+                )
+    finally:
+        await server.stop()
+    for r in runs:  # kept apart from the other servers' room10 rows
+        r.server = "rallypoint-rec"
+    return runs
+
+
+def summarize_recording(runs: list[Run]) -> dict[str, Any]:
+    """Per round: the extra server CPU of the recorded room as a share of the unrecorded one's,
+    and CPU per forwarded packet with and without; medians over rounds."""
+    plain = [r for r in runs if r.server == "rallypoint-rec" and r.scenario == "room10"]
+    rec = [r for r in runs if r.server == "rallypoint-rec" and r.scenario == "room10rec"]
+    if not plain or not rec:
+        return {}
+    overheads = [(b.cpu_pct - a.cpu_pct) / a.cpu_pct for a, b in zip(plain, rec, strict=False)]
+    return {
+        "recording_cpu_overhead": round(statistics.median(overheads), 3),
+        "recording_cpu_overheads": [round(x, 3) for x in overheads],
+        "room10_us_per_packet_unrecorded": round(
+            statistics.median(r.us_per_packet for r in plain), 1
+        ),
+        "room10_us_per_packet_recorded": round(statistics.median(r.us_per_packet for r in rec), 1),
+        "room10_cpu_pct_unrecorded": round(statistics.median(r.cpu_pct for r in plain), 1),
+        "room10_cpu_pct_recorded": round(statistics.median(r.cpu_pct for r in rec), 1),
+        "room10_loss_recorded": round(max(r.window.loss() for r in rec), 4),
+    }
+
+
 FAILURES: list[dict[str, str]] = []
 
 
@@ -657,8 +713,9 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
         out["ratio_vs_janus"] = round(us["rallypoint"] / us["janus"], 2)
     if "rallypoint" in us and "mediarelay" in us:
         out["ratio_vs_mediarelay"] = round(us["rallypoint"] / us["mediarelay"], 3)
+    out.update(summarize_recording(runs))
     for r in runs:
-        if r.scenario == "room10":
+        if r.scenario == "room10" and r.server != "rallypoint-rec":
             key = "room10_loss" if r.server == "rallypoint" else f"room10_loss_{r.server}"
             out[key] = round(r.window.loss(), 4)
             out[f"room10_cpu_pct_{r.server}"] = round(r.cpu_pct, 1)
@@ -677,7 +734,9 @@ def table(runs: list[Run]) -> str:
         w = r.window
         parts = " + ".join(f"{v / w.seconds * 100:.1f}" for v in w.server_cpu.values())
         cpu = f"{r.cpu_pct:.1f}" + (f" ({parts})" if len(w.server_cpu) > 1 else "")
-        load = f"1 -> {r.n}" if r.scenario != "room10" else f"{r.n} x {r.n - 1}"
+        load = f"{r.n} x {r.n - 1}" if r.scenario.startswith("room10") else f"1 -> {r.n}"
+        if r.scenario == "room10rec":
+            load += ", recorded"
         loss = f"{w.loss():.2%} ({w.worst_loss():.2%})"
         if r.server == "mediarelay":
             loss = f"{w.seq_loss():.2%} (seq gaps; re-encoded)"
@@ -748,6 +807,12 @@ Ratio Rallypoint / Janus: **{summary.get("ratio_vs_janus")}x**; Rallypoint / Med
 **{summary.get("ratio_vs_mediarelay")}x**. 10-participant room loss on Rallypoint:
 **{summary.get("room10_loss", 0):.2%}**. Loss within +-1% is the window edges' error (send and
 receive counts are read 0.25 s apart).
+Recording every track of the 10-person room (rows "recorded", measured in alternating turns
+with the same room unrecorded, {args.recording_rounds} rounds): extra server CPU
+**{summary.get("recording_cpu_overhead", float("nan")):.1%}** of the unrecorded room's (per round:
+{summary.get("recording_cpu_overheads")}); per forwarded packet
+{summary.get("room10_us_per_packet_unrecorded")} us unrecorded,
+{summary.get("room10_us_per_packet_recorded")} us recorded.
 {shared}
 Janus: `event_loops` = {os.cpu_count()}, VideoRoom and HTTP transport only, ICE on the
 machine's address, no STUN, IPv6 off, room bitrate cap 10 Mbps, no periodic keyframe requests.
@@ -767,6 +832,15 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=None)
     parser.add_argument("--no-room", dest="room", action="store_false")
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument(
+        "--recording-rounds",
+        type=int,
+        default=None,
+        help="rounds of the 10-person room recorded vs not (default 2, --quick 1; 0: none)",
+    )
+    parser.add_argument(
+        "--only-recording", action="store_true", help="measure only the recording overhead"
+    )
     parser.add_argument(
         "--server-path", help="compare with the Rallypoint checkout in this directory (A/B)"
     )
@@ -790,6 +864,8 @@ def main() -> int:
         if done.returncode or not shutil.which("janus"):
             print("bench/sfu.py needs Janus: apt-get install janus", file=sys.stderr)
             return 2
+    if args.recording_rounds is None:
+        args.recording_rounds = 1 if args.quick else 2
     started = time.monotonic()
     run_bench = bench_ab if args.server_path else bench
     with tempfile.TemporaryDirectory(prefix="bench-sfu-") as tmp_dir:
@@ -815,7 +891,7 @@ def main() -> int:
         print(json.dumps(ab))
         return 0
     summary = summarize(runs)
-    pub = [r.window for r in runs if r.scenario != "room10"]
+    pub = [r.window for r in runs if not r.scenario.startswith("room10")]
     summary["pub_pps"] = round(sum(w.sent[0] / w.seconds for w in pub) / len(pub)) if pub else 0
     summary["wall_s"] = round(wall)
     print()

@@ -9,11 +9,13 @@ from dataclasses import asdict, dataclass
 from typing import Final, Literal
 
 #: Version of the clip format; part of every cache key (``media.clip`` writes the files).
-FORMAT: Final = b"RALLYPOINT-CLIP 1\n"
+FORMAT: Final = b"RALLYPOINT-CLIP 2\n"
 AUDIO_RATE = 48000
 AUDIO_FRAME_SAMPLES = 960  # 20 ms at 48 kHz
 
 VideoCodec = Literal["vp8", "h264"]
+AudioPattern = Literal["tone", "beeps"]
+BEEP_SAMPLES = 4800  # a beep lasts 100 ms, from each whole second of clip time
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +30,10 @@ class ClipSpec:
     height: int = 480
     fps: int = 30
     video_bitrate: int = 800_000
+    audio: AudioPattern = "tone"
+    """``tone``: a steady tone; ``beeps``: the tone for 100 ms from each whole second of clip
+    time, silence otherwise (to measure audio/video alignment: a beep starts with frame
+    ``k * fps``)."""
 
     @property
     def frame_count(self) -> int:

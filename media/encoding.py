@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import av
 
-from media.clipspec import AUDIO_FRAME_SAMPLES, AUDIO_RATE, ClipSpec, EncodedPacket
+from media.clipspec import AUDIO_FRAME_SAMPLES, AUDIO_RATE, BEEP_SAMPLES, ClipSpec, EncodedPacket
 from media.pattern import TestPattern
 
 AUDIO_BITRATE = 64000
@@ -111,9 +111,13 @@ def encode_video(spec: ClipSpec, *, intra: bool) -> list[EncodedPacket]:
 def _tone_frames(spec: ClipSpec) -> Iterator[av.AudioFrame]:
     frequency = tone_frequency(spec.publisher_id)
     total = spec.audio_frame_count * AUDIO_FRAME_SAMPLES
+    beeps = spec.audio == "beeps"
     for start in range(0, total, AUDIO_FRAME_SAMPLES):
         samples = bytearray()
         for n in range(start, start + AUDIO_FRAME_SAMPLES):
+            if beeps and n % AUDIO_RATE >= BEEP_SAMPLES:
+                samples += b"\0\0\0\0"
+                continue
             value = int(8000 * math.sin(2 * math.pi * frequency * n / AUDIO_RATE))
             pair = value.to_bytes(2, "little", signed=True)
             samples += pair + pair  # stereo

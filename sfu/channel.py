@@ -34,6 +34,8 @@ class JoinRequest(TypedDict):
     room: str
     participant: str
     subscribe: bool  # whether the participant receives the room's tracks
+    identity: str  # the participant's identity (a recording may select by it)
+    name: str  # its display name (for a recording's manifest)
 
 
 class LeaveRequest(TypedDict):
@@ -96,6 +98,24 @@ class UnpublishRequest(TypedDict):
     track: str
 
 
+class RecordStartRequest(TypedDict):
+    """Record the room's tracks into ``directory`` (docs/RECORDING.md)."""
+
+    op: Literal["record_start"]
+    room: str
+    recording: str  # rec_ + 16 hex digits
+    directory: str  # absolute path, made by the signaling side (made here if missing)
+    audio_only: bool
+    identities: list[str] | None  # record only these participants' tracks; None: everyone
+    by: dict[str, Any]  # who started it, as the manifest says
+    max_bytes: int  # the whole recording's limit (then it stops: size_limit)
+
+
+class RecordStopRequest(TypedDict):
+    op: Literal["record_stop"]
+    room: str
+
+
 class StatsRequest(TypedDict):
     op: Literal["stats"]
 
@@ -110,6 +130,8 @@ RoomRequest = (
     | MuteRequest
     | PauseRequest
     | UnpublishRequest
+    | RecordStartRequest
+    | RecordStopRequest
 )
 Request = RoomRequest | StatsRequest
 
@@ -207,6 +229,15 @@ class RoomLostEvent(TypedDict):
     room: str
 
 
+class RecordingStoppedEvent(TypedDict):
+    """The worker ended a recording by itself (not after ``record_stop``)."""
+
+    ev: Literal["recording_stopped"]
+    room: str
+    recording: str
+    reason: Literal["room_closed", "disk_full", "size_limit", "error"]
+
+
 RoomEvent = (
     SubscribeOfferEvent
     | TrackPublishedEvent
@@ -216,6 +247,7 @@ RoomEvent = (
     | TrackStarvedEvent
     | MediaFailedEvent
     | RoomClosedEvent
+    | RecordingStoppedEvent
 )
 WorkerEvent = ReadyEvent | RoomEvent
 #: What the pool hands its owner: a worker's room events, and rooms lost with a worker.

@@ -10,11 +10,13 @@ chosen so that the first packet after a restart follows the last one sent.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .channel import TrackInfo
 from .packetcache import PacketCache
+from .recording.tap import TrackTap
 from .rtp import U16, ExtensionLayout, build, h264_keyframe, seq_newer, vp8_keyframe
 
 KEYFRAME_INTERVAL_S = 0.5  # at most one keyframe request upstream per track in this time
@@ -126,6 +128,7 @@ class UpTrack:
     cache: PacketCache | None = None
     last_keyframe_request: float = -1e9
     on_level: Callable[[str, int], None] | None = None
+    tap: TrackTap | None = None  # set while the track is recorded (sfu/recording)
 
     def __post_init__(self) -> None:
         if self.kind == "video":
@@ -160,6 +163,9 @@ class UpTrack:
         cache = self.cache
         if cache is not None:
             cache.add(seq, ts, marker, payload)
+        tap = self.tap
+        if tap is not None:
+            tap.packets.append((seq, ts, marker, payload, time.time()))
         if level is not None and self.on_level is not None:
             self.on_level(self.publisher, level)
         key: bool | None = None
@@ -261,7 +267,10 @@ class UpTrack:
 
     def sender_report(self, ntp: int, rtp_ts: int) -> None:
         """Translate the publisher's sender report (RFC 3550 section 6.4.1) to every subscriber's
-        timestamps, so receivers keep audio and video in sync."""
+        timestamps, so receivers keep audio and video in sync (and to a recording's tap)."""
+        tap = self.tap
+        if tap is not None:
+            tap.reports.append((ntp, rtp_ts, time.time()))
         for dt in self.downtracks.values():
             if dt.set_sender_report is not None:
                 dt.set_sender_report(

@@ -8,7 +8,10 @@ of a subscriber connection is serialized: a change while an offer is out is fold
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import re
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -26,8 +29,16 @@ from aiortc.exceptions import InternalError, InvalidStateError, OperationError
 from aiortc.sdp import SessionDescription
 
 from .bandwidth import BandwidthAllocator
-from .channel import SubscribeOfferEvent, TrackInfo, TrackMeta, WorkerEvent
+from .channel import (
+    RecordStartRequest,
+    SubscribeOfferEvent,
+    TrackInfo,
+    TrackMeta,
+    WorkerEvent,
+)
 from .forward import Counters, DownTrack, UpTrack
+from .recording.manifest import Manifest
+from .recording.recorder import MIN_FREE_BYTES, RoomRecorder
 from .rtc import (
     FastSender,
     NeverTrack,
@@ -46,6 +57,7 @@ log = logging.getLogger("rallypoint.sfu.room")
 
 Emit = Callable[[WorkerEvent], None]
 SOURCES = ("camera", "microphone", "screen")
+RECORDING_ID = re.compile(r"rec_[0-9a-f]{16}")
 CODECS = {"vp8": "video/VP8", "h264": "video/H264"}
 
 
@@ -82,6 +94,8 @@ def _config() -> RTCConfiguration:
 class Participant:
     id: str
     subscribe: bool = True
+    identity: str = ""
+    name: str = ""
     pub: RTCPeerConnection | None = None
     sub: RTCPeerConnection | None = None
     hooks: dict[str, PublisherHooks] = field(default_factory=dict)  # by publisher-side mid
@@ -107,6 +121,7 @@ class Room:
         self.tracks: dict[str, UpTrack] = {}
         self.allocators: dict[str, BandwidthAllocator] = {}
         self.speaker = SpeakerDetector()
+        self.recorder: RoomRecorder | None = None
         self._tasks = TaskSet(self._failed)
 
     # -- helpers -------------------------------------------------------------------------------
@@ -139,10 +154,12 @@ class Room:
 
     # -- membership ----------------------------------------------------------------------------
 
-    def join(self, pid: str, subscribe: bool) -> list[TrackInfo]:
+    def join(
+        self, pid: str, subscribe: bool, identity: str = "", name: str = ""
+    ) -> list[TrackInfo]:
         p = self.participants.get(pid)
         if p is None:
-            p = self.participants[pid] = Participant(pid, subscribe)
+            p = self.participants[pid] = Participant(pid, subscribe, identity, name)
         if subscribe and any(t.publisher != pid for t in self.tracks.values()):
             self._spawn(self._renegotiate(p))
         return self.track_list()
@@ -162,7 +179,89 @@ class Room:
     async def close(self) -> None:
         for pid in list(self.participants):
             await self.leave(pid)
+        rec = self.recorder
+        if rec is not None:
+            self.recorder = None
+            if rec.active:
+                reason = await rec.stop("room_closed")
+                self.emit(
+                    {
+                        "ev": "recording_stopped",
+                        "room": self.name,
+                        "recording": rec.id,
+                        "reason": "room_closed" if reason == "room_closed" else "error",
+                    }
+                )
         await self._tasks.cancel()
+
+    # -- recording -----------------------------------------------------------------------------
+
+    async def start_recording(
+        self, req: RecordStartRequest, *, min_free: int = MIN_FREE_BYTES
+    ) -> None:
+        """Start recording every (selected) track, present and to come (docs/RECORDING.md);
+        it stops when less than ``min_free`` bytes are free on its disk."""
+        if self.recorder is not None:
+            raise MediaError("already_recording", f"room {self.name!r} is being recorded")
+        directory = req["directory"]
+        if not os.path.isabs(directory):
+            raise MediaError("bad_field", "the recording directory must be an absolute path")
+        if not RECORDING_ID.fullmatch(req["recording"]):
+            raise MediaError("bad_field", "a recording id is rec_ and 16 lowercase hex digits")
+        if req["max_bytes"] <= 0:
+            raise MediaError("bad_field", "max_bytes must be positive")
+        manifest = Manifest(
+            req["recording"],
+            self.name,
+            directory,
+            by=req["by"],
+            audio_only=req["audio_only"],
+            identities=req["identities"],
+        )
+        rec = RoomRecorder(
+            manifest,
+            max_bytes=req["max_bytes"],
+            loop=asyncio.get_running_loop(),
+            stopped_by_itself=lambda reason: self._recording_stopped(rec, reason),
+            min_free=min_free,
+        )
+        self.recorder = rec
+        if not await rec.wait_ready():
+            if self.recorder is rec:
+                self.recorder = None
+            raise MediaError("recording_unavailable", "the recording directory cannot be written")
+        for up in self.tracks.values():
+            self._record(up)
+
+    async def stop_recording(self) -> str:
+        """Stop the recording; returns its id once the final manifest is written."""
+        rec = self.recorder
+        if rec is None:
+            raise MediaError("not_recording", f"room {self.name!r} is not being recorded")
+        self.recorder = None
+        await rec.stop("stopped")
+        return rec.id
+
+    def _record(self, up: UpTrack) -> None:
+        rec = self.recorder
+        p = self.participants.get(up.publisher)
+        if rec is not None and p is not None and rec.wants(up.kind, p.identity):
+            rec.attach(up, p.identity, p.name)
+
+    def _recording_stopped(self, rec: RoomRecorder, reason: str) -> None:
+        """The recording's writer thread stopped by itself (a limit, the disk, an error)."""
+        if self.recorder is rec:
+            self.recorder = None
+        why: Literal["disk_full", "size_limit", "error"] = (
+            "disk_full"
+            if reason == "disk_full"
+            else "size_limit"
+            if reason == "size_limit"
+            else "error"
+        )
+        self.emit(
+            {"ev": "recording_stopped", "room": self.name, "recording": rec.id, "reason": why}
+        )
 
     # -- publishing ----------------------------------------------------------------------------
 
@@ -241,12 +340,15 @@ class Room:
         self.tracks[tid] = up
         if kind == "video":
             self.allocators[tid] = BandwidthAllocator()
+        self._record(up)
         self.emit({"ev": "track_published", "room": self.name, "track": up.info()})
         for other in self.participants.values():
             if other.id != p.id and other.subscribe:
                 self._spawn(self._renegotiate(other))
 
     def _unpublish(self, up: UpTrack) -> None:
+        if self.recorder is not None:
+            self.recorder.detach(up)
         self.tracks.pop(up.id, None)
         self.allocators.pop(up.id, None)
         owner = self.participants.get(up.publisher)
@@ -508,7 +610,10 @@ class Room:
     # -- periodic ------------------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
-        """Every ~250 ms: active speaker, and keyframes for subscribers still waiting."""
+        """Every ~250 ms: the recording's batch, active speaker, and keyframes for subscribers
+        still waiting."""
+        if self.recorder is not None:
+            self.recorder.flush()
         order = self.speaker.tick(now)
         if order is not None:
             self.emit({"ev": "active_speaker", "room": self.name, "speakers": order})

@@ -57,10 +57,21 @@ class Worker:
             return {"rooms": len(self.rooms), **dataclasses.asdict(self.counters)}
         name = req["room"]
         if req["op"] == "join":
-            return {"tracks": self.room(name).join(req["participant"], req["subscribe"])}
+            return {
+                "tracks": self.room(name).join(
+                    req["participant"], req["subscribe"], req["identity"], req["name"]
+                )
+            }
         room = self.rooms.get(name)
         if room is None:
+            if req["op"] in ("record_start", "record_stop"):
+                raise MediaError("not_in_room", "nobody is in the room's media: nothing to record")
             raise MediaError("not_in_room", "join the room before sending media")
+        if req["op"] == "record_start":
+            await room.start_recording(req)
+            return {}
+        if req["op"] == "record_stop":
+            return {"recording": await room.stop_recording()}
         pid = req["participant"]
         if req["op"] == "leave":
             await room.leave(pid)

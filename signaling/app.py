@@ -53,6 +53,9 @@ from .net.listener import AddressBook
 from .net.metrics import Metrics
 from .notify.events import MessagePushes
 from .notify.push import PushQueue
+from .recording import messages as recording_messages
+from .recording.library import RecordingLibrary, recordings_root
+from .recording.service import Recordings
 from .relations import messages as relations_messages
 from .relations.service import Relations
 from .wire.errors import CloseCode
@@ -68,6 +71,7 @@ ENDPOINT: web.AppKey[Endpoint] = web.AppKey("endpoint", Endpoint)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 PUSH: web.AppKey[PushQueue] = web.AppKey("push", PushQueue)
 ADDRESSES: web.AppKey[AddressBook] = web.AppKey("addresses", AddressBook)
+RECORDINGS: web.AppKey[RecordingLibrary] = web.AppKey("recordings", RecordingLibrary)
 #: The chat store (and device directory and relation store) ``store.url`` selects.
 Store = SqliteStore | PostgresStore
 STORE: web.AppKey[Store] = web.AppKey("store")
@@ -78,6 +82,7 @@ MESSAGES = (
     chat_messages.MESSAGES,
     calls_messages.MESSAGES,
     groupcall_messages.MESSAGES,
+    recording_messages.MESSAGES,
     relations_messages.MESSAGES,
 )
 
@@ -157,9 +162,15 @@ def make_app(cfg: Config) -> web.Application:
     gc_monitor = GcMonitor()
     addresses = AddressBook(cfg.server.max_connections_per_address)  # for net.listener.serve
     turn_metrics = TurnMetrics()
+    library = RecordingLibrary(recordings_root(cfg.recording, cfg.server.data_dir), cfg.recording)
+    recordings = Recordings(
+        hub, groupcall, library, max_bytes=cfg.recording.max_bytes, mix=cfg.recording.mix
+    )
 
     # Wiring: who hears about what.
     hub.media = groupcall
+    groupcall.recording_of = recordings.recording_of
+    groupcall.on_recording_ended.append(recordings.ended)
     hub.on_session_start.append(calls.session_started)
     hub.on_session_resume.append(calls.session_resumed)
     hub.on_session_end.append(calls.session_ended)
@@ -177,6 +188,7 @@ def make_app(cfg: Config) -> web.Application:
         chat.feature(),
         calls.feature(),
         groupcall.feature(),
+        recordings.feature(),
         relations.feature(),
     ]
     handlers = handlers_of(proto, features)
@@ -191,6 +203,7 @@ def make_app(cfg: Config) -> web.Application:
         gc_monitor,
         addresses,
         turn_metrics,
+        library,
     ]
     if isinstance(bus, RedisBus):
         sources.append(bus)
@@ -206,6 +219,7 @@ def make_app(cfg: Config) -> web.Application:
     app[PUSH] = push
     app[ADDRESSES] = addresses
     app[STORE] = store
+    app[RECORDINGS] = library
 
     # Start-up and shutdown, in order; each stops only if it started.
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -240,6 +254,14 @@ def make_app(cfg: Config) -> web.Application:
         await asyncio.gather(sweeper, return_exceptions=True)
         gc_monitor.uninstall()
 
+    async def recordings_ctx(app: web.Application) -> AsyncIterator[None]:
+        # Before the SFU starts: what a previous run left unfinished is closed first.
+        await library.open()
+        library.start()
+        yield
+        await recordings.close()  # a mixing job still running is stopped
+        await library.close()
+
     async def media_ctx(app: web.Application) -> AsyncIterator[None]:
         await groupcall.start()
         yield
@@ -256,6 +278,7 @@ def make_app(cfg: Config) -> web.Application:
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(cluster_ctx)
     app.cleanup_ctx.append(runtime_ctx)
+    app.cleanup_ctx.append(recordings_ctx)
     app.cleanup_ctx.append(media_ctx)
     app.cleanup_ctx.append(services_ctx)
     if cfg.turn.enabled and secret:
@@ -274,7 +297,7 @@ def make_app(cfg: Config) -> web.Application:
     else:  # public in open mode (loopback by default); the API credentials in token mode
         app.router.add_get("/metrics", metrics.handler(hub, protected=not cfg.open_mode))
     web_page.setup(app)
-    http_api.setup(app, http_api.Api(hub, chat, store, store, relations))
+    http_api.setup(app, http_api.Api(hub, chat, store, store, relations, library, recordings))
     return app
 
 

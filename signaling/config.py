@@ -226,6 +226,27 @@ class SfuSection:
 
 
 @dataclass
+class RecordingSection:
+    # Group calls may be recorded (issue 17); false: nothing new is recorded (recordings
+    # already on disk stay listed, downloadable, deletable, and are pruned by age).
+    enabled: bool = True
+    # The recordings root, one directory per recording; "" = recordings/ in server.data_dir.
+    path: str = ""
+    # One recording's track files; the recorder stops it there (stop_reason "size_limit").
+    max_bytes: int = 2 * 1024**3
+    # Every recording in all; a new one is refused (`recording_storage_full`) unless its
+    # max_bytes fits beside what is stored and what the running ones may still write. Nothing
+    # is deleted to make room. 0 = no cap.
+    max_total_bytes: int = 20 * 1024**3
+    # Finished recordings older than this (from their end) are deleted; 0 = kept forever.
+    max_age_days: int = 30
+    # How often the age limit is applied (and half-deleted directories are cleared).
+    prune_interval_s: float = 3600.0
+    # After each recording, also make one mixed file (re-encoded) beside the track files.
+    mix: bool = False
+
+
+@dataclass
 class Config:
     server: ServerSection = field(default_factory=ServerSection)
     auth: AuthSection = field(default_factory=AuthSection)
@@ -241,6 +262,7 @@ class Config:
     calls: CallsSection = field(default_factory=CallsSection)
     push: PushSection = field(default_factory=PushSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
+    recording: RecordingSection = field(default_factory=RecordingSection)
 
     @property
     def open_mode(self) -> bool:
@@ -334,6 +356,17 @@ class Config:
             raise ConfigError("privacy.max_pending_requests must be >= 1")
         if self.push.max_attempts < 1 or self.push.queue_size < 1:
             raise ConfigError("push.max_attempts and push.queue_size must be >= 1")
+        rec = self.recording
+        if rec.max_bytes < 65536:
+            raise ConfigError("recording.max_bytes must be at least 65536 (64 KiB)")
+        if rec.max_total_bytes and rec.max_total_bytes < rec.max_bytes:
+            raise ConfigError(
+                "recording.max_total_bytes must be 0 (no cap) or at least recording.max_bytes"
+            )
+        if not 0 <= rec.max_age_days <= 36500:
+            raise ConfigError("recording.max_age_days must be 0-36500 (0 = kept forever)")
+        if not 0 < rec.prune_interval_s <= 86400:
+            raise ConfigError("recording.prune_interval_s must be > 0 and at most 86400")
         for s in self.ice.servers:
             if not isinstance(s.get("urls"), list | str):
                 raise ConfigError("each ice.servers entry needs `urls`")

@@ -40,6 +40,8 @@ SAMPLE_PARAMS = {
     "{identity}": "a",
     "{group}": "group:abc",
     "{other}": "b",
+    "{recording}": "rec_0123456789abcdef",
+    "{file}": "manifest.json",
 }
 
 

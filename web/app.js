@@ -385,6 +385,7 @@ function notice(text, ms = 5000) {
 function bindRoom(room) {
   room.on("joined", () => {
     renderPeople();
+    renderRecording();
     for (const p of room.participants.values()) ensureTile(p.id);
     syncLocalTile();
   });
@@ -406,6 +407,11 @@ function bindRoom(room) {
   room.on("room_updated", (m) => {
     notice(m.locked ? "The room is now locked" : "The room is now unlocked");
     renderPeople();
+  });
+  room.on("recording", (m) => {
+    if (m.active) notice(`${recorderName(m.by)} started recording this call`);
+    else notice(RECORDING_ENDED[m.reason] ?? "Recording stopped");
+    renderRecording();
   });
   room.on("track_added", ({ info, track }) => attachTrack(info, track));
   room.on("track_removed", ({ info }) => detachTrack(info));
@@ -746,6 +752,40 @@ function renderPeople() {
   lock.hidden = !room.self.moderator;
   lock.textContent = room.locked ? "Unlock room" : "Lock room";
   lock.onclick = () => room.lock(!room.locked).catch((err) => notice(`Could not change the lock: ${err.message}`));
+}
+
+// -- recording --------------------------------------------------------------------------------
+
+const RECORDING_ENDED = {
+  stopped: "Recording stopped",
+  room_closed: "Recording stopped",
+  disk_full: "Recording stopped: the server's disk is full",
+  size_limit: "Recording stopped: it reached its size limit",
+  error: "Recording stopped after a server error",
+};
+
+function recorderName(by) {
+  return by?.api ? "The organiser" : by?.name || by?.identity || "A moderator";
+}
+
+/** The indicator everyone sees while the room is recorded, and the moderators' button. */
+function renderRecording() {
+  const room = app.room;
+  if (!room) return;
+  const r = room.recording;
+  const indicator = $("recording-indicator");
+  indicator.hidden = !r;
+  if (r) {
+    const what = r.audio_only ? "Recording audio" : "Recording";
+    indicator.textContent = `${what} (started by ${recorderName(r.by)})`;
+  }
+  const button = $("toggle-recording");
+  button.hidden = !room.self?.moderator;
+  button.textContent = r ? "Stop recording" : "Record";
+  button.onclick = () => {
+    const act = room.recording ? room.stopRecording() : room.startRecording();
+    act.catch((err) => notice(`Could not change the recording: ${err.message}`));
+  };
 }
 
 // -- controls ---------------------------------------------------------------------------------

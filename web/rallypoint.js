@@ -499,7 +499,8 @@ export class ChatLog {
  * A room you are in: participants, the room's chat, and media through the SFU.
  *
  * Events: "joined" (the room state after each join or rejoin), "participant_joined",
- * "participant_left", "participant_updated", "room_updated" (lock), "track_added"
+ * "participant_left", "participant_updated", "room_updated" (lock), "recording" (the
+ * `recording` event: started or ended; `room.recording` is the running one or null), "track_added"
  * (`{info, track}`: a remote MediaStreamTrack), "track_removed" (`{info}`), "track_updated",
  * "active_speaker" (`{speakers}`), "message" (a chat message, new or changed), "chat_reset",
  * "typing" (`{identity, name, active}`), "receipt", "kicked", "media_error" (`{error}`),
@@ -517,6 +518,7 @@ export class Room extends Emitter {
     this.tracks = new Map(); // track id -> Track info (everyone's, from the server)
     this.remote = new Map(); // track id -> {info, track, transceiver}
     this.locked = false;
+    this.recording = null; // the `recording` event that started the running recording
     this.chat = new ChatLog(this.conversation);
     this.epoch = null;
     this.state = "idle"; // "joining", "joined", "left", "kicked"
@@ -568,6 +570,18 @@ export class Room extends Emitter {
     return this.client.request({ type: "lock", room: this.name, locked });
   }
 
+  /** Moderators: start recording the room (`audioOnly`; `identities`: only these). */
+  startRecording({ audioOnly = false, identities } = {}) {
+    const msg = { type: "recording_start", room: this.name, audio_only: audioOnly };
+    if (identities) msg.identities = identities;
+    return this.client.request(msg);
+  }
+
+  /** Moderators: stop the room's recording. */
+  stopRecording() {
+    return this.client.request({ type: "recording_stop", room: this.name });
+  }
+
   /** Moderators: remove a participant. */
   kick(participantId) {
     return this.client.request({ type: "kick", room: this.name, participant: participantId });
@@ -582,6 +596,7 @@ export class Room extends Emitter {
   _applyJoined(joined) {
     this.self = joined.self;
     this.locked = joined.locked;
+    this.recording = joined.recording ?? null;
     this.participants = new Map(joined.participants.map((p) => [p.id, p]));
     this.tracks = new Map((joined.tracks ?? []).map((t) => [t.id, t]));
   }
@@ -627,11 +642,25 @@ export class Room extends Emitter {
       }),
     );
     on(
+      "recording",
+      mine((m) => {
+        this.recording = m.active ? m : null;
+        this.emit("recording", m);
+      }),
+    );
+    on(
       "room_state",
       mine((m) => {
         // After a resume: the room as it is now replaces what we remembered.
         const before = new Map(this.participants);
         this.locked = m.locked;
+        const wasRecording = this.recording;
+        this.recording = m.recording ?? null;
+        if (wasRecording?.recording !== this.recording?.recording) {
+          // Missed while disconnected: say what changed.
+          if (this.recording) this.emit("recording", this.recording);
+          else this.emit("recording", { ...wasRecording, active: false, reason: "stopped" });
+        }
         this.participants = new Map();
         for (const p of m.participants) {
           if (this.self && p.id === this.self.id) this.self = p;

@@ -120,6 +120,7 @@ class CoreHandlers:
                 "conversation": conv,
                 "last_seq": last_seq,
                 "tracks": tracks,
+                **_recording(hub.media.recording_of(name)),
             },
             m,
         )
@@ -179,6 +180,7 @@ class CoreHandlers:
                 "conversation": conv,
                 "last_seq": last_seq,
                 "tracks": tracks,
+                **_recording(hub.media.recording_of(name)),
             },
             m,
         )
@@ -285,3 +287,8 @@ class CoreHandlers:
             return
         hub.watch(s, idents, allowed)
         s.reply({"type": "presence_state", "presence": await hub.presence_of(s, idents)}, m)
+
+
+def _recording(r: dict[str, Any] | None) -> dict[str, Any]:
+    """``joined.recording``: present while the room is being recorded."""
+    return {} if r is None else {"recording": {"active": True, **r}}

@@ -347,14 +347,16 @@ class Hub:
         for name in session.rooms if self.shared is None else ():
             room = self.rooms.get(name)
             if room is not None:
-                conn.send(
-                    {
-                        "type": "room_state",
-                        "room": name,
-                        "locked": room.locked,
-                        "participants": [p.to_wire() for p in room.participants.values()],
-                    }
-                )
+                state: dict[str, Any] = {
+                    "type": "room_state",
+                    "room": name,
+                    "locked": room.locked,
+                    "participants": [p.to_wire() for p in room.participants.values()],
+                }
+                recording = self.media.recording_of(name)
+                if recording is not None:
+                    state["recording"] = {"active": True, **recording}
+                conn.send(state)
         if resumed:
             self._touch(session)
             self.media.resumed(session)
@@ -372,14 +374,16 @@ class Hub:
         for name in list(session.rooms):
             participants, locked = await shared.room(name)
             if name in session.rooms:
-                session.send(
-                    {
-                        "type": "room_state",
-                        "room": name,
-                        "locked": locked,
-                        "participants": [p.to_wire() for p in participants],
-                    }
-                )
+                state: dict[str, Any] = {
+                    "type": "room_state",
+                    "room": name,
+                    "locked": locked,
+                    "participants": [p.to_wire() for p in participants],
+                }
+                recording = self.media.recording_of(name)
+                if recording is not None:
+                    state["recording"] = {"active": True, **recording}
+                session.send(state)
 
     def detach(self, conn: Link) -> None:
         """The connection ended: suspend its session for the resume grace period."""

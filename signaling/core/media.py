@@ -27,6 +27,10 @@ class RoomMedia(Protocol):
     def resumed(self, session: Session) -> None:
         """``session`` resumed on a new connection (send it what it may have missed)."""
 
+    def recording_of(self, room: str) -> dict[str, Any] | None:
+        """``room``'s recording now (the `recording` event's fields), or None."""
+        ...
+
 
 class NullMedia:
     """No media: rooms without tracks."""
@@ -42,3 +46,6 @@ class NullMedia:
 
     def resumed(self, session: Session) -> None:
         pass
+
+    def recording_of(self, room: str) -> dict[str, Any] | None:
+        return None

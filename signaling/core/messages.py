@@ -231,6 +231,14 @@ MESSAGES: Final = Messages(
                 "Tracks published in the room now (see `track_published`).",
                 ref="Track",
             ),
+            out(
+                "recording",
+                "object",
+                "Present while the room is being recorded: the fields of the `recording` "
+                "event that started it (`active`, `recording`, `by`, `audio_only`, "
+                "`identities`, `started_at`).",
+                required=False,
+            ),
             RE,
         ),
         event(
@@ -239,6 +247,12 @@ MESSAGES: Final = Messages(
             out("room", "string", "Room name."),
             out("participants", "array", "Everyone in the room.", ref="Participant"),
             out("locked", "boolean", "Room lock state."),
+            out(
+                "recording",
+                "object",
+                "Present while the room is being recorded (as in `joined`).",
+                required=False,
+            ),
         ),
         event(
             "participant_joined",

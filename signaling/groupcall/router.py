@@ -9,7 +9,7 @@ started yet) those answer ``sfu_unavailable``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from sfu.channel import (
@@ -54,6 +54,10 @@ SFU_METRICS: dict[str, tuple[str, str]] = {
 }
 
 
+def _no_recording(room: str) -> dict[str, Any] | None:
+    return None
+
+
 def _log_failure(exc: BaseException) -> None:
     if not isinstance(exc, SfuError):  # SfuErrors were answered to the client already
         log.error("media task failed", exc_info=exc)
@@ -68,6 +72,10 @@ class GroupCall:
         self.pool: SfuPool | None = None
         self.tracks: dict[str, dict[str, TrackInfo]] = {}
         self._tasks = TaskSet(_log_failure)
+        # Recording (``signaling.recording``, hooked up in app.py): what a joiner is told of a
+        # room's recording, and who hears that a worker ended one (room, recording, reason).
+        self.recording_of: Callable[[str], dict[str, Any] | None] = _no_recording
+        self.on_recording_ended: list[Callable[[str, str, str], None]] = []
 
     def feature(self) -> Feature:
         return Feature(
@@ -138,6 +146,8 @@ class GroupCall:
                         "room": room,
                         "participant": s.id,
                         "subscribe": "subscribe" in grants,
+                        "identity": s.identity,
+                        "name": s.name,
                     }
                 )
             )
@@ -219,6 +229,9 @@ class GroupCall:
                 s.send({"type": "media_failed", "room": room, "which": ev["which"]})
         elif ev["ev"] == "room_closed":
             self.tracks.pop(room, None)
+        elif ev["ev"] == "recording_stopped":
+            for ended in self.on_recording_ended:
+                ended(room, ev["recording"], ev["reason"])
         elif ev["ev"] == "room_lost":
             self._room_lost(room)
 
@@ -239,6 +252,10 @@ class GroupCall:
                 ),
             )
         bus.publish(f"room:{room}", encode({"type": "media_failed", "room": room, "which": "all"}))
+        recording = self.recording_of(room)
+        if recording is not None:  # what was written stays; the recording ends here
+            for ended in self.on_recording_ended:
+                ended(room, recording["recording"], "error")
         hub_room = self.hub.rooms.get(room)
         if hub_room is not None:
             for pid in hub_room.participants:

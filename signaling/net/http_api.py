@@ -1,5 +1,5 @@
 """The HTTP API for app backends: tokens, rooms, kicks, conversation history, system messages,
-devices, contacts and blocks.
+devices, contacts and blocks, recordings.
 
 Every route under ``/api/`` needs the API credentials, either
 
@@ -25,11 +25,14 @@ import base64
 import binascii
 import hmac
 import logging
+import os
 import secrets
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any, Final
 
 import jwt
@@ -43,6 +46,8 @@ from ..core.directory import DeviceDirectory
 from ..core.hub import Hub
 from ..core.rooms import Room
 from ..core.tokens import create_token
+from ..recording.library import RecordingError, RecordingLibrary
+from ..recording.service import BY_API, Recordings
 from ..relations.service import Relations
 from ..wire.errors import ProtocolError
 from ..wire.spec import (
@@ -79,9 +84,17 @@ API_ERRORS: Final[dict[str, int]] = {
     "no_such_group": 404,
     "forbidden": 403,
     "group_full": 409,
+    "no_such_recording": 404,
+    "no_such_file": 404,
+    "recording_active": 409,
+    "range_not_satisfiable": 416,
     "internal_error": 500,
     "store_full": 503,
     "store_unavailable": 503,
+    "recording_unavailable": 503,
+    "already_recording": 409,
+    "not_recording": 409,
+    "recording_storage_full": 507,
 }
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -96,6 +109,8 @@ class Api:
     store: ChatStore
     devices: DeviceDirectory
     relations: Relations
+    library: RecordingLibrary
+    recordings: Recordings
 
 
 API: web.AppKey[Api] = web.AppKey("api", Api)
@@ -184,6 +199,8 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         return web.json_response(
             {"code": "bad_field", "message": e.reason}, status=e.status if e.status < 500 else 400
         )
+    except RecordingError as e:
+        return _error(e.code, e.message)
     except ProtocolError as e:
         if e.code not in ("store_full", "store_unavailable"):  # the store's other refusals
             return _failed(request)  # are failures here
@@ -369,6 +386,52 @@ async def kick(request: web.Request) -> web.Response:
         hub.kick(victim, room.name, KICKED_BY_API)
         kicked.append(p.id)
     return web.json_response({"room": room.name, "kicked": kicked})
+
+
+async def _recording_call(coro: Awaitable[Any]) -> Any:
+    """Run a recording start or stop; its refusals become the API's."""
+    try:
+        return await coro
+    except ProtocolError as e:
+        if e.code in API_ERRORS:
+            raise ApiError(e.code, e.message) from None
+        if e.code == "sfu_unavailable":
+            raise ApiError("recording_unavailable", e.message) from None
+        raise
+
+
+async def start_recording(request: web.Request) -> web.Response:
+    recordings = request.app[API].recordings
+    room = _match(ROOM_PATTERN, request.match_info["room"], "room")
+    body = await _json_body(request, {"audio_only": bool, "identities": list})
+    identities = body.get("identities")
+    if identities is not None:
+        if len(identities) > 256 or not all(isinstance(i, str) for i in identities):
+            raise ApiError("bad_field", "`identities` is an array of at most 256 identities")
+        for i in identities:
+            _match(IDENTITY_PATTERN, i, "identities")
+    a = await _recording_call(
+        recordings.start(room, BY_API, body.get("audio_only", False), identities)
+    )
+    return web.json_response({"room": room, "active": True, **a.to_wire()}, status=201)
+
+
+async def get_room_recording(request: web.Request) -> web.Response:
+    recordings = request.app[API].recordings
+    room = _match(ROOM_PATTERN, request.match_info["room"], "room")
+    r = recordings.recording_of(room)
+    if r is None:
+        raise ApiError("not_recording", f"room {room!r} is not being recorded")
+    return web.json_response({"room": room, "active": True, **r})
+
+
+async def stop_recording(request: web.Request) -> web.Response:
+    recordings = request.app[API].recordings
+    room = _match(ROOM_PATTERN, request.match_info["room"], "room")
+    a = await _recording_call(recordings.stop(room, BY_API))
+    return web.json_response(
+        {"room": room, "active": False, **a.to_wire(), "reason": "stopped", "stopped_by": BY_API}
+    )
 
 
 async def history(request: web.Request) -> web.Response:
@@ -588,12 +651,96 @@ async def set_role(request: web.Request) -> web.Response:
     return await _change(request, conv, "role", _cid(request, body), (identity,), role=body["role"])
 
 
+# --- recordings ---------------------------------------------------------------------------------
+
+
+async def list_recordings(request: web.Request) -> web.Response:
+    room = request.query.get("room")
+    if room is not None:
+        _match(ROOM_PATTERN, room, "room")
+    limit = _int_param(request, "limit", 1, 200) or 50
+    found, cursor = await request.app[API].library.list_page(
+        room=room, limit=limit, cursor=request.query.get("cursor")
+    )
+    return web.json_response({"recordings": found, "next_cursor": cursor})
+
+
+async def get_recording(request: web.Request) -> web.Response:
+    manifest = await request.app[API].library.get(request.match_info["recording"])
+    return web.json_response(manifest.raw, dumps=lambda o: orjson.dumps(o).decode())
+
+
+class _RecordingFileResponse(web.FileResponse):
+    """``FileResponse`` (ranges, conditional requests, sendfile) for exactly the file it was
+    given: never a compressed sibling (``name.webm.gz`` for ``Accept-Encoding: gzip``), which
+    no manifest lists, and never through a symlink."""
+
+    def _get_file_path_stat_encoding(
+        self, accept_encoding: str
+    ) -> tuple[Path | None, os.stat_result, str | None]:
+        st = self._path.lstat()
+        return (self._path if stat.S_ISREG(st.st_mode) else None), st, None
+
+
+# The method overridden above is aiohttp's (3.14, pinned): fail at start-up, not silently.
+if not callable(getattr(web.FileResponse, "_get_file_path_stat_encoding", None)):
+    raise RuntimeError("aiohttp's FileResponse changed: review _RecordingFileResponse")
+
+
+def _unsatisfiable(request: web.Request, size: int) -> bool:
+    """Whether ``FileResponse`` would answer 416 to this Range (aiohttp's rules: a malformed
+    range, or one that starts at or after the end), so that we answer it in JSON instead."""
+    if "Range" not in request.headers or request.if_range is not None:
+        return False  # no range, or If-Range: FileResponse decides (200 when it changed)
+    try:
+        rng = request.http_range
+    except ValueError:
+        return True
+    start = rng.start
+    if start is None:
+        return False
+    if start < 0 and rng.stop is None:  # the last -start bytes
+        start = max(0, size + start)
+    return start >= size
+
+
+async def recording_file(request: web.Request) -> web.StreamResponse:
+    f = await request.app[API].library.file(
+        request.match_info["recording"], request.match_info["file"]
+    )
+    if _unsatisfiable(request, f.size):
+        return _error(
+            "range_not_satisfiable",
+            f"the range is not within the file's {f.size} bytes",
+            {"Content-Range": f"bytes */{f.size}"},
+        )
+    return _RecordingFileResponse(
+        f.path,
+        headers={
+            "Content-Type": f.content_type,
+            "Content-Disposition": f'attachment; filename="{request.match_info["recording"]}'
+            f'-{f.name}"',
+            "Cache-Control": "private, no-cache",
+            "X-Content-Type-Options": "nosniff",
+        },
+    )
+
+
+async def delete_recording(request: web.Request) -> web.Response:
+    rec_id = request.match_info["recording"]
+    await request.app[API].library.delete(rec_id)
+    return web.json_response({"id": rec_id, "deleted": True})
+
+
 ROUTES: Final = (
     ("GET", "/api/openapi.json", openapi),
     ("POST", "/api/tokens", create_token_route),
     ("GET", "/api/rooms", list_rooms),
     ("GET", "/api/rooms/{room}/participants", list_participants),
     ("POST", "/api/rooms/{room}/kick", kick),
+    ("POST", "/api/rooms/{room}/recording", start_recording),
+    ("GET", "/api/rooms/{room}/recording", get_room_recording),
+    ("DELETE", "/api/rooms/{room}/recording", stop_recording),
     ("GET", "/api/conversations/{conversation}/messages", history),
     ("POST", "/api/conversations/{conversation}/messages", post_message),
     ("GET", "/api/identities/{identity}/devices", devices),
@@ -609,6 +756,10 @@ ROUTES: Final = (
     ("POST", "/api/groups/{group}/members", add_members),
     ("DELETE", "/api/groups/{group}/members/{identity}", remove_member),
     ("PATCH", "/api/groups/{group}/members/{identity}", set_role),
+    ("GET", "/api/recordings", list_recordings),
+    ("GET", "/api/recordings/{recording}", get_recording),
+    ("DELETE", "/api/recordings/{recording}", delete_recording),
+    ("GET", "/api/recordings/{recording}/files/{file}", recording_file),
 )
 
 

@@ -392,6 +392,20 @@ class RallypointClient:
         await self.request({"type": "leave", "room": room})
         self.rooms.discard(room)
 
+    async def start_recording(
+        self, room: str, *, audio_only: bool = False, identities: list[str] | None = None
+    ) -> None:
+        """Moderators: record the room's media (``identities``: only theirs). Everyone in the
+        room, this client too, then gets the ``recording`` event."""
+        msg: dict[str, Any] = {"type": "recording_start", "room": room, "audio_only": audio_only}
+        if identities is not None:
+            msg["identities"] = identities
+        await self.request(msg)
+
+    async def stop_recording(self, room: str) -> None:
+        """Moderators: stop the room's recording (its files are complete when this returns)."""
+        await self.request({"type": "recording_stop", "room": room})
+
     # -- chat ------------------------------------------------------------------------------------
 
     def _message(self, msg: dict[str, Any]) -> bool:

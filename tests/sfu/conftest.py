@@ -34,9 +34,13 @@ async def party(clients: Callable[..., Awaitable[Client]]) -> AsyncIterator[Part
         n: int = 1,
         seconds: float = 3.0,
         codec: str = "vp8",
+        token: str | None = None,
         **session: Any,
     ) -> Party:
-        c = await clients(server, name=name, identity=name)
+        if token is None:
+            c = await clients(server, name=name, identity=name)
+        else:
+            c = await clients(server, name=name, token=token)
         await c.request({"type": "join", "room": room})
         p = Party(c, SfuSession(c, room, **session))
         made.append(p)

@@ -18,8 +18,26 @@ async def test_a_dead_worker_loses_its_rooms_but_closing_the_pool_does_not() -> 
     pool = SfuPool(1, events.append)
     await pool.start()
     try:
-        await pool.request({"op": "join", "room": "r1", "participant": "p1", "subscribe": True})
-        await pool.request({"op": "join", "room": "r2", "participant": "p2", "subscribe": True})
+        await pool.request(
+            {
+                "op": "join",
+                "room": "r1",
+                "participant": "p1",
+                "subscribe": True,
+                "identity": "i",
+                "name": "N",
+            }
+        )
+        await pool.request(
+            {
+                "op": "join",
+                "room": "r2",
+                "participant": "p2",
+                "subscribe": True,
+                "identity": "i",
+                "name": "N",
+            }
+        )
         # A crash: the rooms are reported lost (the media router tells clients and rejoins).
         proc = pool.workers[0].proc
         assert proc is not None
@@ -27,7 +45,16 @@ async def test_a_dead_worker_loses_its_rooms_but_closing_the_pool_does_not() -> 
         await until(lambda: _lost(events) == ["r1", "r2"], 10)
         w = pool.workers[0]
         await until(lambda: w.proc is not proc and w.ready.is_set(), 20)  # restarted
-        await pool.request({"op": "join", "room": "r3", "participant": "p3", "subscribe": True})
+        await pool.request(
+            {
+                "op": "join",
+                "room": "r3",
+                "participant": "p3",
+                "subscribe": True,
+                "identity": "i",
+                "name": "N",
+            }
+        )
         readers = [w.reader_task for w in pool.workers]
         events.clear()
     finally:
@@ -56,11 +83,27 @@ async def test_an_event_handler_that_fails_does_not_stop_the_replies() -> None:
     pool = SfuPool(1, on_event, timeout_s=5)
     await pool.start()
     try:
-        await pool.request({"op": "join", "room": "r1", "participant": "p1", "subscribe": True})
+        await pool.request(
+            {
+                "op": "join",
+                "room": "r1",
+                "participant": "p1",
+                "subscribe": True,
+                "identity": "i",
+                "name": "N",
+            }
+        )
         await pool.request({"op": "leave", "room": "r1", "participant": "p1"})  # -> room_closed
         await until(lambda: failures == ["room_closed"], 5)
         reply = await pool.request(
-            {"op": "join", "room": "r2", "participant": "p2", "subscribe": True}
+            {
+                "op": "join",
+                "room": "r2",
+                "participant": "p2",
+                "subscribe": True,
+                "identity": "i",
+                "name": "N",
+            }
         )
         assert reply == {"tracks": []}
     finally:

@@ -363,6 +363,29 @@ async def test_leaving_removes_the_tile(call: Call) -> None:
     assert time.monotonic() - started < 5
 
 
+async def test_recording_is_shown_to_everyone(call: Call) -> None:
+    alice, bob, carol = call["Alice"], call["Bob"], call["Carol"]  # Carol has left the call
+    await expect(bob.get_by_role("button", name="Record", exact=True)).to_be_hidden()
+    await alice.get_by_role("button", name="Record", exact=True).click()
+    for page in (alice, bob):
+        indicator = page.locator("#recording-indicator")
+        await expect(indicator).to_have_text("Recording (started by Alice)")
+    await expect(notices(bob, "Alice started recording this call")).to_be_visible()
+    # Someone who joins while it runs is shown it at once.
+    await carol.get_by_role("link", name="Join again").click()
+    await carol.get_by_role("button", name="Join call").click()
+    await expect(tile(carol, "Carol (you)")).to_be_visible()
+    indicator = carol.locator("#recording-indicator")
+    await expect(indicator).to_have_text("Recording (started by Alice)")
+    await alice.get_by_role("button", name="Stop recording").click()
+    for page in (alice, bob, carol):
+        await expect(page.locator("#recording-indicator")).to_be_hidden()
+    await expect(notices(bob, "Recording stopped")).to_be_visible()
+    await expect(alice.get_by_role("button", name="Record", exact=True)).to_be_visible()
+    await carol.get_by_role("button", name="Leave").click()
+    await expect(carol.get_by_role("heading", name="You left the call")).to_be_visible()
+
+
 async def test_lock_and_remove(
     call: Call, web_browser: Browser, web_server: WebServer, page_errors: PageErrors
 ) -> None:

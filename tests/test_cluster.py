@@ -67,17 +67,19 @@ async def cluster(
         try:
             yield c
         finally:
-            for client in c.clients:
-                await client.close()
-            for s in nodes:
-                if s.proc is not None and s.proc.poll() is None:
-                    s.stop()
-            if redis_url == REDIS_URL:
-                r = aioredis.Redis.from_url(REDIS_URL)
-                keys = [k async for k in r.scan_iter(match=f"{prefix}:*", count=1000)]
-                if keys:
-                    await r.delete(*keys)
-                await r.aclose()
+            try:
+                for client in c.clients:
+                    await client.close()
+                for s in nodes:
+                    if s.proc is not None and s.proc.poll() is None:
+                        s.stop()  # SIGTERM: a clean stop (TimeoutExpired if it hangs)
+            finally:
+                if redis_url == REDIS_URL:  # the shared Redis keeps nothing of this test
+                    r = aioredis.Redis.from_url(REDIS_URL)
+                    keys = [k async for k in r.scan_iter(match=f"{prefix}:*", count=1000)]
+                    if keys:
+                        await r.delete(*keys)
+                    await r.aclose()
 
 
 async def until(cond: Callable[[], Any], timeout: float = 10.0) -> None:

@@ -127,7 +127,15 @@ class Hub:
         know may name a session of another node. Take it over (``SharedState.claim_resume``:
         once, whichever nodes try) so that ``welcome`` resumes it here: its rooms (re-joined
         where its old node's entries were gone already), watches and status; the old node,
-        if alive, forgets it without a word to the others (``forget``)."""
+        if alive, forgets it without a word to the others (``forget``). A failure here (a bug,
+        a record it cannot read) is logged and the `hello` goes on: a new session."""
+        try:
+            await self._adopt(hello)
+        except Exception:
+            self.counters.internal_errors += 1
+            log.exception("taking over a session from another node failed")
+
+    async def _adopt(self, hello: dict[str, Any]) -> None:
         shared = self.shared
         token = hello.get("resume")
         if shared is None or not isinstance(token, str) or not token or token in self.by_resume:

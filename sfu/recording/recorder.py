@@ -348,6 +348,11 @@ class Recordable(Protocol):
     def want_keyframe(self, now: float) -> bool: ...
 
 
+#: Batches (the room's 250 ms ticks: 30 s) the writer thread may be behind before the
+#: recording stops taking packets: a disk slower than the media must not grow memory without end.
+MAX_BACKLOG = 120
+
+
 class RoomRecorder:
     """One recording of one room (event loop side): taps, batches, start and stop."""
 
@@ -359,6 +364,7 @@ class RoomRecorder:
         loop: asyncio.AbstractEventLoop,
         stopped_by_itself: Callable[[str], None],
         min_free: int = MIN_FREE_BYTES,
+        max_backlog: int = MAX_BACKLOG,
     ) -> None:
         self.manifest = manifest
         self.id = manifest.id
@@ -372,6 +378,8 @@ class RoomRecorder:
         self.done: asyncio.Future[str] = loop.create_future()
         self.ready: asyncio.Future[None] = loop.create_future()
         self.stopping = False
+        self.max_backlog = max_backlog
+        self.overrun = False  # the writer fell too far behind: the recording ends (error)
         self._keys = 0
         self._thread = RecordingThread(
             manifest, max_bytes, loop, self._keyframe, self._finished, self._started, min_free
@@ -426,6 +434,9 @@ class RoomRecorder:
         """Hand every tap's packets to the writer thread (the room's tick)."""
         if not self.active:
             return
+        if self._thread.queue.qsize() >= self.max_backlog:
+            self._overrun()
+            return
         batch = []
         for up in self.tracks.values():
             tap = up.tap
@@ -447,6 +458,17 @@ class RoomRecorder:
             self._thread.put("stop", reason)
         return await asyncio.shield(self.done)
 
+    def _overrun(self) -> None:
+        """The writer thread is ``max_backlog`` batches behind (the disk cannot keep up): stop
+        taking packets, so memory stays bounded; what is queued is still written, then the
+        recording ends by itself with ``error``."""
+        log.warning("recording %s: the writer is too far behind; stopping", self.id)
+        self.overrun = True
+        for up in list(self.tracks.values()):
+            self.detach(up)
+        self.stopping = True
+        self._thread.put("stop", "error")
+
     def _untap(self) -> None:
         for up in self.tracks.values():
             up.tap = None
@@ -460,7 +482,7 @@ class RoomRecorder:
     def _finished(self, reason: str) -> None:
         """The thread ended (on the loop)."""
         self._untap()
-        by_itself = not self.stopping
+        by_itself = not self.stopping or self.overrun
         self.stopping = True
         if not self.done.done():
             self.done.set_result(reason)

@@ -28,6 +28,9 @@ from media.loss import inject_loss
 from media.marker import read_marker
 from media.tracks import EncodedAudioTrack, EncodedVideoTrack, attach_keyframe_requests
 from sfu.channel import read_frame
+from sfu.forward import Counters, UpTrack
+from sfu.recording.manifest import Manifest
+from sfu.recording.recorder import RoomRecorder
 from sfu.room import MediaError
 from sfu.worker import Worker
 
@@ -587,3 +590,53 @@ async def test_a_failed_write_stops_with_disk_full_and_keeps_what_was_written(
     print("failed write: manifest", seg, "decoded", len(vf.indices), "corrupt", vf.corrupt)
     # What reached the disk decodes, in order (the last frame may be cut off).
     assert consecutive(vf.indices) and len(vf.indices) >= 30 and vf.corrupt <= 1
+
+
+async def test_a_writer_too_far_behind_stops_taking_packets(tmp_path: Path) -> None:
+    """A disk slower than the media: the writer thread is stuck (here writing its reserve file
+    into a FIFO nobody reads yet). After ``max_backlog`` batches the recorder stops taking
+    packets, so memory stays bounded; once the writer gets going again it writes what was
+    queued and the recording ends by itself with ``error``."""
+    directory = tmp_path / "rec"
+    directory.mkdir()
+    os.mkfifo(directory / ".reserve")
+    stopped: list[str] = []
+    manifest = Manifest(
+        "rec_0123456789abcdef",
+        "room",
+        str(directory),
+        by={"api": True},
+        audio_only=False,
+        identities=None,
+    )
+    rec = RoomRecorder(
+        manifest,
+        max_bytes=10**9,
+        loop=asyncio.get_running_loop(),
+        stopped_by_itself=stopped.append,
+        max_backlog=3,
+    )
+    up = UpTrack("p:0", "p", "audio", "microphone", "opus", lambda: None, Counters())
+    rec.attach(up, "alice", "Alice")  # the writer's queue: open
+    seq = itertools.count()
+    for _ in range(2):  # two batches: open + 2 < 3 queued, taken
+        for _ in range(5):
+            n = next(seq)
+            up.forward(n, n * 960, False, b"\xfc" + bytes(40), 0, None)
+        rec.flush()
+        assert up.tap is not None and not rec.overrun
+    n = next(seq)
+    up.forward(n, n * 960, False, b"\xfc" + bytes(40), 0, None)
+    rec.flush()  # 3 queued: too far behind
+    assert rec.overrun and up.tap is None and rec.tracks == {}
+    n = next(seq)
+    up.forward(n, n * 960, False, b"\xfc" + bytes(40), 0, None)  # not taken any more
+    assert up.tap is None
+    reserve = await asyncio.to_thread((directory / ".reserve").read_bytes)  # the disk is back
+    assert len(reserve) == 64 * 1024
+    assert await asyncio.wait_for(asyncio.shield(rec.done), 10) == "error"
+    await until(lambda: stopped == ["error"], 5)
+    doc = json.loads((directory / "manifest.json").read_text())
+    assert doc["stop_reason"] == "error"
+    (track,) = doc["tracks"]
+    assert track["segments"][0]["frames"] == 11  # what was queued was written

@@ -25,6 +25,11 @@ An init script (run before the page's own modules) records the phases on the pag
 | ``packet`` | the first remote video RTP packet (``getSynchronizationSources()``, every 2 ms) |
 | ``frame`` | the first remote video frame on screen (``requestVideoFrameCallback``) |
 
+The JSON line also has ``sub_remote``, ``sub_local`` and ``sub_gathered`` (the subscriber
+offer applied, the answer made, ICE gathering complete: the answer waits for it). Medians are
+per phase, so they need not be in order; a run's ``packet`` is missing when its first frame
+came before the 2 ms poll saw a packet.
+
     .venv/bin/python bench/sfu_join.py [--runs 5] [--server-path DIR] [--rounds 5]
 
 With ``--server-path DIR`` the run compares this checkout ("rallypoint") with another one
@@ -97,6 +102,9 @@ PHASES = (
     "packet",
     "frame",
 )
+# Also in the JSON, not in the table: the subscriber offer applied (setRemoteDescription), the
+# answer made (setLocalDescription), ICE gathering complete (the answer waits for it).
+DETAIL_PHASES = ("sub_remote", "sub_local", "sub_gathered")
 RUN_TIMEOUT_S = 20.0  # per page: the first remote frame or the run fails
 HOLD_S = 1.0  # the page stays this long after its first frame (it opens its camera, publishes)
 SETTLE_S = 0.5  # after a page closes, before the next opens (the server sees it leave)
@@ -150,6 +158,21 @@ INIT_SCRIPT = r"""
   const remote = new Set();  // remote video track ids
   const NativePC = window.RTCPeerConnection;
   window.RTCPeerConnection = class extends NativePC {
+    async setRemoteDescription(d) {
+      const out = await super.setRemoteDescription(d);
+      if (d && d.type === "offer") {
+        mark("sub_remote");
+        this.addEventListener("icegatheringstatechange", () => {
+          if (this.iceGatheringState === "complete") mark("sub_gathered");
+        });
+      }
+      return out;
+    }
+    async setLocalDescription(d) {
+      const out = await super.setLocalDescription(d);
+      if (this.localDescription?.type === "answer") mark("sub_local");
+      return out;
+    }
     constructor(...args) {
       super(...args);
       this.addEventListener("track", (ev) => {
@@ -314,7 +337,7 @@ def summarize(runs: list[dict[str, float]]) -> dict[str, Any]:
     """The median time to the first frame, and each phase's median, over ``runs``."""
     phases = {
         p: round(statistics.median([r[p] for r in runs if p in r]), 1)
-        for p in PHASES
+        for p in PHASES + DETAIL_PHASES
         if any(p in r for r in runs)
     }
     after_load = [r["frame"] - r["dom"] for r in runs if "frame" in r and "dom" in r]

@@ -37,6 +37,8 @@ With ``--server-path DIR`` the run compares this checkout ("rallypoint") with an
 side with their own room and publishers, and the runs alternate between them (which one goes
 first alternates too; this machine's speed drifts within minutes).
 
+``JOIN_DEBUG=1`` also prints each run's marks and the page's navigation and resource timings.
+
 Prints a table of the runs and a final JSON line ``{"join_first_frame_ms_median": m, "runs":
 [...], "phases_ms_median": {...}}`` (with ``--server-path``: one such summary per server).
 ``join_first_frame_ms(runs)`` is what ``bench/sfu.py`` calls for its own final line.

@@ -322,8 +322,10 @@ async function joinCall(name, openMedia = async () => {}) {
   setInterval(pollQuality, 2000);
   // The others first: opening the camera and publishing (encoder start, a second
   // negotiation) compete with receiving them for the browser's time.
-  const others = [...room.tracks.values()].some((t) => t.participant !== room.self?.id);
-  if (others) await othersShown;
+  const othersVideo = [...room.tracks.values()].some(
+    (t) => t.participant !== room.self?.id && t.kind === "video" && !t.muted,
+  );
+  if (othersVideo) await othersShown;
   await waitForMedia(openMedia());
   if (app.ending) return;
   if (app.mediaProblem) notice(mediaProblemText(app.mediaProblem), 12000);

@@ -37,7 +37,8 @@ With ``--server-path DIR`` the run compares this checkout ("rallypoint") with an
 side with their own room and publishers, and the runs alternate between them (which one goes
 first alternates too; this machine's speed drifts within minutes).
 
-``JOIN_DEBUG=1`` also prints each run's marks and the page's navigation and resource timings.
+``JOIN_DEBUG=1`` also prints each run's marks, the page's navigation and resource timings, and
+its long tasks (main thread busy over 50 ms).
 
 Prints a table of the runs and a final JSON line ``{"join_first_frame_ms_median": m, "runs":
 [...], "phases_ms_median": {...}}`` (with ``--server-path``: one such summary per server).
@@ -122,6 +123,8 @@ INIT_SCRIPT = r"""
     const nav = performance.getEntriesByType("navigation")[0];
     const keys = ["requestStart", "responseStart", "responseEnd", "domInteractive"];
     if (nav) for (const k of keys) out[k] = nav[k];
+    const ms = Math.round;
+    out.longtasks = (window.__longtasks || []).map((t) => [ms(t.startTime), ms(t.duration)]);
     for (const r of performance.getEntriesByType("resource")) {
       out[r.name.split("/").pop()] = [Math.round(r.startTime), Math.round(r.responseEnd)];
     }
@@ -129,6 +132,12 @@ INIT_SCRIPT = r"""
   };
   const mark = (name) => { if (!(name in marks)) marks[name] = performance.now(); };
   document.addEventListener("DOMContentLoaded", () => mark("dom"));
+  try {
+    new PerformanceObserver((l) => (window.__longtasks ||= []).push(...l.getEntries())).observe({
+      type: "longtask",
+      buffered: true,
+    });
+  } catch {}
   const md = navigator.mediaDevices;
   if (md && md.getUserMedia) {
     const gum = md.getUserMedia.bind(md);

@@ -66,6 +66,7 @@ from procs import stop  # noqa: E402
 from sfu_janus import ROOM as JANUS_ROOM  # noqa: E402
 from sfu_janus import Session as JanusSession  # noqa: E402
 from sfu_janus import has_jsep, joined  # noqa: E402
+from sfu_join import join_first_frame_ms  # noqa: E402
 from sfu_load import (  # noqa: E402
     Publisher,
     Subscriber,
@@ -894,6 +895,8 @@ def main() -> int:
     pub = [r.window for r in runs if not r.scenario.startswith("room10")]
     summary["pub_pps"] = round(sum(w.sent[0] / w.seconds for w in pub) / len(pub)) if pub else 0
     summary["wall_s"] = round(wall)
+    if "rallypoint" in args.servers:  # bench/sfu_join.py: the bundled page in Chromium
+        summary["join_first_frame_ms_median"] = join_first_frame_ms(3 if args.quick else 5)
     print()
     print(table(runs))
     if not args.quick and not args.no_record and {"rallypoint", "janus"} <= set(args.servers):

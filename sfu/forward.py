@@ -22,6 +22,11 @@ from .rtp import U16, ExtensionLayout, build, h264_keyframe, seq_newer, vp8_keyf
 KEYFRAME_INTERVAL_S = 0.5  # at most one keyframe request upstream per track in this time
 RESEND_INTERVAL_S = 0.1  # a packet is retransmitted to a subscriber at most once in this time
 MAX_NACKED = 64  # sequence numbers handled per NACK (a receiver that lost more needs a keyframe)
+# A new subscriber starts from the newest cached keyframe only when it is this recent (RTP
+# ticks at 90 kHz: 100 ms before the newest packet) and this few packets back: an older one
+# would arrive as a burst of stale frames.
+REPLAY_MAX_AGE_TS = 9000
+REPLAY_MAX_PACKETS = 256
 
 
 @dataclass(slots=True)
@@ -33,6 +38,7 @@ class Counters:
     retransmitted: int = 0
     nacks_upstream: int = 0
     keyframe_requests: int = 0
+    keyframes_replayed: int = 0  # subscribers started from a cached keyframe (no request)
     dropped_malformed: int = 0
     dropped_no_route: int = 0
     subscribe_offers: int = 0  # subscriber offers made (each counted once, when it goes out)
@@ -209,6 +215,56 @@ class UpTrack:
         counters = self.counters
         counters.packets_in += 1
         counters.packets_out += sent
+
+    def replay_keyframe(self, dt: DownTrack, abs_time: int) -> bool:
+        """Start a waiting video subscriber at once from the newest cached keyframe: its
+        packets and those after it are sent now, instead of asking the publisher for a
+        keyframe and waiting a round trip and a frame interval for it. Only a recent keyframe
+        with no gap after it in the cache qualifies; returns whether the subscriber started."""
+        cache = self.cache
+        if cache is None or cache.newest < 0 or not dt.waiting or not dt.active:
+            return False
+        newest = cache.get(cache.newest)
+        if newest is None:
+            return False
+        seq = newest.seq
+        for _ in range(REPLAY_MAX_PACKETS):
+            c = cache.get(seq)
+            if c is None or (newest.ts - c.ts) & 0xFFFFFFFF > REPLAY_MAX_AGE_TS:
+                return False  # a gap (the rest could not be decoded), or too old
+            if self.is_keyframe(c.payload):
+                break
+            seq = (seq - 1) & 0xFFFF
+        else:
+            return False
+        dt.restart(seq)
+        layout = dt.layout
+        shared = layout.shared(abs_time, None)
+        sent = 0
+        while True:
+            c = cache.get(seq)
+            assert c is not None  # checked above
+            dt.send(
+                build(
+                    dt.pt | (0x80 if c.marker else 0),
+                    (seq + dt.seq_offset) & 0xFFFF,
+                    (c.ts + dt.ts_offset) & 0xFFFFFFFF,
+                    dt.ssrc,
+                    layout.head,
+                    shared,
+                    c.payload,
+                )
+            )
+            dt.packets += 1
+            dt.octets += len(c.payload)
+            sent += 1
+            if seq == newest.seq:
+                break
+            seq = (seq + 1) & 0xFFFF
+        dt.next_seq = (newest.seq + dt.seq_offset + 1) & 0xFFFF
+        self.counters.packets_out += sent
+        self.counters.keyframes_replayed += 1
+        return True
 
     def retransmit(self, dt: DownTrack, lost: list[int], abs_time: int, now: float) -> list[int]:
         """Answer a subscriber's NACK from the cache (as RTX where negotiated); returns the

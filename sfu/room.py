@@ -555,15 +555,32 @@ class Room:
 
         hooks_box.append(SubscriberHooks(tr.sender, on_nack, on_keyframe, on_remb))
         p.downtracks[up.id] = dt
+        if p.fast.ready:
+            self._start_downtrack(p, up, dt, now)
+        elif up.kind == "video":
+            # Asked now, the keyframe is in the track's cache by the time the connection is
+            # up (DTLS takes longer than a frame), and is replayed from there.
+            up.want_keyframe(now)
+
+    def _start_downtrack(self, p: Participant, up: UpTrack, dt: DownTrack, now: float) -> None:
+        """Forward ``up`` to ``p`` from now on (its connection is up): video from a recent
+        cached keyframe at once, else from the next keyframe, asked for."""
         up.downtracks[p.id] = dt
-        if up.kind == "video" and p.fast.ready:
+        if up.kind == "video" and not up.replay_keyframe(dt, abs_send_time_now()):
             up.want_keyframe(now)
 
     def _request_waiting_keyframes(self, p: Participant) -> None:
+        """The subscriber connection is up: start the tracks waiting for it."""
         now = time.monotonic()
+        ready = p.fast is not None and p.fast.ready
         for tid, dt in p.downtracks.items():
             up = self.tracks.get(tid)
-            if up is not None and dt.waiting and up.kind == "video":
+            if up is None:
+                continue
+            if up.downtracks.get(p.id) is not dt:
+                if ready:
+                    self._start_downtrack(p, up, dt, now)
+            elif dt.waiting and up.kind == "video":
                 up.want_keyframe(now)
 
     def pause(self, pid: str, tid: str, paused: bool) -> None:
@@ -621,5 +638,7 @@ class Room:
             if p.fast is not None and p.fast.ready:
                 for tid, dt in p.downtracks.items():
                     up = self.tracks.get(tid)
-                    if dt.waiting and up is not None and up.kind == "video" and dt.active:
+                    if up is not None and up.downtracks.get(p.id) is not dt:
+                        self._start_downtrack(p, up, dt, now)  # ready after the state event
+                    elif dt.waiting and up is not None and up.kind == "video" and dt.active:
                         up.want_keyframe(now)

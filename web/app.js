@@ -7,6 +7,8 @@ import { RallypointClient, Room } from "./rallypoint.js";
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const ROOM_PATTERN = /^[A-Za-z0-9_.~-]{1,64}$/;
+// With `autojoin`, the camera opens once the others' video shows, or after this long.
+const FIRST_VIDEO_WAIT_MS = 1500;
 const VIDEO_CONSTRAINTS = {
   width: { ideal: 640 },
   height: { ideal: 480 },
@@ -89,7 +91,10 @@ function start() {
   app.roomName = room;
   document.title = `${room} - Rallypoint`;
   if (params.get("autojoin") === "1") {
-    acquireMedia().then(() => joinCall(params.get("name") || storedName() || guestName()));
+    // Join first and open the camera once the others' video shows: the camera's start-up
+    // and publishing would slow down receiving them (and a permission prompt would hold
+    // everything up).
+    joinCall(params.get("name") || storedName() || guestName(), acquireMedia);
   } else {
     showLobby();
   }
@@ -268,12 +273,15 @@ async function acquireMedia() {
 
 // -- the call ---------------------------------------------------------------------------------
 
-async function joinCall(name) {
+/**
+ * Join the call. `openMedia` opens the camera and microphone (when not open yet, as with
+ * `autojoin`); it is called once the call is joined and the others' video shows.
+ */
+async function joinCall(name, openMedia = async () => {}) {
   show("call");
   $("call-title").textContent = app.roomName;
   setChatOpen(window.matchMedia("(min-width: 900px)").matches);
   setStatus("Connecting…");
-  if (app.mediaProblem) notice(mediaProblemText(app.mediaProblem), 12000);
 
   const token = params.get("token");
   const client = new RallypointClient({
@@ -302,6 +310,7 @@ async function joinCall(name) {
   app.room = room;
   bindRoom(room);
   addLocalTile();
+  const othersShown = firstRemoteVideo(room, FIRST_VIDEO_WAIT_MS);
   try {
     await room.join();
   } catch (err) {
@@ -310,13 +319,56 @@ async function joinCall(name) {
   }
   renderPeople();
   updateControls();
+  setInterval(pollQuality, 2000);
+  // The others first: opening the camera and publishing (encoder start, a second
+  // negotiation) compete with receiving them for the browser's time.
+  const othersVideo = [...room.tracks.values()].some(
+    (t) => t.participant !== room.self?.id && t.kind === "video" && !t.muted,
+  );
+  if (othersVideo) await othersShown;
+  await waitForMedia(openMedia());
+  if (app.ending) return;
+  if (app.mediaProblem) notice(mediaProblemText(app.mediaProblem), 12000);
   const items = [];
   if (app.local.camera) items.push({ track: app.local.camera, source: "camera" });
   if (app.local.microphone) items.push({ track: app.local.microphone, source: "microphone" });
   if (!app.local.microphone) room.update({ audio_muted: true }).catch(() => {});
   if (!app.local.camera) room.update({ video_muted: true }).catch(() => {});
   if (items.length) room.publish(items).catch(() => {}); // reported by "media_error"
-  setInterval(pollQuality, 2000);
+}
+
+/** Resolves when a remote video shows its first frame, or after `ms`. */
+function firstRemoteVideo(room, ms) {
+  return new Promise((resolve) => {
+    const timer = setTimeout(done, ms);
+    const off = room.on("track_added", ({ info }) => {
+      if (info.kind !== "video") return;
+      const tile = app.tiles.get(info.source === "screen" ? screenKey(info) : info.participant);
+      tile?.video.addEventListener("loadeddata", done, { once: true });
+    });
+    function done() {
+      clearTimeout(timer);
+      off();
+      resolve();
+    }
+  });
+}
+
+/** The camera and microphone buttons wait while the devices are being opened. */
+async function waitForMedia(media) {
+  const buttons = [$("toggle-mic"), $("toggle-camera")];
+  for (const b of buttons) b.disabled = true;
+  try {
+    await media;
+  } finally {
+    for (const b of buttons) b.disabled = false;
+  }
+  if (app.ending) {
+    // The call ended while the camera was opening: release it.
+    for (const track of Object.values(app.local)) track?.stop();
+  } else {
+    updateControls();
+  }
 }
 
 function mediaFailed(err) {

@@ -48,6 +48,10 @@ SFU_METRICS: dict[str, tuple[str, str]] = {
     "retransmitted": ("counter", "Packets resent from the cache on a subscriber's NACK."),
     "nacks_upstream": ("counter", "NACKs sent to publishers."),
     "keyframe_requests": ("counter", "Keyframe requests (PLI) sent to publishers."),
+    "keyframes_replayed": (
+        "counter",
+        "New subscribers started from a cached keyframe (no keyframe request).",
+    ),
     "dropped_malformed": ("counter", "Incoming packets that could not be forwarded."),
     "dropped_no_route": ("counter", "Incoming packets with no track to forward them to."),
     "subscribe_offers": ("counter", "Subscriber offers made (renegotiations of subscribers)."),

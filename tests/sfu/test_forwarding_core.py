@@ -187,3 +187,60 @@ def test_bandwidth_loses_video_before_audio() -> None:
     assert alloc.target() == 250_000
     alloc.remove("b")
     assert alloc.target() == 900_000
+
+
+def test_cache_knows_its_newest_packet_across_wraparound() -> None:
+    cache = PacketCache(8)
+    assert cache.newest == -1
+    for s in (65534, 65535, 0, 1):
+        cache.add(s, s, False, b"x")
+    cache.add(65535, 65535, False, b"x")  # late (a retransmission): not the newest
+    assert cache.newest == 1
+
+
+MIDDLE = bytes([0x80, 0x80, 0x81, 0x23, 0x00]) + b"k2"  # the keyframe's second packet (S=0)
+
+
+def _subscriber(sink: Sink) -> DownTrack:
+    layout = ExtensionLayout(1, "0", 2, None, audio=False)
+    return DownTrack("s", "video", 1111, 96, layout, sink, rng=random.Random(2))
+
+
+def test_new_subscriber_starts_from_a_recent_cached_keyframe() -> None:
+    up, asked = _video_track()
+    up.forward(65533, 0, True, DELTA, 1, None)
+    up.forward(65534, 3000, False, KEY, 1, None)  # a keyframe of two packets
+    up.forward(65535, 3000, True, MIDDLE, 1, None)
+    up.forward(0, 6000, True, DELTA, 1, None)
+    sink = Sink()
+    dt = _subscriber(sink)
+    assert up.replay_keyframe(dt, 5)
+    assert not dt.waiting and asked == [] and up.counters.keyframes_replayed == 1
+    assert [p["payload"] for p in sink.packets] == [KEY, MIDDLE, DELTA]
+    assert [p["marker"] for p in sink.packets] == [False, True, True]
+    seqs = [p["seq"] for p in sink.packets]
+    assert seqs == [(seqs[0] + i) & 0xFFFF for i in range(3)]
+    # Live forwarding continues the same sequence and timestamps.
+    up.downtracks["s"] = dt
+    up.forward(1, 9000, True, DELTA, 1, None)
+    last = sink.packets[-1]
+    assert last["seq"] == (seqs[0] + 3) & 0xFFFF
+    assert (last["ts"] - sink.packets[0]["ts"]) & 0xFFFFFFFF == 6000  # type: ignore[operator]
+    assert up.replay_keyframe(dt, 5) is False  # not waiting any more
+
+
+def test_old_or_incomplete_cached_keyframe_is_not_replayed() -> None:
+    up, _ = _video_track()
+    up.forward(10, 0, True, KEY, 1, None)
+    for i in range(1, 5):  # 133 ms of frames after the keyframe: too old
+        up.forward(10 + i, i * 3000, True, DELTA, 1, None)
+    sink = Sink()
+    dt = _subscriber(sink)
+    assert not up.replay_keyframe(dt, 5) and dt.waiting and sink.packets == []
+    up.forward(20, 20000, True, KEY, 1, None)
+    up.forward(22, 23000, True, DELTA, 1, None)  # 21 is missing: what follows cannot be decoded
+    assert not up.replay_keyframe(dt, 5) and dt.waiting and sink.packets == []
+    up.forward(21, 20000, True, DELTA, 1, None)  # it came late: now the run is complete
+    assert up.replay_keyframe(dt, 5) and len(sink.packets) == 3
+    empty, _ = _video_track()
+    assert not empty.replay_keyframe(_subscriber(Sink()), 5)

@@ -407,6 +407,47 @@ async def test_lock_and_remove(
     await expect(notices(alice, "Bob was removed")).to_be_visible()
 
 
+# -- joining fast ---------------------------------------------------------------------------------
+
+# When the camera was asked for, and when a remote tile's <video> had its first frame.
+MEDIA_ORDER = """window.__order = {};
+const gum = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+navigator.mediaDevices.getUserMedia = (c) => {
+  window.__order.camera ??= performance.now();
+  return gum(c);
+};
+document.addEventListener("loadeddata", (ev) => {
+  if (ev.target.localName === "video" && !ev.target.closest("figure.local")) {
+    window.__order.remoteVideo ??= performance.now();
+  }
+}, true);"""
+
+
+async def test_autojoin_opens_the_camera_once_the_others_video_shows(
+    web_browser: Browser, web_server: WebServer, page_errors: PageErrors
+) -> None:
+    people = []
+    for name in ("Gina", "Hank"):
+        context = await web_browser.new_context()
+        await context.add_init_script(MEDIA_ORDER)
+        page = await context.new_page()
+        page.set_default_timeout(WAIT_MS)
+        page_errors.watch(page, name)
+        await page.goto(f"{web_server.base}/room/fast?name={name}&autojoin=1")
+        await expect(tile(page, f"{name} (you)")).not_to_have_class(NO_VIDEO)
+        people.append((name, page, context))
+    (_, gina, _), (_, hank, _) = people
+    await wait_video_playing(gina, "Hank")
+    gina_order = await gina.evaluate("window.__order")
+    hank_order = await hank.evaluate("window.__order")
+    # Alone in the room, Gina opened her camera at once (before anyone's video existed).
+    assert gina_order["camera"] < gina_order["remoteVideo"], gina_order
+    # Hank saw Gina's video first, then opened his camera, which Gina now receives.
+    assert hank_order["remoteVideo"] <= hank_order["camera"], hank_order
+    for _, _, context in people:
+        await context.close()
+
+
 # -- errors in plain words ----------------------------------------------------------------------
 
 DENY_MEDIA = """navigator.mediaDevices.getUserMedia = () =>

@@ -105,6 +105,11 @@ async def call(web_browser: Browser, web_server: WebServer) -> AsyncIterator[Cal
         people[name] = await open_person(web_browser, web_server, errors, name, phone=phone)
         await expect(tile(people[name].page, f"{name} (you)")).to_be_visible()
         await expect(people[name].page.get_by_role("button", name="Leave")).to_be_visible()
+        # In, with the camera open and published (autojoin opens it after joining).
+        await expect(people[name].page.get_by_role("button", name="Stop camera")).to_be_enabled()
+        await people[name].page.wait_for_function(
+            "window.rallypoint.room.publisher?.connectionState === 'connected'"
+        )
     yield Call(people, errors)
     for person in people.values():
         await person.context.close()

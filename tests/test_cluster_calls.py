@@ -1,0 +1,219 @@
+"""Calls across the nodes of a cluster (issue 14) with real processes: the fixtures of
+``test_cluster`` (nodes on one PostgreSQL schema and one Redis key prefix of the test's own),
+callers and callees on different nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from processes import Server
+from test_cluster import cluster
+
+from signaling.sdk import RallypointClient
+from signaling.sdk.wsclient import ClientError
+
+RING_S = 2.0  # the ring timeout of the tests that let a call ring out
+SWEEP_S = 0.25  # signaling.calls.shared.SWEEP_S
+
+
+async def call_logs(c: RallypointClient, conv: str, *calls: str) -> list[dict[str, Any]]:
+    """The call-log messages of ``conv``, once those of ``calls`` reached ``c`` live."""
+    waiting = set(calls)
+    while waiting:
+        m = await c.next_message(conv)
+        waiting.discard(m.get("call", {}).get("id"))
+    return [m for m in await c.history(conv) if m["kind"] == "call"]
+
+
+async def test_a_callee_rings_on_two_other_nodes_and_the_first_accept_wins(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """alice on node 0 calls bob, whose devices are on nodes 1 and 2: both ring; the one
+    that accepts talks to alice (`call_signal` both ways), the other is told "answered
+    elsewhere"; the hang-up ends it on both nodes and the call is logged once."""
+    async with cluster(tmp_path, servers, n=3) as cl, asyncio.timeout(90):
+        alice = await cl.client(0, "alice")
+        bob1 = await cl.client(1, "bob")
+        bob2 = await cl.client(2, "bob")
+
+        call = await alice.call("bob", video=True)
+        assert call.state == "ringing" and call.parties == {"alice": "joined", "bob": "invited"}
+        on1 = await bob1.next_call()
+        on2 = await bob2.next_call()
+        assert on1.id == on2.id == call.id
+        assert on1.caller == "alice" and on1.peer_device == alice.session
+        await on2.ringing()
+        ev = await call.next_event("call_ringing")
+        assert (ev["identity"], ev["device"]) == ("bob", bob2.session)
+
+        state = await on1.accept()
+        assert state["state"] == "active"
+        ev = await call.next_event("call_accepted")
+        assert ev["device"] == bob1.session
+        elsewhere = await asyncio.wait_for(asyncio.shield(on2.ended), 10)
+        assert (elsewhere["type"], elsewhere["device"]) == (
+            "call_answered_elsewhere",
+            bob1.session,
+        )
+        with pytest.raises(ClientError) as late:
+            await on2.accept()
+        assert late.value.code == "already_answered"
+
+        # Signaling between the two nodes, both ways.
+        await call.signal("offer", sdp="v=0 offer")
+        got = await asyncio.wait_for(on1.signals.get(), 10)
+        assert (got["kind"], got["sdp"], got["from"]) == ("offer", "v=0 offer", alice.session)
+        await on1.signal("answer", sdp="v=0 answer")
+        got = await asyncio.wait_for(call.signals.get(), 10)
+        assert (got["kind"], got["sdp"], got["from"]) == ("answer", "v=0 answer", bob1.session)
+
+        await on1.hangup()
+        assert await on1.wait_ended() == "completed"
+        assert await call.wait_ended() == "completed"
+        dm = "dm:alice|bob"
+        for c in (alice, bob1, bob2):
+            log = await c.next_message(dm)
+            assert (log["kind"], log["call"]["id"], log["call"]["outcome"]) == (
+                "call",
+                call.id,
+                "completed",
+            )
+        assert [m["call"]["id"] for m in await call_logs(bob2, dm)] == [call.id]
+
+
+async def test_simultaneous_accepts_on_two_nodes_one_wins(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """bob's two devices, on two nodes, accept the same call at the same moment, 25 times:
+    each time exactly one wins, the other gets `already_answered` and `call_answered_elsewhere`
+    (never both talking)."""
+    async with cluster(tmp_path, servers) as cl, asyncio.timeout(120):
+        alice = await cl.client(0, "alice")
+        bob_a = await cl.client(0, "bob")
+        bob_b = await cl.client(1, "bob")
+        wins = {bob_a.session: 0, bob_b.session: 0}
+        for _ in range(25):
+            call = await alice.call("bob")
+            ring_a = await bob_a.next_call()
+            ring_b = await bob_b.next_call()
+            results = await asyncio.gather(ring_a.accept(), ring_b.accept(), return_exceptions=True)
+            ok = [r for r in results if isinstance(r, dict)]
+            refused = [r for r in results if isinstance(r, ClientError)]
+            assert len(ok) == 1 and len(refused) == 1, results
+            assert refused[0].code == "already_answered"
+            winner, loser = (ring_a, ring_b) if isinstance(results[0], dict) else (ring_b, ring_a)
+            wins[winner.client.session] += 1
+            assert (await asyncio.wait_for(asyncio.shield(loser.ended), 10))[
+                "type"
+            ] == "call_answered_elsewhere"
+            ev = await call.next_event("call_accepted")
+            assert ev["device"] == winner.client.session
+            await call.hangup()
+            assert await winner.wait_ended() == "completed"
+            assert await call.wait_ended() == "completed"
+        print(f"\nwins per node: {list(wins.values())}")
+        assert sum(wins.values()) == 25
+
+
+async def test_decline_cancel_and_busy_across_nodes(tmp_path: Path, servers: list[Server]) -> None:
+    async with cluster(tmp_path, servers) as cl, asyncio.timeout(90):
+        alice = await cl.client(0, "alice")
+        bob = await cl.client(1, "bob")
+        carol = await cl.client(1, "carol")
+
+        # Declined on the other node.
+        ids = []
+        call = await alice.call("bob")
+        ids.append(call.id)
+        ring = await bob.next_call()
+        await ring.decline()
+        assert await call.wait_ended() == "declined"
+        assert await ring.wait_ended() == "declined"
+
+        # Cancelled by the caller: the callee's device on the other node stops ringing.
+        call = await alice.call("bob")
+        ids.append(call.id)
+        ring = await bob.next_call()
+        await call.cancel()
+        assert await ring.wait_ended() == "cancelled"
+        assert await call.wait_ended() == "cancelled"
+
+        # Busy: bob talks with alice (nodes 0 and 1); carol calls each of them.
+        call = await alice.call("bob")
+        ids.append(call.id)
+        ring = await bob.next_call()
+        await ring.accept()
+        busy = []
+        for callee in ("alice", "bob"):
+            other = await carol.call(callee)
+            assert await other.wait_ended() == "busy"
+            busy.append(other.id)
+        # A caller already in a call cannot start another, whichever node it asks.
+        with pytest.raises(ClientError) as e:
+            await bob.call("carol")
+        assert e.value.code == "in_call"
+        await call.hangup()
+        assert await ring.wait_ended() == "completed"
+
+        # Each call is logged once in the conversation.
+        logs = await call_logs(alice, "dm:alice|bob", *ids)
+        assert [(m["call"]["id"], m["call"]["outcome"]) for m in logs] == list(
+            zip(ids, ["declined", "cancelled", "completed"], strict=True)
+        )
+        logs = await call_logs(carol, "dm:bob|carol", busy[1])
+        assert [(m["call"]["id"], m["call"]["outcome"]) for m in logs] == [(busy[1], "busy")]
+
+
+async def test_a_new_device_on_another_node_rings_and_a_call_rings_out(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """A device of the callee that connects on another node while it is being rung rings
+    too; no answer within the ring timeout is `missed` on every device, logged once."""
+    extra = f"[calls]\nring_timeout_s = {RING_S}\n"
+    async with cluster(tmp_path, servers, extra=extra) as cl, asyncio.timeout(60):
+        alice = await cl.client(0, "alice")
+        bob = await cl.client(0, "bob")
+        call = await alice.call("bob")
+        await bob.next_call()
+        late = await cl.client(1, "bob")
+        ring = await late.next_call()
+        assert ring.id == call.id
+        started = time.monotonic()
+        assert await ring.wait_ended(timeout=RING_S + 5) == "missed"
+        took = time.monotonic() - started
+        assert await call.wait_ended() == "missed"
+        assert took < RING_S + SWEEP_S + 1.0
+        logs = await call_logs(late, "dm:alice|bob", call.id)
+        assert [(m["call"]["id"], m["call"]["outcome"]) for m in logs] == [(call.id, "missed")]
+
+
+async def test_the_ring_timeout_fires_after_the_callers_node_is_killed(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """The caller's node is SIGKILLed while bob's devices on the other node ring: they stop
+    ringing with `missed` at the ring deadline (swept by the surviving node), and the missed
+    call is logged once."""
+    extra = f"[calls]\nring_timeout_s = {RING_S}\n"
+    async with cluster(tmp_path, servers, extra=extra) as cl, asyncio.timeout(60):
+        alice = await cl.client(0, "alice")
+        bob1 = await cl.client(1, "bob")
+        bob2 = await cl.client(1, "bob")
+        call = await alice.call("bob")
+        rings = [await bob1.next_call(), await bob2.next_call()]
+        invited = time.monotonic()
+        node = cl.nodes[0]
+        assert node.proc is not None
+        node.stop(signal.SIGKILL)
+        for ring in rings:
+            assert await ring.wait_ended(timeout=RING_S + 5) == "missed"
+        took = time.monotonic() - invited
+        print(f"\nmissed {took:.2f} s after the invite (ring timeout {RING_S} s)")
+        assert took < RING_S + SWEEP_S + 1.0
+        assert call.id == rings[0].id
+        logs = await call_logs(bob1, "dm:alice|bob", call.id)
+        assert [(m["call"]["id"], m["call"]["outcome"]) for m in logs] == [(call.id, "missed")]

@@ -11,9 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from processes import Server
+from push_helpers import PUSH_SECRET, Receiver
 from test_cluster import cluster
 
+from signaling.calls.book import CallBook
+from signaling.calls.shared import call_from_json, call_to_json
 from signaling.sdk import RallypointClient
 from signaling.sdk.wsclient import ClientError
 
@@ -217,3 +222,58 @@ async def test_the_ring_timeout_fires_after_the_callers_node_is_killed(
         assert call.id == rings[0].id
         logs = await call_logs(bob1, "dm:alice|bob", call.id)
         assert [(m["call"]["id"], m["call"]["outcome"]) for m in logs] == [(call.id, "missed")]
+
+
+async def test_an_offline_callee_is_pushed_once(tmp_path: Path, servers: list[Server]) -> None:
+    """carol has no device anywhere: alice's call (node 0) pushes `call.incoming` once and her
+    cancel `call.cancelled` once, not once per node."""
+    receiver = Receiver()
+    app = web.Application()
+    app.router.add_post("/push", receiver.handle)
+    hook = TestServer(app, host="127.0.0.1")
+    await hook.start_server()
+    extra = (
+        f'[push]\nwebhook_url = "http://127.0.0.1:{hook.port}/push"\n'
+        f'secret = "{PUSH_SECRET}"\nretry_base_s = 0.05\nretry_max_s = 0.2\n'
+    )
+    try:
+        async with cluster(tmp_path, servers, extra=extra) as cl, asyncio.timeout(60):
+            carol = await cl.client(1, "carol")  # known to the directory, then gone
+            await carol.close()
+            alice = await cl.client(0, "alice")
+            bob = await cl.client(1, "bob")
+            call = await alice.call("carol")
+            await call.cancel()
+            assert await call.wait_ended() == "cancelled"
+            # A direct message to carol from the other node, pushed after the call's.
+            await bob.send("dm:bob|carol", "later")
+            delivered = await receiver.wait_for(3, timeout=10)
+            about = sorted(e["type"] for e in delivered if e.get("call", {}).get("id") == call.id)
+            assert about == ["call.cancelled", "call.incoming"]
+            assert receiver.bad_signatures == 0
+    finally:
+        await hook.close()
+
+
+def test_a_call_round_trips_through_its_stored_form() -> None:
+    book = CallBook(30_000)
+    call, _ = book.invite(
+        "c1",
+        caller="alice",
+        caller_name="Alice",
+        session="s-a",
+        to=["bob", "carol"],
+        video=True,
+        room="r",
+        devices={"bob": ["s-b1", "s-b2"]},
+        reachable={"bob"},
+        now=1000,
+        conversation=None,
+        unseen=frozenset({"carol"}),
+    )
+    book.accept("c1", "bob", "s-b2", 2000)
+    where = {"s-a": "n1", "s-b1": "n2", "s-b2": "n3"}
+    again, where2 = call_from_json(call_to_json(call, where))
+    assert where2 == where
+    assert again == call  # every field, parties included
+    assert again.callees["bob"].devices == {"s-b2"} and again.callees["carol"].unseen

@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from processes import Server
 from push_helpers import PUSH_SECRET, Receiver
-from test_cluster import cluster
+from test_cluster import cluster, recorded
 
 from signaling.calls.book import CallBook
 from signaling.calls.shared import call_from_json, call_to_json
@@ -277,3 +277,31 @@ def test_a_call_round_trips_through_its_stored_form() -> None:
     assert where2 == where
     assert again == call  # every field, parties included
     assert again.callees["bob"].devices == {"s-b2"} and again.callees["carol"].unseen
+
+
+async def test_a_call_goes_on_when_a_party_resumes_on_another_node(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """bob talks with alice from node 1, drops, and resumes on node 0 (node 1 alive, told to
+    forget him): he gets `call_state` after `welcome`, signaling reaches him there, and his
+    hang-up there ends the call for alice."""
+    async with cluster(tmp_path, servers) as cl, asyncio.timeout(60):
+        alice = await cl.client(0, "alice")
+        bob = await cl.client(1, "bob")
+        call = await alice.call("bob")
+        ring = await bob.next_call()
+        await ring.accept()
+        await call.next_event("call_accepted")
+        token, sid = bob.welcome["resume"], bob.session
+        await recorded(cl, token, b'"identity":"bob"')
+        await bob.close(bye=False)
+
+        again = await cl.client(0, "bob", resume=token)
+        assert (again.welcome["resumed"], again.session) == (True, sid)
+        back = await again.next_call()
+        assert (back.id, back.state) == (call.id, "active")
+        await call.signal("offer", sdp="v=0 again")
+        got = await asyncio.wait_for(back.signals.get(), 10)
+        assert (got["sdp"], got["from"]) == ("v=0 again", alice.session)
+        await back.hangup()
+        assert await call.wait_ended() == "completed"

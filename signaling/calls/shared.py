@@ -476,6 +476,8 @@ class SharedCalls(CallService):
             log.warning("a resumed session of %s was not told its calls: %s", s.identity, e)
 
     def session_ended(self, s: Session, reason: str) -> None:
+        if reason == "moved":
+            return  # resumed on another node: in its calls still, from there
         self._spawn(self._ended(s))
 
     async def _ended(self, s: Session) -> None:

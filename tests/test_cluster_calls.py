@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from processes import Server
 from push_helpers import PUSH_SECRET, Receiver
-from test_cluster import cluster, recorded
+from test_cluster import cluster, metric, recorded
 
 from signaling.calls.book import CallBook
 from signaling.calls.shared import call_from_json, call_to_json
@@ -305,3 +305,62 @@ async def test_a_call_goes_on_when_a_party_resumes_on_another_node(
         assert (got["sdp"], got["from"]) == ("v=0 again", alice.session)
         await back.hangup()
         assert await call.wait_ended() == "completed"
+
+
+async def test_a_group_call_spans_nodes(tmp_path: Path, servers: list[Server]) -> None:
+    """alice (node 0) calls bob (node 1) and carol (node 0): bob accepts, carol declines;
+    alice hears both; bob's hang-up ends the call (fewer than two parties left)."""
+    async with cluster(tmp_path, servers) as cl, asyncio.timeout(60):
+        alice = await cl.client(0, "alice")
+        bob = await cl.client(1, "bob")
+        carol = await cl.client(0, "carol")
+        call = await alice.call("bob", "carol")
+        assert call.media == "sfu"
+        on_bob = await bob.next_call()
+        on_carol = await carol.next_call()
+        assert on_bob.id == on_carol.id == call.id
+        await on_bob.accept()
+        ev = await call.next_event("call_accepted")
+        assert ev["identity"] == "bob"
+        await on_carol.decline()
+        ev = await call.next_event("call_declined")
+        assert ev["identity"] == "carol"
+        assert call.parties == {"alice": "joined", "bob": "joined", "carol": "declined"}
+        await on_bob.hangup()
+        assert await call.wait_ended() == "completed"
+
+
+async def test_without_redis_calls_are_refused_at_once_and_work_after(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """On a private redis-server: while it is down a call is refused at once with
+    `store_unavailable` (retryable); once it is back (empty), calls ring across nodes again."""
+    from test_cluster import until_async
+    from test_redisbus import PrivateRedis
+
+    redis = PrivateRedis()
+    redis.start()
+    try:
+        await until_async(redis.answers, True)
+        async with cluster(tmp_path, servers, redis_url=redis.url) as cl, asyncio.timeout(60):
+            alice = await cl.client(0, "alice")
+            bob = await cl.client(1, "bob")
+            redis.kill()
+            started = time.monotonic()
+            with pytest.raises(ClientError) as refused:
+                await alice.call("bob")
+            assert refused.value.code == "store_unavailable"
+            assert refused.value.msg["retry_after_ms"] > 0
+            assert time.monotonic() - started < 1.0  # no Redis timeout in the way
+
+            redis.start()
+            for node in cl.nodes:  # each node wrote its devices again, its bus is back
+                await until_async(lambda node=node: metric(node, "cluster_reasserts_total"), 1.0)
+                await until_async(lambda node=node: metric(node, "bus_unavailable"), 0.0)
+            call = await alice.call("bob")
+            ring = await bob.next_call()
+            assert ring.id == call.id
+            await call.cancel()
+            assert await ring.wait_ended() == "cancelled"
+    finally:
+        redis.kill()

@@ -46,6 +46,7 @@ from redis.exceptions import WatchError
 
 from ..cluster.redisbus import TIMEOUT_S, UNAVAILABLE
 from ..core.hub import Hub
+from ..core.metrics import Metric
 from ..core.session import Session
 from ..notify.events import PushSink
 from ..wire.errors import ProtocolError
@@ -195,6 +196,15 @@ class SharedCalls(CallService):
         self._ended_parties: dict[str, frozenset[str]] = {}
         self.sweeps_fired = 0
         hub.bus.subscribe(f"callnode:{node_id}", "calls", _NodeCalls(self))
+
+    def metrics(self) -> Iterable[Metric]:
+        yield from super().metrics()
+        yield Metric(
+            "call_deadlines_fired",
+            "counter",
+            "Ring deadlines this node's sweep expired (calls of any node).",
+            self.sweeps_fired,
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------
 

@@ -121,7 +121,8 @@ async def test_simultaneous_accepts_on_two_nodes_one_wins(
             await call.hangup()
             assert await winner.wait_ended() == "completed"
             assert await call.wait_ended() == "completed"
-        print(f"\nwins per node: {list(wins.values())}")
+        conflicts = [await metric(n, "call_step_conflicts_total") for n in cl.nodes]
+        print(f"\nwins per node: {list(wins.values())}, steps run again: {conflicts}")
         assert sum(wins.values()) == 25
 
 

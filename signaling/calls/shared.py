@@ -195,6 +195,7 @@ class SharedCalls(CallService):
         #: Parties of calls this node ended, for their call-log messages (``_parties_of_log``).
         self._ended_parties: dict[str, frozenset[str]] = {}
         self.sweeps_fired = 0
+        self.conflicts = 0  # steps run again because another node changed the call first
         hub.bus.subscribe(f"callnode:{node_id}", "calls", _NodeCalls(self))
 
     def metrics(self) -> Iterable[Metric]:
@@ -204,6 +205,12 @@ class SharedCalls(CallService):
             "counter",
             "Ring deadlines this node's sweep expired (calls of any node).",
             self.sweeps_fired,
+        )
+        yield Metric(
+            "call_step_conflicts",
+            "counter",
+            "Call steps run again because another node changed the call at the same time.",
+            self.conflicts,
         )
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -278,6 +285,7 @@ class SharedCalls(CallService):
                     try:
                         await pipe.execute()
                     except WatchError:
+                        self.conflicts += 1
                         continue
                     return book, fx, where
         except UNAVAILABLE as e:

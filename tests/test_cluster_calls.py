@@ -239,7 +239,9 @@ async def test_an_offline_callee_is_pushed_once(tmp_path: Path, servers: list[Se
     )
     try:
         async with cluster(tmp_path, servers, extra=extra) as cl, asyncio.timeout(60):
-            carol = await cl.client(1, "carol")  # known to the directory, then gone
+            # carol is known (her device is in the store: on the caller's node, whose
+            # directory vouches for her until the write commits), and has gone.
+            carol = await cl.client(0, "carol")
             await carol.close()
             alice = await cl.client(0, "alice")
             bob = await cl.client(1, "bob")

@@ -29,6 +29,7 @@ from turn.settings import TurnSettings
 
 from .calls import messages as calls_messages
 from .calls.service import CallService
+from .calls.shared import SharedCalls
 from .chat import messages as chat_messages
 from .chat.handlers import Chat
 from .chat.postgres import PostgresStore
@@ -155,7 +156,15 @@ def make_app(cfg: Config) -> web.Application:
         hub.share(shared)
     chat = Chat(hub, store)
     push = PushQueue(cfg.push, store)
-    calls = CallService(hub, store, push)
+    calls: CallService
+    if isinstance(bus, RedisBus):  # cluster mode: every call in Redis, rung on every node
+        calls = SharedCalls(
+            hub, store, push, cfg.cluster.redis_url, bus.node_id, cfg.cluster.key_prefix
+        )
+        if shared is not None:
+            calls.flushed = shared.flushed
+    else:
+        calls = CallService(hub, store, push)
     groupcall = GroupCall(hub, cfg.sfu)
     core = CoreHandlers(hub)
     relations = Relations(hub, store)
@@ -234,14 +243,16 @@ def make_app(cfg: Config) -> web.Application:
             yield
             return
         log.warning(
-            "cluster mode (node %s, heartbeat %.2f s): rooms, chat, presence and resuming are "
-            "shared; calls ringing across nodes and group-call media placement are not yet "
+            "cluster mode (node %s, heartbeat %.2f s): rooms, chat, presence, resuming and "
+            "calls are shared; a group call's (and a recording's) media is per node "
             "(docs/CLUSTER.md, Limits)",
             bus.node_id,
             cfg.cluster.heartbeat_s,
         )
         await bus.start()
         await shared.start()
+        if isinstance(calls, SharedCalls):
+            await calls.start()
         yield
         await shared.close()
         await bus.close()

@@ -191,6 +191,12 @@ class CallService:
             identities.update(self.group_members(entry.conversation) or ())
         if entry.hidden_from is not None:
             identities.discard(entry.hidden_from)
+        self._deliver_log(entry, identities, encode(stored.to_wire()))
+
+    def _deliver_log(self, entry: Log, identities: set[str], frame: bytes) -> None:
+        """Hand a stored call-log message to every device of ``identities`` here (and, for
+        a room's log, everyone in the room)."""
+        hub = self.hub
         targets: dict[str, Session] = {}
         for ident in identities:
             for s in hub.sessions_of(ident):
@@ -199,7 +205,6 @@ class CallService:
             for key, sink in hub.bus.local_subscribers(entry.conversation).items():
                 if isinstance(sink, Session):
                     targets[key] = sink
-        frame = encode(stored.to_wire())
         for s in targets.values():
             s.deliver(frame)
 
@@ -306,7 +311,19 @@ class CallService:
             unseen = await self._unseen(s.identity, to)
         else:
             unseen = self._unseen_members(s, to)
-        # No await from here on: the state machine step and its effects are one atomic change.
+        await self._start(s, m, to, room, group, unseen)
+
+    async def _start(
+        self,
+        s: Session,
+        m: dict[str, Any],
+        to: list[str],
+        room: str | None,
+        group: str | None,
+        unseen: frozenset[str],
+    ) -> None:
+        """Start the checked call (one node: no await, the step and its effects are one
+        atomic change)."""
         devices = {i: [x.id for x in self.hub.sessions_of(i)] for i in to}
         reachable = {i for i in to if any(x.conn is not None for x in self.hub.sessions_of(i))}
         call, fx = self.book.invite(
@@ -344,7 +361,7 @@ class CallService:
         if mine:
             raise ProtocolError("blocked", f"you block {mine[0]!r}: unblock it to call it")
         strangers_ok = hub.cfg.privacy.call_strangers
-        unknown = await hub.unknown_identities(to)
+        unknown = await self._unknown(to)
         contacts = set() if strangers_ok else await hub.relations.contacts_among(caller, to)
         return frozenset(
             i
@@ -356,6 +373,10 @@ class CallService:
                 call_strangers=strangers_ok,
             )
         )
+
+    async def _unknown(self, identities: list[str]) -> set[str]:
+        """Of ``identities``, those that never connected (the device directory)."""
+        return await self.hub.unknown_identities(identities)
 
     async def on_call_ringing(self, s: Session, m: dict[str, Any]) -> None:
         self.apply(self.book.ringing(m["call"], s.identity, s.id))

@@ -32,6 +32,7 @@ that re-assertion.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -311,6 +312,7 @@ class ClusterState:
         self._ops: deque[tuple[Callable[[], Awaitable[Any]], asyncio.Future[Any] | None]] = deque()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._first_beat = asyncio.Event()
         self._dirty = False  # a write was lost: re-assert everything once Redis answers
         self._closing = False
         self.timeout_s = timeout_s
@@ -328,6 +330,10 @@ class ClusterState:
             asyncio.create_task(self._write_forever(), name="cluster-writer"),
             asyncio.create_task(self._beat_forever(), name="cluster-heartbeat"),
         ]
+        # The first beat before the node serves (bounded): writes of its first sessions
+        # would otherwise be dropped until then (and a device miss a call ringing meanwhile).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._first_beat.wait(), self.timeout_s)
 
     async def close(self) -> None:
         """Stop; a node that stops cleanly removes its own entries at once (its sessions
@@ -365,6 +371,15 @@ class ClusterState:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue(op, fut)
         return await fut
+
+    async def flushed(self) -> None:
+        """Return once every write of this node queued so far is in Redis (or lost: it
+        raises ``UNAVAILABLE`` while Redis is known to be away)."""
+
+        async def nothing() -> None:
+            pass
+
+        await self._call(nothing)
 
     async def _write_forever(self) -> None:
         while not self._closing:
@@ -658,6 +673,7 @@ class ClusterState:
                     self._dirty = False
                     await self._call(self._reassert)
                 first = False
+                self._first_beat.set()
                 for node in nodes:
                     name = node.decode()
                     if name != self.node_id:

@@ -465,7 +465,8 @@ async def test_without_redis_rooms_answer_at_once_and_come_back_after(
             assert [p["id"] for p in c["participants"]] == [a["self"]["id"]]  # A's own
 
             redis.start()
-            await until_async(lambda: metric(cl.nodes[0], "cluster_unavailable"), 0.0)
+            for node in cl.nodes:  # both back (bob's node answers his join through Redis)
+                await until_async(lambda n=node: metric(n, "cluster_unavailable"), 0.0)
             await until_async(lambda: metric(cl.nodes[0], "cluster_reasserts_total"), 1.0)
             b = await bob.join("r")
             ids = sorted(p["id"] for p in b["participants"])

@@ -55,6 +55,7 @@ class DownTrack:
         "paused",
         "pt",
         "rate",
+        "remb_low_since",
         "resent",
         "restart_seq",
         "rtx_pt",
@@ -120,6 +121,7 @@ class DownTrack:
         self.sent_bps = 0
         self.loss = 0  # fraction lost (0-255) in the subscriber's last receiver report
         self.switched_up_at = -1e9  # when it was last given a higher layer
+        self.remb_low_since: float | None = None  # REMBs below what it is sent, since
 
     @property
     def active(self) -> bool:

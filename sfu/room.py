@@ -70,6 +70,7 @@ ANY_SIZE = (1 << 16, 1 << 16)
 # After a simulcast subscriber is switched up, its REMB lags (it grows ~8 %/s towards 1.5 times
 # what arrives) and is not taken as congestion for this long.
 REMB_GRACE_S = 5.0
+REMB_PERSIST_S = 2.0
 
 
 def _moved(new: int | None, old: int | None) -> bool:
@@ -639,11 +640,18 @@ class Room:
                 up.want_layer_keyframe(layer, time.monotonic())
 
         def on_remb(bps: int) -> None:
-            # A REMB is a congestion signal, not a bound (see RateController.congested): one
-            # well below what the subscriber is sent, outside the few seconds after a switch
-            # up in which the receiver's estimate catches up, brings the estimate down.
+            # A REMB is a congestion signal, not a bound (see RateController.congested): REMBs
+            # well below what the subscriber is sent for REMB_PERSIST_S (a receiver's estimate
+            # dips for a moment when its host is busy), outside the few seconds after a
+            # switch up in which the receiver's estimate catches up, bring the estimate down.
             now = time.monotonic()
-            if now - dt.switched_up_at > REMB_GRACE_S and 4 * bps < 3 * dt.sent_bps:
+            if now - dt.switched_up_at <= REMB_GRACE_S or 4 * bps >= 3 * dt.sent_bps:
+                dt.remb_low_since = None
+                return
+            if dt.remb_low_since is None:
+                dt.remb_low_since = now
+            elif now - dt.remb_low_since >= REMB_PERSIST_S:
+                log.debug("%s: %s congested (REMB %d, sent %d)", up.id, p.id, bps, dt.sent_bps)
                 rate.congested(now, bps)
 
         def on_loss(fraction_lost: int) -> None:
@@ -692,7 +700,7 @@ class Room:
                     }
                 )
             if choice.layer != munger.target:
-                log.info(
+                log.debug(
                     "%s: %s gets layer %s (budget %d, sent %d; layers %s, loss %d)",
                     up.id,
                     p.id,
@@ -727,10 +735,12 @@ class Room:
         hooks = self.simulcast_hooks.get(up.id)
         if hooks is None:
             return
-        # The publisher is asked for the highest layer anyone needs: at least what the layers
-        # up to it take, even when it has stopped sending that layer (a subscriber's wish is
-        # chosen from the rates last seen), and at most that plus one more layer, so that a
-        # subscriber can still climb to a layer being sent.
+        # The publisher is asked for the highest layer anyone needs: at least 3/2 of what the
+        # layers up to it take, even when it has stopped sending that layer (a subscriber's
+        # wish is chosen from the rates last seen), so that it can ramp up to its encodings'
+        # own limits (its loss-based estimate still guards its uplink; aiortc's delay-based
+        # estimate of this link dips whenever this host is busy); and at most that plus one
+        # more layer, so that a subscriber can still climb to a layer being sent.
         known = up.layer_known_bps
         seen = [Layer(0, 0, bps) for bps in known]
         needed = highest_needed(
@@ -741,7 +751,7 @@ class Room:
         floor: int | None = None
         cap: int | None = None
         if needed is not None:
-            floor = sum(known[: needed + 1]) * 5 // 4
+            floor = sum(known[: needed + 1]) * 3 // 2
             if needed + 2 < up.layers and all(known[: needed + 2]):
                 cap = sum(known[: needed + 2]) * 5 // 4
         if _moved(floor, hooks.remb_floor) or _moved(cap, hooks.remb_cap):

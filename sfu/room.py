@@ -269,6 +269,7 @@ class Room:
         if rec is not None and p is not None and rec.wants(up.kind, p.identity):
             if up.simulcast:  # the recording gets the highest layer, through a switcher
                 up.tap_munger = LayerMunger(up.codec, up.layers)
+                up.tap_munger.set_target(up.layers - 1)
             rec.attach(up, p.identity, p.name)
 
     def _recording_stopped(self, rec: RoomRecorder, reason: str) -> None:

@@ -1,8 +1,9 @@
-"""Simulcast end to end: Chromium publishes two layers (a 640x360 camera: 160x90 and 640x360)
-through the SFU; an aiortc subscriber and a Chromium subscriber receive and decode the top
-layer; an aiortc subscriber whose REMB says it has little bandwidth moves down a layer while the others stay
-high, and climbs back when the limit is lifted. At every switch frames keep decoding and the
-subscriber sees no gap in its sequence numbers (aiortc's receive statistics count none lost)."""
+"""Simulcast end to end: Chromium publishes two layers (a 640x360 camera: 160x90 and
+640x360) through the SFU; an aiortc subscriber and a Chromium subscriber receive and decode
+the top layer; an aiortc subscriber whose REMB says it has little bandwidth moves down a layer
+while the others stay high, and climbs back when the limit is lifted. At every switch frames
+keep decoding and the subscriber sees no gap in its sequence numbers (aiortc's receive
+statistics count none lost)."""
 
 from __future__ import annotations
 

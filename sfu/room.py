@@ -644,7 +644,9 @@ class Room:
             # A REMB is a congestion signal, not a bound (see RateController.congested): REMBs
             # well below what the subscriber is sent for REMB_PERSIST_S (a receiver's estimate
             # dips for a moment when its host is busy), outside the few seconds after a
-            # switch up in which the receiver's estimate catches up, bring the estimate down.
+            # switch up in which the receiver's estimate catches up, bring the estimate down
+            # (at most to what the next layer down needs; the lowest layer's subscriber
+            # starves only if it lasts another REMB_PERSIST_S).
             now = time.monotonic()
             if now - dt.switched_up_at <= REMB_GRACE_S or 4 * bps >= 3 * dt.sent_bps:
                 dt.remb_low_since = None
@@ -652,8 +654,15 @@ class Room:
             if dt.remb_low_since is None:
                 dt.remb_low_since = now
             elif now - dt.remb_low_since >= REMB_PERSIST_S:
+                # One layer down per REMB_PERSIST_S: a busy receiver host makes every estimate
+                # dip at once, and a dip should not starve a subscriber in one step.
+                below = 0
+                current = munger.current
+                if current is not None and current > 0:
+                    below = -(-up.layer_bps[current - 1] * 8 // 7)
                 log.debug("%s: %s congested (REMB %d, sent %d)", up.id, p.id, bps, dt.sent_bps)
-                rate.congested(now, bps)
+                rate.congested(now, max(bps, below))
+                dt.remb_low_since = now
 
         def on_loss(fraction_lost: int) -> None:
             dt.loss = fraction_lost

@@ -8,7 +8,9 @@ import struct
 
 from sfu.bandwidth import BandwidthAllocator
 from sfu.forward import Counters, DownTrack, UpTrack
+from sfu.munger import LayerMunger
 from sfu.packetcache import PacketCache
+from sfu.recording.tap import TrackTap
 from sfu.rtp import ExtensionLayout, build, h264_keyframe, seq_newer, vp8_keyframe
 from sfu.speaker import SpeakerDetector
 
@@ -238,3 +240,24 @@ def test_simulcast_downtracks_get_one_layer_each_gap_free() -> None:
     assert rtx["ssrc"] == 8 and rtx["payload"][:2] == struct.pack("!H", seqs[2])  # type: ignore[index]
     assert up.want_layer_keyframe(1, 0.0) and not up.want_layer_keyframe(1, 0.2)
     assert asked == [1]
+
+
+def test_recording_tap_gets_the_highest_layer_continuous() -> None:
+    up = UpTrack("p:1", "p", "video", "camera", "vp8", lambda: None, Counters(), layers=2)
+    up.tap = TrackTap(1)
+    up.tap_munger = LayerMunger("vp8", 2)
+    up.tap_munger.set_target(1)
+    ntp = 3_900_000_000 << 32
+    up.layer_sender_report(0, ntp, 0)
+    up.layer_sender_report(1, ntp, 40_000)
+    for n in range(3):
+        up.forward_layer(0, 50 + n, 3000 * n, True, _vp8(10 + n, n == 0), 0)
+        up.forward_layer(1, 700 + n, 40_000 + 3000 * n, True, _vp8(300 + n, n == 0), 0)
+    packets = up.tap.packets
+    assert len(packets) == 3  # the top layer only
+    seqs = [p[0] for p in packets]
+    assert all((b - a) & 0xFFFF == 1 for a, b in itertools.pairwise(seqs))
+    assert [p[3][5:] for p in packets] == [b"x"] * 3
+    # The report in the tap is the top layer's, in the tap's own timestamps.
+    up.layer_sender_report(1, ntp + (1 << 32), 130_000)
+    assert up.tap.reports[-1][1] == (packets[0][1] + 90_000) & 0xFFFFFFFF

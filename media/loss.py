@@ -145,3 +145,47 @@ def inject_loss(
         kinds=kinds,
         retransmission_fraction=retransmission_fraction,
     )
+
+
+class RembLimit:
+    """Cap the REMB an aiortc peer connection sends (its receive-side bandwidth estimate), as
+    a receiver behind a slow link would report it. ``bps = None`` lifts the cap."""
+
+    def __init__(self, pc: Any, bps: int | None) -> None:
+        from aiortc.rtp import (
+            RTCP_PSFB_APP,
+            RtcpPacket,
+            RtcpPsfbPacket,
+            pack_remb_fci,
+            unpack_remb_fci,
+        )
+
+        self.bps = bps
+        self.rewritten = 0
+        transports = []
+        for sender in pc.getSenders():
+            if sender.transport is not None and sender.transport not in transports:
+                transports.append(sender.transport)
+        if not transports:
+            raise RuntimeError("no negotiated transport: limit REMB after negotiation")
+        for transport in transports:
+            original = transport._send_rtp
+
+            async def send_rtp(data: bytes, original: Any = original) -> None:
+                limit = self.bps
+                if limit is not None and is_rtcp(data):
+                    out = []
+                    changed = False
+                    for packet in RtcpPacket.parse(data):
+                        if isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+                            bitrate, ssrcs = unpack_remb_fci(packet.fci)
+                            if bitrate > limit:
+                                packet.fci = pack_remb_fci(limit, ssrcs)
+                                changed = True
+                        out.append(bytes(packet))
+                    if changed:
+                        self.rewritten += 1
+                        data = b"".join(out)
+                await original(data)
+
+            transport._send_rtp = send_rtp

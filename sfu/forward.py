@@ -15,12 +15,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .channel import TrackInfo
+from .layers import RateController
+from .munger import LayerMunger
 from .packetcache import PacketCache
 from .recording.tap import TrackTap
 from .rtp import U16, ExtensionLayout, build, h264_keyframe, seq_newer, vp8_keyframe
 
 KEYFRAME_INTERVAL_S = 0.5  # at most one keyframe request upstream per track in this time
 RESEND_INTERVAL_S = 0.1  # a packet is retransmitted to a subscriber at most once in this time
+MEASURE_WINDOW_S = 1.0  # simulcast layers' rates are measured over windows this long
 MAX_NACKED = 64  # sequence numbers handled per NACK (a receiver that lost more needs a keyframe)
 # A new subscriber starts from the newest cached keyframe only when it is this recent (RTP
 # ticks at 90 kHz: 100 ms before the newest packet) and this few packets back: an older one
@@ -50,22 +53,30 @@ class DownTrack:
     __slots__ = (
         "kind",
         "layout",
+        "loss",
+        "munger",
         "next_seq",
         "octets",
         "packets",
         "paused",
         "pt",
+        "rate",
+        "remb_low_since",
         "resent",
         "restart_seq",
         "rtx_pt",
         "rtx_seq",
         "rtx_ssrc",
         "send",
+        "sent",
+        "sent_bps",
+        "sent_octets",
         "seq_offset",
         "set_sender_report",
         "ssrc",
         "starved",
         "subscriber",
+        "switched_up_at",
         "ts_offset",
         "waiting",
     )
@@ -106,6 +117,17 @@ class DownTrack:
         self.octets = 0
         # When each outgoing sequence number was last retransmitted (by seq & 1023).
         self.resent: list[float] = [-1.0] * 1024
+        # Simulcast (set by UpTrack.add_downtrack for a track with layers): the layer switcher,
+        # the subscriber's rate controller, and what was sent, by outgoing seq & 1023, for
+        # NACKs: (out seq, out timestamp, marker, payload as sent).
+        self.munger: LayerMunger | None = None
+        self.rate: RateController | None = None
+        self.sent: list[tuple[int, int, bool, bytes] | None] = []
+        self.sent_octets = 0  # at the last rate measurement
+        self.sent_bps = 0
+        self.loss = 0  # fraction lost (0-255) in the subscriber's last receiver report
+        self.switched_up_at = -1e9  # when it was last given a higher layer
+        self.remb_low_since: float | None = None  # REMBs below what it is sent, since
 
     @property
     def active(self) -> bool:
@@ -135,10 +157,26 @@ class UpTrack:
     last_keyframe_request: float = -1e9
     on_level: Callable[[str, int], None] | None = None
     tap: TrackTap | None = None  # set while the track is recorded (sfu/recording)
+    # Simulcast: the number of layers (1: none; then forward() is the path), the request for a
+    # keyframe of one layer, each layer's octets received, measured rate and last rate seen
+    # while it was being sent, and the switcher that feeds a recording's tap the highest layer.
+    layers: int = 1
+    request_layer_keyframe: Callable[[int], None] | None = None
+    layer_octets: list[int] = field(default_factory=list)
+    layer_bps: list[int] = field(default_factory=list)
+    layer_known_bps: list[int] = field(default_factory=list)
+    layer_keyframe_at: list[float] = field(default_factory=list)
+    tap_munger: LayerMunger | None = None
+    measured_for: float = 0.0  # seconds since the layers' rates were last computed
 
     def __post_init__(self) -> None:
-        if self.kind == "video":
+        if self.kind == "video" and self.layers == 1:
             self.cache = PacketCache(1024)
+        n = self.layers
+        self.layer_octets = [0] * n
+        self.layer_bps = [0] * n
+        self.layer_known_bps = [0] * n
+        self.layer_keyframe_at = [-1e9] * n
 
     def info(self) -> TrackInfo:
         return {
@@ -161,6 +199,142 @@ class UpTrack:
         self.counters.keyframe_requests += 1
         self.request_keyframe()
         return True
+
+    @property
+    def simulcast(self) -> bool:
+        return self.layers > 1
+
+    def make_simulcast(self, dt: DownTrack) -> None:
+        """Give a subscriber's copy of a simulcast track its switcher and rate controller."""
+        dt.munger = LayerMunger(self.codec, self.layers)
+        # Start high: the subscriber's REMB bounds the budget until loss says otherwise.
+        dt.rate = RateController(start_bps=2_000_000)
+        dt.sent = [None] * 1024
+        dt.waiting = False
+
+    def want_layer_keyframe(self, layer: int, now: float) -> bool:
+        """Ask the publisher for a keyframe of one layer, at most once per
+        ``KEYFRAME_INTERVAL_S`` per layer."""
+        if now - self.layer_keyframe_at[layer] < KEYFRAME_INTERVAL_S:
+            return False
+        self.layer_keyframe_at[layer] = now
+        self.counters.keyframe_requests += 1
+        if self.request_layer_keyframe is not None:
+            self.request_layer_keyframe(layer)
+        return True
+
+    def measure(self, elapsed: float) -> None:
+        """Each layer's rate, over windows of at least ``MEASURE_WINDOW_S`` (called from the
+        room's tick with the time since the last call). A layer with no packet in a window is
+        not being sent (rate 0); a layer's rate swings with its keyframes, so it is smoothed."""
+        self.measured_for += elapsed
+        window = self.measured_for
+        if window < MEASURE_WINDOW_S:
+            return
+        self.measured_for = 0.0
+        for i, octets in enumerate(self.layer_octets):
+            bps = int(octets * 8 / window)
+            self.layer_octets[i] = 0
+            old = self.layer_bps[i]
+            bps = bps if old == 0 or bps == 0 else (old + bps) // 2
+            self.layer_bps[i] = bps
+            if bps > 0:
+                self.layer_known_bps[i] = bps
+        for dt in self.downtracks.values():
+            dt.sent_bps = int((dt.octets - dt.sent_octets) * 8 / window)
+            dt.sent_octets = dt.octets
+
+    def forward_layer(
+        self, layer: int, seq: int, ts: int, marker: bool, payload: bytes, abs_time: int
+    ) -> None:
+        """Send one incoming packet of a simulcast layer to the subscribers on that layer."""
+        self.layer_octets[layer] += len(payload)
+        tap = self.tap
+        if tap is not None:
+            m = self.tap_munger
+            if m is not None:
+                r = m.packet(layer, seq, ts, payload)
+                if r is not None:
+                    tap.packets.append((r[0], r[1], marker, r[2], time.time()))
+        mbit = 0x80 if marker else 0
+        sent = 0
+        shared_key: object = None
+        shared = b""
+        for dt in self.downtracks.values():
+            m = dt.munger
+            if m is None or m.target is None or dt.paused:
+                continue
+            r = m.packet(layer, seq, ts, payload)
+            if r is None:
+                continue
+            out_seq, out_ts, out_payload = r
+            layout = dt.layout
+            if layout.key != shared_key:
+                shared_key = layout.key
+                shared = layout.shared(abs_time, None)
+            dt.send(build(dt.pt | mbit, out_seq, out_ts, dt.ssrc, layout.head, shared, out_payload))
+            dt.sent[out_seq & 1023] = (out_seq, out_ts, marker, out_payload)
+            dt.packets += 1
+            dt.octets += len(out_payload)
+            sent += 1
+        counters = self.counters
+        counters.packets_in += 1
+        counters.packets_out += sent
+
+    def layer_sender_report(self, layer: int, ntp: int, rtp_ts: int) -> None:
+        """A layer's sender report: each subscriber on that layer gets it in its timestamps,
+        and every switcher keeps it for its next switch."""
+        tap = self.tap
+        m = self.tap_munger
+        if tap is not None and m is not None:
+            out = m.sender_report(layer, ntp, rtp_ts)
+            if out is not None:
+                tap.reports.append((ntp, out, time.time()))
+        for dt in self.downtracks.values():
+            m = dt.munger
+            if m is None:
+                continue
+            out = m.sender_report(layer, ntp, rtp_ts)
+            if out is not None and dt.set_sender_report is not None:
+                dt.set_sender_report(ntp, out, dt.packets, dt.octets)
+
+    def retransmit_sent(self, dt: DownTrack, lost: list[int], abs_time: int, now: float) -> None:
+        """Answer a simulcast subscriber's NACK from what was sent to it (the layers'
+        sequence numbers map to its own differently at each switch)."""
+        sent = dt.sent
+        resent = dt.resent
+        layout = dt.layout
+        for out_seq in lost[-MAX_NACKED:]:
+            slot = out_seq & 1023
+            c = sent[slot] if sent else None
+            if c is None or c[0] != out_seq or now - resent[slot] < RESEND_INTERVAL_S:
+                continue
+            resent[slot] = now
+            _, ts, marker, payload = c
+            mbit = 0x80 if marker else 0
+            if dt.rtx_pt is not None and dt.rtx_ssrc is not None:
+                data = build(
+                    dt.rtx_pt | mbit,
+                    dt.rtx_seq,
+                    ts,
+                    dt.rtx_ssrc,
+                    layout.head,
+                    layout.shared(abs_time, None),
+                    U16.pack(out_seq) + payload,
+                )
+                dt.rtx_seq = (dt.rtx_seq + 1) & 0xFFFF
+            else:
+                data = build(
+                    dt.pt | mbit,
+                    out_seq,
+                    ts,
+                    dt.ssrc,
+                    layout.head,
+                    layout.shared(abs_time, None),
+                    payload,
+                )
+            dt.send(data)
+            self.counters.retransmitted += 1
 
     def forward(
         self, seq: int, ts: int, marker: bool, payload: bytes, abs_time: int, level: int | None

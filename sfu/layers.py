@@ -93,6 +93,20 @@ class RateController:
         self.estimate = max(self.floor_bps, min(self.max_bps, rate))
         return self.estimate
 
+    def congested(self, now: float, bps: int) -> int:
+        """The subscriber reports congestion (a REMB well below what it is sent): the estimate
+        falls to ``bps`` and climbing backs off as after loss. Returns the new estimate.
+
+        A receive-side REMB never exceeds about 1.5 times what arrives (libwebrtc's AIMD
+        ceiling, which aiortc copies), so as a bound it would keep a simulcast subscriber on
+        its layer for ever; what it does say reliably is that the receiver cannot keep up."""
+        self.estimate = max(self.floor_bps, min(self.estimate, bps))
+        if now >= self.hold_until:
+            if self.hold_until > float("-inf"):
+                self.backoff_s = min(2 * self.backoff_s, self.max_backoff_s)
+            self.hold_until = now + self.backoff_s
+        return self.estimate
+
     def report_remb(self, now: float, bps: int) -> None:
         """Take the subscriber's REMB (its receive-side estimate)."""
         self.remb = bps

@@ -37,19 +37,25 @@ from .channel import (
     WorkerEvent,
 )
 from .forward import Counters, DownTrack, UpTrack
+from .layers import Layer, choose_layer, climb_bps, highest_needed
+from .munger import LayerMunger
 from .recording.manifest import Manifest
 from .recording.recorder import MIN_FREE_BYTES, RoomRecorder
 from .rtc import (
     FastSender,
     NeverTrack,
     PublisherHooks,
+    SimulcastHooks,
     SubscriberHooks,
+    accept_rid_extensions,
     dtls_of,
     layout_for,
     negotiated_codec,
+    route_by_mid,
     sender_ssrcs,
 )
 from .rtp import abs_send_time_now
+from .simulcast import SimulcastSection, accept_in_answer, read_offer
 from .speaker import SpeakerDetector
 from .tasks import TaskSet
 
@@ -59,6 +65,19 @@ Emit = Callable[[WorkerEvent], None]
 SOURCES = ("camera", "microphone", "screen")
 RECORDING_ID = re.compile(r"rec_[0-9a-f]{16}")
 CODECS = {"vp8": "video/VP8", "h264": "video/H264"}
+# Until clients report the size they render a track at, every subscriber may get any layer.
+ANY_SIZE = (1 << 16, 1 << 16)
+# After a simulcast subscriber is switched up, its REMB lags (it grows ~8 %/s towards 1.5 times
+# what arrives) and is not taken as congestion for this long.
+REMB_GRACE_S = 5.0
+REMB_PERSIST_S = 2.0
+
+
+def _moved(new: int | None, old: int | None) -> bool:
+    """Whether a REMB bound changed enough (10 %) to tell the publisher."""
+    if new is None or old is None:
+        return new != old
+    return abs(new - old) > new // 10
 
 
 class MediaError(Exception):
@@ -122,6 +141,8 @@ class Room:
         self.allocators: dict[str, BandwidthAllocator] = {}
         self.speaker = SpeakerDetector()
         self.recorder: RoomRecorder | None = None
+        self.simulcast_hooks: dict[str, SimulcastHooks] = {}  # by track id
+        self.last_tick: float | None = None
         self._tasks = TaskSet(self._failed)
 
     # -- helpers -------------------------------------------------------------------------------
@@ -246,6 +267,9 @@ class Room:
         rec = self.recorder
         p = self.participants.get(up.publisher)
         if rec is not None and p is not None and rec.wants(up.kind, p.identity):
+            if up.simulcast:  # the recording gets the highest layer, through a switcher
+                up.tap_munger = LayerMunger(up.codec, up.layers)
+                up.tap_munger.set_target(up.layers - 1)
             rec.attach(up, p.identity, p.name)
 
     def _recording_stopped(self, rec: RoomRecorder, reason: str) -> None:
@@ -274,6 +298,7 @@ class Room:
             raise MediaError("bad_sdp", "the offer is not valid SDP") from None
         if not offer.media:
             raise MediaError("bad_sdp", "the offer has no media sections")
+        simulcast = read_offer(sdp)
         if p.pub is None:
             p.pub = RTCPeerConnection(_config())
             pc = p.pub
@@ -291,6 +316,11 @@ class Room:
                 tr.setCodecPreferences(_preferences(media.kind, self.video_codec))
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            for tr in pc.getTransceivers():
+                section = simulcast.get(tr.mid or "")
+                if section is not None and tr.kind == "video":
+                    accept_rid_extensions(tr, section)
+                    route_by_mid(tr)
             await pc.setLocalDescription(await pc.createAnswer())
         except OperationError:
             raise MediaError(
@@ -307,13 +337,20 @@ class Room:
                 continue
             sending = directions.get(mid) in ("sendonly", "sendrecv")
             if sending and mid not in p.published:
-                self._add_uptrack(p, tr, sources.get(mid))
+                section = simulcast.get(mid) if tr.kind == "video" else None
+                self._add_uptrack(p, tr, sources.get(mid), section)
             elif not sending and mid in p.published:
                 self._unpublish(p.published[mid])
         assert pc.localDescription is not None
-        return pc.localDescription.sdp
+        return accept_in_answer(pc.localDescription.sdp, simulcast)
 
-    def _add_uptrack(self, p: Participant, tr: RTCRtpTransceiver, source: str | None) -> None:
+    def _add_uptrack(
+        self,
+        p: Participant,
+        tr: RTCRtpTransceiver,
+        source: str | None,
+        section: SimulcastSection | None = None,
+    ) -> None:
         kind = tr.kind
         assert tr.mid is not None
         codec, _, _ = negotiated_codec(tr)
@@ -326,19 +363,42 @@ class Room:
             if hooks_box:
                 self._spawn(hooks_box[0].request_keyframe())
 
-        up = UpTrack(tid, p.id, kind, source, codec, request_keyframe, self.counters)
+        layers = len(section.rids) if section is not None else 1
+        up = UpTrack(tid, p.id, kind, source, codec, request_keyframe, self.counters, layers=layers)
         if kind == "audio":
             up.on_level = self.speaker.add
 
         def malformed() -> None:
             self.counters.dropped_malformed += 1
 
-        hooks = PublisherHooks(tr.receiver, up.forward, up.sender_report, malformed)
+        hooks: PublisherHooks
+        if section is not None:
+
+            def unrouted() -> None:
+                self.counters.dropped_no_route += 1
+
+            sim = SimulcastHooks(
+                tr.receiver,
+                section.rids,
+                up.forward_layer,
+                up.layer_sender_report,
+                malformed,
+                unrouted,
+            )
+
+            def request_layer_keyframe(layer: int) -> None:
+                self._spawn(sim.request_layer_keyframe(layer))
+
+            up.request_layer_keyframe = request_layer_keyframe
+            self.simulcast_hooks[tid] = sim
+            hooks = sim
+        else:
+            hooks = PublisherHooks(tr.receiver, up.forward, up.sender_report, malformed)
         hooks_box.append(hooks)
         p.hooks[tr.mid] = hooks
         p.published[tr.mid] = up
         self.tracks[tid] = up
-        if kind == "video":
+        if kind == "video" and not up.simulcast:
             self.allocators[tid] = BandwidthAllocator()
         self._record(up)
         self.emit({"ev": "track_published", "room": self.name, "track": up.info()})
@@ -351,6 +411,7 @@ class Room:
             self.recorder.detach(up)
         self.tracks.pop(up.id, None)
         self.allocators.pop(up.id, None)
+        self.simulcast_hooks.pop(up.id, None)
         owner = self.participants.get(up.publisher)
         if owner is not None:
             for mid, t in list(owner.published.items()):
@@ -509,6 +570,10 @@ class Room:
                 if t is up:
                     pub_hooks = publisher.hooks.get(mid)
 
+        if up.simulcast:
+            self._add_simulcast_downtrack(p, up, tr, dt)
+            return
+
         def on_nack(lost: list[int]) -> None:
             missing = up.retransmit(dt, lost, abs_send_time_now(), time.monotonic())
             if missing and pub_hooks is not None:
@@ -569,6 +634,149 @@ class Room:
         if up.kind == "video" and not up.replay_keyframe(dt, abs_send_time_now()):
             up.want_keyframe(now)
 
+    def _add_simulcast_downtrack(
+        self, p: Participant, up: UpTrack, tr: RTCRtpTransceiver, dt: DownTrack
+    ) -> None:
+        """A subscriber's copy of a simulcast track: its layer is chosen at each tick."""
+        up.make_simulcast(dt)
+        munger, rate = dt.munger, dt.rate
+        assert munger is not None and rate is not None
+
+        def on_nack(lost: list[int]) -> None:
+            up.retransmit_sent(dt, lost, abs_send_time_now(), time.monotonic())
+
+        def on_keyframe() -> None:
+            layer = munger.current if munger.current is not None else munger.target
+            if layer is not None:
+                up.want_layer_keyframe(layer, time.monotonic())
+
+        def on_remb(bps: int) -> None:
+            # A REMB is a congestion signal, not a bound (see RateController.congested): REMBs
+            # well below what the subscriber is sent for REMB_PERSIST_S (a receiver's estimate
+            # dips for a moment when its host is busy), outside the few seconds after a
+            # switch up in which the receiver's estimate catches up, bring the estimate down
+            # (at most to what the next layer down needs; the lowest layer's subscriber
+            # starves only if it lasts another REMB_PERSIST_S).
+            now = time.monotonic()
+            if now - dt.switched_up_at <= REMB_GRACE_S or 4 * bps >= 3 * dt.sent_bps:
+                dt.remb_low_since = None
+                return
+            if dt.remb_low_since is None:
+                dt.remb_low_since = now
+            elif now - dt.remb_low_since >= REMB_PERSIST_S:
+                # One layer down per REMB_PERSIST_S: a busy receiver host makes every estimate
+                # dip at once, and a dip should not starve a subscriber in one step.
+                below = 0
+                current = munger.current
+                if current is not None and current > 0:
+                    below = -(-up.layer_bps[current - 1] * 8 // 7)
+                log.debug("%s: %s congested (REMB %d, sent %d)", up.id, p.id, bps, dt.sent_bps)
+                rate.congested(now, max(bps, below))
+                dt.remb_low_since = now
+
+        def on_loss(fraction_lost: int) -> None:
+            dt.loss = fraction_lost
+            layers = self._layers(up)
+            rate.report_loss(
+                time.monotonic(),
+                fraction_lost,
+                dt.sent_bps,
+                climb_bps(layers, munger.current, ANY_SIZE),
+            )
+
+        hooks = SubscriberHooks(tr.sender, on_nack, on_keyframe, on_remb, on_loss)
+        dt.set_sender_report = hooks.set_sender_report
+        p.downtracks[up.id] = dt
+        up.downtracks[p.id] = dt
+        self._choose_layer(p, up, dt, time.monotonic())
+
+    @staticmethod
+    def _layers(up: UpTrack) -> list[Layer]:
+        return [Layer(0, 0, bps) for bps in up.layer_bps]
+
+    def _choose_layer(self, p: Participant, up: UpTrack, dt: DownTrack, now: float) -> None:
+        """Pick a simulcast subscriber's layer from its budget (docs/SFU.md, Simulcast)."""
+        munger, rate = dt.munger, dt.rate
+        assert munger is not None and rate is not None
+        if dt.paused:
+            munger.set_target(None)
+            return
+        layers = self._layers(up)
+        if not any(layer.bps for layer in layers):
+            # Nothing measured yet (the track just started): start on the lowest layer.
+            if munger.target is None and not dt.starved:
+                munger.set_target(0)
+        else:
+            choice = choose_layer(layers, munger.current, rate.estimate, ANY_SIZE)
+            if choice.starved != dt.starved:
+                dt.starved = choice.starved
+                self.emit(
+                    {
+                        "ev": "track_starved",
+                        "room": self.name,
+                        "participant": p.id,
+                        "track": up.id,
+                        "starved": choice.starved,
+                    }
+                )
+            if choice.layer != munger.target:
+                log.debug(
+                    "%s: %s gets layer %s (budget %d, sent %d; layers %s, loss %d)",
+                    up.id,
+                    p.id,
+                    choice.layer,
+                    rate.estimate,
+                    dt.sent_bps,
+                    [layer.bps for layer in layers],
+                    dt.loss,
+                )
+                if choice.layer is not None and (
+                    munger.current is None or choice.layer > munger.current
+                ):
+                    dt.switched_up_at = now
+                munger.set_target(choice.layer)
+        want = munger.want_keyframe
+        if want is not None and p.fast is not None and p.fast.ready:
+            up.want_layer_keyframe(want, now)
+
+    def _tick_simulcast(self, up: UpTrack, elapsed: float, now: float) -> None:
+        up.measure(elapsed)
+        for pid, dt in up.downtracks.items():
+            p = self.participants.get(pid)
+            if p is not None:
+                self._choose_layer(p, up, dt, now)
+        m = up.tap_munger
+        if m is not None and up.tap is not None:
+            top = max((i for i, bps in enumerate(up.layer_bps) if bps > 0), default=None)
+            if top is not None and m.target != top:
+                m.set_target(top)
+            if m.want_keyframe is not None:
+                up.want_layer_keyframe(m.want_keyframe, now)
+        hooks = self.simulcast_hooks.get(up.id)
+        if hooks is None:
+            return
+        # The publisher is asked for the highest layer anyone needs: at least 3/2 of what the
+        # layers up to it take, even when it has stopped sending that layer (a subscriber's
+        # wish is chosen from the rates last seen), so that it can ramp up to its encodings'
+        # own limits (its loss-based estimate still guards its uplink; aiortc's delay-based
+        # estimate of this link dips whenever this host is busy); and at most that plus one
+        # more layer, so that a subscriber can still climb to a layer being sent.
+        known = up.layer_known_bps
+        seen = [Layer(0, 0, bps) for bps in known]
+        needed = highest_needed(
+            choose_layer(seen, dt.munger.current, dt.rate.estimate, ANY_SIZE).layer
+            for dt in up.downtracks.values()
+            if dt.munger is not None and dt.rate is not None and not dt.paused
+        )
+        floor: int | None = None
+        cap: int | None = None
+        if needed is not None:
+            floor = sum(known[: needed + 1]) * 3 // 2
+            if needed + 2 < up.layers and all(known[: needed + 2]):
+                cap = sum(known[: needed + 2]) * 5 // 4
+        if _moved(floor, hooks.remb_floor) or _moved(cap, hooks.remb_cap):
+            self._spawn(hooks.send_layer_remb(floor, cap))
+
     def _request_waiting_keyframes(self, p: Participant) -> None:
         """The subscriber connection is up: start the tracks waiting for it."""
         now = time.monotonic()
@@ -580,7 +788,13 @@ class Room:
             if up.downtracks.get(p.id) is not dt:
                 if ready:
                     self._start_downtrack(p, up, dt, now)
-            elif dt.waiting and up.kind == "video":
+            elif up.kind != "video":
+                continue
+            elif dt.munger is not None:
+                want = dt.munger.want_keyframe
+                if want is not None:
+                    up.want_layer_keyframe(want, now)
+            elif dt.waiting:
                 up.want_keyframe(now)
 
     def pause(self, pid: str, tid: str, paused: bool) -> None:
@@ -592,7 +806,9 @@ class Room:
         if dt.paused == paused:
             return
         dt.paused = paused
-        if not paused and up.kind == "video":
+        if dt.munger is not None:
+            self._choose_layer(p, up, dt, time.monotonic())
+        elif not paused and up.kind == "video":
             dt.waiting = True  # restart at a keyframe
             up.want_keyframe(time.monotonic())
 
@@ -634,11 +850,22 @@ class Room:
         order = self.speaker.tick(now)
         if order is not None:
             self.emit({"ev": "active_speaker", "room": self.name, "speakers": order})
+        elapsed = now - self.last_tick if self.last_tick is not None else 0.0
+        self.last_tick = now
+        for track in self.tracks.values():
+            if track.simulcast:
+                self._tick_simulcast(track, elapsed, now)
         for p in self.participants.values():
             if p.fast is not None and p.fast.ready:
                 for tid, dt in p.downtracks.items():
                     up = self.tracks.get(tid)
                     if up is not None and up.downtracks.get(p.id) is not dt:
                         self._start_downtrack(p, up, dt, now)  # ready after the state event
-                    elif dt.waiting and up is not None and up.kind == "video" and dt.active:
+                    elif (
+                        dt.waiting
+                        and up is not None
+                        and up.kind == "video"
+                        and dt.active
+                        and dt.munger is None
+                    ):
                         up.want_keyframe(now)

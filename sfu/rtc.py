@@ -20,6 +20,10 @@ version change removed or changed any. What is used:
   sender reports are built from; packets go out through the DTLS transport's SRTP session
   (``_tx_srtp``) and the nominated ICE pair's socket (``RTCIceTransport._connection``,
   ``Connection._nominated``) directly, skipping four coroutine layers per packet;
+- simulcast publishers (``SimulcastHooks``): the RID and repaired-RID header extensions added to
+  the transceiver's negotiated ``_headerExtensions`` (aiortc negotiates neither), the RTP
+  router's ``route_rtp`` wrapped per connection to bind an unknown SSRC to its receiver by the
+  MID extension (``mid_table``), and per layer a ``NackGenerator`` of its own;
 - ``HostCandidatePolicy`` replaces aioice's ``Connection.get_component_candidates`` (bind and
   announced address, port range) and refuses to install if that method is gone or changed.
 """
@@ -38,7 +42,13 @@ from typing import Any, Final, NoReturn
 
 import aioice.ice
 import aiortc
-from aiortc import RTCRtpReceiver, RTCRtpSender, RTCRtpTransceiver, clock
+from aiortc import (
+    RTCRtpHeaderExtensionParameters,
+    RTCRtpReceiver,
+    RTCRtpSender,
+    RTCRtpTransceiver,
+    clock,
+)
 from aiortc.codecs import is_rtx
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.rate import RemoteBitrateEstimator
@@ -51,6 +61,7 @@ from aiortc.rtp import (
     RTCP_PSFB_PLI,
     RTCP_RTPFB_NACK,
     RtcpPsfbPacket,
+    RtcpRrPacket,
     RtcpRtpfbPacket,
     RtcpSrPacket,
     RtpPacket,
@@ -60,6 +71,7 @@ from aiortc.rtp import (
 )
 
 from .rtp import URI_ABS_SEND_TIME, URI_AUDIO_LEVEL, URI_MID, ExtensionLayout, abs_send_time_now
+from .simulcast import URI_REPAIRED_RID, URI_RID, SimulcastSection
 
 log = logging.getLogger("rallypoint.sfu.rtc")
 
@@ -106,6 +118,8 @@ PRIVATE_INTERNALS: Final[tuple[tuple[type, str], ...]] = (
 # SFU as surely, so they are checked too; every one is used in this file (the test checks that).
 INTERNAL_MEMBERS: Final[tuple[tuple[type, str], ...]] = (
     (RtpRouter, "ssrc_table"),
+    (RtpRouter, "mid_table"),
+    (RtpRouter, "route_rtp"),  # wrapped per instance by route_by_mid
     (RemoteBitrateEstimator, "add"),
     (StreamStatistics, "add"),
     (NackGenerator, "add"),
@@ -132,6 +146,7 @@ SIGNATURES: Final[dict[tuple[type, str], tuple[str, ...]]] = {
         "ssrc",
     ),
     (RTCRtpReceiver, "_handle_rtp_packet"): ("self", "packet", "arrival_time_ms"),
+    (RtpRouter, "route_rtp"): ("self", "packet"),
     (RTCRtpReceiver, "_handle_rtcp_packet"): ("self", "packet"),
     (RTCRtpReceiver, "_send_rtcp"): ("self", "packet"),
     (RTCRtpSender, "_handle_rtcp_packet"): ("self", "packet"),
@@ -494,6 +509,248 @@ class PublisherHooks:
             await self.receiver._send_rtcp_nack(self.media_ssrc, sorted(lost))
 
 
+def accept_rid_extensions(transceiver: RTCRtpTransceiver, section: SimulcastSection) -> None:
+    """Accept the offer's RID and repaired-RID header extensions on a publisher transceiver
+    (aiortc negotiates neither): call after ``setRemoteDescription``, which resets the list,
+    and before ``createAnswer``, which writes it. The receiver's packets then carry
+    ``extensions.rtp_stream_id`` / ``repaired_rtp_stream_id``."""
+    have = {x.uri for x in transceiver._headerExtensions}
+    for uri, ext_id in ((URI_RID, section.rid_ext), (URI_REPAIRED_RID, section.repaired_rid_ext)):
+        if ext_id is not None and uri not in have:
+            transceiver._headerExtensions.append(
+                RTCRtpHeaderExtensionParameters(id=ext_id, uri=uri)
+            )
+
+
+def route_by_mid(transceiver: RTCRtpTransceiver) -> None:
+    """Route a connection's unknown SSRCs by their MID header extension.
+
+    A simulcast publisher signals no SSRCs: aiortc's router then learns an SSRC only when a
+    single receiver has its payload type, which fails as soon as two video tracks (camera and
+    screen) share the connection. The MID extension names the receiver; once bound, the SSRC
+    routes as any other (Chromium stops sending MID after the first receiver report)."""
+    router = transceiver.receiver.transport._rtp_router
+    if getattr(router, "rallypoint_by_mid", False):
+        return
+    original = router.route_rtp
+    ssrc_table = router.ssrc_table
+    mid_table = router.mid_table
+
+    def route_rtp(packet: RtpPacket) -> Any:
+        if packet.ssrc not in ssrc_table:
+            mid = packet.extensions.mid
+            if mid is not None:
+                receiver = mid_table.get(mid)
+                if receiver is not None:
+                    ssrc_table[packet.ssrc] = receiver
+        return original(packet)
+
+    router.route_rtp = route_rtp  # type: ignore[method-assign]
+    router.rallypoint_by_mid = True  # type: ignore[attr-defined]
+
+
+class _Layer:
+    """Receive state of one simulcast layer (one SSRC, and its RTX SSRC)."""
+
+    __slots__ = ("nacks", "rtx_ssrc", "ssrc")
+
+    def __init__(self) -> None:
+        self.ssrc: int | None = None
+        self.rtx_ssrc: int | None = None
+        self.nacks = NackGenerator()
+
+
+class SimulcastHooks(PublisherHooks):
+    """Takes over the receiver of a simulcast video track: each layer is its own RTP stream.
+
+    An SSRC is bound to its layer on first sight by the RID extension (RTX by the repaired
+    RID) and keeps it: Chromium stops sending the extensions once it gets a receiver report.
+    Packets of an SSRC not bound yet and without a RID are dropped. Each layer has its own
+    NACK generator (aiortc's one generator would take the layers' interleaved sequence
+    numbers for losses), keyframe requests and NACKs go to the layer's SSRC; receiver
+    reports are per SSRC in aiortc's own statistics already, and its bandwidth estimate
+    covers all of them."""
+
+    def __init__(
+        self,
+        receiver: RTCRtpReceiver,
+        rids: list[str],
+        on_rtp: Callable[[int, int, int, bool, bytes, int], None],
+        on_sr: Callable[[int, int, int], None],
+        on_malformed: Callable[[], None],
+        on_unrouted: Callable[[], None],
+    ) -> None:
+        super().__init__(receiver, self._no_rtp, self._no_sr, on_malformed)
+        self.rids = rids
+        self.on_layer_rtp = on_rtp
+        self.on_layer_sr = on_sr
+        self.on_unrouted = on_unrouted
+        self.layers = [_Layer() for _ in rids]
+        self.remb_floor: int | None = None  # what the layers subscribers need take
+        # ssrc -> (layer, is RTX)
+        self.bound: dict[int, tuple[int, bool]] = {}
+
+    @staticmethod
+    def _no_rtp(seq: int, ts: int, marker: bool, payload: bytes, t: int, lv: int | None) -> None:
+        raise AssertionError("a simulcast receiver forwards by layer")
+
+    @staticmethod
+    def _no_sr(ntp: int, rtp_ts: int) -> None:
+        raise AssertionError("a simulcast receiver's reports are by layer")
+
+    def _bind(self, packet: RtpPacket) -> tuple[int, bool] | None:
+        ext = packet.extensions
+        rid = ext.rtp_stream_id
+        rtx = False
+        if rid is None:
+            rid = ext.repaired_rtp_stream_id
+            rtx = True
+        if rid is None or rid not in self.rids:
+            return None
+        index = self.rids.index(rid)
+        layer = self.layers[index]
+        if rtx:
+            layer.rtx_ssrc = packet.ssrc
+        else:
+            if layer.ssrc is not None:  # the publisher restarted the layer on a new SSRC
+                self.bound.pop(layer.ssrc, None)
+                layer.nacks = NackGenerator()
+            layer.ssrc = packet.ssrc
+        bound = self.bound[packet.ssrc] = (index, rtx)
+        return bound
+
+    async def _handle_rtp(self, packet: RtpPacket, arrival_time_ms: int) -> None:
+        bound = self.bound.get(packet.ssrc)
+        if bound is None:
+            bound = self._bind(packet)
+            if bound is None:
+                self.on_unrouted()
+                return
+        index, rtx = bound
+        payload = packet.payload
+        seq = packet.sequence_number
+        if rtx:
+            if len(payload) < 2:
+                self.on_malformed()
+                return
+            seq = (payload[0] << 8) | payload[1]
+            payload = payload[2:]
+        else:
+            self.media_ssrc = packet.ssrc
+        try:
+            self.on_layer_rtp(
+                index, seq, packet.timestamp, bool(packet.marker), payload, abs_send_time_now()
+            )
+        except Exception:  # never let one packet kill the receiver
+            log.exception("forwarding failed")
+            self.on_malformed()
+        if self.receiver._enabled:
+            await self._layer_feedback(packet, arrival_time_ms, index, rtx)
+
+    async def _layer_feedback(
+        self, packet: RtpPacket, arrival_time_ms: int, index: int, rtx: bool
+    ) -> None:
+        """``PublisherHooks._feedback`` for one layer: its own NACK generator and SSRC."""
+        ssrc = packet.ssrc
+        estimator = self._estimator
+        if estimator is not None and packet.extensions.abs_send_time is not None:
+            remb = estimator.add(
+                abs_send_time=packet.extensions.abs_send_time,
+                arrival_time_ms=arrival_time_ms,
+                payload_size=len(packet.payload) + packet.padding_size,
+                ssrc=ssrc,
+            )
+            rtcp_ssrc = self.receiver._RTCRtpReceiver__rtcp_ssrc  # type: ignore[attr-defined]
+            if rtcp_ssrc is not None and remb is not None:
+                await self._send_rtcp(
+                    RtcpPsfbPacket(
+                        fmt=RTCP_PSFB_APP, ssrc=rtcp_ssrc, media_ssrc=0, fci=pack_remb_fci(*remb)
+                    )
+                )
+        self._active_ssrc[ssrc] = clock.current_datetime()
+        pt = packet.payload_type
+        codec = self._codecs.get(pt)
+        if codec is None:
+            return
+        stats = self._streams.get(ssrc)
+        if stats is None:
+            stats = self._streams[ssrc] = StreamStatistics(codec.clockRate)
+        stats.add(packet)
+        layer = self.layers[index]
+        if rtx:
+            apt = self._rtx.get(pt)
+            if layer.ssrc is None or apt is None or len(packet.payload) < 2:
+                return
+            packet = unwrap_rtx(packet, payload_type=apt, ssrc=layer.ssrc)
+        nacks = layer.nacks
+        if nacks.add(packet):
+            await self.receiver._send_rtcp_nack(packet.ssrc, sorted(nacks.missing))
+
+    async def _handle_rtcp(self, packet: Any) -> None:
+        if isinstance(packet, RtcpSrPacket):
+            bound = self.bound.get(packet.ssrc)
+            if bound is not None and not bound[1]:
+                info = packet.sender_info
+                self.on_layer_sr(bound[0], info.ntp_timestamp, info.rtp_timestamp)
+        await self._orig_rtcp(packet)
+
+    async def _send_rtcp(self, packet: Any) -> None:
+        if isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+            try:
+                bitrate, ssrcs = unpack_remb_fci(packet.fci)
+            except ValueError:
+                return
+            self.remb_own = bitrate
+            wanted = self._wanted(bitrate)
+            if wanted != bitrate:
+                packet = RtcpPsfbPacket(
+                    fmt=RTCP_PSFB_APP,
+                    ssrc=packet.ssrc,
+                    media_ssrc=0,
+                    fci=pack_remb_fci(wanted, ssrcs),
+                )
+        await self._orig_send_rtcp(packet)
+
+    def _wanted(self, own: int) -> int:
+        floor, cap = self.remb_floor, self.remb_cap
+        bitrate = own if floor is None else max(own, floor)
+        return bitrate if cap is None else min(bitrate, cap)
+
+    async def send_layer_remb(self, floor: int | None, cap: int | None) -> None:
+        """Ask the publisher for at least ``floor`` (what the layers subscribers need take)
+        and at most ``cap`` (``None``: no bound). Its own loss-based estimate still guards
+        its uplink: a sender's estimate is the smaller of that and the REMB."""
+        self.remb_floor, self.remb_cap = floor, cap
+        rtcp_ssrc = self.receiver._RTCRtpReceiver__rtcp_ssrc  # type: ignore[attr-defined]
+        if self.media_ssrc is None or rtcp_ssrc is None:
+            return
+        bitrate = self._wanted(self.remb_own if self.remb_own is not None else floor or 0)
+        if bitrate <= 0:
+            return
+        await self._orig_send_rtcp(
+            RtcpPsfbPacket(
+                fmt=RTCP_PSFB_APP,
+                ssrc=rtcp_ssrc,
+                media_ssrc=0,
+                fci=pack_remb_fci(bitrate, [self.media_ssrc]),
+            )
+        )
+
+    async def request_layer_keyframe(self, index: int) -> None:
+        ssrc = self.layers[index].ssrc
+        if ssrc is not None:
+            await self.receiver._send_rtcp_pli(ssrc)
+
+    async def request_keyframe(self) -> None:
+        for index in range(len(self.layers)):
+            await self.request_layer_keyframe(index)
+
+    async def nack_layer(self, index: int, lost: list[int]) -> None:
+        ssrc = self.layers[index].ssrc
+        if ssrc is not None and lost:
+            await self.receiver._send_rtcp_nack(ssrc, sorted(lost))
+
+
 class SubscriberHooks:
     """Takes over one subscriber sender's RTCP: NACK, PLI/FIR and REMB go to callbacks."""
 
@@ -503,11 +760,13 @@ class SubscriberHooks:
         on_nack: Callable[[list[int]], None],
         on_keyframe: Callable[[], None],
         on_remb: Callable[[int], None],
+        on_loss: Callable[[int], None] | None = None,
     ) -> None:
         self.sender = sender
         self.on_nack = on_nack
         self.on_keyframe = on_keyframe
         self.on_remb = on_remb
+        self.on_loss = on_loss  # a receiver report's fraction lost (0-255) for our SSRC
         self._orig = sender._handle_rtcp_packet
         sender._handle_rtcp_packet = self._handle_rtcp  # type: ignore[method-assign]
 
@@ -523,6 +782,12 @@ class SubscriberHooks:
                 return
             self.on_remb(bitrate)
         else:
+            on_loss = self.on_loss
+            if on_loss is not None and isinstance(packet, RtcpRrPacket | RtcpSrPacket):
+                ssrc = self.sender._ssrc
+                for report in packet.reports:
+                    if report.ssrc == ssrc:
+                        on_loss(report.fraction_lost)
             await self._orig(packet)  # receiver reports: RTT and loss statistics
 
     def set_sender_report(self, ntp: int, rtp_ts: int, packets: int, octets: int) -> None:

@@ -506,6 +506,35 @@ export class ChatLog {
  * "typing" (`{identity, name, active}`), "receipt", "kicked", "media_error" (`{error}`),
  * "left".
  */
+
+/**
+ * The simulcast encodings for a camera track, lowest layer first (the SFU takes the layers in
+ * the order of `a=simulcast`), or null for one encoding. As libwebrtc's own table
+ * (`simulcast.cc`): three layers from 960x540 up (1280x720 gives 1280x720, 640x360 and
+ * 320x180), two from 480x270 (640x360 gives 640x360 and 320x180), one below. The screen share
+ * is sent as one layer: text scaled down is unreadable, so a small layer would serve nobody,
+ * and a second encoding would cost the sharer CPU that slides do not need.
+ */
+export function simulcastEncodings(track, source) {
+  if (source !== "camera" || track.kind !== "video") return null;
+  const settings = track.getSettings ? track.getSettings() : {};
+  const size = Math.min(settings.width || 0, settings.height || 0);
+  if (size >= 540) {
+    return [
+      { rid: "q", scaleResolutionDownBy: 4, maxBitrate: 150_000 },
+      { rid: "h", scaleResolutionDownBy: 2, maxBitrate: 500_000 },
+      { rid: "f", maxBitrate: 1_700_000 },
+    ];
+  }
+  if (size >= 270) {
+    return [
+      { rid: "h", scaleResolutionDownBy: 2, maxBitrate: 200_000 },
+      { rid: "f", maxBitrate: 700_000 },
+    ];
+  }
+  return null;
+}
+
 export class Room extends Emitter {
   constructor(client, name, options = {}) {
     super();
@@ -513,6 +542,8 @@ export class Room extends Emitter {
     this.name = name;
     this.conversation = `room:${name}`;
     this.RTCPeerConnection = options.RTCPeerConnection ?? globalThis.RTCPeerConnection;
+    // Publish the camera with simulcast (see simulcastEncodings); false: one encoding.
+    this.simulcast = options.simulcast ?? true;
     this.self = null;
     this.participants = new Map(); // id -> participant (others only)
     this.tracks = new Map(); // track id -> Track info (everyone's, from the server)
@@ -968,7 +999,10 @@ export class Room extends Emitter {
         existing.track = track;
         existing.muted = Boolean(muted);
       } else {
-        const transceiver = pc.addTransceiver(track, { direction: "sendonly" });
+        const init = { direction: "sendonly" };
+        const encodings = this.simulcast === false ? null : simulcastEncodings(track, source);
+        if (encodings) init.sendEncodings = encodings;
+        const transceiver = pc.addTransceiver(track, init);
         this.local.set(source, { transceiver, track, muted: Boolean(muted) });
       }
     }

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import struct
 
 from sfu.bandwidth import BandwidthAllocator
 from sfu.forward import Counters, DownTrack, UpTrack
+from sfu.munger import LayerMunger
 from sfu.packetcache import PacketCache
+from sfu.recording.tap import TrackTap
 from sfu.rtp import ExtensionLayout, build, h264_keyframe, seq_newer, vp8_keyframe
 from sfu.speaker import SpeakerDetector
 
@@ -244,3 +247,74 @@ def test_old_or_incomplete_cached_keyframe_is_not_replayed() -> None:
     assert up.replay_keyframe(dt, 5) and len(sink.packets) == 3
     empty, _ = _video_track()
     assert not empty.replay_keyframe(_subscriber(Sink()), 5)
+
+
+def _vp8(pid: int, key: bool) -> bytes:
+    """A VP8 packet starting a frame: descriptor with a 15-bit picture id, then the header."""
+    return bytes((0x90, 0x80, 0x80 | (pid >> 8), pid & 0xFF, 0x10 if key else 0x11)) + b"x"
+
+
+def test_simulcast_downtracks_get_one_layer_each_gap_free() -> None:
+    asked: list[int] = []
+    up = UpTrack("p:1", "p", "video", "camera", "vp8", lambda: None, Counters(), layers=2)
+    up.request_layer_keyframe = asked.append
+    assert up.cache is None  # the simulcast path keeps what it sent per subscriber instead
+    low, high = Sink(), Sink()
+    layout = ExtensionLayout(None, None, None, None, False)
+    for name, sink in (("low", low), ("high", high)):
+        dt = DownTrack(name, "video", 7, 96, layout, sink, rtx_ssrc=8, rtx_pt=97)
+        up.make_simulcast(dt)
+        up.downtracks[name] = dt
+    lo, hi = up.downtracks["low"].munger, up.downtracks["high"].munger
+    assert lo is not None and hi is not None
+    lo.set_target(0)
+    hi.set_target(1)
+    # Sender reports of both layers (same wall clock, different RTP bases).
+    ntp = 3_900_000_000 << 32
+    up.layer_sender_report(0, ntp, 1000)
+    up.layer_sender_report(1, ntp, 500_000)
+    for n in range(4):  # layer 0 seq 10.., layer 1 seq 900..; keyframes first
+        up.forward_layer(0, 10 + n, 1000 + 3000 * n, True, _vp8(100 + n, n == 0), 0)
+        up.forward_layer(1, 900 + n, 500_000 + 3000 * n, True, _vp8(7000 + n, n == 0), 0)
+    assert len(low.packets) == len(high.packets) == 4
+    assert {p["payload"][5:] for p in high.packets} == {b"x"}  # type: ignore[index]
+    # The high subscriber switches down: the next layer-0 keyframe, seq and ts continuous.
+    hi.set_target(0)
+    assert hi.want_keyframe == 0
+    up.forward_layer(0, 14, 13000, True, _vp8(104, False), 0)  # not a keyframe: keeps layer 1
+    up.forward_layer(1, 904, 512_000, True, _vp8(7004, False), 0)
+    up.forward_layer(0, 15, 16000, True, _vp8(105, True), 0)
+    up.forward_layer(1, 905, 515_000, True, _vp8(7005, False), 0)  # dropped now
+    seqs = [p["seq"] for p in high.packets]
+    assert all((b - a) & 0xFFFF == 1 for a, b in itertools.pairwise(seqs))
+    assert len(seqs) == 6
+    ts = [p["ts"] for p in high.packets]
+    assert (ts[-1] - ts[-2]) & 0xFFFFFFFF == 3000  # 1/30 s after the last layer-1 frame
+    # A NACK is answered with what was sent (as RTX), whatever layer it came from.
+    dt = up.downtracks["high"]
+    up.retransmit_sent(dt, [seqs[2]], 0, now=1.0)
+    rtx = high.packets[-1]
+    assert rtx["ssrc"] == 8 and rtx["payload"][:2] == struct.pack("!H", seqs[2])  # type: ignore[index]
+    assert up.want_layer_keyframe(1, 0.0) and not up.want_layer_keyframe(1, 0.2)
+    assert asked == [1]
+
+
+def test_recording_tap_gets_the_highest_layer_continuous() -> None:
+    up = UpTrack("p:1", "p", "video", "camera", "vp8", lambda: None, Counters(), layers=2)
+    up.tap = TrackTap(1)
+    up.tap_munger = LayerMunger("vp8", 2)
+    up.tap_munger.set_target(1)
+    ntp = 3_900_000_000 << 32
+    up.layer_sender_report(0, ntp, 0)
+    up.layer_sender_report(1, ntp, 40_000)
+    for n in range(3):
+        up.forward_layer(0, 50 + n, 3000 * n, True, _vp8(10 + n, n == 0), 0)
+        up.forward_layer(1, 700 + n, 40_000 + 3000 * n, True, _vp8(300 + n, n == 0), 0)
+    packets = up.tap.packets
+    assert len(packets) == 3  # the top layer only
+    seqs = [p[0] for p in packets]
+    assert all((b - a) & 0xFFFF == 1 for a, b in itertools.pairwise(seqs))
+    assert [p[3][5:] for p in packets] == [b"x"] * 3
+    # The report in the tap is the top layer's, in the tap's own timestamps.
+    up.layer_sender_report(1, ntp + (1 << 32), 130_000)
+    assert up.tap.reports[-1][1] == (packets[0][1] + 90_000) & 0xFFFFFFFF

@@ -225,6 +225,13 @@ async def test_three_people_see_and_hear_each_other(call: Call) -> None:
             await expect(quality).not_to_have_attribute("aria-label", "Connection quality unknown")
         await wait_audio_flowing(page, others)
         await expect(page.locator("#people > li")).to_have_count(3)
+        # The camera (the fake one: 640x480) goes out as two simulcast layers, and the others'
+        # video above came through the SFU's layer switching.
+        rids = await page.evaluate(
+            "window.rallypoint.room.local.get('camera').transceiver.sender.getParameters()"
+            ".encodings.map((e) => e.rid)"
+        )
+        assert rids == ["h", "f"]
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "three-person-call.png"
     await call["Alice"].screenshot(path=str(shot))

@@ -298,12 +298,42 @@ class UpTrack:
             if out is not None and dt.set_sender_report is not None:
                 dt.set_sender_report(ntp, out, dt.packets, dt.octets)
 
+    def _resend(
+        self, dt: DownTrack, out_seq: int, ts: int, marker: bool, payload: bytes, abs_time: int
+    ) -> None:
+        """Send ``dt`` its packet ``out_seq`` again (``ts`` in its timestamps): as RTX where
+        negotiated (RFC 4588 section 4: the original sequence number leads the payload)."""
+        layout = dt.layout
+        mbit = 0x80 if marker else 0
+        if dt.rtx_pt is not None and dt.rtx_ssrc is not None:
+            data = build(
+                dt.rtx_pt | mbit,
+                dt.rtx_seq,
+                ts,
+                dt.rtx_ssrc,
+                layout.head,
+                layout.shared(abs_time, None),
+                U16.pack(out_seq) + payload,
+            )
+            dt.rtx_seq = (dt.rtx_seq + 1) & 0xFFFF
+        else:
+            data = build(
+                dt.pt | mbit,
+                out_seq,
+                ts,
+                dt.ssrc,
+                layout.head,
+                layout.shared(abs_time, None),
+                payload,
+            )
+        dt.send(data)
+        self.counters.retransmitted += 1
+
     def retransmit_sent(self, dt: DownTrack, lost: list[int], abs_time: int, now: float) -> None:
         """Answer a simulcast subscriber's NACK from what was sent to it (the layers'
         sequence numbers map to its own differently at each switch)."""
         sent = dt.sent
         resent = dt.resent
-        layout = dt.layout
         for out_seq in lost[-MAX_NACKED:]:
             slot = out_seq & 1023
             c = sent[slot] if sent else None
@@ -311,30 +341,7 @@ class UpTrack:
                 continue
             resent[slot] = now
             _, ts, marker, payload = c
-            mbit = 0x80 if marker else 0
-            if dt.rtx_pt is not None and dt.rtx_ssrc is not None:
-                data = build(
-                    dt.rtx_pt | mbit,
-                    dt.rtx_seq,
-                    ts,
-                    dt.rtx_ssrc,
-                    layout.head,
-                    layout.shared(abs_time, None),
-                    U16.pack(out_seq) + payload,
-                )
-                dt.rtx_seq = (dt.rtx_seq + 1) & 0xFFFF
-            else:
-                data = build(
-                    dt.pt | mbit,
-                    out_seq,
-                    ts,
-                    dt.ssrc,
-                    layout.head,
-                    layout.shared(abs_time, None),
-                    payload,
-                )
-            dt.send(data)
-            self.counters.retransmitted += 1
+            self._resend(dt, out_seq, ts, marker, payload, abs_time)
 
     def forward(
         self, seq: int, ts: int, marker: bool, payload: bytes, abs_time: int, level: int | None
@@ -452,7 +459,6 @@ class UpTrack:
         if cache is None or dt.restart_seq is None or not dt.active:
             return []
         missing: list[int] = []
-        layout = dt.layout
         resent = dt.resent
         for out_seq in lost[-MAX_NACKED:]:
             slot = out_seq & 1023
@@ -467,31 +473,7 @@ class UpTrack:
                 missing.append(in_seq)
                 continue
             ts = (c.ts + dt.ts_offset) & 0xFFFFFFFF
-            mbit = 0x80 if c.marker else 0
-            if dt.rtx_pt is not None and dt.rtx_ssrc is not None:
-                # RFC 4588 section 4: the original sequence number leads the payload.
-                data = build(
-                    dt.rtx_pt | mbit,
-                    dt.rtx_seq,
-                    ts,
-                    dt.rtx_ssrc,
-                    layout.head,
-                    layout.shared(abs_time, None),
-                    U16.pack(out_seq) + c.payload,
-                )
-                dt.rtx_seq = (dt.rtx_seq + 1) & 0xFFFF
-            else:
-                data = build(
-                    dt.pt | mbit,
-                    out_seq,
-                    ts,
-                    dt.ssrc,
-                    layout.head,
-                    layout.shared(abs_time, None),
-                    c.payload,
-                )
-            dt.send(data)
-            self.counters.retransmitted += 1
+            self._resend(dt, out_seq, ts, c.marker, c.payload, abs_time)
         self.counters.nacks_upstream += len(missing)
         return missing
 

@@ -424,32 +424,13 @@ class PublisherHooks:
         statistics its receiver reports are built from, and NACKs for missing packets (RTX
         unwrapped first, so a repaired packet is no longer missing). Not the rest, which only
         fed the decoder: depayloading, frame assembly, decoder errors."""
-        ssrc = packet.ssrc
-        estimator = self._estimator  # video only
-        if estimator is not None and packet.extensions.abs_send_time is not None:
-            remb = estimator.add(
-                abs_send_time=packet.extensions.abs_send_time,
-                arrival_time_ms=arrival_time_ms,
-                payload_size=len(packet.payload) + packet.padding_size,
-                ssrc=ssrc,
-            )
-            rtcp_ssrc = self.receiver._RTCRtpReceiver__rtcp_ssrc  # type: ignore[attr-defined]
-            if rtcp_ssrc is not None and remb is not None:
-                # Through our _send_rtcp, which caps it at the subscribers' estimate.
-                await self._send_rtcp(
-                    RtcpPsfbPacket(
-                        fmt=RTCP_PSFB_APP, ssrc=rtcp_ssrc, media_ssrc=0, fci=pack_remb_fci(*remb)
-                    )
-                )
-        self._active_ssrc[ssrc] = clock.current_datetime()  # getSynchronizationSources()
-        pt = packet.payload_type
-        codec = self._codecs.get(pt)
-        if codec is None:
+        remb = self._estimate(packet, arrival_time_ms)
+        if remb is not None:
+            await self._send_rtcp(remb)
+        if not self._count(packet):
             return  # a payload type not negotiated: aiortc counts nothing either
-        stats = self._streams.get(ssrc)
-        if stats is None:
-            stats = self._streams[ssrc] = StreamStatistics(codec.clockRate)
-        stats.add(packet)
+        pt = packet.payload_type
+        ssrc = packet.ssrc
         nacks = self._nacks  # video only
         if nacks is None:
             return
@@ -461,6 +442,39 @@ class PublisherHooks:
             packet = unwrap_rtx(packet, payload_type=apt, ssrc=original_ssrc)
         if nacks.add(packet):
             await self.receiver._send_rtcp_nack(packet.ssrc, sorted(nacks.missing))
+
+    def _estimate(self, packet: RtpPacket, arrival_time_ms: int) -> RtcpPsfbPacket | None:
+        """Feed the bandwidth estimator (video only); the REMB to send the publisher, if due
+        (it goes through our _send_rtcp, which caps it at the subscribers' estimate)."""
+        estimator = self._estimator
+        if estimator is None or packet.extensions.abs_send_time is None:
+            return None
+        remb = estimator.add(
+            abs_send_time=packet.extensions.abs_send_time,
+            arrival_time_ms=arrival_time_ms,
+            payload_size=len(packet.payload) + packet.padding_size,
+            ssrc=packet.ssrc,
+        )
+        rtcp_ssrc = self.receiver._RTCRtpReceiver__rtcp_ssrc  # type: ignore[attr-defined]
+        if rtcp_ssrc is None or remb is None:
+            return None
+        return RtcpPsfbPacket(
+            fmt=RTCP_PSFB_APP, ssrc=rtcp_ssrc, media_ssrc=0, fci=pack_remb_fci(*remb)
+        )
+
+    def _count(self, packet: RtpPacket) -> bool:
+        """The active SSRCs and the statistics receiver reports are built from; False if the
+        packet's payload type was not negotiated (nothing counted, as aiortc)."""
+        ssrc = packet.ssrc
+        self._active_ssrc[ssrc] = clock.current_datetime()  # getSynchronizationSources()
+        codec = self._codecs.get(packet.payload_type)
+        if codec is None:
+            return False
+        stats = self._streams.get(ssrc)
+        if stats is None:
+            stats = self._streams[ssrc] = StreamStatistics(codec.clockRate)
+        stats.add(packet)
+        return True
 
     async def _handle_rtcp(self, packet: Any) -> None:
         if isinstance(packet, RtcpSrPacket):
@@ -651,34 +665,14 @@ class SimulcastHooks(PublisherHooks):
         self, packet: RtpPacket, arrival_time_ms: int, index: int, rtx: bool
     ) -> None:
         """``PublisherHooks._feedback`` for one layer: its own NACK generator and SSRC."""
-        ssrc = packet.ssrc
-        estimator = self._estimator
-        if estimator is not None and packet.extensions.abs_send_time is not None:
-            remb = estimator.add(
-                abs_send_time=packet.extensions.abs_send_time,
-                arrival_time_ms=arrival_time_ms,
-                payload_size=len(packet.payload) + packet.padding_size,
-                ssrc=ssrc,
-            )
-            rtcp_ssrc = self.receiver._RTCRtpReceiver__rtcp_ssrc  # type: ignore[attr-defined]
-            if rtcp_ssrc is not None and remb is not None:
-                await self._send_rtcp(
-                    RtcpPsfbPacket(
-                        fmt=RTCP_PSFB_APP, ssrc=rtcp_ssrc, media_ssrc=0, fci=pack_remb_fci(*remb)
-                    )
-                )
-        self._active_ssrc[ssrc] = clock.current_datetime()
-        pt = packet.payload_type
-        codec = self._codecs.get(pt)
-        if codec is None:
+        remb = self._estimate(packet, arrival_time_ms)
+        if remb is not None:
+            await self._send_rtcp(remb)
+        if not self._count(packet):
             return
-        stats = self._streams.get(ssrc)
-        if stats is None:
-            stats = self._streams[ssrc] = StreamStatistics(codec.clockRate)
-        stats.add(packet)
         layer = self.layers[index]
         if rtx:
-            apt = self._rtx.get(pt)
+            apt = self._rtx.get(packet.payload_type)
             if layer.ssrc is None or apt is None or len(packet.payload) < 2:
                 return
             packet = unwrap_rtx(packet, payload_type=apt, ssrc=layer.ssrc)

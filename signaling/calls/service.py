@@ -404,24 +404,34 @@ class CallService:
         self.apply(fx)
 
     async def on_call_signal(self, s: Session, m: dict[str, Any]) -> None:
-        kind = m["kind"]
-        if kind in ("offer", "answer") and "sdp" not in m:
-            raise ProtocolError("bad_field", f"a `{kind}` needs `sdp`")
-        if kind == "candidate" and "candidate" not in m:
-            raise ProtocolError("bad_field", "a `candidate` needs `candidate`")
+        check_signal(m)
         target = self.book.signal_target(m["call"], s.identity, s.id, m.get("to"))
         peer = self.hub.sessions.get(target)
         if peer is None:  # pragma: no cover - sessions leave calls when they end
             raise ProtocolError("not_in_call", "the target device is gone")
-        out: dict[str, Any] = {
-            "type": "call_signal",
-            "call": m["call"],
-            "from": s.id,
-            "identity": s.identity,
-            "kind": kind,
-        }
-        for key in ("sdp", "candidate", "mid", "mline", "restart"):
-            if key in m:
-                out[key] = m[key]
-        peer.send(out)
+        peer.send(signal_message(s, m))
         s.ok(m)
+
+
+def check_signal(m: dict[str, Any]) -> None:
+    """A `call_signal` carries what its kind needs."""
+    kind = m["kind"]
+    if kind in ("offer", "answer") and "sdp" not in m:
+        raise ProtocolError("bad_field", f"a `{kind}` needs `sdp`")
+    if kind == "candidate" and "candidate" not in m:
+        raise ProtocolError("bad_field", "a `candidate` needs `candidate`")
+
+
+def signal_message(s: Session, m: dict[str, Any]) -> dict[str, Any]:
+    """What the peer device receives of ``s``'s `call_signal` ``m``."""
+    out: dict[str, Any] = {
+        "type": "call_signal",
+        "call": m["call"],
+        "from": s.id,
+        "identity": s.identity,
+        "kind": m["kind"],
+    }
+    for key in ("sdp", "candidate", "mid", "mline", "restart"):
+        if key in m:
+            out[key] = m[key]
+    return out

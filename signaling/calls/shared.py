@@ -52,7 +52,7 @@ from ..notify.events import PushSink
 from ..wire.errors import ProtocolError
 from ..wire.framing import encode
 from .book import JOINED, Call, CallBook, Effect, Log, Party, Send
-from .service import CALL_ROOM_GRANTS, CallService
+from .service import CALL_ROOM_GRANTS, CallService, check_signal, signal_message
 
 if TYPE_CHECKING:
     from ..chat.store import ChatStore
@@ -625,11 +625,7 @@ class SharedCalls(CallService):
         return step
 
     async def on_call_signal(self, s: Session, m: dict[str, Any]) -> None:
-        kind = m["kind"]
-        if kind in ("offer", "answer") and "sdp" not in m:
-            raise ProtocolError("bad_field", f"a `{kind}` needs `sdp`")
-        if kind == "candidate" and "candidate" not in m:
-            raise ProtocolError("bad_field", "a `candidate` needs `candidate`")
+        check_signal(m)
         try:
             raw = await self.redis.get(self._key("call", m["call"]))
         except UNAVAILABLE as e:
@@ -648,16 +644,7 @@ class SharedCalls(CallService):
                 call, where = call_from_json(raw)
                 book.calls[call.id] = call
         target = book.signal_target(m["call"], s.identity, s.id, m.get("to"))
-        out: dict[str, Any] = {
-            "type": "call_signal",
-            "call": m["call"],
-            "from": s.id,
-            "identity": s.identity,
-            "kind": kind,
-        }
-        for key in ("sdp", "candidate", "mid", "mline", "restart"):
-            if key in m:
-                out[key] = m[key]
+        out = signal_message(s, m)
         node = where.get(target, self.node_id)
         if node == self.node_id:
             peer = self.hub.sessions.get(target)

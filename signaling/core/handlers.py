@@ -101,29 +101,10 @@ class CoreHandlers:
             p = Participant(s.id, s.identity, s.name, ms(), moderator)
             room.join(p, time.monotonic())
             s.rooms[name] = p
-            hub.bus.subscribe(conv, s.id, s)
-            hub.bus.publish(
-                conv,
-                encode({"type": "participant_joined", "room": name, "participant": p.to_wire()}),
-                s.id,
-            )
-            tracks = hub.media.joined(s, name)
+            tracks = self._entered(s, name, p)
         else:
             tracks = hub.media.tracks_of(name)
-        s.reply(
-            {
-                "type": "joined",
-                "room": name,
-                "self": p.to_wire(),
-                "participants": [o.to_wire() for o in room.others(s.id)],
-                "locked": room.locked,
-                "conversation": conv,
-                "last_seq": last_seq,
-                "tracks": tracks,
-                **_recording(hub.media.recording_of(name)),
-            },
-            m,
-        )
+        self._reply_joined(s, m, p, room.others(s.id), room.locked, last_seq, tracks)
 
     async def _join_shared(
         self, s: Session, m: dict[str, Any], name: str, grants: frozenset[str]
@@ -154,13 +135,7 @@ class CoreHandlers:
             room.add(p)
             s.rooms[name] = p
             shared.save_session(s)
-            hub.bus.subscribe(conv, s.id, s)
-            hub.bus.publish(
-                conv,
-                encode({"type": "participant_joined", "room": name, "participant": p.to_wire()}),
-                s.id,
-            )
-            tracks = hub.media.joined(s, name)
+            tracks = self._entered(s, name, p)
         else:
             everyone, locked = await shared.room(name)
             others = [o for o in everyone if o.id != s.id]
@@ -170,6 +145,32 @@ class CoreHandlers:
         here = hub.rooms.get(name)
         if here is not None:
             others.extend(o for o in here.others(s.id) if o.id not in known)
+        self._reply_joined(s, m, p, others, locked, last_seq, tracks)
+
+    def _entered(self, s: Session, name: str, p: Participant) -> list[dict[str, Any]]:
+        """``s`` is in room ``name`` now as ``p``: it hears the room, the room hears of it, and
+        the media side is told; the room's tracks."""
+        hub = self.hub
+        conv = f"room:{name}"
+        hub.bus.subscribe(conv, s.id, s)
+        hub.bus.publish(
+            conv,
+            encode({"type": "participant_joined", "room": name, "participant": p.to_wire()}),
+            s.id,
+        )
+        return hub.media.joined(s, name)
+
+    def _reply_joined(
+        self,
+        s: Session,
+        m: dict[str, Any],
+        p: Participant,
+        others: list[Participant],
+        locked: bool,
+        last_seq: int,
+        tracks: list[dict[str, Any]],
+    ) -> None:
+        name = m["room"]
         s.reply(
             {
                 "type": "joined",
@@ -177,10 +178,10 @@ class CoreHandlers:
                 "self": p.to_wire(),
                 "participants": [o.to_wire() for o in others],
                 "locked": locked,
-                "conversation": conv,
+                "conversation": f"room:{name}",
                 "last_seq": last_seq,
                 "tracks": tracks,
-                **_recording(hub.media.recording_of(name)),
+                **_recording(self.hub.media.recording_of(name)),
             },
             m,
         )

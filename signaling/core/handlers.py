@@ -292,4 +292,4 @@ class CoreHandlers:
 
 def _recording(r: dict[str, Any] | None) -> dict[str, Any]:
     """``joined.recording``: present while the room is being recorded."""
-    return {} if r is None else {"recording": {"active": True, **r}}
+    return {} if r is None else {"recording": r}

@@ -30,7 +30,7 @@ from .media import NullMedia, RoomMedia
 from .metrics import HubCounters, Metric
 from .presence import PresenceBook
 from .privacy import Blocks, RelationIndex, may_watch
-from .rooms import RoomRegistry
+from .rooms import Participant, RoomRegistry
 from .session import Link, Session
 from .shared import SharedState
 from .tokens import Claims, open_claims, verify_token
@@ -355,16 +355,7 @@ class Hub:
         for name in session.rooms if self.shared is None else ():
             room = self.rooms.get(name)
             if room is not None:
-                state: dict[str, Any] = {
-                    "type": "room_state",
-                    "room": name,
-                    "locked": room.locked,
-                    "participants": [p.to_wire() for p in room.participants.values()],
-                }
-                recording = self.media.recording_of(name)
-                if recording is not None:
-                    state["recording"] = {"active": True, **recording}
-                conn.send(state)
+                conn.send(self._room_state(name, room.locked, room.participants.values()))
         if resumed:
             self._touch(session)
             self.media.resumed(session)
@@ -382,16 +373,22 @@ class Hub:
         for name in list(session.rooms):
             participants, locked = await shared.room(name)
             if name in session.rooms:
-                state: dict[str, Any] = {
-                    "type": "room_state",
-                    "room": name,
-                    "locked": locked,
-                    "participants": [p.to_wire() for p in participants],
-                }
-                recording = self.media.recording_of(name)
-                if recording is not None:
-                    state["recording"] = {"active": True, **recording}
-                session.send(state)
+                session.send(self._room_state(name, locked, participants))
+
+    def _room_state(
+        self, name: str, locked: bool, participants: Iterable[Participant]
+    ) -> dict[str, Any]:
+        """The `room_state` snapshot of room ``name`` (after a resume)."""
+        state: dict[str, Any] = {
+            "type": "room_state",
+            "room": name,
+            "locked": locked,
+            "participants": [p.to_wire() for p in participants],
+        }
+        recording = self.media.recording_of(name)
+        if recording is not None:
+            state["recording"] = recording
+        return state
 
     def detach(self, conn: Link) -> None:
         """The connection ended: suspend its session for the resume grace period."""

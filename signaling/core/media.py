@@ -28,7 +28,7 @@ class RoomMedia(Protocol):
         """``session`` resumed on a new connection (send it what it may have missed)."""
 
     def recording_of(self, room: str) -> dict[str, Any] | None:
-        """``room``'s recording now (the `recording` event's fields), or None."""
+        """``room``'s recording now (the `recording` event's fields, `active` true), or None."""
         ...
 
 

@@ -413,7 +413,7 @@ async def start_recording(request: web.Request) -> web.Response:
     a = await _recording_call(
         recordings.start(room, BY_API, body.get("audio_only", False), identities)
     )
-    return web.json_response({"room": room, "active": True, **a.to_wire()}, status=201)
+    return web.json_response({"room": room, **a.to_wire()}, status=201)
 
 
 async def get_room_recording(request: web.Request) -> web.Response:
@@ -422,7 +422,7 @@ async def get_room_recording(request: web.Request) -> web.Response:
     r = recordings.recording_of(room)
     if r is None:
         raise ApiError("not_recording", f"room {room!r} is not being recorded")
-    return web.json_response({"room": room, "active": True, **r})
+    return web.json_response({"room": room, **r})
 
 
 async def stop_recording(request: web.Request) -> web.Response:
@@ -430,7 +430,7 @@ async def stop_recording(request: web.Request) -> web.Response:
     room = _match(ROOM_PATTERN, request.match_info["room"], "room")
     a = await _recording_call(recordings.stop(room, BY_API))
     return web.json_response(
-        {"room": room, "active": False, **a.to_wire(), "reason": "stopped", "stopped_by": BY_API}
+        {"room": room, **a.to_wire(), "active": False, "reason": "stopped", "stopped_by": BY_API}
     )
 
 

@@ -50,7 +50,9 @@ class Active:
     directory: Path
 
     def to_wire(self) -> dict[str, Any]:
+        """The `recording` event's fields while it runs (``joined.recording`` too)."""
         out: dict[str, Any] = {
+            "active": True,
             "recording": self.id,
             "by": self.by,
             "audio_only": self.audio_only,
@@ -145,7 +147,7 @@ class Recordings:
             self._starting.discard(room)
         a = Active(manifest.id, room, by, audio_only, identities, manifest.started_at, directory)
         self.active[room] = a
-        self._tell(room, {"active": True, **a.to_wire()})
+        self._tell(room, a.to_wire())
         return a
 
     async def stop(self, room: str, by: dict[str, Any]) -> Active:
@@ -176,7 +178,7 @@ class Recordings:
         self, a: Active, reason: str, by: dict[str, Any] | None, *, died: bool = False
     ) -> None:
         del self.active[a.room]
-        msg: dict[str, Any] = {"active": False, **a.to_wire(), "reason": reason}
+        msg: dict[str, Any] = {**a.to_wire(), "active": False, "reason": reason}
         if by is not None:
             msg["stopped_by"] = by
         self._tell(a.room, msg)

@@ -41,7 +41,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -62,7 +61,7 @@ import aiohttp  # noqa: E402
 import aioice.ice  # noqa: E402
 import aiortc  # noqa: E402
 from aiortc import RTCPeerConnection, RTCSessionDescription  # noqa: E402
-from procs import stop  # noqa: E402
+from procs import free_port, spawn, stop, wait_http  # noqa: E402
 from sfu_janus import ROOM as JANUS_ROOM  # noqa: E402
 from sfu_janus import Session as JanusSession  # noqa: E402
 from sfu_janus import has_jsep, joined  # noqa: E402
@@ -101,37 +100,6 @@ def host_ip() -> str:
     if not addrs:
         raise SystemExit("bench/sfu.py needs a non-loopback IPv4 address (aioice ignores lo)")
     return str(addrs[0])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def spawn(
-    cmd: list[str], log: Path, env: dict[str, str], cwd: Path = ROOT
-) -> subprocess.Popen[bytes]:
-    """Start a server process (in the project folder by default), its output to ``log``."""
-    with open(log, "wb") as out:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
-async def wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession() as http:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
-            try:
-                async with http.get(url) as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.2)
-    raise RuntimeError(f"{url} did not answer")
 
 
 async def bounded(jobs: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
@@ -405,7 +373,7 @@ class MediaRelayServer(ServerProcess):
 
     async def start(self) -> None:
         cmd = [PY, str(Path(__file__).with_name("sfu_relay.py")), "--port", str(self.port)]
-        self.proc = spawn(cmd, self.tmp / "mediarelay.log", dict(os.environ))
+        self.proc = spawn(cmd, self.tmp / "mediarelay.log", dict(os.environ), ROOT)
         await wait_http(f"{self.base}/ready", self.proc)
 
     async def _exchange(

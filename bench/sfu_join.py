@@ -52,7 +52,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -68,9 +67,8 @@ _BENCH = str(Path(__file__).resolve().parent)
 sys.path[:] = [p for p in sys.path if p != _BENCH] + [_BENCH]
 sys.path.insert(0, str(Path(_BENCH).parent))
 
-import aiohttp  # noqa: E402
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription  # noqa: E402
-from procs import stop  # noqa: E402
+from procs import free_port, spawn, stop, wait_http  # noqa: E402
 from sfu_load import Publisher  # noqa: E402
 
 from media.tracks import attach_keyframe_requests  # noqa: E402
@@ -225,19 +223,6 @@ INIT_SCRIPT = r"""
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def spawn(cmd: list[str], log: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
-    """Start a server process, its output to ``log``."""
-    with open(log, "wb") as out:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
 @dataclass
 class JoinServer:
     """A ``rallypoint serve`` (this checkout, or ``path``) with a room of two publishers."""
@@ -268,18 +253,7 @@ class JoinServer:
         cmd = [PY, "-m", "signaling", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
         cmd += ["--data-dir", str(self.tmp / f"{self.name}-data")]
         self.proc = spawn(cmd, self.tmp / f"{self.name}.log", env, self.path or ROOT)
-        deadline = time.monotonic() + 30
-        async with aiohttp.ClientSession() as http:
-            while True:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{self.name}: the server did not start")
-                try:
-                    async with http.get(f"{self.base}/healthz") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
+        await wait_http(f"{self.base}/healthz", self.proc)
         for i in range(2):
             await self._publisher(i)
 

@@ -39,12 +39,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import WatchError
 
-from ..cluster.redisbus import TIMEOUT_S, UNAVAILABLE
+from ..cluster.redisbus import UNAVAILABLE, connect
 from ..core.hub import Hub
 from ..core.metrics import Metric
 from ..core.session import Session
@@ -181,13 +178,7 @@ class SharedCalls(CallService):
         self.flushed: Callable[[], Awaitable[None]] = _nothing
         self.node_id = node_id
         self.prefix = prefix
-        self.redis = aioredis.Redis.from_url(
-            redis_url,
-            socket_connect_timeout=TIMEOUT_S,
-            socket_timeout=TIMEOUT_S,
-            socket_keepalive=True,
-            retry=Retry(NoBackoff(), 0),
-        )
+        self.redis = connect(redis_url)
         self._ring = f"{prefix}:callring"
         self._sweeper: asyncio.Task[None] | None = None
         #: SFU calls this node took part in: call id -> its parties (``room_grants``).

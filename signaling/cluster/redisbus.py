@@ -53,6 +53,19 @@ MAX_PIPELINE: Final = 512  # PUBLISH commands per round trip
 UNAVAILABLE: Final = (OSError, TimeoutError, RedisConnectionError, RedisTimeoutError)
 
 
+def connect(url: str, timeout_s: float = TIMEOUT_S) -> aioredis.Redis:
+    """A Redis client as the cluster's parts use it: bounded connects and commands, and no
+    retries of redis-py's own (the callers' retries are counted; redis-py's would hide an
+    outage for seconds)."""
+    return aioredis.Redis.from_url(
+        url,
+        socket_connect_timeout=timeout_s,
+        socket_timeout=timeout_s,
+        socket_keepalive=True,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
 def node_id(configured: str = "") -> str:
     """``cluster.node_id``, or when empty the host name and a random suffix: new on each
     start (a restarted node must not take frames meant for the one it replaced as its own
@@ -90,14 +103,7 @@ class RedisBus:
         self._header = bytes((len(nid),)) + nid
         self._channel_of = prefix + ":"
         self._skip = len(prefix) + 1  # a channel's length before its topic
-        # Retries are ours (and counted): redis-py's own would hide an outage for seconds.
-        self._redis = aioredis.Redis.from_url(
-            url,
-            socket_connect_timeout=timeout_s,
-            socket_timeout=timeout_s,
-            socket_keepalive=True,
-            retry=Retry(NoBackoff(), 0),
-        )
+        self._redis = connect(url, timeout_s)
         # Publishing.
         self._queue: deque[tuple[str, bytes]] = deque()
         self._wake = asyncio.Event()

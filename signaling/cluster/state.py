@@ -39,9 +39,6 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from ..core.metrics import Metric
@@ -50,7 +47,7 @@ from ..core.session import Session
 from ..core.shared import ResumedSession, SharedState
 from ..core.tokens import Claims
 from ..wire.errors import ProtocolError
-from .redisbus import TIMEOUT_S, UNAVAILABLE
+from .redisbus import TIMEOUT_S, UNAVAILABLE, connect
 
 if TYPE_CHECKING:
     from ..core.hub import Hub
@@ -288,13 +285,7 @@ class ClusterState:
         self.dead_after_ms = int(heartbeat_s * 3000)
         self.grace_ms = max(1, int(room_grace_s * 1000))
         self.hub: Hub | None = None  # whose sessions this node re-asserts (``signaling.app``)
-        self._redis = aioredis.Redis.from_url(
-            url,
-            socket_connect_timeout=timeout_s,
-            socket_timeout=timeout_s,
-            socket_keepalive=True,
-            retry=Retry(NoBackoff(), 0),
-        )
+        self._redis = connect(url, timeout_s)
         r = self._redis
         self._presence = r.register_script(_PRESENCE)
         self._join = r.register_script(_JOIN)

@@ -73,3 +73,48 @@ async def open_page(browser: Browser, html: str = BLANK_PAGE, path: str = "/") -
     page.on("console", lambda msg: print(f"console {msg.type}: {msg.text}"))
     await page.goto(f"{PAGE_ORIGIN}{path}")
     return page
+
+
+#: A minimal in-page client of the SFU (the protocol as PROTOCOL.md gives it, no library):
+#: `rq(msg)` sends a request and resolves with its reply, subscriber offers are answered, and
+#: `connect(url, name, room)` joins; a test adds its own `start` (what it publishes).
+SFU_CLIENT_JS = """
+let ws, room, n = 0, answered = 0, pub, sub, errors = [];
+const pending = {};
+function rq(msg) {
+  const id = "r" + (++n); msg.id = id; ws.send(JSON.stringify(msg));
+  return new Promise((res, rej) => { pending[id] = {res, rej}; });
+}
+async function onOffer(m) {
+  if (!sub) {
+    sub = new RTCPeerConnection({bundlePolicy: "max-bundle"});
+    sub.onicecandidate = (e) => {
+      rq({type: "ice", room, target: "subscriber",
+          ...(e.candidate ? {candidate: e.candidate.toJSON()} : {})})
+        .catch((err) => errors.push(err));
+    };
+  }
+  if (m.offer <= answered) return;
+  answered = m.offer;
+  await sub.setRemoteDescription({type: "offer", sdp: m.sdp});
+  await sub.setLocalDescription(await sub.createAnswer());
+  await rq({type: "subscribe_answer", room, sdp: sub.localDescription.sdp});
+}
+// Connect, say hello and join room `r`; subscriber offers are answered as they come.
+async function connect(url, name, r) {
+  room = r;
+  ws = new WebSocket(url);
+  await new Promise((ok) => { ws.onopen = ok; });
+  ws.onmessage = (e) => {
+    const m = JSON.parse(e.data);
+    if (m.re && pending[m.re]) {
+      const p = pending[m.re]; delete pending[m.re];
+      m.type === "error" ? p.rej(m) : p.res(m);
+    } else if (m.type === "subscribe_offer") {
+      onOffer(m).catch((err) => errors.push(String(err)));
+    }
+  };
+  await rq({type: "hello", v: 1, name, identity: name});
+  await rq({type: "join", room});
+}
+"""

@@ -17,50 +17,18 @@ from typing import Any
 
 from aiohttp.test_utils import TestServer
 from aiortc.mediastreams import MediaStreamError
-from browser_harness import launch_chromium
+from browser_harness import SFU_CLIENT_JS, launch_chromium
 
 from media.loss import RembLimit
 from media.session import SfuSession
 from media.y4m import write_y4m
 from signaling.sdk.wsclient import Client
 
-SCRIPT = """
-let ws, room, n = 0, answered = 0, pub, sub, errors = [];
-const pending = {};
-function rq(msg) {
-  const id = "r" + (++n); msg.id = id; ws.send(JSON.stringify(msg));
-  return new Promise((res, rej) => { pending[id] = {res, rej}; });
-}
-async function onOffer(m) {
-  if (!sub) {
-    sub = new RTCPeerConnection({bundlePolicy: "max-bundle"});
-    sub.onicecandidate = (e) => {
-      rq({type: "ice", room, target: "subscriber",
-          ...(e.candidate ? {candidate: e.candidate.toJSON()} : {})})
-        .catch((err) => errors.push(err));
-    };
-  }
-  if (m.offer <= answered) return;
-  answered = m.offer;
-  await sub.setRemoteDescription({type: "offer", sdp: m.sdp});
-  await sub.setLocalDescription(await sub.createAnswer());
-  await rq({type: "subscribe_answer", room, sdp: sub.localDescription.sdp});
-}
+SCRIPT = (
+    SFU_CLIENT_JS
+    + """
 async function start(url, name, r, publish) {
-  room = r;
-  ws = new WebSocket(url);
-  await new Promise((ok) => { ws.onopen = ok; });
-  ws.onmessage = (e) => {
-    const m = JSON.parse(e.data);
-    if (m.re && pending[m.re]) {
-      const p = pending[m.re]; delete pending[m.re];
-      m.type === "error" ? p.rej(m) : p.res(m);
-    } else if (m.type === "subscribe_offer") {
-      onOffer(m).catch((err) => errors.push(String(err)));
-    }
-  };
-  await rq({type: "hello", v: 1, name, identity: name});
-  await rq({type: "join", room});
+  await connect(url, name, r);
   if (publish) {
     const stream = await navigator.mediaDevices.getUserMedia(
       {video: {width: 640, height: 360}, audio: false});
@@ -115,6 +83,7 @@ async function decoded() {
   return {frames, width};
 }
 """
+)
 
 
 @dataclass

@@ -187,7 +187,9 @@ def make_app(cfg: Config) -> web.Application:
     calls.group_members = chat.group_members
     if isinstance(bus, RedisBus):
         chat.share_cache()
-    chat.on_message.append(MessagePushes(hub, push, cfg.push.include_text, chat.muted).on_message)
+    elsewhere = None if shared is None else shared.online_elsewhere
+    pushes = MessagePushes(hub, push, cfg.push.include_text, chat.muted, elsewhere)
+    chat.on_message.append(pushes.on_message)
     chat.on_message.append(relations.message_stored)
 
     # The protocol and its handlers.

@@ -180,12 +180,14 @@ class SharedCalls(CallService):
         self.prefix = prefix
         self.redis = connect(redis_url)
         self._ring = f"{prefix}:callring"
+        self._gone = f"{prefix}:callgone"  # a dead node's devices in calls (ClusterState)
         self._sweeper: asyncio.Task[None] | None = None
         #: SFU calls this node took part in: call id -> its parties (``room_grants``).
         self._media_calls: dict[str, frozenset[str]] = {}
         #: Parties of calls this node ended, for their call-log messages (``_parties_of_log``).
         self._ended_parties: dict[str, frozenset[str]] = {}
         self.sweeps_fired = 0
+        self.dead_left = 0  # devices of dead nodes this node took out of their calls
         self.conflicts = 0  # steps run again because another node changed the call first
         hub.bus.subscribe(f"callnode:{node_id}", "calls", _NodeCalls(self))
 
@@ -196,6 +198,12 @@ class SharedCalls(CallService):
             "counter",
             "Ring deadlines this node's sweep expired (calls of any node).",
             self.sweeps_fired,
+        )
+        yield Metric(
+            "call_dead_devices_left",
+            "counter",
+            "Devices of dead nodes this node took out of their calls (not resumed in time).",
+            self.dead_left,
         )
         yield Metric(
             "call_step_conflicts",
@@ -436,6 +444,25 @@ class SharedCalls(CallService):
                 await self.redis.zrem(self._ring, call_id)  # a call gone with its TTL
             if fx:
                 self.sweeps_fired += 1
+            self.route(fx, where)
+        gone: list[Any] = await self.redis.zrangebyscore(self._gone, "-inf", now, start=0, num=256)
+        for raw in gone:
+            sid, identity, node = raw.decode().split(" ")
+            await self._leave_calls(sid, identity, node, now)
+            await self.redis.zrem(self._gone, raw)
+
+    async def _leave_calls(self, sid: str, identity: str, node: str, now: int) -> None:
+        """Session ``sid`` of dead ``node`` leaves its calls, unless it resumed elsewhere."""
+
+        def step(b: OneCall, w: dict[str, str]) -> list[Effect]:
+            if w.get(sid) != node:
+                return []  # resumed on another node meanwhile (or never rung)
+            return b.session_ended(identity, sid, now)
+
+        for call_id in await self._calls_of(identity):
+            _, fx, where = await self._transact(call_id, (), step)
+            if fx:
+                self.dead_left += 1
             self.route(fx, where)
 
     # -- session hooks ---------------------------------------------------------------------------

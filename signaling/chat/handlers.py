@@ -318,12 +318,20 @@ class Chat:
             elif conv[0] == "r":
                 hub.bus.publish(conv, frame, s.id)
             mine = [x for x in hub.sessions_of(me) if x is not s]
-            if mine:
+            nodes = await hub.shared.nodes_of(me) if hub.shared is not None else ()
+            if mine or nodes:
                 receipt["unread"] = await self.store.unread(conv, me)
                 own = encode(receipt)
+                room = conv[5:] if conv[0] == "r" else ""
                 for other in mine:  # also in the room? Then this one replaces the plain one
-                    if conv[0] != "r" or conv[5:] not in other.rooms:
+                    if not room or room not in other.rooms:
                         other.deliver(own)
+                if nodes:  # one's devices on other nodes: the same, through their nodes
+                    req = orjson.dumps(
+                        {"op": "devices", "identity": me, "room": room, "message": receipt}
+                    )
+                    for node in nodes:
+                        hub.bus.publish(f"node:{node}", req)
         s.ok(m)
 
     async def on_typing(self, s: Session, m: dict[str, Any]) -> None:

@@ -7,10 +7,15 @@ Keys (``P`` is ``cluster.key_prefix``):
 - ``P:room:<room>:locked``: ``1`` while the room is locked; expires ``rooms.empty_room_grace_s``
   after the room empties, as a node's own room would be forgotten.
 - ``P:presence:<identity>``: hash, ``<node> <session>`` -> that device's status.
+- ``P:conn:<identity>``: set of ``<node> <session>``, the identity's sessions with a live
+  connection (a session waiting for its resume is in the presence hash, not here): whether
+  a message's recipient is pushed.
 - ``P:nodes``: set of the nodes with entries here; ``P:alive:<node>``: the node's heartbeat
   (written every ``heartbeat_s``, expiring after three); ``P:noderooms:<node>`` and
   ``P:nodedevices:<node>``: sets of the node's participants and sessions, what to remove
   when it dies.
+- ``P:callgone``: sorted set, ``<session> <identity> <node>`` of a dead node's devices that
+  were in calls -> when they leave them (the resume grace after the node was found dead).
 
 Every change that must be atomic is one Lua script: a join (the lock, the room's size and
 "the first joiner moderates" are checked and the participant added in one step, so two
@@ -34,8 +39,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
@@ -179,6 +185,7 @@ if st then
   redis.call('SREM', P .. ':nodedevices:' .. old, sid .. ' ' .. ident)
   redis.call('SADD', P .. ':nodedevices:' .. new, sid .. ' ' .. ident)
 end
+redis.call('SREM', P .. ':conn:' .. ident, old .. ' ' .. sid)
 local out = {rec, st or ''}
 for room, _ in pairs(r['rooms']) do
   local key = P .. ':room:' .. room
@@ -201,7 +208,9 @@ return out
 """
 
 # KEYS: nodes set, the node's heartbeat, its rooms set, its devices set. ARGV: node id,
-# prefix, origin header, room grace ms, resume grace ms. Returns how many entries it removed
+# prefix, origin header, room grace ms, resume grace ms, the time (ms since the epoch) at which
+# the node's devices that are in calls leave them if they have not resumed elsewhere
+# (``P:callgone``, swept by ``signaling.calls.shared``). Returns how many entries it removed
 # (-1: alive, or another node reaped it first).
 _REAP = (
     _STATUS_LUA
@@ -230,6 +239,11 @@ for _, m in ipairs(redis.call('SMEMBERS', KEYS[4])) do
   local key = P .. ':presence:' .. ident
   local before = status(key)
   n = n + redis.call('HDEL', key, ARGV[1] .. ' ' .. sid)
+  redis.call('SREM', P .. ':conn:' .. ident, ARGV[1] .. ' ' .. sid)
+  if redis.call('EXISTS', P .. ':calls:' .. ident) == 1 then
+    -- in a call: it leaves it unless it resumes elsewhere in time (SharedCalls' sweep)
+    redis.call('ZADD', P .. ':callgone', ARGV[6], sid .. ' ' .. ident .. ' ' .. ARGV[1])
+  end
   local after = status(key)
   if after ~= before then
     redis.call('PUBLISH', key, H .. presence_frame(ident, after))
@@ -303,6 +317,7 @@ class ClusterState:
         self._ops: deque[tuple[Callable[[], Awaitable[Any]], asyncio.Future[Any] | None]] = deque()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._pending: set[asyncio.Task[None]] = set()  # lookups answered by a callback
         self._first_beat = asyncio.Event()
         self._dirty = False  # a write was lost: re-assert everything once Redis answers
         self._closing = False
@@ -339,6 +354,8 @@ class ClusterState:
         if stuck:
             log.warning("cluster state tasks did not stop: %s", [t.get_name() for t in stuck])
         self._tasks = []
+        for t in list(self._pending):
+            t.cancel()
         try:
             await self._redis.delete(self._alive)
             await self._reap_node(self.node_id)
@@ -625,6 +642,64 @@ class ClusterState:
     def presence_remove(self, identity: str, session: str) -> None:
         self._queue(lambda: self._presence_op(identity, session, ""))
 
+    def connected(self, identity: str, session: str, live: bool) -> None:
+        key = f"{self.prefix}:conn:{identity}"
+        member = f"{self.node_id} {session}"
+        if live:
+            self._queue(lambda: self._redis.sadd(key, member))
+        else:
+            self._queue(lambda: self._redis.srem(key, member))
+
+    def online_elsewhere(
+        self, identities: list[str], then: Callable[[frozenset[str]], None]
+    ) -> None:
+        self._spawn(self._online_elsewhere(identities, then))
+
+    async def _online_elsewhere(
+        self, identities: list[str], then: Callable[[frozenset[str]], None]
+    ) -> None:
+        online: frozenset[str] = frozenset()
+        if self.available:
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for i in identities:
+                        pipe.smembers(f"{self.prefix}:conn:{i}")
+                    found = await pipe.execute()
+            except UNAVAILABLE as e:
+                _raise_if_cancelled()
+                self._lost(e)  # unknown: a push too many rather than one missed
+            else:
+                mine = f"{self.node_id} ".encode()
+                online = frozenset(
+                    i
+                    for i, members in zip(identities, found, strict=True)
+                    if any(not m.startswith(mine) for m in members)
+                )
+        then(online)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._pending.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._pending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a cluster lookup failed", exc_info=task.exception())
+
+    async def nodes_of(self, identity: str) -> set[str]:
+        if not self.available:
+            return set()
+        try:
+            fields: list[Any] = await self._redis.hkeys(f"{self.prefix}:presence:{identity}")
+        except UNAVAILABLE as e:
+            _raise_if_cancelled()
+            self._lost(e)
+            return set()
+        nodes = {f.split(b" ", 1)[0].decode() for f in fields}
+        nodes.discard(self.node_id)
+        return nodes
+
     async def statuses(self, identities: Iterable[str]) -> dict[str, str]:
         idents = list(identities)
         if not idents or not self.available:
@@ -685,7 +760,14 @@ class ClusterState:
                 f"{p}:noderooms:{node}",
                 f"{p}:nodedevices:{node}",
             ],
-            args=[node, p, SCRIPT_ORIGIN, self.grace_ms, self.resume_grace_ms],
+            args=[
+                node,
+                p,
+                SCRIPT_ORIGIN,
+                self.grace_ms,
+                self.resume_grace_ms,
+                int(time.time() * 1000) + self.resume_grace_ms,
+            ],
         )
         if n >= 0 and node != self.node_id:
             self.reaped += n
@@ -705,6 +787,8 @@ class ClusterState:
                     pipe.sadd(self._rooms_of_node, f"{part.id} {room}")
                 pipe.set(f"{self.prefix}:resume:{s.resume_token}", self._record(s))
                 pipe.sadd(self._resume_of_node, s.resume_token)
+                if s.conn is not None:
+                    pipe.sadd(f"{self.prefix}:conn:{s.identity}", f"{self.node_id} {s.id}")
                 key = f"{self.prefix}:presence:{s.identity}"
                 await self._presence(
                     keys=[key, self._devices_of_node],

@@ -111,6 +111,13 @@ class Hub:
         if req["op"] == "forget":
             self.forget(req["session"])
             return
+        if req["op"] == "devices":  # a message for an identity's sessions here
+            frame = encode(req["message"])
+            room = req["room"]
+            for x in self.sessions_of(req["identity"]):
+                if not room or room not in x.rooms:
+                    x.deliver(frame)
+            return
         victim = self.sessions.get(req["participant"])
         room = req["room"]
         if victim is None or room not in victim.rooms:
@@ -207,6 +214,7 @@ class Hub:
         self.presence.remove(session.identity, session.id)
         if self.shared is not None:  # a status this node wrote after the move, if any
             self.shared.presence_remove(session.identity, session.id)
+            self.shared.connected(session.identity, session.id, False)
         for hook in self.on_session_end:
             hook(session, "moved")
         conn = session.conn
@@ -310,6 +318,8 @@ class Hub:
         session.conn = conn
         session.host = host
         conn.session = session
+        if self.shared is not None:
+            self.shared.connected(session.identity, session.id, True)
         cfg = self.cfg
         msg: dict[str, Any] = {
             "type": "welcome",
@@ -397,6 +407,8 @@ class Hub:
             return
         session.conn = None
         conn.session = None
+        if self.shared is not None:
+            self.shared.connected(session.identity, session.id, False)
         loop = asyncio.get_running_loop()
         session.expiry = loop.call_later(
             self.cfg.session.resume_grace_s, self.end_session, session, "disconnected"
@@ -422,6 +434,7 @@ class Hub:
         changed = self.presence.remove(session.identity, session.id)
         if self.shared is not None:
             self.shared.presence_remove(session.identity, session.id)
+            self.shared.connected(session.identity, session.id, False)
         elif changed is not None:
             self._publish_presence(session.identity, changed)
         conn = session.conn

@@ -9,7 +9,7 @@ nodes remove a dead node's entries once its heartbeat has expired.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -73,6 +73,21 @@ class SharedState(Protocol):
 
     def presence_remove(self, identity: str, session: str) -> None:
         """The session ended (the identity may go offline)."""
+
+    def connected(self, identity: str, session: str, live: bool) -> None:
+        """This node's session ``session`` of ``identity`` has a live connection now
+        (``live``), or not (it waits for its resume, or it ended), in the background."""
+
+    def online_elsewhere(
+        self, identities: list[str], then: Callable[[frozenset[str]], None]
+    ) -> None:
+        """Call ``then`` with those of ``identities`` that have a live connection on another
+        node, once Redis answered (with none if it cannot be reached: a push too many rather
+        than one missed)."""
+
+    async def nodes_of(self, identity: str) -> set[str]:
+        """The other nodes where ``identity`` has sessions (none if Redis cannot be reached)."""
+        ...
 
     async def statuses(self, identities: Iterable[str]) -> dict[str, str]:
         """Each identity's status across the cluster (``offline`` if no device anywhere)."""

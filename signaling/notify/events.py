@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final, Protocol
 
 from ..chat.store import StoredMessage
@@ -70,11 +70,21 @@ def mentions(text: str | None, identities: Iterable[str]) -> set[str]:
 _MENTION: Final = re.compile(r"@([A-Za-z0-9_.@+~-]+)")
 
 
+class Elsewhere(Protocol):
+    """Cluster mode: which identities have a live connection on another node (the
+    ``online_elsewhere`` of ``signaling.core.shared.SharedState``)."""
+
+    def __call__(self, identities: list[str], then: Callable[[frozenset[str]], None]) -> None: ...
+
+
 class MessagePushes:
     """Push `message.new` to a direct-message recipient with no live device, and
     `message.batch` events (up to ``BATCH`` identities each) to a group's members with none:
     one per identity, never per device; members who muted the group get nothing unless the
-    message mentions them (``@identity``). ``on_message`` is a chat message hook."""
+    message mentions them (``@identity``). ``on_message`` is a chat message hook.
+
+    In cluster mode (``elsewhere``) a recipient with no live device here may have one on
+    another node: those are asked of ``elsewhere`` and pushed once it has answered."""
 
     def __init__(
         self,
@@ -82,25 +92,46 @@ class MessagePushes:
         queue: PushSink,
         include_text: bool,
         muted: Mapping[str, set[str]],
+        elsewhere: Elsewhere | None = None,
     ) -> None:
         self.sessions = sessions
         self.queue = queue
         self.include_text = include_text
         self.muted = muted
+        self.elsewhere = elsewhere
 
     def on_message(self, msg: StoredMessage, members: tuple[str, ...]) -> None:
         if msg.kind != "text" or not members:
             return
-        if msg.conversation[0] == "g":
-            self._group(msg, members)
-            return
-        queue = self.queue
+        online = self.sessions.online
         muted = self.muted.get(msg.conversation, ())
+        group = msg.conversation[0] == "g"
+        named = mentions(msg.text, members) if group else set()
+        away: list[str] = []
         for identity in members:
-            if identity == msg.sender or identity in muted:
+            if identity == msg.sender or online(identity):
                 continue
-            if self.sessions.online(identity):
+            if identity in muted and identity not in named:
                 continue
+            away.append(identity)
+        if not away:
+            return
+        if self.elsewhere is None:
+            self._push(msg, away, named)
+            return
+
+        def then(there: frozenset[str]) -> None:
+            self._push(msg, [i for i in away if i not in there], named)
+
+        self.elsewhere(away, then)
+
+    def _push(self, msg: StoredMessage, away: list[str], named: set[str]) -> None:
+        if not away:
+            return
+        if msg.conversation[0] == "g":
+            self._group(msg, away, named)
+            return
+        for identity in away:
             event: dict[str, Any] = {
                 "id": f"message.{msg.mid}.{identity}",
                 "type": "message.new",
@@ -113,21 +144,13 @@ class MessagePushes:
             }
             if self.include_text and msg.text is not None:
                 event["text"] = msg.text
-            queue.submit(event, unread=msg.conversation)
+            self.queue.submit(event, unread=msg.conversation)
 
-    def _group(self, msg: StoredMessage, members: tuple[str, ...]) -> None:
-        online = self.sessions.online
-        muted = self.muted.get(msg.conversation, ())
-        named = mentions(msg.text, members)
+    def _group(self, msg: StoredMessage, identities: list[str], named: set[str]) -> None:
         away: list[dict[str, Any]] = []
-        for identity in members:
-            if identity == msg.sender or online(identity):
-                continue
-            mention = identity in named
-            if identity in muted and not mention:
-                continue
+        for identity in identities:
             r: dict[str, Any] = {"identity": identity}
-            if mention:
+            if identity in named:
                 r["mention"] = True
             away.append(r)
         for n, i in enumerate(range(0, len(away), BATCH)):

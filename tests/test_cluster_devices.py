@@ -1,0 +1,155 @@
+"""What a cluster decides about an identity's devices on every node (issue 14), with real
+processes (the fixtures of ``test_cluster``): pushes go to members with no live connection on
+any node, one's own read receipts reach one's devices on other nodes, and a device of a
+node that died leaves its calls unless it resumes elsewhere within the grace."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from processes import Server
+from push_helpers import PUSH_SECRET, Receiver
+from test_cluster import HEARTBEAT_S, REDIS_URL, Cluster, cluster, metric, recorded
+
+GRACE_S = 2.0  # session.resume_grace_s of the tests that let a dead node's devices go
+
+
+@pytest.fixture
+async def webhook() -> AsyncIterator[tuple[Receiver, str]]:
+    """An app backend's push endpoint and the configuration that points the nodes at it."""
+    receiver = Receiver()
+    app = web.Application()
+    app.router.add_post("/push", receiver.handle)
+    hook = TestServer(app, host="127.0.0.1")
+    await hook.start_server()
+    extra = (
+        f'[push]\nwebhook_url = "http://127.0.0.1:{hook.port}/push"\n'
+        f'secret = "{PUSH_SECRET}"\nretry_base_s = 0.05\nretry_max_s = 0.2\n'
+    )
+    try:
+        yield receiver, extra
+    finally:
+        await hook.close()
+
+
+async def test_only_members_connected_on_no_node_are_pushed(
+    tmp_path: Path, servers: list[Server], webhook: tuple[Receiver, str]
+) -> None:
+    """A group of alice (node 0), bob (node 1) and carol (no device): alice's message is
+    pushed to carol alone, although bob has no device on alice's node. bob's connection
+    drops (his session waits for its resume): the next message is pushed to bob too, as on
+    one node."""
+    receiver, extra = webhook
+    async with cluster(tmp_path, servers, extra=extra) as cl, asyncio.timeout(60):
+        carol = await cl.client(1, "carol")  # known to the store, then gone
+        await carol.close()
+        alice = await cl.client(0, "alice")
+        bob = await cl.client(1, "bob")
+        group = (await alice.create_group("Trip", ["bob", "carol"]))["conversation"]
+        sent = await alice.send(group, "who is in?")
+        while (await bob.next_message(group))["mid"] != sent["mid"]:
+            pass  # the group's creation first
+        [first] = await receiver.wait_for(1, timeout=10)
+        assert (first["type"], first["mid"]) == ("message.batch", sent["mid"])
+        assert [r["identity"] for r in first["recipients"]] == ["carol"]
+
+        token = bob.welcome["resume"]
+        await recorded(cl, token, b'"identity":"bob"')
+        await bob.close(bye=False)
+        await until_gone(cl, "bob")
+        again = await alice.send(group, "@bob are you there?")
+        _, second = await receiver.wait_for(2, timeout=10)
+        assert second["mid"] == again["mid"]
+        got = [(r["identity"], r.get("mention", False)) for r in second["recipients"]]
+        assert got == [("bob", True), ("carol", False)]
+        assert receiver.bad_signatures == 0
+
+
+async def until_gone(cl: Cluster, identity: str) -> None:
+    """Wait, bounded, until no node has a live connection of ``identity`` in Redis."""
+    r = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        deadline = time.monotonic() + 10
+        while await r.scard(f"{cl.prefix}:conn:{identity}"):
+            assert time.monotonic() < deadline, f"{identity} still connected"
+            await asyncio.sleep(0.02)
+    finally:
+        await r.aclose()
+
+
+async def test_a_read_on_one_node_updates_ones_devices_on_the_other(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """alice reads bob's messages on her device of node 0; her device on node 1 gets the
+    receipt with the unread count left, so both show the same count; bob gets the plain
+    receipt."""
+    async with cluster(tmp_path, servers) as cl, asyncio.timeout(60):
+        alice0 = await cl.client(0, "alice")
+        alice1 = await cl.client(1, "alice")
+        bob = await cl.client(0, "bob")
+        conv = "dm:alice|bob"
+        for text in ("one", "two", "three"):
+            await bob.send(conv, text)
+        for c in (alice0, alice1):
+            for _ in range(3):
+                await c.next_message(conv)
+        await alice0.read(conv, 2)
+        own = await alice1.next_event("receipt")
+        assert own == {
+            "type": "receipt",
+            "conversation": conv,
+            "identity": "alice",
+            "seq": 2,
+            "unread": 1,
+        }
+        plain = await bob.next_event("receipt")
+        assert (plain["identity"], plain["seq"], "unread" in plain) == ("alice", 2, False)
+
+
+async def test_a_dead_nodes_device_leaves_its_call_unless_it_resumes(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """Two calls of alice's and dave's (node 0) with bob and carol (node 1). Node 1 is
+    SIGKILLed: carol resumes on node 0 within the grace and her call goes on; bob never
+    comes back, and once the grace has passed his call ends for alice (`completed`: fewer
+    than two parties left), swept by node 0."""
+    extra = f"[session]\nresume_grace_s = {GRACE_S}\n"
+    async with cluster(tmp_path, servers, extra=extra) as cl, asyncio.timeout(60):
+        alice = await cl.client(0, "alice")
+        dave = await cl.client(0, "dave")
+        bob = await cl.client(1, "bob")
+        carol = await cl.client(1, "carol")
+        with_bob = await alice.call("bob")
+        with_carol = await dave.call("carol")
+        await (await bob.next_call()).accept()
+        await (await carol.next_call()).accept()
+        await with_bob.next_event("call_accepted")
+        await with_carol.next_event("call_accepted")
+        token = carol.welcome["resume"]
+        await recorded(cl, token, b'"identity":"carol"')
+
+        node = cl.nodes[1]
+        assert node.proc is not None
+        node.stop(signal.SIGKILL)
+        killed = time.monotonic()
+        again = await cl.client(0, "carol", resume=token)
+        assert again.welcome["resumed"]
+        back = await again.next_call()
+        assert (back.id, back.state) == (with_carol.id, "active")
+
+        bound = 4 * HEARTBEAT_S + GRACE_S + 0.25 + 2.0  # found dead, grace, sweep, slack
+        assert await with_bob.wait_ended(timeout=bound) == "completed"
+        took = time.monotonic() - killed
+        print(f"\nbob left his call {took:.2f} s after his node was killed")
+        assert took >= GRACE_S  # not before he could have resumed
+        assert await metric(cl.nodes[0], "call_dead_devices_left_total") == 1
+        await back.hangup()  # carol's call went on: it ends only now, by her
+        assert await with_carol.wait_ended() == "completed"

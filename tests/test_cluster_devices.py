@@ -6,11 +6,13 @@ node that died leaves its calls unless it resumes elsewhere within the grace."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -18,6 +20,8 @@ from aiohttp.test_utils import TestServer
 from processes import Server
 from push_helpers import PUSH_SECRET, Receiver
 from test_cluster import HEARTBEAT_S, REDIS_URL, Cluster, cluster, metric, recorded
+
+from signaling.core.tokens import create_token
 
 GRACE_S = 2.0  # session.resume_grace_s of the tests that let a dead node's devices go
 
@@ -153,3 +157,55 @@ async def test_a_dead_nodes_device_leaves_its_call_unless_it_resumes(
         assert await metric(cl.nodes[0], "call_dead_devices_left_total") == 1
         await back.hangup()  # carol's call went on: it ends only now, by her
         assert await with_carol.wait_ended() == "completed"
+
+
+async def test_the_http_api_sees_and_kicks_the_participants_of_every_node(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """A room with alice on node 0 and bob on node 1: either node's API lists the room with
+    both, and a kick through node 0 removes bob from node 1 (bob gets `kicked` by `api`,
+    alice `participant_left`); once the room is empty it is listed no more."""
+    key, secret = "cluster-key", "a-cluster-secret-of-at-least-32-bytes"
+    extra = f'[auth]\napi_key = "{key}"\napi_secret = "{secret}"\n'
+    grants = {"r": ["join", "chat"]}
+    auth = {"Authorization": "Basic " + base64.b64encode(f"{key}:{secret}".encode()).decode()}
+    async with (
+        cluster(tmp_path, servers, extra=extra) as cl,
+        aiohttp.ClientSession(headers=auth) as http,
+        asyncio.timeout(60),
+    ):
+        alice = await cl.client(0, "alice", token=create_token(key, secret, "alice", rooms=grants))
+        bob = await cl.client(1, "bob", token=create_token(key, secret, "bob", rooms=grants))
+        await alice.join("r")
+        await bob.join("r")
+        await alice.next_event("participant_joined")
+        bases = [f"http://127.0.0.1:{n.port}/api" for n in cl.nodes]
+
+        for base in bases:
+            async with http.get(f"{base}/rooms") as r:
+                assert r.status == 200
+                assert (await r.json())["rooms"] == [
+                    {"name": "r", "participants": 2, "locked": False}
+                ]
+            async with http.get(f"{base}/rooms/r/participants") as r:
+                found = {p["identity"] for p in (await r.json())["participants"]}
+                assert found == {"alice", "bob"}
+        async with http.post(f"{bases[0]}/rooms/r/kick", json={"identity": "bob"}) as r:
+            assert r.status == 200
+            assert (await r.json())["kicked"] == [bob.session]
+        kicked = await bob.next_event("kicked")
+        assert (kicked["room"], kicked["by"]) == ("r", "api")
+        left = await alice.next_event("participant_left")
+        assert (left["participant"], left["reason"]) == (bob.session, "kicked")
+
+        await alice.leave("r")
+        for base in bases:
+            deadline = time.monotonic() + 10
+            while True:  # the leave is written just after it is answered
+                async with http.get(f"{base}/rooms") as r:
+                    if (await r.json())["rooms"] == []:
+                        break
+                assert time.monotonic() < deadline, "the empty room is still listed"
+                await asyncio.sleep(0.05)
+            async with http.get(f"{base}/rooms/r/participants") as r:
+                assert (r.status, (await r.json())["code"]) == (404, "no_such_room")

@@ -4,6 +4,8 @@
 Keys (``P`` is ``cluster.key_prefix``):
 
 - ``P:room:<room>``: hash, participant id -> the participant (JSON, with its node).
+- ``P:rooms``: set of the rooms with participants (an index for listing them; a room found
+  empty leaves it when listed).
 - ``P:room:<room>:locked``: ``1`` while the room is locked; expires ``rooms.empty_room_grace_s``
   after the room empties, as a node's own room would be forgotten.
 - ``P:presence:<identity>``: hash, ``<node> <session>`` -> that device's status.
@@ -107,9 +109,9 @@ return after
 """
 )
 
-# KEYS: room hash, lock key, node's rooms set. ARGV: pid, participant JSON, the same as
-# moderator, moderate grant ('1'/'0'), first joiner moderates ('1'/'0'), max participants,
-# rooms-set member.
+# KEYS: room hash, lock key, node's rooms set, the rooms index. ARGV: pid, participant JSON,
+# the same as moderator, moderate grant ('1'/'0'), first joiner moderates ('1'/'0'), max
+# participants, node's rooms-set member, room name.
 _JOIN = """
 local existing = redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1
 local locked = redis.call('EXISTS', KEYS[2]) == 1
@@ -123,8 +125,27 @@ end
 redis.call('HSET', KEYS[1], ARGV[1], mod and ARGV[3] or ARGV[2])
 redis.call('PERSIST', KEYS[2])
 redis.call('SADD', KEYS[3], ARGV[7])
+redis.call('SADD', KEYS[4], ARGV[8])
 local out = {'ok', mod and '1' or '0', locked and '1' or '0'}
 for _, v in ipairs(redis.call('HVALS', KEYS[1])) do out[#out + 1] = v end
+return out
+"""
+
+# Every room with participants: KEYS: the rooms index. ARGV: prefix. Returns {room, count,
+# locked (0/1), ...}; rooms found empty leave the index (in the same step: a join adds back).
+_ROOMS = """
+local out = {}
+for _, room in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local key = ARGV[1] .. ':room:' .. room
+  local n = redis.call('HLEN', key)
+  if n == 0 then
+    redis.call('SREM', KEYS[1], room)
+  else
+    out[#out + 1] = room
+    out[#out + 1] = n
+    out[#out + 1] = redis.call('EXISTS', key .. ':locked')
+  end
+end
 return out
 """
 
@@ -307,6 +328,8 @@ class ClusterState:
         self._update = r.register_script(_UPDATE)
         self._reap = r.register_script(_REAP)
         self._claim = r.register_script(_CLAIM)
+        self._rooms = r.register_script(_ROOMS)
+        self._rooms_index = f"{prefix}:rooms"
         self.resume_grace_ms = max(1, int(resume_grace_s * 1000))
         self._origin = SCRIPT_ORIGIN.decode()
         self._nodes = f"{prefix}:nodes"
@@ -445,7 +468,7 @@ class ClusterState:
         try:
             out = await self._call(
                 lambda: self._join(
-                    keys=[key, f"{key}:locked", self._rooms_of_node],
+                    keys=[key, f"{key}:locked", self._rooms_of_node, self._rooms_index],
                     args=[
                         p.id,
                         plain,
@@ -454,6 +477,7 @@ class ClusterState:
                         "1" if first_moderates else "0",
                         max_participants,
                         f"{p.id} {room}",
+                        room,
                     ],
                 )
             )
@@ -512,6 +536,17 @@ class ClusterState:
             self._lost(e)
             return [], False
         return [_participant(v) for v in values], bool(locked)
+
+    async def rooms(self) -> list[tuple[str, int, bool]] | None:
+        if not self.available:
+            return None
+        try:
+            out = await self._rooms(keys=[self._rooms_index], args=[self.prefix])
+        except UNAVAILABLE as e:
+            _raise_if_cancelled()
+            self._lost(e)
+            return None
+        return [(out[i].decode(), int(out[i + 1]), bool(out[i + 2])) for i in range(0, len(out), 3)]
 
     async def participant(self, room: str, pid: str) -> Participant | None:
         if not self.available:
@@ -784,6 +819,7 @@ class ClusterState:
             for s in list(hub.sessions.values()):
                 for room, part in s.rooms.items():
                     pipe.hset(self._room_key(room), part.id, orjson.dumps(part))
+                    pipe.sadd(self._rooms_index, room)
                     pipe.sadd(self._rooms_of_node, f"{part.id} {room}")
                 pipe.set(f"{self.prefix}:resume:{s.resume_token}", self._record(s))
                 pipe.sadd(self._resume_of_node, s.resume_token)

@@ -62,6 +62,11 @@ class SharedState(Protocol):
         """Every participant of ``room`` (all nodes) and whether it is locked."""
         ...
 
+    async def rooms(self) -> list[tuple[str, int, bool]] | None:
+        """Every room with participants on any node: (name, participants, locked); None if
+        Redis cannot be reached."""
+        ...
+
     async def participant(self, room: str, pid: str) -> Participant | None:
         """Participant ``pid`` of ``room`` (``node`` says where its session is)."""
         ...

@@ -44,7 +44,7 @@ from ..chat.handlers import Chat
 from ..chat.store import ChatStore, NewMessage
 from ..core.directory import DeviceDirectory
 from ..core.hub import Hub
-from ..core.rooms import Room
+from ..core.rooms import Participant
 from ..core.tokens import create_token
 from ..recording.library import RecordingError, RecordingLibrary
 from ..recording.service import BY_API, Recordings
@@ -341,6 +341,16 @@ async def create_token_route(request: web.Request) -> web.Response:
 
 async def list_rooms(request: web.Request) -> web.Response:
     hub = request.app[API].hub
+    if hub.shared is not None:  # cluster mode: the rooms of every node
+        found = await hub.shared.rooms()
+        if found is None:  # retryable, with Retry-After, as the store's own outages
+            raise ProtocolError(
+                "store_unavailable", "the cluster's Redis cannot be reached", retry_after_ms=1000
+            )
+        rooms = [
+            {"name": name, "participants": n, "locked": locked} for name, n, locked in sorted(found)
+        ]
+        return web.json_response({"rooms": rooms})
     rooms = [
         {"name": r.name, "participants": len(r.participants), "locked": r.locked}
         for r in sorted(hub.rooms.rooms.values(), key=lambda r: r.name)
@@ -348,44 +358,52 @@ async def list_rooms(request: web.Request) -> web.Response:
     return web.json_response({"rooms": rooms})
 
 
-def _room(request: web.Request) -> Room:
+async def _participants(request: web.Request) -> tuple[str, list[Participant]]:
+    """The room of the request and its participants (of every node in cluster mode)."""
     hub = request.app[API].hub
     name = _match(ROOM_PATTERN, request.match_info["room"], "room")
-    room = hub.rooms.get(name)
-    if room is None:
+    if hub.shared is not None:
+        participants, _ = await hub.shared.room(name)
+    else:
+        room = hub.rooms.get(name)
+        participants = [] if room is None else list(room.participants.values())
+    if not participants:
         raise ApiError("no_such_room", f"no open room {name!r}")
-    return room
+    return name, participants
 
 
 async def list_participants(request: web.Request) -> web.Response:
-    room = _room(request)
-    return web.json_response(
-        {"room": room.name, "participants": [p.to_wire() for p in room.participants.values()]}
-    )
+    name, participants = await _participants(request)
+    return web.json_response({"room": name, "participants": [p.to_wire() for p in participants]})
 
 
 async def kick(request: web.Request) -> web.Response:
     hub = request.app[API].hub
-    room = _room(request)
+    name, participants = await _participants(request)
     body = await _json_body(request, {"participant": str, "identity": str})
     if len(body) != 1:
         raise ApiError("bad_field", "give exactly one of `participant` or `identity`")
     if "participant" in body:
         _match(TOKEN_PATTERN, body["participant"], "participant")
-        targets = [p for p in room.participants.values() if p.id == body["participant"]]
+        targets = [p for p in participants if p.id == body["participant"]]
     else:
         _match(IDENTITY_PATTERN, body["identity"], "identity")
-        targets = [p for p in room.participants.values() if p.identity == body["identity"]]
+        targets = [p for p in participants if p.identity == body["identity"]]
     if not targets:
         raise ApiError("no_such_participant", "nobody in the room matches")
     kicked = []
     for p in targets:
         victim = hub.sessions.get(p.id)
-        if victim is None:  # pragma: no cover - participants are live sessions
+        if victim is not None:
+            if name in victim.rooms:
+                hub.kick(victim, name, KICKED_BY_API)
+        elif p.node:  # cluster mode: its node kicks it
+            req = {"op": "kick", "room": name, "participant": p.id, "by": KICKED_BY_API}
+            hub.bus.publish(f"node:{p.node}", orjson.dumps(req))
+        else:  # pragma: no cover - participants are live sessions
             continue
-        hub.kick(victim, room.name, KICKED_BY_API)
         kicked.append(p.id)
-    return web.json_response({"room": room.name, "kicked": kicked})
+    return web.json_response({"room": name, "kicked": kicked})
 
 
 async def _recording_call(coro: Awaitable[Any]) -> Any:

@@ -10,7 +10,9 @@ import base64
 import signal
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -22,6 +24,7 @@ from push_helpers import PUSH_SECRET, Receiver
 from test_cluster import HEARTBEAT_S, REDIS_URL, Cluster, cluster, metric, recorded
 
 from signaling.core.tokens import create_token
+from signaling.sdk import RallypointClient
 
 GRACE_S = 2.0  # session.resume_grace_s of the tests that let a dead node's devices go
 
@@ -209,3 +212,43 @@ async def test_the_http_api_sees_and_kicks_the_participants_of_every_node(
                 await asyncio.sleep(0.05)
             async with http.get(f"{base}/rooms/r/participants") as r:
                 assert (r.status, (await r.json())["code"]) == (404, "no_such_room")
+
+
+async def test_a_conversations_events_arrive_in_seq_order_from_two_nodes(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """alice on node 0 and bob on node 1 send 150 messages each at once into one room:
+    every device (carol on node 0, dave on node 1) gets all 300 events in `seq` order, 1 to
+    300 without a gap, although the two nodes publish them on their own Redis connections
+    (the nodes put them back in order: `bus_held` counts those that came early)."""
+    n = 150
+    extra = "[limits]\nrate_per_s = 1000.0\nburst = 1000\n"  # a burst, not a flood
+    async with cluster(tmp_path, servers, extra=extra) as cl, asyncio.timeout(90):
+        senders = [await cl.client(0, "alice"), await cl.client(1, "bob")]
+        readers = [await cl.client(0, "carol"), await cl.client(1, "dave")]
+        seen: list[list[int]] = [[], []]
+        done = [asyncio.Event(), asyncio.Event()]
+        for c, got, all_in in zip(readers, seen, done, strict=True):
+            c.listeners.append(partial(collect, got, all_in, 2 * n))
+        for c in (*senders, *readers):
+            await c.join("r")
+
+        async def burst(c: RallypointClient) -> None:
+            for i in range(0, n, 3):  # a few at a time: the two nodes' commits interleave
+                await asyncio.gather(*(c.send("room:r", f"{j}") for j in range(i, i + 3)))
+
+        await asyncio.gather(*(burst(c) for c in senders))
+        for e in done:
+            await asyncio.wait_for(e.wait(), 30)
+        for got in seen:
+            assert got == list(range(1, 2 * n + 1))
+        held = [await metric(node, "bus_held_total") for node in cl.nodes]
+        print(f"\nevents that came early and waited, per node: {held}")
+
+
+def collect(got: list[int], all_in: asyncio.Event, n: int, ev: dict[str, Any]) -> None:
+    """A client listener: the seq of each `room:r` message event, as they arrive."""
+    if ev["type"] == "message" and ev["conversation"] == "room:r":
+        got.append(ev["seq"])
+        if len(got) == n:
+            all_in.set()

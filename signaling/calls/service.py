@@ -191,9 +191,9 @@ class CallService:
             identities.update(self.group_members(entry.conversation) or ())
         if entry.hidden_from is not None:
             identities.discard(entry.hidden_from)
-        self._deliver_log(entry, identities, encode(stored.to_wire()))
+        self._deliver_log(entry, identities, encode(stored.to_wire()), stored.seq)
 
-    def _deliver_log(self, entry: Log, identities: set[str], frame: bytes) -> None:
+    def _deliver_log(self, entry: Log, identities: set[str], frame: bytes, seq: int) -> None:
         """Hand a stored call-log message to every device of ``identities`` here (and, for
         a room's log, everyone in the room)."""
         hub = self.hub

@@ -389,21 +389,17 @@ class SharedCalls(CallService):
     def delivered(self, frame: bytes) -> None:
         """Another node's call message for sessions here."""
         d = orjson.loads(frame)
-        log.warning(
-            d["to"],
-            d["msg"].get("type"),
-            [x in self.hub.sessions for x in d["to"]],
-        )
         self.apply([Send(tuple(d["to"]), d["msg"], d["ice"])])
 
-    def _deliver_log(self, entry: Log, identities: set[str], frame: bytes) -> None:
+    def _deliver_log(self, entry: Log, identities: set[str], frame: bytes, seq: int) -> None:
         """Every node's devices of ``identities`` (a room's log: the room, on every node)."""
         bus = self.hub.bus
+        order = (entry.conversation, seq)
         if not entry.members and entry.conversation.startswith("room:"):
-            bus.publish(entry.conversation, frame)
+            bus.publish(entry.conversation, frame, None, order)
             return
         for ident in identities:
-            bus.publish(f"user:{ident}", frame)
+            bus.publish(f"user:{ident}", frame, None, order)
 
     def _parties_of_log(self, entry: Log) -> frozenset[str]:
         return self._ended_parties.get(entry.call, frozenset())

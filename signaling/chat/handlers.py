@@ -244,7 +244,8 @@ class Chat:
                         to = members if conv[0] != "g" else self.group_members(conv) or ()
                         if stored.hidden_from is not None:  # the sender's devices alone
                             to = (stored.sender,)
-                        hub.publish_conversation(conv, to, encode_fresh(stored.to_wire()), s.id)
+                        frame = encode_fresh(stored.to_wire())
+                        hub.publish_conversation(conv, to, frame, s.id, stored.seq)
                         for hook in self.on_message:
                             hook(stored, to)
             except Exception:
@@ -295,7 +296,8 @@ class Chat:
             self.counters.messages_stored += 1
             if conv[0] == "g":
                 members = self.group_members(conv) or ()
-            self.hub.publish_conversation(conv, members, encode_fresh(stored.to_wire()), "")
+            frame = encode_fresh(stored.to_wire())
+            self.hub.publish_conversation(conv, members, frame, "", stored.seq)
         return stored, dup
 
     # -- the rest --------------------------------------------------------------------------------
@@ -516,8 +518,9 @@ class Chat:
             self.hub.recheck_groups(joined, result.gone, state.members)
         frame = encode(result.event.to_wire())
         publish = self.hub.bus.publish
+        order = (conv, result.event.seq)
         for identity in (*state.members, *result.gone):
-            publish(f"user:{identity}", frame)
+            publish(f"user:{identity}", frame, None, order)
         self.counters.messages_stored += 1
 
     async def change_group(

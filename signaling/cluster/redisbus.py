@@ -29,7 +29,7 @@ import logging
 import secrets
 import socket
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 import redis.asyncio as aioredis
@@ -41,6 +41,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..core.bus import NOBODY, LocalBus, MessageBus, Sink
 from ..core.metrics import Metric
+from ..core.order import Sequencer, decode_order, encode_order
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,8 @@ class RedisBus:
         self.published = 0  # frames sent to Redis
         self.received = 0  # frames from other nodes delivered here
         self.reconnects = 0  # connections made again after losing one (both kinds)
+        #: A conversation's events in seq order, whichever nodes published them.
+        self.order = Sequencer(self._deliver, self._call_later)
 
     @property
     def topics(self) -> dict[str, dict[str, Sink]]:
@@ -170,22 +173,51 @@ class RedisBus:
     def unsubscribe(self, topic: str, key: str) -> None:
         self.local.unsubscribe(topic, key)
         if topic not in self.local.topics:
+            self.order.drop(topic)
             self._changed.set()
 
     def local_subscribers(self, topic: str) -> Mapping[str, Sink]:
         return self.local.topics.get(topic, NOBODY)
 
-    def publish(self, topic: str, frame: bytes, exclude: str | None = None) -> None:
+    def publish(
+        self,
+        topic: str,
+        frame: bytes,
+        exclude: str | None = None,
+        order: tuple[str, int] | None = None,
+    ) -> None:
         subs = self.local.topics.get(topic)
-        if subs is not None:
-            for key, sink in subs.items():
-                if key != exclude:
-                    sink.deliver(frame)
+        if order is None:
+            if subs is not None:
+                for key, sink in subs.items():
+                    if key != exclude:
+                        sink.deliver(frame)
+            data = self._header + frame
+        else:
+            if subs is not None:
+                self.order.offer(topic, order[0], order[1], frame, exclude)
+            data = self._header + encode_order(*order) + frame
         if not self._publishing or len(self._queue) >= self.max_queued:
             self.dropped += 1
             return
-        self._queue.append((self._channel_of + topic, self._header + frame))
+        self._queue.append((self._channel_of + topic, data))
         self._wake.set()
+
+    def _deliver(self, topic: str, frame: bytes, exclude: str | None) -> None:
+        """The ``Sequencer``'s way to this node's sinks of ``topic``."""
+        subs = self.local.topics.get(topic)
+        if subs is None:
+            return
+        for key, sink in subs.items():
+            if key != exclude:
+                try:
+                    sink.deliver(frame)
+                except Exception:  # a sink's bug must cost neither the others nor the node
+                    log.exception("a sink of %s failed", topic)
+
+    @staticmethod
+    def _call_later(delay: float, cb: Callable[..., None], *args: Any) -> asyncio.TimerHandle:
+        return asyncio.get_running_loop().call_later(delay, cb, *args)
 
     # -- publishing ------------------------------------------------------------------------------
 
@@ -323,11 +355,17 @@ class RedisBus:
             data: bytes = msg["data"]
             if data.startswith(header):
                 continue  # our own, delivered when it was published
-            subs = topics.get(msg["channel"].decode()[skip:])
+            topic = msg["channel"].decode()[skip:]
+            subs = topics.get(topic)
             if not subs:
                 continue  # unsubscribed meanwhile
             frame = data[data[0] + 1 :]
             self.received += 1
+            if frame[0] == 0:  # a conversation's event: in seq order
+                ordered = decode_order(frame)
+                assert ordered is not None
+                self.order.offer(topic, ordered[0], ordered[1], ordered[2], None)
+                continue
             for sink in subs.values():
                 try:
                     sink.deliver(frame)
@@ -360,6 +398,18 @@ class RedisBus:
             "counter",
             "Times a bus connection to Redis was made again after it was lost.",
             self.reconnects,
+        )
+        yield Metric(
+            "bus_held",
+            "counter",
+            "Conversation events that arrived before an earlier one and waited for it.",
+            self.order.held,
+        )
+        yield Metric(
+            "bus_gaps",
+            "counter",
+            "Held conversation events delivered after waiting in vain for an earlier one.",
+            self.order.flushed,
         )
 
 

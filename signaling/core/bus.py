@@ -31,9 +31,17 @@ class MessageBus(Protocol):
     def unsubscribe(self, topic: str, key: str) -> None:
         """Stop delivering ``topic`` to the sink subscribed under ``key``."""
 
-    def publish(self, topic: str, frame: bytes, exclude: str | None = None) -> None:
+    def publish(
+        self,
+        topic: str,
+        frame: bytes,
+        exclude: str | None = None,
+        order: tuple[str, int] | None = None,
+    ) -> None:
         """Deliver ``frame`` to every sink of ``topic`` but the one under ``exclude`` (a sink
-        of this node); never awaits, never raises for the transport."""
+        of this node); never awaits, never raises for the transport. ``order`` = (conversation,
+        seq) for a conversation's events: each node's sinks get them in ``seq`` order
+        (``signaling.core.order``; one node publishes them in that order already)."""
 
     def local_subscribers(self, topic: str) -> Mapping[str, Sink]:
         """The sinks of ``topic`` on this node, by key (read-only; empty if none): what a
@@ -60,7 +68,13 @@ class LocalBus:
             if not subs:
                 del self.topics[topic]
 
-    def publish(self, topic: str, frame: bytes, exclude: str | None = None) -> None:
+    def publish(
+        self,
+        topic: str,
+        frame: bytes,
+        exclude: str | None = None,
+        order: tuple[str, int] | None = None,
+    ) -> None:
         subs = self.topics.get(topic)
         if subs is None:
             return

@@ -695,15 +695,22 @@ class Hub:
     # -- conversations ---------------------------------------------------------------------------
 
     def publish_conversation(
-        self, conv: str, members: tuple[str, ...], frame: bytes, exclude: str
+        self,
+        conv: str,
+        members: tuple[str, ...],
+        frame: bytes,
+        exclude: str,
+        seq: int | None = None,
     ) -> None:
-        """Deliver ``frame`` to a conversation: every session in the room for room chat, every
-        device of both members for a direct conversation (but the session ``exclude``)."""
+        """Deliver ``frame`` (event ``seq`` of ``conv``) to a conversation: every session in
+        the room for room chat, every device of the members otherwise (but the session
+        ``exclude``), in ``seq`` order on every node (typing has none)."""
+        order = None if seq is None else (conv, seq)
         if members:
             for m in members:
-                self.bus.publish(f"user:{m}", frame, exclude)
+                self.bus.publish(f"user:{m}", frame, exclude, order)
         else:
-            self.bus.publish(conv, frame, exclude)
+            self.bus.publish(conv, frame, exclude, order)
 
     # -- answering requests that failed -----------------------------------------------------------
 

@@ -16,6 +16,9 @@ Keys (``P`` is ``cluster.key_prefix``):
   (written every ``heartbeat_s``, expiring after three); ``P:noderooms:<node>`` and
   ``P:nodedevices:<node>``: sets of the node's participants and sessions, what to remove
   when it dies.
+- ``P:gone``: sorted set, ``p <node> <participant> <room>`` and ``d <node> <session>
+  <identity>`` of dead nodes -> when they are removed (the resume grace after the node was
+  found dead), unless their session resumed on another node meanwhile.
 - ``P:callgone``: sorted set, ``<session> <identity> <node>`` of a dead node's devices that
   were in calls -> when they leave them (the resume grace after the node was found dead).
 
@@ -229,54 +232,82 @@ return out
 """
 
 # KEYS: nodes set, the node's heartbeat, its rooms set, its devices set. ARGV: node id,
-# prefix, origin header, room grace ms, resume grace ms, the time (ms since the epoch) at which
-# the node's devices that are in calls leave them if they have not resumed elsewhere
-# (``P:callgone``, swept by ``signaling.calls.shared``). Returns how many entries it removed
-# (-1: alive, or another node reaped it first).
-_REAP = (
-    _STATUS_LUA
-    + """
+# prefix, resume grace ms, the deadline (ms since the epoch): when the
+# node's participants and devices that have not resumed on another node by then are removed
+# (``_EXPIRE``) and its devices that were in calls leave them (``P:callgone``, swept by
+# ``signaling.calls.shared``). Nothing is removed now: as on one node, a session whose
+# connection is gone waits for its resume for the grace, and nobody sees it leave until then.
+# Returns how many entries it deferred (-1: alive, or another node reaped it first).
+_REAP = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
 if redis.call('SREM', KEYS[1], ARGV[1]) == 0 then return -1 end
-local P, H, n = ARGV[2], ARGV[3], 0
+local P, node, at, n = ARGV[2], ARGV[1], ARGV[4], 0
+local gone = P .. ':gone'
 for _, m in ipairs(redis.call('SMEMBERS', KEYS[3])) do
-  local sp = string.find(m, ' ', 1, true)
-  local pid, room = string.sub(m, 1, sp - 1), string.sub(m, sp + 1)
-  local key = P .. ':room:' .. room
-  local pj = redis.call('HGET', key, pid)
-  if pj then
-    redis.call('HDEL', key, pid)
-    n = n + 1
-    local ident = cjson.decode(pj)['identity']
-    redis.call('PUBLISH', P .. ':room:' .. room, H .. ws(cjson.encode({type = 'participant_left',
-      room = room, participant = pid, identity = ident, reason = 'disconnected'})))
-    if redis.call('HLEN', key) == 0 then redis.call('PEXPIRE', key .. ':locked', ARGV[4]) end
-  end
+  redis.call('ZADD', gone, at, 'p ' .. node .. ' ' .. m)  -- m: '<pid> <room>'
+  n = n + 1
 end
 redis.call('DEL', KEYS[3])
 for _, m in ipairs(redis.call('SMEMBERS', KEYS[4])) do
   local sp = string.find(m, ' ', 1, true)
   local sid, ident = string.sub(m, 1, sp - 1), string.sub(m, sp + 1)
-  local key = P .. ':presence:' .. ident
-  local before = status(key)
-  n = n + redis.call('HDEL', key, ARGV[1] .. ' ' .. sid)
-  redis.call('SREM', P .. ':conn:' .. ident, ARGV[1] .. ' ' .. sid)
+  redis.call('ZADD', gone, at, 'd ' .. node .. ' ' .. m)  -- m: '<session> <identity>'
+  n = n + 1
+  redis.call('SREM', P .. ':conn:' .. ident, node .. ' ' .. sid)  -- no live connection
   if redis.call('EXISTS', P .. ':calls:' .. ident) == 1 then
     -- in a call: it leaves it unless it resumes elsewhere in time (SharedCalls' sweep)
-    redis.call('ZADD', P .. ':callgone', ARGV[6], sid .. ' ' .. ident .. ' ' .. ARGV[1])
-  end
-  local after = status(key)
-  if after ~= before then
-    redis.call('PUBLISH', key, H .. presence_frame(ident, after))
+    redis.call('ZADD', P .. ':callgone', at, sid .. ' ' .. ident .. ' ' .. node)
   end
 end
 redis.call('DEL', KEYS[4])
 -- Its sessions may resume on another node for the resume grace from now.
-local rset = P .. ':noderesume:' .. ARGV[1]
+local rset = P .. ':noderesume:' .. node
 for _, token in ipairs(redis.call('SMEMBERS', rset)) do
-  redis.call('PEXPIRE', P .. ':resume:' .. token, ARGV[5])
+  redis.call('PEXPIRE', P .. ':resume:' .. token, ARGV[3])
 end
 redis.call('DEL', rset)
+return n
+"""
+
+# Remove the entries of dead nodes whose grace has passed, unless their session resumed on
+# another node (the entry is that node's now) or their node came back (a stall: it re-asserts
+# them). KEYS: P:gone. ARGV: prefix, now (ms since the epoch), origin header, room grace ms.
+# Returns how many it removed.
+_EXPIRE = (
+    _STATUS_LUA
+    + """
+local P, H, n = ARGV[1], ARGV[3], 0
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, 512)) do
+  redis.call('ZREM', KEYS[1], m)
+  local s1 = string.find(m, ' ', 3, true)
+  local s2 = string.find(m, ' ', s1 + 1, true)
+  local kind, node = string.sub(m, 1, 1), string.sub(m, 3, s1 - 1)
+  local a, b = string.sub(m, s1 + 1, s2 - 1), string.sub(m, s2 + 1)
+  if redis.call('EXISTS', P .. ':alive:' .. node) == 0 then
+    if kind == 'p' then
+      local key = P .. ':room:' .. b
+      local pj = redis.call('HGET', key, a)
+      if pj and cjson.decode(pj)['node'] == node then
+        redis.call('HDEL', key, a)
+        n = n + 1
+        local ident = cjson.decode(pj)['identity']
+        redis.call('PUBLISH', P .. ':room:' .. b, H .. ws(cjson.encode({type = 'participant_left',
+          room = b, participant = a, identity = ident, reason = 'disconnected'})))
+        if redis.call('HLEN', key) == 0 then redis.call('PEXPIRE', key .. ':locked', ARGV[4]) end
+      end
+    else
+      local key = P .. ':presence:' .. b
+      local before = status(key)
+      if redis.call('HDEL', key, node .. ' ' .. a) == 1 then
+        n = n + 1
+        local after = status(key)
+        if after ~= before then
+          redis.call('PUBLISH', key, H .. presence_frame(b, after))
+        end
+      end
+    end
+  end
+end
 return n
 """
 )
@@ -328,6 +359,8 @@ class ClusterState:
         self._update = r.register_script(_UPDATE)
         self._reap = r.register_script(_REAP)
         self._claim = r.register_script(_CLAIM)
+        self._expire = r.register_script(_EXPIRE)
+        self._gone = f"{prefix}:gone"
         self._rooms = r.register_script(_ROOMS)
         self._rooms_index = f"{prefix}:rooms"
         self.resume_grace_ms = max(1, int(resume_grace_s * 1000))
@@ -779,6 +812,11 @@ class ClusterState:
                     name = node.decode()
                     if name != self.node_id:
                         await self._reap_node(name)
+                removed = await self._expire(
+                    keys=[self._gone],
+                    args=[self.prefix, int(time.time() * 1000), SCRIPT_ORIGIN, self.grace_ms],
+                )
+                self.reaped += removed
             except UNAVAILABLE as e:
                 _raise_if_cancelled()
                 self._lost(e)
@@ -795,18 +833,15 @@ class ClusterState:
                 f"{p}:noderooms:{node}",
                 f"{p}:nodedevices:{node}",
             ],
-            args=[
-                node,
-                p,
-                SCRIPT_ORIGIN,
-                self.grace_ms,
-                self.resume_grace_ms,
-                int(time.time() * 1000) + self.resume_grace_ms,
-            ],
+            args=[node, p, self.resume_grace_ms, int(time.time() * 1000) + self.resume_grace_ms],
         )
         if n >= 0 and node != self.node_id:
-            self.reaped += n
-            log.warning("node %s is gone (no heartbeat): removed its %d entries", node, n)
+            log.warning(
+                "node %s is gone (no heartbeat): its %d entries go in %.1f s unless resumed",
+                node,
+                n,
+                self.resume_grace_ms / 1000,
+            )
 
     async def _reassert(self) -> None:
         """Write every entry of this node again, from memory (the sessions and rooms)."""

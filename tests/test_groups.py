@@ -287,7 +287,8 @@ async def test_offline_member_gets_push_then_sync(
     await dan.close()
     await ann.send(conv, "one")
     await ann.send(conv, "two, @dan")
-    first, second = await receiver.wait_for(2)
+    # Delivered in any order (the webhook's workers run side by side): by seq.
+    first, second = sorted(await receiver.wait_for(2), key=lambda e: e["seq"])
     assert first["type"] == "message.batch" and first["conversation"] == conv
     assert first["id"] == f"message.{first['mid']}.batch0" and first["from"] == "ann"
     assert first["seq"] == 2 and "text" not in first and "identity" not in first

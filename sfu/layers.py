@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 LOW_LOSS = 5  # of 256: about 2 %
 HIGH_LOSS = 25  # of 256: about 10 %
@@ -134,6 +135,8 @@ class Choice:
     starved: bool  # wants video but even the lowest layer does not fit
 
 
+#: The render box of a subscriber that has not said how large it shows a track: any layer fits.
+ANY_SIZE: Final = (1 << 16, 1 << 16)
 UP = (7, 8)  # a higher layer is taken when its rate is at most 7/8 of the budget
 DOWN = (3, 2)  # the current layer is kept while its rate is at most 3/2 of the budget
 

@@ -77,6 +77,19 @@ def test_render_size_caps_the_layer() -> None:
     assert climb_bps(LAYERS, 1, (640, 360)) == 0  # nothing to climb to
 
 
+def test_layers_of_unknown_size_fill_no_box() -> None:
+    """A layer whose keyframe has not told its size yet ((0, 0)) is never taken as filling a
+    box: with no size known, any layer may be needed (as before any render report)."""
+    huge = 100_000_000
+    unknown = [Layer(0, 0, layer.bps) for layer in LAYERS]
+    assert choose_layer(unknown, None, huge, (100, 100)) == Choice(2, False)
+    assert climb_bps(unknown, 0, (100, 100)) > 0
+    partly = [LAYERS[0], Layer(0, 0, 500_000), LAYERS[2]]
+    assert choose_layer(partly, None, huge, (300, 170)) == Choice(0, False)
+    assert choose_layer(partly, None, huge, (600, 300)) == Choice(2, False)  # 1 is unknown
+    assert choose_layer(partly, None, 700_000, (600, 300)) == Choice(1, False)  # the budget
+
+
 def test_hysteresis() -> None:
     # Up only when the layer fits in 7/8 of the budget.
     assert choose_layer(LAYERS, 0, 571_000, FULL).layer == 0

@@ -194,6 +194,27 @@ def climb_bps(layers: Sequence[Layer], current: int | None, render: tuple[int, i
     return 0
 
 
+#: A layer never received is taken to need this many times the rate of the one below it (the
+#: publisher's own tables step by about 3: 150 kbps, 500 kbps, 1.7 Mbps).
+UNSEEN_STEP: Final = 3
+
+
+def unseen_wanted(layers: Sequence[Layer], current: int | None, render: tuple[int, int]) -> int:
+    """The rate to ask the publisher for, beyond the layers it sends, so that it starts the
+    next layer up (0: none): when the subscriber is on the highest layer ever received, a
+    higher one has never been received (rate 0), and the ``render`` box is larger than the
+    layer it gets. Without it nobody would ever need a layer the publisher has not started
+    (its rate is unknown), and the publisher's estimate stays near what it sends."""
+    rw, rh = render
+    seen = [i for i, layer in enumerate(layers) if layer.bps > 0]
+    if rw <= 0 or rh <= 0 or not seen or current != seen[-1] or current + 1 >= len(layers):
+        return 0
+    top = layers[current]
+    if top.width >= rw and top.height >= rh:
+        return 0  # it fills the box already
+    return top.bps * UNSEEN_STEP
+
+
 def highest_needed(targets: Iterable[int | None]) -> int | None:
     """The highest layer any subscriber needs (None: no one needs video), which the publisher
     must keep sending: the others are served by the lower layers it sends anyway."""

@@ -39,7 +39,7 @@ from .channel import (
     WorkerEvent,
 )
 from .forward import Counters, DownTrack, UpTrack
-from .layers import Layer, choose_layer, climb_bps, highest_needed
+from .layers import Layer, choose_layer, climb_bps, highest_needed, unseen_wanted
 from .munger import LayerMunger
 from .recording.manifest import Manifest
 from .recording.recorder import MIN_FREE_BYTES, RoomRecorder
@@ -768,17 +768,23 @@ class Room:
         # own limits (its loss-based estimate still guards its uplink; aiortc's delay-based
         # estimate of this link dips whenever this host is busy); and at most that plus one
         # more layer, so that a subscriber can still climb to a layer being sent.
+        # A layer never received is asked for when a subscriber on the highest one received
+        # shows the track larger than that (see ``unseen_wanted``).
         known = up.layer_known_bps
         seen = self._layers(up, known)
-        needed = highest_needed(
-            choose_layer(seen, dt.munger.current, dt.rate.estimate, dt.render).layer
+        subscribers = [
+            (dt.munger, dt.rate, dt.render)
             for dt in up.downtracks.values()
             if dt.munger is not None and dt.rate is not None and not dt.paused
+        ]
+        needed = highest_needed(
+            choose_layer(seen, m.current, r.estimate, box).layer for m, r, box in subscribers
         )
+        unseen = max((unseen_wanted(seen, m.current, box) for m, _, box in subscribers), default=0)
         floor: int | None = None
         cap: int | None = None
         if needed is not None:
-            floor = sum(known[: needed + 1]) * 3 // 2
+            floor = (sum(known[: needed + 1]) + unseen) * 3 // 2
             if needed + 2 < up.layers and all(known[: needed + 2]):
                 cap = sum(known[: needed + 2]) * 5 // 4
         if _moved(floor, hooks.remb_floor) or _moved(cap, hooks.remb_cap):

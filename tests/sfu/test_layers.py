@@ -12,6 +12,7 @@ from sfu.layers import (
     choose_layer,
     climb_bps,
     highest_needed,
+    unseen_wanted,
 )
 
 LAYERS = [Layer(320, 180, 150_000), Layer(640, 360, 500_000), Layer(1280, 720, 1_500_000)]
@@ -88,6 +89,19 @@ def test_layers_of_unknown_size_fill_no_box() -> None:
     assert choose_layer(partly, None, huge, (300, 170)) == Choice(0, False)
     assert choose_layer(partly, None, huge, (600, 300)) == Choice(2, False)  # 1 is unknown
     assert choose_layer(partly, None, 700_000, (600, 300)) == Choice(1, False)  # the budget
+
+
+def test_a_layer_never_received_is_asked_for_a_larger_box() -> None:
+    """Only the low layer arrives (the publisher's estimate is near what it sends): a
+    subscriber on it whose box it does not fill asks the publisher for room for the next."""
+    only_low = [LAYERS[0], Layer(0, 0, 0), Layer(0, 0, 0)]
+    assert unseen_wanted(only_low, 0, (640, 360)) == 3 * 150_000
+    assert unseen_wanted(only_low, 0, (320, 180)) == 0  # the low layer fills it
+    assert unseen_wanted(only_low, 0, (0, 0)) == 0  # not shown
+    assert unseen_wanted(only_low, None, (640, 360)) == 0  # not on the top layer (yet)
+    assert unseen_wanted(LAYERS, 2, FULL) == 0  # nothing above
+    assert unseen_wanted([*LAYERS[:2], Layer(0, 0, 0)], 1, FULL) == 3 * 500_000
+    assert unseen_wanted([*LAYERS[:2], Layer(0, 0, 0)], 0, FULL) == 0  # layer 1 is received
 
 
 def test_hysteresis() -> None:

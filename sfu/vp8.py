@@ -165,13 +165,19 @@ def frame_size(frame: bytes) -> tuple[int, int] | None:
     return (frame[6] | frame[7] << 8) & 0x3FFF, (frame[8] | frame[9] << 8) & 0x3FFF
 
 
-def keyframe_size(payload: bytes) -> tuple[int, int] | None:
-    """Width and height of the keyframe a VP8 RTP payload starts, None for any other packet
-    (not a keyframe's first packet, cut, or without the start code)."""
+def keyframe(payload: bytes) -> VP8Descriptor | None:
+    """The descriptor of a payload that starts a keyframe; None for any other (or a cut one)."""
     try:
         desc = parse(payload)
     except VP8Error:
         return None
-    if not desc.keyframe:
+    return desc if desc.keyframe else None
+
+
+def keyframe_size(payload: bytes) -> tuple[int, int] | None:
+    """Width and height of the keyframe a VP8 RTP payload starts, None for any other packet
+    (not a keyframe's first packet, cut, or without the start code)."""
+    desc = keyframe(payload)
+    if desc is None:
         return None
     return frame_size(payload[desc.size : desc.size + 10])

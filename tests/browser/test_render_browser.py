@@ -2,9 +2,9 @@
 its tiles' sizes (`track_render`) and shows at most `maxVideos` video tiles, and the SFU's
 per-subscriber counters (the worker's `room_stats`) show what it forwards.
 
-Alice publishes the fake 640x480 camera from Chromium as two simulcast layers, 160x120 and
-640x480, at 100 and 500 kbps; Bob is an aiortc peer publishing one video stream and silence;
-the viewer is the bundled page with `?maxVideos=1`. Every microphone is silent, so no active
+Alice publishes from the bundled page (its fake 640x480 camera as two simulcast layers,
+320x240 and 640x480); Bob is an aiortc peer publishing one video stream and silence; the
+viewer is the bundled page with `?maxVideos=1`. Every microphone is silent, so no active
 speaker reorders the tiles: Alice's (the first to join) shows video and Bob's shows his name only.
 Then: Bob's video is not forwarded to the viewer while his audio is; Alice's tile made tiny
 gets her low layer; hidden (`display: none`) her video stops; shown again it resumes and
@@ -12,7 +12,6 @@ decodes within a second."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 import wave
 from collections.abc import Awaitable, Callable
@@ -21,7 +20,7 @@ from typing import Any, cast
 
 from aiohttp.test_utils import TestServer
 from aiortc.mediastreams import AudioStreamTrack
-from browser_harness import SFU_CLIENT_JS, launch_chromium
+from browser_harness import launch_chromium, wait_for
 from playwright.async_api import Page
 
 from media.clip import ClipSpec, load_clip
@@ -32,24 +31,6 @@ from signaling.groupcall.router import GroupCall
 from signaling.sdk.wsclient import Client
 
 Forwarding = dict[tuple[str, str], dict[str, Any]]
-#: Alice: the camera as two layers (the in-page client of the harness, no library).
-PUBLISHER = (
-    SFU_CLIENT_JS
-    + """
-async function start(url, name, r) {
-  await connect(url, name, r);
-  const stream = await navigator.mediaDevices.getUserMedia({video: {width: 640, height: 480}});
-  pub = new RTCPeerConnection({bundlePolicy: "max-bundle"});
-  const tr = pub.addTransceiver(stream.getVideoTracks()[0], {direction: "sendonly",
-    sendEncodings: [{rid: "q", scaleResolutionDownBy: 4, maxBitrate: 100000},
-                    {rid: "f", maxBitrate: 500000}]});
-  await pub.setLocalDescription(await pub.createOffer());
-  const ans = await rq({type: "publish", room, sdp: pub.localDescription.sdp,
-                        tracks: [{mid: tr.mid, source: "camera"}]});
-  await pub.setRemoteDescription({type: "answer", sdp: ans.sdp});
-}
-"""
-)
 #: What Alice sends of each layer (for failure messages).
 SENDING = """async () => {
   const out = [];
@@ -66,18 +47,6 @@ async def forwarding(server: TestServer, room: str) -> tuple[Forwarding, dict[st
     """The room's worker's counters by (subscriber, track), and its layers' sizes."""
     stats = await cast(GroupCall, server.app[HUB].media).room_stats(room)
     return {(f["participant"], f["track"]): f for f in stats["forwarding"]}, stats["layer_sizes"]
-
-
-async def wait_for(
-    pred: Callable[[], Awaitable[bool]], timeout: float, what: str, seen: object = None
-) -> None:
-    """Poll ``pred`` every 0.1 s (bounded by ``timeout``); ``seen`` is shown on failure."""
-    try:
-        async with asyncio.timeout(timeout):
-            while not await pred():
-                await asyncio.sleep(0.1)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what} (last seen: {seen})") from None
 
 
 def silent_wav(path: Path) -> Path:
@@ -251,7 +220,7 @@ async def test_page_reports_tile_sizes_and_limits_videos(
             async def decoding_again() -> bool:
                 return await decoded_from(viewer, alice_id) > frames
 
-            await wait_for(decoding_again, 10, "Alice's video to decode again")
+            await wait_for(decoding_again, 10, "Alice's video to decode again", step=0.05)
             took = time.monotonic() - shown_at
             print(f"video resumed {took:.2f} s after the tile was shown again")
             assert took < 1.0, took

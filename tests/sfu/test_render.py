@@ -7,15 +7,21 @@ codes and change nothing."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, cast
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
+from jsonschema import Draft202012Validator
 from sfu_helpers import PartyFactory, until
 
 from media.session import SfuSession
 from signaling.app import HUB
+from signaling.core.tokens import create_token
 from signaling.groupcall.router import GroupCall
 from signaling.sdk.client import RallypointClient
 from signaling.sdk.wsclient import ClientError
@@ -145,3 +151,48 @@ async def test_bad_render_reports_are_refused_and_change_nothing(
     assert v is not None
     frames = v.frames
     await until(lambda: v.frames > frames + 10, 3)
+
+
+async def test_room_media_over_the_http_api(
+    start_server: Callable[..., Awaitable[TestServer]], party: PartyFactory
+) -> None:
+    """The counters above are the HTTP API's `GET /api/rooms/{room}/media` (token mode), as
+    docs/openapi.json describes them."""
+    key, secret = "test-key", "a-test-secret-of-at-least-32-bytes"
+    server = await start_server(
+        sfu__enabled=True, sfu__workers=1, auth__api_key=key, auth__api_secret=secret
+    )
+    grants = ["join", "publish", "subscribe"]
+
+    def token(identity: str) -> str:
+        return create_token(key, secret, identity, rooms={"call": grants})
+
+    a = await party(server, "alice", n=1, token=token("alice"))
+    b = await party(server, "bob", publish=False, token=token("bob"))
+    await until(lambda: (v := b.media.counter_for(a.id, "video")) is not None and v.frames >= 5, 15)
+    vid = next(t for t, i in b.media.tracks.items() if i["kind"] == "video")
+    auth = {"Authorization": "Basic " + base64.b64encode(f"{key}:{secret}".encode()).decode()}
+    spec = json.loads((Path(__file__).parents[2] / "docs" / "openapi.json").read_text())
+    base = f"http://127.0.0.1:{server.port}/api/rooms"
+    async with aiohttp.ClientSession(headers=auth) as http:
+
+        async def media(room: str) -> tuple[int, Any]:
+            async with http.get(f"{base}/{room}/media") as r:
+                return r.status, await r.json()
+
+        await b.client.request(
+            {"type": "track_render", "room": "call", "tracks": [_box(vid, 0, 0)]}
+        )
+        status, body = await media("call")
+        assert status == 200 and body["room"] == "call"
+        Draft202012Validator(
+            {"$ref": "#/components/schemas/RoomMedia", "components": spec["components"]}
+        ).validate(body)
+        mine = {f["track"]: f for f in body["forwarding"] if f["participant"] == b.id}
+        assert mine[vid]["paused"] and mine[vid]["render"] == [0, 0] and mine[vid]["packets"] > 0
+        assert {f["kind"] for f in mine.values()} == {"audio", "video"}
+        assert body["layer_sizes"] == {}  # aiortc publishes no simulcast
+        assert await media("elsewhere") == (
+            404,
+            {"code": "no_such_room", "message": "no media in room 'elsewhere'"},
+        )

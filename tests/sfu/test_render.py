@@ -81,6 +81,9 @@ async def test_hidden_video_is_not_forwarded_and_resumes_within_a_second(
         after = await forwarding(sfu_server, "call")
         assert not after[(me, vid)]["paused"] and after[(me, vid)]["render"] == [320, 240]
         assert after[(me, vid)]["packets"] > during[(me, vid)]["packets"]
+        gc = cast(GroupCall, sfu_server.app[HUB].media)
+        metrics = {m.name: m.value for m in await gc.metrics()}
+        assert metrics["sfu_render_reports"] == 2  # on /metrics
     finally:
         await media.close()
 

@@ -4,11 +4,12 @@ per-subscriber counters (the worker's `room_stats`) show what it forwards.
 
 Alice publishes from the bundled page (its fake 640x480 camera as two simulcast layers,
 320x240 and 640x480); Bob is an aiortc peer publishing one video stream and silence; the
-viewer is the bundled page with `?maxVideos=1`. Every microphone is silent, so no active
-speaker reorders the tiles: Alice's (the first to join) shows video and Bob's shows his name only.
-Then: Bob's video is not forwarded to the viewer while his audio is; Alice's tile made tiny
-gets her low layer; hidden (`display: none`) her video stops; shown again it resumes and
-decodes within a second."""
+viewer is the bundled page with `?maxVideos=1`. Every microphone is silent at first, so no
+active speaker reorders the tiles: Alice's (the first to join) shows video and Bob's shows his
+name only. Then: Bob's video is not forwarded to the viewer while his audio is; Alice's tile
+made tiny gets her low layer; hidden (`display: none`) her video stops; shown again it resumes
+and decodes within a second. Last, Bob speaks: his tile shows video and Alice's her name only,
+and the SFU follows (his video forwarded and decoded, hers not)."""
 
 from __future__ import annotations
 
@@ -19,13 +20,12 @@ from pathlib import Path
 from typing import Any, cast
 
 from aiohttp.test_utils import TestServer
-from aiortc.mediastreams import AudioStreamTrack
 from browser_harness import launch_chromium, wait_for
 from playwright.async_api import Page
 
 from media.clip import ClipSpec, load_clip
 from media.session import SfuSession
-from media.tracks import EncodedVideoTrack, attach_keyframe_requests
+from media.tracks import EncodedVideoTrack, ToneTrack, attach_keyframe_requests
 from signaling.app import HUB
 from signaling.groupcall.router import GroupCall
 from signaling.sdk.wsclient import Client
@@ -78,6 +78,11 @@ async def decoded_from(page: Page, track_id_prefix: str) -> int:
     )
 
 
+async def _more(page: Page, pid: str, frames: int) -> bool:
+    """Whether the page decoded more than ``frames`` of that participant's video."""
+    return await decoded_from(page, pid) > frames
+
+
 async def test_page_reports_tile_sizes_and_limits_videos(
     start_server: Callable[..., Awaitable[TestServer]],
     clients: Callable[..., Awaitable[Client]],
@@ -109,7 +114,8 @@ async def test_page_reports_tile_sizes_and_limits_videos(
         bob_media = SfuSession(bob, "screen")
         clip = load_clip(ClipSpec(publisher_id=2, seconds=3.0))
         bob_video = EncodedVideoTrack(clip)
-        trs = await bob_media.publish([(bob_video, "camera"), (AudioStreamTrack(), "microphone")])
+        bob_voice = ToneTrack(amplitude=0.0)  # silent until he speaks
+        trs = await bob_media.publish([(bob_video, "camera"), (bob_voice, "microphone")])
         attach_keyframe_requests(trs[0].sender, bob_video)
         bob_id = str(bob.welcome["session"])
         try:
@@ -217,16 +223,40 @@ async def test_page_reports_tile_sizes_and_limits_videos(
                 f"window.rallypoint.tiles.get({alice_id!r}).el.style.display = ''"
             )
 
-            async def decoding_again() -> bool:
-                return await decoded_from(viewer, alice_id) > frames
-
-            await wait_for(decoding_again, 10, "Alice's video to decode again", step=0.05)
+            await wait_for(
+                lambda: _more(viewer, alice_id, frames),
+                10,
+                "Alice's video to decode again",
+                step=0.05,
+            )
             took = time.monotonic() - shown_at
             print(f"video resumed {took:.2f} s after the tile was shown again")
             assert took < 1.0, took
             f, _ = await forwarding(server, "screen")
             assert not f[(viewer_id, a_video)]["paused"]
             assert f[(viewer_id, a_video)]["packets"] > h1[(viewer_id, a_video)]["packets"]
+
+            # Bob speaks: the most recent speaker's tile shows video, Alice's her name only.
+            bob_voice.amplitude = 0.5
+
+            async def swapped() -> bool:
+                f, _ = await forwarding(server, "screen")
+                return not f[(viewer_id, b_video)]["paused"] and bool(
+                    f[(viewer_id, a_video)]["paused"]
+                )
+
+            await wait_for(swapped, 15, "Bob's video shown and Alice's hidden")
+            tiles = await viewer.evaluate(
+                "Object.fromEntries([...window.rallypoint.tiles.values()]"
+                ".map((t) => [t.participant, t.nameOnly]))"
+            )
+            assert tiles[alice_id] is True and tiles[bob_id] is False, tiles
+            frames = await decoded_from(viewer, bob_id)
+            await wait_for(
+                lambda: _more(viewer, bob_id, frames + 5),
+                10,
+                "Bob's video to decode on the viewer's page",
+            )
         finally:
             await bob_media.close()
             for page in pages:

@@ -167,10 +167,15 @@ async def test_page_reports_tile_sizes_and_limits_videos(
                     f[(viewer_id, b_audio)]["packets"] >= f0[(viewer_id, b_audio)]["packets"] + 25
                 )
 
-            await wait_for(bob_audio_flows, 10, "Bob's audio to reach the viewer")
+            async def others_flow() -> bool:
+                f, _ = await forwarding(server, "screen")
+                return await bob_audio_flows() and bool(
+                    f[(viewer_id, a_video)]["packets"] > f0[(viewer_id, a_video)]["packets"]
+                )
+
+            await wait_for(others_flow, 15, "Bob's audio and Alice's video to reach the viewer")
             f1, _ = await forwarding(server, "screen")
             assert f1[(viewer_id, b_video)]["packets"] == f0[(viewer_id, b_video)]["packets"]
-            assert f1[(viewer_id, a_video)]["packets"] > f0[(viewer_id, a_video)]["packets"]
 
             # Alice's tile is large: her top layer (once her layers' sizes are known).
             box = await viewer.evaluate(
@@ -187,15 +192,17 @@ async def test_page_reports_tile_sizes_and_limits_videos(
                 seen[:] = [v, sizes, await alice.evaluate(SENDING)]
                 return sizes.get(a_video) == [[320, 240], [640, 480]] and v["layer"] == layer
 
-            await wait_for(lambda: alice_on(1), 40, "the viewer on Alice's 640x480 layer", seen)
+            # The publisher's own estimate must allow the top layer; on this loaded machine it
+            # dips at times and stops that layer for a while (docs/SFU.md, Simulcast).
+            await wait_for(lambda: alice_on(1), 60, "the viewer on Alice's 640x480 layer", seen)
             f, _ = await forwarding(server, "screen")
             assert f[(viewer_id, a_video)]["render"] == [round(box[0]), round(box[1])]
 
-            # Made tiny: the 160x120 layer fills it.
+            # Made tiny: the 320x240 layer fills it.
             await viewer.evaluate(
                 f"window.rallypoint.tiles.get({alice_id!r}).el.style.width = '120px'"
             )
-            await wait_for(lambda: alice_on(0), 20, "the viewer on Alice's 160x120 layer", seen)
+            await wait_for(lambda: alice_on(0), 20, "the viewer on Alice's 320x240 layer", seen)
 
             # Hidden: nothing of her video is forwarded; audio goes on.
             await viewer.evaluate(

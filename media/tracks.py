@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import fractions
-from typing import Any
+import math
+from array import array
+from typing import Any, cast
 
 import av
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.mediastreams import AudioStreamTrack, MediaStreamError, MediaStreamTrack
 
 from media.clip import AUDIO_FRAME_SAMPLES, Clip, EncodedPacket
 
@@ -154,3 +156,30 @@ def attach_keyframe_requests(sender: Any, track: EncodedVideoTrack) -> None:
         original()
 
     sender._send_keyframe = send_keyframe
+
+
+class ToneTrack(AudioStreamTrack):
+    """A 440 Hz tone, encoded by aiortc (so its packets carry audio levels): loud by default;
+    ``amplitude`` may change while it plays (0: silence)."""
+
+    def __init__(self, amplitude: float = 0.5) -> None:
+        super().__init__()
+        self.amplitude = amplitude
+        self._n = 0
+
+    async def recv(self) -> av.AudioFrame:
+        # Paced 20 ms frames of silence with proper timestamps.
+        silence = cast(av.AudioFrame, await super().recv())
+        n, rate = silence.samples, silence.sample_rate
+        pcm = array(
+            "h",
+            (
+                int(math.sin(2 * math.pi * 440 * (k + self._n) / rate) * self.amplitude * 32767)
+                for k in range(n)
+            ),
+        )
+        self._n += n
+        frame = av.AudioFrame(format="s16", layout="mono", samples=n)
+        frame.planes[0].update(pcm.tobytes())
+        frame.pts, frame.time_base, frame.sample_rate = silence.pts, silence.time_base, rate
+        return frame

@@ -91,6 +91,31 @@ class PauseRequest(TypedDict):
     paused: bool
 
 
+class RenderSize(TypedDict):
+    """The box a subscriber shows one track in, in device pixels; 0 x 0: not shown."""
+
+    track: str
+    width: int
+    height: int
+
+
+class RenderRequest(TypedDict):
+    """The subscriber's render boxes (``track_render``): every track is checked before any is
+    applied (``no_such_track``)."""
+
+    op: Literal["render"]
+    room: str
+    participant: str
+    tracks: list[RenderSize]
+
+
+class RoomStatsRequest(TypedDict):
+    """What the room's subscribers are sent, per track (tests and operators)."""
+
+    op: Literal["room_stats"]
+    room: str
+
+
 class UnpublishRequest(TypedDict):
     op: Literal["unpublish"]
     room: str
@@ -129,6 +154,8 @@ RoomRequest = (
     | IceRequest
     | MuteRequest
     | PauseRequest
+    | RenderRequest
+    | RoomStatsRequest
     | UnpublishRequest
     | RecordStartRequest
     | RecordStopRequest
@@ -144,6 +171,21 @@ class Reply(TypedDict):
     result: NotRequired[dict[str, Any]]
     code: NotRequired[str]
     message: NotRequired[str]
+
+
+class ForwardingStats(TypedDict):
+    """One subscriber's copy of one track, in the ``room_stats`` result."""
+
+    participant: str  # the subscriber
+    track: str
+    kind: str
+    packets: int  # forwarded to it so far
+    octets: int  # payload bytes forwarded to it so far
+    paused: bool  # not forwarded: track_pause, or a 0 x 0 render box
+    starved: bool  # not forwarded: too little bandwidth
+    render: list[int]  # [width, height] of its render box (65536 x 65536 before any report)
+    layer: int | None  # simulcast: the layer it is sent now (None: none)
+    target: int | None  # simulcast: the layer chosen for it (switched to at its keyframe)
 
 
 # -- events (worker -> signaling) ------------------------------------------------------------

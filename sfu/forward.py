@@ -15,11 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .channel import TrackInfo
-from .layers import RateController
+from .h264 import payload_size as h264_payload_size
+from .layers import ANY_SIZE, RateController
 from .munger import LayerMunger
 from .packetcache import PacketCache
 from .recording.tap import TrackTap
 from .rtp import U16, ExtensionLayout, build, h264_keyframe, seq_newer, vp8_keyframe
+from .vp8 import keyframe_size as vp8_keyframe_size
 
 KEYFRAME_INTERVAL_S = 0.5  # at most one keyframe request upstream per track in this time
 RESEND_INTERVAL_S = 0.1  # a packet is retransmitted to a subscriber at most once in this time
@@ -45,12 +47,14 @@ class Counters:
     dropped_malformed: int = 0
     dropped_no_route: int = 0
     subscribe_offers: int = 0  # subscriber offers made (each counted once, when it goes out)
+    render_reports: int = 0  # track_render messages applied
 
 
 class DownTrack:
     """One subscriber's copy of one published track."""
 
     __slots__ = (
+        "asked_pause",
         "kind",
         "layout",
         "loss",
@@ -62,6 +66,7 @@ class DownTrack:
         "pt",
         "rate",
         "remb_low_since",
+        "render",
         "resent",
         "restart_seq",
         "rtx_pt",
@@ -111,7 +116,9 @@ class DownTrack:
         self.seq_offset = 0
         self.restart_seq: int | None = None
         self.waiting = True  # until the first packet (audio) or keyframe (video)
-        self.paused = False  # the subscriber asked not to receive it
+        self.paused = False  # not forwarded: asked (track_pause) or not shown (render 0 x 0)
+        self.asked_pause = False  # track_pause
+        self.render: tuple[int, int] = ANY_SIZE  # the box it is shown in (track_render)
         self.starved = False  # its bandwidth is too low for this video
         self.packets = 0
         self.octets = 0
@@ -132,6 +139,11 @@ class DownTrack:
     @property
     def active(self) -> bool:
         return not (self.paused or self.starved)
+
+    @property
+    def hidden(self) -> bool:
+        """The subscriber shows this video nowhere (it reported a 0 x 0 box)."""
+        return self.kind == "video" and (self.render[0] <= 0 or self.render[1] <= 0)
 
     def restart(self, in_seq: int) -> None:
         """Resume at ``in_seq``: map it to the next outgoing sequence number."""
@@ -159,13 +171,20 @@ class UpTrack:
     tap: TrackTap | None = None  # set while the track is recorded (sfu/recording)
     # Simulcast: the number of layers (1: none; then forward() is the path), the request for a
     # keyframe of one layer, each layer's octets received, measured rate and last rate seen
-    # while it was being sent, and the switcher that feeds a recording's tap the highest layer.
+    # while it was being sent, its picture size (from its last keyframe: (0, 0) until one is
+    # seen) and the switcher that feeds a recording's tap the highest layer.
     layers: int = 1
     request_layer_keyframe: Callable[[int], None] | None = None
     layer_octets: list[int] = field(default_factory=list)
     layer_bps: list[int] = field(default_factory=list)
     layer_known_bps: list[int] = field(default_factory=list)
     layer_keyframe_at: list[float] = field(default_factory=list)
+    layer_sizes: list[tuple[int, int]] = field(default_factory=list)
+    # Which packets may carry a picture size (the first byte under ``size_mask`` is one of
+    # ``size_first``: a VP8 frame's first packet, an H.264 SPS or STAP-A), and its reader.
+    size_mask: int = 0
+    size_first: tuple[int, ...] = ()
+    size_of: Callable[[bytes], tuple[int, int] | None] = vp8_keyframe_size
     tap_munger: LayerMunger | None = None
     measured_for: float = 0.0  # seconds since the layers' rates were last computed
 
@@ -177,6 +196,11 @@ class UpTrack:
         self.layer_bps = [0] * n
         self.layer_known_bps = [0] * n
         self.layer_keyframe_at = [-1e9] * n
+        self.layer_sizes = [(0, 0)] * n
+        if self.codec == "vp8":
+            self.size_mask, self.size_first, self.size_of = 0x17, (0x10,), vp8_keyframe_size
+        else:
+            self.size_mask, self.size_first, self.size_of = 0x1F, (7, 24), h264_payload_size
 
     def info(self) -> TrackInfo:
         return {
@@ -249,6 +273,10 @@ class UpTrack:
     ) -> None:
         """Send one incoming packet of a simulcast layer to the subscribers on that layer."""
         self.layer_octets[layer] += len(payload)
+        if payload and (payload[0] & self.size_mask) in self.size_first:
+            size = self.size_of(payload)  # a keyframe's picture size: the layer's size
+            if size is not None:
+                self.layer_sizes[layer] = size
         tap = self.tap
         if tap is not None:
             m = self.tap_munger

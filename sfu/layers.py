@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 LOW_LOSS = 5  # of 256: about 2 %
 HIGH_LOSS = 25  # of 256: about 10 %
@@ -134,6 +135,8 @@ class Choice:
     starved: bool  # wants video but even the lowest layer does not fit
 
 
+#: The render box of a subscriber that has not said how large it shows a track: any layer fits.
+ANY_SIZE: Final = (1 << 16, 1 << 16)
 UP = (7, 8)  # a higher layer is taken when its rate is at most 7/8 of the budget
 DOWN = (3, 2)  # the current layer is kept while its rate is at most 3/2 of the budget
 
@@ -189,6 +192,27 @@ def climb_bps(layers: Sequence[Layer], current: int | None, render: tuple[int, i
         if current is None or i > current:
             return -(-layers[i].bps * UP[1] // UP[0])
     return 0
+
+
+#: A layer never received is taken to need this many times the rate of the one below it (the
+#: publisher's own tables step by about 3: 150 kbps, 500 kbps, 1.7 Mbps).
+UNSEEN_STEP: Final = 3
+
+
+def unseen_wanted(layers: Sequence[Layer], current: int | None, render: tuple[int, int]) -> int:
+    """The rate to ask the publisher for, beyond the layers it sends, so that it starts the
+    next layer up (0: none): when the subscriber is on the highest layer ever received, a
+    higher one has never been received (rate 0), and the ``render`` box is larger than the
+    layer it gets. Without it nobody would ever need a layer the publisher has not started
+    (its rate is unknown), and the publisher's estimate stays near what it sends."""
+    rw, rh = render
+    seen = [i for i, layer in enumerate(layers) if layer.bps > 0]
+    if rw <= 0 or rh <= 0 or not seen or current != seen[-1] or current + 1 >= len(layers):
+        return 0
+    top = layers[current]
+    if top.width >= rw and top.height >= rh:
+        return 0  # it fills the box already
+    return top.bps * UNSEEN_STEP
 
 
 def highest_needed(targets: Iterable[int | None]) -> int | None:

@@ -31,7 +31,7 @@ import random
 from typing import Final
 
 from .rtp import h264_keyframe, seq_newer
-from .vp8 import VP8Descriptor, VP8Error, parse, rewrite
+from .vp8 import VP8Descriptor, VP8Error, keyframe, parse, rewrite
 
 TS_MASK: Final = 0xFFFFFFFF
 NTP_ONE_SECOND: Final = 1 << 32
@@ -130,11 +130,8 @@ class LayerMunger:
             if layer != self.target:
                 return None
             if vp8:
-                try:
-                    desc = parse(payload)
-                except VP8Error:
-                    return None
-                if not desc.keyframe:
+                desc = keyframe(payload)
+                if desc is None:
                     return None
             elif not h264_keyframe(payload):
                 return None

@@ -30,14 +30,16 @@ from aiortc.sdp import SessionDescription
 
 from .bandwidth import BandwidthAllocator
 from .channel import (
+    ForwardingStats,
     RecordStartRequest,
+    RenderSize,
     SubscribeOfferEvent,
     TrackInfo,
     TrackMeta,
     WorkerEvent,
 )
 from .forward import Counters, DownTrack, UpTrack
-from .layers import Layer, choose_layer, climb_bps, highest_needed
+from .layers import Layer, choose_layer, climb_bps, highest_needed, unseen_wanted
 from .munger import LayerMunger
 from .recording.manifest import Manifest
 from .recording.recorder import MIN_FREE_BYTES, RoomRecorder
@@ -65,8 +67,8 @@ Emit = Callable[[WorkerEvent], None]
 SOURCES = ("camera", "microphone", "screen")
 RECORDING_ID = re.compile(r"rec_[0-9a-f]{16}")
 CODECS = {"vp8": "video/VP8", "h264": "video/H264"}
-# Until clients report the size they render a track at, every subscriber may get any layer.
-ANY_SIZE = (1 << 16, 1 << 16)
+# The largest render box a client may report (larger ones are taken as this).
+MAX_RENDER = 16384
 # After a simulcast subscriber is switched up, its REMB lags (it grows ~8 %/s towards 1.5 times
 # what arrives) and is not taken as congestion for this long.
 REMB_GRACE_S = 5.0
@@ -681,7 +683,7 @@ class Room:
                 time.monotonic(),
                 fraction_lost,
                 dt.sent_bps,
-                climb_bps(layers, munger.current, ANY_SIZE),
+                climb_bps(layers, munger.current, dt.render),
             )
 
         hooks = SubscriberHooks(tr.sender, on_nack, on_keyframe, on_remb, on_loss)
@@ -691,8 +693,13 @@ class Room:
         self._choose_layer(p, up, dt, time.monotonic())
 
     @staticmethod
-    def _layers(up: UpTrack) -> list[Layer]:
-        return [Layer(0, 0, bps) for bps in up.layer_bps]
+    def _layers(up: UpTrack, rates: list[int] | None = None) -> list[Layer]:
+        """The track's layers as ``sfu.layers`` takes them: each one's picture size (from its
+        keyframes) and rate (``rates``, else the measured ones)."""
+        return [
+            Layer(w, h, bps)
+            for (w, h), bps in zip(up.layer_sizes, rates or up.layer_bps, strict=True)
+        ]
 
     def _choose_layer(self, p: Participant, up: UpTrack, dt: DownTrack, now: float) -> None:
         """Pick a simulcast subscriber's layer from its budget (docs/SFU.md, Simulcast)."""
@@ -707,7 +714,7 @@ class Room:
             if munger.target is None and not dt.starved:
                 munger.set_target(0)
         else:
-            choice = choose_layer(layers, munger.current, rate.estimate, ANY_SIZE)
+            choice = choose_layer(layers, munger.current, rate.estimate, dt.render)
             if choice.starved != dt.starved:
                 dt.starved = choice.starved
                 self.emit(
@@ -761,17 +768,23 @@ class Room:
         # own limits (its loss-based estimate still guards its uplink; aiortc's delay-based
         # estimate of this link dips whenever this host is busy); and at most that plus one
         # more layer, so that a subscriber can still climb to a layer being sent.
+        # A layer never received is asked for when a subscriber on the highest one received
+        # shows the track larger than that (see ``unseen_wanted``).
         known = up.layer_known_bps
-        seen = [Layer(0, 0, bps) for bps in known]
-        needed = highest_needed(
-            choose_layer(seen, dt.munger.current, dt.rate.estimate, ANY_SIZE).layer
+        seen = self._layers(up, known)
+        subscribers = [
+            (dt.munger, dt.rate, dt.render)
             for dt in up.downtracks.values()
             if dt.munger is not None and dt.rate is not None and not dt.paused
+        ]
+        needed = highest_needed(
+            choose_layer(seen, m.current, r.estimate, box).layer for m, r, box in subscribers
         )
+        unseen = max((unseen_wanted(seen, m.current, box) for m, _, box in subscribers), default=0)
         floor: int | None = None
         cap: int | None = None
         if needed is not None:
-            floor = sum(known[: needed + 1]) * 3 // 2
+            floor = (sum(known[: needed + 1]) + unseen) * 3 // 2
             if needed + 2 < up.layers and all(known[: needed + 2]):
                 cap = sum(known[: needed + 2]) * 5 // 4
         if _moved(floor, hooks.remb_floor) or _moved(cap, hooks.remb_cap):
@@ -797,20 +810,76 @@ class Room:
             elif dt.waiting:
                 up.want_keyframe(now)
 
-    def pause(self, pid: str, tid: str, paused: bool) -> None:
-        p = self.participant(pid)
+    def _received(self, p: Participant, tid: str) -> tuple[DownTrack, UpTrack]:
         dt = p.downtracks.get(tid)
         up = self.tracks.get(tid)
         if dt is None or up is None:
             raise MediaError("no_such_track", f"you receive no track {tid!r}")
-        if dt.paused == paused:
-            return
+        return dt, up
+
+    def pause(self, pid: str, tid: str, paused: bool) -> None:
+        p = self.participant(pid)
+        dt, up = self._received(p, tid)
+        dt.asked_pause = paused
+        self._update_forwarding(p, up, dt)
+
+    def render(self, pid: str, sizes: list[RenderSize]) -> None:
+        """The subscriber shows these tracks in boxes of these sizes (device pixels; 0 x 0:
+        not shown). Every track is checked before any is changed. A hidden video is not
+        forwarded; a shown simulcast video gets the smallest layer that fills its box (within
+        its bandwidth); a single-stream video is forwarded whatever the size; audio is never
+        affected."""
+        p = self.participant(pid)
+        found = [(self._received(p, s["track"]), s) for s in sizes]
+        for (dt, up), s in found:
+            if up.kind != "video":
+                continue
+            w, h = s["width"], s["height"]
+            dt.render = (0, 0) if w <= 0 or h <= 0 else (min(w, MAX_RENDER), min(h, MAX_RENDER))
+            self._update_forwarding(p, up, dt)
+
+    def _update_forwarding(self, p: Participant, up: UpTrack, dt: DownTrack) -> None:
+        """Apply a change of ``track_pause`` or of the render box: pausing stops at once (no
+        keyframe asked); resuming starts at a keyframe, asked for (of the chosen layer)."""
+        paused = dt.asked_pause or dt.hidden
+        changed = paused != dt.paused
         dt.paused = paused
+        now = time.monotonic()
         if dt.munger is not None:
-            self._choose_layer(p, up, dt, time.monotonic())
-        elif not paused and up.kind == "video":
+            self._choose_layer(p, up, dt, now)  # a new box may mean another layer
+        elif changed and not paused and up.kind == "video":
             dt.waiting = True  # restart at a keyframe
-            up.want_keyframe(time.monotonic())
+            up.want_keyframe(now)
+
+    def forwarding(self) -> list[ForwardingStats]:
+        """What each subscriber is sent of each track (the ``room_stats`` op)."""
+        out: list[ForwardingStats] = []
+        for p in self.participants.values():
+            for tid, dt in p.downtracks.items():
+                m = dt.munger
+                out.append(
+                    {
+                        "participant": p.id,
+                        "track": tid,
+                        "kind": dt.kind,
+                        "packets": dt.packets,
+                        "octets": dt.octets,
+                        "paused": dt.paused,
+                        "starved": dt.starved,
+                        "render": [dt.render[0], dt.render[1]],
+                        "layer": m.current if m is not None else None,
+                        "target": m.target if m is not None else None,
+                    }
+                )
+        return out
+
+    def layer_sizes(self) -> dict[str, list[list[int]]]:
+        """Each simulcast track's layers' picture sizes, lowest first ((0, 0): not known)."""
+        return {
+            tid: [[w, h] for w, h in up.layer_sizes]
+            for tid, up in self.tracks.items()
+            if up.simulcast
+        }
 
     async def _transport_failed(self, pid: str, which: Literal["publisher", "subscriber"]) -> None:
         """A connection failed or the client closed it: drop what went over it. A new

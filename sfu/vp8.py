@@ -19,6 +19,11 @@ Pure; no I/O.
     |TID|Y| KEYIDX  | (OPTIONAL, present when T or K)
     +-+-+-+-+-+-+-+-+
 
+``keyframe_size`` reads a keyframe's picture size from the VP8 payload header that follows the
+descriptor (RFC 6386 section 9.1: a 3-byte frame tag, the start code 9d 01 2a, then 14-bit
+width and height, little-endian, each with 2 bits of scaling above); the SFU learns each
+simulcast layer's size from it.
+
 Rewriting keeps the packet's length: a 7-bit picture id stays 7 bits (the new value is taken
 modulo 128), a 15-bit one stays 15 bits, so only the descriptor's bytes change and the payload
 after it is copied once.
@@ -150,3 +155,29 @@ def rewrite(
         head[at] = tl0picidx & 0xFF
     # One copy of the frame data, straight from a view of the original.
     return b"".join((head, memoryview(payload)[size:]))
+
+
+def frame_size(frame: bytes) -> tuple[int, int] | None:
+    """Width and height from the start of a VP8 frame (RFC 6386 section 9.1) if it is a
+    keyframe, else None."""
+    if len(frame) < 10 or frame[0] & 0x01 or frame[3:6] != b"\x9d\x01\x2a":
+        return None
+    return (frame[6] | frame[7] << 8) & 0x3FFF, (frame[8] | frame[9] << 8) & 0x3FFF
+
+
+def keyframe(payload: bytes) -> VP8Descriptor | None:
+    """The descriptor of a payload that starts a keyframe; None for any other (or a cut one)."""
+    try:
+        desc = parse(payload)
+    except VP8Error:
+        return None
+    return desc if desc.keyframe else None
+
+
+def keyframe_size(payload: bytes) -> tuple[int, int] | None:
+    """Width and height of the keyframe a VP8 RTP payload starts, None for any other packet
+    (not a keyframe's first packet, cut, or without the start code)."""
+    desc = keyframe(payload)
+    if desc is None:
+        return None
+    return frame_size(payload[desc.size : desc.size + 10])

@@ -72,6 +72,8 @@ class Worker:
             return {}
         if req["op"] == "record_stop":
             return {"recording": await room.stop_recording()}
+        if req["op"] == "room_stats":
+            return {"forwarding": room.forwarding(), "layer_sizes": room.layer_sizes()}
         pid = req["participant"]
         if req["op"] == "leave":
             await room.leave(pid)
@@ -92,6 +94,9 @@ class Worker:
             room.mute(pid, req["track"], req["muted"])
         elif req["op"] == "pause":
             room.pause(pid, req["track"], req["paused"])
+        elif req["op"] == "render":
+            self.counters.render_reports += 1
+            room.render(pid, req["tracks"])
         elif req["op"] == "unpublish":
             room.unpublish(pid, req["track"])
         return {}

@@ -310,7 +310,9 @@ def make_app(cfg: Config) -> web.Application:
     else:  # public in open mode (loopback by default); the API credentials in token mode
         app.router.add_get("/metrics", metrics.handler(hub, protected=not cfg.open_mode))
     web_page.setup(app)
-    http_api.setup(app, http_api.Api(hub, chat, store, store, relations, library, recordings))
+    http_api.setup(
+        app, http_api.Api(hub, chat, store, store, relations, library, recordings, groupcall)
+    )
     return app
 
 

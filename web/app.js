@@ -9,6 +9,12 @@ const params = new URLSearchParams(location.search);
 const ROOM_PATTERN = /^[A-Za-z0-9_.~-]{1,64}$/;
 // With `autojoin`, the camera opens once the others' video shows, or after this long.
 const FIRST_VIDEO_WAIT_MS = 1500;
+// At most this many of the others' video tiles show video (`?maxVideos=N`, default 9): screen
+// shares first, then cameras by how recently their person spoke. The rest show the name only,
+// and their video is not sent to this page (their sound is).
+const MAX_VIDEOS = parseCount(params.get("maxVideos"), 9);
+// Tile sizes are reported to the server this long after the last change.
+const RENDER_REPORT_MS = 150;
 const VIDEO_CONSTRAINTS = {
   width: { ideal: 640 },
   height: { ideal: 480 },
@@ -28,9 +34,17 @@ const app = {
   chatOpen: true,
   typingNames: new Map(), // identity -> name
   speakers: [],
+  speakerOrder: [], // participant ids, the most recent speaker first
+  maxVideos: MAX_VIDEOS,
+  renderTimer: null,
   ending: false,
 };
 window.rallypoint = app;
+
+function parseCount(text, fallback) {
+  const n = Number(text ?? "");
+  return text !== null && text !== "" && Number.isInteger(n) && n >= 0 ? n : fallback;
+}
 
 // -- plain-words messages ---------------------------------------------------------------------
 
@@ -470,9 +484,11 @@ function bindRoom(room) {
   room.on("track_updated", (info) => updateTile(info.participant));
   room.on("active_speaker", ({ speakers }) => {
     app.speakers = speakers;
+    app.speakerOrder = [...speakers, ...app.speakerOrder.filter((id) => !speakers.includes(id))];
     for (const [key, tile] of app.tiles) {
       tile.el.classList.toggle("speaking", speakers.includes(tile.participant) && !key.endsWith(":screen"));
     }
+    limitVideos();
   });
   room.on("kicked", () => endCall("kicked"));
   app.client.on("mute_requested", (m) => {
@@ -542,7 +558,14 @@ function makeTile(key, label, participant, { local = false, screen = false } = {
   if (!screen) caption.append(quality);
   el.append(video, avatar, caption);
   const tile = { key, el, video, avatar, name, mic, quality, participant, audios: new Map() };
+  tile.visible = true; // in the viewport (IntersectionObserver)
+  tile.nameOnly = false; // beyond maxVideos: the name only, no video received
   app.tiles.set(key, tile);
+  if (!local) {
+    resizeObserver.observe(video);
+    intersectionObserver.observe(el);
+    el.rallypointTile = tile;
+  }
   setTileName(tile, label);
   const grid = $("tiles");
   if (local) grid.prepend(el);
@@ -560,7 +583,69 @@ function setTileName(tile, label) {
 function layoutTiles() {
   const n = app.tiles.size;
   $("tiles").dataset.count = String(Math.min(n, 9));
+  limitVideos();
 }
+
+// -- only what is on screen: at most maxVideos video tiles, and their sizes to the server -----
+
+const resizeObserver = new ResizeObserver(() => scheduleRenderReport());
+const intersectionObserver = new IntersectionObserver((entries) => {
+  for (const e of entries) {
+    if (e.target.rallypointTile) e.target.rallypointTile.visible = e.isIntersecting;
+  }
+  scheduleRenderReport();
+});
+
+function receivedVideo(tile) {
+  return tile.key === "local" ? null : (tile.trackId ?? tile.videoTrackId ?? null);
+}
+
+/** Show video in the first maxVideos tiles (screen shares, then recent speakers). */
+function limitVideos() {
+  const tiles = [...app.tiles.values()].filter(receivedVideo);
+  const order = app.speakerOrder;
+  const rank = (t) => {
+    const i = order.indexOf(t.participant);
+    return (t.key.endsWith(":screen") ? 0 : order.length + 1) + (i < 0 ? order.length : i);
+  };
+  const ranked = tiles.map((t, i) => ({ t, i, r: rank(t) })).sort((a, b) => a.r - b.r || a.i - b.i);
+  const shown = new Set(ranked.slice(0, app.maxVideos).map((x) => x.t));
+  for (const tile of app.tiles.values()) {
+    const nameOnly = Boolean(receivedVideo(tile)) && !shown.has(tile);
+    if (tile.nameOnly !== nameOnly) {
+      tile.nameOnly = nameOnly;
+      tile.el.classList.toggle("name-only", nameOnly);
+    }
+  }
+  scheduleRenderReport();
+}
+
+function scheduleRenderReport(delayMs = RENDER_REPORT_MS) {
+  if (app.renderTimer !== null) return;
+  app.renderTimer = setTimeout(reportRenderSizes, delayMs);
+}
+
+/** Each received video's box in device pixels, 0 x 0 when it is not seen (`track_render`). */
+function reportRenderSizes() {
+  app.renderTimer = null;
+  const room = app.room;
+  if (!room) return;
+  const dpr = window.devicePixelRatio || 1;
+  const pageHidden = document.visibilityState === "hidden";
+  const sizes = new Map();
+  for (const tile of app.tiles.values()) {
+    const id = receivedVideo(tile);
+    if (!id) continue;
+    const seen = !pageHidden && tile.visible && !tile.nameOnly && !tile.el.classList.contains("no-video");
+    sizes.set(
+      id,
+      seen ? { width: tile.video.clientWidth * dpr, height: tile.video.clientHeight * dpr } : { width: 0, height: 0 },
+    );
+  }
+  room.setRenderSizes(sizes).catch(() => scheduleRenderReport(2000)); // not applied: again later
+}
+
+document.addEventListener("visibilitychange", () => scheduleRenderReport());
 
 function addLocalTile() {
   const tile = makeTile("local", `${app.client.name ?? "You"} (you)`, "self", { local: true });
@@ -612,6 +697,7 @@ function updateTile(pid) {
   tile.mic.hidden = !(p.audio_muted || !mic || mic.muted);
   const showVideo = cam && !cam.muted && !p.video_muted && tile.video.srcObject;
   tile.el.classList.toggle("no-video", !showVideo);
+  scheduleRenderReport();
   for (const t of mine.filter((x) => x.source === "screen")) updateScreenTile(t);
 }
 
@@ -643,12 +729,14 @@ function attachTrack(info, track) {
     const tile = makeTile(screenKey(info), `${p.name} (screen)`, info.participant, { screen: true });
     tile.video.srcObject = new MediaStream([track]);
     tile.trackId = info.id;
+    limitVideos();
     return;
   }
   const tile = ensureTile(info.participant);
   tile.video.srcObject = new MediaStream([track]);
   tile.videoTrackId = info.id;
   updateTile(info.participant);
+  limitVideos();
 }
 
 function playAudio(audio) {
@@ -680,6 +768,7 @@ function detachTrack(info) {
     tile.videoTrackId = null;
   }
   updateTile(info.participant);
+  limitVideos();
 }
 
 function removeTile(key) {
@@ -687,6 +776,8 @@ function removeTile(key) {
   if (!tile) return;
   tile.video.srcObject = null;
   for (const a of tile.audios.values()) a.srcObject = null;
+  resizeObserver.unobserve(tile.video);
+  intersectionObserver.unobserve(tile.el);
   tile.el.remove();
   app.tiles.delete(key);
   layoutTiles();

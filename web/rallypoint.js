@@ -410,6 +410,9 @@ export class RallypointClient extends Emitter {
 // -- rooms: participants, chat and media -------------------------------------------------------
 
 const GATHER_WAIT_MS = 1500;
+// track_render: the largest side the server takes, and the most tracks in one message.
+const RENDER_MAX = 16384;
+const RENDER_BATCH = 64;
 
 function waitForGathering(pc, timeoutMs = GATHER_WAIT_MS) {
   // Non-trickle first: the server applies candidates inside the SDP at once. Candidates found
@@ -559,6 +562,7 @@ export class Room extends Emitter {
     this._pubChain = Promise.resolve();
     this._subChain = Promise.resolve();
     this._subMids = new Map(); // mid -> Track info, per the latest subscribe_offer
+    this._rendered = new Map(); // track id -> {track, width, height} last sent in track_render
     this._unsubscribe = [];
     this._typingTimers = new Map();
     this._bind();
@@ -1132,6 +1136,7 @@ export class Room extends Emitter {
       const known = this.remote.get(info.id);
       if (known && known.transceiver === transceiver) continue;
       if (known) this.emit("track_removed", { info: known.info });
+      this._rendered.delete(info.id); // a new copy on the server: any size until told
       const entry = { info, track: transceiver.receiver.track, transceiver };
       this.remote.set(info.id, entry);
       this.tracks.set(info.id, this.tracks.get(info.id) ?? info);
@@ -1148,6 +1153,37 @@ export class Room extends Emitter {
   /** Stop receiving a track (`true`) or receive it again, e.g. for a hidden tile. */
   pause(trackId, paused) {
     return this.client.request({ type: "track_pause", room: this.name, track: trackId, paused });
+  }
+
+  /**
+   * Tell the SFU how large each received video track is shown (`track_render`): `sizes` maps
+   * track ids to `{width, height}` in device pixels (CSS pixels times devicePixelRatio);
+   * `{width: 0, height: 0}`: not shown, and nothing of it is forwarded. A simulcast track gets
+   * the smallest layer that fills its box. Only video tracks being received whose size changed
+   * since the last report are sent, all in one message (64 a message); resolves once the
+   * server applied them.
+   */
+  async setRenderSizes(sizes) {
+    const tracks = [];
+    for (const [id, size] of sizes instanceof Map ? sizes : Object.entries(sizes)) {
+      if (this.remote.get(id)?.info.kind !== "video") continue;
+      const width = Math.max(0, Math.min(RENDER_MAX, Math.round(size.width) || 0));
+      const height = Math.max(0, Math.min(RENDER_MAX, Math.round(size.height) || 0));
+      const last = this._rendered.get(id);
+      if (last && last.width === width && last.height === height) continue;
+      tracks.push({ track: id, width, height });
+    }
+    for (const t of tracks) this._rendered.set(t.track, t);
+    for (let i = 0; i < tracks.length; i += RENDER_BATCH) {
+      const batch = tracks.slice(i, i + RENDER_BATCH);
+      try {
+        await this.client.request({ type: "track_render", room: this.name, tracks: batch });
+      } catch (err) {
+        // Not applied (e.g. a track went away meanwhile): send these again next time.
+        for (const t of tracks.slice(i)) if (this._rendered.get(t.track) === t) this._rendered.delete(t.track);
+        throw err;
+      }
+    }
   }
 
   _mediaFailed(which) {
@@ -1170,6 +1206,7 @@ export class Room extends Emitter {
     this.subscriber?.close();
     this.subscriber = null;
     this._subMids = new Map();
+    this._rendered.clear();
     for (const [id, entry] of [...this.remote]) {
       this.remote.delete(id);
       this.emit("track_removed", { info: entry.info });

@@ -25,9 +25,11 @@ from typing import Any, Final, Protocol
 
 import av
 
+from ..h264 import sps_size as h264_size
+from ..vp8 import frame_size as vp8_size
 from .assembler import FrameAssembler, Packet
 from .clock import PublisherClock, TrackClock
-from .depacketize import h264_size, opus_lost, opus_samples, vp8_size
+from .depacketize import opus_lost, opus_samples
 from .manifest import Manifest
 from .tap import Report, TrackTap
 from .writer import SegmentFile, extension

@@ -9,13 +9,17 @@ from ..wire.spec import REQUEST_ID, ROOM_PATTERN, Field, Messages, MessageSpec, 
 
 _ROOM = Field("room", "string", "Room name.", required=True, pattern=ROOM_PATTERN)
 _SDP = Field("sdp", "string", "Session description (SDP).", required=True, max_length=60000)
+TRACK_PATTERN: Final = r"^[\x21-\x7e]{1,160}$"
 _TRACK = Field(
     "track",
     "string",
     "Track id (from `tracks` or `track_published`).",
     required=True,
-    pattern=r"^[\x21-\x7e]{1,160}$",
+    pattern=TRACK_PATTERN,
 )
+#: The largest render box side a client may report (device pixels), and the most boxes at once.
+MAX_RENDER_SIDE: Final = 16384
+MAX_RENDER_TRACKS: Final = 64
 
 
 _CLIENT = (
@@ -75,6 +79,25 @@ _CLIENT = (
         "track_pause",
         "Stop or resume receiving a track (a hidden tile costs nothing downstream).",
         (_ROOM, _TRACK, Field("paused", "boolean", "Paused.", required=True), REQUEST_ID),
+    ),
+    MessageSpec(
+        "track_render",
+        "The sizes at which you show the video tracks you receive (device pixels; 0 x 0: "
+        "not shown): the SFU forwards the smallest simulcast layer that fills each box, and "
+        "nothing for a hidden one. Several tracks at once; audio is never affected.",
+        (
+            _ROOM,
+            Field(
+                "tracks",
+                "array",
+                f"`{{track, width, height}}` for each track; `width` and `height` integers "
+                f"from 0 to {MAX_RENDER_SIDE}.",
+                required=True,
+                items="object",
+                max_items=MAX_RENDER_TRACKS,
+            ),
+            REQUEST_ID,
+        ),
     ),
     MessageSpec("unpublish", "Stop publishing a track.", (_ROOM, _TRACK, REQUEST_ID)),
 )

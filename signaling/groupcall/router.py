@@ -9,6 +9,7 @@ started yet) those answer ``sfu_unavailable``.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
@@ -18,7 +19,10 @@ from sfu.channel import (
     MuteRequest,
     PauseRequest,
     PoolEvent,
+    RenderRequest,
+    RenderSize,
     RoomRequest,
+    RoomStatsRequest,
     SubscribeRequest,
     TrackInfo,
     TrackMeta,
@@ -34,7 +38,7 @@ from ..core.metrics import Metric
 from ..core.session import Session
 from ..wire.errors import ProtocolError
 from ..wire.framing import encode
-from .messages import ERRORS, MESSAGES
+from .messages import ERRORS, MAX_RENDER_SIDE, MESSAGES, TRACK_PATTERN
 
 log = logging.getLogger("rallypoint.media")
 
@@ -55,7 +59,13 @@ SFU_METRICS: dict[str, tuple[str, str]] = {
     "dropped_malformed": ("counter", "Incoming packets that could not be forwarded."),
     "dropped_no_route": ("counter", "Incoming packets with no track to forward them to."),
     "subscribe_offers": ("counter", "Subscriber offers made (renegotiations of subscribers)."),
+    "render_reports": ("counter", "Render-size reports (`track_render`) applied."),
 }
+_TRACK_ID = re.compile(TRACK_PATTERN)
+
+
+def _side(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_RENDER_SIDE
 
 
 def _no_recording(room: str) -> dict[str, Any] | None:
@@ -92,6 +102,7 @@ class GroupCall:
                 "ice": self.on_ice,
                 "track_mute": self.on_track_mute,
                 "track_pause": self.on_track_pause,
+                "track_render": self.on_track_render,
                 "unpublish": self.on_unpublish,
             },
         )
@@ -355,6 +366,34 @@ class GroupCall:
             "paused": m["paused"],
         }
         await self._relay(s, m, "subscribe", req)
+
+    async def on_track_render(self, s: Session, m: dict[str, Any]) -> None:
+        sizes: list[RenderSize] = []
+        for t in m["tracks"]:
+            track, w, h = t.get("track"), t.get("width"), t.get("height")
+            if not (isinstance(track, str) and _TRACK_ID.match(track) and _side(w) and _side(h)):
+                raise ProtocolError(
+                    "bad_field",
+                    "each of `tracks` needs a `track` id and integer `width` and `height` "
+                    f"from 0 to {MAX_RENDER_SIDE} (0 x 0: not shown)",
+                )
+            sizes.append({"track": track, "width": w, "height": h})
+        req: RenderRequest = {
+            "op": "render",
+            "room": m["room"],
+            "participant": s.id,
+            "tracks": sizes,
+        }
+        await self._relay(s, m, "subscribe", req)
+
+    async def room_stats(self, room: str) -> dict[str, Any]:
+        """What the room's subscribers are sent, per track (``sfu.channel.ForwardingStats``)
+        and its simulcast layers' sizes; raises ``ProtocolError`` (``not_in_room``) when no
+        worker hosts the room."""
+        if self.pool is None or not self.pool.hosts(room):
+            raise ProtocolError("not_in_room", f"no media in room {room!r}")
+        req: RoomStatsRequest = {"op": "room_stats", "room": room}
+        return await self._call(req)
 
     async def on_unpublish(self, s: Session, m: dict[str, Any]) -> None:
         req: UnpublishRequest = {

@@ -46,6 +46,7 @@ from ..core.directory import DeviceDirectory
 from ..core.hub import Hub
 from ..core.rooms import Participant
 from ..core.tokens import create_token
+from ..groupcall.router import GroupCall
 from ..recording.library import RecordingError, RecordingLibrary
 from ..recording.service import BY_API, Recordings
 from ..relations.service import Relations
@@ -95,6 +96,7 @@ API_ERRORS: Final[dict[str, int]] = {
     "already_recording": 409,
     "not_recording": 409,
     "recording_storage_full": 507,
+    "media_unavailable": 503,
 }
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -111,6 +113,7 @@ class Api:
     relations: Relations
     library: RecordingLibrary
     recordings: Recordings
+    media: GroupCall
 
 
 API: web.AppKey[Api] = web.AppKey("api", Api)
@@ -443,6 +446,22 @@ async def get_room_recording(request: web.Request) -> web.Response:
     return web.json_response({"room": room, **r})
 
 
+async def room_media(request: web.Request) -> web.Response:
+    """What the SFU forwards in the room, per subscriber and track, and its simulcast layers'
+    picture sizes (the room worker's ``room_stats``)."""
+    media = request.app[API].media
+    room = _match(ROOM_PATTERN, request.match_info["room"], "room")
+    try:
+        stats = await media.room_stats(room)
+    except ProtocolError as e:
+        if e.code == "not_in_room":
+            raise ApiError("no_such_room", f"no media in room {room!r}") from None
+        if e.code == "sfu_unavailable":
+            raise ApiError("media_unavailable", e.message) from None
+        raise
+    return web.json_response({"room": room, **stats})
+
+
 async def stop_recording(request: web.Request) -> web.Response:
     recordings = request.app[API].recordings
     room = _match(ROOM_PATTERN, request.match_info["room"], "room")
@@ -759,6 +778,7 @@ ROUTES: Final = (
     ("POST", "/api/rooms/{room}/recording", start_recording),
     ("GET", "/api/rooms/{room}/recording", get_room_recording),
     ("DELETE", "/api/rooms/{room}/recording", stop_recording),
+    ("GET", "/api/rooms/{room}/media", room_media),
     ("GET", "/api/conversations/{conversation}/messages", history),
     ("POST", "/api/conversations/{conversation}/messages", post_message),
     ("GET", "/api/identities/{identity}/devices", devices),

@@ -25,7 +25,7 @@ import contextlib
 import logging
 import random
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -391,6 +391,19 @@ class RallypointClient:
     async def leave(self, room: str) -> None:
         await self.request({"type": "leave", "room": room})
         self.rooms.discard(room)
+
+    async def render_sizes(self, room: str, sizes: Mapping[str, tuple[int, int]]) -> None:
+        """Tell the SFU the size (device pixels, width x height) at which this client shows
+        each video track it receives in ``room``, by track id; ``(0, 0)``: not shown, and then
+        nothing of it is forwarded. A simulcast track gets the smallest layer that fills its
+        box. Tracks not named keep their last size (before any: any size)."""
+        await self.request(
+            {
+                "type": "track_render",
+                "room": room,
+                "tracks": [{"track": t, "width": w, "height": h} for t, (w, h) in sizes.items()],
+            }
+        )
 
     async def start_recording(
         self, room: str, *, audio_only: bool = False, identities: list[str] | None = None

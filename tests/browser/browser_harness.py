@@ -10,9 +10,10 @@ Never run ``playwright install``: it downloads a browser, and there is no networ
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,24 @@ async def launch_chromium(
             yield browser
         finally:
             await browser.close()
+
+
+async def wait_for(
+    pred: Callable[[], Awaitable[bool]],
+    timeout: float,
+    what: str,
+    seen: object = None,
+    step: float = 0.25,
+) -> None:
+    """Poll ``pred`` every ``step`` s (bounded by ``timeout``); ``seen`` (a list the predicate
+    fills, say) is shown on failure."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not await pred():
+                await asyncio.sleep(step)
+    except TimeoutError:
+        suffix = "" if seen is None else f" (last seen: {seen})"
+        raise AssertionError(f"timed out waiting for {what}{suffix}") from None
 
 
 async def open_page(browser: Browser, html: str = BLANK_PAGE, path: str = "/") -> Page:

@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp.test_utils import TestServer
 from aiortc.mediastreams import MediaStreamError
-from browser_harness import SFU_CLIENT_JS, launch_chromium
+from browser_harness import SFU_CLIENT_JS, launch_chromium, wait_for
 
 from media.loss import RembLimit
 from media.session import SfuSession
@@ -108,16 +108,6 @@ class Frames:
                 if frame.width != self.width:
                     self.widths.append(frame.width)
                 self.width = frame.width
-
-
-async def wait_for(pred: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    """Poll ``pred`` every 0.25 s (bounded by ``timeout``)."""
-    try:
-        async with asyncio.timeout(timeout):
-            while not await pred():
-                await asyncio.sleep(0.25)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 @contextlib.asynccontextmanager

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import math
-from array import array
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import av
 from aiortc import RTCRtpTransceiver
-from aiortc.mediastreams import AudioStreamTrack
 
 from media.session import SfuSession
 from media.tracks import EncodedVideoTrack
@@ -37,28 +33,3 @@ async def until(pred: Callable[[], bool], timeout: float, step: float = 0.05) ->
     async with asyncio.timeout(timeout):
         while not pred():
             await asyncio.sleep(step)
-
-
-class ToneTrack(AudioStreamTrack):
-    """A loud 440 Hz tone, encoded by aiortc (so its packets carry audio levels)."""
-
-    def __init__(self, amplitude: float = 0.5) -> None:
-        super().__init__()
-        self.amplitude = amplitude
-        self._n = 0
-
-    async def recv(self) -> av.AudioFrame:
-        silence = await super().recv()  # paced 20 ms frames with proper timestamps
-        n, rate = silence.samples, silence.sample_rate
-        pcm = array(
-            "h",
-            (
-                int(math.sin(2 * math.pi * 440 * (k + self._n) / rate) * self.amplitude * 32767)
-                for k in range(n)
-            ),
-        )
-        self._n += n
-        frame = av.AudioFrame(format="s16", layout="mono", samples=n)
-        frame.planes[0].update(pcm.tobytes())
-        frame.pts, frame.time_base, frame.sample_rate = silence.pts, silence.time_base, rate
-        return frame

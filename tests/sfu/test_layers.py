@@ -12,6 +12,7 @@ from sfu.layers import (
     choose_layer,
     climb_bps,
     highest_needed,
+    unseen_wanted,
 )
 
 LAYERS = [Layer(320, 180, 150_000), Layer(640, 360, 500_000), Layer(1280, 720, 1_500_000)]
@@ -75,6 +76,32 @@ def test_render_size_caps_the_layer() -> None:
     assert choose_layer(LAYERS, 2, huge, (0, 0)) == Choice(None, False)  # not shown
     assert choose_layer(LAYERS, 2, huge, (320, 180)) == Choice(0, False)  # shrunk window
     assert climb_bps(LAYERS, 1, (640, 360)) == 0  # nothing to climb to
+
+
+def test_layers_of_unknown_size_fill_no_box() -> None:
+    """A layer whose keyframe has not told its size yet ((0, 0)) is never taken as filling a
+    box: with no size known, any layer may be needed (as before any render report)."""
+    huge = 100_000_000
+    unknown = [Layer(0, 0, layer.bps) for layer in LAYERS]
+    assert choose_layer(unknown, None, huge, (100, 100)) == Choice(2, False)
+    assert climb_bps(unknown, 0, (100, 100)) > 0
+    partly = [LAYERS[0], Layer(0, 0, 500_000), LAYERS[2]]
+    assert choose_layer(partly, None, huge, (300, 170)) == Choice(0, False)
+    assert choose_layer(partly, None, huge, (600, 300)) == Choice(2, False)  # 1 is unknown
+    assert choose_layer(partly, None, 700_000, (600, 300)) == Choice(1, False)  # the budget
+
+
+def test_a_layer_never_received_is_asked_for_a_larger_box() -> None:
+    """Only the low layer arrives (the publisher's estimate is near what it sends): a
+    subscriber on it whose box it does not fill asks the publisher for room for the next."""
+    only_low = [LAYERS[0], Layer(0, 0, 0), Layer(0, 0, 0)]
+    assert unseen_wanted(only_low, 0, (640, 360)) == 3 * 150_000
+    assert unseen_wanted(only_low, 0, (320, 180)) == 0  # the low layer fills it
+    assert unseen_wanted(only_low, 0, (0, 0)) == 0  # not shown
+    assert unseen_wanted(only_low, None, (640, 360)) == 0  # not on the top layer (yet)
+    assert unseen_wanted(LAYERS, 2, FULL) == 0  # nothing above
+    assert unseen_wanted([*LAYERS[:2], Layer(0, 0, 0)], 1, FULL) == 3 * 500_000
+    assert unseen_wanted([*LAYERS[:2], Layer(0, 0, 0)], 0, FULL) == 0  # layer 1 is received
 
 
 def test_hysteresis() -> None:

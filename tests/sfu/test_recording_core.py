@@ -14,17 +14,12 @@ from aiortc.codecs.h264 import H264Encoder
 from aiortc.codecs.vpx import Vp8Encoder
 
 from media.clip import Clip, ClipSpec, load_clip
+from sfu.h264 import sps_size as h264_size
 from sfu.recording.assembler import FrameAssembler, Packet, unwrap
 from sfu.recording.clock import PublisherClock, TrackClock
-from sfu.recording.depacketize import (
-    H264Depacketizer,
-    h264_size,
-    opus_lost,
-    opus_samples,
-    vp8_frame,
-    vp8_size,
-)
+from sfu.recording.depacketize import H264Depacketizer, opus_lost, opus_samples, vp8_frame
 from sfu.rtp import NTP_EPOCH_OFFSET
+from sfu.vp8 import frame_size as vp8_size
 
 SEQ0 = 65_500  # sequence numbers wrap after 36 packets
 TS0 = (1 << 32) - 9000  # timestamps wrap after 3 frames

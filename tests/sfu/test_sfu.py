@@ -9,9 +9,10 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 from nethelpers import machine_ip
-from sfu_helpers import Party, PartyFactory, ToneTrack, until
+from sfu_helpers import Party, PartyFactory, until
 
 from media.loss import inject_loss
+from media.tracks import ToneTrack
 from signaling.app import HUB
 from signaling.sdk.wsclient import Client, ClientError
 

@@ -1,0 +1,198 @@
+"""Group-call media across the nodes of a cluster (issue 14) with real processes: the
+fixtures of ``test_cluster`` (nodes on one PostgreSQL schema and one Redis key prefix of the
+test's own), SFU workers on every node, aiortc clients whose signaling is on different nodes.
+
+Each node's media sockets are in a port range of its own, so a client's ICE candidates show
+which node's media it connects to."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+from nethelpers import machine_ip
+from processes import Server
+from test_cluster import REDIS_URL, cluster, metric, until
+
+from media.clip import ClipSpec, load_clip
+from media.session import SfuSession
+from media.tracks import EncodedAudioTrack, EncodedVideoTrack, attach_keyframe_requests
+from signaling.sdk import RallypointClient
+from signaling.sdk.wsclient import ClientError
+
+#: Each node's media ports (node i: PORTS[i]), announced with the machine's address.
+PORTS = ((43210, 43259), (43260, 43309))
+MEDIA_TIMEOUT_S = 1.0  # cluster.media_timeout_s of the nodes here
+
+
+def node_env(ip: str) -> list[dict[str, str]]:
+    return [
+        {
+            "RALLYPOINT_SFU_PUBLIC_ADDRESS": ip,
+            "RALLYPOINT_SFU_PORT_MIN": str(lo),
+            "RALLYPOINT_SFU_PORT_MAX": str(hi),
+            "RALLYPOINT_CLUSTER_MEDIA_TIMEOUT_S": str(MEDIA_TIMEOUT_S),
+        }
+        for lo, hi in PORTS
+    ]
+
+
+SFU = 'enabled = true\nworkers = 1\nbind_address = "0.0.0.0"'
+
+
+async def publishing(c: RallypointClient, room: str, n: int) -> SfuSession:
+    """``c``'s media in ``room``: publishing clip ``n`` (camera and microphone)."""
+    media = SfuSession(c, room)
+    clip = await asyncio.to_thread(load_clip, ClipSpec(publisher_id=n, seconds=3.0))
+    video = EncodedVideoTrack(clip)
+    sent = await media.publish([(video, "camera"), (EncodedAudioTrack(clip), "microphone")])
+    attach_keyframe_requests(sent[0].sender, video)
+    return media
+
+
+def decodes(viewer: SfuSession, publisher: str, frames: int) -> bool:
+    v = viewer.counter_for(publisher, "video")
+    a = viewer.counter_for(publisher, "audio")
+    return v is not None and a is not None and v.frames >= frames and a.frames >= frames
+
+
+async def first_of(c: RallypointClient, types: set[str]) -> dict[str, dict[str, Any]]:
+    """The first event of each of ``types``, in whatever order they come (bounded)."""
+    seen: dict[str, dict[str, Any]] = {}
+    while seen.keys() != types:
+        ev = await c.next_event(timeout=10)
+        if ev["type"] in types:
+            seen.setdefault(ev["type"], ev)
+    return seen
+
+
+def candidate_ports(media: SfuSession) -> set[int]:
+    """The ports of the server's ICE candidates on both of ``media``'s connections."""
+    out = set()
+    for pc in (media.pub, media.sub):
+        assert pc is not None and pc.remoteDescription is not None
+        for line in pc.remoteDescription.sdp.splitlines():
+            if line.startswith("a=candidate:"):
+                out.add(int(line.split()[5]))
+    return out
+
+
+async def test_a_rooms_media_is_on_one_node_and_moves_when_that_node_dies(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """alice (node 0) and bob (node 1) in one room: the room's media is placed on node 0
+    (alice needed it first), bob's media requests are relayed there and his connections go
+    to node 0's media ports; each decodes the other. Node 0 SIGKILLed: bob gets
+    `media_failed` (all) on node 1, publishes again, and alice, resuming on node 1, gets
+    media again: the room is placed on node 1 now."""
+    ip = machine_ip()
+    async with (
+        cluster(tmp_path, servers, sfu=SFU, node_env=node_env(ip)) as cl,
+        asyncio.timeout(150),
+    ):
+        alice = await cl.client(0, "alice", reconnect=False)
+        await alice.join("r")
+        a = await publishing(alice, "r", 1)
+        bob = await cl.client(1, "bob")
+        await bob.join("r")
+        b = await publishing(bob, "r", 2)
+        await until(lambda: decodes(a, bob.session, 20) and decodes(b, alice.session, 20), 60)
+
+        # Both clients' media is on node 0: its ports, its worker, its relay counters.
+        node_a, node_b = cl.nodes
+        for media in (a, b):
+            ports = candidate_ports(media)
+            assert ports and all(PORTS[0][0] <= p <= PORTS[0][1] for p in ports), ports
+        assert await metric(node_a, "sfu_rooms") == 1
+        assert await metric(node_b, "sfu_rooms") == 0
+        assert await metric(node_a, "media_rooms_here") == 1
+        assert await metric(node_b, "media_relayed_out_total") >= 3  # join, publish, subscribe...
+        assert await metric(node_a, "media_relayed_in_total") == await metric(
+            node_b, "media_relayed_out_total"
+        )
+        assert await metric(node_b, "media_relay_timeouts_total") == 0
+
+        # Node 0 dies with the room's media.
+        token, sid = alice.welcome["resume"], alice.session
+        await a.close()
+        assert node_a.proc is not None
+        node_a.stop(signal.SIGKILL)
+        killed = time.monotonic()
+        seen = await first_of(bob, {"media_failed", "participant_left"})
+        told_s = time.monotonic() - killed
+        failed, left = seen["media_failed"], seen["participant_left"]
+        assert (failed["room"], failed["which"]) == ("r", "all")
+        assert (left["participant"], left["reason"]) == (sid, "disconnected")
+        await b.close()
+        b = await publishing(bob, "r", 2)
+
+        # alice resumes on node 1: told to publish again there.
+        await alice.close(bye=False)
+        again = await cl.client(1, "alice", resume=token)
+        assert (again.welcome["resumed"], again.session) == (True, sid)
+        failed = await again.next_event("media_failed", timeout=10)
+        assert (failed["room"], failed["which"]) == ("r", "all")
+        a = await publishing(again, "r", 1)
+        await until(lambda: decodes(a, bob.session, 20) and decodes(b, sid, 20), 60)
+        for media in (a, b):
+            ports = candidate_ports(media)
+            assert ports and all(PORTS[1][0] <= p <= PORTS[1][1] for p in ports), ports
+        assert await metric(node_b, "sfu_rooms") == 1
+        assert await metric(node_b, "media_rooms_lost_total") == 1
+        print(f"media_failed on the surviving node {told_s:.2f} s after the SIGKILL")
+        await a.close()
+        await b.close()
+
+
+async def test_a_relayed_request_to_a_silent_node_fails_in_time(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """A room placed on a node that is alive in Redis but answers nothing: a media request
+    relayed there gets `media_unavailable` after `cluster.media_timeout_s`, never a hang.
+    Once that node's heartbeat is gone, the room's participants get `media_failed` and their
+    media works on a node that answers."""
+    ip = machine_ip()
+    async with (
+        cluster(tmp_path, servers, n=1, sfu=SFU, node_env=node_env(ip)) as cl,
+        asyncio.timeout(90),
+    ):
+        r = aioredis.Redis.from_url(REDIS_URL)
+        try:
+            p = cl.prefix
+            # A node that says it is alive and hosts room "g", but has no process.
+            await r.set(f"{p}:alive:ghost", b"1", px=60_000)
+            await r.sadd(f"{p}:medianodes", "ghost")
+            await r.set(f"{p}:media:g", "ghost")
+            await r.sadd(f"{p}:mediarooms:ghost", "g")
+
+            alice = await cl.client(0, "alice")
+            await alice.join("g")
+            started = time.monotonic()
+            try:
+                await alice.request({"type": "subscribe", "room": "g"}, timeout=MEDIA_TIMEOUT_S + 5)
+            except ClientError as e:
+                assert e.code == "media_unavailable", e
+            else:
+                raise AssertionError("a request to a silent node succeeded")
+            assert time.monotonic() - started >= MEDIA_TIMEOUT_S * 0.9
+            assert await metric(cl.nodes[0], "media_relay_timeouts_total") >= 1
+
+            # The ghost's heartbeat ends: the room is placed again, here.
+            await r.delete(f"{p}:alive:ghost")
+            failed = await alice.next_event("media_failed", timeout=10)
+            assert (failed["room"], failed["which"]) == ("g", "all")
+            media = await publishing(alice, "g", 1)
+            assert await r.get(f"{p}:media:g") not in (None, b"ghost")
+            bob = await cl.client(0, "bob")
+            await bob.join("g")
+            viewer = SfuSession(bob, "g")
+            await until(lambda: decodes(viewer, alice.session, 10), 40)
+            assert await r.sismember(f"{p}:medianodes", "ghost") == 0
+            await media.close()
+            await viewer.close()
+        finally:
+            await r.aclose()

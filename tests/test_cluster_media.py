@@ -8,11 +8,13 @@ which node's media it connects to."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 from nethelpers import machine_ip
 from processes import Server
@@ -21,6 +23,8 @@ from test_cluster import REDIS_URL, cluster, metric, until
 from media.clip import ClipSpec, load_clip
 from media.session import SfuSession
 from media.tracks import EncodedAudioTrack, EncodedVideoTrack, attach_keyframe_requests
+from signaling.cluster.mediamap import MediaMap
+from signaling.cluster.placement import choose
 from signaling.sdk import RallypointClient
 from signaling.sdk.wsclient import ClientError
 
@@ -196,3 +200,57 @@ async def test_a_relayed_request_to_a_silent_node_fails_in_time(
             await viewer.close()
         finally:
             await r.aclose()
+
+
+def test_the_least_loaded_node_wins_and_a_tie_stays_with_the_asker() -> None:
+    assert choose("a", {}) is None
+    assert choose("a", {"a": 3, "b": 1, "c": 2}) == "b"
+    assert choose("a", {"a": 1, "b": 1, "c": 0, "d": 0}) == "c"  # no asker among the least
+    assert choose("b", {"a": 0, "b": 0}) == "b"
+    assert choose("z", {"a": 0, "b": 0}) == "a"  # the asker runs no SFU: the smallest name
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    return "test" + secrets.token_hex(5)
+
+
+async def test_nodes_placing_one_room_at_once_agree(redis_prefix: str) -> None:
+    """Three nodes place the same rooms at the same moment on the real Redis: one
+    placement per room, which every node reads; the rooms spread by load; a dead node's
+    rooms are placed again."""
+    r = aioredis.Redis.from_url(REDIS_URL)
+    maps = [MediaMap(REDIS_URL, n, redis_prefix) for n in ("n1", "n2", "n3")]
+    try:
+        for m in maps:
+            await r.set(f"{redis_prefix}:alive:{m.node_id}", b"1", px=60_000)
+        for m in maps:
+            assert await m.beat(True, ["n1", "n2", "n3", "gone"]) == {"gone"}
+        for room in ("r1", "r2", "r3", "r4", "r5", "r6"):
+            placed = await asyncio.gather(*(m.place(room) for m in maps))
+            assert len(set(placed)) == 1, placed
+        loads = [await r.scard(f"{redis_prefix}:mediarooms:{n}") for n in ("n1", "n2", "n3")]
+        assert loads == [2, 2, 2]
+        # n1 dies: its rooms go to live nodes; its set and candidacy are gone.
+        mine = {x.decode() for x in await r.smembers(f"{redis_prefix}:mediarooms:n1")}
+        assert await maps[1].forget("n1") == -1  # alive: nothing is removed
+        await r.delete(f"{redis_prefix}:alive:n1")
+        assert await maps[1].forget("n1") == 2
+        assert await maps[2].forget("n1") == 0  # the second finds nothing left
+        for room in sorted(mine):
+            assert await maps[2].owner(room) is None
+            assert await maps[2].place(room) in ("n2", "n3")
+        assert await r.sismember(f"{redis_prefix}:medianodes", "n1") == 0
+        # A node releases only its own placement.
+        room = sorted(mine)[0]
+        owner = await maps[1].owner(room)
+        other = maps[2] if owner == "n2" else maps[1]
+        await other.release(room)
+        assert await maps[1].owner(room) == owner
+    finally:
+        for m in maps:
+            await m.close(False, ())
+        keys = [k async for k in r.scan_iter(match=f"{redis_prefix}:*", count=1000)]
+        if keys:
+            await r.delete(*keys)
+        await r.aclose()

@@ -375,6 +375,15 @@ class GroupCall:
         if grant not in grants:
             raise ProtocolError("forbidden", f"the token has no {grant} grant in {room!r}")
 
+    def media_node(self, room: str) -> str:
+        """Cluster mode: the other node known to host ``room``'s media ("" if none: the
+        room is this node's, or not placed yet, or there is one node)."""
+        relay = self.relay
+        if relay is None:
+            return ""
+        node = relay.where.get(room, "")
+        return "" if node == relay.node_id else node
+
     def hosting(self) -> bool:
         """Whether this node runs SFU workers (a cluster may place rooms' media here)."""
         return self.pool is not None

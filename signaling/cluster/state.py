@@ -47,7 +47,7 @@ from ..core.session import Session
 from ..core.shared import ResumedSession, SharedState
 from ..core.tokens import Claims
 from ..wire.errors import ProtocolError
-from .redisbus import TIMEOUT_S, UNAVAILABLE, connect
+from .redisbus import TIMEOUT_S, UNAVAILABLE, connect, raise_if_cancelled
 
 if TYPE_CHECKING:
     from ..core.hub import Hub
@@ -251,14 +251,6 @@ def _unavailable() -> RedisConnectionError:
     return RedisConnectionError("the cluster's Redis is unavailable")
 
 
-def _raise_if_cancelled() -> None:
-    """redis-py's own timeouts can turn a cancellation that meets them into a
-    ``TimeoutError`` (which is also what an outage raises): a task being cancelled stops."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
-
-
 def _participant(raw: bytes | str) -> Participant:
     return Participant(**orjson.loads(raw))
 
@@ -389,7 +381,7 @@ class ClusterState:
                 try:
                     result = await op()
                 except UNAVAILABLE as e:
-                    _raise_if_cancelled()
+                    raise_if_cancelled()
                     self._lost(e)
                     if fut is not None and not fut.done():
                         fut.set_exception(e)
@@ -670,7 +662,7 @@ class ClusterState:
                     if name != self.node_id:
                         await self._reap_node(name)
             except UNAVAILABLE as e:
-                _raise_if_cancelled()
+                raise_if_cancelled()
                 self._lost(e)
             except Exception:  # not an outage: say what it was, and beat again
                 log.exception("the cluster heartbeat failed")

@@ -35,7 +35,7 @@ from sfu.tasks import TaskSet
 
 from ..cluster.mediamap import MediaMap
 from ..cluster.placement import MOVED, event_frame, reply_frame, request_frame
-from ..cluster.redisbus import UNAVAILABLE
+from ..cluster.redisbus import UNAVAILABLE, raise_if_cancelled
 from ..core.bus import MessageBus
 from ..core.metrics import Metric
 
@@ -47,13 +47,6 @@ PARTICIPANT_EVENTS = frozenset({"subscribe_offer", "track_starved", "media_faile
 ROOM_EVENTS = frozenset(
     {"track_published", "track_updated", "track_unpublished", "room_closed", "room_lost"}
 )
-
-
-def _raise_if_cancelled() -> None:
-    """redis-py can turn a cancellation into a ``TimeoutError``: a cancelled task stops."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 def _log_failure(exc: BaseException) -> None:
@@ -289,7 +282,7 @@ class MediaRelay:
                     await self.placement.forget(node)
                     self._dead(node)
             except UNAVAILABLE:
-                _raise_if_cancelled()  # else: looked at again next beat
+                raise_if_cancelled()  # else: looked at again next beat
             except Exception:
                 log.exception("watching the media nodes failed")
 

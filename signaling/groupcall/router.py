@@ -217,11 +217,18 @@ class GroupCall:
             members.discard(s.id)
             if not members:
                 del self.members[room]
-            self._spawn(relay.request({"op": "leave", "room": room, "participant": s.id}))
+            self._spawn(self._left_relayed(relay, room, s.id))
             return
         pool = self.pool
         if pool is not None and pool.hosts(room):
             self._spawn(pool.request({"op": "leave", "room": room, "participant": s.id}))
+
+    async def _left_relayed(self, relay: MediaRelay, room: str, pid: str) -> None:
+        try:
+            await relay.request({"op": "leave", "room": room, "participant": pid})
+        finally:
+            if room not in self.members:  # nobody here is in it: placed anew when next needed
+                relay.forget_room(room)
 
     # -- worker events -----------------------------------------------------------------------
 

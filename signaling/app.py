@@ -176,6 +176,7 @@ def make_app(cfg: Config) -> web.Application:
             local=groupcall.local,
             relayed=groupcall.relayed,
             lost=groupcall.lost_elsewhere,
+            unplaced=groupcall.unplaced,
             hosting=groupcall.hosting,
             timeout_s=cfg.cluster.media_timeout_s,
             heartbeat_s=cfg.cluster.heartbeat_s,

@@ -18,7 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 from nethelpers import machine_ip
 from processes import Server
-from test_cluster import REDIS_URL, cluster, metric, until
+from test_cluster import REDIS_URL, cluster, metric, no_event, until, until_async
 
 from media.clip import ClipSpec, load_clip
 from media.session import SfuSession
@@ -225,7 +225,8 @@ async def test_nodes_placing_one_room_at_once_agree(redis_prefix: str) -> None:
         for m in maps:
             await r.set(f"{redis_prefix}:alive:{m.node_id}", b"1", px=60_000)
         for m in maps:
-            assert await m.beat(True, ["n1", "n2", "n3", "gone"]) == {"gone"}
+            assert await m.beat(True, ["n1", "n2", "n3", "gone"]) == ({"gone"}, True)
+        assert await maps[0].beat(True, []) == (set(), False)  # in the set already
         for room in ("r1", "r2", "r3", "r4", "r5", "r6"):
             placed = await asyncio.gather(*(m.place(room) for m in maps))
             assert len(set(placed)) == 1, placed
@@ -241,6 +242,7 @@ async def test_nodes_placing_one_room_at_once_agree(redis_prefix: str) -> None:
             assert await maps[2].owner(room) is None
             assert await maps[2].place(room) in ("n2", "n3")
         assert await r.sismember(f"{redis_prefix}:medianodes", "n1") == 0
+        assert await maps[0].beat(True, []) == (set(), True)  # n1 learns it was forgotten
         # A node releases only its own placement.
         room = sorted(mine)[0]
         owner = await maps[1].owner(room)
@@ -254,3 +256,50 @@ async def test_nodes_placing_one_room_at_once_agree(redis_prefix: str) -> None:
         if keys:
             await r.delete(*keys)
         await r.aclose()
+
+
+async def test_a_node_taken_for_dead_ends_its_media_rooms(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """The room's node stalls (SIGSTOP) for longer than 3 heartbeats: the other node takes
+    it for dead and places the room again for its participant. When the stalled node runs
+    again it finds the cluster forgot its rooms, ends the room's media there and tells its
+    own participant, who joins the room's new node: one node per room again."""
+    ip = machine_ip()
+    async with (
+        cluster(tmp_path, servers, sfu=SFU, node_env=node_env(ip)) as cl,
+        asyncio.timeout(150),
+    ):
+        alice = await cl.client(0, "alice")
+        await alice.join("r")
+        a = await publishing(alice, "r", 1)
+        bob = await cl.client(1, "bob")
+        await bob.join("r")
+        b = await publishing(bob, "r", 2)
+        await until(lambda: decodes(a, bob.session, 10) and decodes(b, alice.session, 10), 60)
+        node_a, node_b = cl.nodes
+        assert node_a.proc is not None
+
+        node_a.proc.send_signal(signal.SIGSTOP)
+        try:
+            failed = await bob.next_event("media_failed", timeout=10)
+            assert (failed["room"], failed["which"]) == ("r", "all")
+            await b.close()
+            b = await publishing(bob, "r", 2)  # the room is on node 1 now
+        finally:
+            node_a.proc.send_signal(signal.SIGCONT)
+        failed = await alice.next_event("media_failed", timeout=15)
+        assert (failed["room"], failed["which"]) == ("r", "all")
+        await a.close()
+        a = await publishing(alice, "r", 1)
+        await until(lambda: decodes(a, bob.session, 10) and decodes(b, alice.session, 10), 60)
+        for media in (a, b):
+            ports = candidate_ports(media)
+            assert ports and all(PORTS[1][0] <= p <= PORTS[1][1] for p in ports), ports
+        await until_async(lambda: metric(node_a, "sfu_rooms"), 0)
+        assert await metric(node_b, "sfu_rooms") == 1
+        assert no_event(bob, "media_failed")  # bob, moved already, was not told again
+        # nor offered (stale) media of the room's former node, which it would have answered
+        assert not any("bad_sdp" in e["error"] for e in b.errors), b.errors
+        await a.close()
+        await b.close()

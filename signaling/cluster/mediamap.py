@@ -129,9 +129,10 @@ class MediaMap:
             args=[self.node_id, room],
         )
 
-    async def beat(self, hosting: bool, nodes: Iterable[str]) -> set[str]:
-        """Say this node runs an SFU (if ``hosting``: again after Redis lost it) and return
-        which of ``nodes`` have no heartbeat any more."""
+    async def beat(self, hosting: bool, nodes: Iterable[str]) -> tuple[set[str], bool]:
+        """Say this node runs an SFU (if ``hosting``) and return which of ``nodes`` have no
+        heartbeat any more, and whether this node had to be added again (the others took it
+        for dead and forgot its rooms, or Redis lost its data)."""
         p = self.prefix
         names = sorted(set(nodes))
         async with self.redis.pipeline(transaction=False) as q:
@@ -141,7 +142,7 @@ class MediaMap:
                 q.exists(f"{p}:alive:{n}")
             found = await q.execute()
         alive = found[1:] if hosting else found
-        return {n for n, a in zip(names, alive, strict=True) if not a}
+        return {n for n, a in zip(names, alive, strict=True) if not a}, bool(hosting and found[0])
 
     async def forget(self, node: str) -> int:
         """Remove a dead node's placements (its rooms are placed again when next needed)."""

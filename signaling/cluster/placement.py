@@ -46,6 +46,13 @@ def reply_frame(
     return orjson.dumps({"k": "rep", "id": rid, "ok": False, "code": code, "message": message})
 
 
-def event_frame(ev: Mapping[str, Any]) -> bytes:
-    """A worker's event (or ``room_lost``) for the participants of another node."""
-    return orjson.dumps({"k": "ev", "ev": ev})
+def event_frame(ev: Mapping[str, Any], origin: str) -> bytes:
+    """A worker's event (or ``room_lost``) of a room hosted on ``origin``, for the
+    participants of another node (which drops it unless it places the room there)."""
+    return orjson.dumps({"k": "ev", "ev": ev, "from": origin})
+
+
+def unplaced_frame(room: str, origin: str) -> bytes:
+    """``origin`` hosted ``room``'s media until the cluster forgot it (it was taken for
+    dead): a node that still sends the room's requests there treats it as dead for that room."""
+    return orjson.dumps({"k": "unplaced", "room": room, "from": origin})

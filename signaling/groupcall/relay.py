@@ -34,7 +34,7 @@ from sfu.pool import SfuError
 from sfu.tasks import TaskSet
 
 from ..cluster.mediamap import MediaMap
-from ..cluster.placement import MOVED, event_frame, reply_frame, request_frame
+from ..cluster.placement import MOVED, event_frame, reply_frame, request_frame, unplaced_frame
 from ..cluster.redisbus import UNAVAILABLE, raise_if_cancelled
 from ..core.bus import MessageBus
 from ..core.metrics import Metric
@@ -70,7 +70,9 @@ class MediaRelay:
     """Routes media requests to the room's node, and that node's events back (module
     docstring). ``local`` runs a request on this node's pool; ``relayed`` handles an event
     the room's node sent for this node's participants; ``lost`` is told of a room whose node
-    died; ``hosting`` says whether this node runs an SFU."""
+    died; ``unplaced`` ends the media here of a room this node hosted when the cluster
+    forgot that (with the other nodes' participants in it); ``hosting`` says whether this
+    node runs an SFU."""
 
     def __init__(
         self,
@@ -81,6 +83,7 @@ class MediaRelay:
         local: Callable[[RoomRequest], Awaitable[dict[str, Any]]],
         relayed: Callable[[PoolEvent], None],
         lost: Callable[[str], None],
+        unplaced: Callable[[str, list[str]], Awaitable[None]],
         hosting: Callable[[], bool],
         timeout_s: float,
         heartbeat_s: float,
@@ -91,6 +94,7 @@ class MediaRelay:
         self.local = local
         self.relayed = relayed
         self.lost = lost
+        self.unplaced = unplaced
         self.hosting = hosting
         self.timeout_s = timeout_s
         self.heartbeat_s = heartbeat_s
@@ -106,6 +110,7 @@ class MediaRelay:
         self.requests_in = 0  # requests of other nodes served here
         self.timeouts = 0
         self.rooms_lost = 0  # rooms whose node died, seen by this node
+        self.stale = 0  # events of a room's former node, dropped
         bus.subscribe(f"medianode:{node_id}", "media", _Inbox(self))
 
     async def start(self) -> None:
@@ -192,10 +197,22 @@ class MediaRelay:
                 fut.set_result(msg)
         elif kind == "req":
             self._tasks.spawn(self._serve(msg["id"], msg["from"], msg["req"]))
+        elif kind == "unplaced":
+            room = msg["room"]
+            if self.where.get(room) == msg["from"]:  # as if that node had died, for this room
+                del self.where[room]
+                self.rooms_lost += 1
+                self.lost(room)
         elif kind == "ev":
             ev = cast(PoolEvent, msg["ev"])
-            if ev["ev"] == "room_closed":  # placed again when next needed
-                self.where.pop(ev["room"], None)
+            room = ev["room"]
+            if self.where.get(room) != msg["from"]:
+                # From a node the room was placed on before (one taken for dead, whose
+                # worker went on): an offer or a failure of media this node left behind.
+                self.stale += 1
+                return
+            if ev["ev"] == "room_closed" or ev["ev"] == "room_lost":  # look it up again
+                del self.where[room]
             self.relayed(ev)
 
     async def _serve(self, rid: int, origin: str, req: RoomRequest) -> None:
@@ -241,10 +258,10 @@ class MediaRelay:
         if name in PARTICIPANT_EVENTS:
             node = parts.get(cast(str, ev.get("participant")), "") if parts else ""
             if node:
-                self.bus.publish(f"medianode:{node}", event_frame(ev))
+                self.bus.publish(f"medianode:{node}", event_frame(ev, self.node_id))
         elif name in ROOM_EVENTS:
             if parts:
-                frame = event_frame(ev)
+                frame = event_frame(ev, self.node_id)
                 for node in set(parts.values()):
                     self.bus.publish(f"medianode:{node}", frame)
             if name == "room_closed":
@@ -277,7 +294,9 @@ class MediaRelay:
             await asyncio.sleep(self.heartbeat_s)
             try:
                 nodes = set(self._relied_on()) - {self.node_id}
-                dead = await self.placement.beat(self.hosting(), nodes)
+                dead, added = await self.placement.beat(self.hosting(), nodes)
+                if added and self.here:
+                    self._forgotten()
                 for node in sorted(dead):
                     await self.placement.forget(node)
                     self._dead(node)
@@ -285,6 +304,24 @@ class MediaRelay:
                 raise_if_cancelled()  # else: looked at again next beat
             except Exception:
                 log.exception("watching the media nodes failed")
+
+    def _forgotten(self) -> None:
+        """The other nodes took this node for dead (it stalled for 3 heartbeats) or Redis
+        lost the map: the rooms hosted here may be placed elsewhere by now. Their media here
+        ends, as if the worker had died: everyone leaves it, is told, and joins again where
+        the room is placed next (one node per room again)."""
+        log.warning("this node's media rooms were forgotten by the cluster: ending them here")
+        for room in sorted(self.here):
+            self.here.discard(room)
+            if self.where.get(room) == self.node_id:
+                del self.where[room]
+            self._tasks.spawn(self._unplace(room, self.remote.pop(room, {})))
+
+    async def _unplace(self, room: str, parts: dict[str, str]) -> None:
+        await self.unplaced(room, sorted(parts))  # the leaves; this node's are told
+        frame = unplaced_frame(room, self.node_id)
+        for node in set(parts.values()):  # theirs are told there (unless they moved already)
+            self.bus.publish(f"medianode:{node}", frame)
 
     def _dead(self, node: str) -> None:
         log.warning("media node %s is gone: its rooms are placed again", node)
@@ -326,6 +363,12 @@ class MediaRelay:
             "counter",
             "Rooms whose media node died, as seen by this node's participants.",
             self.rooms_lost,
+        )
+        yield Metric(
+            "media_stale_events",
+            "counter",
+            "Events from a node a room was placed on before (taken for dead), dropped.",
+            self.stale,
         )
         yield Metric(
             "media_rooms_here",

@@ -8,6 +8,7 @@ started yet) those answer ``sfu_unavailable``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
@@ -338,6 +339,17 @@ class GroupCall:
                 )
             s.send({"type": "media_failed", "room": room, "which": "all"})
         self._rejoin(room)
+
+    async def unplaced(self, room: str, others: list[str]) -> None:
+        """Cluster mode: ``room``'s media was hosted here, but the cluster forgot that (this
+        node was taken for dead, or Redis lost the map) and may have placed it elsewhere.
+        Everyone leaves it here (this node's participants and ``others``, whose nodes the
+        relay tells next), then this node's participants are told as if the room's node had
+        died, and join again where the room is placed now."""
+        for pid in sorted(self.members.get(room, ())) + others:
+            with contextlib.suppress(SfuError):
+                await self.local({"op": "leave", "room": room, "participant": pid})
+        self.lost_elsewhere(room)
 
     def _rejoin(self, room: str) -> None:
         for pid in sorted(self.members.get(room, ())):

@@ -303,3 +303,54 @@ async def test_a_node_taken_for_dead_ends_its_media_rooms(
         assert not any("bad_sdp" in e["error"] for e in b.errors), b.errors
         await a.close()
         await b.close()
+
+
+async def test_a_session_that_moves_to_another_node_publishes_again(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """alice's connection to node 0 (the room's media node) drops and she resumes on node
+    1 while node 0 lives: she is told `media_failed` once her participant has joined the
+    room's media from node 1, publishes again, and bob (on node 0) decodes her new media;
+    the room stays on node 0."""
+    ip = machine_ip()
+    async with (
+        cluster(tmp_path, servers, sfu=SFU, node_env=node_env(ip)) as cl,
+        asyncio.timeout(120),
+    ):
+        bob = await cl.client(0, "bob")
+        await bob.join("r")
+        b = await publishing(bob, "r", 2)
+        alice = await cl.client(0, "alice")
+        await alice.join("r")
+        a = await publishing(alice, "r", 1)
+        await until(lambda: decodes(b, alice.session, 10) and decodes(a, bob.session, 10), 60)
+        token, sid = alice.welcome["resume"], alice.session
+        await a.close()
+        await alice.close(bye=False)
+
+        again = await cl.client(1, "alice", resume=token)
+        assert (again.welcome["resumed"], again.session) == (True, sid)
+        failed = await again.next_event("media_failed", timeout=10)
+        assert (failed["room"], failed["which"]) == ("r", "all")
+        a = await publishing(again, "r", 3)
+        await until(lambda: decodes(a, bob.session, 10), 60)
+        # bob gets her new tracks (new ids) and decodes clip 3.
+        await until(
+            lambda: any(
+                t["participant"] == sid
+                and t["kind"] == "video"
+                and tid in b.counters
+                and 3 in b.counters[tid].video.publishers
+                and b.counters[tid].frames >= 10
+                for tid, t in b.tracks.items()
+            ),
+            60,
+        )
+        for media in (a, b):
+            ports = candidate_ports(media)
+            assert ports and all(PORTS[0][0] <= p <= PORTS[0][1] for p in ports), ports
+        assert await metric(cl.nodes[0], "sfu_rooms") == 1
+        assert await metric(cl.nodes[1], "sfu_rooms") == 0
+        assert no_event(bob, "media_failed")
+        await a.close()
+        await b.close()

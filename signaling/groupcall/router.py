@@ -165,16 +165,19 @@ class GroupCall:
         """A session joined ``room``: tell its worker; returns the room's current tracks."""
         if self.relay is not None:
             self.members.setdefault(room, set()).add(s.id)
-            self._spawn(self._join_relayed(self.relay, s, room))
+            self._spawn(self._join_relayed(self.relay, s, room, moved=False))
         elif self.pool is not None:
             self._spawn(self.pool.request(self._join_request(s, room)))
         return self.tracks_of(room)
 
-    async def _join_relayed(self, relay: MediaRelay, s: Session, room: str) -> None:
+    async def _join_relayed(self, relay: MediaRelay, s: Session, room: str, *, moved: bool) -> None:
         """Cluster mode: join the room's media on its node. This node's track cache may not
         know the room's tracks yet (nobody here was in it): the joiner hears of those it was
-        not told in `joined`."""
+        not told in `joined`. ``moved``: the session came from another node, where its
+        media was: it is told to publish again (`media_failed`) once it has joined here."""
         result = await relay.request(self._join_request(s, room))
+        if moved:
+            s.send({"type": "media_failed", "room": room, "which": "all"})
         known = self.tracks.setdefault(room, {})
         for t in result.get("tracks", []):
             if t["id"] not in known:
@@ -198,13 +201,14 @@ class GroupCall:
         """Cluster mode: a session that resumed on this node after another node had it (taken
         over) has no media here: its connections were that node's business (and its
         participant left the room's media there). It joins again and is told to publish
-        again (`media_failed`, as when a worker dies)."""
+        again (`media_failed`, as when a worker dies) if the room has media."""
         for room in s.rooms:
-            if s.id in self.members.get(room, ()):
+            members = self.members.setdefault(room, set())
+            if s.id in members:
                 self._spawn(relay.request({"op": "subscribe", "room": room, "participant": s.id}))
             else:
-                s.send({"type": "media_failed", "room": room, "which": "all"})
-                self.joined(s, room)
+                members.add(s.id)
+                self._spawn(self._join_relayed(relay, s, room, moved=True))
 
     def tracks_of(self, room: str) -> list[dict[str, Any]]:
         return [dict(t) for t in self.tracks.get(room, {}).values()]

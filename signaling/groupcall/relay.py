@@ -101,7 +101,10 @@ class MediaRelay:
         self.where: dict[str, str] = {}  # room -> the node of its media (as placed)
         self.here: set[str] = set()  # rooms placed on this node (checked in Redis)
         self.remote: dict[str, dict[str, str]] = {}  # room here -> other nodes' participants
-        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._pending: dict[int, tuple[str, asyncio.Future[dict[str, Any]]]] = {}
+        # Redis look-ups under way, by room: requests of a room that come meanwhile wait for
+        # the same answer, and go on in the order they came (a join before its publish).
+        self._lookups: dict[str, asyncio.Future[str | None]] = {}
         self._ids = itertools.count(1)
         self._tasks = TaskSet(_log_failure)
         self._watcher: asyncio.Task[None] | None = None
@@ -141,7 +144,8 @@ class MediaRelay:
         for attempt in range(2):
             node = self.where.get(room)
             if node is None:
-                node = await self._place(room)
+                node = await self._once(f"place {room}", lambda: self._place(room))
+                assert node is not None
             if node == self.node_id:
                 return await self.local(req)
             try:
@@ -152,6 +156,27 @@ class MediaRelay:
                 if self.where.get(room) == node:
                     del self.where[room]  # placed elsewhere meanwhile: look again
         raise AssertionError("unreachable")
+
+    async def _once(self, key: str, look: Callable[[], Awaitable[str | None]]) -> str | None:
+        """``look()``, or the answer of the same look-up already under way."""
+        fut = self._lookups.get(key)
+        if fut is not None:
+            return await asyncio.shield(fut)
+        fut = asyncio.get_running_loop().create_future()
+        self._lookups[key] = fut
+        try:
+            answer = await look()
+        except asyncio.CancelledError:
+            fut.cancel()
+            raise
+        except Exception as e:
+            fut.set_exception(e)
+            fut.exception()  # retrieved: nobody else may be waiting
+            raise
+        finally:
+            del self._lookups[key]
+        fut.set_result(answer)
+        return answer
 
     async def _place(self, room: str) -> str:
         try:
@@ -170,7 +195,7 @@ class MediaRelay:
     async def _ask(self, node: str, req: RoomRequest) -> dict[str, Any]:
         rid = next(self._ids)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = fut
+        self._pending[rid] = (node, fut)
         self.requests_out += 1
         self.bus.publish(f"medianode:{node}", request_frame(rid, self.node_id, req))
         try:
@@ -192,9 +217,9 @@ class MediaRelay:
         msg = orjson.loads(frame)
         kind = msg["k"]
         if kind == "rep":
-            fut = self._pending.get(msg["id"])
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
+            pending = self._pending.get(msg["id"])
+            if pending is not None and not pending[1].done():
+                pending[1].set_result(msg)
         elif kind == "req":
             self._tasks.spawn(self._serve(msg["id"], msg["from"], msg["req"]))
         elif kind == "unplaced":
@@ -223,7 +248,7 @@ class MediaRelay:
         try:
             if room not in self.here:
                 try:
-                    owner = await self.placement.owner(room)
+                    owner = await self._once(f"owner {room}", lambda: self.placement.owner(room))
                 except UNAVAILABLE:
                     owner = None
                 if owner != self.node_id:
@@ -325,6 +350,10 @@ class MediaRelay:
 
     def _dead(self, node: str) -> None:
         log.warning("media node %s is gone: its rooms are placed again", node)
+        gone = {"ok": False, "code": "media_unavailable", "message": "the media node died"}
+        for at, fut in self._pending.values():
+            if at == node and not fut.done():  # failed now rather than at their timeout
+                fut.set_result(gone)
         for room, at in list(self.where.items()):
             if at == node:
                 del self.where[room]

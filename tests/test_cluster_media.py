@@ -74,10 +74,11 @@ async def first_of(c: RallypointClient, types: set[str]) -> dict[str, dict[str, 
     return seen
 
 
-def candidate_ports(media: SfuSession) -> set[int]:
-    """The ports of the server's ICE candidates on both of ``media``'s connections."""
+def candidate_ports(media: SfuSession, *, subscriber: bool = True) -> set[int]:
+    """The ports of the server's ICE candidates on ``media``'s publisher connection (and
+    its subscriber connection)."""
     out = set()
-    for pc in (media.pub, media.sub):
+    for pc in (media.pub, media.sub) if subscriber else (media.pub,):
         assert pc is not None and pc.remoteDescription is not None
         for line in pc.remoteDescription.sdp.splitlines():
             if line.startswith("a=candidate:"):
@@ -354,3 +355,36 @@ async def test_a_session_that_moves_to_another_node_publishes_again(
         assert no_event(bob, "media_failed")
         await a.close()
         await b.close()
+
+
+async def test_rooms_spread_by_load_and_a_recording_is_asked_of_the_media_node(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """Node 1 hosts a room already: the next room, first needed on node 1 too, goes to node
+    0 (fewer rooms). Its moderator on node 1 cannot record it there: the recording would be
+    made on node 0 (refused with `recording_unavailable`, naming node 0)."""
+    ip = machine_ip()
+    async with (
+        cluster(tmp_path, servers, sfu=SFU, node_env=node_env(ip)) as cl,
+        asyncio.timeout(90),
+    ):
+        node_a, node_b = cl.nodes
+        carol = await cl.client(1, "carol")
+        await carol.join("other")
+        await until_async(lambda: metric(node_b, "media_rooms_here"), 1)
+        bob = await cl.client(1, "bob")
+        joined = await bob.join("r")
+        assert joined["self"]["moderator"] is True
+        await until_async(lambda: metric(node_a, "media_rooms_here"), 1)
+        assert await metric(node_b, "media_rooms_here") == 1
+        try:
+            await bob.start_recording("r")
+        except ClientError as e:
+            assert e.code == "recording_unavailable", e
+            assert "node" in str(e), e
+        else:
+            raise AssertionError("a recording was started away from the room's media")
+        media = await publishing(bob, "r", 1)  # bob's media goes to node 0
+        ports = candidate_ports(media, subscriber=False)
+        assert ports and all(PORTS[0][0] <= p <= PORTS[0][1] for p in ports), ports
+        await media.close()

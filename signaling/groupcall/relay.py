@@ -141,7 +141,7 @@ class MediaRelay:
     async def request(self, req: RoomRequest) -> dict[str, Any]:
         """Run ``req`` on the room's node: here, or relayed. Raises ``SfuError``."""
         room = req["room"]
-        for attempt in range(2):
+        for _ in range(2):  # once more after `moved`
             node = self.where.get(room)
             if node is None:
                 node = await self._once(f"place {room}", lambda: self._place(room))
@@ -151,11 +151,11 @@ class MediaRelay:
             try:
                 return await self._ask(node, req)
             except SfuError as e:
-                if e.code != MOVED or attempt:
+                if e.code != MOVED:
                     raise
                 if self.where.get(room) == node:
                     del self.where[room]  # placed elsewhere meanwhile: look again
-        raise AssertionError("unreachable")
+        raise SfuError("media_unavailable", "the room's media is moving between nodes: retry")
 
     async def _once(self, key: str, look: Callable[[], Awaitable[str | None]]) -> str | None:
         """``look()``, or the answer of the same look-up already under way."""

@@ -302,10 +302,13 @@ class MediaRelay:
         except UNAVAILABLE:
             pass  # the room stays placed here: joins come back here, which is right too
 
-    def forget_room(self, room: str) -> None:
-        """This node has nobody left in ``room``: forget where its media is."""
-        if room not in self.here:
-            self.where.pop(room, None)
+    def forget_room(self, room: str) -> bool:
+        """This node has nobody left in ``room``: forget where its media is (unless it is
+        here); whether it is elsewhere (so that node's events stop coming here)."""
+        if room in self.here:
+            return False
+        self.where.pop(room, None)
+        return True
 
     # -- dead nodes --------------------------------------------------------------------------
 

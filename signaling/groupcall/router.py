@@ -232,8 +232,10 @@ class GroupCall:
         try:
             await relay.request({"op": "leave", "room": room, "participant": pid})
         finally:
-            if room not in self.members:  # nobody here is in it: placed anew when next needed
-                relay.forget_room(room)
+            # Nobody here is in it: looked up when next needed, and its track cache, which
+            # its node no longer keeps up to date here, is dropped.
+            if room not in self.members and relay.forget_room(room):
+                self.tracks.pop(room, None)
 
     # -- worker events -----------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import asyncio
 import secrets
 import signal
 import time
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 from nethelpers import machine_ip
 from processes import Server
-from test_cluster import REDIS_URL, cluster, metric, no_event, until, until_async
+from test_cluster import REDIS_URL, Cluster, cluster, metric, no_event, until, until_async
 
 from media.clip import ClipSpec, load_clip
 from media.session import SfuSession
@@ -46,6 +47,28 @@ def node_env(ip: str) -> list[dict[str, str]]:
 
 
 SFU = 'enabled = true\nworkers = 1\nbind_address = "0.0.0.0"'
+
+
+def media_cluster(
+    tmp_path: Path, servers: list[Server], n: int = 2
+) -> AbstractAsyncContextManager[Cluster]:
+    """``n`` nodes with SFU workers, each with its own media ports (``PORTS``)."""
+    return cluster(tmp_path, servers, n, sfu=SFU, node_env=node_env(machine_ip()))
+
+
+async def in_call(
+    cl: Cluster, first: tuple[int, str], second: tuple[int, str], frames: int = 10, **kw: Any
+) -> tuple[RallypointClient, SfuSession, RallypointClient, SfuSession]:
+    """Two clients (node, identity) in room "r", joined and publishing in that order (the
+    first one's node hosts the room's media), once each decodes ``frames`` of the other."""
+    c1 = await cl.client(first[0], first[1], **kw)
+    await c1.join("r")
+    m1 = await publishing(c1, "r", 1)
+    c2 = await cl.client(second[0], second[1])
+    await c2.join("r")
+    m2 = await publishing(c2, "r", 2)
+    await until(lambda: decodes(m1, c2.session, frames) and decodes(m2, c1.session, frames), 60)
+    return c1, m1, c2, m2
 
 
 async def publishing(c: RallypointClient, room: str, n: int) -> SfuSession:
@@ -94,18 +117,8 @@ async def test_a_rooms_media_is_on_one_node_and_moves_when_that_node_dies(
     to node 0's media ports; each decodes the other. Node 0 SIGKILLed: bob gets
     `media_failed` (all) on node 1, publishes again, and alice, resuming on node 1, gets
     media again: the room is placed on node 1 now."""
-    ip = machine_ip()
-    async with (
-        cluster(tmp_path, servers, sfu=SFU, node_env=node_env(ip)) as cl,
-        asyncio.timeout(150),
-    ):
-        alice = await cl.client(0, "alice", reconnect=False)
-        await alice.join("r")
-        a = await publishing(alice, "r", 1)
-        bob = await cl.client(1, "bob")
-        await bob.join("r")
-        b = await publishing(bob, "r", 2)
-        await until(lambda: decodes(a, bob.session, 20) and decodes(b, alice.session, 20), 60)
+    async with media_cluster(tmp_path, servers) as cl, asyncio.timeout(150):
+        alice, a, bob, b = await in_call(cl, (0, "alice"), (1, "bob"), 20, reconnect=False)
 
         # Both clients' media is on node 0: its ports, its worker, its relay counters.
         node_a, node_b = cl.nodes
@@ -160,11 +173,7 @@ async def test_a_relayed_request_to_a_silent_node_fails_in_time(
     relayed there gets `media_unavailable` after `cluster.media_timeout_s`, never a hang.
     Once that node's heartbeat is gone, the room's participants get `media_failed` and their
     media works on a node that answers."""
-    ip = machine_ip()
-    async with (
-        cluster(tmp_path, servers, n=1, sfu=SFU, node_env=node_env(ip)) as cl,
-        asyncio.timeout(90),
-    ):
+    async with media_cluster(tmp_path, servers, 1) as cl, asyncio.timeout(90):
         r = aioredis.Redis.from_url(REDIS_URL)
         try:
             p = cl.prefix
@@ -266,18 +275,8 @@ async def test_a_node_taken_for_dead_ends_its_media_rooms(
     it for dead and places the room again for its participant. When the stalled node runs
     again it finds the cluster forgot its rooms, ends the room's media there and tells its
     own participant, who joins the room's new node: one node per room again."""
-    ip = machine_ip()
-    async with (
-        cluster(tmp_path, servers, sfu=SFU, node_env=node_env(ip)) as cl,
-        asyncio.timeout(150),
-    ):
-        alice = await cl.client(0, "alice")
-        await alice.join("r")
-        a = await publishing(alice, "r", 1)
-        bob = await cl.client(1, "bob")
-        await bob.join("r")
-        b = await publishing(bob, "r", 2)
-        await until(lambda: decodes(a, bob.session, 10) and decodes(b, alice.session, 10), 60)
+    async with media_cluster(tmp_path, servers) as cl, asyncio.timeout(150):
+        alice, a, bob, b = await in_call(cl, (0, "alice"), (1, "bob"))
         node_a, node_b = cl.nodes
         assert node_a.proc is not None
 
@@ -313,18 +312,8 @@ async def test_a_session_that_moves_to_another_node_publishes_again(
     1 while node 0 lives: she is told `media_failed` once her participant has joined the
     room's media from node 1, publishes again, and bob (on node 0) decodes her new media;
     the room stays on node 0."""
-    ip = machine_ip()
-    async with (
-        cluster(tmp_path, servers, sfu=SFU, node_env=node_env(ip)) as cl,
-        asyncio.timeout(120),
-    ):
-        bob = await cl.client(0, "bob")
-        await bob.join("r")
-        b = await publishing(bob, "r", 2)
-        alice = await cl.client(0, "alice")
-        await alice.join("r")
-        a = await publishing(alice, "r", 1)
-        await until(lambda: decodes(b, alice.session, 10) and decodes(a, bob.session, 10), 60)
+    async with media_cluster(tmp_path, servers) as cl, asyncio.timeout(120):
+        bob, b, alice, a = await in_call(cl, (0, "bob"), (0, "alice"))
         token, sid = alice.welcome["resume"], alice.session
         await a.close()
         await alice.close(bye=False)
@@ -363,11 +352,7 @@ async def test_rooms_spread_by_load_and_a_recording_is_asked_of_the_media_node(
     """Node 1 hosts a room already: the next room, first needed on node 1 too, goes to node
     0 (fewer rooms). Its moderator on node 1 cannot record it there: the recording would be
     made on node 0 (refused with `recording_unavailable`, naming node 0)."""
-    ip = machine_ip()
-    async with (
-        cluster(tmp_path, servers, sfu=SFU, node_env=node_env(ip)) as cl,
-        asyncio.timeout(90),
-    ):
+    async with media_cluster(tmp_path, servers) as cl, asyncio.timeout(90):
         node_a, node_b = cl.nodes
         carol = await cl.client(1, "carol")
         await carol.join("other")

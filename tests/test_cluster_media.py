@@ -253,6 +253,10 @@ async def test_nodes_placing_one_room_at_once_agree(redis_prefix: str) -> None:
             assert await maps[2].place(room) in ("n2", "n3")
         assert await r.sismember(f"{redis_prefix}:medianodes", "n1") == 0
         assert await maps[0].beat(True, []) == (set(), True)  # n1 learns it was forgotten
+        # It takes back what nobody placed meanwhile, and hears what went elsewhere.
+        assert await maps[0].reclaim([*mine, "quiet"]) == mine
+        assert await maps[1].owner("quiet") == "n1"
+        assert await r.smembers(f"{redis_prefix}:mediarooms:n1") == {b"quiet"}
         # A node releases only its own placement.
         room = sorted(mine)[0]
         owner = await maps[1].owner(room)
@@ -373,3 +377,66 @@ async def test_rooms_spread_by_load_and_a_recording_is_asked_of_the_media_node(
         ports = candidate_ports(media, subscriber=False)
         assert ports and all(PORTS[0][0] <= p <= PORTS[0][1] for p in ports), ports
         await media.close()
+
+
+async def test_without_redis_placed_rooms_keep_their_media(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """On a private redis-server: while it is down, a room placed already keeps working (a
+    new participant gets its media), and a room not placed yet answers `media_unavailable`
+    at once. Once Redis is back (empty: nothing kept on disk) the node places its room on
+    itself again (nobody else did meanwhile: no `media_failed`), and the participant whose
+    join failed during the outage is joined again by its next media request."""
+    from test_redisbus import PrivateRedis
+
+    redis = PrivateRedis()
+    redis.start()
+    try:
+        await until_async(redis.answers, True)
+        async with (
+            cluster(
+                tmp_path,
+                servers,
+                1,
+                redis_url=redis.url,
+                sfu=SFU,
+                node_env=node_env(machine_ip()),
+            ) as cl,
+            asyncio.timeout(120),
+        ):
+            node = cl.nodes[0]
+            alice = await cl.client(0, "alice")
+            await alice.join("r")
+            a = await publishing(alice, "r", 1)
+
+            redis.kill()
+            await until_async(lambda: metric(node, "cluster_unavailable"), 1.0)
+            bob = await cl.client(0, "bob")
+            await bob.join("r")
+            viewer = SfuSession(bob, "r")
+            await until(lambda: decodes(viewer, alice.session, 10), 60)
+            carol = await cl.client(0, "carol")
+            await carol.join("new")
+            try:
+                await carol.request({"type": "subscribe", "room": "new"}, timeout=5)
+            except ClientError as e:
+                assert e.code == "media_unavailable", e
+            else:
+                raise AssertionError("a room was placed without Redis")
+
+            redis.start()
+            await until_async(lambda: metric(node, "cluster_unavailable"), 0.0)
+            r = aioredis.Redis.from_url(redis.url)
+            try:
+                await until_async(lambda: r.exists(f"{cl.prefix}:media:r"), 1)
+            finally:
+                await r.aclose()
+            assert no_event(alice, "media_failed") and no_event(bob, "media_failed")
+            media = await publishing(carol, "new", 3)  # joined again, then published
+            assert media.pub is not None and media.pub.remoteDescription is not None
+            await until(lambda: decodes(viewer, alice.session, 50), 60)  # "r" went on
+            await media.close()
+            await viewer.close()
+            await a.close()
+    finally:
+        redis.kill()

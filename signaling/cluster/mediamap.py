@@ -144,6 +144,24 @@ class MediaMap:
         alive = found[1:] if hosting else found
         return {n for n, a in zip(names, alive, strict=True) if not a}, bool(hosting and found[0])
 
+    async def reclaim(self, rooms: Iterable[str]) -> set[str]:
+        """This node was added again (taken for dead, or Redis lost its data): place its
+        ``rooms`` on it again where nobody placed them meanwhile; the rooms placed on
+        another node since."""
+        p = self.prefix
+        names = sorted(rooms)
+        async with self.redis.pipeline(transaction=False) as q:
+            for room in names:  # SET NX, then who has it now
+                q.set(f"{p}:media:{room}", self.node_id, nx=True)
+                q.get(f"{p}:media:{room}")
+            found = await q.execute()
+        mine = self.node_id.encode()
+        lost = {room for i, room in enumerate(names) if found[2 * i + 1] != mine}
+        kept = sorted(set(names) - lost)
+        if kept:
+            await self.redis.sadd(f"{p}:mediarooms:{self.node_id}", *kept)
+        return lost
+
     async def forget(self, node: str) -> int:
         """Remove a dead node's placements (its rooms are placed again when next needed)."""
         p = self.prefix

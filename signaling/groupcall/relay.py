@@ -324,7 +324,7 @@ class MediaRelay:
                 nodes = set(self._relied_on()) - {self.node_id}
                 dead, added = await self.placement.beat(self.hosting(), nodes)
                 if added and self.here:
-                    self._forgotten()
+                    self._forgotten(await self.placement.reclaim(self.here))
                 for node in sorted(dead):
                     await self.placement.forget(node)
                     self._dead(node)
@@ -333,13 +333,17 @@ class MediaRelay:
             except Exception:
                 log.exception("watching the media nodes failed")
 
-    def _forgotten(self) -> None:
+    def _forgotten(self, rooms: set[str]) -> None:
         """The other nodes took this node for dead (it stalled for 3 heartbeats) or Redis
-        lost the map: the rooms hosted here may be placed elsewhere by now. Their media here
-        ends, as if the worker had died: everyone leaves it, is told, and joins again where
-        the room is placed next (one node per room again)."""
-        log.warning("this node's media rooms were forgotten by the cluster: ending them here")
-        for room in sorted(self.here):
+        lost the map, and ``rooms`` hosted here were placed on other nodes meanwhile (the
+        others are placed here again). Their media here ends, as if the worker had died:
+        everyone leaves it, is told, and joins again where the room is placed now (one node
+        per room again)."""
+        if not rooms:
+            log.warning("this node's media rooms were forgotten by the cluster: placed again")
+            return
+        log.warning("%d media rooms of this node were placed elsewhere: ending them", len(rooms))
+        for room in sorted(rooms):
             self.here.discard(room)
             if self.where.get(room) == self.node_id:
                 del self.where[room]

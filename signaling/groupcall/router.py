@@ -87,6 +87,9 @@ class GroupCall:
         # cluster; this node's sessions joined to each room's media (wherever it is).
         self.relay: MediaRelay | None = None
         self.members: dict[str, set[str]] = {}
+        # (room, session) whose join of the room's media failed (Redis or the room's node
+        # unreachable): joined again before their next media request.
+        self.unjoined: set[tuple[str, str]] = set()
 
     def feature(self) -> Feature:
         return Feature(
@@ -175,7 +178,12 @@ class GroupCall:
         know the room's tracks yet (nobody here was in it): the joiner hears of those it was
         not told in `joined`. ``moved``: the session came from another node, where its
         media was: it is told to publish again (`media_failed`) once it has joined here."""
-        result = await relay.request(self._join_request(s, room))
+        try:
+            result = await relay.request(self._join_request(s, room))
+        except SfuError:
+            self.unjoined.add((room, s.id))
+            raise
+        self.unjoined.discard((room, s.id))
         if moved:
             s.send({"type": "media_failed", "room": room, "which": "all"})
         known = self.tracks.setdefault(room, {})
@@ -183,6 +191,12 @@ class GroupCall:
             if t["id"] not in known:
                 known[t["id"]] = t
                 s.send({"type": "track_published", "room": room, "track": t})
+
+    async def _join_again(self, relay: MediaRelay, req: RoomRequest) -> None:
+        pid = req.get("participant")
+        s = self.hub.sessions.get(pid) if isinstance(pid, str) else None
+        if s is not None and req["room"] in s.rooms:
+            await self._join_relayed(relay, s, req["room"], moved=False)
 
     def resumed(self, s: Session) -> None:
         """A session resumed: an offer sent while its socket was down was lost; send the
@@ -220,6 +234,7 @@ class GroupCall:
             if members is None or s.id not in members:
                 return
             members.discard(s.id)
+            self.unjoined.discard((room, s.id))
             if not members:
                 del self.members[room]
             self._spawn(self._left_relayed(relay, room, s.id))
@@ -427,6 +442,8 @@ class GroupCall:
             raise ProtocolError("sfu_unavailable", "media is disabled on this server")
         try:
             if relay is not None:
+                if (req["room"], req.get("participant")) in self.unjoined:
+                    await self._join_again(relay, req)
                 return await relay.request(req)
             assert pool is not None
             return await pool.request(req)

@@ -108,6 +108,7 @@ class MediaRelay:
         self._ids = itertools.count(1)
         self._tasks = TaskSet(_log_failure)
         self._watcher: asyncio.Task[None] | None = None
+        self._no_media_until = 0.0  # loop time: no node ran media when last asked
         # Counters.
         self.requests_out = 0  # requests sent to another node
         self.requests_in = 0  # requests of other nodes served here
@@ -179,6 +180,9 @@ class MediaRelay:
         return answer
 
     async def _place(self, room: str) -> str:
+        now = asyncio.get_running_loop().time()
+        if now < self._no_media_until:  # a cluster without media: no Redis per join
+            raise SfuError("sfu_unavailable", "no node of the cluster runs media")
         try:
             node = await self.placement.place(room)
         except (*UNAVAILABLE, TimeoutError):
@@ -186,6 +190,7 @@ class MediaRelay:
                 "media_unavailable", "the cluster's Redis cannot be reached: retry"
             ) from None
         if node is None:
+            self._no_media_until = now + self.heartbeat_s  # asked again after a heartbeat
             raise SfuError("sfu_unavailable", "no node of the cluster runs media")
         self.where[room] = node
         if node == self.node_id:

@@ -34,6 +34,7 @@ from .chat import messages as chat_messages
 from .chat.handlers import Chat
 from .chat.postgres import PostgresStore
 from .chat.sqlite import SqliteStore
+from .cluster.mediamap import MediaMap
 from .cluster.redisbus import RedisBus, node_id
 from .cluster.state import ClusterState
 from .config import Config, ConfigError
@@ -46,6 +47,7 @@ from .core.hub import Hub
 from .core.ice import IceServers
 from .core.metrics import Metric, MetricSource
 from .groupcall import messages as groupcall_messages
+from .groupcall.relay import MediaRelay
 from .groupcall.router import GroupCall
 from .net import http_api
 from .net import web as web_page
@@ -166,6 +168,19 @@ def make_app(cfg: Config) -> web.Application:
     else:
         calls = CallService(hub, store, push)
     groupcall = GroupCall(hub, cfg.sfu)
+    if isinstance(bus, RedisBus):  # cluster mode: a room's media on one node of the cluster
+        groupcall.relay = MediaRelay(
+            bus,
+            MediaMap(cfg.cluster.redis_url, bus.node_id, cfg.cluster.key_prefix),
+            bus.node_id,
+            local=groupcall.local,
+            relayed=groupcall.relayed,
+            lost=groupcall.lost_elsewhere,
+            unplaced=groupcall.unplaced,
+            hosting=groupcall.hosting,
+            timeout_s=cfg.cluster.media_timeout_s,
+            heartbeat_s=cfg.cluster.heartbeat_s,
+        )
     core = CoreHandlers(hub)
     relations = Relations(hub, store)
     gc_monitor = GcMonitor()
@@ -245,9 +260,9 @@ def make_app(cfg: Config) -> web.Application:
             yield
             return
         log.warning(
-            "cluster mode (node %s, heartbeat %.2f s): rooms, chat, presence, resuming and "
-            "calls are shared; a group call's (and a recording's) media is per node "
-            "(docs/CLUSTER.md, Limits)",
+            "cluster mode (node %s, heartbeat %.2f s): rooms, chat, presence, resuming, "
+            "calls and group-call media are shared; a recording is made by the node it was "
+            "asked of (docs/CLUSTER.md, Limits)",
             bus.node_id,
             cfg.cluster.heartbeat_s,
         )
@@ -277,6 +292,8 @@ def make_app(cfg: Config) -> web.Application:
 
     async def media_ctx(app: web.Application) -> AsyncIterator[None]:
         await groupcall.start()
+        if groupcall.relay is not None:
+            await groupcall.relay.start()
         yield
         await groupcall.close()
 

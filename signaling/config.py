@@ -129,6 +129,10 @@ class ClusterSection:
     # How often this node refreshes its heartbeat in Redis. A node silent for 3 heartbeats
     # is dead: the others take its devices offline and its participants out of their rooms.
     heartbeat_s: float = 1.0
+    # A group call's media lives on one node (the SFU's public_address is what that node's ICE
+    # candidates announce); the other nodes relay their participants' media requests to it
+    # and wait this long for its answer (then: media_unavailable).
+    media_timeout_s: float = 5.0
 
     @property
     def dead_after_s(self) -> float:
@@ -312,6 +316,8 @@ class Config:
             )
         if not 0.05 <= cl.heartbeat_s <= 60:
             raise ConfigError("cluster.heartbeat_s must be between 0.05 and 60")
+        if not 0.1 <= cl.media_timeout_s <= 60:
+            raise ConfigError("cluster.media_timeout_s must be between 0.1 and 60")
         if self.server.metrics_listen:
             host, sep, port = self.server.metrics_listen.rpartition(":")
             if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:

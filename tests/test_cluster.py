@@ -47,8 +47,17 @@ class Cluster:
 
 @contextlib.asynccontextmanager
 async def cluster(
-    tmp_path: Path, servers: list[Server], n: int = 2, extra: str = "", redis_url: str = REDIS_URL
+    tmp_path: Path,
+    servers: list[Server],
+    n: int = 2,
+    extra: str = "",
+    redis_url: str = REDIS_URL,
+    *,
+    sfu: str = "enabled = false",
+    node_env: list[dict[str, str]] | None = None,
 ) -> AsyncIterator[Cluster]:
+    """``n`` nodes; ``sfu``: the ``[sfu]`` section's lines; ``node_env``: each node's own
+    environment (``RALLYPOINT_<SECTION>_<KEY>`` settings of that node alone)."""
     prefix = "test" + secrets.token_hex(5)
     async with pg_schema() as store_url:
         config = tmp_path / "cluster.toml"
@@ -56,11 +65,18 @@ async def cluster(
             f'[store]\nurl = "{store_url}"\n\n'
             f'[cluster]\nredis_url = "{redis_url}"\nkey_prefix = "{prefix}"\n'
             f"heartbeat_s = {HEARTBEAT_S}\n\n"
-            f"[sfu]\nenabled = false\n\n{extra}"
+            f"[sfu]\n{sfu}\n\n{extra}"
         )
         # A node that hangs can be made to show where (SIGABRT: its traceback in its log).
         env = {"PYTHONFAULTHANDLER": "1"}
-        nodes = [Server(tmp_path / f"n{i}", env, ["--config", str(config)]) for i in range(n)]
+        nodes = [
+            Server(
+                tmp_path / f"n{i}",
+                {**env, **(node_env[i] if node_env else {})},
+                ["--config", str(config)],
+            )
+            for i in range(n)
+        ]
         servers.extend(nodes)
         await asyncio.gather(*(s.start() for s in nodes))
         c = Cluster(nodes, prefix)

@@ -1086,7 +1086,9 @@ export class Room extends Emitter {
           if (pc.signalingState === "have-local-offer") {
             await pc.setLocalDescription({ type: "rollback" });
           }
-          const retry = ["disconnected", "timeout", "sfu_unavailable", "rate_limited"];
+          const retry = [
+            "disconnected", "timeout", "sfu_unavailable", "media_unavailable", "rate_limited",
+          ];
           if (!retry.includes(err.code) || attempt === 4) throw err;
           this.emit("media_error", { which: "publisher", error: err, retrying: true });
           await sleep(err.retry_after_ms ?? 500 * 2 ** attempt);

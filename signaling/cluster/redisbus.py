@@ -54,6 +54,14 @@ MAX_PIPELINE: Final = 512  # PUBLISH commands per round trip
 UNAVAILABLE: Final = (OSError, TimeoutError, RedisConnectionError, RedisTimeoutError)
 
 
+def raise_if_cancelled() -> None:
+    """redis-py's own timeouts can turn a cancellation that meets them into a
+    ``TimeoutError`` (which is also what an outage raises): a task being cancelled stops."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def connect(url: str, timeout_s: float = TIMEOUT_S) -> aioredis.Redis:
     """A Redis client as the cluster's parts use it: bounded connects and commands, and no
     retries of redis-py's own (the callers' retries are counted; redis-py's would hide an

@@ -58,7 +58,7 @@ from ..core.session import Session
 from ..core.shared import ResumedSession, SharedState
 from ..core.tokens import Claims
 from ..wire.errors import ProtocolError
-from .redisbus import TIMEOUT_S, UNAVAILABLE, connect
+from .redisbus import TIMEOUT_S, UNAVAILABLE, connect, raise_if_cancelled
 
 if TYPE_CHECKING:
     from ..core.hub import Hub
@@ -317,14 +317,6 @@ def _unavailable() -> RedisConnectionError:
     return RedisConnectionError("the cluster's Redis is unavailable")
 
 
-def _raise_if_cancelled() -> None:
-    """redis-py's own timeouts can turn a cancellation that meets them into a
-    ``TimeoutError`` (which is also what an outage raises): a task being cancelled stops."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
-
-
 def _participant(raw: bytes | str) -> Participant:
     return Participant(**orjson.loads(raw))
 
@@ -462,7 +454,7 @@ class ClusterState:
                 try:
                     result = await op()
                 except UNAVAILABLE as e:
-                    _raise_if_cancelled()
+                    raise_if_cancelled()
                     self._lost(e)
                     if fut is not None and not fut.done():
                         fut.set_exception(e)
@@ -576,7 +568,7 @@ class ClusterState:
         try:
             out = await self._rooms(keys=[self._rooms_index], args=[self.prefix])
         except UNAVAILABLE as e:
-            _raise_if_cancelled()
+            raise_if_cancelled()
             self._lost(e)
             return None
         return [(out[i].decode(), int(out[i + 1]), bool(out[i + 2])) for i in range(0, len(out), 3)]
@@ -734,7 +726,7 @@ class ClusterState:
                         pipe.smembers(f"{self.prefix}:conn:{i}")
                     found = await pipe.execute()
             except UNAVAILABLE as e:
-                _raise_if_cancelled()
+                raise_if_cancelled()
                 self._lost(e)  # unknown: a push too many rather than one missed
             else:
                 mine = f"{self.node_id} ".encode()
@@ -761,7 +753,7 @@ class ClusterState:
         try:
             fields: list[Any] = await self._redis.hkeys(f"{self.prefix}:presence:{identity}")
         except UNAVAILABLE as e:
-            _raise_if_cancelled()
+            raise_if_cancelled()
             self._lost(e)
             return set()
         nodes = {f.split(b" ", 1)[0].decode() for f in fields}
@@ -818,7 +810,7 @@ class ClusterState:
                 )
                 self.reaped += removed
             except UNAVAILABLE as e:
-                _raise_if_cancelled()
+                raise_if_cancelled()
                 self._lost(e)
             except Exception:  # not an outage: say what it was, and beat again
                 log.exception("the cluster heartbeat failed")

@@ -181,6 +181,10 @@ ERRORS: Final[dict[str, str]] = {
     "no_usable_codec": "The offer has no codec the room uses (Opus; VP8 or H.264).",
     "no_such_track": "No such track (or it is not yours to change).",
     "sfu_unavailable": "Media is not available (SFU disabled, starting or restarting).",
+    "media_unavailable": (
+        "Cluster: the node hosting the room's media did not answer in time (or the "
+        "cluster's Redis cannot be reached); retry."
+    ),
 }
 
 TRACK_DEFINITION: Final[dict[str, object]] = {

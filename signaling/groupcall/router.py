@@ -8,6 +8,7 @@ started yet) those answer ``sfu_unavailable``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Callable, Coroutine, Iterable
@@ -16,6 +17,7 @@ from typing import Any
 from sfu.channel import (
     AnswerRequest,
     IceRequest,
+    JoinRequest,
     MuteRequest,
     PauseRequest,
     PoolEvent,
@@ -39,6 +41,7 @@ from ..core.session import Session
 from ..wire.errors import ProtocolError
 from ..wire.framing import encode
 from .messages import ERRORS, MAX_RENDER_SIDE, MESSAGES, TRACK_PATTERN
+from .relay import MediaRelay
 
 log = logging.getLogger("rallypoint.media")
 
@@ -90,6 +93,13 @@ class GroupCall:
         # room's recording, and who hears that a worker ended one (room, recording, reason).
         self.recording_of: Callable[[str], dict[str, Any] | None] = _no_recording
         self.on_recording_ended: list[Callable[[str, str, str], None]] = []
+        # Cluster mode (``relay``, set by app.py): a room's media is on one node of the
+        # cluster; this node's sessions joined to each room's media (wherever it is).
+        self.relay: MediaRelay | None = None
+        self.members: dict[str, set[str]] = {}
+        # (room, session) whose join of the room's media failed (Redis or the room's node
+        # unreachable): joined again before their next media request.
+        self.unjoined: set[tuple[str, str]] = set()
 
     def feature(self) -> Feature:
         return Feature(
@@ -127,6 +137,8 @@ class GroupCall:
 
     async def close(self) -> None:
         await self._tasks.cancel()
+        if self.relay is not None:
+            await self.relay.close()
         pool, self.pool = self.pool, None
         if pool is not None:
             await pool.close()
@@ -134,7 +146,7 @@ class GroupCall:
     async def metrics(self) -> Iterable[Metric]:
         """The SFU workers' counters (asks each worker)."""
         if self.pool is None:
-            return []
+            return [] if self.relay is None else list(self.relay.metrics())
         totals: dict[str, float] = {}
         for stats in await self.pool.stats():
             for k, v in stats.items():
@@ -143,6 +155,8 @@ class GroupCall:
         for k, v in totals.items():
             kind, help_ = SFU_METRICS.get(k, ("counter", f"SFU workers' {k}."))
             out.append(Metric(f"sfu_{k}", "gauge" if kind == "gauge" else "counter", help_, v))
+        if self.relay is not None:
+            out.extend(self.relay.metrics())
         return out
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
@@ -150,27 +164,57 @@ class GroupCall:
 
     # -- RoomMedia (the hub tells) -----------------------------------------------------------
 
+    def _join_request(self, s: Session, room: str) -> JoinRequest:
+        grants = self.hub.grants_for(s, room) or frozenset()
+        return {
+            "op": "join",
+            "room": room,
+            "participant": s.id,
+            "subscribe": "subscribe" in grants,
+            "identity": s.identity,
+            "name": s.name,
+        }
+
     def joined(self, s: Session, room: str) -> list[dict[str, Any]]:
         """A session joined ``room``: tell its worker; returns the room's current tracks."""
-        if self.pool is not None:
-            grants = self.hub.grants_for(s, room) or frozenset()
-            self._spawn(
-                self.pool.request(
-                    {
-                        "op": "join",
-                        "room": room,
-                        "participant": s.id,
-                        "subscribe": "subscribe" in grants,
-                        "identity": s.identity,
-                        "name": s.name,
-                    }
-                )
-            )
+        if self.relay is not None:
+            self.members.setdefault(room, set()).add(s.id)
+            self._spawn(self._join_relayed(self.relay, s, room, moved=False))
+        elif self.pool is not None:
+            self._spawn(self.pool.request(self._join_request(s, room)))
         return self.tracks_of(room)
+
+    async def _join_relayed(self, relay: MediaRelay, s: Session, room: str, *, moved: bool) -> None:
+        """Cluster mode: join the room's media on its node. This node's track cache may not
+        know the room's tracks yet (nobody here was in it): the joiner hears of those it was
+        not told in `joined`. ``moved``: the session came from another node, where its
+        media was: it is told to publish again (`media_failed`) once it has joined here."""
+        try:
+            result = await relay.request(self._join_request(s, room))
+        except SfuError:
+            self.unjoined.add((room, s.id))
+            raise
+        self.unjoined.discard((room, s.id))
+        if moved:
+            s.send({"type": "media_failed", "room": room, "which": "all"})
+        known = self.tracks.setdefault(room, {})
+        for t in result.get("tracks", []):
+            if t["id"] not in known:
+                known[t["id"]] = t
+                s.send({"type": "track_published", "room": room, "track": t})
+
+    async def _join_again(self, relay: MediaRelay, req: RoomRequest) -> None:
+        pid = req.get("participant")
+        s = self.hub.sessions.get(pid) if isinstance(pid, str) else None
+        if s is not None and req["room"] in s.rooms:
+            await self._join_relayed(relay, s, req["room"], moved=False)
 
     def resumed(self, s: Session) -> None:
         """A session resumed: an offer sent while its socket was down was lost; send the
         waiting one again (same number)."""
+        if self.relay is not None:
+            self._resumed_relayed(self.relay, s)
+            return
         pool = self.pool
         if pool is None:
             return
@@ -178,17 +222,56 @@ class GroupCall:
             if pool.hosts(room):
                 self._spawn(pool.request({"op": "subscribe", "room": room, "participant": s.id}))
 
+    def _resumed_relayed(self, relay: MediaRelay, s: Session) -> None:
+        """Cluster mode: a session that resumed on this node after another node had it (taken
+        over) has no media here: its connections were that node's business (and its
+        participant left the room's media there). It joins again and is told to publish
+        again (`media_failed`, as when a worker dies) if the room has media."""
+        for room in s.rooms:
+            members = self.members.setdefault(room, set())
+            if s.id in members:
+                self._spawn(relay.request({"op": "subscribe", "room": room, "participant": s.id}))
+            else:
+                members.add(s.id)
+                self._spawn(self._join_relayed(relay, s, room, moved=True))
+
     def tracks_of(self, room: str) -> list[dict[str, Any]]:
         return [dict(t) for t in self.tracks.get(room, {}).values()]
 
     def left(self, s: Session, room: str) -> None:
+        relay = self.relay
+        if relay is not None:
+            members = self.members.get(room)
+            if members is None or s.id not in members:
+                return
+            members.discard(s.id)
+            self.unjoined.discard((room, s.id))
+            if not members:
+                del self.members[room]
+            self._spawn(self._left_relayed(relay, room, s.id))
+            return
         pool = self.pool
         if pool is not None and pool.hosts(room):
             self._spawn(pool.request({"op": "leave", "room": room, "participant": s.id}))
 
+    async def _left_relayed(self, relay: MediaRelay, room: str, pid: str) -> None:
+        try:
+            await relay.request({"op": "leave", "room": room, "participant": pid})
+        finally:
+            # Nobody here is in it: looked up when next needed, and its track cache, which
+            # its node no longer keeps up to date here, is dropped.
+            if room not in self.members and relay.forget_room(room):
+                self.tracks.pop(room, None)
+
     # -- worker events -----------------------------------------------------------------------
 
     def on_event(self, ev: PoolEvent) -> None:
+        """An event of this node's workers (its rooms' media)."""
+        self._on_event(ev)
+        if self.relay is not None:
+            self.relay.forward(ev)  # to other nodes' participants and track caches
+
+    def _on_event(self, ev: PoolEvent) -> None:
         hub = self.hub
         bus = hub.bus
         room = ev["room"]
@@ -250,6 +333,62 @@ class GroupCall:
         elif ev["ev"] == "room_lost":
             self._room_lost(room)
 
+    def relayed(self, ev: PoolEvent) -> None:
+        """Cluster mode: an event of the worker hosting ``ev["room"]`` on another node, for
+        this node's participants (the room's clients hear track changes and speakers on the
+        room's bus topic, from that node: here they only keep the track cache)."""
+        name = ev["ev"]
+        room = ev["room"]
+        if name in ("subscribe_offer", "track_starved", "media_failed"):
+            self._on_event(ev)
+        elif ev["ev"] == "track_published" or ev["ev"] == "track_updated":
+            self.tracks.setdefault(room, {})[ev["track"]["id"]] = ev["track"]
+        elif ev["ev"] == "track_unpublished":
+            self.tracks.get(room, {}).pop(ev["track"], None)
+        elif name == "room_closed":
+            self.tracks.pop(room, None)
+        elif name == "room_lost":  # the room's node told its clients; this node's join again
+            self.tracks.pop(room, None)
+            self._rejoin(room)
+
+    def lost_elsewhere(self, room: str) -> None:
+        """Cluster mode: the node hosting ``room``'s media died. Its tracks are gone; this
+        node's participants in it are told (only here: every node tells its own) and join
+        again, where the room is placed now."""
+        tracks = self.tracks.pop(room, {})
+        for pid in sorted(self.members.get(room, ())):
+            s = self.hub.sessions.get(pid)
+            if s is None:
+                continue
+            for tid, t in tracks.items():
+                s.send(
+                    {
+                        "type": "track_unpublished",
+                        "room": room,
+                        "track": tid,
+                        "participant": t["participant"],
+                    }
+                )
+            s.send({"type": "media_failed", "room": room, "which": "all"})
+        self._rejoin(room)
+
+    async def unplaced(self, room: str, others: list[str]) -> None:
+        """Cluster mode: ``room``'s media was hosted here, but the cluster forgot that (this
+        node was taken for dead, or Redis lost the map) and may have placed it elsewhere.
+        Everyone leaves it here (this node's participants and ``others``, whose nodes the
+        relay tells next), then this node's participants are told as if the room's node had
+        died, and join again where the room is placed now."""
+        for pid in sorted(self.members.get(room, ())) + others:
+            with contextlib.suppress(SfuError):
+                await self.local({"op": "leave", "room": room, "participant": pid})
+        self.lost_elsewhere(room)
+
+    def _rejoin(self, room: str) -> None:
+        for pid in sorted(self.members.get(room, ())):
+            s = self.hub.sessions.get(pid)
+            if s is not None and room in s.rooms:
+                self.joined(s, room)
+
     def _room_lost(self, room: str) -> None:
         """The room's worker died: its tracks are gone, and everyone still in the room joins
         the restarted worker (and publishes again, told by `media_failed`)."""
@@ -287,11 +426,37 @@ class GroupCall:
         if grant not in grants:
             raise ProtocolError("forbidden", f"the token has no {grant} grant in {room!r}")
 
-    async def _call(self, req: RoomRequest) -> dict[str, Any]:
+    def media_node(self, room: str) -> str:
+        """Cluster mode: the other node known to host ``room``'s media ("" if none: the
+        room is this node's, or not placed yet, or there is one node)."""
+        relay = self.relay
+        if relay is None:
+            return ""
+        node = relay.where.get(room, "")
+        return "" if node == relay.node_id else node
+
+    def hosting(self) -> bool:
+        """Whether this node runs SFU workers (a cluster may place rooms' media here)."""
+        return self.pool is not None
+
+    async def local(self, req: RoomRequest) -> dict[str, Any]:
+        """Run ``req`` on this node's workers (``SfuError`` if it fails)."""
         pool = self.pool
         if pool is None:
+            raise SfuError("sfu_unavailable", "media is disabled on this server")
+        return await pool.request(req)
+
+    async def _call(self, req: RoomRequest) -> dict[str, Any]:
+        relay = self.relay
+        pool = self.pool
+        if pool is None and relay is None:
             raise ProtocolError("sfu_unavailable", "media is disabled on this server")
         try:
+            if relay is not None:
+                if (req["room"], req.get("participant")) in self.unjoined:
+                    await self._join_again(relay, req)
+                return await relay.request(req)
+            assert pool is not None
             return await pool.request(req)
         except SfuError as e:
             # The worker's codes are this feature's, or not_in_room; anything else is a bug.

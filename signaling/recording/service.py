@@ -197,6 +197,13 @@ class Recordings:
         pool = self.media.pool
         if pool is None:
             raise ProtocolError("recording_unavailable", "media is disabled on this server")
+        elsewhere = self.media.media_node(req["room"])
+        if elsewhere:  # its files would be that node's, its manifest this node's
+            raise ProtocolError(
+                "recording_unavailable",
+                f"the room's media is on node {elsewhere}: record it there "
+                "(recording across nodes is not supported yet)",
+            )
         try:
             return await pool.request(req)
         except SfuError as e:

@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from processes import Server
-from stores import pg_schema
+from stores import PG_URL, pg_schema
 
 from signaling.sdk import RallypointClient
 from signaling.sdk.wsclient import ClientError
@@ -47,15 +47,21 @@ class Cluster:
 
 @contextlib.asynccontextmanager
 async def cluster(
-    tmp_path: Path, servers: list[Server], n: int = 2, extra: str = "", redis_url: str = REDIS_URL
+    tmp_path: Path,
+    servers: list[Server],
+    n: int = 2,
+    extra: str = "",
+    redis_url: str = REDIS_URL,
+    pg_url: str = PG_URL,
+    heartbeat_s: float = HEARTBEAT_S,
 ) -> AsyncIterator[Cluster]:
     prefix = "test" + secrets.token_hex(5)
-    async with pg_schema() as store_url:
+    async with pg_schema(pg_url) as store_url:
         config = tmp_path / "cluster.toml"
         config.write_text(
             f'[store]\nurl = "{store_url}"\n\n'
             f'[cluster]\nredis_url = "{redis_url}"\nkey_prefix = "{prefix}"\n'
-            f"heartbeat_s = {HEARTBEAT_S}\n\n"
+            f"heartbeat_s = {heartbeat_s}\n\n"
             f"[sfu]\nenabled = false\n\n{extra}"
         )
         # A node that hangs can be made to show where (SIGABRT: its traceback in its log).

@@ -12,7 +12,8 @@ Scenarios, all three servers up side by side, each with a load generator of its 
     delivery crosses Redis.
 
 The nodes are pinned to the first core (both nodes of (c) too: the cluster gets the server core
-the single node gets); PostgreSQL (the local one, a schema per scenario) and Redis (a private
+the single node gets); PostgreSQL (a private one, initdb'd for the run with its default
+settings, on a free port, a schema per scenario; ``--pg-url`` for another) and Redis (a private
 ``redis-server`` on a free port, a key prefix per scenario) are not pinned. 1,000 clients per
 scenario in rooms of 10 send ~150-byte chat messages (``send``, acknowledged after the commit).
 
@@ -23,9 +24,9 @@ Phases, each bounded:
    ``cross_node_p99_ms``);
 2. CPU per delivery: each scenario at ``--cpu-rate`` (3,000 msgs/s), ``--cpu-rounds`` rounds, the
    order alternating; server-side CPU over deliveries, median of the rounds. Counted: (a) the node
-   and its store writer; (b) the node, its PostgreSQL backends and PostgreSQL's background
-   writers, and the redis-server; (c) both nodes, their PostgreSQL backends and background
-   writers, and the redis-server (shared by (b) and (c): each counts it, the other one is idle);
+   and its store writer; (b) the node, every process of the private PostgreSQL and the
+   redis-server; (c) both nodes, every process of the PostgreSQL and the redis-server (both
+   shared by (b) and (c): each counts them while the other is idle);
 3. throughput: the sustainable acked msgs/s of each scenario (ack and delivery p99 <= 50 ms,
    acks and deliveries keeping up), the searches of ``bench/signaling.py`` taking turns, a step
    each;
@@ -83,6 +84,7 @@ _spec.loader.exec_module(chatbench)
 
 HOST = "127.0.0.1"
 SCENARIOS = ("sqlite", "postgres", "two_nodes")
+CPU_KEY = {"sqlite": "sqlite", "postgres": "single", "two_nodes": "cluster"}  # in the JSON
 TARGETS = {
     "postgres_acked_msgs_per_s": 5000,
     "cross_node_p99_ms": 15.0,
@@ -356,7 +358,7 @@ def failover_phase(
                 f"{r['failover_s']:.2f} s after the SIGKILL (median {r['resume_p50_s']:.2f} s); "
                 f"{r['acked_total']} acked, {r['lost_acked']} missing from the store, "
                 f"{r['duplicated_acked']} stored twice; {r['unacked_at_kill']} unacked at the "
-                f"kill; observers saw {r['room_events']} participant_left/joined"
+                f"kill; the observers saw {r['room_events']} participant_left/joined"
             )
             return r
         finally:
@@ -398,7 +400,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--failover-before", type=float, default=4.0)
     p.add_argument("--failover-after", type=float, default=3.0)
     p.add_argument("--failover-timeout", type=float, default=30.0)
-    p.add_argument("--skip-search", action="store_true")
+    p.add_argument("--skip-search", action="store_true", help="no throughput search")
+    p.add_argument("--only-failover", action="store_true", help="the failover phase alone")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     a = p.parse_args(argv)
     q = a.quick
@@ -424,28 +427,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
-    signal.signal(signal.SIGTERM, chatbench._terminate)
-    t_start = time.monotonic()
-    chatbench.raise_nofile(4 * a.load_connections + a.failover_clients + 2000)
-    cpus = sorted(os.sched_getaffinity(0))
-    cores: tuple[int | None, int | None] = (cpus[0], cpus[1]) if len(cpus) >= 2 else (None, None)
-    if cores[1] is not None:
-        os.sched_setaffinity(0, {cores[1]})
-    work = Path(tempfile.mkdtemp(prefix="rallypoint-cluster-bench-"))
+def load_phases(
+    work: Path,
+    a: argparse.Namespace,
+    cores: Any,
+    redis: PrivateRedis,
+    pg: PrivatePostgres | None,
+    res: dict[str, Any],
+) -> None:
+    """Phases 1-3: the three scenarios side by side (their servers stopped at the end)."""
     stack = contextlib.ExitStack()
     gens: dict[str, LoadGen] = {}
-    groups: dict[str, Group] = {}
-    res: dict[str, Any] = {"machine": chatbench.machine()}
     try:
-        redis = PrivateRedis(work)
-        stack.callback(redis.stop)
-        pg: PrivatePostgres | None = None
-        if not a.pg_url:
-            pg = PrivatePostgres()
-            stack.callback(pg.stop)
-            a.pg_url = pg.url
         url_b = stack.enter_context(pg_schema(a.pg_url, "b"))
         url_c = stack.enter_context(pg_schema(a.pg_url, "c"))
         prefix = "bench-" + secrets.token_hex(4)
@@ -512,19 +505,44 @@ def main(argv: list[str] | None = None) -> int:
             gens[name].stop()
         for srv in (sq, pb, ca, cb):
             srv.stop()
-
-        log("phase 4: failover")
-        res["failover"] = failover_phase(work, a, cores, a.pg_url, redis)
+        res["other_cpu_max"] = noise.max_seen
     finally:
         for gen in gens.values():
             gen.stop()
+        stack.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    signal.signal(signal.SIGTERM, chatbench._terminate)
+    t_start = time.monotonic()
+    chatbench.raise_nofile(4 * a.load_connections + a.failover_clients + 2000)
+    cpus = sorted(os.sched_getaffinity(0))
+    cores: tuple[int | None, int | None] = (cpus[0], cpus[1]) if len(cpus) >= 2 else (None, None)
+    if cores[1] is not None:
+        os.sched_setaffinity(0, {cores[1]})
+    work = Path(tempfile.mkdtemp(prefix="rallypoint-cluster-bench-"))
+    stack = contextlib.ExitStack()
+    res: dict[str, Any] = {"machine": chatbench.machine()}
+    try:
+        redis = PrivateRedis(work)
+        stack.callback(redis.stop)
+        pg: PrivatePostgres | None = None
+        if not a.pg_url:
+            pg = PrivatePostgres()
+            stack.callback(pg.stop)
+            a.pg_url = pg.url
+        if not a.only_failover:
+            load_phases(work, a, cores, redis, pg, res)
+        log("phase 4: failover")
+        res["failover"] = failover_phase(work, a, cores, a.pg_url, redis)
+    finally:
         stack.close()
         if a.keep:
             log(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
     res["seconds"] = time.monotonic() - t_start
-    res["other_cpu_max"] = noise.max_seen
     summary = report(res)
     print_table(res, summary)
     print(json.dumps(summary, allow_nan=True))
@@ -532,8 +550,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(res: dict[str, Any]) -> dict[str, Any]:
-    lat, tp, fo = res["latency"], res.get("throughput", {}), res["failover"]
-    cpu = res["cpu_us_per_delivery"]
+    nan = {"ack_p99_ms": math.nan, "delivery_p99_ms": math.nan}
+    lat = res.get("latency", dict.fromkeys(SCENARIOS, nan))
+    tp, fo = res.get("throughput", {}), res["failover"]
+    cpu = res.get("cpu_us_per_delivery", dict.fromkeys(SCENARIOS, math.nan))
 
     def best(name: str) -> dict[str, Any] | None:
         b: dict[str, Any] | None = tp.get(name, {}).get("best")
@@ -559,7 +579,7 @@ def report(res: dict[str, Any]) -> dict[str, Any]:
         "ack_p99_ms_at_sustainable": {
             k: (round(b["ack_p99_ms"], 1) if (b := best(k)) else None) for k in SCENARIOS
         },
-        "other_cpu_max": round(res["other_cpu_max"], 2),
+        "other_cpu_max": round(res.get("other_cpu_max", math.nan), 2),
         "server_metrics": res.get("server_metrics", {}),
         "seconds": round(res["seconds"]),
         "machine": res["machine"],
@@ -576,14 +596,16 @@ def report(res: dict[str, Any]) -> dict[str, Any]:
 
 def print_table(res: dict[str, Any], s: dict[str, Any]) -> None:
     f = chatbench.fmt
-    lat = res["latency"]
+    lat = res.get("latency")
+    if lat is None:
+        lat = {k: {"ack_p99_ms": math.nan, "delivery_p99_ms": math.nan} for k in SCENARIOS}
     print(f"\n{'scenario':<12} {'acked/s':>9} {'ack p99 @1k':>12} {'deliv p99 @1k':>14} ", end="")
     print(f"{'us/delivery':>12}")
     for name in SCENARIOS:
         print(
             f"{name:<12} {f(s['acked_msgs_per_s'][name]):>9} "
             f"{f(lat[name]['ack_p99_ms'], '.2f'):>12} {f(lat[name]['delivery_p99_ms'], '.2f'):>14} "
-            f"{f(res['cpu_us_per_delivery'][name], '.1f'):>12}"
+            f"{f(s['cpu_us_per_delivery'][CPU_KEY[name]], '.1f'):>12}"
         )
     fo = res["failover"]
     print(

@@ -20,6 +20,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import random
+import signal
 import time
 from typing import Any
 
@@ -100,7 +101,7 @@ class Stats:
         self.ack_lat: list[int] = []  # ns
         self.del_lat: list[int] = []  # ns
         self.acked_ids: list[int] = []  # request ids (send times) acknowledged, when recording
-        self.room_events = 0  # participant_left / participant_joined received
+        self.room_events = 0  # participant_left / participant_joined received by non-senders
         self.last_ready = 0.0  # time.monotonic() of the last client that became ready
 
 
@@ -327,11 +328,15 @@ class Client(asyncio.Protocol):
                             self._ready()
                         else:
                             self._fail("not resumed")
-                elif c == 112 and (
-                    data.startswith(b"participant_left", t)
-                    or data.startswith(b"participant_joined", t)
+                elif (
+                    c == 112
+                    and not self.sender
+                    and (
+                        data.startswith(b"participant_left", t)
+                        or data.startswith(b"participant_joined", t)
+                    )
                 ):
-                    stats.room_events += 1
+                    stats.room_events += 1  # seen by a member that stays (an observer)
             elif op == 8:  # close
                 stats.closes += 1
                 code = (data[i + h] << 8) | data[i + h + 1] if ln >= 2 else 1005
@@ -673,9 +678,7 @@ class LoadGenWorker:
         drop; once all resumed (or ``timeout_s`` passed) they send for ``after_s`` more.
         Returns every acknowledged request id (the send time at the start of each text), the
         time from the kill to the last client resumed, and the participant_left/joined events
-        all clients received meanwhile."""
-        import signal
-
+        the clients that do not send (observers) received meanwhile."""
         s = self.stats
         self.record_acks = True
         s.acked_ids = []
@@ -774,6 +777,8 @@ async def _serve(conn: multiprocessing.connection.Connection) -> None:
 
 
 def _worker_main(conn: multiprocessing.connection.Connection, core: int | None) -> None:
+    # forked: not the parent's SIGTERM handler (its cleanup is the parent's, not ours)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if core is not None:
         os.sched_setaffinity(0, {core})
     gc.disable()  # collected between phases; a pause here would show up as latency

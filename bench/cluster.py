@@ -375,25 +375,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a PostgreSQL to use (a schema per scenario) instead of a private one started "
         "for the run, e.g. postgresql://postgres@127.0.0.1:5432/test",
     )
-    p.add_argument("--load-connections", type=int, help="clients per scenario (1000)")
-    p.add_argument("--room-size", type=int, default=10)
-    p.add_argument("--message-bytes", type=int, default=150)
-    p.add_argument("--duration", type=float, help="measured seconds per step (6)")
-    p.add_argument("--warmup", type=float, help="unmeasured seconds before each step (1.5)")
-    p.add_argument("--drain", type=float, default=5.0)
-    p.add_argument("--latency-rate", type=float, default=1000.0)
-    p.add_argument("--latency-seconds", type=float, help="latency step length (10)")
+    chatbench.add_load_options(p)
+    p.set_defaults(noise_threshold=0.3)
     p.add_argument("--cpu-rate", type=float, default=3000.0)
     p.add_argument("--cpu-rounds", type=int, help="rounds of the CPU steps (3)")
-    p.add_argument("--start-rate", type=float, default=2500.0)
-    p.add_argument("--growth", type=float, default=1.25)
-    p.add_argument("--resolution", type=float, default=0.06)
-    p.add_argument("--max-steps", type=int, help="rate steps per scenario (10)")
-    p.add_argument("--search-budget", type=float, help="seconds per scenario's search (240)")
-    p.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=None)
-    p.add_argument("--connect-timeout", type=float, default=60.0)
-    p.add_argument("--noise-threshold", type=float, default=0.3)
-    p.add_argument("--noise-budget", type=float, help="seconds to wait out noise (120)")
     p.add_argument("--heartbeat", type=float, default=1.0, help="cluster.heartbeat_s")
     p.add_argument("--failover-clients", type=int, default=1000)
     p.add_argument("--failover-rate", type=float, default=1000.0)
@@ -402,7 +387,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--failover-timeout", type=float, default=30.0)
     p.add_argument("--skip-search", action="store_true", help="no throughput search")
     p.add_argument("--only-failover", action="store_true", help="the failover phase alone")
-    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     a = p.parse_args(argv)
     q = a.quick
     defaults = {
@@ -410,20 +394,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "duration": 2.0 if q else 6.0,
         "warmup": 0.5 if q else 1.5,
         "latency_seconds": 3.0 if q else 10.0,
+        "start_rate": 2500.0,
         "cpu_rounds": 1 if q else 3,
         "max_steps": 3 if q else 10,
         "search_budget": 15.0 if q else 240.0,
+        "connect_timeout": 60.0,
         "noise_budget": 10.0 if q else 120.0,
     }
-    for k, v in defaults.items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
+    chatbench.fill_defaults(a, defaults)
     if q:
-        a.drain = min(a.drain, 2.0)
-        a.growth = max(a.growth, 2.0)
         a.failover_before = min(a.failover_before, 2.0)
         a.failover_after = min(a.failover_after, 1.0)
-    a.step_seconds = a.duration
     return a
 
 

@@ -53,7 +53,6 @@ async def cluster(
     extra: str = "",
     redis_url: str = REDIS_URL,
     pg_url: str = PG_URL,
-    heartbeat_s: float = HEARTBEAT_S,
 ) -> AsyncIterator[Cluster]:
     prefix = "test" + secrets.token_hex(5)
     async with pg_schema(pg_url) as store_url:
@@ -61,7 +60,7 @@ async def cluster(
         config.write_text(
             f'[store]\nurl = "{store_url}"\n\n'
             f'[cluster]\nredis_url = "{redis_url}"\nkey_prefix = "{prefix}"\n'
-            f"heartbeat_s = {heartbeat_s}\n\n"
+            f"heartbeat_s = {HEARTBEAT_S}\n\n"
             f"[sfu]\nenabled = false\n\n{extra}"
         )
         # A node that hangs can be made to show where (SIGABRT: its traceback in its log).

@@ -1184,10 +1184,9 @@ def print_encodings(e: dict[str, Any]) -> None:
 # -- main -----------------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--quick", action="store_true", help="short smoke run (< 90 s)")
-    p.add_argument("--connections", type=int, help="memory phase connections (10000)")
+def add_load_options(p: argparse.ArgumentParser) -> None:
+    """The options of the chat load and its rate search (also ``bench/cluster.py``'s); those
+    without a default here get one from the caller (``fill_defaults``)."""
     p.add_argument("--load-connections", type=int, help="throughput/latency connections (1000)")
     p.add_argument("--room-size", type=int, default=10)
     p.add_argument("--message-bytes", type=int, default=150, help="size of each send frame's JSON")
@@ -1206,9 +1205,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resolution", type=float, default=0.06, help="stop bisecting below this")
     p.add_argument("--max-steps", type=int, help="rate steps per server (12)")
     p.add_argument("--search-budget", type=float, help="seconds per server for the search (180)")
+    p.add_argument("--connect-timeout", type=float, help="seconds to open all connections (120)")
+    p.add_argument(
+        "--noise-threshold",
+        type=float,
+        default=0.10,
+        help="CPU share of a core used by other processes above which a step is repeated",
+    )
+    p.add_argument(
+        "--noise-budget", type=float, help="seconds the run may spend waiting out noise (600)"
+    )
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+
+
+def fill_defaults(a: argparse.Namespace, defaults: dict[str, Any]) -> None:
+    """Options not given take ``defaults``; ``--quick`` shortens the drain and grows faster."""
+    for k, v in defaults.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    if a.quick:
+        a.drain = min(a.drain, 2.0)
+        a.growth = max(a.growth, 2.0)
+    a.step_seconds = a.duration
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--quick", action="store_true", help="short smoke run (< 90 s)")
+    p.add_argument("--connections", type=int, help="memory phase connections (10000)")
+    add_load_options(p)
     p.add_argument("--each-rate", type=float, default=2500.0, help="msgs/s in the memory phase")
     p.add_argument("--settle", type=float, help="seconds to wait before reading RSS (3)")
-    p.add_argument("--connect-timeout", type=float, help="seconds to open all connections (120)")
     p.add_argument(
         "--store-core",
         choices=("load", "server"),
@@ -1232,16 +1259,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="offered rates of the end-to-end encoding comparison (4000,6000)",
     )
     p.add_argument("--encoding-rounds", type=int, help="rounds of that comparison (4)")
-    p.add_argument(
-        "--noise-threshold",
-        type=float,
-        default=0.10,
-        help="CPU share of a core used by other processes above which a step is repeated",
-    )
-    p.add_argument(
-        "--noise-budget", type=float, help="seconds the run may spend waiting out noise (600)"
-    )
-    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument(
         "--store-url",
         help="the server's store.url, e.g. postgresql://postgres@127.0.0.1/test (a schema of "
@@ -1268,13 +1285,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "encoding_rates": [2000.0] if q else [4000.0, 6000.0],
         "encoding_rounds": 2 if q else 4,
     }
-    for k, v in defaults.items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
-    if q:
-        a.drain = min(a.drain, 2.0)
-        a.growth = max(a.growth, 2.0)
-    a.step_seconds = a.duration
+    fill_defaults(a, defaults)
     return a
 
 

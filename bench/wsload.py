@@ -20,12 +20,13 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import random
+import signal
 import time
 from typing import Any
 
 import msgpack
 
-HANDSHAKE, JOINING, READY, FAILED, CLOSED = range(5)
+HANDSHAKE, JOINING, READY, FAILED, CLOSED, RESUMING = range(6)
 MASK = b"\0\0\0\0"  # a zero masking key leaves the payload unchanged
 PING_PAYLOAD = b'{"type":"ping"}'
 MSGPACK = b"rallypoint.msgpack"
@@ -64,6 +65,14 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_or(pid: int, default: float) -> float:
+    """``proc_cpu_s(pid)``, or ``default`` if the process is gone."""
+    try:
+        return proc_cpu_s(pid)
+    except OSError:
+        return default
+
+
 def core_times() -> dict[str, tuple[float, float]]:
     """Per core: (busy seconds, of which softirq seconds), from /proc/stat."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -91,6 +100,9 @@ class Stats:
         self.error_samples: list[str] = []
         self.ack_lat: list[int] = []  # ns
         self.del_lat: list[int] = []  # ns
+        self.acked_ids: list[int] = []  # request ids (send times) acknowledged, when recording
+        self.room_events = 0  # participant_left / participant_joined received by non-senders
+        self.last_ready = 0.0  # time.monotonic() of the last client that became ready
 
 
 class Client(asyncio.Protocol):
@@ -102,20 +114,35 @@ class Client(asyncio.Protocol):
         "idx",
         "last_send",
         "observer",
+        "port",
         "ready",
         "rest",
+        "resume",
         "room",
         "room_s",
+        "sender",
         "state",
         "transport",
     )
 
-    def __init__(self, gen: LoadGenWorker, idx: int, room: bytes, observer: bool) -> None:
+    def __init__(
+        self,
+        gen: LoadGenWorker,
+        idx: int,
+        room: bytes,
+        observer: bool,
+        port: int = 0,
+        sender: bool = True,
+        resume: bytes = b"",
+    ) -> None:
         self.gen = gen
         self.idx = idx
         self.room = room
         self.room_s = room.decode()
         self.observer = observer
+        self.port = port
+        self.sender = sender  # ``run`` sends from senders only
+        self.resume = resume  # the session's resume token (from welcome); hello resumes with it
         self.state = HANDSHAKE
         self.hs = b""
         self.rest = b""
@@ -170,7 +197,12 @@ class Client(asyncio.Protocol):
             return None
         assert self.transport is not None
         g = self.gen
-        if g.mode == "rp":
+        if g.mode == "rp" and self.resume:  # resume the session (its rooms come with it)
+            self.transport.write(
+                client_frame(b'{"type":"hello","v":1,"resume":"%b","id":"r"}' % self.resume)
+            )
+            self.state = RESUMING
+        elif g.mode == "rp":
             name = b"%b%d" % (g.prefix, self.idx)
             if g.packed:
                 if MSGPACK not in buf[:k]:
@@ -202,7 +234,7 @@ class Client(asyncio.Protocol):
     # -- receive: the hot path -------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self.state != READY and self.state != JOINING:
+        if self.state != READY and self.state != JOINING and self.state != RESUMING:
             if self.state != HANDSHAKE:
                 return
             d = self._handshake(data)
@@ -272,6 +304,8 @@ class Client(asyncio.Protocol):
                         now = time.perf_counter_ns()
                     stats.ack_lat.append(now - sent_ns)
                     stats.acks += 1
+                    if g.record_acks:
+                        stats.acked_ids.append(sent_ns)
                 elif c == 101:  # error
                     stats.errors += 1
                     if len(stats.error_samples) < 5:
@@ -284,8 +318,25 @@ class Client(asyncio.Protocol):
                     if self.state == JOINING:
                         self._fail("join failed")
                 elif c == 106 and self.state == JOINING and data.startswith(b"joined", t):
-                    self.state = READY
-                    self.ready.set_result(True)
+                    self._ready()
+                elif c == 119 and not packed:  # welcome: keep the resume token
+                    p = data.find(b'"resume":"', t, end)
+                    if p > 0:
+                        self.resume = data[p + 10 : data.find(b'"', p + 10, end)]
+                    if self.state == RESUMING:
+                        if data.find(b'"resumed":true', t, end) > 0:
+                            self._ready()
+                        else:
+                            self._fail("not resumed")
+                elif (
+                    c == 112
+                    and not self.sender
+                    and (
+                        data.startswith(b"participant_left", t)
+                        or data.startswith(b"participant_joined", t)
+                    )
+                ):
+                    stats.room_events += 1  # seen by a member that stays (an observer)
             elif op == 8:  # close
                 stats.closes += 1
                 code = (data[i + h] << 8) | data[i + h + 1] if ln >= 2 else 1005
@@ -296,6 +347,11 @@ class Client(asyncio.Protocol):
             self.rest = data[i:]
         if deliveries:
             stats.deliveries += deliveries
+
+    def _ready(self) -> None:
+        self.state = READY
+        self.ready.set_result(True)
+        self.gen.stats.last_ready = time.monotonic()
 
     # -- send ------------------------------------------------------------------------------------
 
@@ -341,6 +397,7 @@ class LoadGenWorker:
         self.hostport = b""
         self.cid = 0
         self.pad = b""
+        self.record_acks = False  # keep every acknowledged request id (``failover``)
         self._pinger: asyncio.Task[None] | None = None
 
     def ready_clients(self) -> list[Client]:
@@ -365,43 +422,44 @@ class LoadGenWorker:
         message_bytes: int = 150,
         encoding: str = "json",
         room_prefix: str = "r",
+        other_port: int | None = None,
+        sends: bool = True,
+        append: bool = False,
     ) -> dict[str, Any]:
         """Open ``n`` connections (rooms of ``room_size`` in order, named ``room_prefix`` and
         a number); rp clients hello and join, in JSON or (``encoding="msgpack"``) MessagePack.
+
+        With ``other_port`` (another node of a cluster) the first member of each room connects
+        to ``port`` and is the room's only sender, the others connect to ``other_port``.
+        ``sends=False``: these clients never send (``run``). ``append``: keep the clients
+        already open (and the counters) and add these.
         """
-        await self.close()
-        self.stats = Stats()
+        if not append:
+            await self.close()
+            self.stats = Stats()
         self.mode = mode
         self.packed = mode == "rp" and encoding == "msgpack"
         self.prefix = prefix.encode()
         self.hostport = f"{host}:{port}".encode()
         self._set_pad(message_bytes)
-        loop = asyncio.get_running_loop()
         sem = asyncio.Semaphore(concurrency)
         deadline = time.monotonic() + timeout_s
 
         async def one(i: int) -> None:
             room = b"%b%d" % (room_prefix.encode(), i // room_size)
-            c = Client(self, i, room, i % room_size == room_size - 1)
+            first = i % room_size == 0
+            to = port if other_port is None or first else other_port
+            sender = sends and (other_port is None or first)
+            c = Client(self, i, room, i % room_size == room_size - 1, to, sender)
             self.clients.append(c)
-            async with sem:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    c._fail("connect phase timed out")
-                    return
-                try:
-                    await asyncio.wait_for(loop.create_connection(lambda: c, host, port), left)
-                    await asyncio.wait_for(asyncio.shield(c.ready), deadline - time.monotonic())
-                except (OSError, TimeoutError) as e:
-                    c._fail(f"connect failed: {e!r}")
-                    if c.transport is not None:
-                        c.transport.abort()
+            await self._open(c, host, sem, deadline)
 
+        start = len(self.clients)
         t0 = time.perf_counter()
         cpu0 = time.process_time()
         await asyncio.gather(*(one(i) for i in range(n)))
         secs = time.perf_counter() - t0
-        ok = len(self.ready_clients())
+        ok = sum(c.state == READY for c in self.clients[start:])
         if self._pinger is None and mode == "rp":
             self._pinger = asyncio.create_task(self._ping_idle())
         gc.collect()
@@ -414,6 +472,22 @@ class LoadGenWorker:
             "loadgen_cpu_s": time.process_time() - cpu0,
             "errors": self.stats.error_samples,
         }
+
+    async def _open(self, c: Client, host: str, sem: asyncio.Semaphore, deadline: float) -> None:
+        """Connect ``c`` and wait (bounded) until it joined or resumed."""
+        loop = asyncio.get_running_loop()
+        async with sem:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                c._fail("connect phase timed out")
+                return
+            try:
+                await asyncio.wait_for(loop.create_connection(lambda: c, host, c.port), left)
+                await asyncio.wait_for(asyncio.shield(c.ready), deadline - time.monotonic())
+            except (OSError, TimeoutError) as e:
+                c._fail(f"connect failed: {e!r}")
+                if c.transport is not None:
+                    c.transport.abort()
 
     async def _ping_idle(self) -> None:
         """Keep idle rp connections alive (the server drops them after 62.5 s of silence)."""
@@ -470,7 +544,7 @@ class LoadGenWorker:
         """Open loop: offer ``rate`` messages/s (round robin over shuffled clients) for
         ``warmup_s + duration_s``; measure the last ``duration_s``; then wait up to ``drain_s``
         for outstanding acknowledgements and deliveries."""
-        clients = self.ready_clients()
+        clients = [c for c in self.ready_clients() if c.sender]
         if not clients:
             return {"error": "no connected clients"}
         random.Random(1).shuffle(clients)
@@ -500,7 +574,7 @@ class LoadGenWorker:
                     "deliveries": s.deliveries,
                     "errors": s.errors,
                     "cpu": time.process_time(),
-                    "server_cpu": [proc_cpu_s(p) for p in server_pids],
+                    "server_cpu": [cpu_or(p, 0.0) for p in server_pids],
                     "cores": core_times(),
                 }
             if now >= t_end:
@@ -520,7 +594,7 @@ class LoadGenWorker:
         elapsed = t1 - w["t"]
         cpu = time.process_time() - w["cpu"]
         # the server and its child processes (Rallypoint's store writer, SFU workers)
-        cpus = [proc_cpu_s(p) - c0 for p, c0 in zip(server_pids, w["server_cpu"], strict=True)]
+        cpus = [cpu_or(p, c0) - c0 for p, c0 in zip(server_pids, w["server_cpu"], strict=True)]
         server_cpu = sum(cpus)
         cores1 = core_times()
         ack_lat, del_lat = s.ack_lat, s.del_lat
@@ -569,6 +643,88 @@ class LoadGenWorker:
         res["unacked_after_drain"] = max(0, s.sent - s.acks) if self.mode == "rp" else 0
         res["error_samples"] = s.error_samples[:3]
         return res
+
+    async def _pace(self, clients: list[Client], rate: float, seconds: float) -> int:
+        """Send from ``clients`` (round robin) at ``rate`` msgs/s for ``seconds``; the count."""
+        t0 = time.perf_counter()
+        due_total = 0
+        sent = 0
+        k = 0
+        while clients and (now := time.perf_counter()) < t0 + seconds:
+            due = min(int((now - t0) * rate) - due_total, max(1, int(rate * 0.02)))
+            for _ in range(max(0, due)):
+                c = clients[k % len(clients)]
+                k += 1
+                if c.state == READY:  # a client whose connection dropped skips its turn
+                    c.send_chat()
+                    sent += 1
+            due_total += max(0, due)
+            await asyncio.sleep(0.001)
+        return sent
+
+    async def failover(
+        self,
+        rate: float,
+        before_s: float,
+        after_s: float,
+        kill_pid: int,
+        to_port: int,
+        timeout_s: float = 60.0,
+        concurrency: int = 64,
+    ) -> dict[str, Any]:
+        """The senders send at ``rate`` for ``before_s``; then this process SIGKILLs
+        ``kill_pid`` (their node) and each of its clients opens a new connection to
+        ``to_port`` (another node) with its resume token, as soon as it saw its connection
+        drop; once all resumed (or ``timeout_s`` passed) they send for ``after_s`` more.
+        Returns every acknowledged request id (the send time at the start of each text), the
+        time from the kill to the last client resumed, and the participant_left/joined events
+        the clients that do not send (observers) received meanwhile."""
+        s = self.stats
+        self.record_acks = True
+        s.acked_ids = []
+        movers = [c for c in self.ready_clients() if c.sender]
+        await self._pace(movers, rate, before_s)
+        events0, sent0, acks0 = s.room_events, s.sent, s.acks
+        t_kill = time.monotonic()
+        os.kill(kill_pid, signal.SIGKILL)
+        sem = asyncio.Semaphore(concurrency)
+        deadline = t_kill + timeout_s
+        host = self.hostport.decode().rpartition(":")[0]
+        resumed_at: list[float] = []
+
+        async def move(old: Client) -> None:
+            while old.state == READY and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)  # until its connection drops
+            c = Client(self, old.idx, old.room, old.observer, to_port, True, old.resume)
+            self.clients[self.clients.index(old)] = c
+            await self._open(c, host, sem, deadline)
+            if c.state == READY:
+                resumed_at.append(time.monotonic() - t_kill)
+
+        unacked_at_kill = s.sent - s.acks
+        await asyncio.gather(*(move(c) for c in movers))
+        resumed_at.sort()
+        moved = [c for c in self.clients if c.sender and c.state == READY]
+        sent_after = await self._pace(moved, rate, after_s)
+        end = time.monotonic() + 10.0
+        while s.acks < s.sent - unacked_at_kill and time.monotonic() < end:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        self.record_acks = False
+        return {
+            "clients": len(movers),
+            "resumed": len(resumed_at),
+            "failover_s": resumed_at[-1] if resumed_at else float("nan"),
+            "resume_p50_s": percentile([int(x * 1e9) for x in resumed_at], 0.5) / 1e9,
+            "sent_before": sent0,
+            "acked_before": acks0,
+            "unacked_at_kill": unacked_at_kill,
+            "sent_after": sent_after,
+            "sent": s.sent,
+            "acked": s.acks,
+            "acked_ids": s.acked_ids,
+            "room_events": s.room_events - events0,
+            "errors": s.error_samples,
+        }
 
     async def close(self) -> dict[str, Any]:
         if self._pinger is not None:
@@ -621,6 +777,8 @@ async def _serve(conn: multiprocessing.connection.Connection) -> None:
 
 
 def _worker_main(conn: multiprocessing.connection.Connection, core: int | None) -> None:
+    # forked: not the parent's SIGTERM handler (its cleanup is the parent's, not ours)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if core is not None:
         os.sched_setaffinity(0, {core})
     gc.disable()  # collected between phases; a pause here would show up as latency

@@ -45,6 +45,8 @@ async def pg_schema(url: str = PG_URL) -> AsyncIterator[str]:
         await conn.execute(f"CREATE SCHEMA {name}")
         yield with_schema(url, name)
     finally:
+        if conn.is_closed():  # PostgreSQL was restarted meanwhile (a drill)
+            conn = await asyncpg.connect(url)
         await conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
         await conn.close()
 

@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from processes import Server
-from stores import pg_schema
+from stores import PG_URL, pg_schema
 
 from signaling.sdk import RallypointClient
 from signaling.sdk.wsclient import ClientError
@@ -52,6 +52,7 @@ async def cluster(
     n: int = 2,
     extra: str = "",
     redis_url: str = REDIS_URL,
+    pg_url: str = PG_URL,
     *,
     sfu: str = "enabled = false",
     node_env: list[dict[str, str]] | None = None,
@@ -59,7 +60,7 @@ async def cluster(
     """``n`` nodes; ``sfu``: the ``[sfu]`` section's lines; ``node_env``: each node's own
     environment (``RALLYPOINT_<SECTION>_<KEY>`` settings of that node alone)."""
     prefix = "test" + secrets.token_hex(5)
-    async with pg_schema() as store_url:
+    async with pg_schema(pg_url) as store_url:
         config = tmp_path / "cluster.toml"
         config.write_text(
             f'[store]\nurl = "{store_url}"\n\n'

@@ -357,8 +357,10 @@ class RallypointClient:
     async def request(self, msg: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
         """Send a request and return its reply (``ClientError`` for an `error` reply)."""
         await self.wait_connected(timeout)
-        assert self._conn is not None
-        return await self._conn.request(msg, timeout)
+        conn = self._conn
+        if conn is None:  # lost again meanwhile (``wait_for`` returns a loop turn later)
+            raise ConnectionError("the connection was lost")
+        return await conn.request(msg, timeout)
 
     async def next_event(
         self,

@@ -8,7 +8,9 @@ from array import array
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import aiohttp
 import av
+from aiohttp.test_utils import TestServer
 from aiortc import RTCRtpTransceiver
 from aiortc.mediastreams import AudioStreamTrack
 
@@ -62,3 +64,12 @@ class ToneTrack(AudioStreamTrack):
         frame.planes[0].update(pcm.tobytes())
         frame.pts, frame.time_base, frame.sample_rate = silence.pts, silence.time_base, rate
         return frame
+
+
+async def sfu_metric(server: TestServer, name: str) -> float:
+    """``rallypoint_sfu_<name>`` from the server's /metrics."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{server.port}/metrics") as r:
+            text = await r.text()
+    samples = (line.split() for line in text.splitlines() if not line.startswith("#"))
+    return float(dict(samples)[f"rallypoint_sfu_{name}"])

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp.test_utils import TestServer
 from aiortc.mediastreams import VideoStreamTrack
 from nethelpers import machine_ip
-from sfu_helpers import PartyFactory, until
+from sfu_helpers import PartyFactory, sfu_metric, until
 
 from media.clip import ClipSpec, load_clip
 from media.layerwatch import DecodeErrors, Watched, watch
@@ -148,6 +148,9 @@ async def test_sdk_simulcast_limited_and_clean_subscribers(
         # no more than what the relay dropped (an unrepaired loss), never a gap the SFU made.
         assert clean_w.packets is not None and slow_w.packets is not None
         assert clean_w.packets.check() == (0, [])
+        # Every layer packet was bound to its layer by its RID (none unrouted or malformed).
+        assert await sfu_metric(sfu_server, "dropped_no_route_total") == 0
+        assert await sfu_metric(sfu_server, "dropped_malformed_total") == 0
         missing, breaks = slow_w.packets.check()
         assert breaks == []
         dropped = relay.counts.lost + relay.counts.queue_dropped
@@ -191,3 +194,4 @@ async def test_sdk_simulcast_from_raw_track_beside_single_stream(
     assert cam_sizes() <= {(320, 240), (640, 480)}
     rates = await layer_rates(sim, 1.0)
     assert all(r > 0 for r in rates), rates
+    assert await sfu_metric(server, "dropped_no_route_total") == 0

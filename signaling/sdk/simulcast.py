@@ -435,6 +435,8 @@ class SimulcastSender:
         self.accepted = section.simulcast
         top = self.transceiver.sender
         if not section.simulcast:
+            for track in self.simulcast.layers[:-1]:
+                track.stop()  # never sent (an encoded layer releases its source)
             return
         transport = top.transport
         stamper = _stampers.get(transport)

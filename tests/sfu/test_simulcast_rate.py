@@ -195,3 +195,42 @@ async def test_sdk_simulcast_from_raw_track_beside_single_stream(
     rates = await layer_rates(sim, 1.0)
     assert all(r > 0 for r in rates), rates
     assert await sfu_metric(server, "dropped_no_route_total") == 0
+
+
+async def test_sdk_simulcast_in_an_h264_room(
+    start_server: Callable[..., Awaitable[TestServer]], party: PartyFactory
+) -> None:
+    """Simulcast of pre-encoded H.264 layers in a room whose codec is H.264: the subscriber
+    starts on the low layer and is switched to the top one at its IDR, sequence numbers
+    gap-free, no decoder error."""
+    server = await start_server(sfu__enabled=True, sfu__workers=1, sfu__video_codec="h264")
+    specs = [
+        ClipSpec(publisher_id=6, width=320, height=240, video_bitrate=150_000, codec="h264"),
+        ClipSpec(publisher_id=6, width=640, height=480, video_bitrate=800_000, codec="h264"),
+    ]
+    layers = [EncodedVideoTrack(load_clip(s)) for s in specs]
+    viewer_w = Watched()
+    try:
+        with DecodeErrors() as errors:
+            cam = await party(server, "cam", publish=False)
+            trs = await cam.media.publish([(Simulcast(layers), "camera")])
+            assert cam.media.simulcast[trs[0].mid or ""].simulcast.rids == ["h", "f"]
+            viewer = await party(
+                server,
+                "viewer",
+                publish=False,
+                decode=False,
+                on_track=watch(viewer_w, lambda: viewer.media.sub),
+            )
+            await until(lambda: viewer_w.frames.width == 640, 40)
+            count = viewer_w.frames.count
+            await until(lambda: viewer_w.frames.count > count + 15, 10)
+        assert [(s.old, s.new) for s in viewer_w.frames.switches] == [(320, 640)]
+        assert viewer_w.frames.switches[0].pause < 1.0
+        assert errors.count == 0
+        assert viewer_w.packets is not None
+        assert viewer_w.packets.check()[0] == 0  # (picture ids are VP8's)
+        assert await sfu_metric(server, "dropped_no_route_total") == 0
+    finally:
+        for t in viewer_w.tasks:
+            t.cancel()

@@ -6,12 +6,15 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from aiortc import RTCPeerConnection
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import AudioStreamTrack, VideoStreamTrack
 
 from sfu.simulcast import URI_REPAIRED_RID, URI_RID, accept_in_answer, read_offer
 from signaling.sdk import simulcast
 from signaling.sdk.simulcast import (
     PRIVATE_INTERNALS,
+    Simulcast,
+    SimulcastSender,
     check_internals,
     layer_specs,
     offer_simulcast,
@@ -20,8 +23,6 @@ from signaling.sdk.simulcast import (
 
 
 async def _offer() -> tuple[str, str]:
-    from aiortc.mediastreams import AudioStreamTrack, VideoStreamTrack
-
     pc = RTCPeerConnection()
     pc.addTransceiver(AudioStreamTrack(), direction="sendonly")
     video = pc.addTransceiver(VideoStreamTrack(), direction="sendonly")
@@ -76,3 +77,26 @@ def test_internals_listed_are_the_ones_used() -> None:
         and not (isinstance(n.value, ast.Name) and n.value.id == "self")
     }
     assert used == {name for _, name in PRIVATE_INTERNALS}
+
+
+async def test_a_server_that_does_not_accept_simulcast_gets_the_top_layer_alone() -> None:
+    """An answer without ``a=simulcast:recv`` (an aiortc peer answering the munged offer as a
+    single stream): no sender is started for the lower layer, whose track is stopped."""
+    low, top = VideoStreamTrack(), VideoStreamTrack()
+    pub, peer = RTCPeerConnection(), RTCPeerConnection()
+    try:
+        tr = pub.addTransceiver(top, direction="sendonly")
+        await pub.setLocalDescription(await pub.createOffer())
+        sender = SimulcastSender(tr, Simulcast([low, top]))
+        offer = offer_simulcast(pub.localDescription.sdp, {sender.mid: ["h", "f"]})
+        await peer.setRemoteDescription(RTCSessionDescription(offer, "offer"))
+        await peer.setLocalDescription(await peer.createAnswer())
+        answer = peer.localDescription.sdp
+        await pub.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+        sender.start(pub, answer)
+        assert not sender.accepted
+        assert sender.senders == []
+        assert low.readyState == "ended" and top.readyState == "live"
+    finally:
+        await pub.close()
+        await peer.close()

@@ -110,6 +110,13 @@ class UdpRelay:
         """Where the server sends (the client's answer's candidates point here)."""
         return self._addr(self._server)
 
+    @property
+    def queued_s(self) -> float:
+        """How long a packet entering the limited downlink now would wait (0: no queue)."""
+        if self._loop is None:
+            return 0.0
+        return max(0.0, self._free_at - self._loop.time())
+
     def offer(self, sdp: str) -> str:
         """The server's offer as the client should see it."""
         sdp, server = _rewrite_candidates(sdp, self.client_side)

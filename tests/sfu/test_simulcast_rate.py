@@ -136,11 +136,7 @@ async def test_sdk_simulcast_limited_and_clean_subscribers(
             assert max(s.pause for s in w.frames.switches) < 1.0, w.frames.switches
         assert [(s.old, s.new) for s in slow_w.frames.switches][-2:] == [(640, 320), (320, 640)]
         assert clean_w.frames.longest_gap < 1.0
-        # No decoder error around a switch (within 1 s of the first frame of the new size).
-        # Elsewhere aiortc has logged one, rarely (at the start, before any switch), which is
-        # printed above and not counted here: see the report in docs/SFU.md.
-        switched_at = [s.at for w in (slow_w, clean_w) for s in w.frames.switches]
-        assert [t for t in errors.at if any(abs(t - at) < 1.0 for at in switched_at)] == []
+        assert errors.count == 0
         # No garbage: every 640x480 frame shows its marker (the limited one's since it
         # settled). The 320x240 clip's pictures after a keyframe spliced in on request drift
         # off the marker for a few frames: a property of the pre-encoded clip, seen decoding
@@ -231,6 +227,7 @@ async def test_sdk_simulcast_in_an_h264_room(
             await until(lambda: viewer_w.frames.width == 640, 40)
             count = viewer_w.frames.count
             await until(lambda: viewer_w.frames.count > count + 15, 10)
+        print(f"switches {viewer_w.frames.switches}; decoder errors at {errors.at}")
         assert [(s.old, s.new) for s in viewer_w.frames.switches] == [(320, 640)]
         assert viewer_w.frames.switches[0].pause < 1.0
         assert errors.count == 0

@@ -29,7 +29,9 @@ round to round (this machine's speed drifts within minutes); the final JSON line
 per-round ratios and their median (``ab``).
 
 Prints a table and a final JSON line ``{"us_per_packet": {"rallypoint": x, "janus": y,
-"mediarelay": z}, "ratio_vs_janus": x/y, "ratio_vs_mediarelay": x/z, "room10_loss": l, ...}``
+"mediarelay": z}, "ratio_vs_janus": x/y, "ratio_vs_mediarelay": x/z, "room10_loss": l,
+"join_first_frame_ms_median": j, "layer_switch_freeze_ms_max": f, ...}`` (``f``: the longest
+pause between decoded frames at a forced simulcast layer switch, ``bench/sfu_switch.py``)
 and (full runs only) records the figures in the SFU section of docs/BENCHMARKS.md.
 """
 
@@ -77,6 +79,7 @@ from sfu_load import (  # noqa: E402
     peer_connection,
     vp8_only,
 )
+from sfu_switch import layer_switch_freeze_ms  # noqa: E402
 
 from media.session import SfuSession  # noqa: E402
 from media.tracks import attach_keyframe_requests  # noqa: E402
@@ -865,6 +868,8 @@ def main() -> int:
     summary["wall_s"] = round(wall)
     if "rallypoint" in args.servers:  # bench/sfu_join.py: the bundled page in Chromium
         summary["join_first_frame_ms_median"] = join_first_frame_ms(3 if args.quick else 5)
+        # bench/sfu_switch.py: the longest pause between decoded frames at a forced switch
+        summary["layer_switch_freeze_ms_max"] = layer_switch_freeze_ms(1 if args.quick else 2)
     print()
     print(table(runs))
     if not args.quick and not args.no_record and {"rallypoint", "janus"} <= set(args.servers):

@@ -16,6 +16,7 @@ import av
 
 from media.clipspec import AUDIO_FRAME_SAMPLES, AUDIO_RATE, BEEP_SAMPLES, ClipSpec, EncodedPacket
 from media.pattern import TestPattern
+from signaling.sdk.simulcast import vp8_context
 
 AUDIO_BITRATE = 64000
 INTRA_BITRATE_FACTOR = 4  # keyframes are typically 4-8x an inter frame in WebRTC
@@ -27,31 +28,9 @@ def tone_frequency(publisher_id: int) -> float:
 
 
 def _vp8_context(spec: ClipSpec, *, intra: bool) -> av.VideoCodecContext:
-    # Settings follow aiortc's own Vp8Encoder (CBR, realtime, no lag), plus error resilience
-    # so that a decoder recovers from lost partitions as a WebRTC encoder would allow.
+    # aiortc's own settings plus error resilience (signaling.sdk.simulcast.vp8_context).
     bitrate = spec.video_bitrate * (INTRA_BITRATE_FACTOR if intra else 1)
-    cc = av.CodecContext.create("libvpx", "w")
-    cc.width, cc.height, cc.pix_fmt = spec.width, spec.height, "yuv420p"
-    cc.time_base = fractions.Fraction(1, spec.fps)
-    cc.framerate = fractions.Fraction(spec.fps)
-    cc.bit_rate = bitrate
-    cc.gop_size = 1 if intra else 100_000
-    cc.qmin, cc.qmax = 2, 56
-    cc.thread_count = 2
-    cc.options = {
-        "deadline": "realtime",
-        "cpu-used": "16",
-        "lag-in-frames": "0",
-        "bufsize": str(bitrate),
-        "minrate": str(bitrate),
-        "maxrate": str(bitrate),
-        "overshoot-pct": "15",
-        "undershoot-pct": "100",
-        "static-thresh": "1",
-        "partitions": "0",
-        "error-resilient": "1",
-    }
-    return cc
+    return vp8_context(spec.width, spec.height, spec.fps, bitrate, gop=1 if intra else 100_000)
 
 
 def _h264_context(spec: ClipSpec) -> av.VideoCodecContext:

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import av
 from aiortc import (
     RTCBundlePolicy,
     RTCConfiguration,
@@ -24,9 +25,17 @@ from aiortc.mediastreams import MediaStreamTrack
 
 from sfu.tasks import TaskSet
 from signaling.sdk import RallypointClient
+from signaling.sdk.simulcast import (
+    Simulcast,
+    SimulcastSender,
+    encoded_layers,
+    layer_specs,
+    offer_simulcast,
+)
 from signaling.sdk.wsclient import Client
 
 from .receiver import FrameCounter
+from .relay import UdpRelay
 from .rtx import route_rtx_by_ssrc
 
 log = logging.getLogger("rallypoint.media.session")
@@ -46,11 +55,14 @@ class SfuSession:
         *,
         decode: bool = True,
         on_track: Callable[[str, Any], None] | None = None,
+        relay: UdpRelay | None = None,
     ) -> None:
         self.client = client
         self.room = room
         self.decode = decode
         self.on_track = on_track
+        self.relay = relay
+        """The subscriber connection goes through this relay (its candidates rewritten)."""
         self.pub: RTCPeerConnection | None = None
         self.sub: RTCPeerConnection | None = None
         self.tracks: dict[str, dict[str, Any]] = {}  # track id -> info (from offers)
@@ -62,6 +74,7 @@ class SfuSession:
         self._lock = asyncio.Lock()
         self._routed: set[int] = set()  # transceivers whose RTX is routed by SSRC
         self._answered = 0  # number of the last subscriber offer answered
+        self.simulcast: dict[str, SimulcastSender] = {}  # publisher mid -> its layers' senders
         client.listeners.append(self._on_event)
         # Tell the server we are ready: offers sent before this session existed were missed.
         self._tasks.spawn(self._ready())
@@ -74,36 +87,70 @@ class SfuSession:
 
     # -- publishing ----------------------------------------------------------------------------
 
-    async def publish(self, tracks: list[tuple[MediaStreamTrack, str]]) -> list[RTCRtpTransceiver]:
-        """Publish ``(track, source)`` pairs; returns their transceivers."""
+    async def publish(
+        self, tracks: list[tuple[MediaStreamTrack | Simulcast, str]], *, simulcast: bool = False
+    ) -> list[RTCRtpTransceiver]:
+        """Publish ``(track, source)`` pairs; returns their transceivers.
+
+        A :class:`Simulcast` goes out as its layers (signaling/sdk/simulcast.py);
+        ``simulcast=True`` makes one of every raw camera track from 480x270 up (its first
+        frame tells the size; each layer is scaled and encoded on its own)."""
         if self.pub is None:
             self.pub = RTCPeerConnection(_config())
         pc = self.pub
-        added = [pc.addTransceiver(track, direction="sendonly") for track, _ in tracks]
+        added: list[tuple[RTCRtpTransceiver, str]] = []
+        layered: list[tuple[RTCRtpTransceiver, Simulcast]] = []
+        for track, source in tracks:
+            if simulcast and isinstance(track, MediaStreamTrack) and source == "camera":
+                track = await _layered(track)
+            if isinstance(track, Simulcast):
+                tr = pc.addTransceiver(track.layers[-1], direction="sendonly")
+                layered.append((tr, track))
+            else:
+                tr = pc.addTransceiver(track, direction="sendonly")
+            added.append((tr, source))
+        await self._negotiate(added, layered)
+        return [tr for tr, _ in added]
+
+    async def _negotiate(
+        self,
+        added: list[tuple[RTCRtpTransceiver, str]],
+        layered: list[tuple[RTCRtpTransceiver, Simulcast]],
+    ) -> None:
+        """Offer (simulcast sections marked), send it, apply the answer."""
+        pc = self.pub
+        assert pc is not None
         await pc.setLocalDescription(await pc.createOffer())
         assert pc.localDescription is not None
-        meta = [
-            {"mid": tr.mid, "source": source} for tr, (_, source) in zip(added, tracks, strict=True)
-        ]
+        for tr, sim in layered:
+            self.simulcast[tr.mid or ""] = SimulcastSender(tr, sim)
+        meta = [{"mid": tr.mid, "source": source} for tr, source in added]
+        sections = {
+            mid: s.simulcast.rids
+            for mid, s in self.simulcast.items()
+            if s.transceiver.direction != "inactive"
+        }
         answer = await self.client.request(
-            {"type": "publish", "room": self.room, "sdp": pc.localDescription.sdp, "tracks": meta},
+            {
+                "type": "publish",
+                "room": self.room,
+                "sdp": offer_simulcast(pc.localDescription.sdp, sections),
+                "tracks": meta,
+            },
             timeout=20,
         )
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
-        return added
+        for mid in sections:
+            self.simulcast[mid].start(pc, answer["sdp"])
 
     async def unpublish(self, transceiver: RTCRtpTransceiver) -> None:
         """Stop a published track (renegotiates with the track's section inactive)."""
         assert self.pub is not None
         transceiver.direction = "inactive"
-        pc = self.pub
-        await pc.setLocalDescription(await pc.createOffer())
-        assert pc.localDescription is not None
-        answer = await self.client.request(
-            {"type": "publish", "room": self.room, "sdp": pc.localDescription.sdp, "tracks": []},
-            timeout=20,
-        )
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
+        layers = self.simulcast.pop(transceiver.mid or "", None)
+        if layers is not None:
+            await layers.stop()
+        await self._negotiate([], [])
 
     # -- subscribing ---------------------------------------------------------------------------
 
@@ -130,7 +177,8 @@ class SfuSession:
                 self.tracks[t["id"]] = t
                 self.mid_track[t["mid"]] = t["id"]
             try:
-                await pc.setRemoteDescription(RTCSessionDescription(sdp=ev["sdp"], type="offer"))
+                offer = ev["sdp"] if self.relay is None else self.relay.offer(ev["sdp"])
+                await pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
                 for tr in pc.getTransceivers():  # before they start (in setLocalDescription)
                     if id(tr) not in self._routed:
                         self._routed.add(id(tr))
@@ -138,9 +186,11 @@ class SfuSession:
                 await pc.setLocalDescription(await pc.createAnswer())
                 assert pc.localDescription is not None
                 self._answered = ev["offer"]
+                sdp = pc.localDescription.sdp
+                if self.relay is not None:
+                    sdp = self.relay.answer(sdp)
                 await self.client.request(
-                    {"type": "subscribe_answer", "room": self.room, "sdp": pc.localDescription.sdp},
-                    timeout=20,
+                    {"type": "subscribe_answer", "room": self.room, "sdp": sdp}, timeout=20
                 )
                 self.offers += 1
             except Exception as e:  # recorded for the test to assert on
@@ -169,8 +219,20 @@ class SfuSession:
         if self._on_event in self.client.listeners:
             self.client.listeners.remove(self._on_event)
         await self._tasks.cancel()
+        for layers in self.simulcast.values():
+            await layers.stop()
         for c in self.counters.values():
             await c.stop()
         for pc in (self.pub, self.sub):
             if pc is not None:
                 await pc.close()
+
+
+async def _layered(track: MediaStreamTrack) -> MediaStreamTrack | Simulcast:
+    """``track``'s simulcast layers, or ``track`` itself when it is too small for two."""
+    if track.kind != "video":
+        return track
+    frame = await track.recv()  # the size decides the layers; this one frame is not sent
+    if not isinstance(frame, av.VideoFrame) or len(layer_specs(frame.width, frame.height)) < 2:
+        return track
+    return encoded_layers(track, frame.width, frame.height)

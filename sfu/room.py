@@ -705,7 +705,9 @@ class Room:
         """Pick a simulcast subscriber's layer from its budget (docs/SFU.md, Simulcast)."""
         munger, rate = dt.munger, dt.rate
         assert munger is not None and rate is not None
-        if dt.paused:
+        if dt.paused or p.fast is None or not p.fast.ready:
+            # Paused, or its connection is not up yet: the first packets of a keyframe switched
+            # to now would go nowhere, and the receiver would start from a broken keyframe.
             munger.set_target(None)
             return
         layers = self._layers(up)
@@ -804,9 +806,7 @@ class Room:
             elif up.kind != "video":
                 continue
             elif dt.munger is not None:
-                want = dt.munger.want_keyframe
-                if want is not None:
-                    up.want_layer_keyframe(want, now)
+                self._choose_layer(p, up, dt, now)  # a layer now, and its keyframe asked for
             elif dt.waiting:
                 up.want_keyframe(now)
 

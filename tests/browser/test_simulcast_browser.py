@@ -11,14 +11,13 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aiohttp.test_utils import TestServer
-from aiortc.mediastreams import MediaStreamError
 from browser_harness import SFU_CLIENT_JS, launch_chromium, wait_for
 
+from media.layerwatch import Frames
 from media.loss import RembLimit
 from media.session import SfuSession
 from media.y4m import write_y4m
@@ -84,30 +83,6 @@ async function decoded() {
 }
 """
 )
-
-
-@dataclass
-class Frames:
-    """Decoded frames of one aiortc subscriber: the width of the latest, the longest pause."""
-
-    width: int = 0
-    count: int = 0
-    widths: list[int] = field(default_factory=list)
-    last_at: float | None = None
-    longest_gap: float = 0.0
-
-    async def consume(self, track: Any) -> None:
-        with contextlib.suppress(MediaStreamError):
-            while True:
-                frame = await track.recv()
-                now = time.monotonic()
-                if self.last_at is not None:
-                    self.longest_gap = max(self.longest_gap, now - self.last_at)
-                self.last_at = now
-                self.count += 1
-                if frame.width != self.width:
-                    self.widths.append(frame.width)
-                self.width = frame.width
 
 
 @contextlib.asynccontextmanager
@@ -228,8 +203,8 @@ async def test_simulcast_layers_per_subscriber(
 
         await wait_for(slow_high, 60, "the limited subscriber to climb back")
         print(
-            f"slow subscriber widths {slow_frames.widths} (low {low_width}), longest gap "
-            f"{slow_frames.longest_gap:.2f} s; clean {clean_frames.widths}"
+            f"slow subscriber switches {slow_frames.switches} (low {low_width}), longest gap "
+            f"{slow_frames.longest_gap:.2f} s; clean {clean_frames.switches}"
         )
         # Switching never stalls the video longer than 1 s, nor longer than the subscriber
         # that did not switch saw anyway (on a loaded machine the publisher itself may stall).

@@ -6,6 +6,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import aiohttp
+from aiohttp.test_utils import TestServer
 from aiortc import RTCRtpTransceiver
 
 from media.session import SfuSession
@@ -33,3 +35,12 @@ async def until(pred: Callable[[], bool], timeout: float, step: float = 0.05) ->
     async with asyncio.timeout(timeout):
         while not pred():
             await asyncio.sleep(step)
+
+
+async def sfu_metric(server: TestServer, name: str) -> float:
+    """``rallypoint_sfu_<name>`` from the server's /metrics."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{server.port}/metrics") as r:
+            text = await r.text()
+    samples = (line.split() for line in text.splitlines() if not line.startswith("#"))
+    return float(dict(samples)[f"rallypoint_sfu_{name}"])

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 from nethelpers import machine_ip
-from sfu_helpers import Party, PartyFactory, until
+from sfu_helpers import Party, PartyFactory, sfu_metric, until
 
 from media.loss import inject_loss
 from media.tracks import ToneTrack
@@ -238,15 +237,6 @@ async def test_port_range_and_announced_address(
         assert hosts, pc.remoteDescription.sdp
         for host, port in hosts:
             assert host == ip and 42000 <= int(port) <= 42049
-
-
-async def sfu_metric(server: TestServer, name: str) -> float:
-    """``rallypoint_sfu_<name>`` from the server's /metrics."""
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"http://127.0.0.1:{server.port}/metrics") as r:
-            text = await r.text()
-    samples = (line.split() for line in text.splitlines() if not line.startswith("#"))
-    return float(dict(samples)[f"rallypoint_sfu_{name}"])
 
 
 async def test_metrics_count_forwarded_packets(sfu_server: TestServer, party: PartyFactory) -> None:

@@ -168,6 +168,7 @@ class Rallypoint(ServerProcess):
         self.url = f"ws://127.0.0.1:{self.port}/ws"
         self.proc: subprocess.Popen[bytes] | None = None
         self.rooms = 0
+        self.room25_complete: int | None = None
 
     async def start(self) -> None:
         env = {
@@ -276,12 +277,14 @@ class Rallypoint(ServerProcess):
         try:
             deadline = time.monotonic() + SETUP_TIMEOUT_S
             shown = min(SHOWN, n - 1)
-            while not all(s.sub.ready(shown) for s in subs):
-                late = [s.index for s in subs if not s.sub.ready(shown)]
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"subscribers without their {shown} videos: {late}")
+            late = [s.index for s in subs if not s.sub.ready(shown)]
+            while late and time.monotonic() < deadline:
                 print(f"room25: waiting for the videos of {len(late)} subscribers", flush=True)
                 await asyncio.sleep(1.0)
+                late = [s.index for s in subs if not s.sub.ready(shown)]
+            # measured as they are: how many get all their videos is part of the result
+            self.room25_complete = n - len(late)
+            print(f"room25: {self.room25_complete} of {n} subscribers get their {shown} videos")
             enlarge_own_udp_buffers()
             setup_s = time.monotonic() - started
             # the subscribers' REMBs move them to their tiles' layer (2 s below, then a switch)
@@ -299,7 +302,7 @@ class Rallypoint(ServerProcess):
             for c in clients:
                 await c.close()
             await asyncio.sleep(LAG_S)
-        run = Run(self.name, "room25", n, w)
+        run = Run(self.name, "room25", n, w, self.room25_complete)
         print_run(run, setup_s)
         return run
 
@@ -473,6 +476,7 @@ class Run:
     scenario: str  # "N=4" or "room10"
     n: int  # subscribers (broadcast) or participants (room)
     window: Window
+    complete: int | None = None  # room25: subscribers that got all their videos
 
     @property
     def cpu_pct(self) -> float:
@@ -748,6 +752,7 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
             out[f"room10_us_per_packet_{r.server}"] = round(r.us_per_packet, 1)
             room10[r.server] = r
         if r.scenario == "room25":
+            out["room25_subscribers_complete"] = r.complete
             out["room25_loss"] = round(r.worst_loss(), 4)  # the worst subscriber's
             out["room25_loss_mean"] = round(r.loss(), 4)
             out["room25_server_cpu_pct"] = round(r.cpu_pct, 1)

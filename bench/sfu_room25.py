@@ -21,6 +21,16 @@ aiortc (the server's sender reports). The subscriber sends RTCP feedback of its 
 second, SRTCP protected: a receiver report for every SSRC it gets (fraction and packets lost
 from its counts) and, for each video it shows, a REMB of ``TILE_BPS``.
 
+**Answers**: aiortc writes three certificate fingerprints, ``msid`` and ``ssrc`` lines in
+every section; its answer for the 48 sections of this room is longer than the protocol's
+60,000 characters for ``sdp``, so the subscriber keeps only the SHA-256 fingerprint and drops
+the others (``shorter_answers``).
+
+**Consent**: the load generator's own peers do not run ICE consent checks (``no_consent``): on
+this shared machine one process with 50 peer connections can lag more than consent's 0.5 s
+answer time for 30 s while 25 peers renegotiate, and would close its own connections. The
+server's connections check consent on every one of them as usual.
+
 **What each one shows**: participant ``i`` shows the videos of the next ``SHOWN`` (9)
 participants and pauses the other 15 (``track_pause``): the render-size message (a client
 saying how large each tile is) is not on main yet; the REMB of a 3x3 grid tile's rate stands in
@@ -37,6 +47,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import aioice.ice
 from aiortc import (
     RTCPeerConnection,
     RTCRtpHeaderExtensionParameters,
@@ -74,6 +85,8 @@ LAYERS = (("q", 320, 240, 150_000), ("h", 640, 480, 500_000), ("f", 960, 720, 1_
 URI_MID = "urn:ietf:params:rtp-hdrext:sdes:mid"
 URI_ABS = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
 FEEDBACK_S = 1.0
+SETTLE_S = 20.0
+TRACKS_WAIT_S = 90.0
 
 
 @dataclass
@@ -366,10 +379,39 @@ class LightSubscriber:
                 continue
 
 
+def shorter_answers(client: Client) -> None:
+    """Send subscriber answers with only the SHA-256 certificate fingerprint and without the
+    ``msid``/``ssrc`` lines of the (receive-only) sections: aiortc writes three fingerprints
+    (SHA-256, -384, -512) in every section, and its answer for the 48 sections of this room is
+    longer than the protocol's 60,000 characters for ``sdp`` and than a 64 KiB frame (one
+    fingerprint that matches is all DTLS needs; a receive-only section sends no media)."""
+    request = client.request
+
+    async def shorter(msg: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+        if msg.get("type") == "subscribe_answer":
+            lines = msg["sdp"].split("\r\n")
+            drop = ("a=fingerprint:sha-384", "a=fingerprint:sha-512", "a=msid:", "a=ssrc:")
+            msg = {**msg, "sdp": "\r\n".join(ln for ln in lines if not ln.startswith(drop))}
+        return await request(msg, timeout=timeout)
+
+    client.request = shorter  # type: ignore[method-assign]
+
+
+def no_consent() -> None:
+    """Turn off aioice's consent checks in this (load generator) process."""
+
+    async def query_consent(self: aioice.ice.Connection) -> None:
+        return None
+
+    connection: Any = aioice.ice.Connection
+    connection.query_consent = query_consent
+
+
 async def join(url: str, room: str, index: int) -> tuple[Client, LightSubscriber]:
     name = f"participant-{index}"
     c = Client(url)
-    await c.connect(name=name, identity=name)
+    await c.connect(name=name, identity=name, heartbeat=True)  # set-up takes minutes
+    shorter_answers(c)
     joined = await c.request({"type": "join", "room": room}, timeout=60)
     session = SfuSession(c, room, decode=False)
     return c, LightSubscriber(index, joined["self"]["id"], session, Subscriber(name))
@@ -379,6 +421,7 @@ async def room25(
     url: str, room: str, n: int = ROOM25_SIZE
 ) -> tuple[list[SimulcastPublisher], list[LightSubscriber], list[Client], list[asyncio.Task[None]]]:
     """Set the room up: each participant joins and publishes in turn, then shows its ``SHOWN``."""
+    no_consent()
     layers = make_layers()
     parts: list[tuple[Client, LightSubscriber]] = []
     subs: list[LightSubscriber] = []
@@ -386,15 +429,20 @@ async def room25(
 
     async def publish_all() -> None:
         # one at a time, joining just before publishing, as the room of 10: each publish
-        # renegotiates everyone's subscriber connection
+        # renegotiates everyone's subscriber connection. Each step waits (bounded) for the
+        # publisher's connection and for everyone's answer: 25 aiortc peers renegotiating at
+        # once on this machine starve their own ICE and DTLS.
         for i in range(n):
             parts.append(await join(url, room, i))
             subs.append(parts[-1][1])
             await pubs[i].publish(parts[i][0], room)
+            await settled(pubs[i], subs[:i], parts[i][1].pid)
             states = [p.pc.connectionState for p in pubs[: i + 1]]
+            subs_states = [s.session.sub.connectionState for s in subs if s.session.sub]
             print(
                 f"room25: participant {i} publishes; publishers connected "
-                f"{states.count('connected')} of {i + 1}",
+                f"{states.count('connected')} of {i + 1}, subscribers "
+                f"{subs_states.count('connected')} of {len(subs_states)}",
                 flush=True,
             )
 
@@ -415,6 +463,26 @@ async def room25(
     return pubs, subs, [p[0] for p in parts], tasks
 
 
+async def settled(pub: SimulcastPublisher, subs: list[LightSubscriber], pid: str) -> None:
+    """Until ``pub`` is connected and every subscriber in ``subs`` has answered an offer with
+    ``pid``'s tracks (at most ``SETTLE_S``; a slow step is not an error)."""
+
+    def done() -> bool:
+        if pub.pc.connectionState != "connected":
+            return False
+        for s in subs:
+            pc = s.session.sub
+            known = any(t["participant"] == pid for t in s.session.tracks.values())
+            if pc is None or not known or pc.signalingState != "stable":
+                return False
+        return True
+
+    for _ in range(int(SETTLE_S * 10)):  # polled: the state lives in aiortc and the session
+        if done():
+            return
+        await asyncio.sleep(0.1)
+
+
 async def room25_shown(room: str, subs: list[LightSubscriber]) -> None:
     """Once every subscriber knows every other's tracks, each pauses the videos it does not
     show."""
@@ -422,8 +490,9 @@ async def room25_shown(room: str, subs: list[LightSubscriber]) -> None:
     names = [s.pid for s in subs]
     for s in subs:
         s.shown = {names[(s.index + k) % n] for k in range(1, min(SHOWN, n - 1) + 1)}
-    # every subscriber knows every other's tracks: then pause what it does not show
-    deadline = time.monotonic() + 300
+    # every subscriber knows every other's tracks: then pause what it does not show (after
+    # TRACKS_WAIT_S, with the subscribers as they are: the count is reported)
+    deadline = time.monotonic() + TRACKS_WAIT_S
     while True:
         ready = [
             sum(1 for t in s.session.tracks.values() if t["kind"] == "video") >= n - 1
@@ -433,15 +502,19 @@ async def room25_shown(room: str, subs: list[LightSubscriber]) -> None:
         if all(ready):
             break
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{ready.count(False)} subscribers lack tracks")
+            print(f"room25: {ready.count(False)} subscribers still lack tracks", flush=True)
+            break
         await asyncio.sleep(1.0)
         print(f"room25: {ready.count(True)} of {n} subscribers know every track", flush=True)
     for s in subs:
         for tid, t in list(s.session.tracks.items()):
             if t["kind"] == "video" and t["participant"] not in s.shown:
-                await s.session.client.request(
-                    {"type": "track_pause", "room": room, "track": tid, "paused": True},
-                    timeout=60,
-                )
+                try:
+                    await s.session.client.request(
+                        {"type": "track_pause", "room": room, "track": tid, "paused": True},
+                        timeout=60,
+                    )
+                except Exception as e:  # gone (its publisher, or this client): reported
+                    print(f"room25: subscriber {s.index} could not pause: {e!r}", flush=True)
         s.install()
     print("room25: everyone shows its videos", flush=True)

@@ -69,6 +69,7 @@ from sfu_janus import Session as JanusSession  # noqa: E402
 from sfu_janus import has_jsep, joined  # noqa: E402
 from sfu_join import join_first_frame_ms  # noqa: E402
 from sfu_load import (  # noqa: E402
+    LAG_S,
     Publisher,
     Subscriber,
     Window,
@@ -79,6 +80,7 @@ from sfu_load import (  # noqa: E402
     peer_connection,
     vp8_only,
 )
+from sfu_room25 import ROOM25_SIZE, SHOWN, room25  # noqa: E402
 from sfu_switch import layer_switch_freeze_ms  # noqa: E402
 
 from media.session import SfuSession  # noqa: E402
@@ -169,6 +171,7 @@ class Rallypoint(ServerProcess):
         self.url = f"ws://127.0.0.1:{self.port}/ws"
         self.proc: subprocess.Popen[bytes] | None = None
         self.rooms = 0
+        self.room25_complete: int | None = None
 
     async def start(self) -> None:
         env = {
@@ -266,6 +269,45 @@ class Rallypoint(ServerProcess):
 
         sources = [[j for j in range(k) if j != i] for i in range(k)]
         return Scenario(pubs, [p[2] for p in parts], sources, k - 1, close)
+
+    async def room25(self, args: argparse.Namespace) -> Run:
+        """The 25-participant simulcast room (``bench/sfu_room25.py``), measured once."""
+        self.rooms += 1
+        room = f"bench-{self.rooms}"
+        started = time.monotonic()
+        n = args.room25_size
+        pubs, subs, clients, tasks = await asyncio.wait_for(room25(self.url, room, n), 900)
+        try:
+            deadline = time.monotonic() + SETUP_TIMEOUT_S
+            shown = min(SHOWN, n - 1)
+            late = [s.index for s in subs if not s.sub.ready(shown)]
+            while late and time.monotonic() < deadline:
+                print(f"room25: waiting for the videos of {len(late)} subscribers", flush=True)
+                await asyncio.sleep(1.0)
+                late = [s.index for s in subs if not s.sub.ready(shown)]
+            # measured as they are: how many get all their videos is part of the result
+            self.room25_complete = n - len(late)
+            print(f"room25: {self.room25_complete} of {n} subscribers get their {shown} videos")
+            enlarge_own_udp_buffers()
+            setup_s = time.monotonic() - started
+            # the subscribers' REMBs move them to their tiles' layer (2 s below, then a switch)
+            await asyncio.sleep(max(args.warmup, 8.0))
+            w = await measure(
+                args.window, self.pids(), list(pubs), [s.sub for s in subs], [[] for _ in subs]
+            )
+        finally:
+            for t in tasks:
+                t.cancel()
+            for s in subs:
+                await s.session.close()
+            for pub in pubs:
+                await pub.close()
+            for c in clients:
+                await c.close()
+            await asyncio.sleep(LAG_S)
+        run = Run(self.name, "room25", n, w, self.room25_complete)
+        print_run(run, setup_s)
+        return run
 
 
 class Janus(ServerProcess):
@@ -437,6 +479,7 @@ class Run:
     scenario: str  # "N=4" or "room10"
     n: int  # subscribers (broadcast) or participants (room)
     window: Window
+    complete: int | None = None  # room25: subscribers that got all their videos
 
     @property
     def cpu_pct(self) -> float:
@@ -454,11 +497,22 @@ class Run:
     def keeps_up(self, fps: float) -> bool:
         return self.window.fps() >= KEEPS_UP * fps
 
+    @property
+    def by_seq(self) -> bool:
+        """Loss from sequence gaps: MediaRelay sends packets of its own encoder, and in the
+        simulcast room a subscriber's layer (and so the packets it should get) is the SFU's
+        choice."""
+        return self.server == "mediarelay" or self.scenario == "room25"
+
+    def loss(self) -> float:
+        return self.window.seq_loss() if self.by_seq else self.window.loss()
+
+    def worst_loss(self) -> float:
+        return self.window.worst_seq_loss() if self.by_seq else self.window.worst_loss()
+
     def row(self) -> dict[str, Any]:
         w = self.window
-        # MediaRelay sends packets of its own encoder: only sequence gaps measure its loss.
-        loss = w.seq_loss() if self.server == "mediarelay" else w.loss()
-        worst = w.seq_loss() if self.server == "mediarelay" else w.worst_loss()
+        loss, worst = self.loss(), self.worst_loss()
         return {
             "server": self.server,
             "scenario": self.scenario,
@@ -504,9 +558,14 @@ async def run_one(
         await asyncio.wait_for(sc.close(), 30)
         await asyncio.sleep(1)  # let the server tear the connections down
     run = Run(server.name, scenario, n, w)
+    print_run(run, setup_s)
+    return run
+
+
+def print_run(run: Run, setup_s: float) -> None:
     r = run.row()
     print(
-        f"{server.name:>10} {scenario:>7}: cpu {run.cpu_pct:5.1f}% {r['server_cpu_pct']}, "
+        f"{run.server:>10} {run.scenario:>7}: cpu {run.cpu_pct:5.1f}% {r['server_cpu_pct']}, "
         f"{r['us_per_packet']:6.1f} us/pkt, {r['forwarded_pps']:5d} pkt/s, "
         f"{r['video_kbps']} kbps {r['fps']} fps per video, loss {r['loss']:.2%} "
         f"(worst {r['worst_loss']:.2%}, seq {r['seq_loss']:.2%}), "
@@ -514,7 +573,6 @@ async def run_one(
         f"other processes {r['other_processes_cpu_pct']}%, setup {setup_s:.1f} s",
         flush=True,
     )
-    return run
 
 
 async def bench(args: argparse.Namespace, tmp: Path) -> list[Run]:
@@ -550,6 +608,8 @@ async def bench_servers(args: argparse.Namespace, tmp: Path) -> list[Run]:
                 runs.append(
                     await run_one(server, "room10", ROOM_SIZE, server.room(ROOM_SIZE), args)
                 )
+            if args.room25 and isinstance(server, Rallypoint):
+                runs.append(await server.room25(args))
         finally:
             await server.stop()
     return runs
@@ -670,7 +730,7 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
     fps = 30.0
     out: dict[str, Any] = {"us_per_packet": {}, "us_per_packet_mean": {}, "kept_up_to": {}}
     for name in ("rallypoint", "janus", "mediarelay"):
-        mine = [r for r in runs if r.server == name and r.scenario != "room10"]
+        mine = [r for r in runs if r.server == name and r.scenario.startswith("N=")]
         good = [r for r in mine if r.keeps_up(fps)]
         if not good:
             continue
@@ -686,11 +746,24 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
     if "rallypoint" in us and "mediarelay" in us:
         out["ratio_vs_mediarelay"] = round(us["rallypoint"] / us["mediarelay"], 3)
     out.update(summarize_recording(runs))
+    room10: dict[str, Run] = {}
     for r in runs:
         if r.scenario == "room10" and r.server != "rallypoint-rec":
             key = "room10_loss" if r.server == "rallypoint" else f"room10_loss_{r.server}"
             out[key] = round(r.window.loss(), 4)
             out[f"room10_cpu_pct_{r.server}"] = round(r.cpu_pct, 1)
+            out[f"room10_us_per_packet_{r.server}"] = round(r.us_per_packet, 1)
+            room10[r.server] = r
+        if r.scenario == "room25":
+            out["room25_subscribers_complete"] = r.complete
+            out["room25_loss"] = round(r.worst_loss(), 4)  # the worst subscriber's
+            out["room25_loss_mean"] = round(r.loss(), 4)
+            out["room25_server_cpu_pct"] = round(r.cpu_pct, 1)
+            out["room25_forwarded_pps"] = round(r.pps)
+            out["room25_us_per_packet"] = round(r.us_per_packet, 1)
+    if "rallypoint" in room10 and "janus" in room10:
+        ratio = room10["rallypoint"].us_per_packet / room10["janus"].us_per_packet
+        out["room10_ratio_vs_janus"] = round(ratio, 2)
     out["runs"] = [r.row() for r in runs]
     return out
 
@@ -707,9 +780,11 @@ def table(runs: list[Run]) -> str:
         parts = " + ".join(f"{v / w.seconds * 100:.1f}" for v in w.server_cpu.values())
         cpu = f"{r.cpu_pct:.1f}" + (f" ({parts})" if len(w.server_cpu) > 1 else "")
         load = f"{r.n} x {r.n - 1}" if r.scenario.startswith("room10") else f"1 -> {r.n}"
+        if r.scenario == "room25":
+            load = f"{r.n} x ({SHOWN} videos + {r.n - 1} audio), simulcast"
         if r.scenario == "room10rec":
             load += ", recorded"
-        loss = f"{w.loss():.2%} ({w.worst_loss():.2%})"
+        loss = f"{r.loss():.2%} ({r.worst_loss():.2%})"
         if r.server == "mediarelay":
             loss = f"{w.seq_loss():.2%} (seq gaps; re-encoded)"
         lines.append(
@@ -803,6 +878,13 @@ def main() -> int:
     parser.add_argument("--window", type=float, default=None, help="seconds measured per N")
     parser.add_argument("--warmup", type=float, default=None)
     parser.add_argument("--no-room", dest="room", action="store_false")
+    parser.add_argument(
+        "--room25", action="store_true", help="also the 25-participant simulcast room (Rallypoint)"
+    )
+    parser.add_argument("--room25-size", type=int, default=ROOM25_SIZE, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--no-broadcast", action="store_true", help="skip the 1 -> N runs (rooms only)"
+    )
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument(
         "--recording-rounds",
@@ -826,6 +908,8 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown servers: {sorted(unknown)}")
     args.ns = [int(x) for x in (args.ns or ("1,4" if args.quick else "1,4,16,32")).split(",")]
+    if args.no_broadcast:
+        args.ns = []
     if any(n < 1 or n > 64 for n in args.ns):
         parser.error("N must be 1..64")
     args.window = min(max(args.window or (4.0 if args.quick else 15.0), 1.0), 120.0)
@@ -863,10 +947,10 @@ def main() -> int:
         print(json.dumps(ab))
         return 0
     summary = summarize(runs)
-    pub = [r.window for r in runs if not r.scenario.startswith("room10")]
+    pub = [r.window for r in runs if r.scenario.startswith("N=")]
     summary["pub_pps"] = round(sum(w.sent[0] / w.seconds for w in pub) / len(pub)) if pub else 0
     summary["wall_s"] = round(wall)
-    if "rallypoint" in args.servers:  # bench/sfu_join.py: the bundled page in Chromium
+    if "rallypoint" in args.servers and args.ns:  # bench/sfu_join.py: the page in Chromium
         summary["join_first_frame_ms_median"] = join_first_frame_ms(3 if args.quick else 5)
         # bench/sfu_switch.py: the longest pause between decoded frames at a forced switch
         summary["layer_switch_freeze_ms_max"] = layer_switch_freeze_ms(1 if args.quick else 2)

@@ -248,6 +248,13 @@ class Window:
             default=0.0,
         )
 
+    def worst_seq_loss(self) -> float:
+        """The worst subscriber's loss from gaps in its sequence numbers."""
+        return max(
+            (1 - r / e for r, e in zip(self.received, self.seq_expected, strict=True) if e),
+            default=0.0,
+        )
+
     def seq_loss(self) -> float:
         """Loss from gaps in each subscriber's sequence numbers (any server, even re-encoding)."""
         expected = sum(self.seq_expected)

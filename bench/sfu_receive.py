@@ -1,10 +1,11 @@
-"""Per-packet CPU of a publisher receiver in the SFU: aiortc's own RTP handling vs ours.
+"""Per-packet CPU of a publisher receiver in the SFU: the previous receive path vs ours.
 
-Before, ``PublisherHooks._handle_rtp`` forwarded each packet and then awaited aiortc's
-``RTCRtpReceiver._handle_rtp_packet``, which also depayloaded it and offered it to the jitter
-buffer (replaced by a stand-in that assembles nothing). Now ``PublisherHooks._feedback`` does only
-what the SFU needs of that (bandwidth estimate and REMB, active SSRCs, receiver-report statistics,
-RTX unwrapping and NACKs). This benchmark times both on the same real receiver:
+Before, ``PublisherHooks._feedback`` kept aiortc's per-packet state as aiortc's handler would:
+its remote bitrate estimator (abs-send-time, per packet), a datetime per packet for the active
+SSRCs, its statistics, and its NACK generator (RTX unwrapped into a new packet first). Now the
+estimate and the NACKs are ``sfu/estimator.py``'s (a few integer operations per packet, the
+rest per 250 ms window or per loss) and the active SSRC is noted at most once a second. This
+benchmark times both on the same real receiver:
 
 1. A real negotiated aiortc pair on this machine: a publisher sending the pre-encoded VP8 + Opus
    test clip, and an "SFU" peer whose receivers are hooked with ``sfu.rtc.PublisherHooks``
@@ -15,9 +16,12 @@ RTX unwrapping and NACKs). This benchmark times both on the same real receiver:
    within minutes, so both see the same drift). A round feeds fresh copies of the recorded
    packets, ``--passes`` times, straight into the hooked receiver: "new" is
    ``PublisherHooks._handle_rtp`` as it is; "old" is the previous code, kept below: the same
-   forwarding, then aiortc's handler with the stand-in jitter buffer. Sequence numbers,
+   forwarding, then aiortc's estimator, statistics and NACK generator. Sequence numbers,
    timestamps, abs-send-time and arrival times move on from round to round, so the receiver's
-   state (statistics, NACK generator, bandwidth estimator) sees one continuous stream.
+   state (statistics, NACK trackers, bandwidth estimators) sees one continuous stream.
+
+What it does not time: decryption, parsing and the way to the handler (``sfu.rtc.fast_receive``
+changed that too), and the forwarding to subscribers (there are none).
 
     python bench/sfu_receive.py [--seconds 4] [--rounds 6] [--passes 5]
 
@@ -39,8 +43,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpReceiver
-from aiortc.rtp import RtpPacket
+from aiortc import RTCConfiguration, RTCPeerConnection, clock
+from aiortc.rtcrtpreceiver import StreamStatistics
+from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, RtpPacket, pack_remb_fci, unwrap_rtx
 
 from media.clip import ClipSpec, load_clip
 from media.tracks import add_clip_tracks
@@ -49,17 +54,10 @@ from sfu.rtc import PublisherHooks, negotiated_codec
 from sfu.rtp import abs_send_time_now
 
 
-class _NoFrames:
-    """The previous code's stand-in for aiortc's jitter buffer (assembles nothing)."""
-
-    capacity = 0
-
-    def add(self, packet: RtpPacket) -> tuple[bool, None]:
-        return False, None
-
-
 async def old_handle_rtp(hooks: PublisherHooks, packet: RtpPacket, arrival_time_ms: int) -> None:
-    """``PublisherHooks._handle_rtp`` before this change: forward, then aiortc's handler."""
+    """``PublisherHooks._handle_rtp`` before this change: forward, then aiortc's bandwidth
+    estimator, a datetime per packet for the active SSRCs, aiortc's statistics, RTX unwrapped
+    into a new packet for aiortc's NACK generator (whose ``add`` walks its missing set)."""
     pt = packet.payload_type
     payload = packet.payload
     seq = packet.sequence_number
@@ -83,7 +81,46 @@ async def old_handle_rtp(hooks: PublisherHooks, packet: RtpPacket, arrival_time_
         )
     except Exception:
         hooks.on_malformed()
-    await RTCRtpReceiver._handle_rtp_packet(hooks.receiver, packet, arrival_time_ms)
+    receiver: Any = hooks.receiver
+    if not receiver._enabled:
+        return
+    estimator = receiver._RTCRtpReceiver__remote_bitrate_estimator
+    if estimator is not None and packet.extensions.abs_send_time is not None:
+        remb = estimator.add(
+            abs_send_time=packet.extensions.abs_send_time,
+            arrival_time_ms=arrival_time_ms,
+            payload_size=len(packet.payload) + packet.padding_size,
+            ssrc=packet.ssrc,
+        )
+        rtcp_ssrc = receiver._RTCRtpReceiver__rtcp_ssrc
+        if rtcp_ssrc is not None and remb is not None:
+            await hooks._send_rtcp(
+                RtcpPsfbPacket(
+                    fmt=RTCP_PSFB_APP, ssrc=rtcp_ssrc, media_ssrc=0, fci=pack_remb_fci(*remb)
+                )
+            )
+    ssrc = packet.ssrc
+    receiver._RTCRtpReceiver__active_ssrc[ssrc] = clock.current_datetime()
+    codecs = receiver._RTCRtpReceiver__codecs
+    codec = codecs.get(pt)
+    if codec is None:
+        return
+    streams = receiver._RTCRtpReceiver__remote_streams
+    stats = streams.get(ssrc)
+    if stats is None:
+        stats = streams[ssrc] = StreamStatistics(codec.clockRate)
+    stats.add(packet)
+    nacks = receiver._RTCRtpReceiver__nack_generator
+    if nacks is None:
+        return
+    if pt in hooks._rtx_pts:
+        original_ssrc = receiver._RTCRtpReceiver__rtx_ssrc.get(ssrc)
+        apt = hooks._rtx.get(pt)
+        if original_ssrc is None or apt not in codecs or len(packet.payload) < 2:
+            return
+        packet = unwrap_rtx(packet, payload_type=apt, ssrc=original_ssrc)
+    if nacks.add(packet):
+        await receiver._send_rtcp_nack(packet.ssrc, sorted(nacks.missing))
 
 
 class Recording:
@@ -130,25 +167,25 @@ async def record(seconds: float) -> tuple[list[Any], dict[str, tuple[PublisherHo
         rec = Recording()
         hooked[tr.kind] = (hooks, rec)
 
-        def recording(
-            hooks: PublisherHooks, rec: Recording
-        ) -> Any:  # records, then hands on to the hooks
-            async def handle(packet: RtpPacket, arrival_time_ms: int) -> None:
+        def recording(hooks: PublisherHooks, rec: Recording) -> Any:
+            """Records, then hands on to the hooks (``sfu.rtc.fast_receive`` calls it)."""
+
+            def receive(packet: RtpPacket, arrival_time_ms: int) -> None:
                 if packet.payload_type not in hooks._rtx_pts:
                     rec.packets.append((copy.copy(packet), arrival_time_ms))
                     rec.started.set()
-                await hooks._handle_rtp(packet, arrival_time_ms)
+                hooks.receive(packet, arrival_time_ms)
 
-            return handle
+            return receive
 
-        tr.receiver._handle_rtp_packet = recording(hooks, rec)  # type: ignore[method-assign]
+        tr.receiver.rallypoint_receive = recording(hooks, rec)  # type: ignore[attr-defined]
     await publisher.setRemoteDescription(sfu.localDescription)
     await asyncio.wait_for(hooked["video"][1].started.wait(), 30)
     await asyncio.sleep(seconds)  # the length of the recording, not a barrier
     video.stop()
     audio.stop()
     for kind, (hooks, rec) in hooked.items():
-        hooks.receiver._handle_rtp_packet = hooks._handle_rtp  # type: ignore[method-assign]
+        hooks.receiver.rallypoint_receive = hooks.receive  # type: ignore[attr-defined]
         rec.freeze()
         print(f"recorded {len(rec.packets)} {kind} packets", flush=True)
     return [publisher, sfu], hooked
@@ -159,9 +196,6 @@ async def run_round(
 ) -> tuple[float, int]:
     batches = [rec.replay(k0 + i) for i in range(passes)]
     n = sum(len(b) for b in batches)
-    receiver = hooks.receiver
-    if old:  # as the previous PublisherHooks._receive left it
-        receiver._RTCRtpReceiver__jitter_buffer = _NoFrames()  # type: ignore[attr-defined]
     gc.collect()
     start = time.perf_counter_ns()
     if old:

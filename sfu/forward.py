@@ -23,6 +23,10 @@ from .recording.tap import TrackTap
 from .rtp import U16, ExtensionLayout, build, h264_keyframe, seq_newer, vp8_keyframe
 from .vp8 import keyframe_size as vp8_keyframe_size
 
+# Sends one RTP packet given as ``sfu.rtp.build``'s arguments: (marker | payload type, sequence
+# number, timestamp, SSRC, extension head, shared extension bytes, payload).
+SendRtp = Callable[[int, int, int, int, bytes, bytes, bytes], None]
+
 KEYFRAME_INTERVAL_S = 0.5  # at most one keyframe request upstream per track in this time
 RESEND_INTERVAL_S = 0.1  # a packet is retransmitted to a subscriber at most once in this time
 MEASURE_WINDOW_S = 1.0  # simulcast layers' rates are measured over windows this long
@@ -73,6 +77,7 @@ class DownTrack:
         "rtx_seq",
         "rtx_ssrc",
         "send",
+        "send_rtp",
         "sent",
         "sent_bps",
         "sent_octets",
@@ -98,6 +103,7 @@ class DownTrack:
         rtx_ssrc: int | None = None,
         rtx_pt: int | None = None,
         set_sender_report: Callable[[int, int, int, int], None] | None = None,
+        send_rtp: SendRtp | None = None,
         rng: random.Random | None = None,
     ) -> None:
         r = rng or random
@@ -109,6 +115,9 @@ class DownTrack:
         self.rtx_pt = rtx_pt
         self.layout = layout
         self.send = send
+        # The forwarding path's send: the packet as its parts (``sfu.rtp.build``'s arguments),
+        # so a sender can write them straight into its SRTP buffer (``sfu.rtc.FastSender``).
+        self.send_rtp: SendRtp = send_rtp or (lambda *parts: send(build(*parts)))
         self.set_sender_report = set_sender_report
         self.next_seq = r.randrange(1 << 16)
         self.rtx_seq = r.randrange(1 << 16)
@@ -300,7 +309,7 @@ class UpTrack:
             if layout.key != shared_key:
                 shared_key = layout.key
                 shared = layout.shared(abs_time, None)
-            dt.send(build(dt.pt | mbit, out_seq, out_ts, dt.ssrc, layout.head, shared, out_payload))
+            dt.send_rtp(dt.pt | mbit, out_seq, out_ts, dt.ssrc, layout.head, shared, out_payload)
             dt.sent[out_seq & 1023] = (out_seq, out_ts, marker, out_payload)
             dt.packets += 1
             dt.octets += len(out_payload)
@@ -407,16 +416,14 @@ class UpTrack:
             if layout.key != shared_key:
                 shared_key = layout.key
                 shared = layout.shared(abs_time, level)
-            dt.send(
-                build(
-                    dt.pt | mbit,
-                    out_seq,
-                    (ts + dt.ts_offset) & 0xFFFFFFFF,
-                    dt.ssrc,
-                    layout.head,
-                    shared,
-                    payload,
-                )
+            dt.send_rtp(
+                dt.pt | mbit,
+                out_seq,
+                (ts + dt.ts_offset) & 0xFFFFFFFF,
+                dt.ssrc,
+                layout.head,
+                shared,
+                payload,
             )
             dt.packets += 1
             dt.octets += len(payload)

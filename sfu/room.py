@@ -564,6 +564,7 @@ class Room:
             rtx_ssrc=rtx_ssrc if rtx_pt is not None else None,
             rtx_pt=rtx_pt,
             set_sender_report=set_sr,
+            send_rtp=p.fast.send_rtp,
         )
         publisher = self.participants.get(up.publisher)
         pub_hooks = None

@@ -1,4 +1,4 @@
-"""The one module that touches aiortc's (and aioice's) internals.
+"""The one module that touches aiortc's (and aioice's, and pylibsrtp's) internals.
 
 aiortc has no public RTP API (its maintainer declined one several times), so forwarding without
 decoding hooks private methods, all of which have kept their signatures since aiortc 0.9.28.
@@ -9,21 +9,28 @@ methods it replaces or calls by keyword (``SIGNATURES``), and fails with a clear
 version change removed or changed any. What is used:
 
 - publisher side: ``RTCRtpReceiver._handle_rtp_packet`` (replaced per instance: forward first,
-  then only what the SFU needs of aiortc's handling: its bandwidth estimate (REMB), receiver
-  report statistics and NACKs upstream, kept in aiortc's own state so its RTCP task sends them;
-  no depayloading, no frame assembly), ``_handle_rtcp_packet`` (sender reports, for A/V sync),
-  ``_send_rtcp`` (to rewrite REMB with the subscribers' estimates),
+  then only what the SFU needs of aiortc's handling: receiver report statistics, kept in
+  aiortc's own state so its RTCP task sends them, and the active SSRCs; the bandwidth estimate
+  (REMB) and NACKs upstream are ours (``sfu/estimator.py``, cheaper per packet than aiortc's
+  estimator and NACK generator); no depayloading, no frame assembly), ``_handle_rtcp_packet``
+  (sender reports, for A/V sync), ``_send_rtcp`` (to rewrite REMB with the subscribers' estimates),
   ``_send_rtcp_pli``/``_send_rtcp_nack``, the RTX maps, the RTP router's SSRC table (RTX
-  routing), and the decoder thread, which is stopped (nobody consumes decoded frames);
+  routing), and the decoder thread, which is stopped (nobody consumes decoded frames); media
+  is taken off the publisher connection as it arrives (``fast_receive`` replaces aioice's
+  ``Connection.data_received`` per connection and decrypts with the DTLS transport's
+  ``_rx_srtp``, parses with its ``_rtp_header_extensions_map``), instead of through aiortc's
+  queue and receive task;
 - subscriber side: an ``RTCRtpSender`` whose track never yields (so no encoder exists), its
   ``_ssrc``/``_rtx_ssrc``, ``_handle_rtcp_packet`` (NACK, PLI/FIR, REMB) and the counters its
   sender reports are built from; packets go out through the DTLS transport's SRTP session
   (``_tx_srtp``) and the nominated ICE pair's socket (``RTCIceTransport._connection``,
-  ``Connection._nominated``) directly, skipping four coroutine layers per packet;
+  ``Connection._nominated``) directly, skipping four coroutine layers per packet; the
+  forwarding path builds each packet in the SRTP session's own buffer and protects it in place
+  (``pylibsrtp.Session``'s ``_srtp``, ``_cdata``, ``_buffer``: ``FastSender.send_rtp``);
 - simulcast publishers (``SimulcastHooks``): the RID and repaired-RID header extensions added to
   the transceiver's negotiated ``_headerExtensions`` (aiortc negotiates neither), the RTP
   router's ``route_rtp`` wrapped per connection to bind an unknown SSRC to its receiver by the
-  MID extension (``mid_table``), and per layer a ``NackGenerator`` of its own;
+  MID extension (``mid_table``), and per layer a NACK tracker of its own;
 - ``HostCandidatePolicy`` replaces aioice's ``Connection.get_component_candidates`` (bind and
   announced address, port range) and refuses to install if that method is gone or changed.
 """
@@ -42,6 +49,7 @@ from typing import Any, Final, NoReturn
 
 import aioice.ice
 import aiortc
+import pylibsrtp
 from aiortc import (
     RTCRtpHeaderExtensionParameters,
     RTCRtpReceiver,
@@ -51,10 +59,9 @@ from aiortc import (
 )
 from aiortc.codecs import is_rtx
 from aiortc.mediastreams import MediaStreamTrack
-from aiortc.rate import RemoteBitrateEstimator
 from aiortc.rtcdtlstransport import RTCDtlsTransport, RtpRouter
 from aiortc.rtcicetransport import RTCIceTransport
-from aiortc.rtcrtpreceiver import NackGenerator, StreamStatistics
+from aiortc.rtcrtpreceiver import StreamStatistics
 from aiortc.rtp import (
     RTCP_PSFB_APP,
     RTCP_PSFB_FIR,
@@ -65,15 +72,31 @@ from aiortc.rtp import (
     RtcpRtpfbPacket,
     RtcpSrPacket,
     RtpPacket,
+    is_rtcp,
     pack_remb_fci,
     unpack_remb_fci,
-    unwrap_rtx,
 )
 
-from .rtp import URI_ABS_SEND_TIME, URI_AUDIO_LEVEL, URI_MID, ExtensionLayout, abs_send_time_now
+from .estimator import NackTracker, ReceiveEstimator
+from .rtp import (
+    HEADER,
+    URI_ABS_SEND_TIME,
+    URI_AUDIO_LEVEL,
+    URI_MID,
+    ExtensionLayout,
+    abs_send_time_now,
+    build,
+)
 from .simulcast import URI_REPAIRED_RID, URI_RID, SimulcastSection
+from .tasks import TaskSet
 
 log = logging.getLogger("rallypoint.sfu.rtc")
+
+_srtp_ffi: Any = pylibsrtp.ffi
+_srtp_protect: Any = pylibsrtp.lib.srtp_protect
+# The room an RTP packet has in pylibsrtp's 1500-byte buffer before SRTP's trailer (the most
+# libsrtp appends: SRTP_MAX_TRAILER_LEN).
+SRTP_ROOM: Final = 1500 - pylibsrtp.SRTP_MAX_TRAILER_LEN
 
 # Every aiortc/aioice private (leading underscore) this module reads, writes or replaces; no
 # more, no fewer (tests/sfu/test_internals.py compares it with the names in this file's source).
@@ -90,10 +113,8 @@ PRIVATE_INTERNALS: Final[tuple[tuple[type, str], ...]] = (
     (RTCRtpReceiver, "_RTCRtpReceiver__rtcp_ssrc"),
     # ... and the state aiortc's handler kept, which _feedback keeps instead
     (RTCRtpReceiver, "_enabled"),
-    (RTCRtpReceiver, "_RTCRtpReceiver__remote_bitrate_estimator"),
     (RTCRtpReceiver, "_RTCRtpReceiver__active_ssrc"),
     (RTCRtpReceiver, "_RTCRtpReceiver__remote_streams"),
-    (RTCRtpReceiver, "_RTCRtpReceiver__nack_generator"),
     (RTCDtlsTransport, "_rtp_router"),
     # subscriber side (SubscriberHooks, sender_ssrcs, FastSender)
     (RTCRtpSender, "_handle_rtcp_packet"),  # wrapped: NACK, PLI/FIR, REMB
@@ -104,6 +125,12 @@ PRIVATE_INTERNALS: Final[tuple[tuple[type, str], ...]] = (
     (RTCRtpSender, "_RTCRtpSender__packet_count"),
     (RTCRtpSender, "_RTCRtpSender__octet_count"),
     (RTCDtlsTransport, "_tx_srtp"),
+    (RTCDtlsTransport, "_rx_srtp"),  # fast_receive
+    (RTCDtlsTransport, "_rtp_header_extensions_map"),
+    (RTCDtlsTransport, "_handle_rtcp_data"),
+    (pylibsrtp.Session, "_srtp"),  # FastSender.send_rtp: protected in place
+    (pylibsrtp.Session, "_cdata"),
+    (pylibsrtp.Session, "_buffer"),
     (RTCIceTransport, "_connection"),
     (aioice.ice.Connection, "_nominated"),
     # negotiation (extension_ids, negotiated_codec)
@@ -120,10 +147,8 @@ INTERNAL_MEMBERS: Final[tuple[tuple[type, str], ...]] = (
     (RtpRouter, "ssrc_table"),
     (RtpRouter, "mid_table"),
     (RtpRouter, "route_rtp"),  # wrapped per instance by route_by_mid
-    (RemoteBitrateEstimator, "add"),
+    (aioice.ice.Connection, "data_received"),  # replaced per instance by fast_receive
     (StreamStatistics, "add"),
-    (NackGenerator, "add"),
-    (NackGenerator, "missing"),
     (aioice.ice.CandidatePair, "protocol"),
     (aioice.ice.CandidatePair, "remote_addr"),
     (aioice.ice.StunProtocol, "transport"),
@@ -138,15 +163,10 @@ INTERNAL_MEMBERS: Final[tuple[tuple[type, str], ...]] = (
 # by keyword, with theirs: a renamed parameter would break a call at the first packet or the
 # first gathering, not at start-up.
 SIGNATURES: Final[dict[tuple[type, str], tuple[str, ...]]] = {
-    (RemoteBitrateEstimator, "add"): (
-        "self",
-        "arrival_time_ms",
-        "abs_send_time",
-        "payload_size",
-        "ssrc",
-    ),
     (RTCRtpReceiver, "_handle_rtp_packet"): ("self", "packet", "arrival_time_ms"),
     (RtpRouter, "route_rtp"): ("self", "packet"),
+    (aioice.ice.Connection, "data_received"): ("self", "data", "component"),
+    (RTCDtlsTransport, "_handle_rtcp_data"): ("self", "data"),
     (RTCRtpReceiver, "_handle_rtcp_packet"): ("self", "packet"),
     (RTCRtpReceiver, "_send_rtcp"): ("self", "packet"),
     (RTCRtpSender, "_handle_rtcp_packet"): ("self", "packet"),
@@ -157,6 +177,9 @@ SIGNATURES: Final[dict[tuple[type, str], tuple[str, ...]]] = {
         "timeout",
     ),
 }
+
+
+_LIBRARIES: Final = ("aiortc", "aioice", "pylibsrtp")
 
 
 @functools.cache
@@ -201,7 +224,7 @@ def _has(cls: type, name: str) -> bool:
     for c in cls.__mro__:
         if name in inspect.get_annotations(c):
             return True
-        if c.__module__.split(".")[0] in ("aiortc", "aioice") and name in _assigned_on_self(c):
+        if c.__module__.split(".")[0] in _LIBRARIES and name in _assigned_on_self(c):
             return True
     return False
 
@@ -251,9 +274,28 @@ class NeverTrack(MediaStreamTrack):
 
 
 class FastSender:
-    """Protect and send RTP for one DTLS transport, straight to the nominated pair's socket."""
+    """Protect and send RTP for one DTLS transport, straight to the nominated pair's socket.
 
-    __slots__ = ("_addr", "_conn", "_dtls", "_nominated", "_pair", "_sendto", "_slow", "_srtp")
+    ``send_rtp`` (the forwarding path) writes the packet's parts straight into the SRTP
+    session's own buffer and protects it in place through libsrtp (``pylibsrtp``'s ``_srtp``,
+    ``_cdata``, ``_buffer``): no intermediate packet is built, and none of
+    ``Session.protect``'s per-call checks and allocations run (what it does is done here once
+    per session)."""
+
+    __slots__ = (
+        "_addr",
+        "_buf",
+        "_cdata",
+        "_conn",
+        "_ctx",
+        "_dtls",
+        "_len",
+        "_nominated",
+        "_pair",
+        "_sendto",
+        "_slow",
+        "_srtp",
+    )
 
     def __init__(self, dtls: RTCDtlsTransport) -> None:
         self._dtls = dtls
@@ -264,25 +306,36 @@ class FastSender:
         self._addr: Any = None
         self._srtp: Any = None
         self._sendto: Any = None
+        self._buf: Any = None
+        self._cdata: Any = None
+        self._ctx: Any = None
+        self._len: Any = _srtp_ffi.new("int *")
 
     @property
     def ready(self) -> bool:
         return self._dtls._tx_srtp is not None and self._nominated.get(1) is not None
 
-    def send(self, data: bytes) -> None:
+    def _route(self) -> Any:
+        """The nominated pair, after taking its address, socket and the SRTP session again
+        if it changed (None: not ready)."""
         pair = self._nominated.get(1)
         if pair is not self._pair:  # first packet, or ICE nominated another pair
             self._pair = self._sendto = None
             srtp = self._dtls._tx_srtp
             if pair is None or srtp is None:
-                return
+                return None
             self._pair, self._srtp = pair, srtp
+            self._buf, self._cdata, self._ctx = srtp._buffer, srtp._cdata, srtp._srtp[0]
             # CandidatePair.remote_addr builds a tuple per call: take it once per pair.
             self._addr = pair.remote_addr
             protocol = pair.protocol
             if type(protocol) is aioice.ice.StunProtocol:
                 self._sendto = protocol.transport.sendto
-        elif pair is None:
+        return pair
+
+    def send(self, data: bytes) -> None:
+        pair = self._route()
+        if pair is None:
             return
         sendto = self._sendto
         if sendto is not None:
@@ -292,6 +345,30 @@ class FastSender:
         fut = asyncio.ensure_future(pair.protocol.send_data(self._srtp.protect(data), self._addr))
         self._slow.add(fut)
         fut.add_done_callback(self._slow.discard)
+
+    def send_rtp(
+        self, pt_byte: int, seq: int, ts: int, ssrc: int, head: bytes, shared: bytes, payload: bytes
+    ) -> None:
+        """``send(sfu.rtp.build(...))``, built in the SRTP buffer and protected in place."""
+        sendto = self._sendto
+        if sendto is None or self._nominated.get(1) is not self._pair:
+            self.send(build(pt_byte, seq, ts, ssrc, head, shared, payload))
+            return
+        buf = self._buf
+        n = 12 + len(head)
+        HEADER.pack_into(buf, 0, 0x90 if head else 0x80, pt_byte, seq, ts, ssrc)
+        buf[12:n] = head
+        end = n + len(shared)
+        buf[n:end] = shared
+        n = end + len(payload)
+        if n > SRTP_ROOM:  # too long to protect in the buffer: as Session.protect would say
+            raise ValueError("packet is too long")
+        buf[end:n] = payload
+        length = self._len
+        length[0] = n
+        if _srtp_protect(self._ctx, self._cdata, length):
+            raise RuntimeError("SRTP protection failed")
+        sendto(buf[0 : length[0]], self._addr)
 
 
 def extension_ids(transceiver: RTCRtpTransceiver) -> dict[str, int]:
@@ -338,6 +415,72 @@ def route_rtx_by_ssrc(receiver: RTCRtpReceiver) -> None:
         router.ssrc_table[rtx_ssrc] = receiver
 
 
+def fast_receive(dtls: RTCDtlsTransport) -> None:
+    """Handle a publisher connection's SRTP media as it arrives.
+
+    aiortc queues every datagram (aioice's ``Connection.data_received``) for its DTLS
+    transport's receive task, which takes it off the queue, decrypts it, parses it and awaits
+    the receiver's handler: a task switch and several coroutine layers per packet. This does
+    the same work in the datagram's own callback: decrypt (the transport's ``_rx_srtp``),
+    parse (with its ``_rtp_header_extensions_map``), route (its RTP router), and hand it to
+    the hooked receiver's ``receive`` (``PublisherHooks``); RTCP is decrypted and handed to
+    aiortc's handler (``_handle_rtcp_data``) at once too, so it keeps its place among the RTP
+    (sender reports map the RTP times for lip sync and recordings). Everything else (STUN,
+    DTLS, media before the DTLS handshake is done) goes on to aiortc as before. The
+    transport's own byte and packet counters (``getStats()``'s transport entry) no longer
+    count the media."""
+    conn = dtls.transport._connection
+    if getattr(conn, "rallypoint_fast", False):
+        return
+    queue = conn.data_received
+    router = dtls._rtp_router
+    parse = RtpPacket.parse
+    current_ms = clock.current_ms
+    tasks = TaskSet()
+
+    def data_received(data: bytes, component: int) -> None:
+        srtp = dtls._rx_srtp
+        if srtp is None or not 127 < data[0] < 192:
+            queue(data, component)
+            return
+        if is_rtcp(data):  # handled as it arrives too, so it keeps its place among the RTP
+            try:
+                plain = srtp.unprotect_rtcp(data)
+            except pylibsrtp.Error:
+                return
+            tasks.spawn(dtls._handle_rtcp_data(plain))
+            return
+        arrival_time_ms = current_ms()
+        try:
+            packet = parse(srtp.unprotect(data), dtls._rtp_header_extensions_map)
+        except (pylibsrtp.Error, ValueError):
+            return  # as aiortc: not authentic, or not RTP
+        receiver = router.route_rtp(packet)
+        if receiver is None:
+            return
+        receive = getattr(receiver, "rallypoint_receive", None)
+        if receive is not None:
+            receive(packet, arrival_time_ms)
+        else:  # a receiver the SFU did not hook (none are): aiortc's handler
+            tasks.spawn(receiver._handle_rtp_packet(packet, arrival_time_ms=arrival_time_ms))
+
+    conn.data_received = data_received  # type: ignore[method-assign]
+    conn.rallypoint_fast = True  # type: ignore[attr-defined]
+    conn.rallypoint_tasks = tasks  # type: ignore[attr-defined]
+
+
+class _Stream:
+    """Receive state of one SSRC of a publisher receiver."""
+
+    __slots__ = ("active_due", "media_ssrc", "nacks", "stats")
+
+    def __init__(self, stats: Any, media_ssrc: int | None, nacks: NackTracker | None) -> None:
+        self.stats = stats  # aiortc's StreamStatistics, in its receiver's dict
+        self.media_ssrc = media_ssrc  # the SSRC NACKs name (the original's, for RTX)
+        self.nacks = nacks  # the media SSRC's tracker, for RTX too (None: audio)
+        self.active_due = 0  # when to note the SSRC as active again (ms)
+
+
 class PublisherHooks:
     """Takes over one publisher receiver: RTP to ``on_rtp``, SRs to ``on_sr``, REMB capped."""
 
@@ -360,16 +503,25 @@ class PublisherHooks:
         # aiortc's per-receiver state that _feedback keeps up to date as aiortc would. Each is
         # created in RTCRtpReceiver.__init__ and never replaced (the dicts are filled in place),
         # so one lookup of the mangled names per receiver will do.
+        # aiortc's per-receiver state that _feedback keeps up to date as aiortc would. Each is
+        # created in RTCRtpReceiver.__init__ and never replaced (the dicts are filled in place),
+        # so one lookup of the mangled names per receiver will do.
         self._codecs: dict[int, Any] = receiver._RTCRtpReceiver__codecs  # type: ignore[attr-defined]
         self._rtx_ssrc: dict[int, int] = receiver._RTCRtpReceiver__rtx_ssrc  # type: ignore[attr-defined]
         self._active_ssrc: dict[int, Any] = receiver._RTCRtpReceiver__active_ssrc  # type: ignore[attr-defined]
         self._streams: dict[int, Any] = receiver._RTCRtpReceiver__remote_streams  # type: ignore[attr-defined]
-        self._nacks: Any = receiver._RTCRtpReceiver__nack_generator  # type: ignore[attr-defined]
-        self._estimator: Any = receiver._RTCRtpReceiver__remote_bitrate_estimator  # type: ignore[attr-defined]
+        # Ours instead of aiortc's estimator and NACK generator (sfu/estimator.py: a few integer
+        # operations per packet, the rest per 250 ms window or per loss); video only, as aiortc.
+        self._video = receiver.track.kind == "video"
+        self.estimator: ReceiveEstimator | None = ReceiveEstimator() if self._video else None
+        self._known: dict[int, _Stream] = {}  # ssrc -> its receive state
+        self._nack_due: _Stream | None = None
+        self._tasks = TaskSet()  # feedback sends started by receive()
         self._orig_rtcp = receiver._handle_rtcp_packet
         self._orig_send_rtcp = receiver._send_rtcp
         self._orig_receive = receiver.receive
         receiver._handle_rtp_packet = self._handle_rtp  # type: ignore[method-assign]
+        receiver.rallypoint_receive = self.receive  # type: ignore[attr-defined]  # fast_receive
         receiver._handle_rtcp_packet = self._handle_rtcp  # type: ignore[method-assign]
         receiver._send_rtcp = self._send_rtcp  # type: ignore[method-assign]
         receiver.receive = self._receive  # type: ignore[method-assign]
@@ -377,6 +529,7 @@ class PublisherHooks:
     async def _receive(self, parameters: Any) -> None:
         await self._orig_receive(parameters)
         route_rtx_by_ssrc(self.receiver)
+        fast_receive(self.receiver.transport)
         codecs = self._codecs
         self._rtx = {
             pt: c.parameters["apt"]
@@ -390,6 +543,18 @@ class PublisherHooks:
         self.receiver._RTCRtpReceiver__stop_decoder()  # type: ignore[attr-defined]
 
     async def _handle_rtp(self, packet: RtpPacket, arrival_time_ms: int) -> None:
+        """aiortc's path (through its DTLS transport's receive task): packets that arrived
+        before ``fast_receive`` took over the connection."""
+        if self._take(packet, arrival_time_ms):
+            await self._send_feedback(packet, arrival_time_ms)
+
+    def receive(self, packet: RtpPacket, arrival_time_ms: int) -> None:
+        """``fast_receive``'s path: as ``_handle_rtp``, without a coroutine per packet."""
+        if self._take(packet, arrival_time_ms):
+            self._tasks.spawn(self._send_feedback(packet, arrival_time_ms))
+
+    def _take(self, packet: RtpPacket, arrival_time_ms: int) -> bool:
+        """Forward one packet, then ``_feedback``; True if feedback is due."""
         pt = packet.payload_type
         payload = packet.payload
         seq = packet.sequence_number
@@ -397,7 +562,7 @@ class PublisherHooks:
             # RFC 4588: a repaired packet; its original sequence number leads the payload.
             if len(payload) < 2:
                 self.on_malformed()
-                return
+                return False
             seq = (payload[0] << 8) | payload[1]
             payload = payload[2:]
         else:
@@ -415,66 +580,89 @@ class PublisherHooks:
         except Exception:  # never let one packet kill the receiver
             log.exception("forwarding failed")
             self.on_malformed()
-        if self.receiver._enabled:  # as aiortc: a disabled receiver counts and reports nothing
-            await self._feedback(packet, arrival_time_ms)
+        # as aiortc: a disabled receiver counts and reports nothing
+        return self.receiver._enabled and self._feedback(packet, arrival_time_ms, seq)
 
-    async def _feedback(self, packet: RtpPacket, arrival_time_ms: int) -> None:
-        """What aiortc's ``RTCRtpReceiver._handle_rtp_packet`` does that the SFU still needs, in
-        its order: the bandwidth estimate (REMB to the publisher), the active SSRCs, the
-        statistics its receiver reports are built from, and NACKs for missing packets (RTX
-        unwrapped first, so a repaired packet is no longer missing). Not the rest, which only
-        fed the decoder: depayloading, frame assembly, decoder errors."""
-        remb = self._estimate(packet, arrival_time_ms)
-        if remb is not None:
-            await self._send_rtcp(remb)
-        if not self._count(packet):
-            return  # a payload type not negotiated: aiortc counts nothing either
-        pt = packet.payload_type
-        ssrc = packet.ssrc
-        nacks = self._nacks  # video only
-        if nacks is None:
-            return
-        if pt in self._rtx_pts:
-            original_ssrc = self._rtx_ssrc.get(ssrc)
-            apt = self._rtx.get(pt)
-            if original_ssrc is None or apt not in self._codecs or len(packet.payload) < 2:
-                return
-            packet = unwrap_rtx(packet, payload_type=apt, ssrc=original_ssrc)
-        if nacks.add(packet):
-            await self.receiver._send_rtcp_nack(packet.ssrc, sorted(nacks.missing))
+    def _feedback(self, packet: RtpPacket, arrival_time_ms: int, seq: int) -> bool:
+        """What aiortc's ``RTCRtpReceiver._handle_rtp_packet`` did that the SFU still needs:
+        the statistics its receiver reports are built from (in aiortc's own objects, so its
+        RTCP task and ``getStats()`` go on working), the active SSRCs (at most once a second
+        per SSRC), the receive rate for the bandwidth estimate and the missing sequence
+        numbers (``seq``: a repaired packet's original one). True if a REMB or a NACK is due
+        (``_send_feedback``). Not the rest, which only fed the decoder: depayloading, frame
+        assembly, decoder errors."""
+        stream = self._known.get(packet.ssrc)
+        if stream is None:
+            stream = self._new_stream(packet)
+            if stream is None:
+                return False  # a payload type not negotiated: aiortc counts nothing either
+        stream.stats.add(packet)
+        if arrival_time_ms >= stream.active_due:  # getSynchronizationSources()
+            self._active_ssrc[packet.ssrc] = clock.current_datetime()
+            stream.active_due = arrival_time_ms + 1000
+        due = False
+        estimator = self.estimator
+        if estimator is not None:
+            estimator.octets += len(packet.payload) + packet.padding_size
+            estimator.packets += 1
+            due = arrival_time_ms >= estimator.due_ms
+        nacks = stream.nacks
+        if nacks is not None and nacks.add(seq):
+            self._nack_due = stream
+            due = True
+        return due
 
-    def _estimate(self, packet: RtpPacket, arrival_time_ms: int) -> RtcpPsfbPacket | None:
-        """Feed the bandwidth estimator (video only); the REMB to send the publisher, if due
-        (it goes through our _send_rtcp, which caps it at the subscribers' estimate)."""
-        estimator = self._estimator
-        if estimator is None or packet.extensions.abs_send_time is None:
-            return None
-        remb = estimator.add(
-            abs_send_time=packet.extensions.abs_send_time,
-            arrival_time_ms=arrival_time_ms,
-            payload_size=len(packet.payload) + packet.padding_size,
-            ssrc=packet.ssrc,
-        )
-        rtcp_ssrc = self.receiver._RTCRtpReceiver__rtcp_ssrc  # type: ignore[attr-defined]
-        if rtcp_ssrc is None or remb is None:
-            return None
-        return RtcpPsfbPacket(
-            fmt=RTCP_PSFB_APP, ssrc=rtcp_ssrc, media_ssrc=0, fci=pack_remb_fci(*remb)
-        )
-
-    def _count(self, packet: RtpPacket) -> bool:
-        """The active SSRCs and the statistics receiver reports are built from; False if the
-        packet's payload type was not negotiated (nothing counted, as aiortc)."""
-        ssrc = packet.ssrc
-        self._active_ssrc[ssrc] = clock.current_datetime()  # getSynchronizationSources()
+    def _new_stream(self, packet: RtpPacket) -> _Stream | None:
+        """The receive state of an SSRC seen for the first time (None: not negotiated)."""
         codec = self._codecs.get(packet.payload_type)
         if codec is None:
-            return False
+            return None
+        ssrc = packet.ssrc
         stats = self._streams.get(ssrc)
         if stats is None:
             stats = self._streams[ssrc] = StreamStatistics(codec.clockRate)
-        stats.add(packet)
-        return True
+        media_ssrc, nacks = self._tracker(packet)
+        stream = self._known[ssrc] = _Stream(stats, media_ssrc, nacks)
+        return stream
+
+    def _tracker(self, packet: RtpPacket) -> tuple[int | None, NackTracker | None]:
+        """The SSRC a new stream's losses are NACKed for, and its tracker (shared by a media
+        SSRC and its RTX SSRC; ``None`` for audio, or RTX of an unknown stream)."""
+        pt, ssrc = packet.payload_type, packet.ssrc
+        media_ssrc: int | None = ssrc
+        if pt in self._rtx_pts:
+            media_ssrc = self._rtx_ssrc.get(ssrc)
+            if self._rtx.get(pt) not in self._codecs:
+                media_ssrc = None
+        if not self._video or media_ssrc is None:
+            return media_ssrc, None
+        media = self._known.get(media_ssrc)
+        return media_ssrc, media.nacks if media is not None else NackTracker()
+
+    async def _send_feedback(self, packet: RtpPacket, arrival_time_ms: int) -> None:
+        """Send what ``_feedback`` found due: the REMB at the end of the estimator's window
+        (through our _send_rtcp, which caps it at the subscribers' estimate), and NACKs."""
+        estimator = self.estimator
+        if estimator is not None and arrival_time_ms >= estimator.due_ms:
+            lost = sum(s.nacks.lost for s in self._known.values() if s.nacks is not None)
+            ast = packet.extensions.abs_send_time
+            bitrate = estimator.tick(arrival_time_ms, ast, lost)
+            rtcp_ssrc = self.receiver._RTCRtpReceiver__rtcp_ssrc  # type: ignore[attr-defined]
+            if bitrate is not None and rtcp_ssrc is not None:
+                ssrcs = [s for s, st in self._known.items() if st.media_ssrc == s]
+                await self._send_rtcp(
+                    RtcpPsfbPacket(
+                        fmt=RTCP_PSFB_APP,
+                        ssrc=rtcp_ssrc,
+                        media_ssrc=0,
+                        fci=pack_remb_fci(bitrate, ssrcs),
+                    )
+                )
+        stream = self._nack_due
+        if stream is not None:
+            self._nack_due = None
+            assert stream.nacks is not None and stream.media_ssrc is not None
+            await self.receiver._send_rtcp_nack(stream.media_ssrc, sorted(stream.nacks.missing))
 
     async def _handle_rtcp(self, packet: Any) -> None:
         if isinstance(packet, RtcpSrPacket):
@@ -571,7 +759,7 @@ class _Layer:
     def __init__(self) -> None:
         self.ssrc: int | None = None
         self.rtx_ssrc: int | None = None
-        self.nacks = NackGenerator()
+        self.nacks = NackTracker()
 
 
 class SimulcastHooks(PublisherHooks):
@@ -628,25 +816,28 @@ class SimulcastHooks(PublisherHooks):
         else:
             if layer.ssrc is not None:  # the publisher restarted the layer on a new SSRC
                 self.bound.pop(layer.ssrc, None)
-                layer.nacks = NackGenerator()
+                self._known.pop(layer.ssrc, None)
+                if layer.rtx_ssrc is not None:  # its RTX stream NACKs for the new tracker
+                    self._known.pop(layer.rtx_ssrc, None)
+                layer.nacks = NackTracker()
             layer.ssrc = packet.ssrc
         bound = self.bound[packet.ssrc] = (index, rtx)
         return bound
 
-    async def _handle_rtp(self, packet: RtpPacket, arrival_time_ms: int) -> None:
+    def _take(self, packet: RtpPacket, arrival_time_ms: int) -> bool:
         bound = self.bound.get(packet.ssrc)
         if bound is None:
             bound = self._bind(packet)
             if bound is None:
                 self.on_unrouted()
-                return
+                return False
         index, rtx = bound
         payload = packet.payload
         seq = packet.sequence_number
         if rtx:
             if len(payload) < 2:
                 self.on_malformed()
-                return
+                return False
             seq = (payload[0] << 8) | payload[1]
             payload = payload[2:]
         else:
@@ -658,27 +849,17 @@ class SimulcastHooks(PublisherHooks):
         except Exception:  # never let one packet kill the receiver
             log.exception("forwarding failed")
             self.on_malformed()
-        if self.receiver._enabled:
-            await self._layer_feedback(packet, arrival_time_ms, index, rtx)
+        return self.receiver._enabled and self._feedback(packet, arrival_time_ms, seq)
 
-    async def _layer_feedback(
-        self, packet: RtpPacket, arrival_time_ms: int, index: int, rtx: bool
-    ) -> None:
-        """``PublisherHooks._feedback`` for one layer: its own NACK generator and SSRC."""
-        remb = self._estimate(packet, arrival_time_ms)
-        if remb is not None:
-            await self._send_rtcp(remb)
-        if not self._count(packet):
-            return
+    def _tracker(self, packet: RtpPacket) -> tuple[int | None, NackTracker | None]:
+        """A layer's SSRC and its tracker, for its RTX SSRC too (``_feedback``'s NACKs name the
+        layer's SSRC; aiortc's one generator would take the layers' interleaved sequence
+        numbers for losses)."""
+        index, rtx = self.bound[packet.ssrc]  # bound by _handle_rtp before this
         layer = self.layers[index]
-        if rtx:
-            apt = self._rtx.get(packet.payload_type)
-            if layer.ssrc is None or apt is None or len(packet.payload) < 2:
-                return
-            packet = unwrap_rtx(packet, payload_type=apt, ssrc=layer.ssrc)
-        nacks = layer.nacks
-        if nacks.add(packet):
-            await self.receiver._send_rtcp_nack(packet.ssrc, sorted(nacks.missing))
+        if rtx and (layer.ssrc is None or self._rtx.get(packet.payload_type) is None):
+            return None, None
+        return layer.ssrc, layer.nacks
 
     async def _handle_rtcp(self, packet: Any) -> None:
         if isinstance(packet, RtcpSrPacket):

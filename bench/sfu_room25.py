@@ -1,0 +1,520 @@
+"""The 25-participant room of ``bench/sfu.py`` (``--room25``): light simulcast publishers and
+light subscribers that are still real WebRTC peers for the server.
+
+**Publishers** (``SimulcastPublisher``): an aiortc peer connection per participant (ICE, DTLS,
+SRTP as usual) whose offer is rewritten as Chromium's simulcast offer (``a=rid:q/h/f send``,
+``a=simulcast:send q;h;f``, the RID header extension, no video SSRCs), so the SFU takes its
+simulcast path (``SimulcastHooks``, ``UpTrack.forward_layer``, a ``LayerMunger`` per
+subscriber). aiortc cannot send simulcast, so the three layers are sent by this module: the
+pre-encoded test clip at 320x240, 640x480 and 960x720 (about 150, 500 and 1,000 kbps, a
+keyframe every second; each layer's VP8 payloads packetized once for all publishers), each
+layer its own SSRC and sequence numbers, with the MID, RID and abs-send-time extensions, SRTP
+protected and sent on the nominated ICE pair (``sfu.rtc.FastSender``). Audio is aiortc's own
+sender of the clip's Opus.
+
+**Subscribers** (``LightSubscriber``): ``media.session.SfuSession`` answers the server's
+offers (aiortc does ICE, DTLS and SRTCP); RTP is counted from the plain header bytes at the
+ICE socket, **without decrypting** (an SRTP packet's header is in the clear), per SSRC
+(packets, bytes, highest sequence number; loss is counted from sequence-number gaps: the SFU
+sends every subscriber gap-free numbers across layer switches and pauses). RTCP goes on to
+aiortc (the server's sender reports). The subscriber sends RTCP feedback of its own every
+second, SRTCP protected: a receiver report for every SSRC it gets (fraction and packets lost
+from its counts) and, for each video it shows, a REMB of ``TILE_BPS``.
+
+**Answers**: aiortc writes three certificate fingerprints, ``msid`` and ``ssrc`` lines in
+every section; its answer for the 48 sections of this room is longer than the protocol's
+60,000 characters for ``sdp``, so the subscriber keeps only the SHA-256 fingerprint and drops
+the others (``shorter_answers``).
+
+**Consent**: the load generator's own peers do not run ICE consent checks (``no_consent``): on
+this shared machine one process with 50 peer connections can lag more than consent's 0.5 s
+answer time for 30 s while 25 peers renegotiate, and would close its own connections. The
+server's connections check consent on every one of them as usual.
+
+**What each one shows**: participant ``i`` shows the videos of the next ``SHOWN`` (9)
+participants and pauses the other 15 (``track_pause``): the render-size message (a client
+saying how large each tile is) is not on main yet; the REMB of a 3x3 grid tile's rate stands in
+for it (the SFU moves a subscriber whose REMB stays below what it is sent down a layer).
+Everyone's audio is received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aioice.ice
+from aiortc import (
+    RTCPeerConnection,
+    RTCRtpHeaderExtensionParameters,
+    RTCRtpParameters,
+    RTCSessionDescription,
+)
+from aiortc.codecs.vpx import Vp8Encoder
+from aiortc.rtp import (
+    RTCP_PSFB_APP,
+    HeaderExtensionsMap,
+    RtcpPsfbPacket,
+    RtcpReceiverInfo,
+    RtcpRrPacket,
+    RtpPacket,
+    pack_remb_fci,
+)
+from sfu_load import RtpCount, Subscriber, peer_connection, vp8_only
+
+from media.clip import ClipSpec, load_clip
+from media.session import SfuSession
+from media.tracks import EncodedAudioTrack
+from sfu.rtc import FastSender
+from sfu.rtp import abs_send_time_now
+from sfu.simulcast import URI_RID
+from signaling.sdk.wsclient import Client
+
+ROOM25_SIZE = 25
+SHOWN = 9
+TILE_BPS = 600_000  # what a tile of a 3x3 grid takes (the middle layer, with room to spare)
+FPS = 30
+KEYFRAME_EVERY = FPS  # frames
+CLIP_SECONDS = 4.0
+# the test pattern's smallest size is 320x240
+LAYERS = (("q", 320, 240, 150_000), ("h", 640, 480, 500_000), ("f", 960, 720, 1_000_000))
+URI_MID = "urn:ietf:params:rtp-hdrext:sdes:mid"
+URI_ABS = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
+FEEDBACK_S = 1.0
+SETTLE_S = 20.0
+TRACKS_WAIT_S = 90.0
+
+
+@dataclass
+class Layer:
+    """One pre-packetized layer: per frame, its VP8 RTP payloads."""
+
+    rid: str
+    frames: list[list[bytes]]
+
+
+def make_layers() -> list[Layer]:
+    out = []
+    for rid, w, h, bps in LAYERS:
+        clip = load_clip(
+            ClipSpec(publisher_id=7, seconds=CLIP_SECONDS, width=w, height=h, video_bitrate=bps)
+        )
+        frames = []
+        for i, (normal, intra) in enumerate(zip(clip.video, clip.video_intra, strict=True)):
+            p = intra if i % KEYFRAME_EVERY == 0 else normal
+            frames.append(Vp8Encoder._packetize(p.data, i & 0x7FFF))
+        out.append(Layer(rid, frames))
+    return out
+
+
+def _sections(sdp: str) -> list[list[str]]:
+    head: list[str] = []
+    out: list[list[str]] = [head]
+    for line in sdp.splitlines():
+        if line.startswith("m="):
+            out.append([line])
+        else:
+            out[-1].append(line)
+    return out
+
+
+def simulcast_offer(sdp: str, rids: list[str], rid_ext: int) -> str:
+    """aiortc's offer with its video section turned into Chromium's simulcast offer."""
+    out: list[str] = []
+    for sec in _sections(sdp):
+        if sec and sec[0].startswith("m=video"):
+            sec = [ln for ln in sec if not ln.startswith(("a=ssrc", "a=ssrc-group"))]
+            sec.append(f"a=extmap:{rid_ext} {URI_RID}")
+            sec += [f"a=rid:{r} send" for r in rids]
+            sec.append(f"a=simulcast:send {';'.join(rids)}")
+        out += sec
+    return "\r\n".join(out) + "\r\n"
+
+
+def section_info(sdp: str, kind: str) -> tuple[str, dict[str, int], int | None]:
+    """(mid, extension ids by URI, VP8 or Opus payload type) of the first ``kind`` section."""
+    for sec in _sections(sdp):
+        if sec and sec[0].startswith(f"m={kind}"):
+            mid = next(ln[6:] for ln in sec if ln.startswith("a=mid:"))
+            exts = {}
+            pt = None
+            for ln in sec:
+                m = re.match(r"a=extmap:(\d+)(?:/\w+)? (\S+)", ln)
+                if m:
+                    exts[m.group(2)] = int(m.group(1))
+                m = re.match(r"a=rtpmap:(\d+) (\w+)/", ln)
+                if m and pt is None and m.group(2).lower() in ("vp8", "opus"):
+                    pt = int(m.group(1))
+            return mid, exts, pt
+    raise ValueError(f"no {kind} section")
+
+
+class SimulcastPublisher:
+    """One participant's three video layers and audio (see the module's docstring)."""
+
+    def __init__(self, index: int, layers: list[Layer]) -> None:
+        self.index = index
+        self.layers = layers
+        self.clip = load_clip(ClipSpec(publisher_id=7, seconds=CLIP_SECONDS))
+        self.audio = EncodedAudioTrack(self.clip)
+        self.pc: RTCPeerConnection = peer_connection()
+        self.video_sent = 0
+        self.ssrcs = [0x10000000 + index * 16 + k for k in range(len(layers))]
+        self._task: asyncio.Task[None] | None = None
+        self._audio_sender: Any = None
+        self.connected = asyncio.Event()
+
+        @self.pc.on("connectionstatechange")
+        def _state() -> None:
+            if self.pc.connectionState == "connected":
+                self.connected.set()
+
+    async def publish(self, client: Client, room: str) -> None:
+        pc = self.pc
+        video = pc.addTransceiver("video", direction="sendonly")
+        video.setCodecPreferences(vp8_only("video"))
+        audio = pc.addTransceiver(self.audio, direction="sendonly")
+        audio.setCodecPreferences(vp8_only("audio"))
+        self._audio_sender = audio.sender
+        await pc.setLocalDescription(await pc.createOffer())
+        assert pc.localDescription is not None
+        sdp = pc.localDescription.sdp
+        mid, exts, pt = section_info(sdp, "video")
+        rid_ext = next(i for i in range(1, 15) if i not in exts.values())
+        offer = simulcast_offer(sdp, [la.rid for la in self.layers], rid_ext)
+        answer = await client.request(
+            {
+                "type": "publish",
+                "room": room,
+                "sdp": offer,
+                "tracks": [
+                    {"mid": mid, "source": "camera"},
+                    {"mid": audio.mid, "source": "microphone"},
+                ],
+            },
+            timeout=60,
+        )
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
+        assert pt is not None
+        ext_map = HeaderExtensionsMap()
+        ext_map.configure(
+            RTCRtpParameters(
+                headerExtensions=[
+                    RTCRtpHeaderExtensionParameters(id=exts[URI_MID], uri=URI_MID),
+                    RTCRtpHeaderExtensionParameters(id=exts[URI_ABS], uri=URI_ABS),
+                    RTCRtpHeaderExtensionParameters(id=rid_ext, uri=URI_RID),
+                ]
+            )
+        )
+        self._task = asyncio.create_task(self._send(video.sender.transport, mid, pt, ext_map))
+
+    async def _send(self, dtls: Any, mid: str, pt: int, ext_map: HeaderExtensionsMap) -> None:
+        await asyncio.wait_for(self.connected.wait(), 120)
+        sender = FastSender(dtls)
+        seqs = [0] * len(self.layers)
+        start = time.monotonic()
+        frame = 0
+        while True:
+            i = frame % len(self.layers[0].frames)
+            ts = (frame * 90_000 // FPS) & 0xFFFFFFFF
+            ast = abs_send_time_now()
+            for k, layer in enumerate(self.layers):
+                payloads = layer.frames[i]
+                last = len(payloads) - 1
+                for j, payload in enumerate(payloads):
+                    p = RtpPacket(
+                        payload_type=pt,
+                        marker=int(j == last),
+                        sequence_number=seqs[k],
+                        timestamp=ts,
+                        ssrc=self.ssrcs[k],
+                        payload=payload,
+                    )
+                    p.extensions.mid = mid
+                    p.extensions.rtp_stream_id = layer.rid
+                    p.extensions.abs_send_time = ast
+                    sender.send(p.serialize(ext_map))
+                    seqs[k] = (seqs[k] + 1) & 0xFFFF
+                    self.video_sent += 1
+            frame += 1
+            delay = start + frame / FPS - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+    async def sent(self) -> int:
+        total = self.video_sent
+        for stats in (await self._audio_sender.getStats()).values():
+            if getattr(stats, "type", "") == "outbound-rtp":
+                total += stats.packetsSent
+        return int(total)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        await self.pc.close()
+
+
+_RTP = struct.Struct("!BBHII")
+
+
+@dataclass
+class LightSubscriber:
+    """One participant's receive side (see the module's docstring)."""
+
+    index: int
+    pid: str  # its participant id
+    session: SfuSession
+    sub: Subscriber
+    shown: set[str] = field(default_factory=set)  # participant ids whose video it shows
+    _wrapped: set[int] = field(default_factory=set)
+    _pts: dict[int, str] = field(default_factory=dict)  # payload type -> kind
+    _prior: dict[int, tuple[int, int]] = field(default_factory=dict)  # at the last report
+    _first: dict[int, int] = field(default_factory=dict)
+
+    def install(self) -> None:
+        """Count RTP at the subscriber connection's ICE sockets (again after renegotiation)."""
+        pc = self.session.sub
+        if pc is None:
+            return
+        for tr in pc.getTransceivers():
+            conn = tr.receiver.transport.transport._connection
+            for proto in conn._protocols:
+                if id(proto) not in self._wrapped:
+                    self._wrapped.add(id(proto))
+                    self._wrap(proto)
+        if pc.remoteDescription is not None:
+            for sec in _sections(pc.remoteDescription.sdp)[1:]:
+                kind = sec[0][2:7]
+                for ln in sec:
+                    m = re.match(r"a=rtpmap:(\d+) (\w+)/", ln)
+                    if m and m.group(2).lower() in ("vp8", "opus"):
+                        self._pts[int(m.group(1))] = kind
+
+    def _wrap(self, proto: Any) -> None:
+        orig = proto.datagram_received
+        counts = self.sub.counts
+        pts = self._pts
+        first = self._first
+        unpack = _RTP.unpack_from
+
+        def datagram_received(data: bytes, addr: Any) -> None:
+            if len(data) >= 12 and 128 <= data[0] < 192 and not 192 <= data[1] <= 223:
+                _, b1, seq, _, ssrc = unpack(data)
+                c = counts.get(ssrc)
+                if c is None:
+                    kind = pts.get(b1 & 0x7F)
+                    if kind is None:
+                        return  # RTX or unknown
+                    c = counts[ssrc] = RtpCount(kind)
+                    first[ssrc] = seq
+                c.add(seq, len(data) - 10, b1 >> 7)  # minus the SRTP tag, plus the header
+                return
+            orig(data, addr)
+
+        proto.datagram_received = datagram_received
+
+    def video_ssrcs(self) -> list[int]:
+        """The SFU's SSRCs of the videos this subscriber shows (from its last offer)."""
+        pc = self.session.sub
+        if pc is None or pc.remoteDescription is None:
+            return []
+        by_mid: dict[str, int] = {}
+        for sec in _sections(pc.remoteDescription.sdp)[1:]:
+            mid = next((ln[6:] for ln in sec if ln.startswith("a=mid:")), None)
+            ssrc = next((int(ln[7:].split()[0]) for ln in sec if ln.startswith("a=ssrc:")), None)
+            if mid is not None and ssrc is not None:
+                by_mid[mid] = ssrc
+        out = []
+        for t in self.session.tracks.values():
+            if t["kind"] == "video" and t["participant"] in self.shown and t["mid"] in by_mid:
+                out.append(by_mid[t["mid"]])
+        return out
+
+    async def feedback(self) -> None:
+        """Receiver reports and the tiles' REMB, every ``FEEDBACK_S``."""
+        own = 0x30000000 + self.index
+        while True:
+            await asyncio.sleep(FEEDBACK_S)
+            pc = self.session.sub
+            if pc is None or not pc.getTransceivers():
+                continue
+            dtls = pc.getTransceivers()[0].receiver.transport
+            reports = []
+            for ssrc, c in list(self.sub.counts.items())[:31]:
+                expected = c.highest - self._first[ssrc] + 1
+                e0, r0 = self._prior.get(ssrc, (0, 0))
+                self._prior[ssrc] = (expected, c.packets)
+                de, dr = expected - e0, c.packets - r0
+                fraction = ((de - dr) << 8) // de if de > 0 and de > dr else 0
+                reports.append(
+                    RtcpReceiverInfo(
+                        ssrc=ssrc,
+                        fraction_lost=min(fraction, 255),
+                        packets_lost=max(0, expected - c.packets),
+                        highest_sequence=c.highest & 0xFFFFFFFF,
+                        jitter=0,
+                        lsr=0,
+                        dlsr=0,
+                    )
+                )
+            # one compound packet: the receiver report, then a REMB per video shown (the SFU
+            # takes a REMB's bitrate for each SSRC it names)
+            compound = bytes(RtcpRrPacket(ssrc=own, reports=reports))
+            for ssrc in self.video_ssrcs():
+                compound += bytes(
+                    RtcpPsfbPacket(
+                        fmt=RTCP_PSFB_APP,
+                        ssrc=own,
+                        media_ssrc=0,
+                        fci=pack_remb_fci(TILE_BPS, [ssrc]),
+                    )
+                )
+            try:
+                await dtls._send_rtp(compound)
+            except ConnectionError:
+                continue
+
+
+def shorter_answers(client: Client) -> None:
+    """Send subscriber answers with only the SHA-256 certificate fingerprint and without the
+    ``msid``/``ssrc`` lines of the (receive-only) sections: aiortc writes three fingerprints
+    (SHA-256, -384, -512) in every section, and its answer for the 48 sections of this room is
+    longer than the protocol's 60,000 characters for ``sdp`` and than a 64 KiB frame (one
+    fingerprint that matches is all DTLS needs; a receive-only section sends no media)."""
+    request = client.request
+
+    async def shorter(msg: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+        if msg.get("type") == "subscribe_answer":
+            lines = msg["sdp"].split("\r\n")
+            drop = ("a=fingerprint:sha-384", "a=fingerprint:sha-512", "a=msid:", "a=ssrc:")
+            msg = {**msg, "sdp": "\r\n".join(ln for ln in lines if not ln.startswith(drop))}
+        return await request(msg, timeout=timeout)
+
+    client.request = shorter  # type: ignore[method-assign]
+
+
+def no_consent() -> None:
+    """Turn off aioice's consent checks in this (load generator) process."""
+
+    async def query_consent(self: aioice.ice.Connection) -> None:
+        return None
+
+    connection: Any = aioice.ice.Connection
+    connection.query_consent = query_consent
+
+
+async def join(url: str, room: str, index: int) -> tuple[Client, LightSubscriber]:
+    name = f"participant-{index}"
+    c = Client(url)
+    await c.connect(name=name, identity=name, heartbeat=True)  # set-up takes minutes
+    shorter_answers(c)
+    joined = await c.request({"type": "join", "room": room}, timeout=60)
+    session = SfuSession(c, room, decode=False)
+    return c, LightSubscriber(index, joined["self"]["id"], session, Subscriber(name))
+
+
+async def room25(
+    url: str, room: str, n: int = ROOM25_SIZE
+) -> tuple[list[SimulcastPublisher], list[LightSubscriber], list[Client], list[asyncio.Task[None]]]:
+    """Set the room up: each participant joins and publishes in turn, then shows its ``SHOWN``."""
+    no_consent()
+    layers = make_layers()
+    parts: list[tuple[Client, LightSubscriber]] = []
+    subs: list[LightSubscriber] = []
+    pubs = [SimulcastPublisher(i, layers) for i in range(n)]
+
+    async def publish_all() -> None:
+        # one at a time, joining just before publishing, as the room of 10: each publish
+        # renegotiates everyone's subscriber connection. Each step waits (bounded) for the
+        # publisher's connection and for everyone's answer: 25 aiortc peers renegotiating at
+        # once on this machine starve their own ICE and DTLS.
+        for i in range(n):
+            parts.append(await join(url, room, i))
+            subs.append(parts[-1][1])
+            await pubs[i].publish(parts[i][0], room)
+            await settled(pubs[i], subs[:i], parts[i][1].pid)
+            states = [p.pc.connectionState for p in pubs[: i + 1]]
+            subs_states = [s.session.sub.connectionState for s in subs if s.session.sub]
+            print(
+                f"room25: participant {i} publishes; publishers connected "
+                f"{states.count('connected')} of {i + 1}, subscribers "
+                f"{subs_states.count('connected')} of {len(subs_states)}",
+                flush=True,
+            )
+
+    async def count_early() -> None:
+        # from the first offer on: aiortc's own receive path would swamp this process
+        while True:
+            for s in subs:
+                s.install()
+            await asyncio.sleep(0.2)
+
+    early = asyncio.create_task(count_early())
+    try:
+        await publish_all()
+        await room25_shown(room, subs)
+    finally:
+        early.cancel()
+    tasks = [asyncio.create_task(s.feedback()) for s in subs]
+    return pubs, subs, [p[0] for p in parts], tasks
+
+
+async def settled(pub: SimulcastPublisher, subs: list[LightSubscriber], pid: str) -> None:
+    """Until ``pub`` is connected and every subscriber in ``subs`` has answered an offer with
+    ``pid``'s tracks (at most ``SETTLE_S``; a slow step is not an error)."""
+
+    def done() -> bool:
+        if pub.pc.connectionState != "connected":
+            return False
+        for s in subs:
+            pc = s.session.sub
+            known = any(t["participant"] == pid for t in s.session.tracks.values())
+            if pc is None or not known or pc.signalingState != "stable":
+                return False
+        return True
+
+    for _ in range(int(SETTLE_S * 10)):  # polled: the state lives in aiortc and the session
+        if done():
+            return
+        await asyncio.sleep(0.1)
+
+
+async def room25_shown(room: str, subs: list[LightSubscriber]) -> None:
+    """Once every subscriber knows every other's tracks, each pauses the videos it does not
+    show."""
+    n = len(subs)
+    names = [s.pid for s in subs]
+    for s in subs:
+        s.shown = {names[(s.index + k) % n] for k in range(1, min(SHOWN, n - 1) + 1)}
+    # every subscriber knows every other's tracks: then pause what it does not show (after
+    # TRACKS_WAIT_S, with the subscribers as they are: the count is reported)
+    deadline = time.monotonic() + TRACKS_WAIT_S
+    while True:
+        ready = [
+            sum(1 for t in s.session.tracks.values() if t["kind"] == "video") >= n - 1
+            and s.session.sub is not None
+            for s in subs
+        ]
+        if all(ready):
+            break
+        if time.monotonic() > deadline:
+            print(f"room25: {ready.count(False)} subscribers still lack tracks", flush=True)
+            break
+        await asyncio.sleep(1.0)
+        print(f"room25: {ready.count(True)} of {n} subscribers know every track", flush=True)
+    for s in subs:
+        for tid, t in list(s.session.tracks.items()):
+            if t["kind"] == "video" and t["participant"] not in s.shown:
+                try:
+                    await s.session.client.request(
+                        {"type": "track_pause", "room": room, "track": tid, "paused": True},
+                        timeout=60,
+                    )
+                except Exception as e:  # gone (its publisher, or this client): reported
+                    print(f"room25: subscriber {s.index} could not pause: {e!r}", flush=True)
+        s.install()
+    print("room25: everyone shows its videos", flush=True)

@@ -32,10 +32,10 @@ answer time for 30 s while 25 peers renegotiate, and would close its own connect
 server's connections check consent on every one of them as usual.
 
 **What each one shows**: participant ``i`` shows the videos of the next ``SHOWN`` (9)
-participants and pauses the other 15 (``track_pause``): the render-size message (a client
-saying how large each tile is) is not on main yet; the REMB of a 3x3 grid tile's rate stands in
-for it (the SFU moves a subscriber whose REMB stays below what it is sent down a layer).
-Everyone's audio is received.
+participants in a 3x3 grid of a 1280x720 window and hides the other 15, as the bundled page
+does: one ``track_render`` per subscriber, ``TILE`` (426x240) for the shown videos and 0 x 0
+for the others, so the SFU forwards the smallest layer that fills a tile (640x480) and none
+of the hidden ones. Everyone's audio is received.
 """
 
 from __future__ import annotations
@@ -72,10 +72,12 @@ from media.tracks import EncodedAudioTrack
 from sfu.rtc import FastSender
 from sfu.rtp import abs_send_time_now
 from sfu.simulcast import URI_RID
-from signaling.sdk.wsclient import Client
+from signaling.sdk.wsclient import Client, ClientError
 
 ROOM25_SIZE = 25
 SHOWN = 9
+TILE = (426, 240)  # a tile of a 3x3 grid in a 1280x720 window (device pixels)
+NONE = {"width": 0, "height": 0}  # not shown
 TILE_BPS = 600_000  # what a tile of a 3x3 grid takes (the middle layer, with room to spare)
 FPS = 30
 KEYFRAME_EVERY = FPS  # frames
@@ -483,14 +485,32 @@ async def settled(pub: SimulcastPublisher, subs: list[LightSubscriber], pid: str
         await asyncio.sleep(0.1)
 
 
+async def report_tiles(s: LightSubscriber, room: str, boxes: list[dict[str, Any]]) -> None:
+    """One ``track_render`` with every tile; a track gone meanwhile (its publisher left) is
+    refused by name and the rest sent again (a refused message changes nothing)."""
+    for _ in range(4):
+        try:
+            await s.session.client.request(
+                {"type": "track_render", "room": room, "tracks": boxes}, timeout=60
+            )
+            return
+        except ClientError as e:
+            gone = re.findall(r"'([^']+)'", e.msg.get("message", ""))
+            if e.code != "no_such_track" or not gone:
+                print(f"room25: subscriber {s.index} could not report its tiles: {e!r}", flush=True)
+                return
+            print(f"room25: subscriber {s.index}: track {gone[0]} is gone", flush=True)
+            boxes = [b for b in boxes if b["track"] != gone[0]]
+
+
 async def room25_shown(room: str, subs: list[LightSubscriber]) -> None:
-    """Once every subscriber knows every other's tracks, each pauses the videos it does not
-    show."""
+    """Once every subscriber knows every other's tracks, each reports its tiles' sizes: the
+    videos it shows at ``TILE``, the others hidden."""
     n = len(subs)
     names = [s.pid for s in subs]
     for s in subs:
         s.shown = {names[(s.index + k) % n] for k in range(1, min(SHOWN, n - 1) + 1)}
-    # every subscriber knows every other's tracks: then pause what it does not show (after
+    # every subscriber knows every other's tracks: then report what it shows (after
     # TRACKS_WAIT_S, with the subscribers as they are: the count is reported)
     deadline = time.monotonic() + TRACKS_WAIT_S
     while True:
@@ -506,15 +526,13 @@ async def room25_shown(room: str, subs: list[LightSubscriber]) -> None:
             break
         await asyncio.sleep(1.0)
         print(f"room25: {ready.count(True)} of {n} subscribers know every track", flush=True)
+    tw, th = TILE
     for s in subs:
-        for tid, t in list(s.session.tracks.items()):
-            if t["kind"] == "video" and t["participant"] not in s.shown:
-                try:
-                    await s.session.client.request(
-                        {"type": "track_pause", "room": room, "track": tid, "paused": True},
-                        timeout=60,
-                    )
-                except Exception as e:  # gone (its publisher, or this client): reported
-                    print(f"room25: subscriber {s.index} could not pause: {e!r}", flush=True)
+        boxes = [
+            {"track": tid, **({"width": tw, "height": th} if t["participant"] in s.shown else NONE)}
+            for tid, t in s.session.tracks.items()
+            if t["kind"] == "video"
+        ]
+        await report_tiles(s, room, boxes)
         s.install()
     print("room25: everyone shows its videos", flush=True)

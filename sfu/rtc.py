@@ -676,14 +676,20 @@ class PublisherHooks:
             except ValueError:
                 return
             self.remb_own = bitrate
-            if self.remb_cap is not None and self.remb_cap < bitrate:
+            wanted = self._wanted(bitrate)
+            if wanted != bitrate:
                 packet = RtcpPsfbPacket(
                     fmt=RTCP_PSFB_APP,
                     ssrc=packet.ssrc,
                     media_ssrc=0,
-                    fci=pack_remb_fci(self.remb_cap, ssrcs),
+                    fci=pack_remb_fci(wanted, ssrcs),
                 )
         await self._orig_send_rtcp(packet)
+
+    def _wanted(self, own: int) -> int:
+        """What to tell the publisher when its own estimate is ``own``: at most the cap."""
+        cap = self.remb_cap
+        return own if cap is None else min(own, cap)
 
     async def send_remb(self, bitrate: int) -> None:
         """Tell the publisher at once that the subscribers can take only ``bitrate``."""
@@ -869,24 +875,8 @@ class SimulcastHooks(PublisherHooks):
                 self.on_layer_sr(bound[0], info.ntp_timestamp, info.rtp_timestamp)
         await self._orig_rtcp(packet)
 
-    async def _send_rtcp(self, packet: Any) -> None:
-        if isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
-            try:
-                bitrate, ssrcs = unpack_remb_fci(packet.fci)
-            except ValueError:
-                return
-            self.remb_own = bitrate
-            wanted = self._wanted(bitrate)
-            if wanted != bitrate:
-                packet = RtcpPsfbPacket(
-                    fmt=RTCP_PSFB_APP,
-                    ssrc=packet.ssrc,
-                    media_ssrc=0,
-                    fci=pack_remb_fci(wanted, ssrcs),
-                )
-        await self._orig_send_rtcp(packet)
-
     def _wanted(self, own: int) -> int:
+        """At least the floor the layers subscribers need take, at most the cap."""
         floor, cap = self.remb_floor, self.remb_cap
         bitrate = own if floor is None else max(own, floor)
         return bitrate if cap is None else min(bitrate, cap)

@@ -131,6 +131,8 @@ class RedisBus:
         self.reconnects = 0  # connections made again after losing one (both kinds)
         #: A conversation's events in seq order, whichever nodes published them.
         self.order = Sequencer(self._deliver, self._call_later)
+        self._order_of: tuple[str, int] | None = None  # the last ``order`` published
+        self._order_prefix = b""  # and its header + prefix
 
     @property
     def topics(self) -> dict[str, dict[str, Sink]]:
@@ -204,7 +206,9 @@ class RedisBus:
         else:
             if subs is not None:
                 self.order.offer(topic, order[0], order[1], frame, exclude)
-            data = self._header + encode_order(*order) + frame
+            if order is not self._order_of:  # one message goes to many topics: encoded once
+                self._order_of, self._order_prefix = order, self._header + encode_order(*order)
+            data = self._order_prefix + frame
         if not self._publishing or len(self._queue) >= self.max_queued:
             self.dropped += 1
             return

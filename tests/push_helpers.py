@@ -4,10 +4,11 @@ signatures as docs/PUSH.md says, and a barrier that waits for every queued push.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -109,3 +110,22 @@ async def push_server(start_server: Start, url: str, **extra: Any) -> TestServer
         push__retry_max_s=0.2,
         **extra,
     )
+
+
+@contextlib.asynccontextmanager
+async def webhook_server() -> AsyncIterator[tuple[Receiver, str]]:
+    """A ``Receiver`` served on loopback, and the ``[push]`` configuration (TOML) that points
+    a server process at it (retrying fast)."""
+    receiver = Receiver()
+    app = web.Application()
+    app.router.add_post("/push", receiver.handle)
+    hook = TestServer(app, host="127.0.0.1")
+    await hook.start_server()
+    extra = (
+        f'[push]\nwebhook_url = "http://127.0.0.1:{hook.port}/push"\n'
+        f'secret = "{PUSH_SECRET}"\nretry_base_s = 0.05\nretry_max_s = 0.2\n'
+    )
+    try:
+        yield receiver, extra
+    finally:
+        await hook.close()

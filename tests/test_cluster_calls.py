@@ -11,10 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 from processes import Server
-from push_helpers import PUSH_SECRET, Receiver
+from push_helpers import webhook_server
 from test_cluster import cluster, metric, recorded
 
 from signaling.calls.book import CallBook
@@ -228,34 +226,26 @@ async def test_the_ring_timeout_fires_after_the_callers_node_is_killed(
 async def test_an_offline_callee_is_pushed_once(tmp_path: Path, servers: list[Server]) -> None:
     """carol has no device anywhere: alice's call (node 0) pushes `call.incoming` once and her
     cancel `call.cancelled` once, not once per node."""
-    receiver = Receiver()
-    app = web.Application()
-    app.router.add_post("/push", receiver.handle)
-    hook = TestServer(app, host="127.0.0.1")
-    await hook.start_server()
-    extra = (
-        f'[push]\nwebhook_url = "http://127.0.0.1:{hook.port}/push"\n'
-        f'secret = "{PUSH_SECRET}"\nretry_base_s = 0.05\nretry_max_s = 0.2\n'
-    )
-    try:
-        async with cluster(tmp_path, servers, extra=extra) as cl, asyncio.timeout(60):
-            # carol is known (her device is in the store: on the caller's node, whose
-            # directory vouches for her until the write commits), and has gone.
-            carol = await cl.client(0, "carol")
-            await carol.close()
-            alice = await cl.client(0, "alice")
-            bob = await cl.client(1, "bob")
-            call = await alice.call("carol")
-            await call.cancel()
-            assert await call.wait_ended() == "cancelled"
-            # A direct message to carol from the other node, pushed after the call's.
-            await bob.send("dm:bob|carol", "later")
-            delivered = await receiver.wait_for(3, timeout=10)
-            about = sorted(e["type"] for e in delivered if e.get("call", {}).get("id") == call.id)
-            assert about == ["call.cancelled", "call.incoming"]
-            assert receiver.bad_signatures == 0
-    finally:
-        await hook.close()
+    async with (
+        webhook_server() as (receiver, extra),
+        cluster(tmp_path, servers, extra=extra) as cl,
+        asyncio.timeout(60),
+    ):
+        # carol is known (her device is in the store: on the caller's node, whose
+        # directory vouches for her until the write commits), and has gone.
+        carol = await cl.client(0, "carol")
+        await carol.close()
+        alice = await cl.client(0, "alice")
+        bob = await cl.client(1, "bob")
+        call = await alice.call("carol")
+        await call.cancel()
+        assert await call.wait_ended() == "cancelled"
+        # A direct message to carol from the other node, pushed after the call's.
+        await bob.send("dm:bob|carol", "later")
+        delivered = await receiver.wait_for(3, timeout=10)
+        about = sorted(e["type"] for e in delivered if e.get("call", {}).get("id") == call.id)
+        assert about == ["call.cancelled", "call.incoming"]
+        assert receiver.bad_signatures == 0
 
 
 def test_a_call_round_trips_through_its_stored_form() -> None:

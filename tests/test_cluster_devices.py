@@ -17,10 +17,8 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 from processes import Server
-from push_helpers import PUSH_SECRET, Receiver
+from push_helpers import Receiver, webhook_server
 from test_cluster import HEARTBEAT_S, REDIS_URL, Cluster, cluster, metric, recorded
 
 from signaling.core.tokens import create_token
@@ -31,20 +29,8 @@ GRACE_S = 2.0  # session.resume_grace_s of the tests that let a dead node's devi
 
 @pytest.fixture
 async def webhook() -> AsyncIterator[tuple[Receiver, str]]:
-    """An app backend's push endpoint and the configuration that points the nodes at it."""
-    receiver = Receiver()
-    app = web.Application()
-    app.router.add_post("/push", receiver.handle)
-    hook = TestServer(app, host="127.0.0.1")
-    await hook.start_server()
-    extra = (
-        f'[push]\nwebhook_url = "http://127.0.0.1:{hook.port}/push"\n'
-        f'secret = "{PUSH_SECRET}"\nretry_base_s = 0.05\nretry_max_s = 0.2\n'
-    )
-    try:
-        yield receiver, extra
-    finally:
-        await hook.close()
+    async with webhook_server() as hook:
+        yield hook
 
 
 async def test_only_members_connected_on_no_node_are_pushed(

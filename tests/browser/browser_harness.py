@@ -96,7 +96,8 @@ async def open_page(browser: Browser, html: str = BLANK_PAGE, path: str = "/") -
 
 #: A minimal in-page client of the SFU (the protocol as PROTOCOL.md gives it, no library):
 #: `rq(msg)` sends a request and resolves with its reply, subscriber offers are answered, and
-#: `connect(url, name, room)` joins; a test adds its own `start` (what it publishes).
+#: `connect(url, name, room)` joins, `decoded()` counts the decoded video; a test adds its own
+#: `start` (what it publishes).
 SFU_CLIENT_JS = """
 let ws, room, n = 0, answered = 0, pub, sub, errors = [];
 const pending = {};
@@ -135,5 +136,16 @@ async function connect(url, name, r) {
   };
   await rq({type: "hello", v: 1, name, identity: name});
   await rq({type: "join", room});
+}
+// Video frames decoded so far, and the widest of them, over the subscriber connection.
+async function decoded() {
+  if (!sub) return {frames: 0, width: 0};
+  let frames = 0, width = 0;
+  (await sub.getStats()).forEach((s) => {
+    if (s.type === "inbound-rtp" && s.kind === "video") {
+      frames += s.framesDecoded || 0; width = Math.max(width, s.frameWidth || 0);
+    }
+  });
+  return {frames, width};
 }
 """

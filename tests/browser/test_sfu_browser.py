@@ -30,16 +30,6 @@ async function start(url, name, r) {
   await pub.setRemoteDescription({type: "answer", sdp: ans.sdp});
   await rq({type: "subscribe", room});
 }
-async function decoded() {
-  if (!sub) return {frames: 0, width: 0};
-  let frames = 0, width = 0;
-  (await sub.getStats()).forEach((s) => {
-    if (s.type === "inbound-rtp" && s.kind === "video") {
-      frames += s.framesDecoded || 0; width = Math.max(width, s.frameWidth || 0);
-    }
-  });
-  return {frames, width};
-}
 """
 )
 

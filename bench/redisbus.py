@@ -9,10 +9,17 @@ Two buses ("nodes") in this process on ``--url`` under a prefix of their own. Ea
   until B's sink has them all (one process runs both ends, so this is the pair's throughput,
   not one node's).
 
+- ``publisher``: the CPU time of this process per frame while node A publishes ``--frames``
+  frames (yielding every 200 so that the publisher task writes them) until all are written:
+  the ``publish`` call and the publisher's share, which a node pays per frame it sends to
+  other nodes; measured in a fresh process, and with ``--server-path`` in turns with another
+  checkout of the server (a process with that checkout first on its path), for an A/B.
+
 Rounds alternate between the buses (``local`` has no ``through``). Prints a table and one JSON
 line (the last line of stdout).
 
     .venv/bin/python bench/redisbus.py --url redis://127.0.0.1:6379/0
+    .venv/bin/python bench/redisbus.py --server-path ../previous-checkout
 """
 
 from __future__ import annotations
@@ -20,8 +27,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import secrets
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,7 +39,8 @@ from pathlib import Path
 # shadow the ``signaling`` package.
 _BENCH = str(Path(__file__).resolve().parent)
 sys.path[:] = [p for p in sys.path if p != _BENCH]
-sys.path.insert(0, str(Path(_BENCH).parent))
+# ``--server-path``'s subprocess imports the other checkout's server instead.
+sys.path.insert(0, os.environ.get("RALLYPOINT_BENCH_SERVER") or str(Path(_BENCH).parent))
 
 from signaling.cluster.redisbus import RedisBus  # noqa: E402
 from signaling.core.bus import LocalBus  # noqa: E402
@@ -62,20 +72,60 @@ async def drained(bus: RedisBus) -> None:
         await asyncio.sleep(0.001)
 
 
+async def publisher_us(url: str, prefix: str, frame: bytes, n: int) -> float:
+    """CPU microseconds of this process per frame published and written to Redis."""
+    bus = RedisBus(url, "bench-p", prefix, max_queued=n + 1)
+    await bus.start()
+    try:
+        while not bus.connected:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        publish = bus.publish
+        t0 = time.process_time()
+        for i in range(n):
+            publish("room:pub", frame)
+            if i % 200 == 199:
+                await asyncio.sleep(0)
+        while bus.published + bus.dropped < n:  # noqa: ASYNC110
+            await asyncio.sleep(0.001)
+        dt = time.process_time() - t0
+        assert bus.dropped == 0, bus.dropped
+    finally:
+        await bus.close()
+    return dt / n * 1e6
+
+
+def publisher_us_in(path: str, url: str, frames: int, size: int) -> float:
+    """``publisher_us`` measured with the server of the checkout at ``path``, in a fresh
+    process (both sides of an A/B are measured so, in turns)."""
+    env = {**os.environ, "RALLYPOINT_BENCH_SERVER": str(Path(path).resolve())}
+    argv = [sys.executable, str(Path(__file__).resolve()), "--only-publisher"]
+    argv += ["--url", url, "--frames", str(frames), "--size", str(size)]
+    out = subprocess.run(argv, env=env, check=True, capture_output=True, text=True, timeout=300)
+    return float(json.loads(out.stdout.splitlines()[-1])["publisher_us"])
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", default="redis://127.0.0.1:6379/0")
     ap.add_argument("--frames", type=int, default=50_000)
     ap.add_argument("--size", type=int, default=200, help="bytes per frame")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--server-path", help="another checkout: its publisher, in turns (A/B)")
+    ap.add_argument("--only-publisher", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     prefix = "bench-" + secrets.token_hex(4)
+    frame = b"x" * args.size
+    if args.only_publisher:  # one measurement, for another checkout's A/B (``--server-path``)
+        us = await publisher_us(args.url, prefix, frame, args.frames)
+        print(json.dumps({"publisher_us": us}))
+        return
     a = RedisBus(args.url, "bench-a", prefix, max_queued=args.frames + 1)
     b = RedisBus(args.url, "bench-b", prefix)
     await a.start()
     await b.start()
-    frame = b"x" * args.size
     local_ns: list[float] = []
+    pub_us: list[float] = []
+    other_us: list[float] = []
     redis_ns: list[float] = []
     through: list[float] = []
     try:
@@ -94,6 +144,10 @@ async def main() -> None:
             while sink.n - start < args.frames:  # noqa: ASYNC110
                 await asyncio.sleep(0.001)
             through.append(args.frames / (time.perf_counter() - t0))
+            this = str(Path(_BENCH).parent)
+            pub_us.append(publisher_us_in(this, args.url, args.frames, args.size))
+            if args.server_path:
+                other_us.append(publisher_us_in(args.server_path, args.url, args.frames, args.size))
         assert a.dropped == 0, a.dropped
     finally:
         await a.close()
@@ -102,9 +156,15 @@ async def main() -> None:
     print(f"{'bus':8} {'publish call (ns)':>18} {'A to B (frames/s)':>18}")
     print(f"{'local':8} {med(local_ns):18.0f} {'-':>18}")
     print(f"{'redis':8} {med(redis_ns):18.0f} {med(through):18.0f}")
+    print(f"publisher: {med(pub_us):.2f} us of CPU per frame (rounds: {fmt(pub_us)})")
+    if other_us:
+        print(f"  --server-path: {med(other_us):.2f} us ({fmt(other_us)})")
+        print(f"  ratio this / other: {med(pub_us) / med(other_us):.3f}")
     print(
         json.dumps(
             {
+                "publisher_us": pub_us,
+                "other_publisher_us": other_us,
                 "frames": args.frames,
                 "size": args.size,
                 "rounds": args.rounds,
@@ -114,6 +174,10 @@ async def main() -> None:
             }
         )
     )
+
+
+def fmt(xs: list[float]) -> str:
+    return ", ".join(f"{x:.2f}" for x in xs)
 
 
 if __name__ == "__main__":

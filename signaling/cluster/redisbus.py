@@ -5,8 +5,9 @@ introspection) and carries every topic over Redis on the channel ``<prefix>:<top
 
 - ``publish`` delivers to this node's sinks at once (the same bytes object to each, as
   ``LocalBus`` does) and queues the frame for Redis behind a small header, the origin's node id,
-  so the origin skips its own echo. The queue is bounded and sent by one task in pipelines
-  (many ``PUBLISH`` per round trip); ``publish`` never awaits and never raises for Redis.
+  so the origin skips its own echo. The queue is bounded and sent by one task, many ``PUBLISH``
+  per write, on a connection of its own that takes no replies (``CLIENT REPLY OFF``);
+  ``publish`` never awaits and never raises for Redis.
 - A node subscribes to a topic's channel when the topic gets its first local subscriber and
   unsubscribes when the last one leaves; a frame from another node is stripped of its header
   once and handed, as one bytes object, to every local sink of its topic.
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
+from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -48,7 +50,8 @@ log = logging.getLogger(__name__)
 TIMEOUT_S: Final = 2.0  # a connection attempt or a pipeline that takes longer has failed
 RETRY_S: Final = 0.5  # between attempts to reconnect
 MAX_QUEUED: Final = 10_000  # frames waiting for Redis; more are dropped (counted)
-MAX_PIPELINE: Final = 512  # PUBLISH commands per round trip
+MAX_PIPELINE: Final = 512  # PUBLISH commands per write
+REPLY_OFF: Final = ("CLIENT", "REPLY", "OFF")
 
 #: What a dead or unreachable Redis looks like.
 UNAVAILABLE: Final = (OSError, TimeoutError, RedisConnectionError, RedisTimeoutError)
@@ -117,6 +120,7 @@ class RedisBus:
         self._queue: deque[tuple[str, bytes]] = deque()
         self._wake = asyncio.Event()
         self._publishing = False  # the publish connection is up
+        self._pub: Connection | None = None  # the publisher's own connection
         # Subscribing: what Redis has on the current connection, against ``local.topics``.
         self._subscribed: set[str] = set()
         self._confirmed: set[str] = set()  # what Redis said it has subscribed
@@ -170,6 +174,9 @@ class RedisBus:
         self._tasks = []
         self.dropped += len(self._queue)
         self._queue.clear()
+        if self._pub is not None:
+            await self._pub.disconnect(nowait=True)
+            self._pub = None
         await self._redis.aclose()
 
     # -- the MessageBus --------------------------------------------------------------------------
@@ -234,39 +241,49 @@ class RedisBus:
     # -- publishing ------------------------------------------------------------------------------
 
     async def _publish_forever(self) -> None:
-        await self._connect_publisher(lost=False)
+        conn = await self._connect_publisher(lost=False)
         while True:
             await self._wake.wait()
             self._wake.clear()
             queue = self._queue
             while queue:
                 n = min(len(queue), MAX_PIPELINE)
-                pipe = self._redis.pipeline(transaction=False)
-                for _ in range(n):
-                    channel, data = queue.popleft()
-                    pipe.publish(channel, data)
+                popleft = queue.popleft
+                commands = [("PUBLISH", *popleft()) for _ in range(n)]
                 try:
-                    await pipe.execute()
+                    # Redis sends nothing on this connection: anything to read is its end
+                    # (raised here), so frames are not written to a Redis that has gone.
+                    if await conn.can_read():
+                        await conn.read_response()  # not expected; raises if a refusal
+                    await conn.send_packed_command(conn.pack_commands(commands), False)
                 except UNAVAILABLE as e:
+                    raise_if_cancelled()
                     self._publishing = False
                     self.dropped += n + len(queue)
                     queue.clear()
                     log.error("the bus's Redis connection failed (%s); reconnecting", e)
-                    await self._connect_publisher(lost=True)
+                    await conn.disconnect(nowait=True)
+                    conn = await self._connect_publisher(lost=True)
                     break
-                except Exception:  # a refusal (e.g. ResponseError): the connection is fine
-                    self.dropped += n
-                    log.exception("the bus's Redis refused %d frames; dropped", n)
-                    continue
                 self.published += n
 
-    async def _connect_publisher(self, *, lost: bool) -> None:
-        """Ping until Redis answers; then take frames again."""
+    async def _connect_publisher(self, *, lost: bool) -> Connection:
+        """A connection of the publisher's own, made again until Redis answers, that gets no
+        replies (``CLIENT REPLY OFF``: ``PUBLISH`` cannot fail but with the connection, which
+        a write then reports, so reading 512 replies per round trip would buy nothing); then
+        take frames again."""
         said = lost  # the loss was logged
         while True:
+            conn: Connection = self._redis.connection_pool.make_connection()
+            self._pub = conn
             try:
-                await self._redis.ping()
+                await conn.connect()
+                await conn.send_command("PING", check_health=False)
+                await conn.read_response()  # connected and authenticated: Redis answers
+                await conn.send_packed_command(conn.pack_command(*REPLY_OFF), False)
             except UNAVAILABLE as e:
+                raise_if_cancelled()
+                await conn.disconnect(nowait=True)
                 if not said:
                     log.error("the bus's Redis cannot be reached (%s); retrying", e)
                     said = True
@@ -278,7 +295,7 @@ class RedisBus:
                 self.reconnects += 1
                 log.warning("the bus's Redis connection is back: frames go to other nodes again")
             self._publishing = True
-            return
+            return conn
 
     # -- subscribing -----------------------------------------------------------------------------
 

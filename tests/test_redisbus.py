@@ -274,6 +274,34 @@ async def test_a_restart_drops_frames_meanwhile_and_both_nodes_reconnect(
         await b.close()
 
 
+async def test_a_frame_after_a_quiet_restart_reaches_the_other_node(
+    private_redis: PrivateRedis,
+) -> None:
+    """Redis restarts while a node publishes nothing: its publishing connection (which gets
+    no replies) is found closed at the next frame, made again, and the frame goes out."""
+    a = RedisBus(private_redis.url, "node-a", "drill", timeout_s=1.0, retry_s=0.1)
+    b = RedisBus(private_redis.url, "node-b", "drill", timeout_s=1.0, retry_s=0.1)
+    on_b = Inbox()
+    b.subscribe("room:q", "b", on_b)
+    await a.start()
+    await b.start()
+    try:
+        await until(lambda: a.connected and b.connected)
+        a.publish("room:q", b"before")
+        await until(lambda: on_b.frames == [b"before"])
+        private_redis.kill()
+        await until(lambda: not a.connected and not b.connected)
+        private_redis.start()
+        await until(lambda: a.connected and b.connected)  # the subscriptions are back
+        a.publish("room:q", b"after")
+        await until(lambda: on_b.frames == [b"before", b"after"])
+        assert a.dropped == 0
+        assert a.reconnects == 2  # its subscription, then its publishing connection
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def test_a_bus_started_without_redis_connects_when_it_comes() -> None:
     r = PrivateRedis()
     bus = RedisBus(r.url, "node-a", "drill", timeout_s=1.0, retry_s=0.1)

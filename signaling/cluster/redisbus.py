@@ -251,10 +251,7 @@ class RedisBus:
                 popleft = queue.popleft
                 commands = [("PUBLISH", *popleft()) for _ in range(n)]
                 try:
-                    # Redis sends nothing on this connection: anything to read is its end
-                    # (raised here), so frames are not written to a Redis that has gone.
-                    if await conn.can_read():
-                        await conn.read_response()  # not expected; raises if a refusal
+                    conn = await self._current(conn)
                     await conn.send_packed_command(conn.pack_commands(commands), False)
                 except UNAVAILABLE as e:
                     raise_if_cancelled()
@@ -267,23 +264,46 @@ class RedisBus:
                     break
                 self.published += n
 
+    async def _current(self, conn: Connection) -> Connection:
+        """``conn``, or a new connection if Redis has closed it (it sends nothing on this
+        connection, so anything to read is its end): frames are not written into a
+        connection that has gone, e.g. after Redis restarted while no frame was sent."""
+        try:
+            if await conn.can_read():
+                await conn.read_response()  # not expected; raises if a refusal
+            return conn
+        except UNAVAILABLE:
+            raise_if_cancelled()
+        await conn.disconnect(nowait=True)
+        conn = await self._open_publisher()  # one attempt: raises if Redis is still away
+        self.reconnects += 1
+        log.warning("the bus's Redis had closed the publishing connection; connected again")
+        return conn
+
+    async def _open_publisher(self) -> Connection:
+        """A connection of the publisher's own that gets no replies (``CLIENT REPLY OFF``:
+        ``PUBLISH`` cannot fail but with the connection, which a write or ``_current`` then
+        finds, so reading 512 replies per write would buy nothing)."""
+        conn: Connection = self._redis.connection_pool.make_connection()
+        self._pub = conn
+        try:
+            await conn.connect()
+            await conn.send_command("PING", check_health=False)
+            await conn.read_response()  # connected and authenticated: Redis answers
+            await conn.send_packed_command(conn.pack_command(*REPLY_OFF), False)
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        return conn
+
     async def _connect_publisher(self, *, lost: bool) -> Connection:
-        """A connection of the publisher's own, made again until Redis answers, that gets no
-        replies (``CLIENT REPLY OFF``: ``PUBLISH`` cannot fail but with the connection, which
-        a write then reports, so reading 512 replies per round trip would buy nothing); then
-        take frames again."""
+        """Connect until Redis answers; then take frames again."""
         said = lost  # the loss was logged
         while True:
-            conn: Connection = self._redis.connection_pool.make_connection()
-            self._pub = conn
             try:
-                await conn.connect()
-                await conn.send_command("PING", check_health=False)
-                await conn.read_response()  # connected and authenticated: Redis answers
-                await conn.send_packed_command(conn.pack_command(*REPLY_OFF), False)
+                conn = await self._open_publisher()
             except UNAVAILABLE as e:
                 raise_if_cancelled()
-                await conn.disconnect(nowait=True)
                 if not said:
                     log.error("the bus's Redis cannot be reached (%s); retrying", e)
                     said = True

@@ -3,7 +3,8 @@
 ``SfuSession`` drives the two peer connections of the protocol (docs/PROTOCOL.md, "Media"):
 it publishes tracks with `publish` (client offers, server answers) and answers every
 `subscribe_offer`, counting decoded frames of each received track with a ``FrameCounter``
-(or, with ``decode=False``, only counting packets).
+(or, with ``decode=False``, only counting packets). Its answers are compacted
+(``signaling.sdk.sdp.compact_answer``) so that they fit the protocol's limits in large rooms.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from aiortc.mediastreams import MediaStreamTrack
 
 from sfu.tasks import TaskSet
 from signaling.sdk import RallypointClient
+from signaling.sdk.sdp import compact_answer
 from signaling.sdk.simulcast import (
     Simulcast,
     SimulcastSender,
@@ -199,7 +201,9 @@ class SfuSession:
                 await pc.setLocalDescription(await pc.createAnswer())
                 assert pc.localDescription is not None
                 self._answered = ev["offer"]
-                sdp = pc.localDescription.sdp
+                # aiortc's answer is ~1,270 characters a section, too long for a large room
+                # (60,000 characters hold 47 sections); compacted, ~670 (signaling.sdk.sdp).
+                sdp = compact_answer(pc.localDescription.sdp)
                 if self.relay is not None:
                     sdp = self.relay.answer(sdp)
                 await self.client.request(

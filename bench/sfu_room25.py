@@ -23,8 +23,9 @@ from its counts) and, for each video it shows, a REMB of ``TILE_BPS``.
 
 **Answers**: aiortc writes three certificate fingerprints, ``msid`` and ``ssrc`` lines in
 every section; its answer for the 48 sections of this room is longer than the protocol's
-60,000 characters for ``sdp``, so the subscriber keeps only the SHA-256 fingerprint and drops
-the others (``shorter_answers``).
+60,000 characters for ``sdp``. ``SfuSession`` sends it compacted
+(``signaling.sdk.sdp.compact_answer``: the SHA-256 fingerprint alone, no ``msid``/``ssrc`` in
+receive-only sections), ~32,000 characters.
 
 **Consent**: the load generator's own peers do not run ICE consent checks (``no_consent``): on
 this shared machine one process with 50 peer connections can lag more than consent's 0.5 s
@@ -381,24 +382,6 @@ class LightSubscriber:
                 continue
 
 
-def shorter_answers(client: Client) -> None:
-    """Send subscriber answers with only the SHA-256 certificate fingerprint and without the
-    ``msid``/``ssrc`` lines of the (receive-only) sections: aiortc writes three fingerprints
-    (SHA-256, -384, -512) in every section, and its answer for the 48 sections of this room is
-    longer than the protocol's 60,000 characters for ``sdp`` and than a 64 KiB frame (one
-    fingerprint that matches is all DTLS needs; a receive-only section sends no media)."""
-    request = client.request
-
-    async def shorter(msg: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
-        if msg.get("type") == "subscribe_answer":
-            lines = msg["sdp"].split("\r\n")
-            drop = ("a=fingerprint:sha-384", "a=fingerprint:sha-512", "a=msid:", "a=ssrc:")
-            msg = {**msg, "sdp": "\r\n".join(ln for ln in lines if not ln.startswith(drop))}
-        return await request(msg, timeout=timeout)
-
-    client.request = shorter  # type: ignore[method-assign]
-
-
 def no_consent() -> None:
     """Turn off aioice's consent checks in this (load generator) process."""
 
@@ -413,7 +396,6 @@ async def join(url: str, room: str, index: int) -> tuple[Client, LightSubscriber
     name = f"participant-{index}"
     c = Client(url)
     await c.connect(name=name, identity=name, heartbeat=True)  # set-up takes minutes
-    shorter_answers(c)
     joined = await c.request({"type": "join", "room": room}, timeout=60)
     session = SfuSession(c, room, decode=False)
     return c, LightSubscriber(index, joined["self"]["id"], session, Subscriber(name))

@@ -3,7 +3,8 @@
 ``SfuSession`` drives the two peer connections of the protocol (docs/PROTOCOL.md, "Media"):
 it publishes tracks with `publish` (client offers, server answers) and answers every
 `subscribe_offer`, counting decoded frames of each received track with a ``FrameCounter``
-(or, with ``decode=False``, only counting packets).
+(or, with ``decode=False``, only counting packets). Its answers are compacted
+(``signaling.sdk.sdp.compact_answer``) so that they fit the protocol's limits in large rooms.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from aiortc.mediastreams import MediaStreamTrack
 
 from sfu.tasks import TaskSet
 from signaling.sdk import RallypointClient
+from signaling.sdk.sdp import compact_answer
 from signaling.sdk.simulcast import (
     Simulcast,
     SimulcastSender,
@@ -65,7 +67,11 @@ class SfuSession:
         """The subscriber connection goes through this relay (its candidates rewritten)."""
         self.pub: RTCPeerConnection | None = None
         self.sub: RTCPeerConnection | None = None
-        self.tracks: dict[str, dict[str, Any]] = {}  # track id -> info (from offers)
+        # Track id -> info: the tracks of the last offer answered, less those unpublished
+        # since (they leave the next offer). ``seen``: every track ever offered.
+        self.tracks: dict[str, dict[str, Any]] = {}
+        self.seen: dict[str, dict[str, Any]] = {}
+        self._gone: set[str] = set()  # unpublished (until published again: same id)
         self.mid_track: dict[str, str] = {}  # subscriber mid -> track id
         self.counters: dict[str, FrameCounter] = {}  # track id -> counter
         self.offers = 0
@@ -157,8 +163,14 @@ class SfuSession:
     def _on_event(self, ev: dict[str, Any]) -> None:
         if ev.get("room") != self.room:
             return
-        if ev.get("type") == "subscribe_offer":
+        t = ev.get("type")
+        if t == "subscribe_offer":
             self._tasks.spawn(self._answer(ev))
+        elif t == "track_unpublished":
+            self._gone.add(ev["track"])
+            self.tracks.pop(ev["track"], None)
+        elif t == "track_published":
+            self._gone.discard(ev["track"]["id"])
 
     async def _answer(self, ev: dict[str, Any]) -> None:
         async with self._lock:  # offers are answered in order
@@ -173,8 +185,11 @@ class SfuSession:
             pc = self.sub
             if ev["offer"] <= self._answered:
                 return  # an offer sent again (after `subscribe`) that we answered already
+            # The offer lists every track the connection carries: the list replaces the last
+            # one (a track gone since was sent again by an offer still waiting: left out).
+            self.tracks = {t["id"]: t for t in ev["tracks"] if t["id"] not in self._gone}
             for t in ev["tracks"]:
-                self.tracks[t["id"]] = t
+                self.seen[t["id"]] = t
                 self.mid_track[t["mid"]] = t["id"]
             try:
                 offer = ev["sdp"] if self.relay is None else self.relay.offer(ev["sdp"])
@@ -186,7 +201,9 @@ class SfuSession:
                 await pc.setLocalDescription(await pc.createAnswer())
                 assert pc.localDescription is not None
                 self._answered = ev["offer"]
-                sdp = pc.localDescription.sdp
+                # aiortc's answer is ~1,270 characters a section, too long for a large room
+                # (60,000 characters hold 47 sections); compacted, ~670 (signaling.sdk.sdp).
+                sdp = compact_answer(pc.localDescription.sdp)
                 if self.relay is not None:
                     sdp = self.relay.answer(sdp)
                 await self.client.request(
@@ -209,8 +226,9 @@ class SfuSession:
             self.counters[tid] = counter
 
     def counter_for(self, participant: str, kind: str) -> FrameCounter | None:
-        """The counter of ``participant``'s (first) track of ``kind``."""
-        for tid, t in self.tracks.items():
+        """The counter of ``participant``'s (first) track of ``kind``: of one it receives now,
+        else of one it received (the publisher left or stopped it)."""
+        for tid, t in [*self.tracks.items(), *self.seen.items()]:
             if t["participant"] == participant and t["kind"] == kind and tid in self.counters:
                 return self.counters[tid]
         return None

@@ -429,6 +429,19 @@ class Room:
             }
         )
         for other in self.participants.values():
+            offer = other.offer
+            if offer is not None and any(t["id"] == up.id for t in offer["tracks"]):
+                # The offer waiting for an answer is sent again as it is on `subscribe`: its
+                # SDP cannot change (the track's section goes inactive in the next offer,
+                # made once it is answered), but it no longer names the track.
+                other.offer = {
+                    "ev": "subscribe_offer",
+                    "room": offer["room"],
+                    "participant": offer["participant"],
+                    "sdp": offer["sdp"],
+                    "tracks": [t for t in offer["tracks"] if t["id"] != up.id],
+                    "offer": offer["offer"],
+                }
             if up.id in other.transceivers:
                 other.downtracks.pop(up.id, None)
                 self._spawn(self._renegotiate(other))

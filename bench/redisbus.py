@@ -14,6 +14,9 @@ Two buses ("nodes") in this process on ``--url`` under a prefix of their own. Ea
   the ``publish`` call and the publisher's share, which a node pays per frame it sends to
   other nodes; measured in a fresh process, and with ``--server-path`` in turns with another
   checkout of the server (a process with that checkout first on its path), for an A/B.
+- ``subscriber``: likewise, the CPU time of a fresh process per frame its bus receives from
+  another node (``redis-benchmark`` publishing ``--frames`` frames, 64 per round trip) and
+  hands to a local sink.
 
 Rounds alternate between the buses (``local`` has no ``through``). Prints a table and one JSON
 line (the last line of stdout).
@@ -34,6 +37,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 # ``python bench/redisbus.py`` puts bench/ first on sys.path, where bench/signaling.py would
 # shadow the ``signaling`` package.
@@ -94,14 +98,40 @@ async def publisher_us(url: str, prefix: str, frame: bytes, n: int) -> float:
     return dt / n * 1e6
 
 
-def publisher_us_in(path: str, url: str, frames: int, size: int) -> float:
-    """``publisher_us`` measured with the server of the checkout at ``path``, in a fresh
-    process (both sides of an A/B are measured so, in turns)."""
+async def subscriber_us(url: str, prefix: str, size: int, n: int) -> float:
+    """CPU microseconds of this process per frame received from Redis and delivered."""
+    bus = RedisBus(url, "bench-s", prefix)
+    sink = Count()
+    bus.subscribe("room:sub", "s", sink)
+    await bus.start()
+    try:
+        while not bus.connected:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        u = urlsplit(url)
+        # Another node's frame: its header (a length-prefixed node id), then the frame.
+        data = "\x05other" + "x" * size
+        argv = ["redis-benchmark", "-h", u.hostname or "127.0.0.1", "-p", str(u.port or 6379)]
+        argv += ["-n", str(n), "-P", "64", "-c", "1", "PUBLISH", f"{prefix}:room:sub", data]
+        t0 = time.process_time()
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.DEVNULL)
+        while sink.n < n:  # noqa: ASYNC110
+            await asyncio.sleep(0.001)
+        dt = time.process_time() - t0
+        await proc.wait()
+    finally:
+        await bus.close()
+    return dt / n * 1e6
+
+
+def measured_in(path: str, url: str, frames: int, size: int) -> dict[str, float]:
+    """``publisher_us`` and ``subscriber_us`` measured with the server of the checkout at
+    ``path``, in a fresh process (both sides of an A/B are measured so, in turns)."""
     env = {**os.environ, "RALLYPOINT_BENCH_SERVER": str(Path(path).resolve())}
     argv = [sys.executable, str(Path(__file__).resolve()), "--only-publisher"]
     argv += ["--url", url, "--frames", str(frames), "--size", str(size)]
     out = subprocess.run(argv, env=env, check=True, capture_output=True, text=True, timeout=300)
-    return float(json.loads(out.stdout.splitlines()[-1])["publisher_us"])
+    result: dict[str, float] = json.loads(out.stdout.splitlines()[-1])
+    return result
 
 
 async def main() -> None:
@@ -116,16 +146,17 @@ async def main() -> None:
     prefix = "bench-" + secrets.token_hex(4)
     frame = b"x" * args.size
     if args.only_publisher:  # one measurement, for another checkout's A/B (``--server-path``)
-        us = await publisher_us(args.url, prefix, frame, args.frames)
-        print(json.dumps({"publisher_us": us}))
+        pub = await publisher_us(args.url, prefix, frame, args.frames)
+        sub = await subscriber_us(args.url, prefix, args.size, args.frames)
+        print(json.dumps({"publisher_us": pub, "subscriber_us": sub}))
         return
     a = RedisBus(args.url, "bench-a", prefix, max_queued=args.frames + 1)
     b = RedisBus(args.url, "bench-b", prefix)
     await a.start()
     await b.start()
     local_ns: list[float] = []
-    pub_us: list[float] = []
-    other_us: list[float] = []
+    this: list[dict[str, float]] = []
+    other: list[dict[str, float]] = []
     redis_ns: list[float] = []
     through: list[float] = []
     try:
@@ -144,10 +175,9 @@ async def main() -> None:
             while sink.n - start < args.frames:  # noqa: ASYNC110
                 await asyncio.sleep(0.001)
             through.append(args.frames / (time.perf_counter() - t0))
-            this = str(Path(_BENCH).parent)
-            pub_us.append(publisher_us_in(this, args.url, args.frames, args.size))
+            this.append(measured_in(str(Path(_BENCH).parent), args.url, args.frames, args.size))
             if args.server_path:
-                other_us.append(publisher_us_in(args.server_path, args.url, args.frames, args.size))
+                other.append(measured_in(args.server_path, args.url, args.frames, args.size))
         assert a.dropped == 0, a.dropped
     finally:
         await a.close()
@@ -156,15 +186,18 @@ async def main() -> None:
     print(f"{'bus':8} {'publish call (ns)':>18} {'A to B (frames/s)':>18}")
     print(f"{'local':8} {med(local_ns):18.0f} {'-':>18}")
     print(f"{'redis':8} {med(redis_ns):18.0f} {med(through):18.0f}")
-    print(f"publisher: {med(pub_us):.2f} us of CPU per frame (rounds: {fmt(pub_us)})")
-    if other_us:
-        print(f"  --server-path: {med(other_us):.2f} us ({fmt(other_us)})")
-        print(f"  ratio this / other: {med(pub_us) / med(other_us):.3f}")
+    for key in ("publisher_us", "subscriber_us"):
+        mine = [r[key] for r in this]
+        print(f"{key}: {med(mine):.2f} us of CPU per frame (rounds: {fmt(mine)})")
+        if other:
+            theirs = [r[key] for r in other]
+            print(f"  --server-path: {med(theirs):.2f} us ({fmt(theirs)})")
+            print(f"  ratio this / other: {med(mine) / med(theirs):.3f}")
     print(
         json.dumps(
             {
-                "publisher_us": pub_us,
-                "other_publisher_us": other_us,
+                "this": this,
+                "other": other,
                 "frames": args.frames,
                 "size": args.size,
                 "rounds": args.rounds,

@@ -10,7 +10,9 @@ introspection) and carries every topic over Redis on the channel ``<prefix>:<top
   ``publish`` never awaits and never raises for Redis.
 - A node subscribes to a topic's channel when the topic gets its first local subscriber and
   unsubscribes when the last one leaves; a frame from another node is stripped of its header
-  once and handed, as one bytes object, to every local sink of its topic.
+  once and handed, as one bytes object, to every local sink of its topic. The subscription
+  connection is read with a ``hiredis.Reader`` of the bus's own (redis-py makes the
+  connection: address, TLS, authentication).
 - **At most once between nodes.** While Redis cannot be reached (or the queue is full), frames
   are still delivered on their own node but dropped for the others and counted
   (``bus_dropped``); frames other nodes published while this node's subscription was down are
@@ -33,8 +35,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
+import hiredis
 import redis.asyncio as aioredis
-from redis.asyncio.client import PubSub
 from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -52,6 +54,7 @@ RETRY_S: Final = 0.5  # between attempts to reconnect
 MAX_QUEUED: Final = 10_000  # frames waiting for Redis; more are dropped (counted)
 MAX_PIPELINE: Final = 512  # PUBLISH commands per write
 REPLY_OFF: Final = ("CLIENT", "REPLY", "OFF")
+READ_SIZE: Final = 65536  # bytes per read of the subscription connection
 
 #: What a dead or unreachable Redis looks like.
 UNAVAILABLE: Final = (OSError, TimeoutError, RedisConnectionError, RedisTimeoutError)
@@ -76,6 +79,17 @@ def connect(url: str, timeout_s: float = TIMEOUT_S) -> aioredis.Redis:
         socket_keepalive=True,
         retry=Retry(NoBackoff(), 0),
     )
+
+
+def check_redis_internals(conn: Connection) -> None:
+    """The one internal of redis-py this module uses: a connection's ``_reader``, the
+    ``asyncio.StreamReader`` the subscriber reads with its own ``hiredis.Reader``. Checked at
+    start, on a connection not yet made (redis-py sets it to None until it connects)."""
+    if not hasattr(conn, "_reader"):
+        raise RuntimeError(
+            f"redis-py {getattr(aioredis, '__version__', '?')} has no Connection._reader: "
+            "signaling/cluster/redisbus.py does not support this version"
+        )
 
 
 def node_id(configured: str = "") -> str:
@@ -158,6 +172,7 @@ class RedisBus:
 
     async def start(self) -> None:
         """Start the publisher and the subscriber. Redis need not be up: they keep trying."""
+        check_redis_internals(self._redis.connection_pool.make_connection())
         self._closing = False
         self._tasks = [
             asyncio.create_task(self._publish_forever(), name="redisbus-publish"),
@@ -322,10 +337,11 @@ class RedisBus:
     async def _subscribe_forever(self) -> None:
         lost = False
         while True:
-            pubsub = self._redis.pubsub()
+            conn: Connection = self._redis.connection_pool.make_connection()
             try:
-                await self._listen(pubsub, lost)
+                await self._listen(conn, lost)
             except UNAVAILABLE as e:
+                raise_if_cancelled()
                 if self._listening:
                     log.error("the bus's Redis subscription failed (%s); reconnecting", e)
                     lost = True
@@ -338,15 +354,25 @@ class RedisBus:
                 self._listening = False
                 self._subscribed = set()
                 self._confirmed = set()
-                await _abandon(pubsub)
+                await conn.disconnect(nowait=True)
             await asyncio.sleep(self.retry_s)
 
-    async def _listen(self, pubsub: PubSub, lost: bool) -> None:
+    async def _listen(self, conn: Connection, lost: bool) -> None:
+        """Subscribe on ``conn`` and read it until it fails. redis-py connects (address,
+        TLS, authentication, database); the frames are then read from its stream with a
+        ``hiredis.Reader`` of our own, about 1 us each instead of redis-py's pub/sub
+        machinery's 10-17 (``bench/redisbus.py``)."""
+        await conn.connect()
+        stream: asyncio.StreamReader | None = conn._reader  # checked in ``start``
+        if stream is None:
+            raise RedisConnectionError("the subscription connection has no stream")
         # The node's own channel keeps the connection subscribed, so reads block (and
         # carries other nodes' requests for this node's sessions: ``Hub.share``).
-        await pubsub.subscribe(f"{self.prefix}:node:{self.node_id}")
+        await conn.send_packed_command(
+            conn.pack_command("SUBSCRIBE", f"{self.prefix}:node:{self.node_id}"), False
+        )
         self._changed.set()
-        await self._sync(pubsub)
+        await self._sync(conn)
         self._listening = True
         if lost:
             self.reconnects += 1
@@ -354,8 +380,8 @@ class RedisBus:
         # Subscription changes are sent while the reader waits: whichever of the two meets
         # the failed connection first ends both.
         tasks = [
-            asyncio.create_task(self._sync_forever(pubsub)),
-            asyncio.create_task(self._read(pubsub)),
+            asyncio.create_task(self._sync_forever(conn)),
+            asyncio.create_task(self._read(stream)),
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -366,13 +392,14 @@ class RedisBus:
         for t in done:
             t.result()  # raises what ended it
 
-    async def _sync_forever(self, pubsub: PubSub) -> None:
+    async def _sync_forever(self, conn: Connection) -> None:
         while True:
             await self._changed.wait()
-            await self._sync(pubsub)
+            await self._sync(conn)
 
-    async def _sync(self, pubsub: PubSub) -> None:
-        """Subscribe and unsubscribe until Redis has exactly the local topics."""
+    async def _sync(self, conn: Connection) -> None:
+        """Subscribe and unsubscribe until Redis has exactly the local topics (Redis
+        confirms each, on the stream ``_read`` reads)."""
         while self._changed.is_set():
             self._changed.clear()
             wanted = self.local.topics.keys()
@@ -381,45 +408,53 @@ class RedisBus:
             # Recorded before the await: a change meanwhile is measured against it.
             if add:
                 self._subscribed.update(add)
-                await pubsub.subscribe(*[self._channel_of + t for t in add])
+                channels = [self._channel_of + t for t in add]
+                await conn.send_packed_command(conn.pack_command("SUBSCRIBE", *channels), False)
             if drop:
                 self._subscribed.difference_update(drop)
-                await pubsub.unsubscribe(*[self._channel_of + t for t in drop])
+                channels = [self._channel_of + t for t in drop]
+                await conn.send_packed_command(conn.pack_command("UNSUBSCRIBE", *channels), False)
 
-    async def _read(self, pubsub: PubSub) -> None:
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        reader = hiredis.Reader()
+        feed, gets, read = reader.feed, reader.gets, stream.read
         header = self._header
         skip = self._skip
         topics = self.local.topics
+        offer = self.order.offer
         while True:
-            msg: dict[str, Any] | None = await pubsub.get_message(timeout=None)
-            if msg is None:
-                continue
-            if msg["type"] != "message":
-                kind = msg["type"]
-                if kind == "subscribe":
-                    self._confirmed.add(msg["channel"].decode()[skip:])
-                elif kind == "unsubscribe":
-                    self._confirmed.discard(msg["channel"].decode()[skip:])
-                continue
-            data: bytes = msg["data"]
-            if data.startswith(header):
-                continue  # our own, delivered when it was published
-            topic = msg["channel"].decode()[skip:]
-            subs = topics.get(topic)
-            if not subs:
-                continue  # unsubscribed meanwhile
-            frame = data[data[0] + 1 :]
-            self.received += 1
-            if frame[0] == 0:  # a conversation's event: in seq order
-                ordered = decode_order(frame)
-                assert ordered is not None
-                self.order.offer(topic, ordered[0], ordered[1], ordered[2], None)
-                continue
-            for sink in subs.values():
-                try:
-                    sink.deliver(frame)
-                except Exception:  # a sink's bug must cost neither the others nor the node
-                    log.exception("a sink of %s failed", msg["channel"])
+            chunk = await read(READ_SIZE)
+            if not chunk:
+                raise RedisConnectionError("Redis closed the subscription connection")
+            feed(chunk)
+            while (msg := gets()) is not False:
+                if not isinstance(msg, list) or len(msg) != 3:  # an error, or not pub/sub
+                    raise RedisConnectionError(f"unexpected on the subscription: {msg!r}")
+                kind, channel, data = msg
+                if kind != b"message":
+                    if kind == b"subscribe":
+                        self._confirmed.add(channel.decode()[skip:])
+                    elif kind == b"unsubscribe":
+                        self._confirmed.discard(channel.decode()[skip:])
+                    continue
+                if data.startswith(header):
+                    continue  # our own, delivered when it was published
+                topic = channel.decode()[skip:]
+                subs = topics.get(topic)
+                if not subs:
+                    continue  # unsubscribed meanwhile
+                frame = data[data[0] + 1 :]
+                self.received += 1
+                if frame[0] == 0:  # a conversation's event: in seq order
+                    ordered = decode_order(frame)
+                    assert ordered is not None
+                    offer(topic, ordered[0], ordered[1], ordered[2], None)
+                    continue
+                for sink in subs.values():
+                    try:
+                        sink.deliver(frame)
+                    except Exception:  # a sink's bug must cost neither the others nor the node
+                        log.exception("a sink of %s failed", topic)
 
     # -- metrics ---------------------------------------------------------------------------------
 
@@ -460,14 +495,6 @@ class RedisBus:
             "Held conversation events delivered after waiting in vain for an earlier one.",
             self.order.flushed,
         )
-
-
-async def _abandon(pubsub: PubSub) -> None:
-    """Drop a subscription connection, alive or not, without waiting on a dead server."""
-    try:
-        await asyncio.wait_for(pubsub.aclose(), TIMEOUT_S)
-    except (*UNAVAILABLE, RuntimeError):
-        pass
 
 
 if TYPE_CHECKING:

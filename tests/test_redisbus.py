@@ -302,6 +302,64 @@ async def test_a_frame_after_a_quiet_restart_reaches_the_other_node(
         await b.close()
 
 
+async def acl_user(r: PrivateRedis, rules: str) -> str:
+    """A user of the private Redis with ``rules`` (on top of everything); its URL."""
+    admin = aioredis.Redis.from_url(r.url)
+    try:
+        await admin.execute_command(
+            "ACL", "SETUSER", "bus", "on", "nopass", "~*", "&*", "+@all", *rules.split()
+        )
+    finally:
+        await admin.aclose()
+    return f"redis://bus@127.0.0.1:{r.port}/0"
+
+
+async def test_without_client_reply_the_publisher_reads_replies(
+    private_redis: PrivateRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Redis user that may not turn replies off (an ACL without ``client|reply``): the
+    publisher says so once and reads every reply; frames still go from node to node."""
+    url = await acl_user(private_redis, "-client|reply")
+    a = RedisBus(url, "node-a", "acl", timeout_s=1.0, retry_s=0.1)
+    b = RedisBus(url, "node-b", "acl", timeout_s=1.0, retry_s=0.1)
+    on_b = Inbox()
+    b.subscribe("room:r", "b", on_b)
+    await a.start()
+    await b.start()
+    try:
+        await until(lambda: a.connected and b.connected)
+        for i in range(600):  # more than one write's worth (512)
+            a.publish("room:r", f"m{i}".encode())
+        await until(lambda: len(on_b.frames) == 600)
+        assert on_b.frames == [f"m{i}".encode() for i in range(600)]
+        assert a.published == 600 and a.dropped == 0
+        said = [r.getMessage() for r in caplog.records if "CLIENT REPLY OFF" in r.getMessage()]
+        assert len(said) == 2  # once per bus (a node has one)
+        assert all("no permissions" in m for m in said)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_user_who_may_not_publish_is_told_and_nothing_is_sent(
+    private_redis: PrivateRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ACL without ``publish``: the bus does not count itself connected, says why, and
+    drops (counts) what is published, delivering it on its own node as always."""
+    url = await acl_user(private_redis, "-publish")
+    a = RedisBus(url, "node-a", "acl", timeout_s=1.0, retry_s=0.1)
+    inbox = Inbox()
+    a.subscribe("room:p", "a", inbox)
+    await a.start()
+    try:
+        await until(lambda: any("refuses PUBLISH" in r.getMessage() for r in caplog.records))
+        assert not a.connected
+        a.publish("room:p", b"x")
+        assert inbox.frames == [b"x"] and a.dropped == 1
+    finally:
+        await a.close()
+
+
 async def test_a_bus_started_without_redis_connects_when_it_comes() -> None:
     r = PrivateRedis()
     bus = RedisBus(r.url, "node-a", "drill", timeout_s=1.0, retry_s=0.1)

@@ -41,6 +41,7 @@ from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..core.bus import NOBODY, LocalBus, MessageBus, Sink
@@ -54,6 +55,7 @@ RETRY_S: Final = 0.5  # between attempts to reconnect
 MAX_QUEUED: Final = 10_000  # frames waiting for Redis; more are dropped (counted)
 MAX_PIPELINE: Final = 512  # PUBLISH commands per write
 REPLY_OFF: Final = ("CLIENT", "REPLY", "OFF")
+REPLY_ON: Final = ("CLIENT", "REPLY", "ON")
 READ_SIZE: Final = 65536  # bytes per read of the subscription connection
 
 #: What a dead or unreachable Redis looks like.
@@ -79,6 +81,19 @@ def connect(url: str, timeout_s: float = TIMEOUT_S) -> aioredis.Redis:
         socket_keepalive=True,
         retry=Retry(NoBackoff(), 0),
     )
+
+
+class PublishRefused(RedisError):
+    """Redis answers but will not take this client's ``PUBLISH`` (its ACL)."""
+
+
+async def _reply(conn: Connection) -> ResponseError | None:
+    """Read one reply: the refusal it is, or None."""
+    try:
+        await conn.read_response()
+    except ResponseError as e:
+        return e
+    return None
 
 
 def check_redis_internals(conn: Connection) -> None:
@@ -135,6 +150,8 @@ class RedisBus:
         self._wake = asyncio.Event()
         self._publishing = False  # the publish connection is up
         self._pub: Connection | None = None  # the publisher's own connection
+        self._replies = False  # it reads replies (Redis refused CLIENT REPLY OFF)
+        self._said_replies = False
         # Subscribing: what Redis has on the current connection, against ``local.topics``.
         self._subscribed: set[str] = set()
         self._confirmed: set[str] = set()  # what Redis said it has subscribed
@@ -268,6 +285,12 @@ class RedisBus:
                 try:
                     conn = await self._current(conn)
                     await conn.send_packed_command(conn.pack_commands(commands), False)
+                    if self._replies:  # Redis would not turn them off: read them
+                        refused = 0
+                        for _ in range(n):
+                            refused += await _reply(conn) is not None
+                        self.dropped += refused
+                        n -= refused
                 except UNAVAILABLE as e:
                     raise_if_cancelled()
                     self._publishing = False
@@ -297,33 +320,51 @@ class RedisBus:
 
     async def _open_publisher(self) -> Connection:
         """A connection of the publisher's own that gets no replies (``CLIENT REPLY OFF``:
-        ``PUBLISH`` cannot fail but with the connection, which a write or ``_current`` then
-        finds, so reading 512 replies per write would buy nothing)."""
+        ``PUBLISH`` fails only with the connection, which a write or ``_current`` then finds,
+        so reading 512 replies per write would buy nothing). A probe first: whether this
+        client may publish (``PublishRefused`` if not) and turn replies off (if not, say an
+        ACL without ``client|reply``, the publisher reads every reply instead)."""
         conn: Connection = self._redis.connection_pool.make_connection()
         self._pub = conn
         try:
             await conn.connect()
-            await conn.send_command("PING", check_health=False)
-            await conn.read_response()  # connected and authenticated: Redis answers
-            await conn.send_packed_command(conn.pack_command(*REPLY_OFF), False)
+            probe: list[tuple[str, ...]] = [
+                ("PUBLISH", self._channel_of + "probe", ""),
+                REPLY_OFF,
+                REPLY_ON,
+            ]
+            await conn.send_packed_command(conn.pack_commands(probe), False)
+            refused = await _reply(conn)  # PUBLISH's
+            off = await _reply(conn)  # OFF's refusal, or (OFF said nothing) ON's OK
+            if off is not None:
+                await _reply(conn)  # ON's OK
+            if refused is not None:
+                raise PublishRefused(f"Redis refuses PUBLISH: {refused}")
+            self._replies = off is not None
+            if off is None:
+                await conn.send_packed_command(conn.pack_command(*REPLY_OFF), False)
+            elif not self._said_replies:
+                self._said_replies = True
+                log.warning("Redis refuses CLIENT REPLY OFF (%s): the bus reads its replies", off)
         except BaseException:
             await conn.disconnect(nowait=True)
             raise
         return conn
 
     async def _connect_publisher(self, *, lost: bool) -> Connection:
-        """Connect until Redis answers; then take frames again."""
+        """Connect until Redis answers (and lets this client publish); then take frames
+        again."""
         said = lost  # the loss was logged
         while True:
             try:
                 conn = await self._open_publisher()
-            except UNAVAILABLE as e:
+            except (*UNAVAILABLE, PublishRefused) as e:
                 raise_if_cancelled()
                 if not said:
-                    log.error("the bus's Redis cannot be reached (%s); retrying", e)
+                    log.error("the bus cannot publish on Redis (%s); retrying", e)
                     said = True
                 else:
-                    log.debug("the bus's Redis is still unavailable: %s", e)
+                    log.debug("the bus still cannot publish on Redis: %s", e)
                 await asyncio.sleep(self.retry_s)
                 continue
             if lost:

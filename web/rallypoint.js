@@ -604,6 +604,9 @@ export class Room extends Emitter {
     this._pubChain = Promise.resolve();
     this._subChain = Promise.resolve();
     this._subMids = new Map(); // mid -> Track info, per the latest subscribe_offer
+    // Track ids unpublished (`track_unpublished`) until published again with the same id: an
+    // offer made before a track left still names it, and must not bring it back.
+    this._gone = new Set();
     this._rendered = new Map(); // track id -> {track, width, height} last sent in track_render
     this._unsubscribe = [];
     this._typingTimers = new Map();
@@ -675,7 +678,13 @@ export class Room extends Emitter {
     this.locked = joined.locked;
     this.recording = joined.recording ?? null;
     this.participants = new Map(joined.participants.map((p) => [p.id, p]));
-    this.tracks = new Map((joined.tracks ?? []).map((t) => [t.id, t]));
+    this._setTracks(joined.tracks);
+  }
+
+  /** The room's tracks as `join` reported them (they are published now). */
+  _setTracks(tracks) {
+    this.tracks = new Map((tracks ?? []).map((t) => [t.id, t]));
+    for (const id of this.tracks.keys()) this._gone.delete(id);
   }
 
   _bind() {
@@ -764,12 +773,14 @@ export class Room extends Emitter {
     on(
       "track_published",
       mine((m) => {
+        this._gone.delete(m.track.id); // published again (same id): it counts again
         this.tracks.set(m.track.id, m.track);
       }),
     );
     on(
       "track_unpublished",
       mine((m) => {
+        this._gone.add(m.track);
         this.tracks.delete(m.track);
       }),
     );
@@ -813,7 +824,7 @@ export class Room extends Emitter {
         // Still in the room (room_state has arrived). `join` again is harmless and returns
         // the room's tracks, which changed while events were dropped.
         const joined = await this.client.request({ type: "join", room: this.name });
-        this.tracks = new Map((joined.tracks ?? []).map((t) => [t.id, t]));
+        this._setTracks(joined.tracks);
         this.self = joined.self;
         await this._catchUpChat();
         return;
@@ -1172,10 +1183,12 @@ export class Room extends Emitter {
   }
 
   _reconcileRemote(pc) {
+    // The tracks received: those of the offer just answered, less those unpublished since
+    // (the offer was made before; their sections go inactive in the next one).
     const seen = new Set();
     for (const transceiver of pc.getTransceivers()) {
       const info = this._subMids.get(transceiver.mid);
-      if (!info) continue;
+      if (!info || this._gone.has(info.id)) continue;
       seen.add(info.id);
       const known = this.remote.get(info.id);
       if (known && known.transceiver === transceiver) continue;

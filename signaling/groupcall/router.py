@@ -209,7 +209,8 @@ class GroupCall:
         try:
             await pool.request(self._join_request(s, room))
         except SfuError:
-            self.unjoined.add((room, s.id))
+            if room in s.rooms:  # (not if it left meanwhile)
+                self.unjoined.add((room, s.id))
             raise
         self.unjoined.discard((room, s.id))
 
@@ -221,7 +222,8 @@ class GroupCall:
         try:
             result = await relay.request(self._join_request(s, room))
         except SfuError:
-            self.unjoined.add((room, s.id))
+            if room in s.rooms:  # (not if it left meanwhile)
+                self.unjoined.add((room, s.id))
             raise
         self.unjoined.discard((room, s.id))
         if moved:
@@ -266,7 +268,7 @@ class GroupCall:
                 self._spawn(relay.request({"op": "subscribe", "room": room, "participant": s.id}))
             else:
                 members.add(s.id)
-                self._spawn(self._join_relayed(relay, s, room, moved=True))
+                self._start_join(room, s.id, self._join_relayed(relay, s, room, moved=True))
 
     def tracks_of(self, room: str) -> list[dict[str, Any]]:
         return [dict(t) for t in self.tracks.get(room, {}).values()]

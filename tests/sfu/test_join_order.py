@@ -20,6 +20,7 @@ from typing import Any, cast
 import pytest
 from aiohttp.test_utils import TestServer
 from aiortc import RTCPeerConnection
+from sfu_helpers import until
 
 from signaling.app import HUB
 from signaling.groupcall.router import GroupCall
@@ -99,3 +100,45 @@ async def test_a_join_the_worker_never_got_is_made_again_before_the_next_request
         await pc.close()
     assert answer["type"] == "publish_answer"
     assert not gc.unjoined
+
+
+async def test_a_join_right_after_the_last_leave_keeps_the_room_on_its_worker(
+    start_server: Callable[..., Awaitable[TestServer]], clients: Clients
+) -> None:
+    """Two workers. Alice is alone in room `r` (worker 0, which hosts room `y` too; worker 1
+    hosts nothing). She leaves and Bob joins while worker 0 is stopped: it then closes the
+    room (`room_closed`) and opens it again for Bob's join. The pool must keep `r` on worker
+    0, where Bob is: his `publish` went to worker 1 (fewer rooms) and got `not_in_room`."""
+    server = await start_server(sfu__enabled=True, sfu__workers=2)
+    pool = _group_call(server).pool
+    assert pool is not None
+    for w in pool.workers:
+        await asyncio.wait_for(w.ready.wait(), 30)
+    alice = await clients(server, name="alice", identity="alice")
+    await alice.request({"type": "join", "room": "r"})  # worker 0 (the first of the least busy)
+    carol = await clients(server, name="carol", identity="carol")
+    await carol.request({"type": "join", "room": "x"})  # worker 1
+    dave = await clients(server, name="dave", identity="dave")
+    await dave.request({"type": "join", "room": "y"})  # worker 0 (a tie: the first)
+    await carol.request({"type": "leave", "room": "x"})  # worker 1 hosts nothing
+
+    def placed() -> dict[str, int]:
+        return {room: pool.workers.index(w) for room, w in pool.room_worker.items()}
+
+    await until(lambda: placed() == {"r": 0, "y": 0}, 10)
+    w0 = pool.workers[0]
+    assert w0.proc is not None
+    bob = await clients(server, name="bob", identity="bob")
+    pc, publish = await _offer()
+    os.kill(w0.proc.pid, signal.SIGSTOP)
+    try:
+        await alice.request({"type": "leave", "room": "r"})
+        await bob.request({"type": "join", "room": "r"})
+    finally:
+        os.kill(w0.proc.pid, signal.SIGCONT)
+    try:
+        answer = await bob.request({"type": "publish", "room": "r", **publish}, timeout=30)
+    finally:
+        await pc.close()
+    assert answer["type"] == "publish_answer"
+    assert placed()["r"] == 0

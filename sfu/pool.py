@@ -173,6 +173,10 @@ class SfuPool:
             self._slices = [(0, 0)] * self.n
         self.workers: list[WorkerHandle] = []
         self.room_worker: dict[str, WorkerHandle] = {}
+        # Room -> participants asked to join it (`join` sent or waiting for the worker) and not
+        # asked to leave since. A room its worker closed (`room_closed`) stays placed there
+        # while this has someone: a join sent after the last leave opened it there again.
+        self.members: dict[str, set[str]] = {}
         self._ids = itertools.count(1)
         self._closing = False
         self._restarts: set[asyncio.Task[None]] = set()
@@ -206,6 +210,7 @@ class SfuPool:
         worker.rooms.clear()
         for room in lost:
             self.room_worker.pop(room, None)
+            self.members.pop(room, None)  # joined again (``room_lost``)
         if self._closing:  # stopped on purpose: nothing to tell, nobody to rejoin
             return
         for room in lost:
@@ -218,9 +223,11 @@ class SfuPool:
     def _event(self, worker: WorkerHandle, ev: RoomEvent) -> None:
         if ev["ev"] == "room_closed":
             room = ev["room"]
-            w = self.room_worker.pop(room, None)
-            if w is not None:
-                w.rooms.discard(room)
+            # Closed when its last participant left; someone asked to join it since (the join
+            # reached the worker after that leave, or is on its way to it) is there: it stays.
+            if not self.members.get(room) and self.room_worker.get(room) is worker:
+                del self.room_worker[room]
+                worker.rooms.discard(room)
         self.on_event(ev)
 
     def hosts(self, room: str) -> bool:
@@ -237,7 +244,16 @@ class SfuPool:
 
     async def request(self, req: RoomRequest) -> dict[str, Any]:
         """Send a request to the room's worker and wait for its reply's result."""
-        w = self.worker_for(req["room"])
+        room = req["room"]
+        w = self.worker_for(room)
+        if req["op"] == "join":
+            self.members.setdefault(room, set()).add(req["participant"])
+        elif req["op"] == "leave":
+            members = self.members.get(room)
+            if members is not None:
+                members.discard(req["participant"])
+                if not members:
+                    del self.members[room]
         try:
             await asyncio.wait_for(w.ready.wait(), self.timeout_s)
         except TimeoutError:

@@ -4,6 +4,7 @@ server stays up, and no traceback reaches a client."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import struct
@@ -20,7 +21,8 @@ from signaling.app import ENDPOINT, HUB
 from signaling.core.tokens import create_token
 from signaling.net import endpoint as endpoint_module
 from signaling.net.connection import Connection
-from signaling.sdk.wsclient import Client, ClientError
+from signaling.sdk import RallypointClient
+from signaling.sdk.wsclient import Client, ClientError, FrameTooLargeError
 
 Connect = Callable[..., Awaitable[Client]]
 Start = Callable[..., Awaitable[TestServer]]
@@ -110,6 +112,69 @@ async def test_frame_over_hard_cap_closes_with_1009(start_server: Start, clients
     assert ev["code"] == 1009
     other = await clients(server, name="Fine")  # the server is still up
     await other.request({"type": "ping"})
+
+
+async def test_sdk_refuses_a_request_over_the_frame_limit_at_once(
+    start_server: Start, phones: Callable[..., Awaitable[RallypointClient]]
+) -> None:
+    """A request the server would not read is refused by the SDK before it is sent, at once
+    (not after its timeout), with the limit `welcome` gave; the connection stays usable."""
+    server = await start_server(limits__max_frame_bytes=20_000)
+    endpoint = server.app[ENDPOINT]
+    for encoding in ("json", "msgpack"):
+        c = Client(ws_url(server), encoding=encoding)  # type: ignore[arg-type]
+        try:
+            await c.connect(name="Big", identity=f"big-{encoding}")
+            assert c.max_frame_bytes == 20_000
+            await c.request({"type": "join", "room": "t"})
+            started = time.monotonic()
+            with pytest.raises(FrameTooLargeError) as refused:
+                msg = {"type": "send", "conversation": "room:t", "cid": "c1", "text": "x" * 25_000}
+                await c.request(msg, timeout=10)
+            took = time.monotonic() - started
+            assert took < 1.0, took
+            assert refused.value.code == "frame_too_large" and refused.value.limit == 20_000
+            assert refused.value.size > 20_000, refused.value.size
+            # Still connected and working.
+            sent = await c.request(
+                {"type": "send", "conversation": "room:t", "cid": "c2", "text": "ok"}
+            )
+            assert sent["type"] == "sent"
+        finally:
+            await c.close()
+    assert endpoint.frames_too_large == 0  # nothing too large reached the server
+
+    # RallypointClient: `send` (retried on timeouts and refusals with a time to come back)
+    # raises it at once too.
+    phone = await phones(server, "phone")
+    await phone.join("t")
+    started = time.monotonic()
+    with pytest.raises(FrameTooLargeError):
+        await phone.send("room:t", "y" * 25_000)
+    assert time.monotonic() - started < 1.0
+    assert (await phone.send("room:t", "fits"))["type"] == "sent"
+
+
+async def test_frame_too_large_answers_the_request_when_its_id_is_at_an_end(
+    start_server: Start, clients: Connect
+) -> None:
+    """The server does not read a frame over `max_frame_bytes`, but answers its `id` when the
+    frame's first or last bytes tell it (the top-level object's first or last member)."""
+    server = await start_server(limits__max_frame_bytes=20_000)
+    c = await clients(server, name="T")
+    big = "x" * 30_000
+    frames: list[tuple[str, str | None]] = [
+        (f'{{"type": "send", "text": "{big}", "id": "last1"}}', "last1"),  # both SDKs
+        (f'{{ "id" : "first1", "type": "send", "text": "{big}"}}', "first1"),
+        (f'{{"type": "send", "text": "{big}", "o": {{"id": "inner"}}}}', None),
+        # Ends with `\", \"id\": \"quoted"}`: in the text, not a member.
+        (json.dumps({"type": "send", "text": big + '", "id": "quoted'}), None),
+    ]
+    for raw, re_ in frames:
+        await c.send_raw(raw)
+        ev = await c.next_event("error")
+        assert ev["code"] == "frame_too_large" and ev.get("re") == re_, (raw[-40:], ev)
+    assert (await c.request({"type": "ping"}))["type"] == "pong"
 
 
 async def test_token_errors(start_server: Start) -> None:

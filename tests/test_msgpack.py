@@ -272,6 +272,24 @@ BAD_PACKED: list[tuple[str, bytes | str, str]] = [
 ]
 
 
+async def test_frame_too_large_answers_a_map_whose_first_key_is_id(
+    start_server: Callable[..., Awaitable[TestServer]], packed: Connect
+) -> None:
+    """A packed frame over `max_frame_bytes` is not read; its `frame_too_large` answers its
+    `id` when that is the map's first key (a packed frame's end says nothing of nesting)."""
+    server = await start_server(limits__max_frame_bytes=20_000)
+    c = await packed(server, identity="big")
+    text = "x" * 30_000
+    for raw, re_ in (
+        (msgpack.packb({"id": "p1", "type": "send", "text": text}), "p1"),
+        (msgpack.packb({"type": "send", "text": text, "id": "p2"}), None),
+    ):
+        await c.send_raw(raw)
+        ev = await c.next_event("error")
+        assert ev["code"] == "frame_too_large" and ev.get("re") == re_, ev
+    assert (await c.request({"type": "ping"}))["type"] == "pong"
+
+
 async def test_bad_msgpack_input(server: TestServer, clients: Connect, packed: Connect) -> None:
     owner = await clients(server, identity="owner")
     await owner.request({"type": "join", "room": "t"})

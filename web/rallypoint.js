@@ -69,6 +69,8 @@ const CLOSE_AUTH_FAILED = 4001;
 const CLOSE_REPLACED = 4004;
 // Our own code for "we noticed a dead link and gave up on this socket".
 const CLOSE_DEAD_LINK = 4000;
+// The protocol's default frame limit (docs/PROTOCOL.md, "Limits"), until `welcome` says.
+const MAX_FRAME_BYTES = 65536;
 
 const HELLO_ERRORS = new Set([
   "unsupported_version",
@@ -150,25 +152,43 @@ export class RallypointClient extends Emitter {
     return promise;
   }
 
-  /** Send `msg` with an `id` and resolve with its reply; rejects with a RallypointError. */
+  /**
+   * Send `msg` with an `id` and resolve with its reply; rejects with a RallypointError. A
+   * message larger than the server's frame limit (`welcome.limits.max_frame_bytes`) is not
+   * sent: it rejects at once with `frame_too_large` (the server would not read it).
+   */
   request(msg, { timeoutMs = this.requestTimeoutMs } = {}) {
     if (this.state !== "open") {
       return Promise.reject(new RallypointError("disconnected", "not connected"));
     }
     const id = `r${this.#nextId++}`;
+    let text;
+    try {
+      text = this.#encode({ ...msg, id });
+    } catch (err) {
+      return Promise.reject(err);
+    }
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this.#pending.delete(id);
         reject(new RallypointError("timeout", `no answer to ${msg.type} within ${timeoutMs} ms`));
       }, timeoutMs);
       this.#pending.set(id, { resolve, reject, timer });
-      this.#write({ ...msg, id });
+      this.#writeText(text);
     });
   }
 
-  /** Send without waiting for an answer (errors still arrive as `error` events). */
+  /**
+   * Send without waiting for an answer (errors still arrive as `error` events). Throws a
+   * RallypointError `frame_too_large`, and sends nothing, if `msg` is over the frame limit.
+   */
   send(msg) {
-    if (this.state === "open") this.#write(msg);
+    if (this.state === "open") this.#writeText(this.#encode(msg));
+  }
+
+  /** The largest frame the server reads, in bytes (`welcome.limits.max_frame_bytes`). */
+  get maxFrameBytes() {
+    return this.welcome?.limits?.max_frame_bytes ?? MAX_FRAME_BYTES;
   }
 
   /** End the session (`bye`): the others see us leave at once; no reconnection. */
@@ -301,9 +321,31 @@ export class RallypointClient extends Emitter {
     this.emit("message", msg);
   }
 
+  #encode(msg) {
+    const text = JSON.stringify(msg);
+    const limit = this.maxFrameBytes;
+    // UTF-8 takes at most 3 bytes per UTF-16 unit: count the bytes of long texts only.
+    if (text.length * 3 > limit) {
+      const bytes = new TextEncoder().encode(text).length;
+      if (bytes > limit) {
+        throw new RallypointError(
+          "frame_too_large",
+          `the ${msg.type} frame would be ${bytes} bytes; the server reads frames of up to ` +
+            `${limit} bytes (welcome.limits.max_frame_bytes): not sent`,
+          { bytes, limit },
+        );
+      }
+    }
+    return text;
+  }
+
   #write(msg) {
+    this.#writeText(JSON.stringify(msg));
+  }
+
+  #writeText(text) {
     try {
-      this.#ws.send(JSON.stringify(msg));
+      this.#ws.send(text);
     } catch {
       // The socket is closing; onclose handles it.
     }
@@ -562,6 +604,9 @@ export class Room extends Emitter {
     this._pubChain = Promise.resolve();
     this._subChain = Promise.resolve();
     this._subMids = new Map(); // mid -> Track info, per the latest subscribe_offer
+    // Track ids unpublished (`track_unpublished`) until published again with the same id: an
+    // offer made before a track left still names it, and must not bring it back.
+    this._gone = new Set();
     this._rendered = new Map(); // track id -> {track, width, height} last sent in track_render
     this._unsubscribe = [];
     this._typingTimers = new Map();
@@ -633,7 +678,13 @@ export class Room extends Emitter {
     this.locked = joined.locked;
     this.recording = joined.recording ?? null;
     this.participants = new Map(joined.participants.map((p) => [p.id, p]));
-    this.tracks = new Map((joined.tracks ?? []).map((t) => [t.id, t]));
+    this._setTracks(joined.tracks);
+  }
+
+  /** The room's tracks as `join` reported them (they are published now). */
+  _setTracks(tracks) {
+    this.tracks = new Map((tracks ?? []).map((t) => [t.id, t]));
+    for (const id of this.tracks.keys()) this._gone.delete(id);
   }
 
   _bind() {
@@ -722,12 +773,14 @@ export class Room extends Emitter {
     on(
       "track_published",
       mine((m) => {
+        this._gone.delete(m.track.id); // published again (same id): it counts again
         this.tracks.set(m.track.id, m.track);
       }),
     );
     on(
       "track_unpublished",
       mine((m) => {
+        this._gone.add(m.track);
         this.tracks.delete(m.track);
       }),
     );
@@ -771,7 +824,7 @@ export class Room extends Emitter {
         // Still in the room (room_state has arrived). `join` again is harmless and returns
         // the room's tracks, which changed while events were dropped.
         const joined = await this.client.request({ type: "join", room: this.name });
-        this.tracks = new Map((joined.tracks ?? []).map((t) => [t.id, t]));
+        this._setTracks(joined.tracks);
         this.self = joined.self;
         await this._catchUpChat();
         return;
@@ -1130,10 +1183,12 @@ export class Room extends Emitter {
   }
 
   _reconcileRemote(pc) {
+    // The tracks received: those of the offer just answered, less those unpublished since
+    // (the offer was made before; their sections go inactive in the next one).
     const seen = new Set();
     for (const transceiver of pc.getTransceivers()) {
       const info = this._subMids.get(transceiver.mid);
-      if (!info) continue;
+      if (!info || this._gone.has(info.id)) continue;
       seen.add(info.id);
       const known = this.remote.get(info.id);
       if (known && known.transceiver === transceiver) continue;

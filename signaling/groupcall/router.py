@@ -8,6 +8,7 @@ started yet) those answer ``sfu_unavailable``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -98,8 +99,14 @@ class GroupCall:
         self.relay: MediaRelay | None = None
         self.members: dict[str, set[str]] = {}
         # (room, session) whose join of the room's media failed (Redis or the room's node
-        # unreachable): joined again before their next media request.
+        # unreachable, or the worker not ready in time): joined again before their next media
+        # request.
         self.unjoined: set[tuple[str, str]] = set()
+        # (room, session) -> its join of the room's media, until the worker (or the room's
+        # node) has answered it. The hub replies `joined` at once, without waiting for it: a
+        # media request of that session waits for it first (``_call``), so that it cannot
+        # reach the worker before the join (`not_in_room`).
+        self.joining: dict[tuple[str, str], asyncio.Task[Any]] = {}
 
     def feature(self) -> Feature:
         return Feature(
@@ -179,10 +186,33 @@ class GroupCall:
         """A session joined ``room``: tell its worker; returns the room's current tracks."""
         if self.relay is not None:
             self.members.setdefault(room, set()).add(s.id)
-            self._spawn(self._join_relayed(self.relay, s, room, moved=False))
+            self._start_join(room, s.id, self._join_relayed(self.relay, s, room, moved=False))
         elif self.pool is not None:
-            self._spawn(self.pool.request(self._join_request(s, room)))
+            self._start_join(room, s.id, self._join_local(self.pool, s, room))
         return self.tracks_of(room)
+
+    def _start_join(self, room: str, pid: str, join: Coroutine[Any, Any, None]) -> None:
+        """Run ``join`` in the background; the session's media requests wait for it."""
+        key = (room, pid)
+        task = self._tasks.spawn(join)
+        self.joining[key] = task
+
+        def done(t: asyncio.Task[Any]) -> None:
+            if self.joining.get(key) is t:
+                del self.joining[key]
+
+        task.add_done_callback(done)
+
+    async def _join_local(self, pool: SfuPool, s: Session, room: str) -> None:
+        """Join the room's media in this node's worker. If that fails (the worker not ready in
+        time, or it died), the session joins again before its next media request."""
+        try:
+            await pool.request(self._join_request(s, room))
+        except SfuError:
+            if room in s.rooms:  # (not if it left meanwhile)
+                self.unjoined.add((room, s.id))
+            raise
+        self.unjoined.discard((room, s.id))
 
     async def _join_relayed(self, relay: MediaRelay, s: Session, room: str, *, moved: bool) -> None:
         """Cluster mode: join the room's media on its node. This node's track cache may not
@@ -192,7 +222,8 @@ class GroupCall:
         try:
             result = await relay.request(self._join_request(s, room))
         except SfuError:
-            self.unjoined.add((room, s.id))
+            if room in s.rooms:  # (not if it left meanwhile)
+                self.unjoined.add((room, s.id))
             raise
         self.unjoined.discard((room, s.id))
         if moved:
@@ -203,11 +234,15 @@ class GroupCall:
                 known[t["id"]] = t
                 s.send({"type": "track_published", "room": room, "track": t})
 
-    async def _join_again(self, relay: MediaRelay, req: RoomRequest) -> None:
+    async def _join_again(self, req: RoomRequest) -> None:
         pid = req.get("participant")
         s = self.hub.sessions.get(pid) if isinstance(pid, str) else None
-        if s is not None and req["room"] in s.rooms:
-            await self._join_relayed(relay, s, req["room"], moved=False)
+        if s is None or req["room"] not in s.rooms:
+            return
+        if self.relay is not None:
+            await self._join_relayed(self.relay, s, req["room"], moved=False)
+        elif self.pool is not None:
+            await self._join_local(self.pool, s, req["room"])
 
     def resumed(self, s: Session) -> None:
         """A session resumed: an offer sent while its socket was down was lost; send the
@@ -233,7 +268,7 @@ class GroupCall:
                 self._spawn(relay.request({"op": "subscribe", "room": room, "participant": s.id}))
             else:
                 members.add(s.id)
-                self._spawn(self._join_relayed(relay, s, room, moved=True))
+                self._start_join(room, s.id, self._join_relayed(relay, s, room, moved=True))
 
     def tracks_of(self, room: str) -> list[dict[str, Any]]:
         return [dict(t) for t in self.tracks.get(room, {}).values()]
@@ -250,6 +285,7 @@ class GroupCall:
                 del self.members[room]
             self._spawn(self._left_relayed(relay, room, s.id))
             return
+        self.unjoined.discard((room, s.id))
         pool = self.pool
         if pool is not None and pool.hosts(room):
             self._spawn(pool.request({"op": "leave", "room": room, "participant": s.id}))
@@ -452,9 +488,15 @@ class GroupCall:
         if pool is None and relay is None:
             raise ProtocolError("sfu_unavailable", "media is disabled on this server")
         try:
+            pid = req.get("participant")
+            if isinstance(pid, str):
+                key = (req["room"], pid)
+                joining = self.joining.get(key)
+                if joining is not None:  # sent after `join`: must not overtake it
+                    await asyncio.wait((joining,))  # a failure leaves the key in unjoined
+                if key in self.unjoined:
+                    await self._join_again(req)
             if relay is not None:
-                if (req["room"], req.get("participant")) in self.unjoined:
-                    await self._join_again(relay, req)
                 return await relay.request(req)
             assert pool is not None
             return await pool.request(req)

@@ -33,7 +33,7 @@ from ..core.metrics import Metric
 from ..core.ratelimit import TokenBucket
 from ..wire.encodings import MSGPACK, SUBPROTOCOLS, Transcoder
 from ..wire.errors import CloseCode, ProtocolError
-from ..wire.protocol import Protocol
+from ..wire.protocol import Protocol, unread_request_id
 from .connection import Connection, PackedConnection
 from .fastws import FastWebSocket, available
 
@@ -223,7 +223,10 @@ class Endpoint:
         limit = self.cfg.limits.max_frame_bytes
         if len(data) > limit:
             self.frames_too_large += 1
-            return ProtocolError("frame_too_large", f"frames are limited to {limit} bytes")
+            err = ProtocolError("frame_too_large", f"frames are limited to {limit} bytes")
+            # Its `id`, if the frame's first or last bytes tell it (the frame is not read).
+            err.re = unread_request_id(data, isinstance(conn, PackedConnection))
+            return err
         return None
 
     def _refuse_frame(
@@ -378,7 +381,7 @@ class Endpoint:
             if len(data) > max_frame:
                 too_large = self._oversized(conn, data)
                 assert too_large is not None
-                if self._refuse_frame(conn, too_large, now, None) is FLOODING:
+                if self._refuse_frame(conn, too_large, now, too_large.re) is FLOODING:
                     return
                 continue
             m: dict[str, Any] | None = None

@@ -25,6 +25,9 @@ import orjson
 #: The subprotocol that selects MessagePack (docs/PROTOCOL.md, "Encodings").
 MSGPACK_SUBPROTOCOL: Final = "rallypoint.msgpack"
 Encoding = Literal["json", "msgpack"]
+#: The protocol's default frame limit (docs/PROTOCOL.md, "Limits"), until `welcome` tells
+#: the server's (``limits.max_frame_bytes``).
+DEFAULT_MAX_FRAME_BYTES: Final = 65536
 
 
 async def next_matching(
@@ -56,6 +59,25 @@ class ClientError(Exception):
         super().__init__(f"{msg.get('code')}: {msg.get('message')}")
         self.code: str = msg.get("code", "")
         self.msg = msg
+
+
+class FrameTooLargeError(ClientError):
+    """A request larger than the server's frame limit (``welcome.limits.max_frame_bytes``),
+    refused before it was sent: the server would not read it (`frame_too_large`, or close the
+    connection above its hard cap), so waiting for its answer would only run out the timeout.
+    Its ``code`` is ``frame_too_large``; retrying cannot help."""
+
+    def __init__(self, type_: str, size: int, limit: int) -> None:
+        super().__init__(
+            {
+                "type": "error",
+                "code": "frame_too_large",
+                "message": f"the `{type_}` frame would be {size} bytes; the server reads "
+                f"frames of up to {limit} bytes (welcome.limits.max_frame_bytes): not sent",
+            }
+        )
+        self.size = size
+        self.limit = limit
 
 
 class Client:
@@ -142,26 +164,44 @@ class Client:
             self._pending.clear()
             self.events.put_nowait({"type": "_closed", "code": self.ws.close_code})
 
+    @property
+    def max_frame_bytes(self) -> int:
+        """The largest frame the server reads (``welcome.limits.max_frame_bytes``)."""
+        limit = self.welcome.get("limits", {}).get("max_frame_bytes")
+        return limit if isinstance(limit, int) else DEFAULT_MAX_FRAME_BYTES
+
+    def _encode(self, msg: dict[str, Any]) -> bytes:
+        return msgpack.packb(msg) if self.encoding == "msgpack" else orjson.dumps(msg)
+
+    async def _send_frame(self, data: bytes) -> None:
+        assert self.ws is not None
+        if self.encoding == "msgpack":
+            await self.ws.send_bytes(data)
+        else:
+            await self.ws.send_str(data.decode())
+
     async def send_raw(self, msg: dict[str, Any] | str | bytes) -> None:
         """Send a message in the connection's encoding, or a raw text (``str``) or binary
-        (``bytes``) frame as it is, without waiting for a reply."""
+        (``bytes``) frame as it is, without waiting for a reply (and whatever its size)."""
         assert self.ws is not None
         if isinstance(msg, dict):
-            if self.encoding == "msgpack":
-                await self.ws.send_bytes(msgpack.packb(msg))
-            else:
-                await self.ws.send_str(orjson.dumps(msg).decode())
+            await self._send_frame(self._encode(msg))
         elif isinstance(msg, bytes):
             await self.ws.send_bytes(msg)
         else:
             await self.ws.send_str(msg)
 
     async def request(self, msg: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
-        """Send ``msg`` with a fresh id and return the reply; raise ``ClientError`` on error."""
+        """Send ``msg`` with a fresh id and return the reply; raise ``ClientError`` on error,
+        ``FrameTooLargeError`` (a ``ClientError``, not sent) at once if it is larger than the
+        server's frame limit."""
         rid = f"r{next(self._ids)}"
+        data = self._encode({**msg, "id": rid})
+        if len(data) > self.max_frame_bytes:
+            raise FrameTooLargeError(str(msg.get("type")), len(data), self.max_frame_bytes)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
-        await self.send_raw({**msg, "id": rid})
+        await self._send_frame(data)
         reply = await asyncio.wait_for(fut, timeout)
         if reply.get("type") == "error":
             raise ClientError(reply)

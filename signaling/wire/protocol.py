@@ -8,6 +8,7 @@ checks of every field are built once, here, and a valid value passes a one-line 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
@@ -18,6 +19,47 @@ from .errors import WIRE_ERRORS, ProtocolError
 from .spec import RE, TOKEN_PATTERN, Field, Messages, MessageSpec, compiled, event, out
 
 PROTOCOL_VERSION: Final = 1
+
+# The `id` of a frame too large to read (`frame_too_large`), found without reading the frame:
+# only where its place proves it is the top-level object's `id` (see ``unread_request_id``).
+_WS = rb"[ \t\r\n]*"
+_ID_VALUE = rb'"([\x21\x23-\x5b\x5d-\x7e]{1,64})"'  # a request id needing no escape
+_JSON_HEAD = re.compile(
+    rb"\A" + _WS + rb"\{" + _WS + rb'"id"' + _WS + rb":" + _WS + _ID_VALUE + _WS + rb"[,}]"
+)
+_JSON_TAIL = re.compile(
+    rb"[{,]" + _WS + rb'"id"' + _WS + rb":" + _WS + _ID_VALUE + _WS + rb"\}" + _WS + rb"\Z"
+)
+_PACKED_HEAD = re.compile(
+    rb"\A(?:[\x81-\x8f]|\xde..|\xdf....)\xa2id(?:[\xa1-\xbf]|\xd9[\x20-\x40])", re.S
+)
+_EDGE = 256  # bytes looked at, at each end
+
+
+def unread_request_id(data: bytes, packed: bool) -> str | None:
+    """The request id of a frame too large to be read, if it can be told from the frame's
+    first or last ``_EDGE`` bytes alone, so that its `frame_too_large` answers the request.
+
+    JSON: the frame starts with ``{"id": "<id>"`` followed by ``,`` or ``}``, or ends with
+    ``,"id": "<id>"}`` (whitespace allowed): in a JSON text, a string right after the opening
+    brace, or right before the closing brace of the top-level object, followed (preceded) by a
+    colon, is that object's member, whatever the rest holds (a quote inside a string is escaped,
+    and neither place has a backslash). Both SDKs put `id` last. MessagePack: the frame starts
+    with a map whose first key is ``id`` and its value a string (a packed frame's end says
+    nothing about nesting). An id with a quote or a backslash is not looked for."""
+    if packed:
+        head = _PACKED_HEAD.match(data, 0, _EDGE)
+        if head is None:
+            return None
+        start = head.end()  # the value's bytes; before: a fixstr byte, or str8's and its length
+        n = data[start - 1] if data[start - 2] == 0xD9 else data[start - 1] - 0xA0
+        rid = data[start : start + n]
+        if len(rid) != n or not all(0x21 <= b <= 0x7E for b in rid):
+            return None
+        return rid.decode("ascii")
+    m = _JSON_HEAD.match(data[:_EDGE]) or _JSON_TAIL.search(data[-_EDGE:])
+    return None if m is None else m.group(1).decode("ascii")
+
 
 #: What every server has, whatever its features: the generic replies and the wire errors.
 WIRE_MESSAGES: Final = Messages(

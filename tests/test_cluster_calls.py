@@ -357,3 +357,34 @@ async def test_without_redis_calls_are_refused_at_once_and_work_after(
             assert await ring.wait_ended() == "cancelled"
     finally:
         redis.kill()
+
+
+async def test_a_node_stops_in_time_while_redis_hangs(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """SIGTERM while the cluster's Redis takes no requests (SIGSTOP): every Redis call waits
+    for its timeout, and a task cancelled in one sees a TimeoutError (redis-py's): the node
+    still stops, in a few timeouts, instead of a loop sleeping on after its cancellation
+    (the call sweeper did)."""
+    from test_cluster import until_async
+    from test_redisbus import PrivateRedis
+
+    redis = PrivateRedis()
+    redis.start()
+    try:
+        await until_async(redis.answers, True)
+        async with cluster(tmp_path, servers, redis_url=redis.url) as cl, asyncio.timeout(60):
+            alice = await cl.client(0, "alice")
+            await alice.close()
+            assert redis.proc is not None
+            redis.proc.send_signal(signal.SIGSTOP)
+            for node in cl.nodes:
+                started = time.monotonic()
+                await asyncio.to_thread(node.stop)
+                took = time.monotonic() - started
+                print(f"stopped in {took:.1f} s")
+                assert took < 15.0
+    finally:
+        if redis.proc is not None:
+            redis.proc.send_signal(signal.SIGCONT)
+        redis.kill()

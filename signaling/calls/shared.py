@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 from redis.exceptions import WatchError
 
-from ..cluster.redisbus import UNAVAILABLE, connect
+from ..cluster.redisbus import UNAVAILABLE, connect, raise_if_cancelled
 from ..core.hub import Hub
 from ..core.metrics import Metric
 from ..core.session import Session
@@ -416,15 +416,18 @@ class SharedCalls(CallService):
 
     async def _sweep_forever(self) -> None:
         while True:
+            # A cancellation redis-py swallowed (seen: the sweeper slept on, cancelling, and
+            # the node's shutdown waited for it) still ends the loop.
+            raise_if_cancelled()
             await asyncio.sleep(SWEEP_S)
             try:
                 await self.sweep()
             except asyncio.CancelledError:
                 raise
-            except UNAVAILABLE:
-                pass  # Redis is away: the deadlines wait in it
-            except ProtocolError:
-                pass
+            except (*UNAVAILABLE, ProtocolError):
+                # redis-py turns a cancellation that meets its timeout into TimeoutError
+                # (and ``_transact`` that into a ProtocolError): stopping must stop the loop.
+                raise_if_cancelled()  # else: Redis is away, the deadlines wait in it
             except Exception:
                 self.hub.counters.internal_errors += 1
                 log.exception("the call sweep failed")

@@ -783,6 +783,7 @@ class ClusterState:
     async def _beat_forever(self) -> None:
         first = True
         while not self._closing:
+            raise_if_cancelled()  # a cancellation redis-py swallowed still ends the loop
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     pipe.set(self._alive, b"1", px=self.dead_after_ms)

@@ -324,6 +324,7 @@ class MediaRelay:
 
     async def _watch_forever(self) -> None:
         while True:
+            raise_if_cancelled()  # a cancellation redis-py swallowed still ends the loop
             await asyncio.sleep(self.heartbeat_s)
             try:
                 nodes = set(self._relied_on()) - {self.node_id}

@@ -50,6 +50,7 @@ class Counters:
     keyframes_replayed: int = 0  # subscribers started from a cached keyframe (no request)
     dropped_malformed: int = 0
     dropped_no_route: int = 0
+    dropped_send: int = 0  # packets a subscriber's socket could not take (full send buffer)
     subscribe_offers: int = 0  # subscriber offers made (each counted once, when it goes out)
     render_reports: int = 0  # track_render messages applied
 

@@ -43,6 +43,8 @@ import functools
 import importlib.metadata
 import inspect
 import logging
+import os
+import socket
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any, Final, NoReturn
@@ -280,58 +282,93 @@ class FastSender:
     session's own buffer and protects it in place through libsrtp (``pylibsrtp``'s ``_srtp``,
     ``_cdata``, ``_buffer``): no intermediate packet is built, and none of
     ``Session.protect``'s per-call checks and allocations run (what it does is done here once
-    per session)."""
+    per session). The protected packet goes out from a view of that buffer (no copy) on a
+    duplicate of the pair's socket (``os.dup``: ours to close, ``close``), not through the
+    event loop's transport, which would keep a view it could not send at once (and costs more
+    per call): a send the socket cannot take now (``BlockingIOError``, a full send buffer) or
+    that fails is dropped like a UDP drop on the way, and counted (``on_drop``)."""
 
     __slots__ = (
         "_addr",
         "_buf",
         "_cdata",
+        "_closed",
         "_conn",
         "_ctx",
         "_dtls",
         "_len",
         "_nominated",
+        "_on_drop",
         "_pair",
         "_sendto",
         "_slow",
+        "_sock",
         "_srtp",
+        "_view",
     )
 
-    def __init__(self, dtls: RTCDtlsTransport) -> None:
+    def __init__(self, dtls: RTCDtlsTransport, on_drop: Callable[[], None] | None = None) -> None:
         self._dtls = dtls
+        self._on_drop = on_drop
         self._slow: set[asyncio.Future[None]] = set()
         self._conn: aioice.ice.Connection = dtls.transport._connection
         self._nominated: dict[int, Any] = self._conn._nominated
         self._pair: Any = None
         self._addr: Any = None
         self._srtp: Any = None
+        self._sock: socket.socket | None = None
         self._sendto: Any = None
         self._buf: Any = None
+        self._view: memoryview | None = None
         self._cdata: Any = None
         self._ctx: Any = None
         self._len: Any = _srtp_ffi.new("int *")
+        self._closed = False
 
     @property
     def ready(self) -> bool:
-        return self._dtls._tx_srtp is not None and self._nominated.get(1) is not None
+        return (
+            not self._closed
+            and self._dtls._tx_srtp is not None
+            and self._nominated.get(1) is not None
+        )
+
+    def close(self) -> None:
+        """Close our socket; nothing is sent any more."""
+        self._closed = True
+        self._drop_route()
+
+    def _drop_route(self) -> None:
+        self._pair = self._sendto = self._view = None
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
 
     def _route(self) -> Any:
         """The nominated pair, after taking its address, socket and the SRTP session again
         if it changed (None: not ready)."""
         pair = self._nominated.get(1)
         if pair is not self._pair:  # first packet, or ICE nominated another pair
-            self._pair = self._sendto = None
+            self._drop_route()
             srtp = self._dtls._tx_srtp
-            if pair is None or srtp is None:
+            if pair is None or srtp is None or self._closed:
                 return None
             self._pair, self._srtp = pair, srtp
             self._buf, self._cdata, self._ctx = srtp._buffer, srtp._cdata, srtp._srtp[0]
+            self._view = memoryview(self._buf)
             # CandidatePair.remote_addr builds a tuple per call: take it once per pair.
             self._addr = pair.remote_addr
             protocol = pair.protocol
             if type(protocol) is aioice.ice.StunProtocol:
-                self._sendto = protocol.transport.sendto
+                own = protocol.transport.get_extra_info("socket")
+                sock = socket.socket(own.family, own.type, 0, os.dup(own.fileno()))
+                sock.setblocking(False)
+                self._sock, self._sendto = sock, sock.sendto
         return pair
+
+    def _dropped(self) -> None:
+        if self._on_drop is not None:
+            self._on_drop()
 
     def send(self, data: bytes) -> None:
         pair = self._route()
@@ -339,7 +376,10 @@ class FastSender:
             return
         sendto = self._sendto
         if sendto is not None:
-            sendto(self._srtp.protect(data), self._addr)
+            try:
+                sendto(self._srtp.protect(data), self._addr)
+            except OSError:  # BlockingIOError (buffer full), or the network refused it
+                self._dropped()
             return
         # A TURN-relayed pair on the server side (rare): aioice's coroutine path.
         fut = asyncio.ensure_future(pair.protocol.send_data(self._srtp.protect(data), self._addr))
@@ -368,7 +408,10 @@ class FastSender:
         length[0] = n
         if _srtp_protect(self._ctx, self._cdata, length):
             raise RuntimeError("SRTP protection failed")
-        sendto(buf[0 : length[0]], self._addr)
+        try:
+            sendto(self._view[: length[0]], self._addr)  # type: ignore[index]
+        except OSError:
+            self._dropped()
 
 
 def extension_ids(transceiver: RTCRtpTransceiver) -> dict[str, int]:

@@ -80,7 +80,6 @@ from aiortc.rtp import (
     RtcpRtpfbPacket,
     RtcpSrPacket,
     RtpPacket,
-    is_rtcp,
     pack_remb_fci,
     unpack_remb_fci,
 )
@@ -586,7 +585,8 @@ def fast_receive(dtls: RTCDtlsTransport) -> None:
         if srtp is None or not data or not 127 < data[0] < 192:
             queue(data, component)
             return
-        if is_rtcp(data):  # handled as it arrives too, so it keeps its place among the RTP
+        if len(data) > 1 and 191 < data[1] < 209:  # is_rtcp(data), inlined
+            # RTCP is handled as it arrives too, so it keeps its place among the RTP.
             try:
                 plain = srtp.unprotect_rtcp(data)
             except pylibsrtp.Error:

@@ -23,9 +23,10 @@ from .recording.tap import TrackTap
 from .rtp import U16, ExtensionLayout, build, h264_keyframe, seq_newer, vp8_keyframe
 from .vp8 import keyframe_size as vp8_keyframe_size
 
-# Sends one RTP packet given as ``sfu.rtp.build``'s arguments: (marker | payload type, sequence
-# number, timestamp, SSRC, extension head, shared extension bytes, payload).
-SendRtp = Callable[[int, int, int, int, bytes, bytes, bytes], None]
+# Sends one RTP packet given as its parts: (marker | payload type, sequence number, timestamp,
+# SSRC, extension head, body); the body is the shared extension bytes and the payload, joined
+# once per incoming packet for all the subscribers of a layout (``build(..., head, body, b"")``).
+SendRtp = Callable[[int, int, int, int, bytes, bytes], None]
 
 KEYFRAME_INTERVAL_S = 0.5  # at most one keyframe request upstream per track in this time
 RESEND_INTERVAL_S = 0.1  # a packet is retransmitted to a subscriber at most once in this time
@@ -50,6 +51,7 @@ class Counters:
     keyframes_replayed: int = 0  # subscribers started from a cached keyframe (no request)
     dropped_malformed: int = 0
     dropped_no_route: int = 0
+    dropped_send: int = 0  # packets a subscriber's socket could not take (full send buffer)
     subscribe_offers: int = 0  # subscriber offers made (each counted once, when it goes out)
     render_reports: int = 0  # track_render messages applied
 
@@ -115,9 +117,13 @@ class DownTrack:
         self.rtx_pt = rtx_pt
         self.layout = layout
         self.send = send
-        # The forwarding path's send: the packet as its parts (``sfu.rtp.build``'s arguments),
-        # so a sender can write them straight into its SRTP buffer (``sfu.rtc.FastSender``).
-        self.send_rtp: SendRtp = send_rtp or (lambda *parts: send(build(*parts)))
+        # The forwarding path's send: the packet as its parts (``SendRtp``), so a sender can
+        # write them straight into its SRTP buffer (``sfu.rtc.FastSender``).
+        self.send_rtp: SendRtp = send_rtp or (
+            lambda pt_byte, seq, ts, ssrc, head, body: send(
+                build(pt_byte, seq, ts, ssrc, head, body, b"")
+            )
+        )
         self.set_sender_report = set_sender_report
         self.next_seq = r.randrange(1 << 16)
         self.rtx_seq = r.randrange(1 << 16)
@@ -295,7 +301,7 @@ class UpTrack:
                     tap.packets.append((r[0], r[1], marker, r[2], time.time()))
         mbit = 0x80 if marker else 0
         sent = 0
-        shared_key: object = None
+        shared_key = -1
         shared = b""
         for dt in self.downtracks.values():
             m = dt.munger
@@ -309,7 +315,7 @@ class UpTrack:
             if layout.key != shared_key:
                 shared_key = layout.key
                 shared = layout.shared(abs_time, None)
-            dt.send_rtp(dt.pt | mbit, out_seq, out_ts, dt.ssrc, layout.head, shared, out_payload)
+            dt.send_rtp(dt.pt | mbit, out_seq, out_ts, dt.ssrc, layout.head, shared + out_payload)
             dt.sent[out_seq & 1023] = (out_seq, out_ts, marker, out_payload)
             dt.packets += 1
             dt.octets += len(out_payload)
@@ -395,8 +401,10 @@ class UpTrack:
         key: bool | None = None
         mbit = 0x80 if marker else 0
         sent = 0
-        shared_key: object = None  # subscribers of a track share a layout: build its bytes once
-        shared = b""
+        octets = len(payload)
+        # Subscribers of a track share a layout: its bytes and the body are built once.
+        shared_key = -1
+        body = b""
         for dt in self.downtracks.values():
             if dt.paused or dt.starved:
                 continue
@@ -410,23 +418,22 @@ class UpTrack:
                         continue
                     dt.restart(seq)
             out_seq = (seq + dt.seq_offset) & 0xFFFF
-            if dt.next_seq == out_seq or seq_newer(out_seq, dt.next_seq):
+            if (out_seq - dt.next_seq) & 0xFFFF < 0x8000:  # the same or newer (seq_newer)
                 dt.next_seq = (out_seq + 1) & 0xFFFF
             layout = dt.layout
             if layout.key != shared_key:
                 shared_key = layout.key
-                shared = layout.shared(abs_time, level)
+                body = layout.shared(abs_time, level) + payload
             dt.send_rtp(
                 dt.pt | mbit,
                 out_seq,
                 (ts + dt.ts_offset) & 0xFFFFFFFF,
                 dt.ssrc,
                 layout.head,
-                shared,
-                payload,
+                body,
             )
             dt.packets += 1
-            dt.octets += len(payload)
+            dt.octets += octets
             sent += 1
         counters = self.counters
         counters.packets_in += 1

@@ -156,6 +156,9 @@ class Room:
     def _failed(self, exc: BaseException) -> None:
         log.error("room %s task failed", self.name, exc_info=exc)
 
+    def _send_dropped(self) -> None:
+        self.counters.dropped_send += 1
+
     def _drop_downtracks(self, p: Participant) -> None:
         """Stop forwarding every track to ``p`` (it left, or its subscriber connection died)."""
         for tid in p.downtracks:
@@ -194,6 +197,9 @@ class Room:
         for mine in list(p.published.values()):
             self._unpublish(mine)
         self._drop_downtracks(p)
+        if p.fast is not None:
+            p.fast.close()
+            p.fast = None
         self.speaker.remove(pid)
         for pc in (p.pub, p.sub):
             if pc is not None:
@@ -558,7 +564,7 @@ class Room:
         self, p: Participant, up: UpTrack, tr: RTCRtpTransceiver, now: float
     ) -> None:
         if p.fast is None:
-            p.fast = FastSender(dtls_of(tr))
+            p.fast = FastSender(dtls_of(tr), self._send_dropped)
         _, pt, rtx_pt = negotiated_codec(tr)
         ssrc, rtx_ssrc = sender_ssrcs(tr.sender)
         allocator = self.allocators.get(up.id)
@@ -915,7 +921,9 @@ class Room:
             self._drop_downtracks(p)
             p.downtracks.clear()
             p.transceivers.clear()
-            p.fast = None
+            if p.fast is not None:
+                p.fast.close()
+                p.fast = None
             p.sub = None
             p.negotiating = p.pending = False
             p.offer = None

@@ -35,6 +35,9 @@ def abs_send_time_now() -> int:
     return int((time.time() + NTP_EPOCH_OFFSET) * 262144) & 0x00FFFFFF
 
 
+_LAYOUT_KEYS: dict[tuple[int | None, int | None, int, bool], int] = {}
+
+
 class ExtensionLayout:
     """The one-byte-header extension block (RFC 8285 section 4.2) a subscriber's packets carry.
 
@@ -63,8 +66,10 @@ class ExtensionLayout:
         padded = (size + 3) & ~3
         self.pad = b"\0" * (padded - size)
         self.head = (b"\xbe\xde" + U16.pack(padded // 4) + mid_elem) if padded else b""
-        # Layouts with the same key produce the same shared bytes for a packet.
-        self.key = (self.abs_id, self.level_id, len(self.pad), bool(self.head))
+        # Layouts with the same key produce the same shared bytes for a packet (a small int:
+        # compared per subscriber per packet).
+        shape = (self.abs_id, self.level_id, len(self.pad), bool(self.head))
+        self.key: int = _LAYOUT_KEYS.setdefault(shape, len(_LAYOUT_KEYS))
 
     def shared(self, abs_time: int, level: int | None) -> bytes:
         """The elements every subscriber shares for one packet (plus this layout's padding)."""

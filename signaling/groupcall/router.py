@@ -62,6 +62,10 @@ SFU_METRICS: dict[str, tuple[str, str]] = {
     ),
     "dropped_malformed": ("counter", "Incoming packets that could not be forwarded."),
     "dropped_no_route": ("counter", "Incoming packets with no track to forward them to."),
+    "dropped_send": (
+        "counter",
+        "Packets to subscribers dropped because the socket could not take them (send buffer full).",
+    ),
     "subscribe_offers": ("counter", "Subscriber offers made (renegotiations of subscribers)."),
     "render_reports": ("counter", "Render-size reports (`track_render`) applied."),
 }

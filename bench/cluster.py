@@ -265,7 +265,7 @@ def node(
     prefix: str = "",
 ) -> Any:
     srv = chatbench.rallypoint_server(
-        work / name, core, a.load_connections + 200, a.room_size, None, store_url
+        work / name, core, a.load_connections + 200, a.room_size, a.server_path, store_url
     )
     srv.name = name
     srv.store_processes = False  # counted by the Group: only this run's backends
@@ -387,6 +387,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--failover-timeout", type=float, default=30.0)
     p.add_argument("--skip-search", action="store_true", help="no throughput search")
     p.add_argument("--only-failover", action="store_true", help="the failover phase alone")
+    p.add_argument(
+        "--server-path",
+        help="run the nodes of another checkout of the server (e.g. the previous commit's), "
+        "to compare its line with this one's",
+    )
     a = p.parse_args(argv)
     q = a.quick
     defaults = {

@@ -374,12 +374,6 @@ class SharedCalls(CallService):
             if mine:
                 local.append(Send(tuple(mine), fx.msg, fx.with_ice))
             for node, sids in remote.items():
-                log.warning(
-                    node,
-                    sids,
-                    fx.msg.get("type"),
-                    getattr(self.hub.bus, "connected", None),
-                )
                 self.hub.bus.publish(
                     f"callnode:{node}",
                     orjson.dumps({"to": sids, "msg": fx.msg, "ice": fx.with_ice}),

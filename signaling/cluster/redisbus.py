@@ -291,12 +291,15 @@ class RedisBus:
                             refused += await _reply(conn) is not None
                         self.dropped += refused
                         n -= refused
-                except UNAVAILABLE as e:
+                except Exception as e:  # an outage, or anything else: never end the task
                     raise_if_cancelled()
                     self._publishing = False
                     self.dropped += n + len(queue)
                     queue.clear()
-                    log.error("the bus's Redis connection failed (%s); reconnecting", e)
+                    if isinstance(e, UNAVAILABLE):
+                        log.error("the bus's Redis connection failed (%s); reconnecting", e)
+                    else:
+                        log.exception("the bus's publisher failed; reconnecting")
                     await conn.disconnect(nowait=True)
                     conn = await self._connect_publisher(lost=True)
                     break

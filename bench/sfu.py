@@ -172,6 +172,7 @@ class Rallypoint(ServerProcess):
         self.proc: subprocess.Popen[bytes] | None = None
         self.rooms = 0
         self.room25_complete: int | None = None
+        self.room25_tracks_gone: int | None = None
 
     async def start(self) -> None:
         env = {
@@ -288,6 +289,16 @@ class Rallypoint(ServerProcess):
             # measured as they are: how many get all their videos is part of the result
             self.room25_complete = n - len(late)
             print(f"room25: {self.room25_complete} of {n} subscribers get their {shown} videos")
+            # Tracks the room lost during the set-up (a publisher's connection failed, and the
+            # server unpublished its tracks): the room is then lighter than 25 publishers.
+            gone = {t for s in subs for t in s.session.seen.keys() - s.session.tracks.keys()}
+            self.room25_tracks_gone = len(gone)
+            if gone:
+                print(
+                    f"room25: {len(gone)} of {2 * (n - 1) + 2} tracks were unpublished during the "
+                    "set-up: this room carries less than the target's load",
+                    flush=True,
+                )
             enlarge_own_udp_buffers()
             setup_s = time.monotonic() - started
             # the subscribers' REMBs move them to their tiles' layer (2 s below, then a switch)
@@ -305,7 +316,7 @@ class Rallypoint(ServerProcess):
             for c in clients:
                 await c.close()
             await asyncio.sleep(LAG_S)
-        run = Run(self.name, "room25", n, w, self.room25_complete)
+        run = Run(self.name, "room25", n, w, self.room25_complete, self.room25_tracks_gone)
         print_run(run, setup_s)
         return run
 
@@ -480,6 +491,7 @@ class Run:
     n: int  # subscribers (broadcast) or participants (room)
     window: Window
     complete: int | None = None  # room25: subscribers that got all their videos
+    tracks_gone: int | None = None  # room25: tracks unpublished during the set-up
 
     @property
     def cpu_pct(self) -> float:
@@ -756,6 +768,7 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
             room10[r.server] = r
         if r.scenario == "room25":
             out["room25_subscribers_complete"] = r.complete
+            out["room25_tracks_gone"] = r.tracks_gone
             out["room25_loss"] = round(r.worst_loss(), 4)  # the worst subscriber's
             out["room25_loss_mean"] = round(r.loss(), 4)
             out["room25_server_cpu_pct"] = round(r.cpu_pct, 1)

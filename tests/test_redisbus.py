@@ -6,6 +6,7 @@ killed with SIGKILL and started again on the same port."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import shutil
@@ -232,17 +233,27 @@ async def private_redis() -> AsyncIterator[PrivateRedis]:
         r.kill()
 
 
-async def test_a_restart_drops_frames_meanwhile_and_both_nodes_reconnect(
-    private_redis: PrivateRedis,
-) -> None:
-    a = RedisBus(private_redis.url, "node-a", "drill", timeout_s=1.0, retry_s=0.1)
-    b = RedisBus(private_redis.url, "node-b", "drill", timeout_s=1.0, retry_s=0.1)
-    on_a, on_b = Inbox(), Inbox()
-    a.subscribe("room:d", "a", on_a)
-    b.subscribe("room:d", "b", on_b)
+@contextlib.asynccontextmanager
+async def drill_pair(url: str, prefix: str = "drill") -> AsyncIterator[tuple[RedisBus, RedisBus]]:
+    """Two started buses ("nodes") on ``url`` that retry fast; closed at the end."""
+    a = RedisBus(url, "node-a", prefix, timeout_s=1.0, retry_s=0.1)
+    b = RedisBus(url, "node-b", prefix, timeout_s=1.0, retry_s=0.1)
     await a.start()
     await b.start()
     try:
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_restart_drops_frames_meanwhile_and_both_nodes_reconnect(
+    private_redis: PrivateRedis,
+) -> None:
+    async with drill_pair(private_redis.url) as (a, b):
+        on_a, on_b = Inbox(), Inbox()
+        a.subscribe("room:d", "a", on_a)
+        b.subscribe("room:d", "b", on_b)
         await until(lambda: a.connected and b.connected)
         a.publish("room:d", b"before")
         await until(lambda: on_b.frames == [b"before"])
@@ -269,9 +280,6 @@ async def test_a_restart_drops_frames_meanwhile_and_both_nodes_reconnect(
         assert on_b.frames == [b"before", b"after"]  # nothing of the outage arrives later
         metrics = {m.name: m.value for m in a.metrics()}
         assert metrics["bus_dropped"] == 100 and metrics["bus_unavailable"] == 0
-    finally:
-        await a.close()
-        await b.close()
 
 
 async def test_a_frame_after_a_quiet_restart_reaches_the_other_node(
@@ -279,13 +287,9 @@ async def test_a_frame_after_a_quiet_restart_reaches_the_other_node(
 ) -> None:
     """Redis restarts while a node publishes nothing: its publishing connection (which gets
     no replies) is found closed at the next frame, made again, and the frame goes out."""
-    a = RedisBus(private_redis.url, "node-a", "drill", timeout_s=1.0, retry_s=0.1)
-    b = RedisBus(private_redis.url, "node-b", "drill", timeout_s=1.0, retry_s=0.1)
-    on_b = Inbox()
-    b.subscribe("room:q", "b", on_b)
-    await a.start()
-    await b.start()
-    try:
+    async with drill_pair(private_redis.url) as (a, b):
+        on_b = Inbox()
+        b.subscribe("room:q", "b", on_b)
         await until(lambda: a.connected and b.connected)
         a.publish("room:q", b"before")
         await until(lambda: on_b.frames == [b"before"])
@@ -297,9 +301,6 @@ async def test_a_frame_after_a_quiet_restart_reaches_the_other_node(
         await until(lambda: on_b.frames == [b"before", b"after"])
         assert a.dropped == 0
         assert a.reconnects == 2  # its subscription, then its publishing connection
-    finally:
-        await a.close()
-        await b.close()
 
 
 async def acl_user(r: PrivateRedis, rules: str) -> str:
@@ -320,13 +321,9 @@ async def test_without_client_reply_the_publisher_reads_replies(
     """A Redis user that may not turn replies off (an ACL without ``client|reply``): the
     publisher says so once and reads every reply; frames still go from node to node."""
     url = await acl_user(private_redis, "-client|reply")
-    a = RedisBus(url, "node-a", "acl", timeout_s=1.0, retry_s=0.1)
-    b = RedisBus(url, "node-b", "acl", timeout_s=1.0, retry_s=0.1)
-    on_b = Inbox()
-    b.subscribe("room:r", "b", on_b)
-    await a.start()
-    await b.start()
-    try:
+    async with drill_pair(url, "acl") as (a, b):
+        on_b = Inbox()
+        b.subscribe("room:r", "b", on_b)
         await until(lambda: a.connected and b.connected)
         for i in range(600):  # more than one write's worth (512)
             a.publish("room:r", f"m{i}".encode())
@@ -336,9 +333,6 @@ async def test_without_client_reply_the_publisher_reads_replies(
         said = [r.getMessage() for r in caplog.records if "CLIENT REPLY OFF" in r.getMessage()]
         assert len(said) == 2  # once per bus (a node has one)
         assert all("no permissions" in m for m in said)
-    finally:
-        await a.close()
-        await b.close()
 
 
 async def test_a_user_who_may_not_publish_is_told_and_nothing_is_sent(

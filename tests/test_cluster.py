@@ -488,40 +488,50 @@ async def until_async(read: Callable[[], Any], want: Any, timeout: float = 10.0)
 # -- Redis unavailable -----------------------------------------------------------------------
 
 
-async def test_without_redis_rooms_answer_at_once_and_come_back_after(
+@contextlib.asynccontextmanager
+async def private_redis_cluster(
     tmp_path: Path, servers: list[Server]
-) -> None:
-    """On a private redis-server: while it is down a join is answered at once (by the node
-    alone), never after a timeout; once it is back (empty: nothing kept on disk) each node
-    writes its own participants and statuses again, and the other node sees them."""
+) -> AsyncIterator[tuple[Cluster, Any]]:
+    """Two nodes on a redis-server of the test's own (``test_redisbus.PrivateRedis``, to be
+    killed, stopped or restarted), killed at the end."""
     from test_redisbus import PrivateRedis
 
     redis = PrivateRedis()
     redis.start()
     try:
         await until_async(redis.answers, True)
-        async with cluster(tmp_path, servers, redis_url=redis.url) as cl, asyncio.timeout(60):
-            alice = await cl.client(0, "alice")
-            bob = await cl.client(1, "bob")
-            await bob.contact_request("alice")
-            await alice.contact_accept("bob")
-            a = await alice.join("r")
-
-            redis.kill()
-            await until_async(lambda: metric(cl.nodes[0], "cluster_unavailable"), 1.0)
-            carol = await cl.client(0, "carol")
-            started = time.monotonic()
-            c = await carol.join("r")
-            assert time.monotonic() - started < 1.0  # no Redis timeout in the way
-            assert [p["id"] for p in c["participants"]] == [a["self"]["id"]]  # A's own
-
-            redis.start()
-            for node in cl.nodes:  # both back (bob's node answers his join through Redis)
-                await until_async(lambda n=node: metric(n, "cluster_unavailable"), 0.0)
-            await until_async(lambda: metric(cl.nodes[0], "cluster_reasserts_total"), 1.0)
-            b = await bob.join("r")
-            ids = sorted(p["id"] for p in b["participants"])
-            assert ids == sorted([a["self"]["id"], c["self"]["id"]])
-            assert await bob.watch("alice") == {"alice": "online"}
+        async with cluster(tmp_path, servers, redis_url=redis.url) as cl:
+            yield cl, redis
     finally:
         redis.kill()
+
+
+async def test_without_redis_rooms_answer_at_once_and_come_back_after(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """On a private redis-server: while it is down a join is answered at once (by the node
+    alone), never after a timeout; once it is back (empty: nothing kept on disk) each node
+    writes its own participants and statuses again, and the other node sees them."""
+    async with private_redis_cluster(tmp_path, servers) as (cl, redis), asyncio.timeout(60):
+        alice = await cl.client(0, "alice")
+        bob = await cl.client(1, "bob")
+        await bob.contact_request("alice")
+        await alice.contact_accept("bob")
+        a = await alice.join("r")
+
+        redis.kill()
+        await until_async(lambda: metric(cl.nodes[0], "cluster_unavailable"), 1.0)
+        carol = await cl.client(0, "carol")
+        started = time.monotonic()
+        c = await carol.join("r")
+        assert time.monotonic() - started < 1.0  # no Redis timeout in the way
+        assert [p["id"] for p in c["participants"]] == [a["self"]["id"]]  # A's own
+
+        redis.start()
+        for node in cl.nodes:  # both back (bob's node answers his join through Redis)
+            await until_async(lambda n=node: metric(n, "cluster_unavailable"), 0.0)
+        await until_async(lambda: metric(cl.nodes[0], "cluster_reasserts_total"), 1.0)
+        b = await bob.join("r")
+        ids = sorted(p["id"] for p in b["participants"])
+        assert ids == sorted([a["self"]["id"], c["self"]["id"]])
+        assert await bob.watch("alice") == {"alice": "online"}

@@ -328,63 +328,46 @@ async def test_without_redis_calls_are_refused_at_once_and_work_after(
 ) -> None:
     """On a private redis-server: while it is down a call is refused at once with
     `store_unavailable` (retryable); once it is back (empty), calls ring across nodes again."""
-    from test_cluster import until_async
-    from test_redisbus import PrivateRedis
+    from test_cluster import private_redis_cluster, until_async
 
-    redis = PrivateRedis()
-    redis.start()
-    try:
-        await until_async(redis.answers, True)
-        async with cluster(tmp_path, servers, redis_url=redis.url) as cl, asyncio.timeout(60):
-            alice = await cl.client(0, "alice")
-            bob = await cl.client(1, "bob")
-            redis.kill()
-            started = time.monotonic()
-            with pytest.raises(ClientError) as refused:
-                await alice.call("bob")
-            assert refused.value.code == "store_unavailable"
-            assert refused.value.msg["retry_after_ms"] > 0
-            assert time.monotonic() - started < 1.0  # no Redis timeout in the way
-
-            redis.start()
-            for node in cl.nodes:  # each node wrote its devices again, its bus is back
-                await until_async(lambda node=node: metric(node, "cluster_reasserts_total"), 1.0)
-                await until_async(lambda node=node: metric(node, "bus_unavailable"), 0.0)
-            call = await alice.call("bob")
-            ring = await bob.next_call()
-            assert ring.id == call.id
-            await call.cancel()
-            assert await ring.wait_ended() == "cancelled"
-    finally:
+    async with private_redis_cluster(tmp_path, servers) as (cl, redis), asyncio.timeout(60):
+        alice = await cl.client(0, "alice")
+        bob = await cl.client(1, "bob")
         redis.kill()
+        started = time.monotonic()
+        with pytest.raises(ClientError) as refused:
+            await alice.call("bob")
+        assert refused.value.code == "store_unavailable"
+        assert refused.value.msg["retry_after_ms"] > 0
+        assert time.monotonic() - started < 1.0  # no Redis timeout in the way
+
+        redis.start()
+        for node in cl.nodes:  # each node wrote its devices again, its bus is back
+            await until_async(lambda node=node: metric(node, "cluster_reasserts_total"), 1.0)
+            await until_async(lambda node=node: metric(node, "bus_unavailable"), 0.0)
+        call = await alice.call("bob")
+        ring = await bob.next_call()
+        assert ring.id == call.id
+        await call.cancel()
+        assert await ring.wait_ended() == "cancelled"
 
 
 async def test_a_node_stops_in_time_while_redis_hangs(
     tmp_path: Path, servers: list[Server]
 ) -> None:
     """SIGTERM while the cluster's Redis takes no requests (SIGSTOP): every Redis call waits
-    for its timeout, and a task cancelled in one sees a TimeoutError (redis-py's): the node
-    still stops, in a few timeouts, instead of a loop sleeping on after its cancellation
-    (the call sweeper did)."""
-    from test_cluster import until_async
-    from test_redisbus import PrivateRedis
+    for its timeout; the node still stops, within a few timeouts (a SIGKILL ends the
+    stopped redis-server at the end)."""
+    from test_cluster import private_redis_cluster
 
-    redis = PrivateRedis()
-    redis.start()
-    try:
-        await until_async(redis.answers, True)
-        async with cluster(tmp_path, servers, redis_url=redis.url) as cl, asyncio.timeout(60):
-            alice = await cl.client(0, "alice")
-            await alice.close()
-            assert redis.proc is not None
-            redis.proc.send_signal(signal.SIGSTOP)
-            for node in cl.nodes:
-                started = time.monotonic()
-                await asyncio.to_thread(node.stop)
-                took = time.monotonic() - started
-                print(f"stopped in {took:.1f} s")
-                assert took < 15.0
-    finally:
-        if redis.proc is not None:
-            redis.proc.send_signal(signal.SIGCONT)
-        redis.kill()
+    async with private_redis_cluster(tmp_path, servers) as (cl, redis), asyncio.timeout(60):
+        alice = await cl.client(0, "alice")
+        await alice.close()
+        assert redis.proc is not None
+        redis.proc.send_signal(signal.SIGSTOP)
+        for node in cl.nodes:
+            started = time.monotonic()
+            await asyncio.to_thread(node.stop)
+            took = time.monotonic() - started
+            print(f"stopped in {took:.1f} s")
+            assert took < 15.0

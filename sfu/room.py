@@ -50,6 +50,7 @@ from .rtc import (
     SimulcastHooks,
     SubscriberHooks,
     accept_rid_extensions,
+    close_late_sockets,
     dtls_of,
     layout_for,
     negotiated_codec,
@@ -473,8 +474,8 @@ class Room:
         if p.negotiating:
             p.pending = True
             return
-        if p.id not in self.participants:
-            return
+        if self.participants.get(p.id) is not p:
+            return  # it left (and may have joined again: another Participant, its own offers)
         wanted = {tid for tid, up in self.tracks.items() if up.publisher != p.id}
         if p.sub is not None and wanted == p.transceivers.keys():
             return  # nothing changed since the last (answered) offer
@@ -505,8 +506,17 @@ class Room:
             await pc.setLocalDescription(await pc.createOffer())
         except InvalidStateError:  # closed meanwhile: the participant left or failed
             p.negotiating = False
+            await close_late_sockets(pc)
             return
         assert pc.localDescription is not None
+        if self.participants.get(p.id) is not p:
+            # It left while the offer was made. An offer of a participant that left must not
+            # go out: its id may be in the room again (a session that moved to another node
+            # and joined from there), whose client would take this offer for its own.
+            p.negotiating = False
+            await pc.close()
+            await close_late_sockets(pc)
+            return
         tracks: list[TrackInfo] = []
         for tid, tr in p.transceivers.items():
             if tid in self.tracks:
@@ -928,7 +938,7 @@ class Room:
             p.negotiating = p.pending = False
             p.offer = None
         await pc.close()
-        if which == "subscriber" and p.subscribe and pid in self.participants:
+        if which == "subscriber" and p.subscribe and self.participants.get(pid) is p:
             await self._renegotiate(p)
 
     # -- periodic ------------------------------------------------------------------------------

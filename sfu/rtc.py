@@ -58,6 +58,7 @@ import aioice.ice
 import aiortc
 import pylibsrtp
 from aiortc import (
+    RTCPeerConnection,
     RTCRtpHeaderExtensionParameters,
     RTCRtpReceiver,
     RTCRtpSender,
@@ -1144,6 +1145,23 @@ def sender_ssrcs(sender: RTCRtpSender) -> tuple[int, int]:
 
 def dtls_of(transceiver: RTCRtpTransceiver) -> RTCDtlsTransport:
     return transceiver.sender.transport
+
+
+async def close_late_sockets(pc: RTCPeerConnection) -> None:
+    """Close the ICE sockets that a gathering under way when ``pc`` was closed bound after it:
+    aioice's ``Connection.close`` closes the sockets it has at that moment, and the gathering
+    adds its own when it ends, which nothing would close."""
+    seen: set[int] = set()
+    for tr in pc.getTransceivers():
+        dtls = tr.sender.transport
+        conn = dtls.transport._connection
+        if id(conn) in seen:
+            continue
+        seen.add(id(conn))
+        late = list(conn._protocols)
+        conn._protocols.clear()
+        for protocol in late:
+            await protocol.close()
 
 
 class HostCandidatePolicy:

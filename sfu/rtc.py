@@ -29,7 +29,11 @@ version change removed or changed any. What is used:
   ``Connection._nominated``) directly, skipping four coroutine layers per packet; the
   forwarding path builds each packet in the SRTP session's own buffer and protects it in place
   (``pylibsrtp.Session``'s ``_srtp``, ``_cdata``, ``_buffer``: ``FastSender.send_rtp``) and
-  sends it from that buffer on a duplicate of the pair's socket;
+  sends it from that buffer on a duplicate of the pair's socket; the sender's RTCP task
+  (``_run_rtcp``, replaced per instance) is a registration with ``SenderReports``, one timer
+  per connection for all its senders' reports, which keeps what the task kept (its
+  ``__rtcp_started``/``__rtcp_exited`` events, ``__lsr``/``__lsr_time``) and reads its
+  ``__cname``;
 - simulcast publishers (``SimulcastHooks``): the RID and repaired-RID header extensions added to
   the transceiver's negotiated ``_headerExtensions`` (aiortc negotiates neither), the RTP
   router's ``route_rtp`` wrapped per connection to bind an unknown SSRC to its receiver by the

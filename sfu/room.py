@@ -47,6 +47,7 @@ from .rtc import (
     FastSender,
     NeverTrack,
     PublisherHooks,
+    SenderReports,
     SimulcastHooks,
     SubscriberHooks,
     accept_rid_extensions,
@@ -124,7 +125,8 @@ class Participant:
     published: dict[str, UpTrack] = field(default_factory=dict)  # by publisher-side mid
     transceivers: dict[str, RTCRtpTransceiver] = field(default_factory=dict)  # by track id
     downtracks: dict[str, DownTrack] = field(default_factory=dict)  # by track id
-    fast: FastSender | None = None
+    fast: FastSender | None = None  # the subscriber connection's sending path
+    reports: SenderReports | None = None  # and its senders' RTCP sender reports
     offer: SubscribeOfferEvent | None = None  # the subscriber offer waiting for an answer
     offers: int = 0  # subscriber offers made so far (each offer's number)
     negotiating: bool = False
@@ -198,13 +200,13 @@ class Room:
         for mine in list(p.published.values()):
             self._unpublish(mine)
         self._drop_downtracks(p)
-        if p.fast is not None:
-            p.fast.close()
-            p.fast = None
         self.speaker.remove(pid)
         for pc in (p.pub, p.sub):
             if pc is not None:
-                await pc.close()
+                await pc.close()  # stops the senders: their BYEs go out through p.fast
+        if p.fast is not None:
+            p.fast.close()
+            p.fast = p.reports = None
 
     async def close(self) -> None:
         for pid in list(self.participants):
@@ -498,6 +500,10 @@ class Room:
             tr = pc.addTransceiver(NeverTrack(up.kind), direction="sendonly")
             tr.setCodecPreferences(_preferences(up.kind, self.video_codec))
             p.transceivers[tid] = tr
+            if p.fast is None or p.reports is None:
+                p.fast = FastSender(dtls_of(tr), self._send_dropped)
+                p.reports = SenderReports(p.fast.send_rtcp)
+            p.reports.attach(tr.sender)  # before its send() (after the answer) starts it
         for tid in list(p.transceivers.keys() - wanted):
             # m-lines are never recycled: a removed track's transceiver goes inactive.
             p.transceivers.pop(tid).direction = "inactive"
@@ -573,8 +579,7 @@ class Room:
     def _add_downtrack(
         self, p: Participant, up: UpTrack, tr: RTCRtpTransceiver, now: float
     ) -> None:
-        if p.fast is None:
-            p.fast = FastSender(dtls_of(tr), self._send_dropped)
+        assert p.fast is not None  # made with the connection's first transceiver
         _, pt, rtx_pt = negotiated_codec(tr)
         ssrc, rtx_ssrc = sender_ssrcs(tr.sender)
         allocator = self.allocators.get(up.id)
@@ -933,7 +938,7 @@ class Room:
             p.transceivers.clear()
             if p.fast is not None:
                 p.fast.close()
-                p.fast = None
+                p.fast = p.reports = None
             p.sub = None
             p.negotiating = p.pending = False
             p.offer = None

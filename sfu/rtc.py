@@ -29,7 +29,11 @@ version change removed or changed any. What is used:
   ``Connection._nominated``) directly, skipping four coroutine layers per packet; the
   forwarding path builds each packet in the SRTP session's own buffer and protects it in place
   (``pylibsrtp.Session``'s ``_srtp``, ``_cdata``, ``_buffer``: ``FastSender.send_rtp``) and
-  sends it from that buffer on a duplicate of the pair's socket;
+  sends it from that buffer on a duplicate of the pair's socket; the sender's RTCP task
+  (``_run_rtcp``, replaced per instance) is a registration with ``SenderReports``, one timer
+  per connection for all its senders' reports, which keeps what the task kept (its
+  ``__rtcp_started``/``__rtcp_exited`` events, ``__lsr``/``__lsr_time``) and reads its
+  ``__cname``;
 - simulcast publishers (``SimulcastHooks``): the RID and repaired-RID header extensions added to
   the transceiver's negotiated ``_headerExtensions`` (aiortc negotiates neither), the RTP
   router's ``route_rtp`` wrapped per connection to bind an unknown SSRC to its receiver by the
@@ -47,6 +51,7 @@ import importlib.metadata
 import inspect
 import logging
 import os
+import random
 import socket
 import struct
 import sys
@@ -85,6 +90,7 @@ from aiortc.rtp import (
     unpack_remb_fci,
 )
 
+from . import rtcp
 from .estimator import NackTracker, ReceiveEstimator
 from .rtp import (
     HEADER,
@@ -137,6 +143,13 @@ PRIVATE_INTERNALS: Final[tuple[tuple[type, str], ...]] = (
     (RTCRtpSender, "_RTCRtpSender__rtp_timestamp"),
     (RTCRtpSender, "_RTCRtpSender__packet_count"),
     (RTCRtpSender, "_RTCRtpSender__octet_count"),
+    # ... SenderReports: aiortc's RTCP task per sender replaced by one timer per connection
+    (RTCRtpSender, "_run_rtcp"),  # replaced per instance
+    (RTCRtpSender, "_RTCRtpSender__rtcp_started"),  # stop() waits for these two
+    (RTCRtpSender, "_RTCRtpSender__rtcp_exited"),
+    (RTCRtpSender, "_RTCRtpSender__lsr"),  # RTT from receiver reports (_handle_rtcp_packet)
+    (RTCRtpSender, "_RTCRtpSender__lsr_time"),
+    (RTCRtpSender, "_RTCRtpSender__cname"),
     (RTCDtlsTransport, "_tx_srtp"),
     (RTCDtlsTransport, "_rx_srtp"),  # fast_receive
     (RTCDtlsTransport, "_rtp_header_extensions_map"),
@@ -188,6 +201,7 @@ SIGNATURES: Final[dict[tuple[type, str], tuple[str, ...]]] = {
     (RTCRtpReceiver, "_handle_rtcp_packet"): ("self", "packet"),
     (RTCRtpReceiver, "_send_rtcp"): ("self", "packet"),
     (RTCRtpSender, "_handle_rtcp_packet"): ("self", "packet"),
+    (RTCRtpSender, "_run_rtcp"): ("self",),
     (aioice.ice.Connection, "get_component_candidates"): (
         "self",
         "component",
@@ -388,17 +402,25 @@ class FastSender:
 
     def send(self, data: bytes) -> None:
         pair = self._route()
-        if pair is None:
-            return
+        if pair is not None:
+            self._send_protected(pair, self._srtp.protect(data))
+
+    def send_rtcp(self, data: bytes) -> None:
+        """Protect one compound RTCP packet (SRTCP) and send it as ``send`` sends RTP."""
+        pair = self._route()
+        if pair is not None:
+            self._send_protected(pair, self._srtp.protect_rtcp(data))
+
+    def _send_protected(self, pair: Any, data: bytes) -> None:
         sendto = self._sendto
         if sendto is not None:
             try:
-                sendto(self._srtp.protect(data), self._addr)
+                sendto(data, self._addr)
             except OSError:  # BlockingIOError (buffer full), or the network refused it
                 self._dropped()
             return
         # A TURN-relayed pair on the server side (rare): aioice's coroutine path.
-        fut = asyncio.ensure_future(pair.protocol.send_data(self._srtp.protect(data), self._addr))
+        fut = asyncio.ensure_future(pair.protocol.send_data(data, self._addr))
         self._slow.add(fut)
         fut.add_done_callback(self._slow.discard)
 
@@ -427,6 +449,117 @@ class FastSender:
             sendto(self._view[: length[0]], self._addr)  # type: ignore[index]
         except OSError:
             self._dropped()
+
+
+class _Reporting:
+    """A sender whose reports a ``SenderReports`` sends."""
+
+    __slots__ = ("chunk", "sender", "ssrc")
+
+    def __init__(self, sender: RTCRtpSender, chunk: bytes) -> None:
+        self.sender = sender
+        self.ssrc: int = sender._ssrc
+        self.chunk = chunk  # its SDES CNAME chunk (b"": no CNAME)
+
+
+class SenderReports:
+    """The RTCP sender reports of one subscriber connection (one DTLS transport), on one timer.
+
+    aiortc runs a task per sender (``RTCRtpSender._run_rtcp``) that sends an SR and an SDES
+    every 0.5-1.5 s: in a room of 25, 1,200 wake-ups, packet builds, SRTCP protections and
+    sends per second. ``attach`` replaces that task, on the sender instance before its
+    ``send()`` starts it, by a registration here: every 0.5-1.5 s (RFC 3550 section 6.2's
+    randomization, aiortc's nominal 1 s) the connection's registered senders' SRs go out
+    together, built with ``struct`` (``sfu.rtcp``), as compound packets of at most
+    ``rtcp.MAX_COMPOUND`` bytes, each protected once and sent through ``send_rtcp``
+    (``FastSender.send_rtcp``).
+
+    What aiortc's task did is kept: a sender reports from its ``send()`` on (zero counts and
+    timestamps until ``SubscriberHooks.set_sender_report`` gives it the publisher's mapping);
+    its ``__rtcp_started``/``__rtcp_exited`` events, so ``RTCRtpSender.stop()`` still returns;
+    its ``__lsr``/``__lsr_time`` at each SR, so aiortc's handler of receiver reports still
+    measures the RTT; and a BYE when it stops (in a compound packet after its last SR, where
+    aiortc sends a bare one). ``send()`` wraps what ``_run_rtcp`` returns in a task
+    (``asyncio.ensure_future``): here it is a plain future, so there is no task at all, and
+    ``stop()`` cancelling it unregisters the sender."""
+
+    def __init__(self, send_rtcp: Callable[[bytes], None]) -> None:
+        self._send = send_rtcp
+        self._senders: dict[RTCRtpSender, _Reporting] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def attach(self, sender: RTCRtpSender) -> None:
+        """Send ``sender``'s reports from here once it starts (call before its ``send()``)."""
+        sender._run_rtcp = functools.partial(self._start, sender)  # type: ignore[method-assign, assignment]
+
+    @property
+    def senders(self) -> int:
+        return len(self._senders)
+
+    def _start(self, sender: RTCRtpSender) -> asyncio.Future[None]:
+        """``sender._run_rtcp()``, called by its ``send()``: register, and return the future its
+        ``stop()`` cancels."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        cname: str | None = sender._RTCRtpSender__cname  # type: ignore[attr-defined]
+        chunk = rtcp.cname_chunk(sender._ssrc, cname) if cname is not None else b""
+        self._senders[sender] = _Reporting(sender, chunk)
+        done.add_done_callback(functools.partial(self._stopped, sender))
+        sender._RTCRtpSender__rtcp_started.set()  # type: ignore[attr-defined]
+        if self._timer is None:
+            self._schedule(loop)
+        return done
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = loop.call_later(0.5 + random.random(), self._fire, loop)
+
+    def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        if not self._senders:
+            return
+        try:
+            self.send_reports()
+        except Exception:  # the next round tries again
+            log.exception("sending sender reports failed")
+        self._schedule(loop)
+
+    @staticmethod
+    def _report(r: _Reporting, now: float) -> bytes:
+        """The sender's SR as aiortc's task built it (also noting what RTT needs)."""
+        s = r.sender
+        ntp: int = s._RTCRtpSender__ntp_timestamp  # type: ignore[attr-defined]
+        s._RTCRtpSender__lsr = (ntp >> 16) & 0xFFFFFFFF  # type: ignore[attr-defined]
+        s._RTCRtpSender__lsr_time = now  # type: ignore[attr-defined]
+        return rtcp.sender_report(
+            r.ssrc,
+            ntp,
+            s._RTCRtpSender__rtp_timestamp,  # type: ignore[attr-defined]
+            s._RTCRtpSender__packet_count,  # type: ignore[attr-defined]
+            s._RTCRtpSender__octet_count,  # type: ignore[attr-defined]
+        )
+
+    def send_reports(self) -> None:
+        """Send every registered sender's SR now (the timer calls this)."""
+        now = time.time()
+        report = self._report
+        send = self._send
+        for packet in rtcp.compound((report(r, now), r.chunk) for r in self._senders.values()):
+            send(packet)
+
+    def _stopped(self, sender: RTCRtpSender, _: asyncio.Future[None]) -> None:
+        """The sender stopped (its ``stop()`` cancelled our future): its BYE, and the event its
+        ``stop()`` waits for."""
+        try:
+            r = self._senders.pop(sender, None)
+            if r is not None:
+                self._send(rtcp.goodbye(self._report(r, time.time()), r.chunk, r.ssrc))
+        except Exception:
+            log.exception("sending a BYE failed")
+        finally:
+            sender._RTCRtpSender__rtcp_exited.set()  # type: ignore[attr-defined]
+            if not self._senders and self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
 
 
 def extension_ids(transceiver: RTCRtpTransceiver) -> dict[str, int]:

@@ -1,14 +1,16 @@
 """Interop: two headless Chromium pages in one room through the SFU, each decoding the other's
-video. The page speaks the protocol with a few lines of plain JS (docs/PROTOCOL.md, Media),
-trickling its ICE candidates to the server."""
+video and taking the SFU's sender reports for its audio and video (remote-outbound-rtp). The
+page speaks the protocol with a few lines of plain JS (docs/PROTOCOL.md, Media), trickling its
+ICE candidates to the server."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp.test_utils import TestServer
-from browser_harness import SFU_CLIENT_JS, launch_chromium
+from browser_harness import SFU_CLIENT_JS, launch_chromium, wait_for
 
 SCRIPT = (
     SFU_CLIENT_JS
@@ -29,6 +31,16 @@ async function start(url, name, r) {
   };
   await pub.setRemoteDescription({type: "answer", sdp: ans.sdp});
   await rq({type: "subscribe", room});
+}
+// What the subscriber connection knows from the SFU's sender reports: one remote-outbound-rtp
+// per stream whose SR arrived, with the SR's NTP time (remoteTimestamp) and packet count.
+async function remoteOutbound() {
+  const out = [];
+  (await sub.getStats()).forEach((s) => {
+    if (s.type === "remote-outbound-rtp")
+      out.push({kind: s.kind, packets: s.packetsSent, at: s.remoteTimestamp});
+  });
+  return out;
 }
 """
 )
@@ -66,3 +78,15 @@ async def test_two_chromium_pages_through_the_sfu(
             stats = await p.evaluate("decoded()")
             assert stats["width"] > 0
             assert await p.evaluate("errors.length") == 0
+        # Sender reports with the publisher's mapping (an SR with counts: after the first
+        # packets) for both of the other page's streams; one per second, in compound packets.
+        seen: list[dict[str, Any]] = []
+
+        async def reported() -> bool:
+            for p in pages:
+                seen[:] = await p.evaluate("remoteOutbound()")
+                if sorted(s["kind"] for s in seen if s["packets"] > 0) != ["audio", "video"]:
+                    return False
+            return True
+
+        await wait_for(reported, 10, "remote-outbound-rtp for audio and video", seen)

@@ -47,6 +47,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ..core.bus import NOBODY, LocalBus, MessageBus, Sink
 from ..core.metrics import Metric
 from ..core.order import Sequencer, decode_order, encode_order
+from ..core.writes import WriteBatch
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,9 @@ class RedisBus:
         self.order = Sequencer(self._deliver, self._call_later)
         self._order_of: tuple[str, int] | None = None  # the last ``order`` published
         self._order_prefix = b""  # and its header + prefix
+        # Held while a read's frames are handed on (``signaling.app``: the hub's, so that
+        # each connection gets one write for all of them).
+        self.writes = WriteBatch()
 
     @property
     def topics(self) -> dict[str, dict[str, Sink]]:
@@ -471,34 +475,46 @@ class RedisBus:
             if not chunk:
                 raise RedisConnectionError("Redis closed the subscription connection")
             feed(chunk)
-            while (msg := gets()) is not False:
-                if not isinstance(msg, list) or len(msg) != 3:  # an error, or not pub/sub
-                    raise RedisConnectionError(f"unexpected on the subscription: {msg!r}")
-                kind, channel, data = msg
-                if kind != b"message":
-                    if kind == b"subscribe":
-                        self._confirmed.add(channel.decode()[skip:])
-                    elif kind == b"unsubscribe":
-                        self._confirmed.discard(channel.decode()[skip:])
-                    continue
-                if data.startswith(header):
-                    continue  # our own, delivered when it was published
-                topic = channel.decode()[skip:]
-                subs = topics.get(topic)
-                if not subs:
-                    continue  # unsubscribed meanwhile
-                frame = data[data[0] + 1 :]
-                self.received += 1
-                if frame[0] == 0:  # a conversation's event: in seq order
-                    ordered = decode_order(frame)
-                    assert ordered is not None
-                    offer(topic, ordered[0], ordered[1], ordered[2], None)
-                    continue
-                for sink in subs.values():
-                    try:
-                        sink.deliver(frame)
-                    except Exception:  # a sink's bug must cost neither the others nor the node
-                        log.exception("a sink of %s failed", topic)
+            with self.writes:  # every frame of this read: one write per connection
+                self._hand_on(gets, header, skip, topics, offer)
+
+    def _hand_on(
+        self,
+        gets: Callable[[], Any],
+        header: bytes,
+        skip: int,
+        topics: dict[str, dict[str, Sink]],
+        offer: Callable[[str, str, int, bytes, str | None], None],
+    ) -> None:
+        """Hand every complete message the reader has to this node's sinks."""
+        while (msg := gets()) is not False:
+            if not isinstance(msg, list) or len(msg) != 3:  # an error, or not pub/sub
+                raise RedisConnectionError(f"unexpected on the subscription: {msg!r}")
+            kind, channel, data = msg
+            if kind != b"message":
+                if kind == b"subscribe":
+                    self._confirmed.add(channel.decode()[skip:])
+                elif kind == b"unsubscribe":
+                    self._confirmed.discard(channel.decode()[skip:])
+                continue
+            if data.startswith(header):
+                continue  # our own, delivered when it was published
+            topic = channel.decode()[skip:]
+            subs = topics.get(topic)
+            if not subs:
+                continue  # unsubscribed meanwhile
+            frame = data[data[0] + 1 :]
+            self.received += 1
+            if frame[0] == 0:  # a conversation's event: in seq order
+                ordered = decode_order(frame)
+                assert ordered is not None
+                offer(topic, ordered[0], ordered[1], ordered[2], None)
+                continue
+            for sink in subs.values():
+                try:
+                    sink.deliver(frame)
+                except Exception:  # a sink's bug must cost neither the others nor the node
+                    log.exception("a sink of %s failed", topic)
 
     # -- metrics ---------------------------------------------------------------------------------
 

@@ -7,7 +7,8 @@ introspection) and carries every topic over Redis on the channel ``<prefix>:<top
   ``LocalBus`` does) and queues the frame for Redis behind a small header, the origin's node id,
   so the origin skips its own echo. The queue is bounded and sent by one task, many ``PUBLISH``
   per write, on a connection of its own that takes no replies (``CLIENT REPLY OFF``);
-  ``publish`` never awaits and never raises for Redis.
+  ``publish`` never awaits and never raises for Redis. Each ``PUBLISH`` is packed by
+  ``publish_command`` as it is queued (redis-py's packing took ~8 times as long).
 - A node subscribes to a topic's channel when the topic gets its first local subscriber and
   unsubscribes when the last one leaves; a frame from another node is stripped of its header
   once and handed, as one bytes object, to every local sink of its topic. The subscription
@@ -84,6 +85,16 @@ def connect(url: str, timeout_s: float = TIMEOUT_S) -> aioredis.Redis:
     )
 
 
+def publish_command(channel: bytes, data: bytes) -> bytes:
+    """``PUBLISH channel data`` in RESP: an array of three bulk strings."""
+    return b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
+        len(channel),
+        channel,
+        len(data),
+        data,
+    )
+
+
 class PublishRefused(RedisError):
     """Redis answers but will not take this client's ``PUBLISH`` (its ACL)."""
 
@@ -147,7 +158,7 @@ class RedisBus:
         self._skip = len(prefix) + 1  # a channel's length before its topic
         self._redis = connect(url, timeout_s)
         # Publishing.
-        self._queue: deque[tuple[str, bytes]] = deque()
+        self._queue: deque[bytes] = deque()  # packed PUBLISH commands
         self._wake = asyncio.Event()
         self._publishing = False  # the publish connection is up
         self._pub: Connection | None = None  # the publisher's own connection
@@ -255,7 +266,7 @@ class RedisBus:
         if not self._publishing or len(self._queue) >= self.max_queued:
             self.dropped += 1
             return
-        self._queue.append((self._channel_of + topic, data))
+        self._queue.append(publish_command((self._channel_of + topic).encode(), data))
         self._wake.set()
 
     def _deliver(self, topic: str, frame: bytes, exclude: str | None) -> None:
@@ -285,10 +296,10 @@ class RedisBus:
             while queue:
                 n = min(len(queue), MAX_PIPELINE)
                 popleft = queue.popleft
-                commands = [("PUBLISH", *popleft()) for _ in range(n)]
+                packed = b"".join([popleft() for _ in range(n)])
                 try:
                     conn = await self._current(conn)
-                    await conn.send_packed_command(conn.pack_commands(commands), False)
+                    await conn.send_packed_command(packed, False)
                     if self._replies:  # Redis would not turn them off: read them
                         refused = 0
                         for _ in range(n):

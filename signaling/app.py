@@ -144,6 +144,10 @@ def make_app(cfg: Config) -> web.Application:
     store = make_store(cfg)
     bus = make_bus(cfg)
     hub = Hub(cfg, store, store, store, IceServers(cfg, secret), bus)
+    # One write per connection for each batch of frames: a transaction's results, a bus read.
+    store.writes = hub.writes
+    if isinstance(bus, RedisBus):
+        bus.writes = hub.writes
     shared: ClusterState | None = None
     if isinstance(bus, RedisBus):  # cluster mode: rooms and presence in Redis too
         shared = ClusterState(

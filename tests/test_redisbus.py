@@ -19,7 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from signaling.app import make_bus
-from signaling.cluster.redisbus import RedisBus, node_id
+from signaling.cluster.redisbus import RedisBus, node_id, publish_command
 from signaling.config import ConfigError, load_config
 from signaling.core.bus import LocalBus
 
@@ -58,6 +58,16 @@ async def two_nodes() -> AsyncIterator[tuple[RedisBus, RedisBus]]:
     finally:
         await a.close()
         await b.close()
+
+
+@pytest.mark.parametrize("data", [b"", b"{}", b"\x00\r\n$3\r\n" + bytes(range(256)) * 40])
+def test_publish_command_packs_as_redis_py_does(data: bytes) -> None:
+    """The publisher's own packing (``publish_command``) against redis-py's."""
+    conn = aioredis.Connection()
+    channel = "rallypoint:room:é"
+    assert publish_command(channel.encode(), data) == b"".join(
+        conn.pack_command("PUBLISH", channel, data)
+    )
 
 
 async def test_a_frame_reaches_the_other_node_once_and_not_its_own_twice(

@@ -82,6 +82,31 @@ async def test_append_nowait_calls_back_in_order_with_results_and_refusals(
     assert await store.last_seq("room:n") == 2
 
 
+async def test_results_are_settled_with_the_write_batch_held(store: Store) -> None:
+    """A transaction's callbacks run inside ``store.writes`` (``signaling.core.writes``), and
+    what they write goes out when it ends: one write per connection per batch."""
+    got: list[int] = []
+    flushed: list[int] = []
+    done = asyncio.get_running_loop().create_future()
+
+    class Conn:
+        def flush(self) -> None:
+            flushed.append(len(got))
+
+    def cb(result: AppendResult) -> None:
+        got.append(store.writes.depth)
+        if len(got) == 1:
+            store.writes.hold(Conn())  # a connection that kept a frame in this batch
+        if len(got) == 3 and not done.done():
+            done.set_result(None)
+
+    for cid in ("a", "b", "c"):
+        store.append_nowait(msg("room:w", cid), cb)
+    await asyncio.wait_for(done, 10)
+    assert all(depth >= 1 for depth in got)
+    assert flushed and flushed[0] >= 1 and store.writes.depth == 0 and not store.writes.waiting
+
+
 async def test_paging_both_ways(store: Store) -> None:
     for i in range(25):
         await store.append(msg("room:p", f"c{i}", text=f"m{i + 1}"))

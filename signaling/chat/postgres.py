@@ -37,6 +37,7 @@ import asyncpg
 from ..core.directory import DeviceInfo
 from ..core.metrics import Metric
 from ..core.privacy import Pair, Relation
+from ..core.writes import WriteBatch
 from ..wire.errors import ProtocolError
 from . import pgread
 from .codec import ChangeRelation, MarkRead, RegisterIdentity, SetMute, TouchDevice, WriterRequest
@@ -93,6 +94,9 @@ class PostgresStore:
         self.retry_after_s = retry_after_s
         self.epoch = ""
         self.on_group: Callable[[GroupResult], None] | None = None
+        # Held while a transaction's results are settled (``signaling.app``: the hub's, so
+        # that each connection gets one write for all of them).
+        self.writes = WriteBatch()
         self.disk_full = False  # the SQLite store's state; PostgreSQL has its own alerts
         self._conn: asyncpg.Connection | None = None  # the writer's; None while unavailable
         self._pool: asyncpg.Pool | None = None
@@ -229,7 +233,8 @@ class PostgresStore:
                     if conn.is_closed():
                         self._lost(conn)
                     results = [ProtocolError("internal_error", "the store failed")] * len(batch)
-            _settle(batch, results)
+            with self.writes:
+                _settle(batch, results)
 
     async def _run(self, conn: asyncpg.Connection, batch: list[WriterRequest]) -> list[Any]:
         """Execute requests in one transaction: a value or ``ProtocolError`` per request.

@@ -34,6 +34,7 @@ from typing import Any
 from ..core.directory import DeviceInfo
 from ..core.metrics import Metric
 from ..core.privacy import Pair, Relation, contacts_list
+from ..core.writes import WriteBatch
 from ..wire.errors import ProtocolError
 from . import codec
 from .codec import (
@@ -97,17 +98,18 @@ class _Link(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         *lines, self.buf = (self.buf + data).split(b"\n")
-        for line in lines:
-            results = codec.decode_results(line)
-            head = results[0]
-            if type(head) is not str:  # a transaction's results
-                self.store._resolve(results)
-            elif head == "full":
-                self.store._disk(bool(results[1]))
-            elif head == "ready":
-                self.ready.set_result(str(results[1]))
-            else:
-                self.ready.set_exception(RuntimeError(results[1]))
+        with self.store.writes:  # every frame of this read's results: a write per connection
+            for line in lines:
+                results = codec.decode_results(line)
+                head = results[0]
+                if type(head) is not str:  # a transaction's results
+                    self.store._resolve(results)
+                elif head == "full":
+                    self.store._disk(bool(results[1]))
+                elif head == "ready":
+                    self.ready.set_result(str(results[1]))
+                else:
+                    self.ready.set_exception(RuntimeError(results[1]))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.ready.done():
@@ -135,6 +137,9 @@ class SqliteStore:
         self.full_retry_s = full_retry_s
         self.epoch = ""
         self.on_group: Callable[[GroupResult], None] | None = None
+        # Held while results are settled (``signaling.app``: the hub's, so that each
+        # connection gets one write for all of them).
+        self.writes = WriteBatch()
         self.proc: asyncio.subprocess.Process | None = None
         self._link: _Link | None = None
         self._out: list[bytes] = []  # request lines not yet written to the writer

@@ -34,6 +34,7 @@ from .rooms import Participant, RoomRegistry
 from .session import Link, Session
 from .shared import SharedState
 from .tokens import Claims, open_claims, verify_token
+from .writes import WriteBatch
 
 log = logging.getLogger("rallypoint.hub")
 
@@ -89,6 +90,8 @@ class Hub:
         # Cluster mode (``share``): rooms and presence of every node, in Redis.
         self.shared: SharedState | None = None
         self.counters = HubCounters()
+        # Held while a batch of frames is handed out: one write per connection per batch.
+        self.writes = WriteBatch()
         # Features hook session starts, resumes and ends (``signaling.app`` wires them).
         self.on_session_start: list[Callable[[Session], None]] = []
         self.on_session_resume: list[Callable[[Session], None]] = []

@@ -3,7 +3,9 @@
 Outbox: frames are written straight into the connection's transport buffer, which is the
 per-connection outbox. Nobody awaits a slow client: once the buffer holds more than
 ``max_outbox_bytes`` the connection is closed with 4008 and stops accepting frames, so the
-server's memory stays bounded.
+server's memory stays bounded. While a ``WriteBatch`` is held (the store settling a
+transaction's results, the bus handing on a read's frames), a connection keeps its frames and
+writes them in one go when the batch ends (``signaling.core.writes``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from aiohttp import web
 from ..core.metrics import HubCounters
 from ..core.ratelimit import TokenBucket
 from ..core.session import Session
+from ..core.writes import WriteBatch
 from ..wire.encodings import Transcoder
 from ..wire.errors import CloseCode
 from ..wire.framing import close_frame, encode
@@ -29,12 +32,14 @@ class Connection:
     ABORT_AFTER_S = 2.0
 
     __slots__ = (
+        "batch",
         "bucket",
         "busy",
         "closing",
         "counters",
         "drained",
         "flood",
+        "kept",
         "last_recv",
         "limit",
         "parsed",
@@ -52,6 +57,7 @@ class Connection:
         bucket: TokenBucket,
         now: float,
         counters: HubCounters,
+        batch: WriteBatch | None = None,
     ) -> None:
         self.ws = ws
         self.transport = transport
@@ -73,11 +79,35 @@ class Connection:
         # A frame the fast path parsed but left to the receive loop, with its message (so the
         # loop does not parse it again); at most one is in the queue at a time.
         self.parsed: tuple[bytes, dict[str, Any]] | None = None
+        # The hub's ``WriteBatch`` and, while it is held, the frames written meanwhile.
+        self.batch = batch if batch is not None else WriteBatch()
+        self.kept: list[bytes] | None = None
 
     def write(self, frame: bytes) -> None:
-        """Queue a complete frame; cut the connection off if its outbox is full."""
+        """Queue a complete frame (kept until the end of a batch being held); cut the
+        connection off if its outbox is full."""
         if self.closing:
             return
+        if self.batch.depth:
+            kept = self.kept
+            if kept is None:
+                self.kept = [frame]
+                self.batch.hold(self)
+            else:
+                kept.append(frame)
+            return
+        self._put(frame)
+
+    def flush(self) -> None:
+        """Write the frames kept during a batch, as one write."""
+        kept = self.kept
+        if kept is None:
+            return
+        self.kept = None
+        if not self.closing:
+            self._put(kept[0] if len(kept) == 1 else b"".join(kept))
+
+    def _put(self, frame: bytes) -> None:
         t = self.transport
         try:
             t.write(frame)
@@ -128,6 +158,9 @@ class Connection:
         abort shortly after if the client still does not read."""
         if self.closing:
             return
+        self.flush()  # what was written before the close goes before it
+        if self.closing:  # that write found the outbox full: closed already
+            return
         self.closing = True
         t = self.transport
         if t.is_closing():
@@ -137,6 +170,9 @@ class Connection:
 
     async def close(self, code: int, reason: str) -> None:
         """Close politely (close handshake), falling back to ``abandon``."""
+        if self.closing:
+            return
+        self.flush()
         if self.closing:
             return
         if self.transport.get_write_buffer_size() > self.limit // 2:
@@ -165,8 +201,9 @@ class PackedConnection(Connection):
         now: float,
         counters: HubCounters,
         transcode: Transcoder,
+        batch: WriteBatch | None = None,
     ) -> None:
-        super().__init__(ws, transport, limit, bucket, now, counters)
+        super().__init__(ws, transport, limit, bucket, now, counters, batch)
         self.transcode = transcode
 
     def write(self, frame: bytes) -> None:

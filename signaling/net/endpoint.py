@@ -153,9 +153,11 @@ class Endpoint:
         bucket = TokenBucket(cfg.limits.rate_per_s, cfg.limits.burst, now)
         limit = cfg.limits.max_outbox_bytes
         conn = (
-            PackedConnection(ws, transport, limit, bucket, now, hub.counters, self.transcode)
+            PackedConnection(
+                ws, transport, limit, bucket, now, hub.counters, self.transcode, hub.writes
+            )
             if ws.ws_protocol == MSGPACK
-            else Connection(ws, transport, limit, bucket, now, hub.counters)
+            else Connection(ws, transport, limit, bucket, now, hub.counters, hub.writes)
         )
         self.connections.add(conn)
         self.per_address[address] = self.per_address.get(address, 0) + 1

@@ -32,9 +32,9 @@ The server's connections check consent on every one of them as usual (RFC 7675, 
 try of 0.5 s every ~5 s, the connection closed after six in a row unanswered), and a
 publisher connection closed so loses its tracks for the rest of the run
 (``room25_tracks_gone``). So the participants run in several load-generator processes
-(``bench/sfu_room25_procs.py``, ``--room25-procs``, 5 of 5 by default, at a lower scheduling
-priority than the server): one process with all 50 peer connections lagged more than 0.5 s
-for ~30 s while 25 peers renegotiated, and left the server's checks unanswered. The set-up
+(``bench/sfu_room25_procs.py``, ``--room25-procs``, 5 of 5 by default): one process with all
+50 peer connections lagged more than 0.5 s for ~30 s while 25 peers renegotiated, and left
+the server's checks unanswered. The set-up
 also spares the server what a real room would not ask of it: each subscriber reports its
 tiles at every step, as the page does when a track arrives (else the server forwards every
 video to everyone until the set-up ends), and the next participant publishes only once every

@@ -41,7 +41,7 @@ op          request                                  answer
 
 A child dies with its parent: end of stdin (the parent exited or was killed) ends it, and so
 does ``PR_SET_PDEATHSIG``, and ``--max-s`` bounds its life in any case. The parent bounds every
-wait for an answer. Children run at ``nice`` ``NICE``: the server under test comes first.
+wait for an answer.
 """
 
 from __future__ import annotations
@@ -94,7 +94,6 @@ from signaling.sdk.wsclient import Client  # noqa: E402
 # Five children of five participants: see ``Children`` for why.
 ROOM25_PROCS = 5
 LAG_TICK_S = 0.05
-NICE = 10  # the children's scheduling priority (see ``main``)
 # Between two participants' publishing, every child's loop is left this long without a lag over
 # CALM_LAG_S, and the server's sockets without a datagram dropped (at most CALM_WAIT_S): longer
 # than the server's ICE consent interval (4-6 s), so every connection gets at least one consent
@@ -370,10 +369,6 @@ async def child_main(args: argparse.Namespace, out: int) -> None:
 
 def main() -> int:
     _die_with_parent()
-    # The server under test first: on a shared machine short of CPU, a load generator in
-    # several processes would otherwise take the server's share (each runnable process gets
-    # its own), and the server, behind, drops datagrams on its full sockets.
-    os.nice(NICE)
     p = argparse.ArgumentParser(description="one load-generator process of the 25-person room")
     p.add_argument("--url", required=True)
     p.add_argument("--room", required=True)

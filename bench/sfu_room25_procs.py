@@ -152,7 +152,7 @@ class Share:
         self.clients: list[Client] = []
         self.failed: list[dict[str, Any]] = []  # media_failed events
         self.tasks: list[asyncio.Task[None]] = []
-        self.prior: dict[int, int] = {}  # SSRC -> packets at the last status
+        self.prior: dict[tuple[int, int], int] = {}  # (subscriber, SSRC) -> packets, last status
         self.lag = LagMonitor()
         self.closing = False
         self.reported: dict[int, list[tuple[str, int]]] = {}  # subscriber -> tiles reported
@@ -256,11 +256,11 @@ class Share:
             grew = [
                 ssrc
                 for ssrc in shown
-                if ssrc in counts and counts[ssrc].packets > max(30, self.prior.get(ssrc, 0))
+                if ssrc in counts and counts[ssrc].packets > max(30, self.prior.get((i, ssrc), 0))
             ]
             for ssrc in shown:
                 if ssrc in counts:
-                    self.prior[ssrc] = counts[ssrc].packets
+                    self.prior[i, ssrc] = counts[ssrc].packets
             audio = sum(c.packets for c in counts.values() if c.kind == "audio")
             pc = s.session.sub
             subs[i] = {

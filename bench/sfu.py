@@ -16,7 +16,9 @@ the marginal CPU cost per forwarded packet (slope of CPU against forwarded packe
   so its N stops at 8 and its cost is fitted only where it keeps up (>= 90% of the frames).
 
 Then a room of 10 participants who all publish and subscribe (90 forwarded streams of each
-kind), on Rallypoint and on Janus.
+kind), on Rallypoint and on Janus. With ``--room25``, a 25-person simulcast room on Rallypoint
+(``bench/sfu_room25.py``), its participants in ``--room25-procs`` (5) load-generator child
+processes (``bench/sfu_room25_procs.py``; the load generator's CPU is theirs, summed).
 
     .venv/bin/python bench/sfu.py [--quick] [--servers rallypoint,janus,mediarelay]
                                   [--ns 1,4,16,32] [--window 15] [--no-record]
@@ -49,7 +51,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,12 +77,15 @@ from sfu_load import (  # noqa: E402
     Window,
     children,
     count_receiver,
+    cpu_seconds,
     enlarge_own_udp_buffers,
     measure,
     peer_connection,
+    udp_drops,
     vp8_only,
 )
-from sfu_room25 import ROOM25_SIZE, SHOWN, room25  # noqa: E402
+from sfu_room25 import ROOM25_SIZE, SHOWN  # noqa: E402
+from sfu_room25_procs import ROOM25_PROCS, Children  # noqa: E402
 from sfu_switch import layer_switch_freeze_ms  # noqa: E402
 
 from media.session import SfuSession  # noqa: E402
@@ -272,53 +277,74 @@ class Rallypoint(ServerProcess):
         return Scenario(pubs, [p[2] for p in parts], sources, k - 1, close)
 
     async def room25(self, args: argparse.Namespace) -> Run:
-        """The 25-participant simulcast room (``bench/sfu_room25.py``), measured once."""
+        """The 25-participant simulcast room (``bench/sfu_room25.py``), its participants in
+        ``--room25-procs`` load-generator processes (``bench/sfu_room25_procs.py``), measured
+        once."""
         self.rooms += 1
         room = f"bench-{self.rooms}"
         started = time.monotonic()
         n = args.room25_size
-        pubs, subs, clients, tasks = await asyncio.wait_for(room25(self.url, room, n), 900)
+        kids = Children(self.url, room, n, args.room25_procs)
+        extra: dict[str, Any] = {"room25_loadgen_procs": kids.procs}
+        await kids.start()
         try:
+            server = [p for ps in self.pids().values() for p in ps]
+            await asyncio.wait_for(
+                kids.set_up(lambda: udp_drops(server), lambda: sum(cpu_seconds(p) for p in server)),
+                1800,  # 25 steps of at most ~SETTLE_S + CALM_WAIT_S
+            )
+            extra["room25_loadgen_lag_setup"] = lag_summary(await kids.all("lag"))
             deadline = time.monotonic() + SETUP_TIMEOUT_S
             shown = min(SHOWN, n - 1)
-            late = [s.index for s in subs if not s.sub.ready(shown)]
-            while late and time.monotonic() < deadline:
+            while True:  # every subscriber's shown videos flowing, every track known
+                st = await kids.status()
+                subs = {int(i): s for r in st for i, s in r["subs"].items()}
+                late = sorted(i for i, s in subs.items() if not (s["flowing"] and s["known"]))
+                if not late or time.monotonic() > deadline:
+                    break
                 print(f"room25: waiting for the videos of {len(late)} subscribers", flush=True)
                 await asyncio.sleep(1.0)
-                late = [s.index for s in subs if not s.sub.ready(shown)]
             # measured as they are: how many get all their videos is part of the result
             self.room25_complete = n - len(late)
             print(f"room25: {self.room25_complete} of {n} subscribers get their {shown} videos")
             # Tracks the room lost during the set-up (a publisher's connection failed, and the
             # server unpublished its tracks): the room is then lighter than 25 publishers.
-            gone = {t for s in subs for t in s.session.seen.keys() - s.session.tracks.keys()}
+            gone = {t for r in st for t in r["gone"]}
             self.room25_tracks_gone = len(gone)
+            failed = [f for r in st for f in r["failed"]]
+            extra["room25_media_failed"] = len(failed)
             if gone:
                 print(
-                    f"room25: {len(gone)} of {2 * (n - 1) + 2} tracks were unpublished during the "
-                    "set-up: this room carries less than the target's load",
+                    f"room25: {len(gone)} of {2 * (n - 1) + 2} tracks were unpublished during "
+                    f"the set-up (media_failed: {failed}): this room carries less than the "
+                    "target's load",
                     flush=True,
                 )
-            enlarge_own_udp_buffers()
+            await kids.all("buffers")
             setup_s = time.monotonic() - started
+            extra["room25_setup_s"] = round(setup_s)
             # the subscribers' REMBs move them to their tiles' layer (2 s below, then a switch)
             await asyncio.sleep(max(args.warmup, 8.0))
-            w = await measure(
-                args.window, self.pids(), list(pubs), [s.sub for s in subs], [[] for _ in subs]
-            )
+            await kids.all("lag")  # from here: the window's
+            w = await kids.measure(args.window, self.pids())
+            extra["room25_loadgen_lag_window"] = lag_summary(await kids.all("lag"))
         finally:
-            for t in tasks:
-                t.cancel()
-            for s in subs:
-                await s.session.close()
-            for pub in pubs:
-                await pub.close()
-            for c in clients:
-                await c.close()
+            await kids.close()
             await asyncio.sleep(LAG_S)
-        run = Run(self.name, "room25", n, w, self.room25_complete, self.room25_tracks_gone)
+        extra["room25_loadgen_cpu_pct"] = round(w.load_cpu / w.seconds * 100, 1)
+        run = Run(self.name, "room25", n, w, self.room25_complete, self.room25_tracks_gone, extra)
         print_run(run, setup_s)
+        print(f"room25: load generators {extra}", flush=True)
         return run
+
+
+def lag_summary(lags: list[dict[str, Any]]) -> dict[str, Any]:
+    """The children's event-loop lags (``sfu_room25_procs.LagMonitor``): the longest, and
+    how many passed 0.5 s (the answer time of the server's ICE consent checks)."""
+    return {
+        "max_s": max(x["max_s"] for x in lags),
+        "over_0_5_s": sum(x["over_0_5_s"] for x in lags),
+    }
 
 
 class Janus(ServerProcess):
@@ -492,6 +518,7 @@ class Run:
     window: Window
     complete: int | None = None  # room25: subscribers that got all their videos
     tracks_gone: int | None = None  # room25: tracks unpublished during the set-up
+    extra: dict[str, Any] = field(default_factory=dict)  # room25: the load generators' figures
 
     @property
     def cpu_pct(self) -> float:
@@ -774,6 +801,9 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
             out["room25_server_cpu_pct"] = round(r.cpu_pct, 1)
             out["room25_forwarded_pps"] = round(r.pps)
             out["room25_us_per_packet"] = round(r.us_per_packet, 1)
+            out["room25_video_kbps"] = round(r.window.video_kbps())
+            out["room25_fps"] = round(r.window.fps(), 1)
+            out.update(r.extra)
     if "rallypoint" in room10 and "janus" in room10:
         ratio = room10["rallypoint"].us_per_packet / room10["janus"].us_per_packet
         out["room10_ratio_vs_janus"] = round(ratio, 2)
@@ -895,6 +925,12 @@ def main() -> int:
         "--room25", action="store_true", help="also the 25-participant simulcast room (Rallypoint)"
     )
     parser.add_argument("--room25-size", type=int, default=ROOM25_SIZE, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--room25-procs",
+        type=int,
+        default=ROOM25_PROCS,
+        help=f"load-generator processes of the 25-person room (default {ROOM25_PROCS})",
+    )
     parser.add_argument(
         "--no-broadcast", action="store_true", help="skip the 1 -> N runs (rooms only)"
     )

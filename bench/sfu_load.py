@@ -271,6 +271,27 @@ class Window:
         return sum(self.video_octets) * 8 / tracks / self.seconds / 1000 if tracks else 0.0
 
 
+Snapshot = tuple[int, int, int, int]  # RtpCount.snapshot()
+
+
+def count_deltas(
+    subs0: list[list[Snapshot]], subs1: list[list[Snapshot]], kinds0: list[list[str]]
+) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
+    """Per subscriber, from its counts' snapshots before and after a window (and their kinds,
+    before): packets received, packets by sequence-number range, video frames, video bytes,
+    video tracks."""
+    received, seq_expected, frames, octets, vtracks = [], [], [], [], []
+    for before, after, kind in zip(subs0, subs1, kinds0, strict=True):
+        after = after[: len(before)]  # tracks added during the window are not counted
+        received.append(sum(b[0] - a[0] for a, b in zip(before, after, strict=True)))
+        seq_expected.append(sum(b[3] - a[3] for a, b in zip(before, after, strict=True)))
+        video = [(a, b) for a, b, k in zip(before, after, kind, strict=True) if k == "video"]
+        frames.append(sum(b[2] - a[2] for a, b in video))
+        octets.append(sum(b[1] - a[1] for a, b in video))
+        vtracks.append(len(video))
+    return received, seq_expected, frames, octets, vtracks
+
+
 async def measure(
     seconds: float,
     pids: dict[str, list[int]],
@@ -284,7 +305,7 @@ async def measure(
     def cpu() -> dict[str, float]:
         return {role: sum(cpu_seconds(p) for p in ps) for role, ps in pids.items()}
 
-    def subs() -> list[list[tuple[int, int, int, int]]]:
+    def subs() -> list[list[Snapshot]]:
         return [[c.snapshot() for c in s.counts.values()] for s in subscribers]
 
     def kinds() -> list[list[str]]:
@@ -307,15 +328,7 @@ async def measure(
     subs1 = subs()
     drops1 = udp_drops(server_pids), udp_drops([os.getpid()])
     sent = [b - a for a, b in zip(sent0, sent1, strict=True)]
-    received, seq_expected, frames, octets, vtracks = [], [], [], [], []
-    for before, after, kind in zip(subs0, subs1, kinds0, strict=True):
-        after = after[: len(before)]  # tracks added during the window are not counted
-        received.append(sum(b[0] - a[0] for a, b in zip(before, after, strict=True)))
-        seq_expected.append(sum(b[3] - a[3] for a, b in zip(before, after, strict=True)))
-        video = [(a, b) for a, b, k in zip(before, after, kind, strict=True) if k == "video"]
-        frames.append(sum(b[2] - a[2] for a, b in video))
-        octets.append(sum(b[1] - a[1] for a, b in video))
-        vtracks.append(len(video))
+    received, seq_expected, frames, octets, vtracks = count_deltas(subs0, subs1, kinds0)
     return Window(
         seconds=wall,
         server_cpu={role: cpu1[role] - cpu0[role] for role in pids},

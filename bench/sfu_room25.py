@@ -27,10 +27,21 @@ every section; its answer for the 48 sections of this room is longer than the pr
 (``signaling.sdk.sdp.compact_answer``: the SHA-256 fingerprint alone, no ``msid``/``ssrc`` in
 receive-only sections), ~32,000 characters.
 
-**Consent**: the load generator's own peers do not run ICE consent checks (``no_consent``): on
-this shared machine one process with 50 peer connections can lag more than consent's 0.5 s
-answer time for 30 s while 25 peers renegotiate, and would close its own connections. The
-server's connections check consent on every one of them as usual.
+**Consent**: the load generator's own peers do not run ICE consent checks (``no_consent``).
+The server's connections check consent on every one of them as usual (RFC 7675, aioice: one
+try of 0.5 s every ~5 s, the connection closed after six in a row unanswered), and a
+publisher connection closed so loses its tracks for the rest of the run
+(``room25_tracks_gone``). So the participants run in several load-generator processes
+(``bench/sfu_room25_procs.py``, ``--room25-procs``, 5 of 5 by default): one process with all
+50 peer connections lagged more than 0.5 s for ~30 s while 25 peers renegotiated, and left
+the server's checks unanswered. The set-up
+also spares the server what a real room would not ask of it: each subscriber reports its
+tiles at every step, as the page does when a track arrives (else the server forwards every
+video to everyone until the set-up ends), and the next participant publishes only once every
+child's event loop and the server's sockets have been calm for 6 s (``CALM_S``, more than a
+consent interval). A server short of CPU still closes its own connections: an answer it reads
+late, or drops on a full socket, counts as none (the worker logs each one at warning:
+``ICE consent expired``; docs/BENCHMARKS.md).
 
 **What each one shows**: participant ``i`` shows the videos of the next ``SHOWN`` (9)
 participants in a 3x3 grid of a 1280x720 window and hides the other 15, as the bundled page
@@ -401,72 +412,6 @@ async def join(url: str, room: str, index: int) -> tuple[Client, LightSubscriber
     return c, LightSubscriber(index, joined["self"]["id"], session, Subscriber(name))
 
 
-async def room25(
-    url: str, room: str, n: int = ROOM25_SIZE
-) -> tuple[list[SimulcastPublisher], list[LightSubscriber], list[Client], list[asyncio.Task[None]]]:
-    """Set the room up: each participant joins and publishes in turn, then shows its ``SHOWN``."""
-    no_consent()
-    layers = make_layers()
-    parts: list[tuple[Client, LightSubscriber]] = []
-    subs: list[LightSubscriber] = []
-    pubs = [SimulcastPublisher(i, layers) for i in range(n)]
-
-    async def publish_all() -> None:
-        # one at a time, joining just before publishing, as the room of 10: each publish
-        # renegotiates everyone's subscriber connection. Each step waits (bounded) for the
-        # publisher's connection and for everyone's answer: 25 aiortc peers renegotiating at
-        # once on this machine starve their own ICE and DTLS.
-        for i in range(n):
-            parts.append(await join(url, room, i))
-            subs.append(parts[-1][1])
-            await pubs[i].publish(parts[i][0], room)
-            await settled(pubs[i], subs[:i], parts[i][1].pid)
-            states = [p.pc.connectionState for p in pubs[: i + 1]]
-            subs_states = [s.session.sub.connectionState for s in subs if s.session.sub]
-            print(
-                f"room25: participant {i} publishes; publishers connected "
-                f"{states.count('connected')} of {i + 1}, subscribers "
-                f"{subs_states.count('connected')} of {len(subs_states)}",
-                flush=True,
-            )
-
-    async def count_early() -> None:
-        # from the first offer on: aiortc's own receive path would swamp this process
-        while True:
-            for s in subs:
-                s.install()
-            await asyncio.sleep(0.2)
-
-    early = asyncio.create_task(count_early())
-    try:
-        await publish_all()
-        await room25_shown(room, subs)
-    finally:
-        early.cancel()
-    tasks = [asyncio.create_task(s.feedback()) for s in subs]
-    return pubs, subs, [p[0] for p in parts], tasks
-
-
-async def settled(pub: SimulcastPublisher, subs: list[LightSubscriber], pid: str) -> None:
-    """Until ``pub`` is connected and every subscriber in ``subs`` has answered an offer with
-    ``pid``'s tracks (at most ``SETTLE_S``; a slow step is not an error)."""
-
-    def done() -> bool:
-        if pub.pc.connectionState != "connected":
-            return False
-        for s in subs:
-            pc = s.session.sub
-            known = any(t["participant"] == pid for t in s.session.tracks.values())
-            if pc is None or not known or pc.signalingState != "stable":
-                return False
-        return True
-
-    for _ in range(int(SETTLE_S * 10)):  # polled: the state lives in aiortc and the session
-        if done():
-            return
-        await asyncio.sleep(0.1)
-
-
 async def report_tiles(s: LightSubscriber, room: str, boxes: list[dict[str, Any]]) -> None:
     """One ``track_render`` with every tile; a track gone meanwhile (its publisher left) is
     refused by name and the rest sent again (a refused message changes nothing)."""
@@ -483,38 +428,3 @@ async def report_tiles(s: LightSubscriber, room: str, boxes: list[dict[str, Any]
                 return
             print(f"room25: subscriber {s.index}: track {gone[0]} is gone", flush=True)
             boxes = [b for b in boxes if b["track"] != gone[0]]
-
-
-async def room25_shown(room: str, subs: list[LightSubscriber]) -> None:
-    """Once every subscriber knows every other's tracks, each reports its tiles' sizes: the
-    videos it shows at ``TILE``, the others hidden."""
-    n = len(subs)
-    names = [s.pid for s in subs]
-    for s in subs:
-        s.shown = {names[(s.index + k) % n] for k in range(1, min(SHOWN, n - 1) + 1)}
-    # every subscriber knows every other's tracks: then report what it shows (after
-    # TRACKS_WAIT_S, with the subscribers as they are: the count is reported)
-    deadline = time.monotonic() + TRACKS_WAIT_S
-    while True:
-        ready = [
-            sum(1 for t in s.session.tracks.values() if t["kind"] == "video") >= n - 1
-            and s.session.sub is not None
-            for s in subs
-        ]
-        if all(ready):
-            break
-        if time.monotonic() > deadline:
-            print(f"room25: {ready.count(False)} subscribers still lack tracks", flush=True)
-            break
-        await asyncio.sleep(1.0)
-        print(f"room25: {ready.count(True)} of {n} subscribers know every track", flush=True)
-    tw, th = TILE
-    for s in subs:
-        boxes = [
-            {"track": tid, **({"width": tw, "height": th} if t["participant"] in s.shown else NONE)}
-            for tid, t in s.session.tracks.items()
-            if t["kind"] == "video"
-        ]
-        await report_tiles(s, room, boxes)
-        s.install()
-    print("room25: everyone shows its videos", flush=True)

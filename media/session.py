@@ -79,6 +79,7 @@ class SfuSession:
         self._tasks = TaskSet()
         self._lock = asyncio.Lock()
         self._routed: set[int] = set()  # transceivers whose RTX is routed by SSRC
+        self._drops: list[asyncio.Task[None]] = []  # subscriber connections being dropped
         self._answered = 0  # number of the last subscriber offer answered
         self.simulcast: dict[str, SimulcastSender] = {}  # publisher mid -> its layers' senders
         client.listeners.append(self._on_event)
@@ -171,6 +172,19 @@ class SfuSession:
             self.tracks.pop(ev["track"], None)
         elif t == "track_published":
             self._gone.discard(ev["track"]["id"])
+        elif t == "media_failed" and ev.get("which") in ("subscriber", "all"):
+            # The server dropped our subscriber connection and offers a new one by itself (a
+            # new ICE session: aiortc cannot restart ICE on the old one), as web/rallypoint.js
+            # drops it: the next offer gets a new peer connection. Not one of ``_tasks``: a
+            # connection being closed is closed to the end, even by ``close``.
+            self._drops.append(asyncio.ensure_future(self._drop_subscriber()))
+
+    async def _drop_subscriber(self) -> None:
+        async with self._lock:  # after an answer in progress, before the next offer's
+            pc, self.sub = self.sub, None
+            self._routed.clear()
+            if pc is not None:
+                await pc.close()
 
     async def _answer(self, ev: dict[str, Any]) -> None:
         async with self._lock:  # offers are answered in order
@@ -237,6 +251,7 @@ class SfuSession:
         if self._on_event in self.client.listeners:
             self.client.listeners.remove(self._on_event)
         await self._tasks.cancel()
+        await asyncio.gather(*self._drops)  # the answers they waited for are cancelled
         for layers in self.simulcast.values():
             await layers.stop()
         for c in self.counters.values():

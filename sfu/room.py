@@ -113,6 +113,39 @@ def _config() -> RTCConfiguration:
     return RTCConfiguration(iceServers=[], bundlePolicy=RTCBundlePolicy.MAX_BUNDLE)
 
 
+@dataclass(frozen=True)
+class Failure:
+    """Why a peer connection went to "failed" or "closed" (``failure_reason``)."""
+
+    failed: bool  # a failure (else the client closed it)
+    reason: str
+
+
+def failure_reason(pc: RTCPeerConnection, connected: bool) -> Failure:
+    """Why ``pc`` failed or closed, from its ICE and DTLS transports' states as its state
+    changes (aiortc says no more); ``connected``: it had been connected. Called once per
+    connection, off the media path."""
+    dtls = {tr.receiver.transport for tr in pc.getTransceivers()}
+    ice = {d.transport.state for d in dtls}
+    if "failed" in ice:
+        if connected:
+            # aioice closes a connected ICE connection by itself only when consent expires
+            # (RFC 7675): its checks, one try of 0.5 s every ~5 s, went unanswered 6 times
+            # in a row. An answer this worker reads late, or drops on a full socket, counts
+            # as none.
+            return Failure(
+                True,
+                "ICE consent expired (6 checks in a row unanswered in time: the client is "
+                "gone or unreachable, or this worker is too busy to read the answers)",
+            )
+        return Failure(True, "ICE connectivity checks failed")
+    if "failed" in {d.state for d in dtls}:
+        return Failure(True, "DTLS failed" if connected else "DTLS handshake failed")
+    if pc.connectionState == "failed":
+        return Failure(True, "unknown")
+    return Failure(False, "closed by the client (DTLS close_notify)")
+
+
 @dataclass
 class Participant:
     id: str
@@ -313,11 +346,16 @@ class Room:
         if p.pub is None:
             p.pub = RTCPeerConnection(_config())
             pc = p.pub
+            connected = False
 
             @pc.on("connectionstatechange")
             def _state() -> None:
-                if pc.connectionState in ("failed", "closed"):
-                    self._spawn(self._transport_failed(pid, "publisher"))
+                nonlocal connected
+                if pc.connectionState == "connected":
+                    connected = True
+                elif pc.connectionState in ("failed", "closed"):
+                    why = failure_reason(pc, connected)
+                    self._spawn(self._transport_failed(pid, "publisher", why))
 
         pc = p.pub
         known = {t.mid for t in pc.getTransceivers()}
@@ -486,13 +524,17 @@ class Room:
         if p.sub is None:
             p.sub = RTCPeerConnection(_config())
             pc = p.sub
+            connected = False
 
             @pc.on("connectionstatechange")
             def _state() -> None:
+                nonlocal connected
                 if pc.connectionState == "connected":
+                    connected = True
                     self._request_waiting_keyframes(p)
                 elif pc.connectionState in ("failed", "closed"):
-                    self._spawn(self._transport_failed(p.id, "subscriber"))
+                    why = failure_reason(pc, connected)
+                    self._spawn(self._transport_failed(p.id, "subscriber", why))
 
         pc = p.sub
         for tid in sorted(wanted - p.transceivers.keys()):
@@ -916,16 +958,28 @@ class Room:
             if up.simulcast
         }
 
-    async def _transport_failed(self, pid: str, which: Literal["publisher", "subscriber"]) -> None:
+    async def _transport_failed(
+        self, pid: str, which: Literal["publisher", "subscriber"], why: Failure
+    ) -> None:
         """A connection failed or the client closed it: drop what went over it. A new
         subscriber connection is offered at once (the client may still be there); a publisher
-        publishes again when it wants."""
+        publishes again when it wants. Logged (a failure at warning: operators need it)."""
         p = self.participants.get(pid)
         if p is None:
             return
         pc = p.pub if which == "publisher" else p.sub
         if pc is None or pc.connectionState not in ("failed", "closed"):
             return
+        log.log(
+            logging.WARNING if why.failed else logging.INFO,
+            "room %s: participant %s (%s): %s connection %s: %s",
+            self.name,
+            pid,
+            p.identity or p.name or "-",
+            which,
+            "failed" if why.failed else "closed",
+            why.reason,
+        )
         self.emit({"ev": "media_failed", "room": self.name, "participant": pid, "which": which})
         if which == "publisher":
             for mine in list(p.published.values()):

@@ -210,6 +210,29 @@ async def test_dead_transport_is_cleaned_up(sfu_server: TestServer, party: Party
     assert ev["which"] == "publisher", ev
 
 
+async def test_subscriber_connection_replaced_after_media_failed(
+    sfu_server: TestServer, party: PartyFactory
+) -> None:
+    """The server drops a subscriber connection that failed or was closed (`media_failed`,
+    `subscriber`) and offers a new one; the session answers it on a new peer connection and
+    media flows again (on the old one aiortc cannot connect the new ICE session)."""
+    a = await party(sfu_server, "alice", n=1)
+    b = await party(sfu_server, "bob", publish=False)
+    await until(lambda: _decoding(b, [a], 5), 15)
+    old = b.media.sub
+    assert old is not None
+    first = b.media.counter_for(a.id, "video")
+    await old.close()  # bob's subscriber connection dies; his socket session stays
+    ev = await b.client.next_event("media_failed", timeout=10)
+    assert ev["which"] == "subscriber", ev
+
+    def again() -> bool:
+        video = b.media.counter_for(a.id, "video")
+        return b.media.sub is not old and video is not first and _decoding(b, [a], 5)
+
+    await until(again, 20)
+
+
 async def test_port_range_and_announced_address(
     start_server: Callable[..., Awaitable[TestServer]], party: PartyFactory
 ) -> None:

@@ -519,6 +519,10 @@ class Room:
         wanted = {tid for tid, up in self.tracks.items() if up.publisher != p.id}
         if p.sub is not None and wanted == p.transceivers.keys():
             return  # nothing changed since the last (answered) offer
+        if p.sub is not None and p.sub.connectionState == "closed":
+            # The client closed it and _transport_failed, on its way, makes a new one and
+            # offers that (adding a transceiver to a closed connection raises).
+            return
         p.negotiating = True
         p.pending = False
         if p.sub is None:

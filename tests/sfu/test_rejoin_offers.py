@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from aiortc import RTCPeerConnection
+
 from sfu.forward import Counters, UpTrack
-from sfu.room import Room
+from sfu.room import Participant, Room
 
 
 def _room() -> tuple[Room, list[dict[str, Any]]]:
@@ -80,5 +82,23 @@ async def test_a_participant_that_leaves_while_its_offer_is_made_sends_none() ->
         offers = _offers(events)
         assert [o["sdp"] for o in offers] == [new.sub.localDescription.sdp]  # type: ignore[union-attr]
         assert old.sub.connectionState == "closed"  # type: ignore[union-attr]
+    finally:
+        await room.close()
+
+
+async def test_no_offer_is_made_on_a_closed_subscriber_connection() -> None:
+    """A renegotiation (a track published) that comes after the client closed its subscriber
+    connection, before ``_transport_failed`` has replaced it, leaves it to that: no error (an
+    ``addTransceiver`` on a closed connection raises), and the participant is not left
+    ``negotiating``, which would hold every later offer."""
+    room, events = _room()
+    try:
+        p = Participant("alice", True)
+        room.participants["alice"] = p
+        p.sub = RTCPeerConnection()  # closed, as the client's close leaves it meanwhile
+        await p.sub.close()
+        await room._renegotiate(p)
+        assert not p.negotiating
+        assert not _offers(events)
     finally:
         await room.close()

@@ -344,19 +344,7 @@ class Room:
             raise MediaError("bad_sdp", "the offer has no media sections")
         simulcast = read_offer(sdp)
         if p.pub is None:
-            p.pub = RTCPeerConnection(_config())
-            pc = p.pub
-            connected = False
-
-            @pc.on("connectionstatechange")
-            def _state() -> None:
-                nonlocal connected
-                if pc.connectionState == "connected":
-                    connected = True
-                elif pc.connectionState in ("failed", "closed"):
-                    why = failure_reason(pc, connected)
-                    self._spawn(self._transport_failed(pid, "publisher", why))
-
+            p.pub = self._connection(pid, "publisher")
         pc = p.pub
         known = {t.mid for t in pc.getTransceivers()}
         for media in offer.media:
@@ -526,20 +514,7 @@ class Room:
         p.negotiating = True
         p.pending = False
         if p.sub is None:
-            p.sub = RTCPeerConnection(_config())
-            pc = p.sub
-            connected = False
-
-            @pc.on("connectionstatechange")
-            def _state() -> None:
-                nonlocal connected
-                if pc.connectionState == "connected":
-                    connected = True
-                    self._request_waiting_keyframes(p)
-                elif pc.connectionState in ("failed", "closed"):
-                    why = failure_reason(pc, connected)
-                    self._spawn(self._transport_failed(p.id, "subscriber", why))
-
+            p.sub = self._connection(p.id, "subscriber", lambda: self._request_waiting_keyframes(p))
         pc = p.sub
         for tid in sorted(wanted - p.transceivers.keys()):
             up = self.tracks[tid]
@@ -961,6 +936,30 @@ class Room:
             for tid, up in self.tracks.items()
             if up.simulcast
         }
+
+    def _connection(
+        self,
+        pid: str,
+        which: Literal["publisher", "subscriber"],
+        on_connected: Callable[[], None] | None = None,
+    ) -> RTCPeerConnection:
+        """A new peer connection of ``pid``'s, watched: ``on_connected`` once it connects, and
+        ``_transport_failed`` (with why) when it fails or the client closes it."""
+        pc = RTCPeerConnection(_config())
+        connected = False
+
+        @pc.on("connectionstatechange")
+        def _state() -> None:
+            nonlocal connected
+            if pc.connectionState == "connected":
+                connected = True
+                if on_connected is not None:
+                    on_connected()
+            elif pc.connectionState in ("failed", "closed"):
+                why = failure_reason(pc, connected)
+                self._spawn(self._transport_failed(pid, which, why))
+
+        return pc
 
     async def _transport_failed(
         self, pid: str, which: Literal["publisher", "subscriber"], why: Failure

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -300,42 +301,69 @@ async def measure(
     sources: list[list[int]],
 ) -> Window:
     """Measure for ``seconds``. ``sources[i]`` lists the publishers subscriber ``i`` receives."""
+
+    async def sent() -> list[int]:
+        return [await p.sent() for p in publishers]
+
+    async def counts() -> tuple[list[list[Snapshot]], list[list[str]]]:
+        subs = [[c.snapshot() for c in s.counts.values()] for s in subscribers]
+        return subs, [[c.kind for c in s.counts.values()] for s in subscribers]
+
+    return await measure_window(
+        seconds,
+        pids,
+        [os.getpid()],
+        sent,
+        counts,
+        lambda sent: [sum(sent[j] for j in src) for src in sources],
+    )
+
+
+async def measure_window(
+    seconds: float,
+    pids: dict[str, list[int]],
+    load_pids: list[int],
+    sent: Callable[[], Awaitable[list[int]]],
+    counts: Callable[[], Awaitable[tuple[list[list[Snapshot]], list[list[str]]]]],
+    expected: Callable[[list[int]], list[int]],
+) -> Window:
+    """Measure for ``seconds``: the server's processes (``pids``, by role), the load
+    generator's (``load_pids``), the publishers' packets sent (``sent``), the subscribers'
+    counts and their kinds (``counts``); ``expected`` gives each subscriber's expected packets
+    from the publishers' sent."""
     import asyncio
 
     def cpu() -> dict[str, float]:
         return {role: sum(cpu_seconds(p) for p in ps) for role, ps in pids.items()}
 
-    def subs() -> list[list[Snapshot]]:
-        return [[c.snapshot() for c in s.counts.values()] for s in subscribers]
-
-    def kinds() -> list[list[str]]:
-        return [[c.kind for c in s.counts.values()] for s in subscribers]
+    def load_cpu() -> float:
+        return sum(cpu_seconds(p) for p in load_pids)
 
     server_pids = [p for ps in pids.values() for p in ps]
-    drops0 = udp_drops(server_pids), udp_drops([os.getpid()])
-    sent0 = [await p.sent() for p in publishers]
+    drops0 = udp_drops(server_pids), udp_drops(load_pids)
+    sent0 = await sent()
     await asyncio.sleep(LAG_S)
-    cpu0, self0, subs0, kinds0 = cpu(), cpu_seconds(os.getpid()), subs(), kinds()
-    busy0 = machine_busy_seconds()
+    subs0, kinds0 = await counts()
+    cpu0, self0, busy0 = cpu(), load_cpu(), machine_busy_seconds()
     t0 = time.monotonic()
     await asyncio.sleep(seconds)
-    cpu1, self1, busy1 = cpu(), cpu_seconds(os.getpid()), machine_busy_seconds()
+    cpu1, self1, busy1 = cpu(), load_cpu(), machine_busy_seconds()
     wall = time.monotonic() - t0
     # Packets sent in the window's last moments are still on their way: count what the
     # subscribers received a little later (the publishers' counts were taken at the end).
-    sent1 = [await p.sent() for p in publishers]
+    sent1 = await sent()
     await asyncio.sleep(LAG_S)
-    subs1 = subs()
-    drops1 = udp_drops(server_pids), udp_drops([os.getpid()])
-    sent = [b - a for a, b in zip(sent0, sent1, strict=True)]
+    subs1, _ = await counts()
+    drops1 = udp_drops(server_pids), udp_drops(load_pids)
+    sent_in = [b - a for a, b in zip(sent0, sent1, strict=True)]
     received, seq_expected, frames, octets, vtracks = count_deltas(subs0, subs1, kinds0)
     return Window(
         seconds=wall,
         server_cpu={role: cpu1[role] - cpu0[role] for role in pids},
         load_cpu=self1 - self0,
-        sent=sent,
+        sent=sent_in,
         received=received,
-        expected=[sum(sent[j] for j in src) for src in sources],
+        expected=expected(sent_in),
         seq_expected=seq_expected,
         video_frames=frames,
         video_octets=octets,

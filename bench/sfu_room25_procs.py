@@ -66,14 +66,11 @@ sys.path[:] = [p for p in sys.path if p != _BENCH] + [_BENCH]
 sys.path.insert(0, str(Path(_BENCH).parent))
 
 from sfu_load import (  # noqa: E402
-    LAG_S,
     Snapshot,
     Window,
-    count_deltas,
     cpu_seconds,
     enlarge_own_udp_buffers,
-    machine_busy_seconds,
-    udp_drops,
+    measure_window,
 )
 from sfu_room25 import (  # noqa: E402
     NONE,
@@ -542,42 +539,10 @@ class Children:
 
     async def measure(self, seconds: float, pids: dict[str, list[int]]) -> Window:
         """``sfu_load.measure`` with the publishers and subscribers in the children: the load
-        generator's CPU and UDP drops are the children's (summed)."""
-
-        def cpu() -> dict[str, float]:
-            return {role: sum(cpu_seconds(p) for p in ps) for role, ps in pids.items()}
-
-        server_pids = [p for ps in pids.values() for p in ps]
-        drops0 = udp_drops(server_pids), udp_drops(self.pids())
-        sent0 = await self._sent()
-        await asyncio.sleep(LAG_S)
-        subs0, kinds0 = await self._counts()
-        cpu0, self0, busy0 = cpu(), self.cpu_seconds(), machine_busy_seconds()
-        t0 = time.monotonic()
-        await asyncio.sleep(seconds)
-        cpu1, self1, busy1 = cpu(), self.cpu_seconds(), machine_busy_seconds()
-        wall = time.monotonic() - t0
-        sent1 = await self._sent()
-        await asyncio.sleep(LAG_S)
-        subs1, _ = await self._counts()
-        drops1 = udp_drops(server_pids), udp_drops(self.pids())
-        received, seq_expected, frames, octets, vtracks = count_deltas(subs0, subs1, kinds0)
-        return Window(
-            seconds=wall,
-            server_cpu={role: cpu1[role] - cpu0[role] for role in pids},
-            load_cpu=self1 - self0,
-            sent=[b - a for a, b in zip(sent0, sent1, strict=True)],
-            received=received,
-            expected=[0] * self.n,  # the SFU chooses each subscriber's layers: by sequence
-            seq_expected=seq_expected,
-            video_frames=frames,
-            video_octets=octets,
-            video_tracks=vtracks,
-            server_drops=drops1[0] - drops0[0],
-            load_drops=drops1[1] - drops0[1],
-            other_cpu=max(
-                0.0, busy1 - busy0 - (self1 - self0) - sum(cpu1.values()) + sum(cpu0.values())
-            ),
+        generator's CPU and UDP drops are the children's (summed); no expected counts (the
+        SFU chooses each subscriber's layers: loss is counted by sequence numbers)."""
+        return await measure_window(
+            seconds, pids, self.pids(), self._sent, self._counts, lambda _: [0] * self.n
         )
 
 

@@ -79,7 +79,7 @@ class SfuSession:
         self._tasks = TaskSet()
         self._lock = asyncio.Lock()
         self._routed: set[int] = set()  # transceivers whose RTX is routed by SSRC
-        self._drops: list[asyncio.Task[None]] = []  # subscriber connections being dropped
+        self._drops: set[asyncio.Future[None]] = set()  # subscriber connections being dropped
         self._answered = 0  # number of the last subscriber offer answered
         self.simulcast: dict[str, SimulcastSender] = {}  # publisher mid -> its layers' senders
         client.listeners.append(self._on_event)
@@ -177,7 +177,9 @@ class SfuSession:
             # new ICE session: aiortc cannot restart ICE on the old one), as web/rallypoint.js
             # drops it: the next offer gets a new peer connection. Not one of ``_tasks``: a
             # connection being closed is closed to the end, even by ``close``.
-            self._drops.append(asyncio.ensure_future(self._drop_subscriber()))
+            drop = asyncio.ensure_future(self._drop_subscriber())
+            self._drops.add(drop)
+            drop.add_done_callback(self._drops.discard)
 
     async def _drop_subscriber(self) -> None:
         async with self._lock:  # after an answer in progress, before the next offer's

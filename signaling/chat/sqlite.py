@@ -397,8 +397,8 @@ class SqliteStore:
         yield Metric(
             "store_wal_bytes",
             "gauge",
-            "Size of the chat store's WAL file; it stays near wal_restart_frames pages unless "
-            "checkpoints fail.",
+            "Size of the chat store's WAL file; it stays below wal_restart_frames pages plus "
+            "about one checkpoint interval's writes unless checkpoints fail.",
             wal,
         )
 

@@ -21,7 +21,9 @@ from .munger import LayerMunger
 from .packetcache import PacketCache
 from .recording.tap import TrackTap
 from .rtp import U16, ExtensionLayout, build, h264_keyframe, seq_newer, vp8_keyframe
+from .vp8 import VP8Descriptor, VP8Error
 from .vp8 import keyframe_size as vp8_keyframe_size
+from .vp8 import parse as parse_vp8
 
 # Sends one RTP packet given as its parts: (marker | payload type, sequence number, timestamp,
 # SSRC, extension head, body); the body is the shared extension bytes and the payload, joined
@@ -301,21 +303,45 @@ class UpTrack:
                     tap.packets.append((r[0], r[1], marker, r[2], time.time()))
         mbit = 0x80 if marker else 0
         sent = 0
+        # Per layout: the shared extension bytes, and those joined to the payload unchanged
+        # (the subscribers whose picture ids need no rewriting share that body).
         shared_key = -1
         shared = b""
+        body_key = -1
+        body = b""
+        vp8 = self.codec == "vp8"
+        desc: VP8Descriptor | None = None  # parsed once, when a subscriber first needs it
         for dt in self.downtracks.values():
             m = dt.munger
             if m is None or m.target is None or dt.paused:
                 continue
-            r = m.packet(layer, seq, ts, payload)
+            if layer != m.current and layer != m.target:
+                continue  # (what m.packet would say first)
+            if vp8 and desc is None:
+                try:
+                    desc = parse_vp8(payload)
+                except VP8Error:
+                    break  # a cut descriptor: every switcher would drop it
+            r = m.packet(layer, seq, ts, payload, desc)
             if r is None:
                 continue
             out_seq, out_ts, out_payload = r
             layout = dt.layout
-            if layout.key != shared_key:
-                shared_key = layout.key
-                shared = layout.shared(abs_time, None)
-            dt.send_rtp(dt.pt | mbit, out_seq, out_ts, dt.ssrc, layout.head, shared + out_payload)
+            key = layout.key
+            if out_payload is payload:
+                if key != body_key:
+                    if key != shared_key:
+                        shared_key = key
+                        shared = layout.shared(abs_time, None)
+                    body_key = key
+                    body = shared + payload
+                out = body
+            else:
+                if key != shared_key:
+                    shared_key = key
+                    shared = layout.shared(abs_time, None)
+                out = shared + out_payload
+            dt.send_rtp(dt.pt | mbit, out_seq, out_ts, dt.ssrc, layout.head, out)
             dt.sent[out_seq & 1023] = (out_seq, out_ts, marker, out_payload)
             dt.packets += 1
             dt.octets += len(out_payload)

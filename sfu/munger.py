@@ -22,7 +22,8 @@ continuous stream, whatever switches and pauses happen:
   the point where it was (re)started: they belong to another mapping.
 
 H.264 needs only sequence numbers and timestamps. The per-packet path allocates the output
-tuple, and for VP8 a parsed descriptor and the rewritten payload.
+tuple, and for VP8 the rewritten payload when its picture id or TL0PICIDX changes (the
+descriptor is parsed once per incoming packet by the up track, for all its subscribers).
 """
 
 from __future__ import annotations
@@ -120,18 +121,21 @@ class LayerMunger:
     # -- per packet --
 
     def packet(
-        self, layer: int, seq: int, ts: int, payload: bytes
+        self, layer: int, seq: int, ts: int, payload: bytes, desc: VP8Descriptor | None = None
     ) -> tuple[int, int, bytes] | None:
         """The (sequence number, timestamp, payload) to send for an incoming packet of
-        ``layer``, or ``None`` to drop it."""
+        ``layer``, or ``None`` to drop it. ``desc``: the VP8 payload's descriptor if the
+        caller has parsed it (an up track parses a packet once for all its subscribers)."""
         vp8 = self.codec == "vp8"
-        desc: VP8Descriptor | None = None
         if layer != self.current:
             if layer != self.target:
                 return None
             if vp8:
-                desc = keyframe(payload)
                 if desc is None:
+                    desc = keyframe(payload)
+                    if desc is None:
+                        return None
+                elif not desc.keyframe:
                     return None
             elif not h264_keyframe(payload):
                 return None
@@ -144,7 +148,7 @@ class LayerMunger:
                     return None  # from before the (re)start
                 if ((seq - guard) & 0xFFFF) > RESTART_GUARD:
                     self.guard_seq = None
-            if vp8:
+            if vp8 and desc is None:
                 try:
                     desc = parse(payload)
                 except VP8Error:

@@ -297,6 +297,19 @@ def test_simulcast_downtracks_get_one_layer_each_gap_free() -> None:
     assert rtx["ssrc"] == 8 and rtx["payload"][:2] == struct.pack("!H", seqs[2])  # type: ignore[index]
     assert up.want_layer_keyframe(1, 0.0) and not up.want_layer_keyframe(1, 0.2)
     assert asked == [1]
+    # Both on layer 0 now; the descriptor is parsed once for both, and only the switched
+    # subscriber's picture ids are rewritten (they go on from its layer-1 ones).
+    for n in (16, 17):
+        up.forward_layer(0, n, 1000 + 3000 * (n - 10), True, _vp8(100 + n - 10, False), 0)
+    pids = [struct.unpack_from("!H", p["payload"], 2)[0] & 0x7FFF for p in high.packets[-2:]]  # type: ignore[arg-type]
+    assert pids == [7006, 7007]  # 7004 the last of layer 1, 7005 the switch's keyframe
+    low_pids = [struct.unpack_from("!H", p["payload"], 2)[0] & 0x7FFF for p in low.packets[-2:]]  # type: ignore[arg-type]
+    assert low_pids == [106, 107]
+    assert all(p["payload"][5:] == b"x" for p in high.packets[-2:] + low.packets[-2:])  # type: ignore[index]
+    # A cut descriptor (X set, no extension byte) goes to nobody.
+    out = up.counters.packets_out
+    up.forward_layer(0, 18, 25000, True, b"\x90", 0)
+    assert up.counters.packets_out == out and len(low.packets) == 8
 
 
 def test_recording_tap_gets_the_highest_layer_continuous() -> None:

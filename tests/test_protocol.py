@@ -55,6 +55,12 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
         (b'{"type": "sync", "since": {"room:x": "3"}}', "bad_field"),
         (b'{"type": "sync", "since": {"nope": 3}}', "bad_field"),
         (b'{"type": "history", "conversation": "room:x", "limit": 1000}', "bad_field"),
+        # Integers are exact in every client from -2^53 to 2^53: beyond, either sign, refused
+        # (a `ping.ts` of -2^60 was echoed in `pong` to clients that cannot represent it).
+        (b'{"type": "ping", "ts": 9007199254740993}', "bad_field"),
+        (b'{"type": "ping", "ts": -9007199254740993}', "bad_field"),
+        (b'{"type": "ping", "ts": -1152921504606846976}', "bad_field"),
+        (b'{"type": "sync", "since": {"room:x": 9007199254740993}}', "bad_field"),
     ],
 )
 def test_bad_frames_get_stable_codes(raw: bytes, code: str) -> None:
@@ -141,6 +147,27 @@ def test_schema_validates_what_the_parser_accepts() -> None:
     assert validator.is_valid(good)
     bad = {**good, "from": "mallory"}
     assert not validator.is_valid(bad)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"type": "ping", "ts": 9007199254740993}',
+        b'{"type": "ping", "ts": -9007199254740993}',
+        b'{"type": "read", "conversation": "room:x", "seq": 9007199254740993}',
+        b'{"type": "sync", "since": {"room:x": 9007199254740993}}',
+    ],
+)
+def test_schema_refuses_the_integers_the_parser_refuses(raw: bytes) -> None:
+    """The schema describes what the server accepts: integers beyond +-2^53 are refused by
+    both (the schema had no bound on them)."""
+    with pytest.raises(ProtocolError):
+        parse_client_message(raw)
+    validator = jsonschema.Draft202012Validator(json_schema(PROTOCOL))
+    assert not validator.is_valid(orjson.loads(raw))
+    edge = raw.replace(b"9007199254740993", b"9007199254740992")
+    parse_client_message(edge)
+    assert validator.is_valid(orjson.loads(edge))
 
 
 def test_every_error_code_has_a_meaning() -> None:

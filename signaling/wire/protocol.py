@@ -108,7 +108,7 @@ def _check_value(f: Field, value: Any, where: str) -> None:
             raise ProtocolError("bad_field", f"`{where}` must be >= {f.minimum}")
         if f.maximum is not None and value > f.maximum:
             raise ProtocolError("bad_field", f"`{where}` must be <= {f.maximum}")
-        if value > MAX_INTEGER:
+        if not -MAX_INTEGER <= value <= MAX_INTEGER:  # as the fast check: both signs
             raise ProtocolError("bad_field", f"`{where}` is too large")
         return
     if not _is_kind(value, kind):

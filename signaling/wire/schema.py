@@ -6,11 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import CloseCode
-from .protocol import PROTOCOL_VERSION, Protocol
+from .protocol import MAX_INTEGER, PROTOCOL_VERSION, Protocol
 from .spec import Field, MessageSpec
 
 
-def _field_schema(f: Field, protocol: Protocol) -> dict[str, Any]:
+def _field_schema(f: Field, protocol: Protocol, client: bool = False) -> dict[str, Any]:
     s: dict[str, Any] = {"description": f.doc}
     if f.ref is not None:
         target = f"#/$defs/server/{f.ref}" if f.ref in protocol.server else f"#/$defs/{f.ref}"
@@ -26,8 +26,12 @@ def _field_schema(f: Field, protocol: Protocol) -> dict[str, Any]:
         s["maxLength"] = f.max_length
     if f.minimum is not None:
         s["minimum"] = f.minimum
+    elif client and f.kind == "integer":  # the parser refuses integers beyond +-2^53
+        s["minimum"] = -MAX_INTEGER
     if f.maximum is not None:
         s["maximum"] = f.maximum
+    elif client and f.kind == "integer":
+        s["maximum"] = MAX_INTEGER
     if f.enum is not None:
         s["enum"] = list(f.enum)
     if f.kind == "array" and f.items:
@@ -39,6 +43,8 @@ def _field_schema(f: Field, protocol: Protocol) -> dict[str, Any]:
             s["maxItems"] = f.max_items
     if f.kind == "object" and f.items:
         s["additionalProperties"] = {"type": f.items, "minimum": 0}
+        if client and f.items == "integer":
+            s["additionalProperties"]["maximum"] = MAX_INTEGER
         if f.key_pattern:
             s["propertyNames"] = {"pattern": f.key_pattern}
         if f.max_items is not None:
@@ -49,7 +55,7 @@ def _field_schema(f: Field, protocol: Protocol) -> dict[str, Any]:
 def _message_schema(spec: MessageSpec, server: bool, protocol: Protocol) -> dict[str, Any]:
     props: dict[str, Any] = {"type": {"const": spec.type}}
     for f in spec.fields:
-        props[f.name] = _field_schema(f, protocol)
+        props[f.name] = _field_schema(f, protocol, not server)
     return {
         "description": spec.doc,
         "type": "object",

@@ -206,6 +206,30 @@ async def test_read_receipts_and_typing(server: TestServer, clients: Connect) ->
     assert item["last_message"]["text"] == "m2"
 
 
+async def test_a_read_in_a_room_gives_ones_devices_in_it_the_unread_count(
+    server: TestServer, clients: Connect
+) -> None:
+    """PROTOCOL.md: the reader's own other devices get the receipt with `unread`, so every
+    device shows the same count. A device of alice's that is in the room too got only the
+    plain receipt (the one for the room's other participants), with no count."""
+    a, a2, b = await joined(clients, server, "rc", "alice", "alice", "bob")
+    for i in range(3):
+        await b.send_chat("room:rc", f"m{i}")
+    await a.request({"type": "read", "conversation": "room:rc", "seq": 1})
+    own = await a2.next_event("receipt", where=lambda r: "unread" in r)
+    assert own == {
+        "type": "receipt",
+        "conversation": "room:rc",
+        "identity": "alice",
+        "seq": 1,
+        "unread": 2,
+    }
+    plain = await b.next_event("receipt")
+    assert plain == {"type": "receipt", "conversation": "room:rc", "identity": "alice", "seq": 1}
+    await asyncio.sleep(0.1)
+    assert [r for r in b.drain() if r["type"] == "receipt"] == []  # bob's is plain, and once
+
+
 @ON_BOTH_STORES
 async def test_edit_and_delete(server: TestServer, clients: Connect) -> None:
     mod, a, b = await joined(clients, server, "ed", "mod", "alice", "bob")

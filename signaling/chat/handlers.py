@@ -324,13 +324,14 @@ class Chat:
             if mine or nodes:
                 receipt["unread"] = await self.store.unread(conv, me)
                 own = encode(receipt)
-                room = conv[5:] if conv[0] == "r" else ""
-                for other in mine:  # also in the room? Then this one replaces the plain one
-                    if not room or room not in other.rooms:
-                        other.deliver(own)
+                # Every other device, those in the room too: they had the plain receipt from
+                # the room, and this one, after it, brings the count (PROTOCOL.md "Read
+                # receipts": every device shows the same badge).
+                for other in mine:
+                    other.deliver(own)
                 if nodes:  # one's devices on other nodes: the same, through their nodes
                     req = orjson.dumps(
-                        {"op": "devices", "identity": me, "room": room, "message": receipt}
+                        {"op": "devices", "identity": me, "room": "", "message": receipt}
                     )
                     for node in nodes:
                         hub.bus.publish(f"node:{node}", req)

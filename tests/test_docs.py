@@ -142,3 +142,45 @@ def test_operations_guide_lists_every_limit() -> None:
     ]
     missing = [k for k in keys if f"`{k}`" not in doc]
     assert not missing, missing
+
+
+def _message_section(type_: str) -> str:
+    m = re.search(rf"^### `{type_}`(.*?)(?=^### |\Z)", _section("Client messages"), re.M | re.S)
+    assert m, type_
+    return m.group(1)
+
+
+MEDIA_REQUESTS: list[dict[str, object]] = [
+    {"type": "publish", "sdp": "v=0\r\n"},
+    {"type": "subscribe"},
+    {"type": "subscribe_answer", "sdp": "v=0\r\n"},
+    {"type": "ice", "target": "publisher"},
+    {"type": "track_mute", "track": "x:0", "muted": True},
+    {"type": "track_pause", "track": "x:0", "paused": True},
+    {"type": "track_render", "tracks": [{"track": "x:0", "width": 0, "height": 0}]},
+    {"type": "unpublish", "track": "x:0"},
+    {"type": "recording_start"},
+    {"type": "recording_stop"},
+]
+
+
+@pytest.mark.parametrize("msg", MEDIA_REQUESTS, ids=[str(m["type"]) for m in MEDIA_REQUESTS])
+async def test_media_errors_are_the_documented_ones(
+    server: TestServer, clients: Callable[..., Awaitable[Client]], msg: dict[str, object]
+) -> None:
+    """A media request outside the room, and one in it on a server without media, gets an
+    error its section of PROTOCOL.md lists (`ice`, `track_*` and `unpublish` listed only
+    `bad_sdp` or `no_such_track`)."""
+    from signaling.sdk.wsclient import ClientError
+
+    c = await clients(server, name="M", identity="m")
+    listed = set(re.findall(r"`([a-z_]+)`", _message_section(str(msg["type"]))))
+    got = []
+    for joined in (False, True):
+        if joined:
+            await c.request({"type": "join", "room": "media"})
+        with pytest.raises(ClientError) as e:
+            await c.request({**msg, "room": "media"})
+        got.append(e.value.msg["code"])
+    assert got[0] == "not_in_room"
+    assert set(got) <= listed, (got, msg["type"])

@@ -126,6 +126,18 @@ def test_api_document_says_which_401_is_which() -> None:
     assert "every route but this document answers 403" in desc
 
 
+def test_api_document_names_every_error_code() -> None:
+    """The API description's list of error codes is the server's (the recording and media
+    codes were missing from it)."""
+    from signaling.net.http_api import API_ERRORS
+
+    spec = json.loads((ROOT / "docs" / "openapi.json").read_text())
+    desc = spec["info"]["description"]
+    errors = re.search(r"\*\*Errors\*\*[^\n]*stable `code`: ([^\n]*)", desc)
+    assert errors
+    assert set(re.findall(r"`([a-z_]+)`", errors.group(1))) == set(API_ERRORS)
+
+
 def test_operations_guide_lists_every_limit() -> None:
     """docs/OPERATIONS.md names every `[limits]` key and every per-address or timeout key of
     `[server]` (a new limit must be documented for operators)."""

@@ -7,9 +7,13 @@ hanging; afterwards the same client ids retried are stored once, without gaps.""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
+import aiohttp
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestServer
@@ -24,6 +28,10 @@ from signaling.wire.errors import ProtocolError
 Start = Callable[..., Awaitable[TestServer]]
 Connect = Callable[..., Awaitable[Client]]
 Phone = Callable[..., Awaitable[RallypointClient]]
+
+API_SPEC = json.loads(
+    (Path(__file__).resolve().parent.parent / "docs" / "openapi.json").read_text()
+)
 
 #: Longer than any send may stay unanswered: the store's statement timeout, and then some.
 ANSWER_BOUND_S = 8.0
@@ -213,3 +221,34 @@ async def test_a_failing_statement_fails_its_batch_and_burns_no_sequence() -> No
             assert m.seq == 3 and store.available
         finally:
             await store.close()
+
+
+async def test_the_http_api_answers_every_route_that_reads_the_store_as_documented(
+    private_pg: PrivatePostgres, start_server: Start
+) -> None:
+    """While PostgreSQL is down, the API's routes that read or write the chat store answer
+    503 `store_unavailable` with `Retry-After`, and docs/openapi.json lists that 503 for each
+    (the history, devices and relations reads did not)."""
+    key, secret = "test-key", "a-test-secret-of-at-least-32-bytes"
+    auth = {"Authorization": "Basic " + base64.b64encode(f"{key}:{secret}".encode()).decode()}
+    server = await start_server(
+        store__url=private_pg.url, auth__api_key=key, auth__api_secret=secret
+    )
+    base = f"http://127.0.0.1:{server.port}"
+    routes = [
+        ("GET", "/api/conversations/{conversation}/messages", "room%3Ar", None),
+        ("POST", "/api/conversations/{conversation}/messages", "room%3Ar", {"text": "x"}),
+        ("GET", "/api/identities/{identity}/devices", "bob", None),
+        ("GET", "/api/identities/{identity}/relations", "bob", None),
+        ("PUT", "/api/identities/{identity}/contacts/{other}", "bob", None),
+        ("POST", "/api/tokens", "", {"identity": "bob"}),
+    ]
+    async with aiohttp.ClientSession() as http:
+        await asyncio.to_thread(private_pg.stop)
+        for method, path, arg, body in routes:
+            url = path.replace("{conversation}", arg).replace("{identity}", arg)
+            url = url.replace("{other}", "carol")
+            async with http.request(method, base + url, json=body, headers=auth) as r:
+                got = (r.status, (await r.json())["code"], "Retry-After" in r.headers)
+            assert got == (503, "store_unavailable", True), (method, path)
+            assert "503" in API_SPEC["paths"][path][method.lower()]["responses"], (method, path)

@@ -190,6 +190,7 @@ BAD_TOKEN_REQUESTS: list[tuple[Any, str]] = [
     ({"identity": "a", "rooms": {"bad room": ["join"]}}, "bad_field"),
     ({"identity": "a", "rooms": {"r": "join"}}, "bad_field"),
     ({"identity": "a", "name": ""}, "bad_field"),
+    ({"identity": "a", "name": "   "}, "bad_field"),
 ]
 
 
@@ -199,6 +200,38 @@ async def test_bad_token_requests(api: tuple[Api, TestServer], body: Any, code: 
     raw = body if isinstance(body, bytes) else None
     status, reply = await client("POST", "/api/tokens", None if raw else body, raw=raw)
     assert (status, reply["code"]) == (400, code) and reply["message"]
+
+
+def _request_schema(path: str, method: str = "post") -> Any:
+    from jsonschema import Draft202012Validator
+
+    schema = SPEC["paths"][path][method]["requestBody"]["content"]["application/json"]["schema"]
+    return Draft202012Validator({**schema, "components": SPEC["components"]})
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        *(("/api/tokens", b) for b, _ in BAD_TOKEN_REQUESTS if isinstance(b, dict)),
+        ("/api/rooms/{room}/kick", {"participant": "a b"}),
+        ("/api/rooms/{room}/kick", {"identity": "no way"}),
+        ("/api/conversations/{conversation}/messages", {"text": "x", "cid": "a b"}),
+    ],
+)
+async def test_request_schemas_refuse_what_the_server_refuses(
+    api: tuple[Api, TestServer], phones: Phone, path: str, body: dict[str, Any]
+) -> None:
+    """docs/openapi.json's request bodies describe what the server takes: a body the server
+    refuses with 400 is invalid for its schema too (a room name, a `cid` and kick's ids had no
+    pattern, and a blank token `name` passed)."""
+    client, server = api
+    url = path.replace("{room}", "lobby").replace("{conversation}", quote("room:lobby", safe=""))
+    if "kick" in path:  # someone in the room, so that the body is what is refused
+        token = create_token(KEY, SECRET, "alice", rooms={"lobby": ["join"]})
+        await (await phones(server, "alice", token=token)).join("lobby")
+    status, reply = await client("POST", url, body)
+    assert (status, reply["code"]) == (400, "bad_field"), reply
+    assert not _request_schema(path).is_valid(body)
 
 
 async def test_rooms_participants_and_kick(api: tuple[Api, TestServer], phones: Phone) -> None:

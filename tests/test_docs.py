@@ -196,3 +196,31 @@ async def test_media_errors_are_the_documented_ones(
         got.append(e.value.msg["code"])
     assert got[0] == "not_in_room"
     assert set(got) <= listed, (got, msg["type"])
+
+
+def _rows(section: str) -> dict[str, tuple[str, str, str]]:
+    """The field table of a client message's section: name -> (type, required, meaning)."""
+    rows = re.findall(r"^\|\s*`([a-z_]+)`\s*\|([^|]*)\|([^|]*)\|(.*)\|\s*$", section, re.M)
+    return {name: (ty.strip(), req.strip(), text.strip()) for name, ty, req, text in rows}
+
+
+@pytest.mark.parametrize("type_", sorted(CLIENT_MESSAGES))
+def test_client_field_tables_are_the_parsers(type_: str) -> None:
+    """Each client message's table in PROTOCOL.md has exactly the parser's fields, with their
+    JSON types, whether they are required, and every bound the parser enforces (lengths, item
+    counts, maxima, enumerated values): a client written from the document sends what the
+    server takes (`call_signal.candidate`'s 1,024 characters, `publish.tracks`' 16 and others
+    were not written down)."""
+    spec = CLIENT_MESSAGES[type_]
+    rows = _rows(_message_section(type_))
+    assert set(rows) == {f.name for f in spec.fields}
+    for f in spec.fields:
+        ty, req, text = rows[f.name]
+        assert f.kind in ty, (f.name, ty)
+        # "yes", "no", or a condition ("token mode", "for `offer`"): the parser's optional
+        assert req.startswith("yes") == f.required, (f.name, req)
+        for bound in (f.max_length, f.max_items, f.maximum):
+            if bound is not None:
+                assert str(bound) in text or f"{bound:,}" in text, (f.name, bound, text)
+        for value in f.enum or ():
+            assert f"`{value}`" in text or f'"{value}"' in text, (f.name, value)

@@ -75,7 +75,7 @@ ERRORS: Final[dict[str, str]] = {
     "recording_unavailable": "Recording is disabled on this server, or media is not available.",
     "already_recording": "The room is being recorded already.",
     "not_recording": "The room is not being recorded.",
-    "no_such_room": "Nobody is in the room, so there is nothing to record.",
+    "no_such_room": "Nobody is in the room, or its media has not started: nothing to record.",
     "recording_storage_full": (
         "The recordings' storage is full (recording.max_total_bytes); nothing was started."
     ),

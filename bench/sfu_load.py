@@ -225,7 +225,7 @@ class Window:
     seq_expected: list[int]  # per subscriber: packets by sequence-number range
     video_frames: list[int]  # per subscriber: video frames (marker bits) received
     video_octets: list[int]  # per subscriber: video bytes received
-    video_tracks: list[int]  # per subscriber: video tracks received
+    video_tracks: list[int]  # per subscriber: video tracks that received packets in the window
     server_drops: int  # datagrams dropped on the servers' full UDP receive buffers
     load_drops: int  # ... on the load generator's
     other_cpu: float  # CPU seconds the rest of the machine used meanwhile (not ours)
@@ -280,7 +280,7 @@ def count_deltas(
 ) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
     """Per subscriber, from its counts' snapshots before and after a window (and their kinds,
     before): packets received, packets by sequence-number range, video frames, video bytes,
-    video tracks."""
+    video tracks that received packets in the window."""
     received, seq_expected, frames, octets, vtracks = [], [], [], [], []
     for before, after, kind in zip(subs0, subs1, kinds0, strict=True):
         after = after[: len(before)]  # tracks added during the window are not counted
@@ -289,7 +289,9 @@ def count_deltas(
         video = [(a, b) for a, b, k in zip(before, after, kind, strict=True) if k == "video"]
         frames.append(sum(b[2] - a[2] for a, b in video))
         octets.append(sum(b[1] - a[1] for a, b in video))
-        vtracks.append(len(video))
+        # Tracks with packets in the window: a subscriber that stopped showing one (the
+        # 25-person room's hidden tiles) keeps its counter, which would dilute the frame rate.
+        vtracks.append(sum(1 for a, b in video if b[0] > a[0]))
     return received, seq_expected, frames, octets, vtracks
 
 

@@ -286,8 +286,8 @@ class Rallypoint(ServerProcess):
         n = args.room25_size
         kids = Children(self.url, room, n, args.room25_procs)
         extra: dict[str, Any] = {"room25_loadgen_procs": kids.procs}
-        await kids.start()
-        try:
+        try:  # started inside: an interrupted start-up ends the children it began
+            await kids.start()
             server = [p for ps in self.pids().values() for p in ps]
             await asyncio.wait_for(
                 kids.set_up(lambda: udp_drops(server), lambda: sum(cpu_seconds(p) for p in server)),
@@ -635,8 +635,8 @@ async def bench_servers(args: argparse.Namespace, tmp: Path) -> list[Run]:
             servers.append(MediaRelayServer(tmp))
     runs: list[Run] = []
     for server in servers:
-        await server.start()
-        try:
+        try:  # started inside: an interrupted start-up stops what it began
+            await server.start()
             ns = args.ns
             if isinstance(server, MediaRelayServer):
                 ns = [n for n in ns if n <= RELAY_MAX_N] + ([] if args.quick else [2, 8])
@@ -677,10 +677,10 @@ async def bench_ab(args: argparse.Namespace, tmp: Path) -> list[Run]:
                 if attempt == 2:
                     raise
 
-    await a.start()
-    try:
-        await b.start()
+    try:  # started inside: an interrupted start-up stops what it began
+        await a.start()
         try:
+            await b.start()
             for rnd in range(args.rounds):
                 order = [a, b] if rnd % 2 == 0 else [b, a]
                 print(f"round {rnd + 1}/{args.rounds}: {', '.join(s.name for s in order)}")
@@ -702,8 +702,8 @@ async def bench_recording(args: argparse.Namespace, tmp: Path) -> list[Run]:
     alternates from round to round (this machine's speed drifts within minutes)."""
     server = Rallypoint(tmp)
     runs: list[Run] = []
-    await server.start()
-    try:
+    try:  # started inside: an interrupted start-up stops what it began
+        await server.start()
         for rnd in range(args.recording_rounds):
             order = (False, True) if rnd % 2 == 0 else (True, False)
             print(f"recording round {rnd + 1}/{args.recording_rounds}", flush=True)

@@ -219,7 +219,7 @@ def test_client_field_tables_are_the_parsers(type_: str) -> None:
         assert f.kind in ty, (f.name, ty)
         # "yes", "no", or a condition ("token mode", "for `offer`"): the parser's optional
         assert req.startswith("yes") == f.required, (f.name, req)
-        for bound in (f.max_length, f.max_items, f.maximum):
+        for bound in (f.max_length, f.max_items, f.maximum, f.min_length, f.min_items):
             if bound is not None:
                 assert str(bound) in text or f"{bound:,}" in text, (f.name, bound, text)
         for value in f.enum or ():

@@ -170,6 +170,32 @@ def test_schema_refuses_the_integers_the_parser_refuses(raw: bytes) -> None:
     assert validator.is_valid(orjson.loads(edge))
 
 
+@pytest.mark.parametrize(
+    ("raw", "edge"),
+    [
+        (
+            b'{"type": "send", "conversation": "room:x", "cid": "c1", "text": ""}',
+            b'{"type": "send", "conversation": "room:x", "cid": "c1", "text": " "}',
+        ),
+        (
+            b'{"type": "edit", "conversation": "room:x", "cid": "c2", "ref": 1, "text": ""}',
+            b'{"type": "edit", "conversation": "room:x", "cid": "c2", "ref": 1, "text": "a"}',
+        ),
+        (b'{"type": "call_invite", "to": []}', b'{"type": "call_invite", "to": ["bob"]}'),
+    ],
+)
+def test_schema_and_parser_refuse_empty_text_and_callees(raw: bytes, edge: bytes) -> None:
+    """An empty message text and an empty list of callees: refused by the parser (`bad_field`,
+    before any handler) and by the schema (it took both)."""
+    with pytest.raises(ProtocolError) as refused:
+        parse_client_message(raw)
+    assert refused.value.code == "bad_field"
+    validator = jsonschema.Draft202012Validator(json_schema(PROTOCOL))
+    assert not validator.is_valid(orjson.loads(raw))
+    parse_client_message(edge)
+    assert validator.is_valid(orjson.loads(edge))
+
+
 def test_every_error_code_has_a_meaning() -> None:
     assert all(ERROR_CODES.values())
     assert set(CLIENT_MESSAGES) >= {"hello", "join", "send", "sync", "read", "typing"}

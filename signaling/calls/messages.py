@@ -79,6 +79,7 @@ MESSAGES: Final = Messages(
                 "`group`).",
                 items="string",
                 max_items=MAX_CALLEES,
+                min_items=1,
                 item_pattern=IDENTITY_PATTERN,
             ),
             Field(

@@ -82,7 +82,13 @@ def _identities(doc: str) -> Field:
     )
 
 
-_TEXT = Field("text", "string", "Message text (at most `limits.max_text_chars`).", required=True)
+_TEXT = Field(
+    "text",
+    "string",
+    "Message text (1 to `limits.max_text_chars` characters).",
+    required=True,
+    min_length=1,
+)
 _SEQ = Field("seq", "integer", "Sequence number in the conversation.", required=True, minimum=0)
 
 DEFINITIONS: Final[dict[str, dict[str, object]]] = {

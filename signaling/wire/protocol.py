@@ -122,9 +122,13 @@ def _check_value(f: Field, value: Any, where: str) -> None:
             raise ProtocolError("bad_field", f"`{where}` must be one of {', '.join(f.enum)}")
         if f.max_length is not None and len(value) > f.max_length:
             raise ProtocolError("bad_field", f"`{where}` is longer than {f.max_length}")
+        if f.min_length is not None and len(value) < f.min_length:
+            raise ProtocolError("bad_field", f"`{where}` is shorter than {f.min_length}")
     elif kind == "array":
         if f.max_items is not None and len(value) > f.max_items:
             raise ProtocolError("bad_field", f"`{where}` has more than {f.max_items} items")
+        if f.min_items is not None and len(value) < f.min_items:
+            raise ProtocolError("bad_field", f"`{where}` has fewer than {f.min_items} items")
         item = Field(f.name, f.items or "string", "", pattern=f.item_pattern)
         for v in value:
             _check_value(item, v, f"{where}[]")
@@ -147,7 +151,15 @@ def _fast_check(f: Field) -> Callable[[Any], bool]:
     if kind == "string":
         match = compiled(f.pattern).match if f.pattern is not None else None
         longest = f.max_length if f.max_length is not None else 1 << 62
+        shortest = f.min_length
         enum = f.enum
+        if shortest is not None:  # few fields: the others keep the checks below
+            return lambda v: (
+                type(v) is str
+                and shortest <= len(v) <= longest
+                and (enum is None or v in enum)
+                and (match is None or match(v) is not None)
+            )
         if enum is not None:
             return lambda v: (
                 type(v) is str

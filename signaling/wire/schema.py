@@ -24,6 +24,8 @@ def _field_schema(f: Field, protocol: Protocol, client: bool = False) -> dict[st
         s["pattern"] = f.pattern
     if f.max_length is not None:
         s["maxLength"] = f.max_length
+    if f.min_length is not None:
+        s["minLength"] = f.min_length
     if f.minimum is not None:
         s["minimum"] = f.minimum
     elif client and f.kind == "integer":  # the parser refuses integers beyond +-2^53
@@ -41,6 +43,8 @@ def _field_schema(f: Field, protocol: Protocol, client: bool = False) -> dict[st
         s["items"] = item
         if f.max_items is not None:
             s["maxItems"] = f.max_items
+        if f.min_items is not None:
+            s["minItems"] = f.min_items
     if f.kind == "object" and f.items:
         s["additionalProperties"] = {"type": f.items, "minimum": 0}
         if client and f.items == "integer":

@@ -43,11 +43,13 @@ class Field:
     required: bool = False
     pattern: str | None = None
     max_length: int | None = None
+    min_length: int | None = None
     minimum: int | None = None
     maximum: int | None = None
     enum: tuple[str, ...] | None = None
     items: str | None = None  # item kind for arrays / value kind for objects
     max_items: int | None = None
+    min_items: int | None = None
     item_pattern: str | None = None
     key_pattern: str | None = None  # objects with `items`: the pattern of their keys
     ref: str | None = None  # for server messages: a named schema definition

@@ -15,6 +15,7 @@ import socket
 import subprocess
 from collections.abc import AsyncIterator, Callable
 
+import hiredis
 import pytest
 import redis.asyncio as aioredis
 
@@ -381,6 +382,66 @@ async def test_a_bus_started_without_redis_connects_when_it_comes() -> None:
     finally:
         await bus.close()
         r.kill()
+
+
+async def test_a_subscription_redis_does_not_confirm_is_not_up_and_is_made_again() -> None:
+    """A subscription connection on which Redis confirms no SUBSCRIBE (a server that answers
+    every other command, faked at the socket) does not count as up: ``bus_unavailable`` stays
+    1 and the bus connects again after its timeout. Once subscriptions are confirmed it is
+    up. (Before, it was up as soon as SUBSCRIBE was written: a frame published before Redis
+    took it never arrived, as in a cluster test's ring after a restart.)"""
+    confirm = False
+    subscribing = 0  # connections that sent SUBSCRIBE
+    writers: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal subscribing
+        writers.append(writer)
+        parse = hiredis.Reader()
+        counted = False
+        while data := await reader.read(65536):
+            parse.feed(data)
+            while (cmd := parse.gets()) is not False:
+                name = cmd[0].upper()
+                if name == b"SUBSCRIBE":
+                    subscribing += not counted
+                    counted = True
+                    if confirm:
+                        for ch in cmd[1:]:
+                            writer.write(
+                                b"*3\r\n$9\r\nsubscribe\r\n$%d\r\n%b\r\n:1\r\n" % (len(ch), ch)
+                            )
+                elif name == b"PUBLISH":
+                    writer.write(b":0\r\n")
+                elif name == b"PING":
+                    writer.write(b"+PONG\r\n")
+                elif name == b"HELLO":  # redis-py then speaks RESP2
+                    writer.write(b"-ERR unknown command 'HELLO'\r\n")
+                else:
+                    writer.write(b"+OK\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    bus = RedisBus(f"redis://127.0.0.1:{port}/0", "node-a", "fake", timeout_s=0.3, retry_s=0.05)
+    bus.subscribe("room:s", "a", Inbox())
+    await bus.start()
+    try:
+        await until(lambda: subscribing >= 2)  # the first was given up on, and made again
+        metrics = {m.name: m.value for m in bus.metrics()}
+        assert metrics["bus_unavailable"] == 1 and not bus.connected
+        confirm = True
+        await until(lambda: bus.connected)
+        metrics = {m.name: m.value for m in bus.metrics()}
+        assert metrics["bus_unavailable"] == 0
+    finally:
+        await bus.close()
+        server.close()
+        for w in writers:  # the server's ends of the connections
+            w.close()
+            with contextlib.suppress(OSError):
+                await w.wait_closed()
+        await server.wait_closed()
 
 
 # -- configuration ---------------------------------------------------------------------------

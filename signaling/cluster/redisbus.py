@@ -167,6 +167,7 @@ class RedisBus:
         # Subscribing: what Redis has on the current connection, against ``local.topics``.
         self._subscribed: set[str] = set()
         self._confirmed: set[str] = set()  # what Redis said it has subscribed
+        self._confirming = asyncio.Event()  # set at each confirmation
         self._changed = asyncio.Event()
         self._listening = False  # the subscription connection is up and current
         self._tasks: list[asyncio.Task[None]] = []
@@ -427,22 +428,26 @@ class RedisBus:
             raise RedisConnectionError("the subscription connection has no stream")
         # The node's own channel keeps the connection subscribed, so reads block (and
         # carries other nodes' requests for this node's sessions: ``Hub.share``).
+        own = f"node:{self.node_id}"
         await conn.send_packed_command(
-            conn.pack_command("SUBSCRIBE", f"{self.prefix}:node:{self.node_id}"), False
+            conn.pack_command("SUBSCRIBE", self._channel_of + own), False
         )
         self._changed.set()
         await self._sync(conn)
-        self._listening = True
-        if lost:
-            self.reconnects += 1
-            log.warning("the bus's Redis subscription is back")
-        # Subscription changes are sent while the reader waits: whichever of the two meets
-        # the failed connection first ends both.
-        tasks = [
-            asyncio.create_task(self._sync_forever(conn)),
-            asyncio.create_task(self._read(stream)),
-        ]
+        read = asyncio.create_task(self._read(stream))
+        tasks = [read]
         try:
+            # Up once Redis has confirmed what was asked now: a frame published before Redis
+            # took a SUBSCRIBE would not reach this node, and a connection on which nothing
+            # is confirmed in time is not one (``bus_unavailable`` stays 1 meanwhile).
+            await self._confirmed_all(self._subscribed | {own}, read)
+            self._listening = True
+            if lost:
+                self.reconnects += 1
+                log.warning("the bus's Redis subscription is back")
+            # Subscription changes are sent while the reader waits: whichever of the two
+            # meets the failed connection first ends both.
+            tasks.append(asyncio.create_task(self._sync_forever(conn)))
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for t in tasks:
@@ -450,6 +455,28 @@ class RedisBus:
             await asyncio.gather(*tasks, return_exceptions=True)
         for t in done:
             t.result()  # raises what ended it
+
+    async def _confirmed_all(self, topics: set[str], read: asyncio.Task[None]) -> None:
+        """Return once Redis has confirmed a subscription to each of ``topics`` (read by
+        ``read``); raise if the connection fails first or ``timeout_s`` passes."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        while not topics <= self._confirmed:
+            self._confirming.clear()
+            waiter = asyncio.ensure_future(self._confirming.wait())
+            try:
+                done, _ = await asyncio.wait(
+                    (read, waiter),
+                    timeout=max(0.0, deadline - loop.time()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                waiter.cancel()
+            if read in done:
+                read.result()  # raises what ended it
+                raise RedisConnectionError("the subscription connection ended")
+            if not done:
+                raise RedisTimeoutError("Redis did not confirm the bus's subscriptions in time")
 
     async def _sync_forever(self, conn: Connection) -> None:
         while True:
@@ -505,6 +532,7 @@ class RedisBus:
             if kind != b"message":
                 if kind == b"subscribe":
                     self._confirmed.add(channel.decode()[skip:])
+                    self._confirming.set()
                 elif kind == b"unsubscribe":
                     self._confirmed.discard(channel.decode()[skip:])
                 continue
@@ -545,7 +573,8 @@ class RedisBus:
         yield Metric(
             "bus_unavailable",
             "gauge",
-            "1 while either bus connection to Redis is down.",
+            "1 while either bus connection to Redis is down (the subscription's is up once "
+            "Redis has confirmed its subscriptions).",
             float(not (self._publishing and self._listening)),
         )
         yield Metric(

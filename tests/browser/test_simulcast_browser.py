@@ -177,8 +177,15 @@ async def test_simulcast_layers_per_subscriber(
         await wait_for(slow_low, 40, "the limited subscriber to move down")
         low_width = slow_frames.width
         assert limit.rewritten > 0
-        # The others stay high, and the publisher keeps sending its top layer.
-        assert (await viewer.evaluate("decoded()"))["width"] == 640
+
+        # The others stay high, and the publisher keeps sending its top layer. The browser
+        # viewer's own estimate may dip for a moment on a loaded machine (once in a full run
+        # here it showed 160 at this point): the limit on another subscriber must not keep it
+        # low, so it is back on the top layer within seconds.
+        async def viewer_high() -> bool:
+            return bool((await viewer.evaluate("decoded()"))["width"] == 640)
+
+        await wait_for(viewer_high, 10, "the browser viewer on the 640x360 layer")
         assert (await publisher.evaluate("sent()"))["f"] == 640
         count = slow_frames.count
         await wait_for(

@@ -330,9 +330,7 @@ class Chat:
                 for other in mine:
                     other.deliver(own)
                 if nodes:  # one's devices on other nodes: the same, through their nodes
-                    req = orjson.dumps(
-                        {"op": "devices", "identity": me, "room": "", "message": receipt}
-                    )
+                    req = orjson.dumps({"op": "devices", "identity": me, "message": receipt})
                     for node in nodes:
                         hub.bus.publish(f"node:{node}", req)
         s.ok(m)

@@ -116,10 +116,8 @@ class Hub:
             return
         if req["op"] == "devices":  # a message for an identity's sessions here
             frame = encode(req["message"])
-            room = req["room"]
             for x in self.sessions_of(req["identity"]):
-                if not room or room not in x.rooms:
-                    x.deliver(frame)
+                x.deliver(frame)
             return
         victim = self.sessions.get(req["participant"])
         room = req["room"]

@@ -149,27 +149,11 @@ def _fast_check(f: Field) -> Callable[[Any], bool]:
     ``_check_value`` decides (and words the error)."""
     kind = f.kind
     if kind == "string":
-        match = compiled(f.pattern).match if f.pattern is not None else None
-        longest = f.max_length if f.max_length is not None else 1 << 62
+        check = _fast_string(f)
         shortest = f.min_length
-        enum = f.enum
-        if shortest is not None:  # few fields: the others keep the checks below
-            return lambda v: (
-                type(v) is str
-                and shortest <= len(v) <= longest
-                and (enum is None or v in enum)
-                and (match is None or match(v) is not None)
-            )
-        if enum is not None:
-            return lambda v: (
-                type(v) is str
-                and v in enum
-                and len(v) <= longest
-                and (match is None or match(v) is not None)
-            )
-        if match is None:
-            return lambda v: type(v) is str and len(v) <= longest
-        return lambda v: type(v) is str and len(v) <= longest and match(v) is not None
+        if shortest is None:  # most fields: no lower bound to check
+            return check
+        return lambda v: check(v) and len(v) >= shortest
     if kind == "boolean":
         return lambda v: type(v) is bool
     if kind == "integer":
@@ -177,6 +161,23 @@ def _fast_check(f: Field) -> Callable[[Any], bool]:
         high = min(f.maximum, MAX_INTEGER) if f.maximum is not None else MAX_INTEGER
         return lambda v: type(v) is int and low <= v <= high
     return lambda v: False  # arrays and objects: always the full check
+
+
+def _fast_string(f: Field) -> Callable[[Any], bool]:
+    """``_fast_check`` of a string field, but for its ``min_length``."""
+    match = compiled(f.pattern).match if f.pattern is not None else None
+    longest = f.max_length if f.max_length is not None else 1 << 62
+    enum = f.enum
+    if enum is not None:
+        return lambda v: (
+            type(v) is str
+            and v in enum
+            and len(v) <= longest
+            and (match is None or match(v) is not None)
+        )
+    if match is None:
+        return lambda v: type(v) is str and len(v) <= longest
+    return lambda v: type(v) is str and len(v) <= longest and match(v) is not None
 
 
 def _merge(into: dict[str, Any], items: Iterable[tuple[str, Any]], what: str) -> None:

@@ -328,18 +328,15 @@ class UpTrack:
             out_seq, out_ts, out_payload = r
             layout = dt.layout
             key = layout.key
+            if key != shared_key:
+                shared_key = key
+                shared = layout.shared(abs_time, None)
             if out_payload is payload:
-                if key != body_key:
-                    if key != shared_key:
-                        shared_key = key
-                        shared = layout.shared(abs_time, None)
+                if key != body_key:  # (a body is joined with its own key's shared bytes)
                     body_key = key
                     body = shared + payload
                 out = body
             else:
-                if key != shared_key:
-                    shared_key = key
-                    shared = layout.shared(abs_time, None)
                 out = shared + out_payload
             dt.send_rtp(dt.pt | mbit, out_seq, out_ts, dt.ssrc, layout.head, out)
             dt.sent[out_seq & 1023] = (out_seq, out_ts, marker, out_payload)
